@@ -1,0 +1,68 @@
+/*
+ * cpu_features.c: which SIMD level this CPU *and* its OS can run.
+ *
+ * CPUID says what the core implements; XGETBV says which register files the
+ * OS saves on a context switch. Both are needed: running AVX code where the
+ * OS does not save the YMM/ZMM state corrupts registers at random.
+ */
+#include "internal.h"
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <cpuid.h>
+
+static uint64_t read_xcr0(void) {
+    uint32_t eax, edx;
+    /* xgetbv with ecx = 0 reads XCR0; encoded as bytes so that no -mxsave
+     * flag is needed on this baseline-compiled file. */
+    __asm__ volatile(".byte 0x0f, 0x01, 0xd0" : "=a"(eax), "=d"(edx) : "c"(0));
+    return ((uint64_t)edx << 32) | eax;
+}
+
+static int detect_best_isa(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return FA_ISA_SCALAR;
+    const int has_osxsave = (c >> 27) & 1;
+    const int has_avx = (c >> 28) & 1;
+    const int has_fma = (c >> 12) & 1;
+    if (!has_osxsave || !has_avx || !has_fma) return FA_ISA_SCALAR;
+
+    const uint64_t xcr0 = read_xcr0();
+    const int os_ymm = (xcr0 & 0x6) == 0x6;    /* XMM and YMM state */
+    const int os_zmm = (xcr0 & 0xe6) == 0xe6;  /* plus opmask, ZMM_Hi256, Hi16_ZMM */
+    if (!os_ymm) return FA_ISA_SCALAR;
+
+    if (__get_cpuid_max(0, NULL) < 7) return FA_ISA_SCALAR;
+    __cpuid_count(7, 0, a, b, c, d);
+    const int has_avx2 = (b >> 5) & 1;
+    const int has_avx512f = (b >> 16) & 1;
+    const int has_avx512dq = (b >> 17) & 1;
+    const int has_avx512bw = (b >> 30) & 1;
+    const int has_avx512vl = (b >> 31) & 1;
+    if (!has_avx2) return FA_ISA_SCALAR;
+    if (os_zmm && has_avx512f && has_avx512dq && has_avx512bw && has_avx512vl)
+        return FA_ISA_AVX512;
+    return FA_ISA_AVX2;
+}
+#else
+static int detect_best_isa(void) { return FA_ISA_SCALAR; }
+#endif
+
+int fa_cpu_best_isa(void) {
+    /* Idempotent and race-free: every caller computes the same value. */
+    static int cached = -1;
+    int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (v < 0) {
+        v = detect_best_isa();
+        if (v > fa_compiled_max_isa()) v = fa_compiled_max_isa();
+        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
+int fa_compiled_max_isa(void) {
+#if defined(FA_HAVE_X86_KERNELS)
+    return FA_ISA_AVX512;
+#else
+    return FA_ISA_SCALAR;
+#endif
+}

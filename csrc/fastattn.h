@@ -1,0 +1,144 @@
+/*
+ * fastattn.h: the only interface between the C kernels and Cython.
+ *
+ * Conventions shared by every entry point:
+ *   - sizes, indices and strides are int64_t; strides count ELEMENTS, not bytes;
+ *   - every function returns an fa_status and never prints or aborts;
+ *   - num_threads <= 0 means "the OpenMP default" (omp_get_max_threads(), which
+ *     follows OMP_NUM_THREADS and threadpoolctl); OpenMP state is never changed;
+ *   - the caller (Python) has already validated shapes; the C side re-checks
+ *     what it needs for memory safety (sizes, overflow, NULL) and returns
+ *     FA_ERR_INVALID / FA_ERR_OVERFLOW rather than trusting it.
+ */
+#ifndef FASTATTN_H
+#define FASTATTN_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    FA_OK = 0,
+    FA_ERR_INVALID = 1,   /* an argument is out of range or NULL */
+    FA_ERR_OVERFLOW = 2,  /* a size computation would overflow int64 / size_t */
+    FA_ERR_NOMEM = 3,     /* scratch allocation failed */
+    FA_ERR_ISA = 4        /* the requested ISA level is not supported here */
+} fa_status;
+
+typedef enum { FA_ISA_SCALAR = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2 } fa_isa;
+
+typedef enum { FA_DTYPE_F32 = 0, FA_DTYPE_F64 = 1 } fa_dtype;
+
+typedef enum { FA_MASK_NONE = 0, FA_MASK_BOOL = 1, FA_MASK_ADD = 2 } fa_mask_kind;
+
+typedef enum {
+    FA_CAUSAL_NONE = 0,
+    FA_CAUSAL_TOP_LEFT = 1,     /* key j > i is masked */
+    FA_CAUSAL_BOTTOM_RIGHT = 2  /* key j > i + (Lk - Lq) is masked */
+} fa_causal;
+
+/* ---- configuration ------------------------------------------------------ */
+
+/* Best ISA level the CPU and OS support (CPUID + XGETBV), detected once. */
+int fa_cpu_best_isa(void);
+/* ISA level that was compiled into this build (x86 builds: AVX512). */
+int fa_compiled_max_isa(void);
+/* Currently selected level. */
+int fa_get_isa(void);
+/* Select a level <= fa_cpu_best_isa(); FA_ERR_ISA otherwise. Not thread-safe
+ * against concurrent kernel calls: call it at import or between calls. */
+int fa_set_isa(int isa);
+const char *fa_isa_name(int isa);
+/* 1 when built with OpenMP. */
+int fa_openmp_enabled(void);
+/* Thread count a call with num_threads <= 0 would use. */
+int fa_default_num_threads(void);
+/* The compiler and the flags of each source group, as recorded by setup.py. */
+const char *fa_build_compiler(void);
+const char *fa_build_flags(void);
+
+/* ---- broadcast views used by several kernels ----------------------------- */
+
+/* A mask broadcast to (B, M, Lq, Lk); zero strides express broadcasting.
+ * kind FA_MASK_BOOL: data is uint8 (0 = masked, nonzero = may attend).
+ * kind FA_MASK_ADD:  data has the kernel's dtype and is added to the scores. */
+typedef struct {
+    const void *data;
+    int kind;
+    int64_t stride_b, stride_m, stride_q, stride_k;
+} fa_mask_view;
+
+/* Per-(b, m) lengths: length(b, m) = data[b*stride_b + m*stride_m].
+ * data == NULL means "no limit" (length = full axis). */
+typedef struct {
+    const int64_t *data;
+    int64_t stride_b, stride_m;
+} fa_lengths_view;
+
+/* A 4-D strided tensor view (B, M, rows, cols), strides in elements. */
+typedef struct {
+    void *data;
+    int64_t stride[4];
+} fa_view4;
+
+/* ---- fused masked softmax ------------------------------------------------
+ * x, y: (B, M, Lq, Lk). For each row (b, m, i), over the last axis:
+ *   s_j = x_j * scale (+ additive mask), keys excluded by the bool mask,
+ *   key_len, or causality get probability exactly 0; rows i >= query_len and
+ *   rows with no valid key are all zeros. Masked work is skipped.
+ * x and y may be the same memory (in place) when their views are equal. */
+int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y,
+                      int64_t B, int64_t M, int64_t Lq, int64_t Lk,
+                      double scale, const fa_mask_view *mask,
+                      const fa_lengths_view *key_len,
+                      const fa_lengths_view *query_len,
+                      int causal, int num_threads);
+
+/* ---- classic padding mask -------------------------------------------------
+ * x, y: (B, P, L, C) strided views, where L is the masked axis, P collapses
+ * the axes between batch and it, C the axes after it. lengths: (B,) int64.
+ * mode FA_SEQMASK_MUL zeroes positions >= length; FA_SEQMASK_ADD returns
+ * x - 1e12 there (x itself elsewhere), the classic additive padding mask. */
+typedef enum { FA_SEQMASK_MUL = 0, FA_SEQMASK_ADD = 1 } fa_seqmask_mode;
+
+int fa_apply_sequence_mask(int dtype, fa_view4 x, fa_view4 y,
+                           int64_t B, int64_t P, int64_t L, int64_t C,
+                           const int64_t *lengths, int mode, int num_threads);
+
+/* ---- head split / merge --------------------------------------------------
+ * split: x (B, S, H*D) viewed as (B, S, H, D) with the strides in x4
+ *        -> y contiguous (B, H, S, D).
+ * merge: x (B, H, S, D) strided -> y contiguous (B, S, H*D).
+ * elem_size is 4 or 8: these are pure data movement. */
+int fa_split_heads(int elem_size, fa_view4 x, void *y,
+                   int64_t B, int64_t S, int64_t H, int64_t D, int num_threads);
+int fa_merge_heads(int elem_size, fa_view4 x, void *y,
+                   int64_t B, int64_t H, int64_t S, int64_t D, int num_threads);
+
+/* ---- sinusoidal positional encodings ------------------------------------
+ * layout 0 = concat (tensor2tensor get_timing_signal_1d: [sin | cos], an odd
+ * channel count gets a trailing zero column), 1 = interleaved (the paper:
+ * sin at 2i, cos at 2i+1). Angles are carried in double precision. */
+typedef struct {
+    int layout;
+    double min_timescale, max_timescale;
+    int64_t start_index;
+} fa_pe_params;
+
+/* out: (length, channels) with row stride out_row_stride (elements). */
+int fa_position_encoding(int dtype, void *out, int64_t out_row_stride,
+                         int64_t length, int64_t channels,
+                         const fa_pe_params *p, int num_threads);
+
+/* y = x + PE, x and y viewed as (B, length, channels) with the strides in
+ * the first three entries of each view; the table is never materialised. */
+int fa_add_position_encoding(int dtype, fa_view4 x, fa_view4 y,
+                             int64_t B, int64_t length, int64_t channels,
+                             const fa_pe_params *p, int num_threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FASTATTN_H */

@@ -1,0 +1,64 @@
+/*
+ * simd_dtype.h: binds the generic names a kernel template uses (T, V, VL,
+ * V_ADD, ...) to the float (vf32) or double (vf64) operations of simd_map.h.
+ * Included once per dtype instance, after defining FA_T_F64 to 0 or 1; it
+ * has no include guard on purpose.
+ */
+#undef T
+#undef DT
+#undef V
+#undef VL
+#undef V_LOADU
+#undef V_STOREU
+#undef V_SET1
+#undef V_ZERO
+#undef V_ADD
+#undef V_SUB
+#undef V_MUL
+#undef V_FMADD
+#undef V_MAX
+#undef V_HMAX
+#undef V_HSUM
+#undef V_EXP
+#undef V_KEEP
+#undef S_EXP
+
+#if FA_T_F64
+#define T double
+#define DT f64
+#define V fa_vf64
+#define VL FA_VF64_LANES
+#define V_LOADU vf64_loadu
+#define V_STOREU vf64_storeu
+#define V_SET1 vf64_set1
+#define V_ZERO vf64_zero
+#define V_ADD vf64_add
+#define V_SUB vf64_sub
+#define V_MUL vf64_mul
+#define V_FMADD vf64_fmadd
+#define V_MAX vf64_max
+#define V_HMAX vf64_hmax
+#define V_HSUM vf64_hsum
+#define V_EXP vf64_exp
+#define V_KEEP vf64_keep
+#define S_EXP fa_exp
+#else
+#define T float
+#define DT f32
+#define V fa_vf32
+#define VL FA_VF32_LANES
+#define V_LOADU vf32_loadu
+#define V_STOREU vf32_storeu
+#define V_SET1 vf32_set1
+#define V_ZERO vf32_zero
+#define V_ADD vf32_add
+#define V_SUB vf32_sub
+#define V_MUL vf32_mul
+#define V_FMADD vf32_fmadd
+#define V_MAX vf32_max
+#define V_HMAX vf32_hmax
+#define V_HSUM vf32_hsum
+#define V_EXP vf32_exp
+#define V_KEEP vf32_keep
+#define S_EXP fa_expf
+#endif

@@ -1,0 +1,338 @@
+/*
+ * simd_map.h: one small vocabulary of vector operations, mapped onto the ISA
+ * that the including file was compiled for. Kernels are written once against
+ * it (see the *_impl.h templates) and compiled once per ISA file.
+ *
+ * The including file defines FA_ISA_LEVEL before including this header:
+ *   0 = scalar (a "vector" is one element; plain C, any architecture),
+ *   1 = AVX2 + FMA (8 floats / 4 doubles),
+ *   2 = AVX-512 F/DQ/BW/VL (16 floats / 8 doubles).
+ * Level 1 and 2 files must be compiled with the matching -m flags; a
+ * mismatch is a build error rather than a silent scalar build.
+ *
+ * Operations (vf32_* for float, vf64_* for double):
+ *   loadu, storeu, set1, zero, add, sub, mul, fmadd(a,b,c) = a*b + c,
+ *   max(a,b) (b is returned when either is NaN, so pass data second),
+ *   hmax, hsum (horizontal, fixed order), exp (see fa_math.h),
+ *   keep(v, m): v where the uint8 mask bytes m[0..LANES) are nonzero, -inf
+ *   elsewhere.
+ */
+#ifndef FASTATTN_SIMD_MAP_H
+#define FASTATTN_SIMD_MAP_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "fa_math.h"
+
+#ifndef FA_ISA_LEVEL
+#error "define FA_ISA_LEVEL (0 scalar, 1 avx2, 2 avx512) before simd_map.h"
+#endif
+
+/* ======================================================================= */
+#if FA_ISA_LEVEL == 0
+
+#define FA_ISA_SUFFIX scalar
+#define FA_VF32_LANES 1
+#define FA_VF64_LANES 1
+typedef float fa_vf32;
+typedef double fa_vf64;
+
+#define FA_SCALAR_OPS(T, P, EXP)                                                  \
+    static inline T P##_loadu(const T *p) { return *p; }                          \
+    static inline void P##_storeu(T *p, T v) { *p = v; }                          \
+    static inline T P##_set1(T x) { return x; }                                   \
+    static inline T P##_zero(void) { return (T)0; }                               \
+    static inline T P##_add(T a, T b) { return a + b; }                           \
+    static inline T P##_sub(T a, T b) { return a - b; }                           \
+    static inline T P##_mul(T a, T b) { return a * b; }                           \
+    static inline T P##_fmadd(T a, T b, T c) { return a * b + c; }                \
+    static inline T P##_max(T a, T b) { return a > b ? a : b; }                   \
+    static inline T P##_hmax(T v) { return v; }                                   \
+    static inline T P##_hsum(T v) { return v; }                                   \
+    static inline T P##_exp(T v) { return EXP(v); }                               \
+    static inline T P##_keep(T v, const uint8_t *m) { return m[0] ? v : (T)-INFINITY; }
+
+FA_SCALAR_OPS(float, vf32, fa_expf)
+FA_SCALAR_OPS(double, vf64, fa_exp)
+
+/* ======================================================================= */
+#elif FA_ISA_LEVEL == 1
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "FA_ISA_LEVEL 1 needs -mavx2 -mfma"
+#endif
+#include <immintrin.h>
+
+#define FA_ISA_SUFFIX avx2
+#define FA_VF32_LANES 8
+#define FA_VF64_LANES 4
+typedef __m256 fa_vf32;
+typedef __m256d fa_vf64;
+
+static inline __m256 vf32_loadu(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vf32_storeu(float *p, __m256 v) { _mm256_storeu_ps(p, v); }
+static inline __m256 vf32_set1(float x) { return _mm256_set1_ps(x); }
+static inline __m256 vf32_zero(void) { return _mm256_setzero_ps(); }
+static inline __m256 vf32_add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+static inline __m256 vf32_sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+static inline __m256 vf32_mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+static inline __m256 vf32_fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+static inline __m256 vf32_max(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+static inline float vf32_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float vf32_hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline __m256 vf32_exp(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(FA_EXPF_LO), hi = _mm256_set1_ps(FA_EXPF_HI);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    __m256 xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x)); /* NaN passes through */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(FA_LOG2E_F)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_HI_F), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_LO_F), r);
+    __m256 p = _mm256_set1_ps(FA_EXPF_C7);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i ni = _mm256_cvtps_epi32(n);
+    __m256i h = _mm256_srai_epi32(ni, 1);
+    __m256i bias = _mm256_set1_epi32(127);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
+    __m256 s2 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), bias), 23));
+    __m256 res = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    res = _mm256_andnot_ps(under, res);
+    return _mm256_blendv_ps(res, _mm256_set1_ps(INFINITY), over);
+}
+static inline __m256 vf32_keep(__m256 v, const uint8_t *m) {
+    __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m));
+    __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(w, _mm256_setzero_si256()));
+    return _mm256_blendv_ps(v, _mm256_set1_ps(-INFINITY), drop);
+}
+
+static inline __m256d vf64_loadu(const double *p) { return _mm256_loadu_pd(p); }
+static inline void vf64_storeu(double *p, __m256d v) { _mm256_storeu_pd(p, v); }
+static inline __m256d vf64_set1(double x) { return _mm256_set1_pd(x); }
+static inline __m256d vf64_zero(void) { return _mm256_setzero_pd(); }
+static inline __m256d vf64_add(__m256d a, __m256d b) { return _mm256_add_pd(a, b); }
+static inline __m256d vf64_sub(__m256d a, __m256d b) { return _mm256_sub_pd(a, b); }
+static inline __m256d vf64_mul(__m256d a, __m256d b) { return _mm256_mul_pd(a, b); }
+static inline __m256d vf64_fmadd(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a, b, c); }
+static inline __m256d vf64_max(__m256d a, __m256d b) { return _mm256_max_pd(a, b); }
+static inline double vf64_hsum(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+}
+static inline double vf64_hmax(__m256d v) {
+    __m128d s = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    s = _mm_max_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+}
+static inline __m256d vf64_exp(__m256d x) {
+    const __m256d lo = _mm256_set1_pd(FA_EXP_LO), hi = _mm256_set1_pd(FA_EXP_HI);
+    __m256d under = _mm256_cmp_pd(x, lo, _CMP_LT_OQ);
+    __m256d over = _mm256_cmp_pd(x, hi, _CMP_GT_OQ);
+    __m256d xc = _mm256_min_pd(hi, _mm256_max_pd(lo, x));
+    __m256d n = _mm256_round_pd(_mm256_mul_pd(xc, _mm256_set1_pd(FA_LOG2E)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(FA_LN2_HI), xc);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(FA_LN2_LO), r);
+    __m256d p = _mm256_set1_pd(1.0 / 6227020800.0);
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 479001600.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 39916800.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 3628800.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 362880.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 40320.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 5040.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 720.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 120.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 24.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 6.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(0.5));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0));
+    /* |n| <= 1025 fits int32; widen after splitting. NaN lanes convert to
+     * INT_MIN, which only scales a NaN. */
+    __m128i ni = _mm256_cvtpd_epi32(n);
+    __m128i h = _mm_srai_epi32(ni, 1);
+    __m256i bias = _mm256_set1_epi64x(1023);
+    __m256d s1 = _mm256_castsi256_pd(
+        _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(h), bias), 52));
+    __m256d s2 = _mm256_castsi256_pd(_mm256_slli_epi64(
+        _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm_sub_epi32(ni, h)), bias), 52));
+    __m256d res = _mm256_mul_pd(_mm256_mul_pd(p, s1), s2);
+    res = _mm256_andnot_pd(under, res);
+    return _mm256_blendv_pd(res, _mm256_set1_pd(INFINITY), over);
+}
+static inline __m256d vf64_keep(__m256d v, const uint8_t *m) {
+    int32_t four;
+    memcpy(&four, m, 4);
+    __m256i w = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
+    __m256d drop = _mm256_castsi256_pd(_mm256_cmpeq_epi64(w, _mm256_setzero_si256()));
+    return _mm256_blendv_pd(v, _mm256_set1_pd(-INFINITY), drop);
+}
+
+/* ======================================================================= */
+#elif FA_ISA_LEVEL == 2
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
+    !defined(__AVX512DQ__) || !defined(__FMA__)
+#error "FA_ISA_LEVEL 2 needs -mavx512f -mavx512dq -mavx512bw -mavx512vl -mfma"
+#endif
+#include <immintrin.h>
+
+#define FA_ISA_SUFFIX avx512
+#define FA_VF32_LANES 16
+#define FA_VF64_LANES 8
+typedef __m512 fa_vf32;
+typedef __m512d fa_vf64;
+
+static inline __m512 vf32_loadu(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vf32_storeu(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline __m512 vf32_set1(float x) { return _mm512_set1_ps(x); }
+static inline __m512 vf32_zero(void) { return _mm512_setzero_ps(); }
+static inline __m512 vf32_add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+static inline __m512 vf32_sub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
+static inline __m512 vf32_mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+static inline __m512 vf32_fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+static inline __m512 vf32_max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+static inline float vf32_hsum(__m512 v) {
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float vf32_hmax(__m512 v) {
+    __m256 s8 = _mm256_max_ps(_mm512_castps512_ps256(v),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline __m512 vf32_exp(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(FA_EXPF_LO), hi = _mm512_set1_ps(FA_EXPF_HI);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    __mmask16 over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
+    __m512 xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(FA_LOG2E_F)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_HI_F), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_LO_F), r);
+    __m512 p = _mm512_set1_ps(FA_EXPF_C7);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512i ni = _mm512_cvtps_epi32(n);
+    __m512i h = _mm512_srai_epi32(ni, 1);
+    __m512i bias = _mm512_set1_epi32(127);
+    __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h, bias), 23));
+    __m512 s2 = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(ni, h), bias), 23));
+    __m512 res = _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+    res = _mm512_maskz_mov_ps((__mmask16)~under, res);
+    return _mm512_mask_mov_ps(res, over, _mm512_set1_ps(INFINITY));
+}
+static inline __m512 vf32_keep(__m512 v, const uint8_t *m) {
+    __m128i b = _mm_loadu_si128((const __m128i *)m);
+    __mmask16 k = _mm_test_epi8_mask(b, b);
+    return _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), v);
+}
+
+static inline __m512d vf64_loadu(const double *p) { return _mm512_loadu_pd(p); }
+static inline void vf64_storeu(double *p, __m512d v) { _mm512_storeu_pd(p, v); }
+static inline __m512d vf64_set1(double x) { return _mm512_set1_pd(x); }
+static inline __m512d vf64_zero(void) { return _mm512_setzero_pd(); }
+static inline __m512d vf64_add(__m512d a, __m512d b) { return _mm512_add_pd(a, b); }
+static inline __m512d vf64_sub(__m512d a, __m512d b) { return _mm512_sub_pd(a, b); }
+static inline __m512d vf64_mul(__m512d a, __m512d b) { return _mm512_mul_pd(a, b); }
+static inline __m512d vf64_fmadd(__m512d a, __m512d b, __m512d c) { return _mm512_fmadd_pd(a, b, c); }
+static inline __m512d vf64_max(__m512d a, __m512d b) { return _mm512_max_pd(a, b); }
+static inline double vf64_hsum(__m512d v) {
+    __m256d s4 = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+}
+static inline double vf64_hmax(__m512d v) {
+    __m256d s4 = _mm256_max_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    __m128d s = _mm_max_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
+    s = _mm_max_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+}
+static inline __m512d vf64_exp(__m512d x) {
+    const __m512d lo = _mm512_set1_pd(FA_EXP_LO), hi = _mm512_set1_pd(FA_EXP_HI);
+    __mmask8 under = _mm512_cmp_pd_mask(x, lo, _CMP_LT_OQ);
+    __mmask8 over = _mm512_cmp_pd_mask(x, hi, _CMP_GT_OQ);
+    __m512d xc = _mm512_min_pd(hi, _mm512_max_pd(lo, x));
+    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(xc, _mm512_set1_pd(FA_LOG2E)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(FA_LN2_HI), xc);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(FA_LN2_LO), r);
+    __m512d p = _mm512_set1_pd(1.0 / 6227020800.0);
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 479001600.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 39916800.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 3628800.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 362880.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 40320.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 5040.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 720.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 120.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 24.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 6.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(0.5));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0));
+    __m256i ni = _mm512_cvtpd_epi32(n);
+    __m256i h = _mm256_srai_epi32(ni, 1);
+    __m512i bias = _mm512_set1_epi64(1023);
+    __m512d s1 = _mm512_castsi512_pd(
+        _mm512_slli_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(h), bias), 52));
+    __m512d s2 = _mm512_castsi512_pd(_mm512_slli_epi64(
+        _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm256_sub_epi32(ni, h)), bias), 52));
+    __m512d res = _mm512_mul_pd(_mm512_mul_pd(p, s1), s2);
+    res = _mm512_maskz_mov_pd((__mmask8)~under, res);
+    return _mm512_mask_mov_pd(res, over, _mm512_set1_pd(INFINITY));
+}
+static inline __m512d vf64_keep(__m512d v, const uint8_t *m) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)m);
+    __mmask8 k = (__mmask8)_mm_test_epi8_mask(b, b);
+    return _mm512_mask_blend_pd(k, _mm512_set1_pd(-INFINITY), v);
+}
+
+#else
+#error "unknown FA_ISA_LEVEL"
+#endif
+
+/* Name mangling for template instances: FA_KNAME(softmax_row, f32) ->
+ * fa_softmax_row_f32_avx2 in the AVX2 file. */
+#define FA_CAT4_(a, b, c, d) a##_##b##_##c##_##d
+#define FA_CAT4(a, b, c, d) FA_CAT4_(a, b, c, d)
+#define FA_KNAME(name, dt) FA_CAT4(fa, name, dt, FA_ISA_SUFFIX)
+#define FA_CAT3_(a, b, c) a##_##b##_##c
+#define FA_CAT3(a, b, c) FA_CAT3_(a, b, c)
+#define FA_TABLE_NAME FA_CAT3(fa, kernels, FA_ISA_SUFFIX)
+
+#endif /* FASTATTN_SIMD_MAP_H */

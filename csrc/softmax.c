@@ -1,0 +1,147 @@
+/*
+ * softmax.c: the fused masked softmax driver. It walks the rows of
+ * x (B, M, Lq, Lk), works out each row's valid key prefix from key_len and
+ * causality without building any mask, gathers strided rows when needed and
+ * calls the selected ISA's row kernel (softmax_impl.h).
+ */
+#include <string.h>
+
+#include "internal.h"
+
+/* Keys [0, n_valid) of row i may be attended; keys after it are zero. */
+static int64_t valid_keys(int64_t i, int64_t Lq, int64_t Lk, int64_t key_len,
+                          int causal) {
+    int64_t n = key_len < Lk ? key_len : Lk;
+    int64_t limit = Lk;
+    if (causal == FA_CAUSAL_TOP_LEFT) limit = i + 1;
+    else if (causal == FA_CAUSAL_BOTTOM_RIGHT) limit = i + 1 + (Lk - Lq);
+    if (limit < n) n = limit;
+    return n < 0 ? 0 : n;
+}
+
+static int64_t length_at(const fa_lengths_view *lv, int64_t b, int64_t m,
+                         int64_t full) {
+    if (lv == NULL || lv->data == NULL) return full;
+    return lv->data[b * lv->stride_b + m * lv->stride_m];
+}
+
+/* Copy n elements of esize bytes at element stride s into contiguous dst and
+ * return dst, or return src unchanged when it already is contiguous. */
+static const void *gather(const void *src, int64_t s, int64_t n, int64_t esize,
+                          void *dst) {
+    if (s == 1) return src;
+    const char *from = (const char *)src;
+    char *to = (char *)dst;
+    for (int64_t j = 0; j < n; ++j) memcpy(to + j * esize, from + j * s * esize, (size_t)esize);
+    return dst;
+}
+
+typedef struct {
+    fa_view4 x, y;
+    int64_t B, M, Lq, Lk, esize;
+    double scale;
+    const fa_mask_view *mask;
+    const fa_lengths_view *key_len, *query_len;
+    int causal, dtype;
+} softmax_job;
+
+/* Rows [lo, hi) of the flattened (B, M, Lq) row index. scratch (only when
+ * something is strided along keys) holds an x row, a y row and a mask row. */
+static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *scratch) {
+    const fa_kernel_table *k = fa_kernels();
+    const int64_t M = job->M, Lq = job->Lq, Lk = job->Lk, es = job->esize;
+    const fa_mask_view *mask = job->mask;
+    const int mkind = mask && mask->data ? mask->kind : FA_MASK_NONE;
+    const int64_t mes = mkind == FA_MASK_BOOL ? 1 : es;
+    char *xbuf = scratch, *ybuf = scratch ? scratch + Lk * es : NULL;
+    char *mbuf = scratch ? scratch + 2 * Lk * es : NULL;
+    const int64_t ys = job->y.stride[3];
+
+    for (int64_t r = lo; r < hi; ++r) {
+        const int64_t i = r % Lq, bm = r / Lq, m = bm % M, b = bm / M;
+        char *yrow = (char *)job->y.data +
+                     (b * job->y.stride[0] + m * job->y.stride[1] + i * job->y.stride[2]) * es;
+        int64_t n = 0;
+        if (i < length_at(job->query_len, b, m, Lq))
+            n = valid_keys(i, Lq, Lk, length_at(job->key_len, b, m, Lk), job->causal);
+        if (n > 0) {
+            const char *xrow = (const char *)job->x.data +
+                (b * job->x.stride[0] + m * job->x.stride[1] + i * job->x.stride[2]) * es;
+            const void *xc = gather(xrow, job->x.stride[3], n, es, xbuf);
+            const void *mrow = NULL;
+            if (mkind != FA_MASK_NONE) {
+                const int64_t off = b * mask->stride_b + m * mask->stride_m + i * mask->stride_q;
+                mrow = gather((const char *)mask->data + off * mes, mask->stride_k, n, mes, mbuf);
+            }
+            void *yc = ys == 1 ? (void *)yrow : (void *)ybuf;
+            if (job->dtype == FA_DTYPE_F32)
+                k->softmax_row_f32((const float *)xc, (float *)yc, n, (float)job->scale, mrow, mkind);
+            else
+                k->softmax_row_f64((const double *)xc, (double *)yc, n, job->scale, mrow, mkind);
+            if (ys != 1)
+                for (int64_t j = 0; j < n; ++j) memcpy(yrow + j * ys * es, ybuf + j * es, (size_t)es);
+        }
+        /* masked keys: all-zero bits are +0.0 in both float formats */
+        if (ys == 1) {
+            if (n < Lk) memset(yrow + n * es, 0, (size_t)((Lk - n) * es));
+        } else {
+            for (int64_t j = n; j < Lk; ++j) memset(yrow + j * ys * es, 0, (size_t)es);
+        }
+    }
+}
+
+int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t M,
+                      int64_t Lq, int64_t Lk, double scale,
+                      const fa_mask_view *mask, const fa_lengths_view *key_len,
+                      const fa_lengths_view *query_len, int causal,
+                      int num_threads) {
+    if (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64) return FA_ERR_INVALID;
+    if (causal < FA_CAUSAL_NONE || causal > FA_CAUSAL_BOTTOM_RIGHT) return FA_ERR_INVALID;
+    const int64_t dims[4] = {B, M, Lq, Lk};
+    const int64_t esize = dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t total = fa_product(dims, 4);
+    if (total < 0) return FA_ERR_OVERFLOW;
+    if (total == 0) return FA_OK;
+    if (x.data == NULL || y.data == NULL) return FA_ERR_INVALID;
+    if (!fa_view_ok(dims, x.stride, 4, esize) || !fa_view_ok(dims, y.stride, 4, esize))
+        return FA_ERR_OVERFLOW;
+    if (mask && mask->data) {
+        if (mask->kind != FA_MASK_BOOL && mask->kind != FA_MASK_ADD) return FA_ERR_INVALID;
+        const int64_t ms[4] = {mask->stride_b, mask->stride_m, mask->stride_q, mask->stride_k};
+        if (!fa_view_ok(dims, ms, 4, mask->kind == FA_MASK_BOOL ? 1 : esize))
+            return FA_ERR_OVERFLOW;
+    }
+
+    const int64_t rows = B * M * Lq;
+    const int nthreads = fa_resolve_threads(num_threads, rows, total);
+
+    /* Scratch only when some operand is strided along the key axis. */
+    const int strided = x.stride[3] != 1 || y.stride[3] != 1 ||
+                        (mask && mask->data && mask->stride_k != 1);
+    char *scratch = NULL;
+    int64_t per_thread = 0;
+    if (strided) {
+        /* xbuf + ybuf + mask row (the mask row in the widest element) */
+        if (!fa_mul_ok(Lk, 3 * esize, &per_thread)) return FA_ERR_OVERFLOW;
+        per_thread = (per_thread + 63) & ~(int64_t)63;
+        scratch = fa_scratch_alloc(per_thread, nthreads);
+        if (scratch == NULL) return FA_ERR_NOMEM;
+    }
+    const softmax_job job = {x, y, B, M, Lq, Lk, esize, scale, mask,
+                             key_len, query_len, causal, dtype};
+    if (nthreads == 1) {
+        softmax_rows(&job, 0, rows, scratch);
+    } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+        {
+            const int t = fa_thread_id();
+            int64_t lo, hi;
+            fa_partition(rows, nthreads, t, &lo, &hi);
+            softmax_rows(&job, lo, hi, scratch ? scratch + t * per_thread : NULL);
+        }
+    }
+    fa_scratch_free(scratch);
+    return FA_OK;
+}

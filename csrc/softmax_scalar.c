@@ -1,0 +1,13 @@
+/* softmax_scalar.c: the masked-softmax row kernels at the scalar level
+ * (FA_ISA_LEVEL 0), instantiated from softmax_impl.h for float and double.
+ * Exports fa_softmax_row_f32_scalar and fa_softmax_row_f64_scalar; dispatch.c
+ * puts them in the scalar kernel table. */
+#include "internal.h"
+#define FA_ISA_LEVEL 0
+#include "simd_map.h"
+
+#define FA_T_F64 0
+#include "softmax_impl.h"
+#undef FA_T_F64
+#define FA_T_F64 1
+#include "softmax_impl.h"

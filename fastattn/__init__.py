@@ -1,0 +1,41 @@
+"""fastattn: fast CPU Transformer attention with a NumPy API.
+
+C kernels (OpenMP, runtime-dispatched SIMD) behind a thin Cython layer;
+every function is checked against the NumPy oracle in
+:mod:`fastattn.reference`.
+"""
+
+__version__ = "0.1.0"
+
+from fastattn._config import (
+    available_isas,
+    get_isa,
+    get_num_threads,
+    set_isa,
+    set_num_threads,
+    show_config,
+)
+from fastattn._config import _apply_isa_env
+from fastattn.heads import merge_heads, split_heads
+from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
+from fastattn.position import add_position_encoding, sinusoidal_position_encoding
+
+_apply_isa_env()
+del _apply_isa_env
+
+__all__ = [
+    "__version__",
+    "add_position_encoding",
+    "apply_sequence_mask",
+    "available_isas",
+    "get_isa",
+    "get_num_threads",
+    "masked_softmax",
+    "merge_heads",
+    "sequence_mask",
+    "set_isa",
+    "set_num_threads",
+    "show_config",
+    "sinusoidal_position_encoding",
+    "split_heads",
+]

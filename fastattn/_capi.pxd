@@ -1,0 +1,64 @@
+# Declarations of csrc/fastattn.h, the only C interface. Nothing else.
+from libc.stdint cimport int64_t, uint8_t
+
+cdef extern from "fastattn.h" nogil:
+    ctypedef enum fa_status:
+        FA_OK
+        FA_ERR_INVALID
+        FA_ERR_OVERFLOW
+        FA_ERR_NOMEM
+        FA_ERR_ISA
+
+    int FA_DTYPE_F32
+    int FA_DTYPE_F64
+    int FA_MASK_NONE
+    int FA_MASK_BOOL
+    int FA_MASK_ADD
+
+    ctypedef struct fa_mask_view:
+        const void *data
+        int kind
+        int64_t stride_b, stride_m, stride_q, stride_k
+
+    ctypedef struct fa_lengths_view:
+        const int64_t *data
+        int64_t stride_b, stride_m
+
+    ctypedef struct fa_view4:
+        void *data
+        int64_t stride[4]
+
+    ctypedef struct fa_pe_params:
+        int layout
+        double min_timescale, max_timescale
+        int64_t start_index
+
+    int fa_cpu_best_isa()
+    int fa_compiled_max_isa()
+    int fa_get_isa()
+    int fa_set_isa(int isa)
+    const char *fa_isa_name(int isa)
+    int fa_openmp_enabled()
+    int fa_default_num_threads()
+    const char *fa_build_compiler()
+    const char *fa_build_flags()
+
+    int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y,
+                          int64_t B, int64_t M, int64_t Lq, int64_t Lk,
+                          double scale, const fa_mask_view *mask,
+                          const fa_lengths_view *key_len,
+                          const fa_lengths_view *query_len,
+                          int causal, int num_threads)
+    int fa_apply_sequence_mask(int dtype, fa_view4 x, fa_view4 y,
+                               int64_t B, int64_t P, int64_t L, int64_t C,
+                               const int64_t *lengths, int mode, int num_threads)
+    int fa_split_heads(int elem_size, fa_view4 x, void *y,
+                       int64_t B, int64_t S, int64_t H, int64_t D, int num_threads)
+    int fa_merge_heads(int elem_size, fa_view4 x, void *y,
+                       int64_t B, int64_t H, int64_t S, int64_t D, int num_threads)
+    int fa_position_encoding(int dtype, void *out, int64_t out_row_stride,
+                             int64_t length, int64_t channels,
+                             const fa_pe_params *p, int num_threads)
+    int fa_add_position_encoding(int dtype, fa_view4 x, fa_view4 y,
+                                 int64_t B, int64_t length, int64_t channels,
+                                 const fa_pe_params *p, int num_threads)

@@ -1,0 +1,207 @@
+# cython: freethreading_compatible = True
+"""Thin bindings to csrc/fastattn.h.
+
+This module only turns already-validated NumPy arrays into pointers and
+element strides, releases the GIL around each kernel and turns C status
+codes into exceptions. Validation, broadcasting and dtype handling live in
+the Python modules that call it.
+"""
+cimport numpy as cnp
+from libc.stdint cimport int64_t
+
+from fastattn._capi cimport *
+
+cnp.import_array()
+
+
+cdef int check(int status) except -1:
+    if status == FA_OK:
+        return 0
+    if status == FA_ERR_NOMEM:
+        raise MemoryError("fastattn: could not allocate kernel scratch memory")
+    if status == FA_ERR_OVERFLOW:
+        raise ValueError("fastattn: array sizes overflow the addressable range")
+    if status == FA_ERR_ISA:
+        raise ValueError("fastattn: that ISA level is not supported on this CPU")
+    raise ValueError(f"fastattn: the C kernel rejected its arguments (status {status})")
+
+
+cdef inline int dtype_code(cnp.ndarray a) except -1:
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        return FA_DTYPE_F32
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64:
+        return FA_DTYPE_F64
+    raise TypeError(f"fastattn: kernel dtype must be float32 or float64, got {a.dtype}")
+
+
+cdef inline fa_view4 view4(cnp.ndarray a) except *:
+    """A 4-D array as a C view: base pointer and strides in elements."""
+    cdef fa_view4 v
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    cdef int i
+    v.data = cnp.PyArray_DATA(a)
+    for i in range(4):
+        v.stride[i] = cnp.PyArray_STRIDES(a)[i] // item
+    return v
+
+
+cdef inline fa_view4 view3(cnp.ndarray a) except *:
+    cdef fa_view4 v
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    cdef int i
+    v.data = cnp.PyArray_DATA(a)
+    for i in range(3):
+        v.stride[i] = cnp.PyArray_STRIDES(a)[i] // item
+    v.stride[3] = 0
+    return v
+
+
+cdef inline fa_lengths_view lengths2(object a) except *:
+    """None, or a (B, M) int64 array (zero strides where broadcast)."""
+    cdef fa_lengths_view v
+    cdef cnp.ndarray arr
+    if a is None:
+        v.data = NULL
+        v.stride_b = 0
+        v.stride_m = 0
+        return v
+    arr = <cnp.ndarray>a
+    v.data = <const int64_t *>cnp.PyArray_DATA(arr)
+    v.stride_b = cnp.PyArray_STRIDES(arr)[0] // 8
+    v.stride_m = cnp.PyArray_STRIDES(arr)[1] // 8
+    return v
+
+
+# ---- configuration ---------------------------------------------------------
+
+def cpu_best_isa():
+    return fa_cpu_best_isa()
+
+def compiled_max_isa():
+    return fa_compiled_max_isa()
+
+def get_isa():
+    return fa_get_isa()
+
+def set_isa(int isa):
+    check(fa_set_isa(isa))
+
+def isa_name(int isa):
+    return fa_isa_name(isa).decode()
+
+def openmp_enabled():
+    return bool(fa_openmp_enabled())
+
+def default_num_threads():
+    return fa_default_num_threads()
+
+def build_compiler():
+    return fa_build_compiler().decode()
+
+def build_flags():
+    return fa_build_flags().decode()
+
+
+# ---- kernels -----------------------------------------------------------------
+
+def masked_softmax(cnp.ndarray x, cnp.ndarray y, double scale, object mask,
+                   int mask_kind, object key_len, object query_len, int causal,
+                   int num_threads):
+    """x, y: (B, M, Lq, Lk); mask: None or 4-D broadcast view; lengths: None
+    or (B, M) int64 broadcast views."""
+    cdef int dt = dtype_code(x)
+    cdef fa_view4 vx = view4(x), vy = view4(y)
+    cdef fa_mask_view mv
+    cdef cnp.ndarray m
+    cdef Py_ssize_t mitem
+    cdef fa_lengths_view kl = lengths2(key_len), ql = lengths2(query_len)
+    cdef int64_t B = x.shape[0], M = x.shape[1], Lq = x.shape[2], Lk = x.shape[3]
+    cdef int st
+    mv.data = NULL
+    mv.kind = FA_MASK_NONE
+    mv.stride_b = mv.stride_m = mv.stride_q = mv.stride_k = 0
+    if mask is not None:
+        m = <cnp.ndarray>mask
+        mitem = cnp.PyArray_ITEMSIZE(m)
+        mv.data = cnp.PyArray_DATA(m)
+        mv.kind = mask_kind
+        mv.stride_b = cnp.PyArray_STRIDES(m)[0] // mitem
+        mv.stride_m = cnp.PyArray_STRIDES(m)[1] // mitem
+        mv.stride_q = cnp.PyArray_STRIDES(m)[2] // mitem
+        mv.stride_k = cnp.PyArray_STRIDES(m)[3] // mitem
+    with nogil:
+        st = fa_masked_softmax(dt, vx, vy, B, M, Lq, Lk, scale, &mv, &kl, &ql,
+                               causal, num_threads)
+    check(st)
+
+
+def apply_sequence_mask(cnp.ndarray x, cnp.ndarray y, cnp.ndarray lengths, int mode,
+                        int num_threads):
+    """x, y: (B, P, L, C); lengths: (B,) contiguous int64."""
+    cdef int dt = dtype_code(x)
+    cdef fa_view4 vx = view4(x), vy = view4(y)
+    cdef const int64_t *lp = <const int64_t *>cnp.PyArray_DATA(lengths)
+    cdef int64_t B = x.shape[0], P = x.shape[1], L = x.shape[2], C = x.shape[3]
+    cdef int st
+    with nogil:
+        st = fa_apply_sequence_mask(dt, vx, vy, B, P, L, C, lp, mode, num_threads)
+    check(st)
+
+
+def split_heads(cnp.ndarray x4, cnp.ndarray y, int num_threads):
+    """x4: (B, S, H, D) view; y: contiguous (B, H, S, D)."""
+    cdef fa_view4 vx = view4(x4)
+    cdef void *yp = cnp.PyArray_DATA(y)
+    cdef int es = cnp.PyArray_ITEMSIZE(x4)
+    cdef int64_t B = x4.shape[0], S = x4.shape[1], H = x4.shape[2], D = x4.shape[3]
+    cdef int st
+    with nogil:
+        st = fa_split_heads(es, vx, yp, B, S, H, D, num_threads)
+    check(st)
+
+
+def merge_heads(cnp.ndarray x, cnp.ndarray y, int num_threads):
+    """x: (B, H, S, D) view; y: contiguous (B, S, H*D)."""
+    cdef fa_view4 vx = view4(x)
+    cdef void *yp = cnp.PyArray_DATA(y)
+    cdef int es = cnp.PyArray_ITEMSIZE(x)
+    cdef int64_t B = x.shape[0], H = x.shape[1], S = x.shape[2], D = x.shape[3]
+    cdef int st
+    with nogil:
+        st = fa_merge_heads(es, vx, yp, B, H, S, D, num_threads)
+    check(st)
+
+
+def position_encoding(cnp.ndarray out, int layout, double min_timescale,
+                      double max_timescale, int64_t start_index, int num_threads):
+    """out: (length, channels) with a unit column stride."""
+    cdef int dt = dtype_code(out)
+    cdef fa_pe_params p
+    cdef void *op = cnp.PyArray_DATA(out)
+    cdef int64_t rs = cnp.PyArray_STRIDES(out)[0] // cnp.PyArray_ITEMSIZE(out)
+    cdef int64_t L = out.shape[0], C = out.shape[1]
+    cdef int st
+    p.layout = layout
+    p.min_timescale = min_timescale
+    p.max_timescale = max_timescale
+    p.start_index = start_index
+    with nogil:
+        st = fa_position_encoding(dt, op, rs, L, C, &p, num_threads)
+    check(st)
+
+
+def add_position_encoding(cnp.ndarray x, cnp.ndarray y, int layout, double min_timescale,
+                          double max_timescale, int64_t start_index, int num_threads):
+    """x, y: (B, length, channels) views."""
+    cdef int dt = dtype_code(x)
+    cdef fa_pe_params p
+    cdef fa_view4 vx = view3(x), vy = view3(y)
+    cdef int64_t B = x.shape[0], L = x.shape[1], C = x.shape[2]
+    cdef int st
+    p.layout = layout
+    p.min_timescale = min_timescale
+    p.max_timescale = max_timescale
+    p.start_index = start_index
+    with nogil:
+        st = fa_add_position_encoding(dt, vx, vy, B, L, C, &p, num_threads)
+    check(st)

@@ -1,0 +1,170 @@
+"""Argument checking and coercion shared by every public function.
+
+Everything a kernel needs is checked here, before C is entered, and every
+message names the argument and the shapes involved.
+
+Dtype rule (documented in the API reference): fastattn computes in float32
+or float64. An input of dtype ``t`` is computed in
+``numpy.promote_types(t, float32)`` when that is float32 or float64, so
+float16, bool, int8/uint8 and int16/uint16 compute in float32, and
+int32/int64/uint32/uint64 in float64. Complex, object, string, datetime and
+extended-precision inputs raise TypeError.
+"""
+
+import operator
+
+import numpy as np
+
+_FLOAT_KINDS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def compute_dtype(dtype, name):
+    """The float dtype an input of ``dtype`` is computed in (see module doc)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        raise TypeError(f"{name} has unsupported dtype {dtype}; expected a real numeric dtype")
+    out = np.promote_types(dtype, np.float32)
+    if out not in _FLOAT_KINDS:
+        raise TypeError(
+            f"{name} has unsupported dtype {dtype}; fastattn computes in float32 or float64"
+        )
+    return out
+
+
+def float_array(x, name, dtype=None):
+    """``x`` as an ndarray of its compute dtype (or of ``dtype``), native byte
+    order; copies only when the dtype or byte order must change."""
+    arr = x if type(x) is np.ndarray else np.asarray(x)
+    target = compute_dtype(arr.dtype, name) if dtype is None else dtype
+    if arr.dtype is not target and arr.dtype != target:
+        if dtype is not None:
+            compute_dtype(arr.dtype, name)  # reject complex and friends first
+        arr = arr.astype(target)
+    return arr
+
+
+def require_ndim(arr, name, ndim, layout):
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {arr.shape}")
+
+
+def index_value(value, name):
+    """``value`` as a Python int (rejecting floats and bools)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def choice(value, name, options):
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+    return value
+
+
+def int_array(values, name):
+    """Integer lengths as int64, rejecting floats, bools and negatives."""
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{name} must be non-negative, got min {arr.min()}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} is too large for int64")
+    return arr.astype(np.int64, copy=False)
+
+
+def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
+    """Lengths of shape ``(B,)`` or exactly ``lead_shape`` as a (B, M) int64
+    view (zero stride on M for the per-batch form), checked against the axis.
+    ``lead_shape`` is ``x.shape[:-2]``; B and M are its first axis and the
+    product of the rest."""
+    if values is None:
+        return None
+    arr = int_array(values, name)
+    if arr.shape == tuple(lead_shape):
+        view = arr.reshape(B, M)
+    elif len(lead_shape) >= 1 and arr.shape == (lead_shape[0],):
+        view = np.broadcast_to(arr.reshape(B, 1), (B, M))
+    else:
+        expected = f"({lead_shape[0]},) or {tuple(lead_shape)}" if lead_shape else "()"
+        raise ValueError(
+            f"{name} must have shape {expected} for scores of leading shape "
+            f"{tuple(lead_shape)}, got {arr.shape}"
+        )
+    if arr.size and arr.max() > axis_len:
+        raise ValueError(
+            f"{name} must be <= the {axis_name} length {axis_len}, got max {arr.max()}"
+        )
+    return view
+
+
+def check_out(out, shape, dtype, name="out"):
+    """Validate a user ``out=`` array: exact shape and dtype, writeable."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+def reshaped_view(arr, shape):
+    """A view of ``arr`` with ``shape``, or None when that needs a copy."""
+    view = arr.view()
+    try:
+        view.shape = shape
+    except AttributeError:
+        return None
+    return view
+
+
+def same_view(a, b):
+    """True when a and b address exactly the same elements in the same order."""
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.shape == b.shape
+    )
+
+
+class OutputTarget:
+    """Where a kernel writes: the user's ``out`` when the kernel can write it
+    directly (a view of the kernel's shape, C-contiguous if ``contiguous``,
+    that does not partly overlap an input), else a fresh buffer that
+    :meth:`finish` copies into ``out``."""
+
+    __slots__ = ("out", "kernel_view", "result", "_copy_back")
+
+    def __init__(self, out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(),
+                 contiguous=False, name="out"):
+        self._copy_back = False
+        if out is None:
+            self.result = np.empty(shape, dtype=dtype)
+            self.kernel_view = self.result.reshape(kernel_shape)
+            return
+        check_out(out, shape, dtype, name)
+        self.result = out
+        view = reshaped_view(out, kernel_shape)
+        # Writing straight into out is safe unless it overlaps an input other
+        # than as the identical view of an input the kernel may update in place.
+        overlaps = any(
+            np.may_share_memory(out, x)
+            and not (any(x is y for y in inplace_ok) and same_view(out, x))
+            for x in inputs
+        )
+        if view is None or overlaps or (contiguous and not view.flags.c_contiguous):
+            self.kernel_view = np.empty(kernel_shape, dtype=dtype)
+            self._copy_back = True
+        else:
+            self.kernel_view = view
+
+    def finish(self):
+        if self._copy_back:
+            self.result[...] = self.kernel_view.reshape(self.result.shape)
+        return self.result

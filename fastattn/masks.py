@@ -1,0 +1,208 @@
+"""Masks: sequence masks, the classic padding mask and the fused masked softmax.
+
+Conventions (see docs/masks.md): a bool ``attn_mask`` is True where a query
+may attend, as in ``torch.nn.functional.scaled_dot_product_attention`` and
+Keras; a float mask is added to the scores. Lengths are first-class
+arguments and are never expanded into mask arrays. A row with no key left is
+all zeros, never NaN; padded query rows are exactly zero.
+"""
+
+import math
+
+import numpy as np
+
+from fastattn import _kernels
+from fastattn._config import resolve_num_threads
+from fastattn._validation import (
+    OutputTarget,
+    choice,
+    compute_dtype,
+    float_array,
+    index_value,
+    int_array,
+    lengths_view,
+)
+
+CAUSAL_ALIGNMENTS = {"top_left": 1, "bottom_right": 2}
+SEQUENCE_MASK_MODES = {"mul": 0, "add": 1}
+
+# C-side mask kinds (fastattn.h fa_mask_kind)
+_MASK_BOOL = 1
+_MASK_ADD = 2
+
+
+def sequence_mask(lengths, maxlen=None, dtype=bool):
+    """Mask of valid positions from sequence lengths, like ``tf.sequence_mask``.
+
+    Parameters
+    ----------
+    lengths : array_like of int
+        Any shape; non-negative.
+    maxlen : int, optional
+        Length of the new last axis; defaults to ``max(lengths)`` (0 when
+        ``lengths`` is empty).
+    dtype : dtype, default bool
+        Output dtype; True (1) marks a valid position.
+
+    Returns
+    -------
+    ndarray of shape ``lengths.shape + (maxlen,)``
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> fastattn.sequence_mask([1, 3], maxlen=4).astype(int)
+    array([[1, 0, 0, 0],
+           [1, 1, 1, 0]])
+    """
+    arr = int_array(lengths, "lengths")
+    if maxlen is None:
+        maxlen = int(arr.max()) if arr.size else 0
+    else:
+        maxlen = index_value(maxlen, "maxlen")
+        if maxlen < 0:
+            raise ValueError(f"maxlen must be non-negative, got {maxlen}")
+    mask = np.arange(maxlen, dtype=np.int64) < arr[..., None]
+    return mask if np.dtype(dtype) == np.bool_ else mask.astype(dtype)
+
+
+def apply_sequence_mask(x, lengths, *, mode="mul", axis=1, out=None, num_threads=None):
+    """Apply the classic padding mask built from ``lengths``.
+
+    Parameters
+    ----------
+    x : array_like, shape ``(B, ...)``
+        Batch is axis 0.
+    lengths : array_like of int, shape ``(B,)`` or ``(B, 1)``
+        Valid length of each batch item along ``axis``; ``0 <= lengths <=
+        x.shape[axis]``.
+    mode : {"mul", "add"}
+        ``"mul"`` zeroes the positions ``>= length``; ``"add"`` returns
+        ``x - (1 - mask) * 1e12``, the additive form applied to scores before
+        a softmax.
+    axis : int, default 1
+        The masked axis; any axis but the batch axis.
+    out : ndarray, optional
+        Output array of ``x``'s shape and compute dtype; may be ``x`` itself.
+    num_threads : int, optional
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> fastattn.apply_sequence_mask(np.ones((2, 3)), [1, 2])
+    array([[1., 0., 0.],
+           [1., 1., 0.]])
+    """
+    mode_code = SEQUENCE_MASK_MODES[choice(mode, "mode", SEQUENCE_MASK_MODES)]
+    arr = float_array(x, "x")
+    if arr.ndim < 2:
+        raise ValueError(f"x must have a batch axis and a masked axis (ndim >= 2), got shape {arr.shape}")
+    ax = index_value(axis, "axis")
+    if not -arr.ndim <= ax < arr.ndim:
+        raise ValueError(f"axis {axis} is out of bounds for x of shape {arr.shape}")
+    ax %= arr.ndim
+    if ax == 0:
+        raise ValueError("axis must not be 0: axis 0 is the batch axis of x")
+    lens = int_array(lengths, "lengths")
+    B, L = arr.shape[0], arr.shape[ax]
+    if lens.shape not in ((B,), (B, 1)):
+        raise ValueError(f"lengths must have shape ({B},) or ({B}, 1) for x of shape {arr.shape}, got {lens.shape}")
+    lens = np.ascontiguousarray(lens.reshape(B))
+    if lens.size and lens.max() > L:
+        raise ValueError(f"lengths must be <= x.shape[{ax}] = {L}, got max {lens.max()}")
+    P = math.prod(arr.shape[1:ax])
+    C = math.prod(arr.shape[ax + 1:])
+    kshape = (B, P, L, C)
+    x4 = arr.reshape(kshape)
+    target = OutputTarget(out, arr.shape, kshape, arr.dtype, inputs=(arr,), inplace_ok=(arr,))
+    _kernels.apply_sequence_mask(x4, target.kernel_view, lens, mode_code,
+                                 resolve_num_threads(num_threads))
+    return target.finish()
+
+
+def prepare_mask(attn_mask, full_shape, kernel_shape, dtype):
+    """A user attn_mask as (kind, 4-D broadcast view of ``kernel_shape``)."""
+    if attn_mask is None:
+        return 0, None
+    m = attn_mask if type(attn_mask) is np.ndarray else np.asarray(attn_mask)
+    if m.dtype == np.bool_:
+        kind, m = _MASK_BOOL, m.view(np.uint8)
+    else:
+        compute_dtype(m.dtype, "attn_mask")
+        kind, m = _MASK_ADD, m.astype(dtype, copy=False)
+    try:
+        mb = np.broadcast_to(m, full_shape)
+    except ValueError:
+        raise ValueError(
+            f"attn_mask of shape {np.shape(attn_mask)} does not broadcast to the scores shape {tuple(full_shape)}"
+        ) from None
+    return kind, mb.reshape(kernel_shape)
+
+
+def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=None,
+                   is_causal=False, causal_alignment="top_left", scale=1.0, out=None,
+                   num_threads=None):
+    """Fused, numerically stable softmax over the last axis with every mask applied.
+
+    One pass per row: scale, apply the masks, normalise. Masked keys get
+    probability exactly 0; a row with no key left, and every row at or after
+    its ``query_lengths``, is all zeros. Lengths and causality are never
+    expanded into mask arrays, and masked work is skipped.
+
+    Parameters
+    ----------
+    scores : array_like, shape ``(..., Lq, Lk)``
+    attn_mask : array_like, optional
+        Broadcasts to ``scores.shape``. Bool: True = may attend. Real: added
+        to the scaled scores (use ``-inf`` to mask).
+    key_lengths : array_like of int, optional
+        Shape ``(B,)`` (one per item of axis 0) or ``scores.shape[:-2]``.
+        Keys ``j >= length`` are masked.
+    query_lengths : array_like of int, optional
+        Same shapes; rows ``i >= length`` are padded queries and return 0.
+    is_causal : bool
+        Mask keys after the query: ``j > i`` (``"top_left"``) or
+        ``j > i + Lk - Lq`` (``"bottom_right"``).
+    causal_alignment : {"top_left", "bottom_right"}
+    scale : float, default 1.0
+        Multiplies the scores before masks are added.
+    out : ndarray, optional
+        May be ``scores`` itself (in place).
+    num_threads : int, optional
+
+    Returns
+    -------
+    ndarray of ``scores``' shape and compute dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> fastattn.masked_softmax(np.zeros((2, 4)), key_lengths=np.array(2))
+    array([[0.5, 0.5, 0. , 0. ],
+           [0.5, 0.5, 0. , 0. ]])
+    """
+    x = float_array(scores, "scores")
+    if x.ndim < 2:
+        raise ValueError(f"scores must have at least 2 dimensions (..., Lq, Lk), got shape {x.shape}")
+    causal = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)] if is_causal else 0
+    scale = _real_scalar(scale, "scale")
+    lead = x.shape[:-2]
+    Lq, Lk = x.shape[-2:]
+    B = lead[0] if lead else 1
+    M = math.prod(lead[1:])
+    kshape = (B, M, Lq, Lk)
+    kl = lengths_view(key_lengths, "key_lengths", lead, B, M, Lk, "key (last) axis")
+    ql = lengths_view(query_lengths, "query_lengths", lead, B, M, Lq, "query (second-to-last) axis")
+    kind, mask4 = prepare_mask(attn_mask, x.shape, kshape, x.dtype)
+    x4 = x.reshape(kshape)
+    inputs = (x,) if mask4 is None else (x, mask4)
+    target = OutputTarget(out, x.shape, kshape, x.dtype, inputs=inputs, inplace_ok=(x,))
+    _kernels.masked_softmax(x4, target.kernel_view, scale, mask4, kind, kl, ql, causal,
+                            resolve_num_threads(num_threads))
+    return target.finish()
+
+
+def _real_scalar(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)

@@ -1,0 +1,157 @@
+"""The NumPy oracle: plain, readable float64 versions of every public kernel.
+
+This module is the specification. Each function has the same signature as
+its fastattn counterpart, computes in float64 and returns the result cast to
+the dtype fastattn would return. It builds masks explicitly (which the fast
+kernels never do) so that the semantics can be read off directly:
+
+* a bool ``attn_mask`` is True where a query may attend; a real one is added
+  to the scaled scores;
+* keys at or after ``key_lengths`` and keys after the causal diagonal are
+  masked;
+* a masked key gets probability exactly 0; a row with no key left is all
+  zeros; rows at or after ``query_lengths`` are all zeros.
+"""
+
+import math
+
+import numpy as np
+
+from fastattn._validation import compute_dtype
+
+
+def _lengths_grid(lengths, lead_shape):
+    """Lengths of shape (B,) or lead_shape, broadcast to lead_shape."""
+    arr = np.asarray(lengths, dtype=np.int64)
+    if arr.shape == tuple(lead_shape):
+        return arr
+    return arr.reshape((arr.shape[0],) + (1,) * (len(lead_shape) - 1))
+
+
+def attention_mask(shape, *, attn_mask=None, key_lengths=None, is_causal=False,
+                   causal_alignment="top_left"):
+    """The bool "may attend" mask of shape ``(..., Lq, Lk)`` that the fast
+    kernels apply implicitly (an additive float ``attn_mask`` is not part
+    of it)."""
+    *lead, Lq, Lk = shape
+    allowed = np.ones(shape, dtype=bool)
+    if attn_mask is not None and np.asarray(attn_mask).dtype == bool:
+        allowed &= np.broadcast_to(attn_mask, shape)
+    if key_lengths is not None:
+        kl = _lengths_grid(key_lengths, lead)
+        allowed &= np.arange(Lk) < kl[..., None, None]
+    if is_causal:
+        i = np.arange(Lq)[:, None]
+        j = np.arange(Lk)[None, :]
+        offset = 0 if causal_alignment == "top_left" else Lk - Lq
+        allowed &= j <= i + offset
+    return allowed
+
+
+def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=None,
+                   is_causal=False, causal_alignment="top_left", scale=1.0, out=None,
+                   num_threads=None):
+    """softmax(scale * scores + additive mask) over the last axis, with masked
+    keys at exactly 0, empty rows and padded query rows all zero."""
+    scores = np.asarray(scores)
+    dtype = compute_dtype(scores.dtype, "scores")
+    s = scores.astype(np.float64) * scale
+    if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
+        s = s + np.asarray(attn_mask, dtype=np.float64)
+    allowed = attention_mask(s.shape, attn_mask=attn_mask, key_lengths=key_lengths,
+                             is_causal=is_causal, causal_alignment=causal_alignment)
+    s = np.where(allowed, s, -np.inf)
+    row_max = s.max(axis=-1, keepdims=True)
+    empty = row_max == -np.inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(s - np.where(empty, 0.0, row_max))
+        e = np.where(allowed, e, 0.0)
+        p = e / e.sum(axis=-1, keepdims=True)
+    p = np.where(empty, 0.0, p)
+    if query_lengths is not None:
+        ql = _lengths_grid(query_lengths, s.shape[:-2])
+        padded = np.arange(s.shape[-2])[:, None] >= ql[..., None, None]
+        p = np.where(padded, 0.0, p)
+    return _finish(p.astype(dtype), out)
+
+
+def sequence_mask(lengths, maxlen=None, dtype=bool):
+    lengths = np.asarray(lengths)
+    if maxlen is None:
+        maxlen = int(lengths.max()) if lengths.size else 0
+    return (np.arange(maxlen) < lengths[..., None]).astype(dtype)
+
+
+def apply_sequence_mask(x, lengths, *, mode="mul", axis=1, out=None, num_threads=None):
+    x = np.asarray(x)
+    dtype = compute_dtype(x.dtype, "x")
+    axis %= x.ndim
+    lengths = np.asarray(lengths).reshape(-1)
+    mask = sequence_mask(lengths, x.shape[axis], dtype=np.float64)  # (B, L)
+    mask = mask.reshape(mask.shape[:1] + (1,) * (axis - 1) + mask.shape[1:] + (1,) * (x.ndim - axis - 1))
+    x64 = x.astype(np.float64)
+    if mode == "mul":
+        y = x64 * mask
+    else:
+        y = x64 - (1.0 - mask) * 1e12
+    return _finish(y.astype(dtype), out)
+
+
+def split_heads(x, num_heads, *, out=None, num_threads=None):
+    x = np.asarray(x)
+    B, S, E = x.shape
+    D = E // num_heads
+    y = x.reshape(B, S, num_heads, D).transpose(0, 2, 1, 3)
+    return _finish(np.ascontiguousarray(y, dtype=compute_dtype(x.dtype, "x")), out)
+
+
+def merge_heads(x, *, out=None, num_threads=None):
+    x = np.asarray(x)
+    B, H, S, D = x.shape
+    y = x.transpose(0, 2, 1, 3).reshape(B, S, H * D)
+    return _finish(np.ascontiguousarray(y, dtype=compute_dtype(x.dtype, "x")), out)
+
+
+def _inverse_timescales(channels, layout, min_timescale, max_timescale):
+    if layout == "concat":
+        n = channels // 2
+        increment = math.log(max_timescale / min_timescale) / max(n - 1, 1)
+        return min_timescale * np.exp(-np.arange(n, dtype=np.float64) * increment)
+    n = (channels + 1) // 2
+    ratio = max_timescale / min_timescale
+    return min_timescale * ratio ** (-2.0 * np.arange(n, dtype=np.float64) / channels)
+
+
+def sinusoidal_position_encoding(length, channels, *, layout="concat", min_timescale=1.0,
+                                 max_timescale=1.0e4, start_index=0, dtype=np.float32,
+                                 out=None, num_threads=None):
+    position = start_index + np.arange(length, dtype=np.float64)
+    inv = _inverse_timescales(channels, layout, min_timescale, max_timescale)
+    angle = position[:, None] * inv[None, :]
+    table = np.zeros((length, channels), dtype=np.float64)
+    if layout == "concat":
+        n = channels // 2
+        table[:, :n] = np.sin(angle)
+        table[:, n:2 * n] = np.cos(angle)
+    else:
+        table[:, 0::2] = np.sin(angle)
+        table[:, 1::2] = np.cos(angle[:, : channels // 2])
+    return _finish(table.astype(dtype), out)
+
+
+def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.0,
+                          max_timescale=1.0e4, out=None, num_threads=None):
+    x = np.asarray(x)
+    dtype = compute_dtype(x.dtype, "x")
+    L, C = x.shape[-2:]
+    table = sinusoidal_position_encoding(L, C, layout=layout, min_timescale=min_timescale,
+                                         max_timescale=max_timescale, start_index=start_index,
+                                         dtype=np.float64)
+    return _finish((x.astype(np.float64) + table).astype(dtype), out)
+
+
+def _finish(result, out):
+    if out is None:
+        return result
+    out[...] = result
+    return out
