@@ -1,0 +1,99 @@
+"""Build and runtime configuration: ISA dispatch, threads, show_config."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastattn
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_best_isa_is_selected_by_default():
+    """The level picked at import is the best one this CPU supports, judged
+    independently from /proc/cpuinfo (which reflects CPUID and OS support)."""
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to cross-check CPU features")
+    avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags
+    avx2 = {"avx2", "fma"} <= flags
+    expected = "avx512" if avx512 else "avx2" if avx2 else "scalar"
+    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_ISA"}
+    out = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.get_isa())"],
+                         capture_output=True, text=True, env=env, check=True).stdout.strip()
+    assert out == expected
+    assert fastattn.available_isas()[-1] == expected
+
+
+def test_fastattn_isa_env_forces_a_lower_level():
+    env = dict(os.environ, FASTATTN_ISA="scalar")
+    out = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.get_isa())"],
+                         capture_output=True, text=True, env=env, check=True).stdout.strip()
+    assert out == "scalar"
+
+
+def test_set_isa_rejects_unsupported_levels():
+    with pytest.raises(ValueError, match="isa must be one of"):
+        fastattn.set_isa("sse9")
+    if "avx512" not in fastattn.available_isas():
+        with pytest.raises(ValueError, match="not supported on this CPU"):
+            fastattn.set_isa("avx512")
+
+
+def test_omp_num_threads_sets_the_default():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.get_num_threads())"],
+                         capture_output=True, text=True, env=env, check=True).stdout.strip()
+    assert out == "1"
+
+
+def test_default_follows_affinity():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.get_num_threads())"],
+                         capture_output=True, text=True, env=env, check=True).stdout.strip()
+    if fastattn.show_config(print_output=False)["openmp"]:
+        assert int(out) == len(os.sched_getaffinity(0))
+
+
+def test_set_num_threads_and_threadpoolctl():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    try:
+        fastattn.set_num_threads(1)
+        assert fastattn.get_num_threads() == 1
+    finally:
+        fastattn.set_num_threads(None)
+    if fastattn.show_config(print_output=False)["openmp"]:
+        with threadpoolctl.threadpool_limits(1):
+            assert fastattn.get_num_threads() == 1
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        fastattn.set_num_threads(0)
+    with pytest.raises(TypeError, match="n must be a positive integer"):
+        fastattn.set_num_threads(1.5)
+
+
+def test_show_config(capsys):
+    info = fastattn.show_config()
+    printed = capsys.readouterr().out
+    for key in ("version", "isa_selected", "isa_available", "openmp", "num_threads", "compiler", "flags"):
+        assert key in info and key in printed
+    assert info["isa_selected"] == fastattn.get_isa()
+    assert "-march=native" not in info["flags"] and "fast-math" not in info["flags"]
+
+
+def test_results_do_not_depend_on_threads():
+    x = np.random.default_rng(1).standard_normal((4, 8, 64, 64)).astype(np.float32)
+    one = fastattn.masked_softmax(x, key_lengths=[64, 3, 40, 0], num_threads=1)
+    two = fastattn.masked_softmax(x, key_lengths=[64, 3, 40, 0], num_threads=2)
+    assert np.array_equal(one, two)
