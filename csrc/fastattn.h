@@ -96,6 +96,33 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y,
                       const fa_lengths_view *query_len,
                       int causal, int num_threads);
 
+/* ---- fused scaled-dot-product attention -----------------------------------
+ * q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, H, Lq, Dv)
+ * out = softmax(scale * q k^T + masks) v, with query head h reading kv head
+ * h / (H / Hkv) (grouped-query attention; H % Hkv == 0).
+ * The last axis of q, k, v, out and weights must be contiguous (stride 1).
+ * mask: broadcast view over (B, H, Lq, Lk); key_len, query_len: per (b, h).
+ * alignment places the diagonal that both the causal mask and ALiBi use:
+ * query i sits at position i_pos = i (FA_CAUSAL_TOP_LEFT) or
+ * i + Lk - Lq (FA_CAUSAL_BOTTOM_RIGHT); with is_causal, key j > i_pos is
+ * masked; alibi_slopes (NULL or (H,) in the dtype) adds
+ * -slope[h] * (i_pos - j). weights: NULL data, or (B, H, Lq, Lk) receiving
+ * the softmax that produced out. Results are bitwise identical for every
+ * num_threads. */
+typedef struct {
+    int64_t B, H, Hkv, Lq, Lk, D, Dv;
+    fa_view4 q, k, v, out, weights;
+    fa_mask_view mask;
+    fa_lengths_view key_len, query_len;
+    int is_causal;
+    int alignment;
+    double scale;
+    const void *alibi_slopes;
+} fa_attention_args;
+
+int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,
+                                    int num_threads);
+
 /* ---- classic padding mask -------------------------------------------------
  * x, y: (B, P, L, C) strided views, where L is the masked axis, P collapses
  * the axes between batch and it, C the axes after it. lengths: (B,) int64.

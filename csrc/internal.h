@@ -14,36 +14,6 @@
 #include <omp.h>
 #endif
 
-/* ---- per-ISA kernels ---------------------------------------------------- */
-
-/* One softmax row. x, y: (n) contiguous; y may equal x.
- * mask_row: NULL, or (n) contiguous uint8 (mask_kind FA_MASK_BOOL) or (n)
- * contiguous values of the row's dtype (FA_MASK_ADD).
- * Writes y_j = softmax(x * scale + add)_j over the keys the bool mask keeps;
- * kept-out keys get exactly 0. A row whose maximum is -inf (nothing valid)
- * is written as zeros. */
-typedef void fa_softmax_row_f32_fn(const float *x, float *y, int64_t n,
-                                   float scale, const void *mask_row,
-                                   int mask_kind);
-typedef void fa_softmax_row_f64_fn(const double *x, double *y, int64_t n,
-                                   double scale, const void *mask_row,
-                                   int mask_kind);
-
-typedef struct {
-    int isa;
-    fa_softmax_row_f32_fn *softmax_row_f32;
-    fa_softmax_row_f64_fn *softmax_row_f64;
-} fa_kernel_table;
-
-/* The table of the selected ISA; never NULL. */
-const fa_kernel_table *fa_kernels(void);
-
-/* Every kernel each ISA file exports, as X(name, dtype-suffix, fn-type);
- * dispatch.c expands it into declarations and into one table per ISA. */
-#define FA_KERNEL_LIST(X)                                  \
-    X(softmax_row, f32, fa_softmax_row_f32_fn)             \
-    X(softmax_row, f64, fa_softmax_row_f64_fn)
-
 /* ---- checked arithmetic -------------------------------------------------- */
 
 /* r = a * b for non-negative a, b; returns 0 on overflow or negative input. */
@@ -61,6 +31,101 @@ static inline int64_t fa_product(const int64_t *dims, int n) {
         if (!fa_mul_ok(r, dims[i], &r)) return -1;
     return r;
 }
+
+/* ---- per-ISA kernels ---------------------------------------------------- */
+
+/* One softmax row. x, y: (n) contiguous; y may equal x.
+ * mask_row: NULL, or (n) contiguous uint8 (mask_kind FA_MASK_BOOL) or (n)
+ * contiguous values of the row's dtype (FA_MASK_ADD).
+ * Writes y_j = softmax(x * scale + add)_j over the keys the bool mask keeps;
+ * kept-out keys get exactly 0. A row whose maximum is -inf (nothing valid)
+ * is written as zeros. */
+typedef void fa_softmax_row_f32_fn(const float *x, float *y, int64_t n,
+                                   float scale, const void *mask_row,
+                                   int mask_kind);
+typedef void fa_softmax_row_f64_fn(const double *x, double *y, int64_t n,
+                                   double scale, const void *mask_row,
+                                   int mask_kind);
+
+/* ---- fused attention ------------------------------------------------------
+ * Tile sizes shared by the driver (attention.c, which sizes scratch) and
+ * the kernels (attention_impl.h):
+ *   FA_ATTN_MQ = 96 query rows per work item: a multiple of every ISA's
+ *     query chunk (2 vectors: 2, 8, 16, 32 lanes) and of every P.V row
+ *     block (4, 6, 12); the packed Q^T block is 96*D elements (24 KiB for
+ *     D = 64 floats), which stays in L1/L2 while K streams past it.
+ *   FA_ATTN_NK = 48 keys per tile: a multiple of every register tile's
+ *     key count (4, 6, 12), so only the last tile of a row has leftovers;
+ *     P.V then sweeps the 48 x 96 score tile (18 KiB in float) plus one
+ *     48-row chunk of V (3 KiB), which stays inside a 32 KiB L1 (64 keys
+ *     did not: profiles showed P.V stalling on V loads).
+ *   Rows fewer than FA_ATTN_ROW_PATH take the per-row (GEMV-style) path,
+ *     which vectorises along D instead of along queries: a 1-query block
+ *     would waste 15/16 of a 16-query chunk. */
+#define FA_ATTN_MQ 96
+#define FA_ATTN_NK 48
+#define FA_ATTN_ROW_PATH 4
+
+/* Everything one SDPA call needs, with strides in elements. */
+typedef struct {
+    int dtype;
+    int64_t B, H, Hkv, Lq, Lk, D, Dv, group; /* group = H / Hkv */
+    const char *q, *k, *v;                   /* (B,H,Lq,D) (B,Hkv,Lk,D) (B,Hkv,Lk,Dv) */
+    char *out, *weights;                     /* (B,H,Lq,Dv), optional (B,H,Lq,Lk) */
+    int64_t qs[4], ks[4], vs[4], os[4], ws[4];
+    fa_mask_view mask;                       /* broadcast to (B,H,Lq,Lk) */
+    fa_lengths_view key_len;                 /* per (b, h); data NULL = Lk */
+    int causal;
+    int64_t causal_offset;                   /* 0 top-left, Lk - Lq bottom-right */
+    double scale;
+    const void *alibi;                       /* (H,) in the dtype, or NULL */
+} fa_attn_job;
+
+/* Queries [q0, q1) of head (b, h) against keys [k0, k1) (already clipped to
+ * the key length). With part == NULL the normalised rows go to job->out
+ * (and job->weights); otherwise the unnormalised accumulator goes to
+ * part[(q - q0) * Dv + c] and the running max / sum to
+ * part_ml[2 * (q - q0)], part_ml[2 * (q - q0) + 1] for a split-KV merge.
+ * scratch: fa_attention_scratch_elems() elements of the dtype. */
+typedef void fa_attention_block_f32_fn(const fa_attn_job *job, int64_t b, int64_t h,
+                                       int64_t q0, int64_t q1, int64_t k0, int64_t k1,
+                                       float *part, float *part_ml, float *scratch);
+typedef void fa_attention_block_f64_fn(const fa_attn_job *job, int64_t b, int64_t h,
+                                       int64_t q0, int64_t q1, int64_t k0, int64_t k1,
+                                       double *part, double *part_ml, double *scratch);
+
+/* Scratch elements one thread needs for fa_attention_block_*: Q^T block,
+ * score tile, accumulator, per-row state, plus slack for 64-byte alignment
+ * of each region. -1 on overflow. */
+static inline int64_t fa_attention_scratch_elems(int64_t D, int64_t Dv) {
+    int64_t qt, acc;
+    /* the accumulator's row stride rounds Dv up to a 32-lane chunk */
+    if (D > INT64_MAX / 2 || Dv > INT64_MAX / 2) return -1;
+    if (!fa_mul_ok(D, FA_ATTN_MQ, &qt) || !fa_mul_ok(Dv + 32, FA_ATTN_MQ, &acc)) return -1;
+    const int64_t tile = (int64_t)FA_ATTN_NK * FA_ATTN_MQ;
+    const int64_t rows = 4 * FA_ATTN_MQ;
+    if (qt > INT64_MAX / 4 || acc > INT64_MAX / 4) return -1;
+    return qt + tile + acc + rows + 64; /* + alignment slack of the regions */
+}
+
+typedef struct {
+    int isa;
+    fa_softmax_row_f32_fn *softmax_row_f32;
+    fa_softmax_row_f64_fn *softmax_row_f64;
+    fa_attention_block_f32_fn *attention_block_f32;
+    fa_attention_block_f64_fn *attention_block_f64;
+} fa_kernel_table;
+
+/* The table of the selected ISA; never NULL. */
+const fa_kernel_table *fa_kernels(void);
+
+/* Every kernel each ISA file exports, as X(name, dtype-suffix, fn-type);
+ * dispatch.c expands it into declarations and into one table per ISA. */
+#define FA_KERNEL_LIST(X)                                  \
+    X(softmax_row, f32, fa_softmax_row_f32_fn)             \
+    X(softmax_row, f64, fa_softmax_row_f64_fn)             \
+    X(attention_block, f32, fa_attention_block_f32_fn)     \
+    X(attention_block, f64, fa_attention_block_f64_fn)
 
 /* 1 when every element offset of a view with these dims and strides fits in
  * int64 and in the address space (the largest |offset| times elem_size). */

@@ -4,6 +4,7 @@
  * Included once per dtype instance, after defining FA_T_F64 to 0 or 1; it
  * has no include guard on purpose.
  */
+#include <float.h>
 #undef T
 #undef DT
 #undef V
@@ -20,8 +21,12 @@
 #undef V_HMAX
 #undef V_HSUM
 #undef V_EXP
+#undef V_EXP_NONPOS
 #undef V_KEEP
 #undef S_EXP
+#undef V_LOADN
+#undef V_STOREN
+#undef T_MAX
 
 #if FA_T_F64
 #define T double
@@ -40,8 +45,12 @@
 #define V_HMAX vf64_hmax
 #define V_HSUM vf64_hsum
 #define V_EXP vf64_exp
+#define V_EXP_NONPOS vf64_exp_nonpos
 #define V_KEEP vf64_keep
 #define S_EXP fa_exp
+#define V_LOADN vf64_loadn
+#define V_STOREN vf64_storen
+#define T_MAX DBL_MAX
 #else
 #define T float
 #define DT f32
@@ -59,6 +68,10 @@
 #define V_HMAX vf32_hmax
 #define V_HSUM vf32_hsum
 #define V_EXP vf32_exp
+#define V_EXP_NONPOS vf32_exp_nonpos
 #define V_KEEP vf32_keep
 #define S_EXP fa_expf
+#define V_LOADN vf32_loadn
+#define V_STOREN vf32_storen
+#define T_MAX FLT_MAX
 #endif

@@ -14,8 +14,11 @@
  *   loadu, storeu, set1, zero, add, sub, mul, fmadd(a,b,c) = a*b + c,
  *   max(a,b) (b is returned when either is NaN, so pass data second),
  *   hmax, hsum (horizontal, fixed order), exp (see fa_math.h),
+ *   exp_nonpos (the same for x <= 0 or NaN only, as softmax exponents are),
  *   keep(v, m): v where the uint8 mask bytes m[0..LANES) are nonzero, -inf
- *   elsewhere.
+ *   elsewhere;
+ *   loadn(p, n), storen(p, v, n): the first n (0..LANES) lanes only, for
+ *   tails; they never touch memory past p + n.
  */
 #ifndef FASTATTN_SIMD_MAP_H
 #define FASTATTN_SIMD_MAP_H
@@ -52,7 +55,10 @@ typedef double fa_vf64;
     static inline T P##_hmax(T v) { return v; }                                   \
     static inline T P##_hsum(T v) { return v; }                                   \
     static inline T P##_exp(T v) { return EXP(v); }                               \
-    static inline T P##_keep(T v, const uint8_t *m) { return m[0] ? v : (T)-INFINITY; }
+    static inline T P##_exp_nonpos(T v) { return EXP(v); }                        \
+    static inline T P##_keep(T v, const uint8_t *m) { return m[0] ? v : (T)-INFINITY; } \
+    static inline T P##_loadn(const T *p, int64_t n) { return n > 0 ? *p : (T)0; }     \
+    static inline void P##_storen(T *p, T v, int64_t n) { if (n > 0) *p = v; }
 
 FA_SCALAR_OPS(float, vf32, fa_expf)
 FA_SCALAR_OPS(double, vf64, fa_exp)
@@ -119,6 +125,39 @@ static inline __m256 vf32_exp(__m256 x) {
     res = _mm256_andnot_ps(under, res);
     return _mm256_blendv_ps(res, _mm256_set1_ps(INFINITY), over);
 }
+/* First n (0..8) lanes from memory, the rest zero; never reads past p+n. */
+static inline __m256i fa_avx2_lane_mask32(int64_t n) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), iota);
+}
+static inline __m256 vf32_loadn(const float *p, int64_t n) {
+    return _mm256_maskload_ps(p, fa_avx2_lane_mask32(n));
+}
+static inline void vf32_storen(float *p, __m256 v, int64_t n) {
+    _mm256_maskstore_ps(p, fa_avx2_lane_mask32(n), v);
+}
+/* exp for x <= 0 (or NaN): softmax exponents s - max are never positive,
+ * so the overflow clamp and the split 2^n scaling are not needed
+ * (n >= -126 keeps 2^n a normal float). */
+static inline __m256 vf32_exp_nonpos(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(FA_EXPF_LO);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    __m256 xc = _mm256_max_ps(lo, x);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(FA_LOG2E_F)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_HI_F), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_LO_F), r);
+    __m256 p = _mm256_set1_ps(FA_EXPF_C7);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
 static inline __m256 vf32_keep(__m256 v, const uint8_t *m) {
     __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m));
     __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(w, _mm256_setzero_si256()));
@@ -180,6 +219,17 @@ static inline __m256d vf64_exp(__m256d x) {
     res = _mm256_andnot_pd(under, res);
     return _mm256_blendv_pd(res, _mm256_set1_pd(INFINITY), over);
 }
+static inline __m256i fa_avx2_lane_mask64(int64_t n) {
+    const __m256i iota = _mm256_setr_epi64x(0, 1, 2, 3);
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), iota);
+}
+static inline __m256d vf64_loadn(const double *p, int64_t n) {
+    return _mm256_maskload_pd(p, fa_avx2_lane_mask64(n));
+}
+static inline void vf64_storen(double *p, __m256d v, int64_t n) {
+    _mm256_maskstore_pd(p, fa_avx2_lane_mask64(n), v);
+}
+static inline __m256d vf64_exp_nonpos(__m256d x) { return vf64_exp(x); }
 static inline __m256d vf64_keep(__m256d v, const uint8_t *m) {
     int32_t four;
     memcpy(&four, m, 4);
@@ -255,6 +305,31 @@ static inline __m512 vf32_exp(__m512 x) {
     res = _mm512_maskz_mov_ps((__mmask16)~under, res);
     return _mm512_mask_mov_ps(res, over, _mm512_set1_ps(INFINITY));
 }
+static inline __m512 vf32_loadn(const float *p, int64_t n) {
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+}
+static inline void vf32_storen(float *p, __m512 v, int64_t n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), v);
+}
+static inline __m512 vf32_exp_nonpos(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(FA_EXPF_LO);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    __m512 xc = _mm512_max_ps(lo, x);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(FA_LOG2E_F)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_HI_F), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_LO_F), r);
+    __m512 p = _mm512_set1_ps(FA_EXPF_C7);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+}
 static inline __m512 vf32_keep(__m512 v, const uint8_t *m) {
     __m128i b = _mm_loadu_si128((const __m128i *)m);
     __mmask16 k = _mm_test_epi8_mask(b, b);
@@ -316,6 +391,13 @@ static inline __m512d vf64_exp(__m512d x) {
     res = _mm512_maskz_mov_pd((__mmask8)~under, res);
     return _mm512_mask_mov_pd(res, over, _mm512_set1_pd(INFINITY));
 }
+static inline __m512d vf64_loadn(const double *p, int64_t n) {
+    return _mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1u), p);
+}
+static inline void vf64_storen(double *p, __m512d v, int64_t n) {
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1u), v);
+}
+static inline __m512d vf64_exp_nonpos(__m512d x) { return vf64_exp(x); }
 static inline __m512d vf64_keep(__m512d v, const uint8_t *m) {
     __m128i b = _mm_loadl_epi64((const __m128i *)m);
     __mmask8 k = (__mmask8)_mm_test_epi8_mask(b, b);

@@ -62,8 +62,8 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
     V s0 = V_ZERO(), s1 = V_ZERO();
     j = 0;
     for (; j + 2 * VL <= n; j += 2 * VL) {
-        V a = V_EXP(V_SUB(V_LOADU(y + j), vmx));
-        V b = V_EXP(V_SUB(V_LOADU(y + j + VL), vmx));
+        V a = V_EXP_NONPOS(V_SUB(V_LOADU(y + j), vmx));
+        V b = V_EXP_NONPOS(V_SUB(V_LOADU(y + j + VL), vmx));
         V_STOREU(y + j, a);
         V_STOREU(y + j + VL, b);
         s0 = V_ADD(s0, a);

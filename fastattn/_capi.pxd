@@ -49,6 +49,18 @@ cdef extern from "fastattn.h" nogil:
                           const fa_lengths_view *key_len,
                           const fa_lengths_view *query_len,
                           int causal, int num_threads)
+    ctypedef struct fa_attention_args:
+        int64_t B, H, Hkv, Lq, Lk, D, Dv
+        fa_view4 q, k, v, out, weights
+        fa_mask_view mask
+        fa_lengths_view key_len, query_len
+        int is_causal
+        int alignment
+        double scale
+        const void *alibi_slopes
+
+    int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,
+                                        int num_threads)
     int fa_apply_sequence_mask(int dtype, fa_view4 x, fa_view4 y,
                                int64_t B, int64_t P, int64_t L, int64_t C,
                                const int64_t *lengths, int mode, int num_threads)

@@ -72,6 +72,27 @@ cdef inline fa_lengths_view lengths2(object a) except *:
     return v
 
 
+cdef inline fa_mask_view mask4(object mask, int kind) except *:
+    """None, or a 4-D broadcast view (uint8 for bool masks)."""
+    cdef fa_mask_view mv
+    cdef cnp.ndarray m
+    cdef Py_ssize_t item
+    mv.data = NULL
+    mv.kind = FA_MASK_NONE
+    mv.stride_b = mv.stride_m = mv.stride_q = mv.stride_k = 0
+    if mask is None:
+        return mv
+    m = <cnp.ndarray>mask
+    item = cnp.PyArray_ITEMSIZE(m)
+    mv.data = cnp.PyArray_DATA(m)
+    mv.kind = kind
+    mv.stride_b = cnp.PyArray_STRIDES(m)[0] // item
+    mv.stride_m = cnp.PyArray_STRIDES(m)[1] // item
+    mv.stride_q = cnp.PyArray_STRIDES(m)[2] // item
+    mv.stride_k = cnp.PyArray_STRIDES(m)[3] // item
+    return mv
+
+
 # ---- configuration ---------------------------------------------------------
 
 def cpu_best_isa():
@@ -111,27 +132,51 @@ def masked_softmax(cnp.ndarray x, cnp.ndarray y, double scale, object mask,
     or (B, M) int64 broadcast views."""
     cdef int dt = dtype_code(x)
     cdef fa_view4 vx = view4(x), vy = view4(y)
-    cdef fa_mask_view mv
-    cdef cnp.ndarray m
-    cdef Py_ssize_t mitem
+    cdef fa_mask_view mv = mask4(mask, mask_kind)
     cdef fa_lengths_view kl = lengths2(key_len), ql = lengths2(query_len)
     cdef int64_t B = x.shape[0], M = x.shape[1], Lq = x.shape[2], Lk = x.shape[3]
     cdef int st
-    mv.data = NULL
-    mv.kind = FA_MASK_NONE
-    mv.stride_b = mv.stride_m = mv.stride_q = mv.stride_k = 0
-    if mask is not None:
-        m = <cnp.ndarray>mask
-        mitem = cnp.PyArray_ITEMSIZE(m)
-        mv.data = cnp.PyArray_DATA(m)
-        mv.kind = mask_kind
-        mv.stride_b = cnp.PyArray_STRIDES(m)[0] // mitem
-        mv.stride_m = cnp.PyArray_STRIDES(m)[1] // mitem
-        mv.stride_q = cnp.PyArray_STRIDES(m)[2] // mitem
-        mv.stride_k = cnp.PyArray_STRIDES(m)[3] // mitem
     with nogil:
         st = fa_masked_softmax(dt, vx, vy, B, M, Lq, Lk, scale, &mv, &kl, &ql,
                                causal, num_threads)
+    check(st)
+
+
+def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
+                                 cnp.ndarray out, object weights, double scale,
+                                 object mask, int mask_kind, object key_len,
+                                 object query_len, bint is_causal, int alignment,
+                                 object alibi, int num_threads):
+    """q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), out (B,H,Lq,Dv),
+    weights None or (B,H,Lq,Lk); all with a unit last-axis stride."""
+    cdef int dt = dtype_code(q)
+    cdef fa_attention_args a
+    cdef int st
+    a.B = q.shape[0]
+    a.H = q.shape[1]
+    a.Lq = q.shape[2]
+    a.D = q.shape[3]
+    a.Hkv = k.shape[1]
+    a.Lk = k.shape[2]
+    a.Dv = v.shape[3]
+    a.q = view4(q)
+    a.k = view4(k)
+    a.v = view4(v)
+    a.out = view4(out)
+    if weights is None:
+        a.weights.data = NULL
+        a.weights.stride[0] = a.weights.stride[1] = a.weights.stride[2] = a.weights.stride[3] = 0
+    else:
+        a.weights = view4(<cnp.ndarray>weights)
+    a.mask = mask4(mask, mask_kind)
+    a.key_len = lengths2(key_len)
+    a.query_len = lengths2(query_len)
+    a.is_causal = is_causal
+    a.alignment = alignment
+    a.scale = scale
+    a.alibi_slopes = NULL if alibi is None else cnp.PyArray_DATA(<cnp.ndarray>alibi)
+    with nogil:
+        st = fa_scaled_dot_product_attention(dt, &a, num_threads)
     check(st)
 
 

@@ -54,8 +54,13 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     """softmax(scale * scores + additive mask) over the last axis, with masked
     keys at exactly 0, empty rows and padded query rows all zero."""
     scores = np.asarray(scores)
-    dtype = compute_dtype(scores.dtype, "scores")
-    s = scores.astype(np.float64) * scale
+    p = _softmax64(scores.astype(np.float64) * scale, attn_mask, key_lengths, query_lengths,
+                   is_causal, causal_alignment)
+    return _finish(p.astype(compute_dtype(scores.dtype, "scores")), out)
+
+
+def _softmax64(s, attn_mask, key_lengths, query_lengths, is_causal, causal_alignment):
+    """The masked softmax of float64 scaled scores ``s``, in float64."""
     if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
         s = s + np.asarray(attn_mask, dtype=np.float64)
     allowed = attention_mask(s.shape, attn_mask=attn_mask, key_lengths=key_lengths,
@@ -72,7 +77,48 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
         ql = _lengths_grid(query_lengths, s.shape[:-2])
         padded = np.arange(s.shape[-2])[:, None] >= ql[..., None, None]
         p = np.where(padded, 0.0, p)
-    return _finish(p.astype(dtype), out)
+    return p
+
+
+def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
+                                 query_lengths=None, is_causal=False,
+                                 causal_alignment="top_left", scale=None, alibi_slopes=None,
+                                 return_weights=False, out=None, num_threads=None):
+    """softmax(Q Kᵀ · scale + ALiBi + masks) V, in float64, with the masks
+    of :func:`masked_softmax`."""
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    dtype = np.result_type(compute_dtype(q.dtype, "q"), compute_dtype(k.dtype, "k"),
+                           compute_dtype(v.dtype, "v"))
+    three_d = q.ndim == 3
+    if three_d:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+        if attn_mask is not None:
+            attn_mask = np.expand_dims(np.asarray(attn_mask), -3)
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    H, Hkv = q.shape[1], k.shape[1]
+    # grouped-query attention: query head h reads kv head h // (H // Hkv)
+    k = np.repeat(k, H // Hkv, axis=1)
+    v = np.repeat(v, H // Hkv, axis=1)
+    Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    scores = (q @ k.swapaxes(-1, -2)) * scale
+    if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
+        scores = scores + np.asarray(attn_mask, dtype=np.float64)
+        attn_mask = None
+    if alibi_slopes is not None:
+        i_pos = np.arange(Lq)[:, None] + (Lk - Lq if causal_alignment == "bottom_right" else 0)
+        distance = i_pos - np.arange(Lk)[None, :]
+        scores = scores - np.asarray(alibi_slopes, np.float64)[None, :, None, None] * distance
+    lead = (q.shape[0], H)
+    kl = None if key_lengths is None else np.broadcast_to(_lengths_grid(key_lengths, lead), lead)
+    ql = None if query_lengths is None else np.broadcast_to(_lengths_grid(query_lengths, lead), lead)
+    weights = _softmax64(scores, attn_mask, kl, ql, is_causal, causal_alignment)
+    result = weights @ v
+    if three_d:
+        result, weights = result[:, 0], weights[:, 0]
+    result = _finish(result.astype(dtype), out)
+    return (result, weights.astype(dtype)) if return_weights else result
 
 
 def sequence_mask(lengths, maxlen=None, dtype=bool):

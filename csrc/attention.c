@@ -1,0 +1,236 @@
+/*
+ * attention.c: the fused scaled-dot-product attention driver. It checks
+ * the arguments, splits the work into (batch, head, query block) items,
+ * skips padded queries and keys past the key length, runs the items on
+ * OpenMP threads through the selected ISA's work-item kernel
+ * (attention_impl.h), and for decode shapes splits the keys and merges the
+ * partial results.
+ *
+ * Determinism: an item's result depends only on the shapes, never on which
+ * thread runs it or when; the split-KV count and chunk boundaries depend
+ * only on the shapes; the merge adds the splits in a fixed order. So the
+ * output is bitwise identical for every num_threads.
+ */
+#include <string.h>
+
+#include "fa_math.h"
+#include "internal.h"
+
+/* Decode shapes (fewer than FA_ATTN_ROW_PATH queries) with fewer than
+ * FA_SPLIT_MIN_ITEMS (batch, head) items leave cores idle, so their keys are
+ * split into chunks of at least FA_SPLIT_CHUNK keys, at most FA_SPLIT_MAX
+ * of them. 512 keys of D = 128 floats are 256 KiB of K and V: enough work
+ * to amortise the merge. The constants, not the thread count, decide. */
+#define FA_SPLIT_MIN_ITEMS 16
+#define FA_SPLIT_CHUNK 512
+#define FA_SPLIT_MAX 16
+
+static int64_t length_at(const fa_lengths_view *lv, int64_t b, int64_t h, int64_t full) {
+    if (lv->data == NULL) return full;
+    int64_t n = lv->data[b * lv->stride_b + h * lv->stride_m];
+    return n < 0 ? 0 : n > full ? full : n;
+}
+
+/* Zero out rows [r0, r1) of head (b, h), and their weights. */
+static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, int64_t r1,
+                      int64_t es) {
+    for (int64_t i = r0; i < r1; ++i) {
+        memset(job->out + (b * job->os[0] + h * job->os[1] + i * job->os[2]) * es, 0,
+               (size_t)(job->Dv * es));
+        if (job->weights)
+            memset(job->weights + (b * job->ws[0] + h * job->ws[1] + i * job->ws[2]) * es, 0,
+                   (size_t)(job->Lk * es));
+    }
+}
+
+static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, int64_t q1,
+                      int64_t k0, int64_t k1, void *part, void *part_ml, void *scratch) {
+    const fa_kernel_table *kt = fa_kernels();
+    if (job->dtype == FA_DTYPE_F32)
+        kt->attention_block_f32(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
+    else
+        kt->attention_block_f64(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
+}
+
+/* out row = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, in split order. */
+#define FA_DEFINE_MERGE(T, EXP)                                                        \
+    static void merge_row_##T(const T *po, const T *pml, int64_t nsplit, int64_t stride_o, \
+                              int64_t stride_ml, int64_t Dv, T *out) {               \
+        T M = (T)-INFINITY;                                                          \
+        int nan = 0;                                                                 \
+        for (int64_t s = 0; s < nsplit; ++s) {                                       \
+            const T m = pml[s * stride_ml];                                          \
+            if (m != m) nan = 1;                                                     \
+            if (m > M) M = m;                                                        \
+        }                                                                            \
+        if (nan) M = (T)NAN;                                                         \
+        if (M == (T)-INFINITY) {                                                     \
+            memset(out, 0, (size_t)Dv * sizeof(T));                                  \
+            return;                                                                  \
+        }                                                                            \
+        T L = 0;                                                                     \
+        for (int64_t c = 0; c < Dv; ++c) out[c] = 0;                                 \
+        for (int64_t s = 0; s < nsplit; ++s) {                                       \
+            const T m = pml[s * stride_ml];                                          \
+            const T wgt = m == (T)-INFINITY ? (T)0 : EXP(m - M);                     \
+            L += wgt * pml[s * stride_ml + 1];                                       \
+            const T *o = po + s * stride_o;                                          \
+            for (int64_t c = 0; c < Dv; ++c) out[c] += wgt * o[c];                   \
+        }                                                                            \
+        const T inv = (T)1 / L;                                                      \
+        for (int64_t c = 0; c < Dv; ++c) out[c] *= inv;                              \
+    }
+FA_DEFINE_MERGE(float, fa_expf)
+FA_DEFINE_MERGE(double, fa_exp)
+
+static int check_view(const fa_view4 *v, int64_t d0, int64_t d1, int64_t d2, int64_t d3,
+                      int64_t es) {
+    const int64_t dims[4] = {d0, d1, d2, d3};
+    if (fa_product(dims, 4) == 0) return FA_OK;
+    if (v->data == NULL) return FA_ERR_INVALID;
+    if (d3 > 1 && v->stride[3] != 1) return FA_ERR_INVALID;
+    return fa_view_ok(dims, v->stride, 4, es) ? FA_OK : FA_ERR_OVERFLOW;
+}
+
+int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int num_threads) {
+    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64)) return FA_ERR_INVALID;
+    const int64_t B = a->B, H = a->H, Hkv = a->Hkv, Lq = a->Lq, Lk = a->Lk, D = a->D,
+                  Dv = a->Dv;
+    if (B < 0 || H < 0 || Hkv < 0 || Lq < 0 || Lk < 0 || D < 0 || Dv < 0) return FA_ERR_INVALID;
+    if (H > 0 && (Hkv == 0 || H % Hkv != 0)) return FA_ERR_INVALID;
+    if (a->alignment != FA_CAUSAL_TOP_LEFT && a->alignment != FA_CAUSAL_BOTTOM_RIGHT)
+        return FA_ERR_INVALID;
+    const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
+    int st;
+    if ((st = check_view(&a->q, B, H, Lq, D, es)) != FA_OK) return st;
+    if ((st = check_view(&a->k, B, Hkv, Lk, D, es)) != FA_OK) return st;
+    if ((st = check_view(&a->v, B, Hkv, Lk, Dv, es)) != FA_OK) return st;
+    if ((st = check_view(&a->out, B, H, Lq, Dv, es)) != FA_OK) return st;
+    if (a->weights.data && (st = check_view(&a->weights, B, H, Lq, Lk, es)) != FA_OK) return st;
+    if (a->mask.data) {
+        if (a->mask.kind != FA_MASK_BOOL && a->mask.kind != FA_MASK_ADD) return FA_ERR_INVALID;
+        const int64_t dims[4] = {B, H, Lq, Lk};
+        const int64_t ms[4] = {a->mask.stride_b, a->mask.stride_m, a->mask.stride_q,
+                               a->mask.stride_k};
+        if (!fa_view_ok(dims, ms, 4, a->mask.kind == FA_MASK_BOOL ? 1 : es))
+            return FA_ERR_OVERFLOW;
+    }
+    const int64_t heads = B * H; /* fits: the q view was checked */
+    if (heads == 0 || Lq == 0) return FA_OK;
+
+    fa_attn_job job;
+    memset(&job, 0, sizeof job);
+    job.dtype = dtype;
+    job.B = B, job.H = H, job.Hkv = Hkv, job.Lq = Lq, job.Lk = Lk, job.D = D, job.Dv = Dv;
+    job.group = H / Hkv;
+    job.q = a->q.data, job.k = a->k.data, job.v = a->v.data;
+    job.out = a->out.data;
+    job.weights = a->weights.data;
+    memcpy(job.qs, a->q.stride, sizeof job.qs);
+    memcpy(job.ks, a->k.stride, sizeof job.ks);
+    memcpy(job.vs, a->v.stride, sizeof job.vs);
+    memcpy(job.os, a->out.stride, sizeof job.os);
+    memcpy(job.ws, a->weights.stride, sizeof job.ws);
+    job.mask = a->mask;
+    job.key_len = a->key_len;
+    if (!job.mask.data) job.mask.kind = FA_MASK_NONE;
+    job.causal = a->is_causal ? a->alignment : FA_CAUSAL_NONE;
+    job.causal_offset = a->alignment == FA_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
+    job.scale = a->scale;
+    job.alibi = a->alibi_slopes;
+
+    const int64_t nqb = (Lq + FA_ATTN_MQ - 1) / FA_ATTN_MQ;
+    int64_t nsplit = 1;
+    if (!job.weights && Lq < FA_ATTN_ROW_PATH && heads * nqb < FA_SPLIT_MIN_ITEMS &&
+        Lk >= 2 * FA_SPLIT_CHUNK) {
+        nsplit = Lk / FA_SPLIT_CHUNK;
+        if (nsplit > FA_SPLIT_MAX) nsplit = FA_SPLIT_MAX;
+    }
+    const int64_t items = heads * (nsplit > 1 ? nsplit : nqb);
+
+    /* work estimate for the thread decision: the score matrix size */
+    int64_t work;
+    if (!fa_mul_ok(heads * Lq, Lk > 0 ? Lk : 1, &work)) work = INT64_MAX;
+    const int nthreads = fa_resolve_threads(num_threads, items, work);
+
+    const int64_t per_thread_elems = fa_attention_scratch_elems(D, Dv);
+    if (per_thread_elems < 0) return FA_ERR_OVERFLOW;
+    const int64_t per_thread = (per_thread_elems * es + 63) & ~(int64_t)63;
+    char *scratch = fa_scratch_alloc(per_thread, nthreads);
+    if (scratch == NULL) return FA_ERR_NOMEM;
+
+    const fa_lengths_view *kl = &a->key_len, *ql = &a->query_len;
+    if (nsplit == 1) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1)
+#endif
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t qb = it % nqb, bh = it / nqb, h = bh % H, b = bh / H;
+            const int64_t q0 = qb * FA_ATTN_MQ;
+            const int64_t q1 = q0 + FA_ATTN_MQ < Lq ? q0 + FA_ATTN_MQ : Lq;
+            const int64_t qlen = length_at(ql, b, h, Lq), klen = length_at(kl, b, h, Lk);
+            const int64_t qv1 = q1 < qlen ? q1 : qlen;
+            if (q0 < qv1)
+                run_block(&job, b, h, q0, qv1, 0, klen, NULL, NULL,
+                          scratch + fa_thread_id() * per_thread);
+            zero_rows(&job, b, h, q0 > qv1 ? q0 : qv1, q1, es);
+        }
+        fa_scratch_free(scratch);
+        return FA_OK;
+    }
+
+    /* split-KV: partial (o, m, l) per (b, h, split, row), then a fixed-order merge */
+    const int64_t chunk = (Lk + nsplit - 1) / nsplit;
+    int64_t n_part, n_ml;
+    if (!fa_mul_ok(heads * nsplit * Lq, Dv, &n_part) || !fa_mul_ok(heads * nsplit * Lq, 2, &n_ml)) {
+        fa_scratch_free(scratch);
+        return FA_ERR_OVERFLOW;
+    }
+    char *part = fa_scratch_alloc(n_part + n_ml, es);
+    if (part == NULL) {
+        fa_scratch_free(scratch);
+        return FA_ERR_NOMEM;
+    }
+    char *part_ml = part + n_part * es;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+        char *mine = scratch + fa_thread_id() * per_thread;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t s = it % nsplit, bh = it / nsplit, h = bh % H, b = bh / H;
+            const int64_t qv1 = length_at(ql, b, h, Lq), klen = length_at(kl, b, h, Lk);
+            const int64_t k0 = s * chunk < klen ? s * chunk : klen;
+            const int64_t k1 = k0 + chunk < klen ? k0 + chunk : klen;
+            if (qv1 > 0)
+                run_block(&job, b, h, 0, qv1, k0, k1, part + (it * Lq * Dv) * es,
+                          part_ml + (it * Lq * 2) * es, mine);
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t bh = 0; bh < heads; ++bh) {
+            const int64_t h = bh % H, b = bh / H;
+            const int64_t qv1 = length_at(ql, b, h, Lq);
+            for (int64_t i = 0; i < qv1; ++i) {
+                const int64_t first = bh * nsplit;
+                char *orow = job.out + (b * job.os[0] + h * job.os[1] + i * job.os[2]) * es;
+                if (dtype == FA_DTYPE_F32)
+                    merge_row_float((const float *)part + (first * Lq + i) * Dv,
+                                    (const float *)part_ml + (first * Lq + i) * 2, nsplit,
+                                    Lq * Dv, Lq * 2, Dv, (float *)orow);
+                else
+                    merge_row_double((const double *)part + (first * Lq + i) * Dv,
+                                     (const double *)part_ml + (first * Lq + i) * 2, nsplit,
+                                     Lq * Dv, Lq * 2, Dv, (double *)orow);
+            }
+            zero_rows(&job, b, h, qv1, Lq, es);
+        }
+    }
+    fa_scratch_free(part);
+    fa_scratch_free(scratch);
+    return FA_OK;
+}

@@ -1,0 +1,14 @@
+/* attention_avx512.c: the fused attention work-item kernels at the avx512 level
+ * (FA_ISA_LEVEL 2), instantiated from attention_impl.h for float and
+ * double. Exports fa_attention_block_f32_avx512 and fa_attention_block_f64_avx512. */
+#include <string.h>
+
+#include "internal.h"
+#define FA_ISA_LEVEL 2
+#include "simd_map.h"
+
+#define FA_T_F64 0
+#include "attention_impl.h"
+#undef FA_T_F64
+#define FA_T_F64 1
+#include "attention_impl.h"

@@ -1,0 +1,525 @@
+/*
+ * attention_impl.h: the fused attention kernel for one work item, written
+ * once against simd_map.h and instantiated per ISA and dtype (see
+ * attention_scalar.c, attention_avx2.c, attention_avx512.c).
+ *
+ * A work item is queries [q0, q1) (at most FA_ATTN_MQ) of head (b, h)
+ * against keys [k0, k1). Shapes (strides in elements, last axes unit):
+ *   q (B, H, Lq, D)   k (B, Hkv, Lk, D)   v (B, Hkv, Lk, Dv)
+ *   out (B, H, Lq, Dv)   weights (B, H, Lq, Lk), optional
+ *
+ * Tiled path (rows >= FA_ATTN_ROW_PATH), one key tile of FA_ATTN_NK at a time:
+ *   1. Qt (D, MQ): the query block transposed and pre-scaled, packed once;
+ *   2. St (NK, MQ) = K_tile . Qt: the score tile *transposed*, so that the
+ *      per-query softmax statistics are vertical vector operations and no
+ *      horizontal reduction appears in the inner loops. Micro-kernel: MR
+ *      keys x 2 vectors of queries, K elements broadcast straight from the
+ *      key rows (no K packing);
+ *   3. masks (ALiBi, causal diagonal, explicit masks), then the online
+ *      softmax: m_new = max(m, tile max), alpha = exp(m - m_new),
+ *      P = exp(St - m_new) in place, l = alpha * l + sum P;
+ *   4. acc (MQ, Dv) = alpha * acc + P^T . V_tile. Micro-kernel: MR queries x
+ *      2 vectors of value columns, P broadcast from St, V rows loaded as
+ *      they lie (no V packing);
+ *   the division by l happens once per row, at the end.
+ * Row path (decode-like blocks): per query, vectorised along D for the
+ * scores and along Dv for P.V, with the same online softmax.
+ *
+ * Tiles entirely past the causal diagonal or the key length are never
+ * computed. Every sum runs in a fixed order that depends only on the
+ * shapes, so results do not depend on the thread count.
+ */
+#include "simd_dtype.h"
+
+#ifndef FA_ATTN_IMPL_ONCE
+#define FA_ATTN_IMPL_ONCE
+/* MR: rows of the register tile; with 2 vector accumulators per row, plus
+ * two operand vectors and one broadcast, it fills but does not exceed the
+ * register file: AVX2 6 * 2 + 3 = 15 of 16 ymm, AVX-512 12 * 2 + 3 = 27 of
+ * 32 zmm. The scalar build keeps a small 4 x 2 tile. */
+#if FA_ISA_LEVEL == 2
+#define FA_MR 12
+#elif FA_ISA_LEVEL == 1
+#define FA_MR 6
+#else
+#define FA_MR 4
+#endif
+/* 0 (drop) for the first 64 entries, then 1 (keep): fa_ramp + 64 - n is a
+ * lane mask whose first n lanes are dropped. */
+static const uint8_t fa_ramp[128] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+#define FA_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
+#endif
+
+#define NC (2 * VL)           /* query chunk (tiled scores), value-column chunk */
+#define MQ FA_ATTN_MQ
+#define NK FA_ATTN_NK
+
+/* Scratch regions of one thread, each 64-byte aligned. */
+typedef struct {
+    T *qt;     /* (D, MQ) packed, scaled Q^T; the row path uses its first D */
+    T *st;     /* (NK, MQ) transposed score / probability tile */
+    T *acc;    /* (MQ, ldacc) unnormalised output rows */
+    T *m, *l, *alpha, *tmp; /* (MQ) running max, running sum, rescale */
+    int64_t ldacc;
+} FA_KNAME(attn_scratch, DT);
+
+static FA_KNAME(attn_scratch, DT) FA_KNAME(attn_carve, DT)(T *base, int64_t D, int64_t Dv) {
+    FA_KNAME(attn_scratch, DT) s;
+    const int64_t align = 64 / (int64_t)sizeof(T);
+    s.ldacc = FA_ALIGN_UP(Dv, NC);
+    s.qt = base;
+    s.st = s.qt + FA_ALIGN_UP(D * MQ, align);
+    s.acc = s.st + (int64_t)NK * MQ;
+    s.m = s.acc + FA_ALIGN_UP(MQ * s.ldacc, align);
+    s.l = s.m + MQ;
+    s.alpha = s.l + MQ;
+    s.tmp = s.alpha + MQ;
+    return s;
+}
+
+/* ---- scores: St (nk, MQ) = K_tile (nk, D) . Qt (D, MQ) ------------------- */
+
+/* The register tile over MR arbitrary key rows (used for the leftovers). */
+static inline void FA_KNAME(scores_rows, DT)(const T *qt, const T *const *rows, int64_t D,
+                                             T *st) {
+    V a0[FA_MR], a1[FA_MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = V_ZERO();
+    for (int64_t d = 0; d < D; ++d) {
+        const V x0 = V_LOADU(qt + d * MQ), x1 = V_LOADU(qt + d * MQ + VL);
+#pragma GCC unroll 16
+        for (int r = 0; r < FA_MR; ++r) {
+            const V kb = V_SET1(rows[r][d]);
+            a0[r] = V_FMADD(x0, kb, a0[r]);
+            a1[r] = V_FMADD(x1, kb, a1[r]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) {
+        V_STOREU(st + r * MQ, a0[r]);
+        V_STOREU(st + r * MQ + VL, a1[r]);
+    }
+}
+
+/* Full MR-key register tile for query columns [ic, ic + NC). */
+static inline void FA_KNAME(scores_mr, DT)(const T *qt, const T *k0, int64_t kst,
+                                           int64_t D, T *st) {
+    V a0[FA_MR], a1[FA_MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = V_ZERO();
+    for (int64_t d = 0; d < D; ++d) {
+        const V x0 = V_LOADU(qt + d * MQ), x1 = V_LOADU(qt + d * MQ + VL);
+#pragma GCC unroll 16
+        for (int r = 0; r < FA_MR; ++r) {
+            const V kb = V_SET1(k0[r * kst + d]);
+            a0[r] = V_FMADD(x0, kb, a0[r]);
+            a1[r] = V_FMADD(x1, kb, a1[r]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) {
+        V_STOREU(st + r * MQ, a0[r]);
+        V_STOREU(st + r * MQ + VL, a1[r]);
+    }
+}
+
+/* Leftover keys (fewer than MR) go through the same register tile: rows
+ * past the last key repeat it, and their scores land in tile rows >= nk
+ * (inside the NK-row tile, since NK is a multiple of MR) that nothing reads.
+ * A one-key loop would run at a quarter of the FMA rate. */
+static void FA_KNAME(scores_tile, DT)(const T *qt, const T *kt, int64_t kst, int64_t D,
+                                      int64_t nk, int64_t cols, T *st) {
+    const int64_t full = nk / FA_MR * FA_MR;
+    for (int64_t ic = 0; ic < cols; ic += NC) {
+        for (int64_t j = 0; j < full; j += FA_MR)
+            FA_KNAME(scores_mr, DT)(qt + ic, kt + j * kst, kst, D, st + j * MQ + ic);
+        if (full < nk) {
+            const T *rows[FA_MR];
+            for (int r = 0; r < FA_MR; ++r)
+                rows[r] = kt + (full + r < nk ? full + r : nk - 1) * kst;
+            FA_KNAME(scores_rows, DT)(qt + ic, rows, D, st + full * MQ + ic);
+        }
+    }
+}
+
+/* ---- P.V: acc (rows, Dv) = alpha * acc + St^T (rows, nk) . V (nk, Dv) ---- */
+
+static inline void FA_KNAME(pv_mr, DT)(const T *st, const T *vt, int64_t vst, int64_t nk,
+                                       int64_t w, const T *alpha, T *acc, int64_t ldacc) {
+    V o0[FA_MR], o1[FA_MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) {
+        const V al = V_SET1(alpha[r]);
+        o0[r] = V_MUL(V_LOADU(acc + r * ldacc), al);
+        o1[r] = V_MUL(V_LOADU(acc + r * ldacc + VL), al);
+    }
+    if (w == NC) {
+        for (int64_t j = 0; j < nk; ++j) {
+            const V b0 = V_LOADU(vt + j * vst), b1 = V_LOADU(vt + j * vst + VL);
+#pragma GCC unroll 16
+            for (int r = 0; r < FA_MR; ++r) {
+                const V p = V_SET1(st[j * MQ + r]);
+                o0[r] = V_FMADD(p, b0, o0[r]);
+                o1[r] = V_FMADD(p, b1, o1[r]);
+            }
+        }
+    } else { /* the last, partial column chunk: masked loads never read past Dv */
+        const int64_t w0 = w < VL ? w : VL, w1 = w - w0;
+        for (int64_t j = 0; j < nk; ++j) {
+            const V b0 = V_LOADN(vt + j * vst, w0), b1 = V_LOADN(vt + j * vst + VL, w1);
+#pragma GCC unroll 16
+            for (int r = 0; r < FA_MR; ++r) {
+                const V p = V_SET1(st[j * MQ + r]);
+                o0[r] = V_FMADD(p, b0, o0[r]);
+                o1[r] = V_FMADD(p, b1, o1[r]);
+            }
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) {
+        V_STOREU(acc + r * ldacc, o0[r]);
+        V_STOREU(acc + r * ldacc + VL, o1[r]);
+    }
+}
+
+/* rows_mr: rows rounded up to MR (<= MQ; the padding rows are never output). */
+static void FA_KNAME(pv_tile, DT)(const T *st, const T *vt, int64_t vst, int64_t nk,
+                                  int64_t Dv, int64_t rows_mr, const T *alpha, T *acc,
+                                  int64_t ldacc) {
+    for (int64_t c0 = 0; c0 < Dv; c0 += NC) {
+        const int64_t w = Dv - c0 < NC ? Dv - c0 : NC;
+        for (int64_t i0 = 0; i0 < rows_mr; i0 += FA_MR)
+            FA_KNAME(pv_mr, DT)(st + i0, vt + c0, vst, nk, w, alpha + i0,
+                                acc + i0 * ldacc + c0, ldacc);
+    }
+}
+
+/* ---- shared pieces ----------------------------------------------------------- */
+
+/* Explicit masks on a score held as s[(key j) * sj + (query i) * si]. */
+static void FA_KNAME(apply_explicit_mask, DT)(const fa_attn_job *job, int64_t b, int64_t h,
+                                              int64_t q0, int64_t rows, int64_t kb,
+                                              int64_t nk, T *s, int64_t sj, int64_t si) {
+    const fa_mask_view *mv = &job->mask;
+    const int64_t base = b * mv->stride_b + h * mv->stride_m;
+    if (mv->kind == FA_MASK_BOOL) {
+        const uint8_t *mk = (const uint8_t *)mv->data + base;
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < nk; ++j)
+                if (!mk[(q0 + i) * mv->stride_q + (kb + j) * mv->stride_k])
+                    s[j * sj + i * si] = (T)-INFINITY;
+    } else {
+        const T *mk = (const T *)mv->data + base;
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < nk; ++j)
+                s[j * sj + i * si] += mk[(q0 + i) * mv->stride_q + (kb + j) * mv->stride_k];
+    }
+}
+
+/* ALiBi adds -slope * (i_pos - j). Softmax ignores a per-row constant, so
+ * the kernels add slope * (j - ref) with ref the row's last attendable key,
+ * min(i_pos, key_len - 1) (key_len - 1 without causality; key 0 for a
+ * negative slope). The bias near the row maximum then stays near 0, where
+ * float keeps full precision: measured from i_pos it can reach -1e3 (short
+ * key lengths, bottom-right alignment), where a float score is only good
+ * to 6e-5. ref depends on the row and key length only, never on the split. */
+static inline int64_t FA_KNAME(alibi_ref, DT)(const fa_attn_job *job, int64_t b, int64_t h,
+                                              int64_t ipos, T slope) {
+    if (slope < (T)0) return 0;
+    int64_t klen = job->Lk;
+    if (job->key_len.data) {
+        klen = job->key_len.data[b * job->key_len.stride_b + h * job->key_len.stride_m];
+        klen = klen < 0 ? 0 : klen > job->Lk ? job->Lk : klen;
+    }
+    int64_t ref = klen - 1;
+    if (job->causal != FA_CAUSAL_NONE && ipos < ref) ref = ipos;
+    return ref;
+}
+
+/* out row = acc row / l (0 for an empty row); weights row = exp(w - m) / l
+ * over the keys that were computed, [k0, kend). */
+static void FA_KNAME(finish_row, DT)(const fa_attn_job *job, int64_t b, int64_t h, int64_t i,
+                                     const T *acc, T m, T l, int64_t k0, int64_t kend) {
+    const int64_t Dv = job->Dv;
+    T *o = (T *)job->out + b * job->os[0] + h * job->os[1] + i * job->os[2];
+    const T inv = l == (T)0 ? (T)0 : (T)1 / l; /* NaN l stays NaN */
+    const V vinv = V_SET1(inv);
+    int64_t c = 0;
+    for (; c + VL <= Dv; c += VL) V_STOREU(o + c, V_MUL(V_LOADU(acc + c), vinv));
+    if (c < Dv) V_STOREN(o + c, V_MUL(V_LOADN(acc + c, Dv - c), vinv), Dv - c);
+    if (job->weights) {
+        T *w = (T *)job->weights + b * job->ws[0] + h * job->ws[1] + i * job->ws[2];
+        if (l == (T)0) {
+            for (int64_t j = k0; j < kend; ++j) w[j] = (T)0;
+            return;
+        }
+        const V vm = V_SET1(m);
+        int64_t j = k0;
+        for (; j + VL <= kend; j += VL)
+            V_STOREU(w + j, V_MUL(V_EXP_NONPOS(V_SUB(V_LOADU(w + j), vm)), vinv));
+        for (; j < kend; ++j) w[j] = S_EXP(w[j] - m) * inv;
+    }
+}
+
+/* ---- tiled path --------------------------------------------------------------- */
+
+static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int64_t h,
+                                          int64_t q0, int64_t q1, int64_t k0, int64_t k1,
+                                          T *part, T *part_ml, FA_KNAME(attn_scratch, DT) *sc) {
+    const int64_t D = job->D, Dv = job->Dv, rows = q1 - q0, hk = h / job->group;
+    const int64_t cols = FA_ALIGN_UP(rows, NC), rows_mr = FA_ALIGN_UP(rows, FA_MR);
+    const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + q0 * job->qs[2];
+    const T *kbase = (const T *)job->k + b * job->ks[0] + hk * job->ks[1];
+    const T *vbase = (const T *)job->v + b * job->vs[0] + hk * job->vs[1];
+    const int64_t kst = job->ks[2], vst = job->vs[2];
+    const T scale = (T)job->scale;
+    const int causal = job->causal != FA_CAUSAL_NONE;
+    const int64_t off = job->causal_offset;
+    const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
+    T *w = job->weights ? (T *)job->weights + b * job->ws[0] + h * job->ws[1] : NULL;
+
+    /* 1. pack Q^T, scaled; padding columns are zero */
+    for (int64_t d = 0; d < D; ++d) {
+        T *dst = sc->qt + d * MQ;
+        for (int64_t i = 0; i < rows; ++i) dst[i] = q[i * job->qs[2] + d] * scale;
+        for (int64_t i = rows; i < cols; ++i) dst[i] = (T)0;
+    }
+    for (int64_t i = 0; i < cols; ++i) {
+        sc->m[i] = (T)-INFINITY;
+        sc->l[i] = (T)0;
+    }
+    memset(sc->acc, 0, (size_t)(rows_mr * sc->ldacc) * sizeof(T));
+
+    /* keys past the last row's causal limit are never attended */
+    int64_t kend = k1;
+    if (causal && q1 - 1 + off + 1 < kend) kend = q1 - 1 + off + 1;
+    if (kend < k0) kend = k0;
+    if (w)
+        for (int64_t i = 0; i < rows; ++i)
+            memset(w + (q0 + i) * job->ws[2], 0, (size_t)job->Lk * sizeof(T));
+
+    for (int64_t kb = k0; kb < kend; kb += NK) {
+        const int64_t nk = kend - kb < NK ? kend - kb : NK;
+        T *st = sc->st;
+        /* 2. scores */
+        FA_KNAME(scores_tile, DT)(sc->qt, kbase + kb * kst, kst, D, nk, cols, st);
+        /* 3a. masks that are not vectorised across queries */
+        if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, h, q0, rows, kb, nk, st, MQ, 1);
+        /* the diagonal needs masking when some key exceeds the first row's limit */
+        const int diag = causal && kb + nk - 1 > q0 + off;
+        /* 3b. ALiBi, causal diagonal, tile max */
+        for (int64_t ic = 0; ic < cols; ic += VL) {
+            V ref = V_ZERO();
+            if (slope != (T)0) {
+                T lanes[64];
+                for (int t = 0; t < VL; ++t)
+                    lanes[t] = (T)FA_KNAME(alibi_ref, DT)(job, b, h, q0 + ic + t + off, slope);
+                ref = V_LOADU(lanes);
+            }
+            V mb = V_SET1((T)-INFINITY);
+            for (int64_t j = 0; j < nk; ++j) {
+                V s = V_LOADU(st + j * MQ + ic);
+                if (slope != (T)0) s = V_FMADD(V_SET1(slope), V_SUB(V_SET1((T)(kb + j)), ref), s);
+                if (diag) {
+                    /* query q0+ic+t sees key kb+j iff q0+ic+t >= kb+j-off */
+                    int64_t drop = kb + j - off - (q0 + ic);
+                    drop = drop < 0 ? 0 : drop > VL ? VL : drop;
+                    if (drop) s = V_KEEP(s, fa_ramp + 64 - drop);
+                }
+                V_STOREU(st + j * MQ + ic, s);
+                mb = V_MAX(mb, s);
+            }
+            V_STOREU(sc->tmp + ic, mb);
+        }
+        if (w) /* masked, scaled scores; normalised in finish_row */
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t j = 0; j < nk; ++j) w[(q0 + i) * job->ws[2] + kb + j] = st[j * MQ + i];
+        /* 3c. online softmax update */
+        for (int64_t ic = 0; ic < cols; ic += VL) {
+            const V mold = V_LOADU(sc->m + ic);
+            const V mnew = V_MAX(mold, V_LOADU(sc->tmp + ic));
+            /* a row with nothing valid yet keeps -inf; exp(-inf - (-T_MAX)) = 0 */
+            const V msafe = V_MAX(V_SET1(-T_MAX), mnew);
+            const V alpha = V_EXP_NONPOS(V_SUB(mold, msafe));
+            V sum = V_ZERO();
+            for (int64_t j = 0; j < nk; ++j) {
+                const V p = V_EXP_NONPOS(V_SUB(V_LOADU(st + j * MQ + ic), msafe));
+                V_STOREU(st + j * MQ + ic, p);
+                sum = V_ADD(sum, p);
+            }
+            V_STOREU(sc->l + ic, V_FMADD(V_LOADU(sc->l + ic), alpha, sum));
+            V_STOREU(sc->m + ic, mnew);
+            V_STOREU(sc->alpha + ic, alpha);
+        }
+        /* 4. acc = alpha * acc + P^T V */
+        FA_KNAME(pv_tile, DT)(st, vbase + kb * vst, vst, nk, Dv, rows_mr, sc->alpha, sc->acc,
+                              sc->ldacc);
+    }
+
+    for (int64_t i = 0; i < rows; ++i) {
+        const T *a = sc->acc + i * sc->ldacc;
+        if (part) {
+            memcpy(part + i * Dv, a, (size_t)Dv * sizeof(T));
+            part_ml[2 * i] = sc->m[i];
+            part_ml[2 * i + 1] = sc->l[i];
+        } else {
+            FA_KNAME(finish_row, DT)(job, b, h, q0 + i, a, sc->m[i], sc->l[i], k0, kend);
+        }
+    }
+}
+
+/* ---- row path --------------------------------------------------------------------- */
+
+/* s[j] = dot(qs, k_j) for nk keys, four at a time to hide FMA latency. */
+static void FA_KNAME(row_scores, DT)(const T *qs, const T *kt, int64_t kst, int64_t D,
+                                     int64_t nk, T *s) {
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        const T *k0 = kt + j * kst, *k1 = k0 + kst, *k2 = k1 + kst, *k3 = k2 + kst;
+        V a0 = V_ZERO(), a1 = V_ZERO(), a2 = V_ZERO(), a3 = V_ZERO();
+        int64_t d = 0;
+        for (; d + VL <= D; d += VL) {
+            const V x = V_LOADU(qs + d);
+            a0 = V_FMADD(x, V_LOADU(k0 + d), a0);
+            a1 = V_FMADD(x, V_LOADU(k1 + d), a1);
+            a2 = V_FMADD(x, V_LOADU(k2 + d), a2);
+            a3 = V_FMADD(x, V_LOADU(k3 + d), a3);
+        }
+        if (d < D) {
+            const V x = V_LOADN(qs + d, D - d);
+            a0 = V_FMADD(x, V_LOADN(k0 + d, D - d), a0);
+            a1 = V_FMADD(x, V_LOADN(k1 + d, D - d), a1);
+            a2 = V_FMADD(x, V_LOADN(k2 + d, D - d), a2);
+            a3 = V_FMADD(x, V_LOADN(k3 + d, D - d), a3);
+        }
+        s[j] = V_HSUM(a0);
+        s[j + 1] = V_HSUM(a1);
+        s[j + 2] = V_HSUM(a2);
+        s[j + 3] = V_HSUM(a3);
+    }
+    for (; j < nk; ++j) {
+        const T *kr = kt + j * kst;
+        V a = V_ZERO();
+        int64_t d = 0;
+        for (; d + VL <= D; d += VL) a = V_FMADD(V_LOADU(qs + d), V_LOADU(kr + d), a);
+        if (d < D) a = V_FMADD(V_LOADN(qs + d, D - d), V_LOADN(kr + d, D - d), a);
+        s[j] = V_HSUM(a);
+    }
+}
+
+/* o (Dv) = alpha * o + sum_j p[j] v_j, four value vectors per pass. */
+static void FA_KNAME(row_pv, DT)(const T *p, const T *vt, int64_t vst, int64_t nk, int64_t Dv,
+                                 T alpha, T *o) {
+    const V al = V_SET1(alpha);
+    int64_t c = 0;
+    for (; c + 4 * VL <= Dv; c += 4 * VL) {
+        V o0 = V_MUL(V_LOADU(o + c), al), o1 = V_MUL(V_LOADU(o + c + VL), al);
+        V o2 = V_MUL(V_LOADU(o + c + 2 * VL), al), o3 = V_MUL(V_LOADU(o + c + 3 * VL), al);
+        for (int64_t j = 0; j < nk; ++j) {
+            const T *vr = vt + j * vst + c;
+            const V pj = V_SET1(p[j]);
+            o0 = V_FMADD(pj, V_LOADU(vr), o0);
+            o1 = V_FMADD(pj, V_LOADU(vr + VL), o1);
+            o2 = V_FMADD(pj, V_LOADU(vr + 2 * VL), o2);
+            o3 = V_FMADD(pj, V_LOADU(vr + 3 * VL), o3);
+        }
+        V_STOREU(o + c, o0);
+        V_STOREU(o + c + VL, o1);
+        V_STOREU(o + c + 2 * VL, o2);
+        V_STOREU(o + c + 3 * VL, o3);
+    }
+    for (; c < Dv; c += VL) {
+        const int64_t n = Dv - c < VL ? Dv - c : VL;
+        V acc = V_MUL(V_LOADN(o + c, n), al);
+        for (int64_t j = 0; j < nk; ++j)
+            acc = V_FMADD(V_SET1(p[j]), V_LOADN(vt + j * vst + c, n), acc);
+        V_STOREN(o + c, acc, n);
+    }
+}
+
+static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int64_t h,
+                                         int64_t q0, int64_t q1, int64_t k0, int64_t k1,
+                                         T *part, T *part_ml, FA_KNAME(attn_scratch, DT) *sc) {
+    const int64_t D = job->D, Dv = job->Dv, hk = h / job->group;
+    const T *kbase = (const T *)job->k + b * job->ks[0] + hk * job->ks[1];
+    const T *vbase = (const T *)job->v + b * job->vs[0] + hk * job->vs[1];
+    const int64_t kst = job->ks[2], vst = job->vs[2];
+    const T scale = (T)job->scale;
+    const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
+    T *qs = sc->qt, *s = sc->st, *o = sc->acc;
+
+    for (int64_t i = q0; i < q1; ++i) {
+        const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + i * job->qs[2];
+        for (int64_t d = 0; d < D; ++d) qs[d] = q[d] * scale;
+        int64_t kend = k1;
+        if (job->causal != FA_CAUSAL_NONE && i + job->causal_offset + 1 < kend)
+            kend = i + job->causal_offset + 1;
+        if (kend < k0) kend = k0;
+        T *w = job->weights ? (T *)job->weights + b * job->ws[0] + h * job->ws[1] + i * job->ws[2]
+                            : NULL;
+        if (w) memset(w, 0, (size_t)job->Lk * sizeof(T));
+        memset(o, 0, (size_t)Dv * sizeof(T));
+        T m = (T)-INFINITY, l = (T)0;
+        const T ref = slope != (T)0
+                          ? (T)FA_KNAME(alibi_ref, DT)(job, b, h, i + job->causal_offset, slope)
+                          : (T)0;
+        for (int64_t kb = k0; kb < kend; kb += NK) {
+            const int64_t nk = kend - kb < NK ? kend - kb : NK;
+            FA_KNAME(row_scores, DT)(qs, kbase + kb * kst, kst, D, nk, s);
+            if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, h, i, 1, kb, nk, s, 1, 0);
+            T mb = (T)-INFINITY;
+            for (int64_t j = 0; j < nk; ++j) {
+                if (slope != (T)0) s[j] += slope * ((T)(kb + j) - ref);
+                mb = s[j] > mb ? s[j] : mb;
+                if (s[j] != s[j]) mb = s[j]; /* keep NaN: the row must become NaN */
+            }
+            if (w) memcpy(w + kb, s, (size_t)nk * sizeof(T));
+            const T mnew = mb > m || mb != mb ? mb : m;
+            const T msafe = mnew > -T_MAX || mnew != mnew ? mnew : -T_MAX;
+            const T alpha = S_EXP(m - msafe);
+            const V vms = V_SET1(msafe);
+            V vsum = V_ZERO();
+            int64_t j = 0;
+            for (; j + VL <= nk; j += VL) {
+                const V p = V_EXP_NONPOS(V_SUB(V_LOADU(s + j), vms));
+                V_STOREU(s + j, p);
+                vsum = V_ADD(vsum, p);
+            }
+            T sum = V_HSUM(vsum);
+            for (; j < nk; ++j) {
+                s[j] = S_EXP(s[j] - msafe);
+                sum += s[j];
+            }
+            l = l * alpha + sum;
+            m = mnew;
+            FA_KNAME(row_pv, DT)(s, vbase + kb * vst, vst, nk, Dv, alpha, o);
+        }
+        if (part) {
+            memcpy(part + (i - q0) * Dv, o, (size_t)Dv * sizeof(T));
+            part_ml[2 * (i - q0)] = m;
+            part_ml[2 * (i - q0) + 1] = l;
+        } else {
+            FA_KNAME(finish_row, DT)(job, b, h, i, o, m, l, k0, kend);
+        }
+    }
+}
+
+void FA_KNAME(attention_block, DT)(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0,
+                                   int64_t q1, int64_t k0, int64_t k1, T *part, T *part_ml,
+                                   T *scratch) {
+    FA_KNAME(attn_scratch, DT) sc = FA_KNAME(attn_carve, DT)(scratch, job->D, job->Dv);
+    if (q1 - q0 < FA_ATTN_ROW_PATH)
+        FA_KNAME(attention_rows, DT)(job, b, h, q0, q1, k0, k1, part, part_ml, &sc);
+    else
+        FA_KNAME(attention_tiled, DT)(job, b, h, q0, q1, k0, k1, part, part_ml, &sc);
+}
+
+#undef NC
+#undef MQ
+#undef NK

@@ -1,0 +1,134 @@
+"""Fused scaled-dot-product attention."""
+
+import math
+
+import numpy as np
+
+from fastattn import _kernels
+from fastattn._config import resolve_num_threads
+from fastattn._validation import (
+    OutputTarget,
+    choice,
+    compute_dtype,
+    float_array,
+    lengths_view,
+)
+from fastattn.masks import CAUSAL_ALIGNMENTS, prepare_mask
+
+
+def _unit_last_axis(a):
+    """``a`` with a contiguous last axis (the kernels stream whole rows)."""
+    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+        return np.ascontiguousarray(a)
+    return a
+
+
+def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
+                                 query_lengths=None, is_causal=False,
+                                 causal_alignment="top_left", scale=None, alibi_slopes=None,
+                                 return_weights=False, out=None, num_threads=None):
+    """``softmax(q kᵀ · scale + masks) v`` in one fused, flash-style pass.
+
+    The score matrix is never materialised beyond one tile; keys past
+    ``key_lengths`` or the causal diagonal are never computed; padded query
+    rows are written as zeros without being computed. Results are bitwise
+    identical for every ``num_threads``.
+
+    Parameters
+    ----------
+    q : array_like, shape ``(B, H, Lq, D)`` or ``(B, Lq, D)``
+    k : array_like, shape ``(B, Hkv, Lk, D)`` or ``(B, Lk, D)``
+        ``H % Hkv == 0``: query head ``h`` reads kv head ``h // (H // Hkv)``
+        (grouped-query / multi-query attention).
+    v : array_like, shape ``(B, Hkv, Lk, Dv)`` or ``(B, Lk, Dv)``
+    attn_mask : array_like, optional
+        Broadcasts to ``(B, H, Lq, Lk)``. Bool: True = may attend. Real:
+        added to the scaled scores.
+    key_lengths, query_lengths : array_like of int, optional
+        Shape ``(B,)`` or ``(B, H)`` (``(B,)`` for 3-D inputs). Keys
+        ``j >= key_length`` are masked; rows ``i >= query_length`` are 0.
+    is_causal : bool
+    causal_alignment : {"top_left", "bottom_right"}
+        Where query ``i`` sits: ``i_pos = i`` or ``i + Lk - Lq``. With
+        ``is_causal`` keys ``j > i_pos`` are masked; ALiBi uses the same
+        ``i_pos``.
+    scale : float, optional
+        Defaults to ``1 / sqrt(D)``.
+    alibi_slopes : array_like, shape ``(H,)``, optional
+        Adds ``-slope[h] * (i_pos - j)`` to each score, never materialised.
+    return_weights : bool
+        Also return the ``(B, H, Lq, Lk)`` softmax weights that produced
+        the output (for inspection; this materialises them).
+    out : ndarray, optional, shape ``(B, H, Lq, Dv)``
+    num_threads : int, optional
+
+    Returns
+    -------
+    out : ndarray ``(B, H, Lq, Dv)`` (``(B, Lq, Dv)`` for 3-D inputs)
+    weights : ndarray, only with ``return_weights=True``
+
+    Rows with no key left (fully masked) are 0, never NaN; masked keys get
+    weight exactly 0.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 4, 5, 8), dtype=np.float32) for _ in range(3))
+    >>> out = fastattn.scaled_dot_product_attention(q, k, v, key_lengths=[5, 3], is_causal=True)
+    >>> out.shape, out.dtype
+    ((2, 4, 5, 8), dtype('float32'))
+    """
+    qa, ka, va = (x if type(x) is np.ndarray else np.asarray(x) for x in (q, k, v))
+    dtype = np.promote_types(
+        np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
+        compute_dtype(va.dtype, "v"))
+    qa, ka, va = (float_array(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+    three_d = qa.ndim == 3
+    if qa.ndim not in (3, 4) or ka.ndim != qa.ndim or va.ndim != qa.ndim:
+        raise ValueError(
+            "q, k and v must all be 4-D (B, H, L, D) or all 3-D (B, L, D); got shapes "
+            f"q {qa.shape}, k {ka.shape}, v {va.shape}")
+    user_q_shape = qa.shape
+    if three_d:
+        qa, ka, va = qa[:, None], ka[:, None], va[:, None]
+    B, H, Lq, D = qa.shape
+    Bk, Hkv, Lk, Dk = ka.shape
+    Bv, Hv, Lv, Dv = va.shape
+    if Bk != B or Bv != B:
+        raise ValueError(f"q, k and v must have the same batch size; got q {user_q_shape}, k {ka.shape}, v {va.shape}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim; got q {user_q_shape}, k {ka.shape}")
+    if (Hv, Lv) != (Hkv, Lk):
+        raise ValueError(f"k and v must have the same heads and length; got k {ka.shape}, v {va.shape}")
+    if Hkv == 0 and H > 0 or Hkv and H % Hkv:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the kv heads ({Hkv}); got q {qa.shape}, k {ka.shape}")
+    align = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    lead = user_q_shape[:-2]
+    kl = lengths_view(key_lengths, "key_lengths", lead, B, H, Lk, "key")
+    ql = lengths_view(query_lengths, "query_lengths", lead, B, H, Lq, "query")
+    full = (B, H, Lq, Lk)
+    user_full = full[:1] + full[2:] if three_d else full
+    kind, mask4 = prepare_mask(attn_mask, user_full, full, dtype)
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = np.ascontiguousarray(float_array(alibi_slopes, "alibi_slopes", dtype))
+        if slopes.shape != (H,):
+            raise ValueError(f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
+    qa, ka, va = _unit_last_axis(qa), _unit_last_axis(ka), _unit_last_axis(va)
+    out_shape = (B, Lq, Dv) if three_d else (B, H, Lq, Dv)
+    inputs = tuple(x for x in (qa, ka, va, mask4, slopes) if x is not None)
+    target = OutputTarget(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
+                          contiguous=True)
+    weights = np.empty(full, dtype=dtype) if return_weights else None
+    _kernels.scaled_dot_product_attention(
+        qa, ka, va, target.kernel_view, weights, float(scale), mask4, kind, kl, ql,
+        bool(is_causal), align, slopes, resolve_num_threads(num_threads))
+    result = target.finish()
+    if return_weights:
+        return result, weights[:, 0] if three_d else weights
+    return result
