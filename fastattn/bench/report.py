@@ -1,0 +1,280 @@
+"""Progress, the terminal table and the files written by ``--out``.
+
+``rich`` draws the progress bar and the table when it is installed
+(``pip install 'fastattn[bench]'``); otherwise both fall back to plain
+text. ``results.png`` needs matplotlib and is skipped, with a note,
+without it.
+"""
+
+import contextlib
+import json
+import os
+import sys
+
+UNIT_NAMES = {"flop": "GFLOP/s", "byte": "GB/s"}
+
+
+def _rich():
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- progress
+
+class Reporter:
+    """Messages and progress on stderr; rich when available and stderr is a
+    terminal, plain lines otherwise."""
+
+    def __init__(self, stream=None, fancy=None):
+        self.stream = stream or sys.stderr
+        if fancy is None:
+            fancy = _rich() and getattr(self.stream, "isatty", lambda: False)()
+        self.fancy = fancy
+        self._console = None
+        if fancy:
+            from rich.console import Console
+
+            self._console = Console(file=self.stream)
+
+    def note(self, text):
+        if self._console:
+            self._console.print(f"[dim]{text}[/dim]", highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def alarm(self, text):
+        """A loud message: a check failed."""
+        banner = "!" * 72
+        if self._console:
+            self._console.print(f"[bold red]{banner}\nCHECK FAILED: {text}\n{banner}[/bold red]",
+                                highlight=False)
+        else:
+            print(f"{banner}\nCHECK FAILED: {text}\n{banner}", file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def progress(self, total):
+        if self._console:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn)
+
+            with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=self._console, transient=True) as bar:
+                task = bar.add_task("fastattn.bench", total=total)
+                yield _RichSteps(bar, task)
+        else:
+            yield _PlainSteps(total, self.stream)
+
+
+class _RichSteps:
+    def __init__(self, bar, task):
+        self.bar, self.task = bar, task
+
+    def step(self, text):
+        self.bar.update(self.task, description=text)
+
+    def done(self):
+        self.bar.advance(self.task)
+
+
+class _PlainSteps:
+    def __init__(self, total, stream):
+        self.total, self.stream, self.count = total, stream, 0
+
+    def step(self, text):
+        self.count += 1
+        width = len(str(self.total))
+        print(f"[{self.count:>{width}}/{self.total}] {text}", file=self.stream, flush=True)
+
+    def done(self):
+        pass
+
+
+# ---------------------------------------------------------------- figures
+
+def format_seconds(t):
+    if t is None:
+        return ""
+    if t < 1e-3:
+        return f"{t * 1e6:.3g} µs"
+    if t < 1.0:
+        return f"{t * 1e3:.3g} ms"
+    return f"{t:.3g} s"
+
+
+def _peer_cell(impl):
+    if impl is None:
+        return "skipped"
+    status = impl["status"]
+    if status == "ok":
+        t = impl["timing"]["median"]
+        speed = impl.get("speedup")
+        return f"{format_seconds(t)} ×{speed:.2f}" if speed else format_seconds(t)
+    return {"n/a": "—", "mismatch": "MISMATCH", "error": "ERROR"}.get(status, status)
+
+
+def table(results):
+    """``(header, rows)`` of strings: the terminal and markdown table.
+
+    A peer's cell is its median time and ``×`` its time over fastattn's."""
+    peers = list(results["peers"])
+    header = ["case", "shape", "fastattn ±IQR", "rate (roofline)"] + peers + ["check"]
+    out = []
+    for row in results["rows"]:
+        cells = [row["label"], row["shape"]]
+        fa = row["impls"].get("fastattn")
+        if row["status"] == "n/a":
+            out.append(cells + ["n/a", ""] + ["" for _ in peers] + [row["note"]])
+            continue
+        if fa and fa["status"] == "ok":
+            t = fa["timing"]
+            cells += [f"{format_seconds(t['median'])} ±{100 * t['spread']:.0f}%",
+                      f"{fa['rate']:.3g} {UNIT_NAMES[row['unit']]} ({100 * fa['share']:.0f}%)"]
+        else:
+            cells += [(fa or {}).get("status", "error").upper(), ""]
+        for p in peers:
+            impl = row["impls"].get(p)
+            cells.append(_peer_cell(impl) if results["peers"][p]["available"] else "skipped")
+        if row["status"] == "failed":
+            bad = [n for n, i in row["impls"].items() if i["status"] in ("mismatch", "error")]
+            cells.append("FAILED: " + ", ".join(bad))
+        else:
+            cells.append("ok")
+        out.append(cells)
+    return header, out
+
+
+def plain_table(header, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join([line, sep] + body)
+
+
+def markdown_table(header, rows):
+    esc = [[str(c).replace("|", "\\|") for c in r] for r in [header] + rows]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    return "\n".join(lines)
+
+
+def summary_lines(results):
+    """The machine, the ceilings and the thread count, as short lines."""
+    m, roof, cfg = results["machine"], results["roofline"], results["config"]
+    return [
+        f"machine: {m['cpu']}, {m['cpus_in_affinity']} CPUs in affinity "
+        f"({m['logical_cpus']} logical), {m['memory_gib']} GiB, {m['platform']}",
+        f"fastattn {results['fastattn_version']}: ISA {cfg['isa_selected']}, "
+        f"OpenMP {'on' if cfg['openmp'] else 'off'}; {results['threads']} threads for every "
+        f"implementation; dtype {results['dtype']}",
+        f"roofline: {roof['dtype']} matmul {roof['matmul_gflops']:.1f} GFLOP/s "
+        f"(NumPy {roof['matmul_size']}²), read bandwidth {roof['read_gbs']:.1f} GB/s "
+        f"(gemv over {roof['read_bytes'] >> 20} MiB)",
+    ]
+
+
+def derived_ratios(results):
+    """fastattn's and each peer's causal/non-causal and padded/unpadded
+    time at the shapes that ran both ways."""
+    by_key = {(r["case"], r["shape"]): r for r in results["rows"]}
+    out = []
+    for what, case in (("causal / non-causal", "causal"), ("half padded / unpadded", "padded")):
+        for (c, shape), row in by_key.items():
+            base = by_key.get(("sdpa", shape))
+            if c != case or base is None:
+                continue
+            ratios = {}
+            for name, impl in row["impls"].items():
+                b = base["impls"].get(name)
+                if impl.get("timing") and b and b.get("timing"):
+                    ratios[name] = impl["timing"]["median"] / b["timing"]["median"]
+            if ratios:
+                out.append({"what": what, "shape": shape, "time_ratio": ratios})
+    return out
+
+
+def markdown(results):
+    header, rows = table(results)
+    parts = ["# fastattn benchmark", ""]
+    parts += [f"- {line}" for line in summary_lines(results)]
+    parts += [f"- command: `{results['command']}` ({results['seconds']} s, {results['date']})", ""]
+    parts += [markdown_table(header, rows), ""]
+    parts += [
+        "Times are medians; ± is the interquartile range over the median. "
+        "A peer's × is its time over fastattn's: above 1, fastattn is faster. "
+        "Rates count useful work only (unmasked query-key pairs; bytes that must move); "
+        "roofline is the share of the matmul rate (GFLOP/s) or the read bandwidth (GB/s) "
+        "measured in the same run. Every output was checked against the NumPy oracle "
+        f"before timing (fastattn at rtol {results['tolerance']['fastattn_rtol']:g}, "
+        f"peers at {results['tolerance']['peer_rtol']:g}).",
+        "",
+    ]
+    ratios = derived_ratios(results)
+    if ratios:
+        parts += ["Time ratios at the same shape:", ""]
+        for r in ratios:
+            text = ", ".join(f"{k} {v:.2f}" for k, v in r["time_ratio"].items())
+            parts.append(f"- {r['what']} at {r['shape']}: {text}")
+        parts.append("")
+    notes = [f"- {name}: {p['description']} ({p['version']})" for name, p in results["peers"].items()
+             if p["available"]]
+    notes += [f"- {name} skipped: {p['reason']}" for name, p in results["peers"].items()
+              if not p["available"]]
+    notes += [f"- {r['label']} {r['shape']}: {r['note']}" for r in results["rows"] if r["status"] == "n/a"]
+    if notes:
+        parts += ["Peers and notes:", ""] + notes + [""]
+    if results["failed"]:
+        parts += ["**FAILED checks:** " + ", ".join(results["failed"]), ""]
+    return "\n".join(parts)
+
+
+def print_table(results, stream=None):
+    stream = stream or sys.stdout
+    header, rows = table(results)
+    if _rich():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="fastattn benchmark", title_justify="left")
+        for i, h in enumerate(header):
+            t.add_column(h, justify="left" if i < 2 or h == "check" else "right",
+                         no_wrap=h != "check")
+        for r in rows:
+            style = "bold red" if r[-1].startswith("FAILED") else None
+            t.add_row(*r, style=style)
+        tty = getattr(stream, "isatty", lambda: False)()
+        console = Console(file=stream, width=None if tty else 200)
+        console.print(t)
+        for line in summary_lines(results):
+            console.print(line, highlight=False)
+    else:
+        print(plain_table(header, rows), file=stream)
+        for line in summary_lines(results):
+            print(line, file=stream)
+    if results["failed"]:
+        print(f"FAILED checks: {', '.join(results['failed'])}", file=stream)
+
+
+def write_outputs(results, out_dir, reporter=None):
+    """Write results.json, results.md and (with matplotlib) results.png."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(results, derived=derived_ratios(results)), f, indent=2, default=str)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(results))
+    written = ["results.json", "results.md"]
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        if reporter:
+            reporter.note("results.png not written: it needs matplotlib (pip install matplotlib)")
+        return written
+    from fastattn.plotting import speedup_chart
+
+    fig = Figure(figsize=(8, 0.9 + 0.38 * max(1, len(results["rows"]))))
+    speedup_chart(results, ax=fig.add_subplot())
+    fig.savefig(os.path.join(out_dir, "results.png"), dpi=100, bbox_inches="tight")
+    return written + ["results.png"]
