@@ -37,7 +37,12 @@ numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 
 html_theme = "alabaster"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
     "description": "Fast CPU Transformer attention with a NumPy API",
     "fixed_sidebar": True,
+    "page_width": "1240px",
+    "sidebar_width": "220px",
+    "body_max_width": "none",
 }

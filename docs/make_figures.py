@@ -19,11 +19,6 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository's fastattn first
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 import fastattn  # noqa: E402
 from fastattn.plotting import (  # noqa: E402
     attention_heatmap,
@@ -35,10 +30,19 @@ SENTENCE = "The animal didn't cross the street because it was too tired"
 DPI = 80
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, out_dir, name):
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     print(f"wrote {path} ({os.path.getsize(path) // 1024} KiB)")
     return path
 
@@ -46,7 +50,7 @@ def _save(fig, out_dir, name):
 def position_encodings(out_dir):
     """The concat and interleaved tables side by side: 20 x 512 as in the
     classic picture, and 64 x 64 to see the columns."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5),
+    fig, axes = _pyplot().subplots(2, 2, figsize=(11, 6.5),
                              gridspec_kw={"height_ratios": [1, 2.2]})
     for col, layout in enumerate(("concat", "interleaved")):
         for row, (length, channels) in enumerate(((20, 512), (64, 64))):
@@ -101,6 +105,7 @@ def sentence_attention():
 
 
 def attention_figures(out_dir):
+    plt = _pyplot()
     tokens, weights = sentence_attention()
     H = weights.shape[0]
     names = ["head 0: coreference (hand-set)", "head 1: previous token (hand-set)",
@@ -130,7 +135,7 @@ def performance_chart(out_dir, results_json):
     with open(results_json) as f:
         results = json.load(f)
     rows = max(1, len(results["rows"]))
-    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.38 * rows))
+    fig, ax = _pyplot().subplots(figsize=(8, 0.9 + 0.38 * rows))
     speedup_chart(results, ax=ax)
     return _save(fig, out_dir, "results.png")
 

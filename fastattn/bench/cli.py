@@ -76,7 +76,7 @@ def build_parser():
     parser.add_argument("--peers", type=_list(list(PEERS), PEER_ALIASES, what="peer"),
                         default=list(PEERS), metavar="LIST",
                         help="comma-separated peers (default: numpy,torch,onnxruntime)")
-    parser.add_argument("--shapes", type=_shapes, default=None, metavar="BxHxSxD[,...]",
+    parser.add_argument("--shapes", type=_shapes, default=None, metavar="'BxHxSxD ...'",
                         help="shapes for every selected case instead of their defaults, "
                              "space- or semicolon-separated, e.g. '1x12x512x64 8x12x128x64'")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")

@@ -126,7 +126,7 @@ def table(results):
         cells = [row["label"], row["shape"]]
         fa = row["impls"].get("fastattn")
         if row["status"] == "n/a":
-            out.append(cells + ["n/a", ""] + ["" for _ in peers] + [row["note"]])
+            out.append(cells + ["n/a", ""] + ["" for _ in peers] + ["n/a (see notes)"])
             continue
         if fa and fa["status"] == "ok":
             t = fa["timing"]
@@ -176,6 +176,12 @@ def summary_lines(results):
     ]
 
 
+def note_lines(results):
+    """Rows that did not run, and why."""
+    return [f"{r['label']} {r['shape']}: {r['note']}" for r in results["rows"]
+            if r["status"] == "n/a"]
+
+
 def derived_ratios(results):
     """fastattn's and each peer's causal/non-causal and padded/unpadded
     time at the shapes that ran both ways."""
@@ -223,7 +229,7 @@ def markdown(results):
              if p["available"]]
     notes += [f"- {name} skipped: {p['reason']}" for name, p in results["peers"].items()
               if not p["available"]]
-    notes += [f"- {r['label']} {r['shape']}: {r['note']}" for r in results["rows"] if r["status"] == "n/a"]
+    notes += [f"- {line}" for line in note_lines(results)]
     if notes:
         parts += ["Peers and notes:", ""] + notes + [""]
     if results["failed"]:
@@ -241,18 +247,18 @@ def print_table(results, stream=None):
         t = Table(title="fastattn benchmark", title_justify="left")
         for i, h in enumerate(header):
             t.add_column(h, justify="left" if i < 2 or h == "check" else "right",
-                         no_wrap=h != "check")
+                         overflow="fold")
         for r in rows:
             style = "bold red" if r[-1].startswith("FAILED") else None
             t.add_row(*r, style=style)
         tty = getattr(stream, "isatty", lambda: False)()
         console = Console(file=stream, width=None if tty else 200)
         console.print(t)
-        for line in summary_lines(results):
+        for line in summary_lines(results) + note_lines(results):
             console.print(line, highlight=False)
     else:
         print(plain_table(header, rows), file=stream)
-        for line in summary_lines(results):
+        for line in summary_lines(results) + note_lines(results):
             print(line, file=stream)
     if results["failed"]:
         print(f"FAILED checks: {', '.join(results['failed'])}", file=stream)
