@@ -315,3 +315,59 @@ def test_markdown_and_plain_table_from_a_run(tmp_path):
     assert data["rows"][0]["impls"]["fastattn"]["status"] == "ok"
     if not HAS_MPL:
         assert any("matplotlib" in n for n in rec.notes)
+
+
+class FakeLayer:
+    """Stands in for fastattn.MultiHeadAttention (issue 4's API) to exercise
+    the suite's layer rows in a build that lacks the layer."""
+
+    def __init__(self, weights, num_heads):
+        self.weights, self.num_heads = weights, num_heads
+
+    def __call__(self, query, key=None, value=None, *, key_lengths=None, **kwargs):
+        return cases.mha_oracle(query, self.weights, self.num_heads, key_lengths)
+
+
+class FakeMHA(FakeLayer):
+    @classmethod
+    def from_weights(cls, w_q, w_k, w_v, w_o, b_q=None, b_k=None, b_v=None, b_o=None, *,
+                     num_heads, num_kv_heads=None):
+        return cls(dict(w_q=w_q, w_k=w_k, w_v=w_v, w_o=w_o, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o),
+                   num_heads)
+
+
+class FakeMHAFromTorch(FakeLayer):
+    @classmethod
+    def from_torch(cls, module):
+        E = module.embed_dim
+        w = module.in_proj_weight.detach().numpy()
+        b = module.in_proj_bias.detach().numpy()
+        weights = {f"w_{p}": w[i * E:(i + 1) * E].T for i, p in enumerate("qkv")}
+        weights.update({f"b_{p}": b[i * E:(i + 1) * E] for i, p in enumerate("qkv")})
+        weights["w_o"] = module.out_proj.weight.detach().numpy().T
+        weights["b_o"] = module.out_proj.bias.detach().numpy()
+        return cls(weights, module.num_heads)
+
+
+@pytest.mark.parametrize("fake", [FakeMHA, FakeMHAFromTorch])
+@pytest.mark.parametrize("padded", [False, True])
+def test_layer_rows_run_through_the_issue4_api(monkeypatch, fake, padded):
+    names = ["numpy"]
+    if importlib.util.find_spec("torch") is not None:
+        names.append("torch")
+    elif fake is FakeMHAFromTorch:
+        pytest.skip("from_torch needs torch (pip install torch)")
+    monkeypatch.setattr(fastattn, "MultiHeadAttention", fake, raising=False)
+    problem = cases.MHAProblem("mha", "mha", cases.Shape(2, 2, 6, 4), np.float32,
+                               np.random.default_rng(0), padded=padded)
+    active = only(*names)
+    for peer in active.values():
+        peer.start(1)
+    try:
+        rec = Recorder()
+        row = runner.run_row(problem, active, ROOF, FAST, rec)
+    finally:
+        for peer in active.values():
+            peer.stop()
+    assert rec.alarms == [] and row.status == "ok"
+    assert all(row.impls[n].status == "ok" for n in ["fastattn"] + names)
