@@ -164,9 +164,13 @@ def markdown_table(header, rows):
 def summary_lines(results):
     """The machine, the ceilings and the thread count, as short lines."""
     m, roof, cfg = results["machine"], results["roofline"], results["config"]
+    load = ""
+    if m.get("load_average_before") is not None:
+        load = (f"; 1-min load average {m['load_average_before']} before, "
+                f"{m['load_average_after']} after the run")
     return [
         f"machine: {m['cpu']}, {m['cpus_in_affinity']} CPUs in affinity "
-        f"({m['logical_cpus']} logical), {m['memory_gib']} GiB, {m['platform']}",
+        f"({m['logical_cpus']} logical), {m['memory_gib']} GiB, {m['platform']}{load}",
         f"fastattn {results['fastattn_version']}: ISA {cfg['isa_selected']}, "
         f"OpenMP {'on' if cfg['openmp'] else 'off'}; {results['threads']} threads for every "
         f"implementation; dtype {results['dtype']}",

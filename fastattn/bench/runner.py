@@ -146,6 +146,14 @@ def machine_info():
     }
 
 
+def _loadavg():
+    """The 1-minute load average (other work competing for the cores), or None."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _settle():
     """Let helper threads of the previous call (BLAS, OpenMP pools) go idle,
     so that they do not spin on the cores the next measurement uses."""
@@ -272,6 +280,7 @@ def run_suite(config, report):
     saved_threads = fastattn._config._num_threads
     started = []
     rows = []
+    load_before = _loadavg()
     t_start = time.perf_counter()
     try:
         fastattn.set_num_threads(config.threads)
@@ -302,7 +311,8 @@ def run_suite(config, report):
         "command": config.command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "seconds": round(time.perf_counter() - t_start, 2),
-        "machine": machine_info(),
+        "machine": dict(machine_info(), load_average_before=load_before,
+                        load_average_after=_loadavg()),
         "config": fastattn.show_config(print_output=False),
         "threadpools": pools,
         "threads": config.threads,
