@@ -56,7 +56,9 @@ class Peer:
         raise NotImplementedError
 
 
-def _identity(x):
+def identity(x):
+    """The ``convert`` of an implementation whose output is already an ndarray
+    in the oracle's layout."""
     return x
 
 
@@ -67,7 +69,7 @@ class NumpyPeer(Peer):
     description = "the NumPy oracle, fastattn.reference (float64)"
 
     def prepare(self, problem):
-        return problem.oracle_fn(), _identity
+        return problem.oracle_fn(), identity
 
 
 class TorchPeer(Peer):

@@ -19,7 +19,7 @@ import numpy as np
 
 import fastattn
 from fastattn.bench import cases as _cases
-from fastattn.bench.peers import PEERS, NotApplicable
+from fastattn.bench.peers import PEERS, NotApplicable, identity
 from fastattn.bench.roofline import measure_roofline
 from fastattn.bench.timing import TimingPolicy, measure
 
@@ -182,53 +182,46 @@ def run_row(problem, peers, roof, policy, report):
     oracle_seconds = time.perf_counter() - t0
     runners = {}
 
-    def fail(name, status, note, err=None):
+    def check(name, prepare, rtol):
+        """Run ``name`` once and compare with the oracle; returns the callable
+        to time, or None."""
+        try:
+            run, convert = prepare()
+            ok, err = compare(convert(run()), ref, rtol)
+        except NotApplicable as exc:
+            row.impls[name] = ImplResult("n/a", note=str(exc))
+            return None
+        except Exception as exc:
+            status, note, err = "error", f"{type(exc).__name__}: {exc}", None
+        else:
+            if ok:
+                row.impls[name] = ImplResult("ok", error=err)
+                return run
+            status, note = "mismatch", f"max error {err:.3g} of max|oracle| exceeds rtol {rtol:g}"
         row.impls[name] = ImplResult(status, note=note, error=err)
         row.status = "failed"
         report.alarm(f"{problem.label} {problem.shape}: {name} {status.upper()}: {note}")
+        return None
 
-    try:
-        fn = problem.fastattn_fn()
-        ok, err = compare(fn(), ref, FASTATTN_RTOL[dtype])
-        if ok:
-            row.impls["fastattn"] = ImplResult("ok", error=err)
-            runners["fastattn"] = fn
-        else:
-            fail("fastattn", "mismatch",
-                 f"max error {err:.3g} of max|oracle| exceeds rtol {FASTATTN_RTOL[dtype]:g}", err)
-    except Exception as exc:
-        fail("fastattn", "error", f"{type(exc).__name__}: {exc}")
-
+    candidates = [("fastattn", lambda: (problem.fastattn_fn(), identity), FASTATTN_RTOL[dtype])]
     for name, peer in peers.items():
         if peer is None:
             continue
-        if name == "numpy":
+        if name == "numpy":  # the oracle itself: nothing to check
             row.impls[name] = ImplResult("ok", note="the oracle", error=0.0)
             runners[name] = problem.oracle_fn()
-            continue
-        try:
-            run, convert = peer.prepare(problem)
-        except NotApplicable as exc:
-            row.impls[name] = ImplResult("n/a", note=str(exc))
-            continue
-        except Exception as exc:
-            fail(name, "error", f"{type(exc).__name__}: {exc}")
-            continue
-        try:
-            ok, err = compare(convert(run()), ref, PEER_RTOL[dtype])
-        except Exception as exc:
-            fail(name, "error", f"{type(exc).__name__}: {exc}")
-            continue
-        if ok:
-            row.impls[name] = ImplResult("ok", error=err)
-            runners[name] = run
         else:
-            fail(name, "mismatch",
-                 f"max error {err:.3g} of max|oracle| exceeds rtol {PEER_RTOL[dtype]:g}", err)
+            candidates.append((name, lambda peer=peer: peer.prepare(problem), PEER_RTOL[dtype]))
+    for name, prepare, rtol in candidates:
+        run = check(name, prepare, rtol)
+        if run is not None:
+            runners[name] = run
     del ref
 
     base = None
-    for name, fn in runners.items():
+    order = sorted(runners, key=lambda n: n != "fastattn")  # fastattn first
+    for name in order:
+        fn = runners[name]
         _settle()
         res = row.impls[name]
         res.timing = measure(fn, policy, first=oracle_seconds if name == "numpy" else None)
