@@ -1,7 +1,7 @@
 """Make every figure of the documentation with fastattn's own plotting helpers.
 
-    python docs/make_figures.py            # the concept figures, and the
-                                           # performance chart from docs/performance/results.json
+    python docs/make_figures.py            # the concept figures, and the performance
+                                           # table and chart from docs/performance/results.json
     python docs/make_figures.py --bench    # first rerun the benchmark into docs/performance/
 
 Needs fastattn (built) and matplotlib. The PNGs are committed; rerun this
@@ -131,9 +131,15 @@ def attention_figures(out_dir):
     return heads_png, it_png
 
 
-def performance_chart(out_dir, results_json):
+def performance_page(out_dir, results_json):
+    """results.md and results.png again from results.json (so that a change
+    of the report's layout needs no new benchmark run)."""
+    from fastattn.bench.report import markdown
+
     with open(results_json) as f:
         results = json.load(f)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(results))
     rows = max(1, len(results["rows"]))
     fig, ax = _pyplot().subplots(figsize=(8, 0.9 + 0.38 * rows))
     speedup_chart(results, ax=ax)
@@ -157,7 +163,7 @@ def main(argv=None):
     attention_figures(args.out)
     results_json = os.path.join(args.performance, "results.json")
     if os.path.exists(results_json):
-        performance_chart(args.performance, results_json)
+        performance_page(args.performance, results_json)
     else:
         print(f"no {results_json}: run with --bench to make the performance chart")
 

@@ -179,7 +179,9 @@ def speedup_chart(results, *, ax=None):
     if values:
         ax.set_xlim(min(0.5, min(values) / 1.5), max(values) * 1.5)
     machine = results.get("machine", {}).get("cpu", "")
-    ax.set_title(f"fastattn vs peers, {results.get('threads')} threads, {results.get('dtype')}"
+    threads = results.get("threads")
+    ax.set_title(f"fastattn vs peers, {threads} thread{'' if threads == 1 else 's'}, "
+                 f"{results.get('dtype')}"
                  + (f"\n{machine}" if machine else ""), fontsize=10)
     if peers:
         ax.legend(loc="lower right", fontsize=8)

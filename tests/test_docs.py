@@ -197,7 +197,7 @@ def test_make_figures_runs(tmp_path):
         env=dict(os.environ, MPLBACKEND="Agg"))
     assert proc.returncode == 0, proc.stderr
     for name in ("position_encodings.png", "attention_heads.png", "attention_it.png",
-                 "performance/results.png"):
+                 "performance/results.png", "performance/results.md"):
         assert (tmp_path / name).stat().st_size > 1000
 
 

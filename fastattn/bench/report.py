@@ -168,12 +168,16 @@ def summary_lines(results):
     if m.get("load_average_before") is not None:
         load = (f"; 1-min load average {m['load_average_before']} before, "
                 f"{m['load_average_after']} after the run")
+        if m["load_average_before"] >= 0.5:
+            load += (" (the CPUs were already busy: times are inflated, multi-threaded "
+                     "ones most)")
     return [
         f"machine: {m['cpu']}, {m['cpus_in_affinity']} CPUs in affinity "
         f"({m['logical_cpus']} logical), {m['memory_gib']} GiB, {m['platform']}{load}",
         f"fastattn {results['fastattn_version']}: ISA {cfg['isa_selected']}, "
-        f"OpenMP {'on' if cfg['openmp'] else 'off'}; {results['threads']} threads for every "
-        f"implementation; dtype {results['dtype']}",
+        f"OpenMP {'on' if cfg['openmp'] else 'off'}; {results['threads']} "
+        f"thread{'s' if results['threads'] != 1 else ''} for every implementation; "
+        f"dtype {results['dtype']}",
         f"roofline: {roof['dtype']} matmul {roof['matmul_gflops']:.1f} GFLOP/s "
         f"(NumPy {roof['matmul_size']}²), read bandwidth {roof['read_gbs']:.1f} GB/s "
         f"(gemv over {roof['read_bytes'] >> 20} MiB)",
@@ -197,7 +201,7 @@ def derived_ratios(results):
             if c != case or base is None:
                 continue
             ratios = {}
-            for name, impl in row["impls"].items():
+            for name, impl in sorted(row["impls"].items(), key=lambda kv: kv[0] != "fastattn"):
                 b = base["impls"].get(name)
                 if impl.get("timing") and b and b.get("timing"):
                     ratios[name] = impl["timing"]["median"] / b["timing"]["median"]
