@@ -16,6 +16,10 @@ from fastattn._validation import (
 from fastattn.masks import CAUSAL_ALIGNMENTS, prepare_mask
 
 
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
 def _unit_last_axis(a):
     """``a`` with a contiguous last axis (the kernels stream whole rows)."""
     if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
@@ -79,6 +83,32 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     >>> out.shape, out.dtype
     ((2, 4, 5, 8), dtype('float32'))
     """
+    # Lean path for the common call (float arrays of one dtype, 4-D, unit last
+    # stride, no masks or out): the same checks as below, without the general
+    # machinery, so that tiny decode calls cost a few microseconds.
+    if (attn_mask is None and key_lengths is None and query_lengths is None
+            and alibi_slopes is None and out is None and not return_weights
+            and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
+        dt = q.dtype
+        if ((dt is _F32 or dt is _F64) and k.dtype is dt and v.dtype is dt
+                and q.ndim == 4 and k.ndim == 4 and v.ndim == 4):
+            B, H, Lq, D = q.shape
+            Bk, Hkv, Lk, Dk = k.shape
+            Bv, Hv, Lv, Dv = v.shape
+            item = dt.itemsize
+            if (Bk == B and Bv == B and Dk == D and Hv == Hkv and Lv == Lk and Hkv
+                    and H % Hkv == 0 and q.strides[3] == item and k.strides[3] == item
+                    and v.strides[3] == item and causal_alignment in CAUSAL_ALIGNMENTS
+                    and (scale is None or type(scale) is float)):
+                result = np.empty((B, H, Lq, Dv), dtype=dt)
+                _kernels.scaled_dot_product_attention(
+                    q, k, v, result, None,
+                    (1.0 / math.sqrt(D) if D else 1.0) if scale is None else scale,
+                    None, 0, None, None, bool(is_causal),
+                    CAUSAL_ALIGNMENTS[causal_alignment],
+                    None, resolve_num_threads(num_threads))
+                return result
+
     qa, ka, va = (x if type(x) is np.ndarray else np.asarray(x) for x in (q, k, v))
     dtype = np.promote_types(
         np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
