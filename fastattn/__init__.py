@@ -16,6 +16,7 @@ from fastattn._config import (
     show_config,
 )
 from fastattn._config import _apply_isa_env
+from fastattn import reference
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.heads import merge_heads, split_heads
 from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
@@ -33,6 +34,7 @@ __all__ = [
     "get_num_threads",
     "masked_softmax",
     "merge_heads",
+    "reference",
     "scaled_dot_product_attention",
     "sequence_mask",
     "set_isa",
