@@ -9,7 +9,6 @@ same run (float32 matmul rate, memory read and copy bandwidth).
 import os
 import platform
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
