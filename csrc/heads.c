@@ -14,7 +14,16 @@
 static void move_vec(char *dst, const char *src, int64_t src_stride, int64_t D,
                      int64_t es) {
     if (src_stride == 1) {
-        memcpy(dst, src, (size_t)(D * es));
+        /* The usual head sizes (32/64/128 floats or doubles) as constant-size
+         * copies, which the compiler inlines as vector moves: a libc call per
+         * 256-byte vector costs about as much as the copy itself. */
+        switch (D * es) {
+            case 128: memcpy(dst, src, 128); break;
+            case 256: memcpy(dst, src, 256); break;
+            case 512: memcpy(dst, src, 512); break;
+            case 1024: memcpy(dst, src, 1024); break;
+            default: memcpy(dst, src, (size_t)(D * es));
+        }
     } else {
         for (int64_t d = 0; d < D; ++d)
             memcpy(dst + d * es, src + d * src_stride * es, (size_t)es);
