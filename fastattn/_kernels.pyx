@@ -93,6 +93,16 @@ cdef inline fa_mask_view mask4(object mask, int kind) except *:
     return mv
 
 
+cdef inline fa_pe_params pe_params(int layout, double min_timescale, double max_timescale,
+                                   int64_t start_index):
+    cdef fa_pe_params p
+    p.layout = layout
+    p.min_timescale = min_timescale
+    p.max_timescale = max_timescale
+    p.start_index = start_index
+    return p
+
+
 # ---- configuration ---------------------------------------------------------
 
 def cpu_best_isa():
@@ -221,15 +231,11 @@ def position_encoding(cnp.ndarray out, int layout, double min_timescale,
                       double max_timescale, int64_t start_index, int num_threads):
     """out: (length, channels) with a unit column stride."""
     cdef int dt = dtype_code(out)
-    cdef fa_pe_params p
+    cdef fa_pe_params p = pe_params(layout, min_timescale, max_timescale, start_index)
     cdef void *op = cnp.PyArray_DATA(out)
     cdef int64_t rs = cnp.PyArray_STRIDES(out)[0] // cnp.PyArray_ITEMSIZE(out)
     cdef int64_t L = out.shape[0], C = out.shape[1]
     cdef int st
-    p.layout = layout
-    p.min_timescale = min_timescale
-    p.max_timescale = max_timescale
-    p.start_index = start_index
     with nogil:
         st = fa_position_encoding(dt, op, rs, L, C, &p, num_threads)
     check(st)
@@ -239,14 +245,10 @@ def add_position_encoding(cnp.ndarray x, cnp.ndarray y, int layout, double min_t
                           double max_timescale, int64_t start_index, int num_threads):
     """x, y: (B, length, channels) views."""
     cdef int dt = dtype_code(x)
-    cdef fa_pe_params p
+    cdef fa_pe_params p = pe_params(layout, min_timescale, max_timescale, start_index)
     cdef fa_view4 vx = view3(x), vy = view3(y)
     cdef int64_t B = x.shape[0], L = x.shape[1], C = x.shape[2]
     cdef int st
-    p.layout = layout
-    p.min_timescale = min_timescale
-    p.max_timescale = max_timescale
-    p.start_index = start_index
     with nogil:
         st = fa_add_position_encoding(dt, vx, vy, B, L, C, &p, num_threads)
     check(st)
