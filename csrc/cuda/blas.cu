@@ -114,23 +114,26 @@ int fa_cuda_gemm_strided_batched(void *blas, int dtype, int trans_a, int trans_b
 }
 
 extern "C" int fa_cuda_linear(void *blas, int dtype, const void *x, int64_t x_row_stride,
-                              const void *w, const void *bias, void *y, int64_t y_row_stride,
-                              int64_t rows, int64_t n_in, int64_t n_out, void *stream) {
+                              const void *w, int64_t w_row_stride, const void *bias, void *y,
+                              int64_t y_row_stride, int64_t rows, int64_t n_in, int64_t n_out,
+                              void *stream) {
     fa_cuda_clear_stale_error();
     if (dtype != FA_CUDA_F32 && dtype != FA_CUDA_F64)
         return fa_cuda_fail(FA_CUDA_ERR_INVALID, "fa_cuda_linear: dtype %d is not float32/float64", dtype);
-    if (rows < 0 || n_in < 0 || n_out < 0 || x_row_stride < n_in || y_row_stride < n_out)
+    if (rows < 0 || n_in < 0 || n_out < 0 || x_row_stride < n_in || w_row_stride < n_out ||
+        y_row_stride < n_out)
         return fa_cuda_fail(FA_CUDA_ERR_INVALID,
-                            "fa_cuda_linear: rows=%lld n_in=%lld n_out=%lld x_row_stride=%lld y_row_stride=%lld",
+                            "fa_cuda_linear: rows=%lld n_in=%lld n_out=%lld row strides x=%lld w=%lld y=%lld",
                             (long long)rows, (long long)n_in, (long long)n_out,
-                            (long long)x_row_stride, (long long)y_row_stride);
+                            (long long)x_row_stride, (long long)w_row_stride,
+                            (long long)y_row_stride);
     if (rows == 0 || n_out == 0) return FA_CUDA_OK;
     if (y == NULL || (n_in > 0 && (x == NULL || w == NULL)))
         return fa_cuda_fail(FA_CUDA_ERR_INVALID, "fa_cuda_linear: NULL operand");
     const int64_t es = fa_cuda_dtype_size(dtype);
     const int64_t ydims[2] = {rows, n_out}, ystr[2] = {y_row_stride, 1};
     const int64_t xdims[2] = {rows, n_in}, xstr[2] = {x_row_stride, 1};
-    const int64_t wdims[2] = {n_in, n_out}, wstr[2] = {n_out, 1};
+    const int64_t wdims[2] = {n_in, n_out}, wstr[2] = {w_row_stride, 1};
     if (!fa_cuda_view_ok(ydims, ystr, 2, es) || !fa_cuda_view_ok(xdims, xstr, 2, es) ||
         !fa_cuda_view_ok(wdims, wstr, 2, es))
         return fa_cuda_fail(FA_CUDA_ERR_OVERFLOW, "fa_cuda_linear: sizes overflow");
@@ -159,15 +162,16 @@ extern "C" int fa_cuda_linear(void *blas, int dtype, const void *x, int64_t x_ro
     }
     if (n_in == 0) return FA_CUDA_OK;
 
-    /* Column-major: Y^T (n_out x rows) = W^T (n_out x n_in) X^T (n_in x rows).
+    /* Column-major: Y^T (n_out x rows) = W^T (n_out x n_in) X^T (n_in x rows);
+     * row-major W with row stride w_row_stride is W^T with lda = that stride.
      * cuBLAS's n is an int, so very tall inputs go in INT_MAX-row pieces. */
     for (int64_t r0 = 0; r0 < rows; r0 += INT_MAX) {
         const int64_t nr = rows - r0 < INT_MAX ? rows - r0 : INT_MAX;
         const char *xp = static_cast<const char *>(x) + r0 * x_row_stride * es;
         char *yp = static_cast<char *>(y) + r0 * y_row_stride * es;
         const int status = fa_cuda_gemm_strided_batched(blas, dtype, 0, 0, n_out, nr, n_in, 1.0, w,
-                                                        n_out, 0, xp, x_row_stride, 0, beta, yp,
-                                                        y_row_stride, 0, 1, s);
+                                                        w_row_stride, 0, xp, x_row_stride, 0, beta,
+                                                        yp, y_row_stride, 0, 1, s);
         if (status != FA_CUDA_OK) return status;
     }
     return FA_CUDA_OK;

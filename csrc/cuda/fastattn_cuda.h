@@ -151,11 +151,13 @@ int fa_cuda_apply_rotary(int dtype, fa_cuda_view4 x, fa_cuda_view4 y, int64_t B,
 
 /* ---- cuBLAS GEMMs ---------------------------------------------------------------
  * y (rows, n_out) = x (rows, n_in) @ w (n_in, n_out) + bias (n_out), row-major;
- * x and y have unit column stride and the given row strides; w is
- * contiguous; bias may be NULL. */
+ * x, w and y have unit column stride and the given row strides (so w may be
+ * a column block of a wider concatenated weight); bias is contiguous or
+ * NULL. */
 int fa_cuda_linear(void *blas, int dtype, const void *x, int64_t x_row_stride,
-                   const void *w, const void *bias, void *y, int64_t y_row_stride,
-                   int64_t rows, int64_t n_in, int64_t n_out, void *stream);
+                   const void *w, int64_t w_row_stride, const void *bias, void *y,
+                   int64_t y_row_stride, int64_t rows, int64_t n_in, int64_t n_out,
+                   void *stream);
 
 /* Scaled dot-product attention. q (B, H, Lq, D), k (B, Hkv, Lk, D),
  * v (B, Hkv, Lk, Dv) and out (B, H, Lq, Dv) are contiguous; H % Hkv == 0 and
