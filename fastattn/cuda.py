@@ -99,9 +99,16 @@ _probe_lock = threading.Lock()
 _probe_result = None
 
 
+def _extension():
+    """The compiled binding fastattn._cuda (ImportError when not built)."""
+    from fastattn import _cuda
+
+    return _cuda
+
+
 def _probe():
     try:
-        from fastattn import _cuda
+        _cuda = _extension()
     except ImportError as exc:
         return False, (
             "fastattn was built without its CUDA extension fastattn._cuda "
@@ -355,9 +362,7 @@ class _Runtime:
 
     def __init__(self):
         self.require()
-        from fastattn import _cuda
-
-        self.lib = _cuda
+        self.lib = _extension()
         self.cp = _cupy()
         self.device = self.cp.cuda.Device().id
         # CuPy may carry its own copy of the CUDA runtime: make its current
