@@ -1052,6 +1052,9 @@ class MultiHeadAttention:
             raise ValueError(f"query must have embed dim {E}, got shape {qa.shape}")
         self_attn = key is None
         if self_attn:
+            if self.kdim != E or self.vdim != E:
+                raise ValueError(f"self-attention needs kdim == vdim == embed_dim ({E}); this layer has "
+                                 f"kdim={self.kdim}, vdim={self.vdim}: pass key and value")
             Lk = Lq
         else:
             ka = _device_array(key, "key")
@@ -1076,7 +1079,7 @@ class MultiHeadAttention:
         rt.attach(qa, "query")
         x = rt.contiguous(qa, dt).reshaped((B * Lq, E))
         wq, wk, wv = self._widths
-        if self_attn and self._fused:
+        if self_attn:  # kdim == vdim == E, so the weight is the fused one
             # one GEMM for Q, K and V
             width = sum(self._widths)
             proj = rt.empty((B * Lq, width), dt)
@@ -1087,13 +1090,10 @@ class MultiHeadAttention:
             k_src = proj.at(wq, (B, Hkv, Lk, D), (Lk * width, D, width, 1))
             v_src = proj.at(wq + wk, (B, Hkv, Lk, Dv), (Lk * width, Dv, width, 1))
         else:
-            if self_attn:
-                kx = vx = x
-            else:
-                rt.attach(ka, "key")
-                rt.attach(va, "value")
-                kx = rt.contiguous(ka, dt).reshaped((B * Lk, self.kdim))
-                vx = rt.contiguous(va, dt).reshaped((B * Lk, self.vdim))
+            rt.attach(ka, "key")
+            rt.attach(va, "value")
+            kx = rt.contiguous(ka, dt).reshaped((B * Lk, self.kdim))
+            vx = rt.contiguous(va, dt).reshaped((B * Lk, self.vdim))
             qp = self._project(rt, x, B * Lq, 0)
             kp = self._project(rt, kx, B * Lk, 1)
             vp = self._project(rt, vx, B * Lk, 2)

@@ -690,6 +690,9 @@ def test_multi_head_attention(backend, dt, rng, config):
     assert (backend.to_host(got)[1, 3:] == 0).all()
     with pytest.raises(NotImplementedError):
         mha(backend.to_device(query), cache=object())
+    if config == "cross":
+        with pytest.raises(ValueError, match="self-attention needs kdim"):
+            mha(backend.to_device(query))
 
 
 def test_emulated_calls_go_through_the_abi(backend, rng):
