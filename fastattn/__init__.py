@@ -25,6 +25,18 @@ from fastattn.position import add_position_encoding, sinusoidal_position_encodin
 _apply_isa_env()
 del _apply_isa_env
 
+# Optional parts are imported on first use, so that `import fastattn` never
+# imports CuPy or matplotlib.
+_LAZY_SUBMODULES = ("cuda", "plotting")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fastattn.{name}")
+    raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "add_position_encoding",
