@@ -61,7 +61,7 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     allowed = attention_mask(s.shape, attn_mask=attn_mask, key_lengths=key_lengths,
                              is_causal=is_causal, causal_alignment=causal_alignment)
     s = np.where(allowed, s, -np.inf)
-    row_max = s.max(axis=-1, keepdims=True)
+    row_max = s.max(axis=-1, keepdims=True, initial=-np.inf)  # Lk = 0: every row empty
     empty = row_max == -np.inf
     with np.errstate(invalid="ignore", over="ignore"):
         e = np.exp(s - np.where(empty, 0.0, row_max))
