@@ -31,15 +31,26 @@ def compute_dtype(dtype, name):
     return out
 
 
+def kernel_addressable(arr):
+    """True when C can address ``arr`` with element strides: the data pointer
+    is aligned for the dtype and every stride is a multiple of the item size
+    (a structured-array field or a byte-offset view is neither)."""
+    item = arr.dtype.itemsize
+    return arr.flags.aligned and all(s % item == 0 for s in arr.strides)
+
+
 def float_array(x, name, dtype=None):
     """``x`` as an ndarray of its compute dtype (or of ``dtype``), native byte
-    order; copies only when the dtype or byte order must change."""
+    order, addressable by the kernels; copies only when the dtype or byte
+    order must change or the memory is misaligned."""
     arr = x if type(x) is np.ndarray else np.asarray(x)
     target = compute_dtype(arr.dtype, name) if dtype is None else dtype
     if arr.dtype is not target and arr.dtype != target:
         if dtype is not None:
             compute_dtype(arr.dtype, name)  # reject complex and friends first
         arr = arr.astype(target)
+    if not kernel_addressable(arr):
+        arr = arr.copy()
     return arr
 
 
@@ -73,7 +84,8 @@ def int_array(values, name):
         raise ValueError(f"{name} must be non-negative, got min {arr.min()}")
     if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} is too large for int64")
-    return arr.astype(np.int64, copy=False)
+    arr = arr.astype(np.int64, copy=False)
+    return arr if kernel_addressable(arr) else arr.copy()
 
 
 def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
@@ -158,7 +170,8 @@ class OutputTarget:
             and not (any(x is y for y in inplace_ok) and same_view(out, x))
             for x in inputs
         )
-        if view is None or overlaps or (contiguous and not view.flags.c_contiguous):
+        if (view is None or overlaps or (contiguous and not view.flags.c_contiguous)
+                or not kernel_addressable(view)):
             self.kernel_view = np.empty(kernel_shape, dtype=dtype)
             self._copy_back = True
         else:

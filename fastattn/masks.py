@@ -20,6 +20,7 @@ from fastattn._validation import (
     float_array,
     index_value,
     int_array,
+    kernel_addressable,
     lengths_view,
 )
 
@@ -130,6 +131,8 @@ def prepare_mask(attn_mask, full_shape, kernel_shape, dtype):
     else:
         compute_dtype(m.dtype, "attn_mask")
         kind, m = _MASK_ADD, m.astype(dtype, copy=False)
+        if not kernel_addressable(m):
+            m = m.copy()
     try:
         mb = np.broadcast_to(m, full_shape)
     except ValueError:
