@@ -9,8 +9,9 @@ kernels never do) so that the semantics can be read off directly:
   to the scaled scores;
 * keys at or after ``key_lengths`` and keys after the causal diagonal are
   masked;
-* a masked key gets probability exactly 0; a row with no key left is all
-  zeros; rows at or after ``query_lengths`` are all zeros.
+* a masked key gets probability exactly 0 (also in a row that a NaN in a
+  valid score makes NaN); a row with no key left is all zeros; rows at or
+  after ``query_lengths`` are all zeros.
 """
 
 import math
@@ -68,6 +69,7 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
         e = np.where(allowed, e, 0.0)
         p = e / e.sum(axis=-1, keepdims=True)
     p = np.where(empty, 0.0, p)
+    p = np.where(allowed, p, 0.0)  # masked keys are exactly 0, even in a NaN row
     if query_lengths is not None:
         ql = _lengths_grid(query_lengths, s.shape[:-2])
         padded = np.arange(s.shape[-2])[:, None] >= ql[..., None, None]
