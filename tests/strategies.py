@@ -245,9 +245,9 @@ def masked_softmax_calls(draw):
         rng = np.random.default_rng(draw(seeds))
         if mask_kind == "bool":
             p = draw(st.sampled_from([0.0, 0.3, 0.8, 1.0]))
-            m = rng.random(mshape) < p
+            m = np.asarray(rng.random(mshape) < p)
         else:
-            m = rng.standard_normal(mshape) * draw(st.sampled_from([0.5, 3.0]))
+            m = np.asarray(rng.standard_normal(mshape) * draw(st.sampled_from([0.5, 3.0])))
             q = draw(st.sampled_from([0.0, 0.3, 1.0]))
             m[rng.random(mshape) < q] = -np.inf
             m = m.astype(draw(float_dtypes))
