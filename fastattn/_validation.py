@@ -78,6 +78,8 @@ def choice(value, name, options):
 def int_array(values, name):
     """Integer lengths as int64, rejecting floats, bools and negatives."""
     arr = np.asarray(values)
+    if arr.size == 0 and not isinstance(values, np.ndarray):
+        arr = arr.astype(np.int64)  # [] is float64 to NumPy
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
     if arr.size and arr.min() < 0:

@@ -103,3 +103,14 @@ def test_odd_out_layouts(name, layout):
     out = S.relayout(np.full(expected.shape, np.nan), layout)
     assert call(out) is out
     assert_close(out, expected)
+
+
+# ---- zero-size axes ---------------------------------------------------------------
+
+
+def test_empty_length_lists():
+    # [] is float64 to NumPy; an empty list of lengths used to be rejected
+    assert fastattn.sequence_mask([], maxlen=3).shape == (0, 3)
+    assert fastattn.sequence_mask([]).shape == (0, 0)
+    assert fastattn.apply_sequence_mask(np.zeros((0, 4)), []).shape == (0, 4)
+    assert fastattn.masked_softmax(np.zeros((0, 2, 3)), key_lengths=[]).shape == (0, 2, 3)
