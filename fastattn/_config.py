@@ -76,6 +76,13 @@ def resolve_num_threads(num_threads):
     return _positive_int(num_threads, "num_threads")
 
 
+# Upper bound on a thread count. OpenMP starts every thread it is asked for:
+# num_threads=200000 exhausted the process's memory maps and crashed the
+# interpreter (segfault) instead of raising. No CPU kernel gains from more
+# threads than this.
+MAX_THREADS = 4096
+
+
 def _positive_int(value, name):
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a positive integer, got {value!r}")
@@ -85,6 +92,8 @@ def _positive_int(value, name):
         raise TypeError(f"{name} must be a positive integer, got {value!r}") from None
     if n < 1:
         raise ValueError(f"{name} must be >= 1, got {n}")
+    if n > MAX_THREADS:
+        raise ValueError(f"{name} must be <= {MAX_THREADS}, got {n}")
     return n
 
 
