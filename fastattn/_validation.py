@@ -31,6 +31,17 @@ def compute_dtype(dtype, name):
     return out
 
 
+def as_array(x, name):
+    """``np.asarray(x)``, with NumPy's conversion errors (ragged nesting,
+    unconvertible objects) reported against the argument's name."""
+    if type(x) is np.ndarray:
+        return x
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} could not be converted to an array: {exc}") from None
+
+
 def kernel_addressable(arr):
     """True when C can address ``arr`` with element strides: the data pointer
     is aligned for the dtype and every stride is a multiple of the item size
@@ -43,7 +54,7 @@ def float_array(x, name, dtype=None):
     """``x`` as an ndarray of its compute dtype (or of ``dtype``), native byte
     order, addressable by the kernels; copies only when the dtype or byte
     order must change or the memory is misaligned."""
-    arr = x if type(x) is np.ndarray else np.asarray(x)
+    arr = as_array(x, name)
     target = compute_dtype(arr.dtype, name) if dtype is None else dtype
     if arr.dtype is not target and arr.dtype != target:
         if dtype is not None:
@@ -77,7 +88,7 @@ def choice(value, name, options):
 
 def int_array(values, name):
     """Integer lengths as int64, rejecting floats, bools and negatives."""
-    arr = np.asarray(values)
+    arr = as_array(values, name)
     if arr.size == 0 and not isinstance(values, np.ndarray):
         arr = arr.astype(np.int64)  # [] is float64 to NumPy
     if arr.dtype.kind not in "iu":

@@ -15,6 +15,7 @@ from fastattn import _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import (
     OutputTarget,
+    as_array,
     choice,
     compute_dtype,
     float_array,
@@ -125,7 +126,7 @@ def prepare_mask(attn_mask, full_shape, kernel_shape, dtype):
     """A user attn_mask as (kind, 4-D broadcast view of ``kernel_shape``)."""
     if attn_mask is None:
         return 0, None
-    m = attn_mask if type(attn_mask) is np.ndarray else np.asarray(attn_mask)
+    m = as_array(attn_mask, "attn_mask")
     if m.dtype == np.bool_:
         kind, m = _MASK_BOOL, m.view(np.uint8)
     else:

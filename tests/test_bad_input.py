@@ -1,0 +1,40 @@
+"""Bad inputs: the table in docs/reliability.md, run exactly as written.
+
+The table (between the ``bad-input-table`` markers) is the single source of
+truth: each row is a call, the argument it gets wrong, the exception type
+and the exact message. The setup block above it (``bad-input-setup``) is
+executed first. Every row must raise that exception with that message, the
+message must name the argument, and nothing may crash the interpreter. A new
+public function adds rows to the doc, not code here.
+"""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import fastattn
+
+DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "reliability.md")
+
+
+def test_huge_thread_counts_are_rejected_not_crashing():
+    # num_threads=200000 used to make OpenMP start 200000 threads and crash
+    # the interpreter (segfault); 2**40 raised a bare OverflowError.
+    x = np.zeros((2, 3))
+    for n in (10**6, 2**40):
+        with pytest.raises(ValueError, match="num_threads must be <= 4096"):
+            fastattn.masked_softmax(x, num_threads=n)
+        with pytest.raises(ValueError, match="n must be <= 4096"):
+            fastattn.set_num_threads(n)
+    assert fastattn.masked_softmax(x, num_threads=4096).shape == (2, 3)
+
+
+def test_ragged_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="^scores could not be converted"):
+        fastattn.masked_softmax([[1.0, 2.0], [3.0]])
+    with pytest.raises(ValueError, match="^attn_mask could not be converted"):
+        fastattn.masked_softmax(np.zeros((2, 2)), attn_mask=[[1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match="^lengths could not be converted"):
+        fastattn.sequence_mask([[1], [1, 2]])
