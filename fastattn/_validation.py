@@ -11,7 +11,9 @@ int32/int64/uint32/uint64 in float64. Complex, object, string, datetime and
 extended-precision inputs raise TypeError.
 """
 
+import math
 import operator
+import sys
 
 import numpy as np
 
@@ -78,6 +80,17 @@ def index_value(value, name):
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def check_result_size(shape, dtype, what):
+    """Reject a result whose byte size overflows the address space before
+    NumPy or C computes it; ``what`` names the arguments that set the shape."""
+    n = math.prod(shape)
+    if n * np.dtype(dtype).itemsize > sys.maxsize:
+        raise ValueError(
+            f"{what} give a result of shape {tuple(shape)} ({n} elements), "
+            f"which overflows the addressable size"
+        )
 
 
 def choice(value, name, options):

@@ -16,6 +16,7 @@ from fastattn._config import resolve_num_threads
 from fastattn._validation import (
     OutputTarget,
     as_array,
+    check_result_size,
     choice,
     compute_dtype,
     float_array,
@@ -58,14 +59,22 @@ def sequence_mask(lengths, maxlen=None, dtype=bool):
            [1, 1, 1, 0]])
     """
     arr = int_array(lengths, "lengths")
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a NumPy dtype, got {dtype!r}") from None
     if maxlen is None:
         maxlen = int(arr.max()) if arr.size else 0
     else:
         maxlen = index_value(maxlen, "maxlen")
         if maxlen < 0:
             raise ValueError(f"maxlen must be non-negative, got {maxlen}")
+        if maxlen > np.iinfo(np.int64).max:
+            # np.arange(2**63, dtype=int64) is silently empty
+            raise ValueError(f"maxlen must be < 2**63, got {maxlen}")
+    check_result_size(arr.shape + (maxlen,), dtype, f"lengths of shape {arr.shape} and maxlen={maxlen}")
     mask = np.arange(maxlen, dtype=np.int64) < arr[..., None]
-    return mask if np.dtype(dtype) == np.bool_ else mask.astype(dtype)
+    return mask if dtype == np.bool_ else mask.astype(dtype)
 
 
 def apply_sequence_mask(x, lengths, *, mode="mul", axis=1, out=None, num_threads=None):

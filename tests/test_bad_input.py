@@ -38,3 +38,16 @@ def test_ragged_inputs_name_the_argument():
         fastattn.masked_softmax(np.zeros((2, 2)), attn_mask=[[1.0], [1.0, 2.0]])
     with pytest.raises(ValueError, match="^lengths could not be converted"):
         fastattn.sequence_mask([[1], [1, 2]])
+
+
+def test_sequence_mask_huge_maxlen():
+    # maxlen=2**63 used to return an empty (1, 0) mask: np.arange(2**63,
+    # dtype=int64) is silently empty
+    with pytest.raises(ValueError, match=r"^maxlen must be < 2\*\*63, got 9223372036854775808"):
+        fastattn.sequence_mask([1], maxlen=2**63)
+    with pytest.raises(ValueError, match="^lengths of shape .* and maxlen=.* overflows"):
+        fastattn.sequence_mask([1, 2], maxlen=2**62)
+    with pytest.raises(MemoryError):
+        fastattn.sequence_mask([1, 2], maxlen=2**50)
+    with pytest.raises(TypeError, match="^dtype must be a NumPy dtype, got 'foo'"):
+        fastattn.sequence_mask([1], dtype="foo")
