@@ -51,3 +51,28 @@ def test_sequence_mask_huge_maxlen():
         fastattn.sequence_mask([1, 2], maxlen=2**50)
     with pytest.raises(TypeError, match="^dtype must be a NumPy dtype, got 'foo'"):
         fastattn.sequence_mask([1], dtype="foo")
+
+
+def test_position_encoding_arguments_are_named():
+    pe = fastattn.sinusoidal_position_encoding
+    # start_index = 2**63 raised a bare OverflowError; 2**63 - 1 the C
+    # kernel's anonymous "array sizes overflow the addressable range"
+    for start in (2**63, 2**63 - 1, -(2**63) - 1):
+        with pytest.raises(ValueError, match="^start_index must be in"):
+            pe(2, 4, start_index=start)
+        with pytest.raises(ValueError, match="^start_index must be in"):
+            fastattn.add_position_encoding(np.zeros((2, 4)), start_index=start)
+    assert pe(1, 4, start_index=2**63 - 2).shape == (1, 4)
+    # NumPy's "array is too big" / "Maximum allowed dimension exceeded"
+    for L, C in ((2**62, 4), (2**40, 2**40), (2**64, 4)):
+        with pytest.raises(ValueError, match=f"^length={L} and channels={C} give a result"):
+            pe(L, C)
+    # AttributeError: 'list' object has no attribute 'strides'
+    with pytest.raises(TypeError, match="^out must be a numpy.ndarray, got list"):
+        pe(2, 4, out=[[0.0] * 4] * 2)
+    with pytest.raises(TypeError, match="^dtype must be float32 or float64, got 'foo'"):
+        pe(2, 4, dtype="foo")
+    with pytest.raises(TypeError, match="^min_timescale must be a real number, got 'abc'"):
+        pe(2, 4, min_timescale="abc")
+    with pytest.raises(TypeError, match="^max_timescale must be a real number, got None"):
+        fastattn.add_position_encoding(np.zeros((2, 4)), max_timescale=None)
