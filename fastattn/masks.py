@@ -197,7 +197,10 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     x = float_array(scores, "scores")
     if x.ndim < 2:
         raise ValueError(f"scores must have at least 2 dimensions (..., Lq, Lk), got shape {x.shape}")
-    causal = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)] if is_causal else 0
+    if not isinstance(is_causal, (bool, np.bool_, int, np.integer)):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}")
+    alignment = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
+    causal = alignment if is_causal else 0
     scale = _real_scalar(scale, "scale")
     lead = x.shape[:-2]
     Lq, Lk = x.shape[-2:]

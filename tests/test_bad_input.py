@@ -76,3 +76,15 @@ def test_position_encoding_arguments_are_named():
         pe(2, 4, min_timescale="abc")
     with pytest.raises(TypeError, match="^max_timescale must be a real number, got None"):
         fastattn.add_position_encoding(np.zeros((2, 4)), max_timescale=None)
+
+
+def test_masked_softmax_causal_arguments():
+    x = np.zeros((2, 3))
+    # an unknown alignment was accepted silently when is_causal was False
+    with pytest.raises(ValueError, match="^causal_alignment must be one of"):
+        fastattn.masked_softmax(x, causal_alignment="bottom-right")
+    # an array raised NumPy's "truth value of an array is ambiguous"
+    with pytest.raises(TypeError, match="^is_causal must be a bool, got ndarray"):
+        fastattn.masked_softmax(x, is_causal=np.array([True, False]))
+    with pytest.raises(TypeError, match="^is_causal must be a bool, got str"):
+        fastattn.masked_softmax(x, is_causal="yes")
