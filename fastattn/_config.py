@@ -63,7 +63,13 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """Thread count a call without ``num_threads`` uses."""
+    """Thread count a call without ``num_threads`` uses.
+
+    1 in the thread that called ``fork()`` in a child process, whatever was
+    set: GNU OpenMP cannot run parallel regions there (docs/reliability.md).
+    """
+    if _kernels.fork_child_serial():
+        return 1
     n = _num_threads
     return n if n is not None else _kernels.default_num_threads()
 

@@ -110,6 +110,11 @@ def build_compiler():
 def build_flags():
     return fa_build_flags().decode()
 
+def fork_child_serial():
+    """True in the thread that called fork() in a child process: its kernels
+    run on one thread (csrc/fork_safety.c)."""
+    return bool(fa_fork_child_serial())
+
 
 # ---- kernels -----------------------------------------------------------------
 
