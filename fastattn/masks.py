@@ -73,7 +73,10 @@ def sequence_mask(lengths, maxlen=None, dtype=bool):
             # np.arange(2**63, dtype=int64) is silently empty
             raise ValueError(f"maxlen must be < 2**63, got {maxlen}")
     check_result_size(arr.shape + (maxlen,), dtype, f"lengths of shape {arr.shape} and maxlen={maxlen}")
-    mask = np.arange(maxlen, dtype=np.int64) < arr[..., None]
+    # the result first: a shape that cannot be allocated fails before the
+    # (maxlen,) index vector is built and filled
+    mask = np.empty(arr.shape + (maxlen,), dtype=bool)
+    np.less(np.arange(maxlen, dtype=np.int64), arr[..., None], out=mask)
     return mask if dtype == np.bool_ else mask.astype(dtype)
 
 
