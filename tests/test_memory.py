@@ -228,3 +228,161 @@ def test_unallocatable_scratch_raises_memoryerror():
     with pytest.raises(MemoryError, match="kernel scratch"):
         fastattn.masked_softmax(scores, out=out, num_threads=1)
 
+
+
+# ---- size arithmetic -----------------------------------------------------------------
+
+TWO31 = 2**31
+
+
+@pytest.fixture(scope="module")
+def sparse_f32():
+    """Two 8 GiB float32 buffers of lazily mapped zero pages: views into them
+    reach element offsets beyond 2**31 (byte offsets beyond 2**33) while
+    touching only a few pages."""
+    try:
+        bufs = [np.zeros(TWO31 + 4096, np.float32) for _ in range(2)]
+    except MemoryError:
+        pytest.skip("cannot map 2 x 8 GiB of virtual memory here")
+    yield bufs
+    del bufs
+    gc.collect()
+
+
+def _far_view(buf, shape, inner_strides):
+    """A view whose first axis steps 2**31 elements (shape[0] == 2)."""
+    strides = (TWO31 * 4,) + tuple(s * 4 for s in inner_strides)
+    return np.lib.stride_tricks.as_strided(buf, shape=shape, strides=strides)
+
+
+@pytest.mark.no_sanitizer
+def test_offsets_beyond_2_31_elements(sparse_f32):
+    src, dst = sparse_f32
+    vals = np.arange(1, 17, dtype=np.float32).reshape(2, 8) / 4
+    src[:8] = vals[0]
+    src[TWO31:TWO31 + 8] = vals[1]
+    x = _far_view(src, (2, 1, 8), (8, 1))           # rows at 0 and 2**31
+    dense = np.array(x)
+    out = _far_view(dst, (2, 1, 8), (8, 1))
+    checks = [
+        (lambda o: fastattn.masked_softmax(x, key_lengths=[8, 5], out=o),
+         reference.masked_softmax(dense, key_lengths=[8, 5])),
+        (lambda o: fastattn.apply_sequence_mask(x, [1, 0], axis=2, out=o),
+         reference.apply_sequence_mask(dense, [1, 0], axis=2)),
+        (lambda o: fastattn.add_position_encoding(x, start_index=3, out=o),
+         reference.add_position_encoding(dense, start_index=3)),
+    ]
+    for call, expected in checks:
+        dst[:8] = np.nan
+        dst[TWO31:TWO31 + 8] = np.nan
+        assert call(out) is out
+        assert_close(out, expected)
+    assert_close(fastattn.split_heads(x, 2), reference.split_heads(dense, 2))
+    x4 = _far_view(src, (2, 1, 2, 4), (8, 4, 1))
+    assert_close(fastattn.merge_heads(x4), reference.merge_heads(np.array(x4)))
+    table = _far_view(dst, (2, 8), (1,))
+    fastattn.sinusoidal_position_encoding(2, 8, out=table)
+    assert_close(table, reference.sinusoidal_position_encoding(2, 8))
+
+
+class View4(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("stride", ctypes.c_int64 * 4)]
+
+
+def _capi():
+    lib = ctypes.CDLL(fastattn._kernels.__file__)
+    i64, i32 = ctypes.c_int64, ctypes.c_int
+    lib.fa_masked_softmax.argtypes = [i32, View4, View4, i64, i64, i64, i64, ctypes.c_double,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, i32, i32]
+    lib.fa_apply_sequence_mask.argtypes = [i32, View4, View4, i64, i64, i64, i64,
+                                           ctypes.c_void_p, i32, i32]
+    lib.fa_split_heads.argtypes = [i32, View4, ctypes.c_void_p, i64, i64, i64, i64, i32]
+    lib.fa_merge_heads.argtypes = [i32, View4, ctypes.c_void_p, i64, i64, i64, i64, i32]
+    lib.fa_position_encoding.argtypes = [i32, ctypes.c_void_p, i64, i64, i64, ctypes.c_void_p, i32]
+    lib.fa_add_position_encoding.argtypes = [i32, View4, View4, i64, i64, i64, ctypes.c_void_p, i32]
+    return lib
+
+
+class PEParams(ctypes.Structure):
+    _fields_ = [("layout", ctypes.c_int), ("min_timescale", ctypes.c_double),
+                ("max_timescale", ctypes.c_double), ("start_index", ctypes.c_int64)]
+
+
+FA_ERR_OVERFLOW = 2
+
+
+@pytest.mark.parametrize("dims,strides", [
+    ((2**32, 2**32, 2**32, 1), (1, 1, 1, 1)),        # element count overflows int64
+    ((2**62, 4, 1, 1), (0, 0, 0, 0)),                 # likewise, with zero strides
+    ((4, 4, 4, 4), (2**62, 1, 1, 1)),                 # largest offset overflows int64
+    ((2, 2, 2, 2), (2**61, 0, 0, 1)),                 # offset * item size overflows
+], ids=["count", "count-zero-strides", "offset", "bytes"])
+def test_c_entry_points_reject_overflowing_sizes(dims, strides):
+    """The C side re-checks sizes instead of trusting Python: counts and
+    offsets past int64 return FA_ERR_OVERFLOW without touching memory."""
+    lib = _capi()
+    buf = np.zeros(64, np.float32)
+    v = View4(buf.ctypes.data, (ctypes.c_int64 * 4)(*strides))
+    u = View4(buf.ctypes.data, (ctypes.c_int64 * 4)(1, 1, 1, 1))
+    lens = np.zeros(max(dims[0], 1) if dims[0] < 2**20 else 1, np.int64)
+    pe = PEParams(0, 1.0, 1e4, 0)
+    assert lib.fa_masked_softmax(0, v, u, *dims, 1.0, None, None, None, 0, 1) == FA_ERR_OVERFLOW
+    assert lib.fa_masked_softmax(0, u, v, *dims, 1.0, None, None, None, 0, 1) == FA_ERR_OVERFLOW
+    assert lib.fa_apply_sequence_mask(0, v, u, *dims, lens.ctypes.data, 0, 1) == FA_ERR_OVERFLOW
+    assert lib.fa_split_heads(4, v, buf.ctypes.data, *dims, 1) == FA_ERR_OVERFLOW
+    assert lib.fa_merge_heads(4, v, buf.ctypes.data, *dims, 1) == FA_ERR_OVERFLOW
+    # (B, L, C) = the first three dims; its view uses the first three strides
+    assert lib.fa_add_position_encoding(0, v, u, *dims[:3], ctypes.byref(pe), 1) \
+        == FA_ERR_OVERFLOW
+    assert lib.fa_position_encoding(0, buf.ctypes.data, 2**62, 4, 4, ctypes.byref(pe), 1) \
+        == FA_ERR_OVERFLOW
+    assert (buf == 0).all()
+
+
+# ---- RSS and malloc'd bytes flat over many calls -------------------------------------
+
+MEMORY_CALLS = int(os.environ.get("FASTATTN_MEMORY_CALLS", "100000"))
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+
+
+def _malloc_in_use():
+    """Bytes the C allocator has handed out and not freed (glibc), or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        f = libc.mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return None
+    f.restype = MallInfo2
+    info = f()
+    return info.uordblks + info.hblkhd
+
+
+def _rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.no_sanitizer
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+@pytest.mark.parametrize("name", sorted(S.SMALL_CALLS))
+def test_memory_flat_over_many_calls(name):
+    """RSS within 4 MiB and malloc'd bytes within 64 KiB over MEMORY_CALLS
+    calls (a leak of a few bytes per call shows in the second)."""
+    call = S.SMALL_CALLS[name]
+    kw = {"num_threads": 2} if name in S.THREADED else {}
+    for _ in range(2000):
+        call(**kw)
+    gc.collect()
+    rss0, heap0 = _rss(), _malloc_in_use()
+    for _ in range(MEMORY_CALLS):
+        call(**kw)
+    gc.collect()
+    rss1, heap1 = _rss(), _malloc_in_use()
+    assert rss1 - rss0 < 4 * 2**20, f"{name}: RSS grew {(rss1 - rss0) / 2**20:.2f} MiB"
+    if heap0 is not None:
+        assert heap1 - heap0 < 64 * 2**10, f"{name}: malloc'd bytes grew {heap1 - heap0}"
