@@ -93,7 +93,7 @@ settings.register_profile("ci", max_examples=500, deadline=None, suppress_health
                           print_blob=True)
 settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=_HC,
                           print_blob=True)
-settings.register_profile("sanitize", max_examples=60, deadline=None,
+settings.register_profile("sanitize", max_examples=200, deadline=None,
                           suppress_health_check=_HC, print_blob=True)
 settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=_HC)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

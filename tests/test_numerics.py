@@ -214,6 +214,7 @@ def test_scale_zero_is_uniform_over_valid_keys(dtype, n):
 
 
 @ALL
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_scale_zero_times_inf_is_nan(dtype):
     x = np.array([[np.inf, 0.0, 0.0]], dtype)
     y = check_oracle(x, scale=0.0)

@@ -11,7 +11,7 @@ untouched unless written in place.
 
 A new public function is one entry in ``CASES``. Example counts come from
 the hypothesis profile (conftest.py): ``ci`` (the default, 500 per
-function), ``long`` (5,000) or ``sanitize`` (60), chosen with
+function), ``long`` (5,000) or ``sanitize`` (200), chosen with
 ``HYPOTHESIS_PROFILE``.
 """
 
