@@ -127,7 +127,12 @@ def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
     elif len(lead_shape) >= 1 and arr.shape == (lead_shape[0],):
         view = np.broadcast_to(arr.reshape(B, 1), (B, M))
     else:
-        expected = f"({lead_shape[0]},) or {tuple(lead_shape)}" if lead_shape else "()"
+        if not lead_shape:
+            expected = "()"
+        elif len(lead_shape) == 1:
+            expected = f"({lead_shape[0]},)"
+        else:
+            expected = f"({lead_shape[0]},) or {tuple(lead_shape)}"
         raise ValueError(
             f"{name} must have shape {expected} for scores of leading shape "
             f"{tuple(lead_shape)}, got {arr.shape}"
