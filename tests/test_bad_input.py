@@ -17,6 +17,64 @@ import pytest
 import fastattn
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "reliability.md")
+MIN_ROWS = 40
+
+
+def _cell(text):
+    text = text.strip().replace("\\|", "|")
+    if len(text) >= 2 and text[0] == "`" and text[-1] == "`":
+        text = text[1:-1]
+    return text
+
+
+def load_table():
+    """(setup code, rows) from docs/reliability.md; each row is
+    (number, call, argument, exception name, message)."""
+    with open(DOC, encoding="utf-8") as fh:
+        doc = fh.read()
+    setup = re.search(r"<!-- bad-input-setup -->\s*```python\n(.*?)```", doc, re.S)
+    table = re.search(r"<!-- bad-input-table:start -->\n(.*?)<!-- bad-input-table:end -->", doc, re.S)
+    assert setup and table, "docs/reliability.md lost its bad-input markers"
+    rows = []
+    for line in table.group(1).splitlines()[2:]:  # skip header and rule
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        assert len(cells) == 5, f"malformed table row: {line!r}"
+        rows.append(tuple(_cell(c) for c in cells))
+    return setup.group(1), rows
+
+
+SETUP, ROWS = load_table()
+
+
+def test_table_is_complete():
+    assert len(ROWS) >= MIN_ROWS
+    assert [int(r[0]) for r in ROWS] == list(range(1, len(ROWS) + 1)), "rows must be numbered 1..n"
+    calls = [r[1] for r in ROWS]
+    assert len(set(calls)) == len(calls), "duplicate rows"
+    for name in fastattn.__all__:
+        if callable(getattr(fastattn, name)) and name not in ("get_isa", "get_num_threads",
+                                                              "available_isas", "show_config"):
+            assert any(f"fa.{name}(" in c for c in calls), f"no bad-input row for {name}"
+
+
+@pytest.mark.parametrize("number,call,argument,exc_name,message", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_row(number, call, argument, exc_name, message):
+    ns = {}
+    exec(SETUP, ns)
+    saved = (fastattn.get_isa(), fastattn._config._num_threads)
+    try:
+        with pytest.raises(Exception) as info:
+            eval(call, ns)
+    finally:
+        fastattn.set_isa(saved[0])
+        fastattn.set_num_threads(saved[1])
+    got = str(info.value)
+    assert type(info.value).__name__ == exc_name, f"row {number}: {type(info.value).__name__}: {got}"
+    if message.endswith("…"):
+        assert got.startswith(message[:-1]), f"row {number}: message {got!r}"
+    else:
+        assert got == message, f"row {number}: message {got!r}"
+    assert argument in got, f"row {number}: the message does not name {argument!r}"
 
 
 def test_huge_thread_counts_are_rejected_not_crashing():
