@@ -7,8 +7,9 @@ Two things live here:
   shapes with length-1, vector-width-edge and large axes, dtypes (native and
   promoted), memory layouts (C, F, strided, negative strides, slices,
   transposes, broadcasts, read-only, non-native byte order, misaligned,
-  structured-field views), every mask kind and their combinations, lengths
-  including 0 and full, ISA levels and thread counts. A drawn ``Call`` is
+  structured-field views), every mask kind and their combinations
+  (``mask_kwargs``), lengths including 0 and full, GQA head ratios
+  (``gqa_heads``, for attention), ISA levels and thread counts. A drawn ``Call`` is
   run against ``fastattn`` and ``fastattn.reference`` by test_properties.py;
 * ``SMALL_CALLS``: one small, fixed, read-only-input call per kernel, used by
   the concurrency, fork and memory tests. A new kernel is one entry there.
@@ -228,16 +229,14 @@ def _maybe_inplace(draw, x, kwargs):
 
 
 @st.composite
-def masked_softmax_calls(draw):
-    budget = draw(budgets)
-    Lk = draw(axis_length(budget, zero=True))
-    Lq = draw(axis_length(budget // max(Lk, 1), zero=True))
-    nlead = draw(st.integers(0, 3))
-    lead = draw(lead_shape(nlead, max(1, budget // max(Lq * Lk, 1)), zero=True))
-    shape = lead + (Lq, Lk)
-    x = draw(float_input(shape))
+def mask_kwargs(draw, shape):
+    """Masks for scores of ``shape`` = (..., Lq, Lk): a bool or additive
+    ``attn_mask`` of any broadcastable shape and layout, ``key_lengths`` and
+    ``query_lengths`` of either accepted shape, causality with either
+    alignment -- each optional, so every combination occurs. Reusable for
+    scaled_dot_product_attention (shape = (B, H, Lq, Lk))."""
+    lead, (Lq, Lk) = shape[:-2], shape[-2:]
     kw = {}
-    # every mask kind, alone or combined
     mask_kind = draw(st.sampled_from([None, None, "bool", "add"]))
     if mask_kind is not None:
         mshape = [d if draw(st.booleans()) else 1 for d in shape]
@@ -263,6 +262,28 @@ def masked_softmax_calls(draw):
     if draw(st.booleans()):
         kw["is_causal"] = True
         kw["causal_alignment"] = draw(st.sampled_from(["top_left", "bottom_right"]))
+    return kw
+
+
+@st.composite
+def gqa_heads(draw, max_heads=16):
+    """(query heads, key/value heads) with Hq % Hkv == 0: MHA (ratio 1), GQA
+    (2, 4, 8) and MQA (Hkv = 1). For scaled_dot_product_attention."""
+    hkv = draw(st.sampled_from([1, 1, 2, 3, 4]))
+    ratio = draw(st.sampled_from([r for r in (1, 2, 4, 8) if hkv * r <= max_heads] or [1]))
+    return hkv * ratio, hkv
+
+
+@st.composite
+def masked_softmax_calls(draw):
+    budget = draw(budgets)
+    Lk = draw(axis_length(budget, zero=True))
+    Lq = draw(axis_length(budget // max(Lk, 1), zero=True))
+    nlead = draw(st.integers(0, 3))
+    lead = draw(lead_shape(nlead, max(1, budget // max(Lq * Lk, 1)), zero=True))
+    shape = lead + (Lq, Lk)
+    x = draw(float_input(shape))
+    kw = draw(mask_kwargs(shape))
     scale = draw(st.sampled_from([None, 1.0, 0.125, 0.5, 2.0, 0.0, -1.0, np.float32(0.3), 3]))
     if scale is not None:
         kw["scale"] = scale
