@@ -165,6 +165,13 @@ int fa_add_position_encoding(int dtype, fa_view4 x, fa_view4 y,
                              int64_t B, int64_t length, int64_t channels,
                              const fa_pe_params *p, int num_threads);
 
+/* ---- fork safety (csrc/fork_safety.c, docs/reliability.md) -------------
+ * 1 when the calling thread is the one that called fork() in a child process
+ * (or descends from it through further forks): GNU OpenMP's worker pool did
+ * not survive the fork, so that thread's kernels run on one thread. 0 in
+ * the parent and in threads the child starts later. */
+int fa_fork_child_serial(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -134,7 +134,8 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t M,
     int64_t per_thread = 0;
     if (strided) {
         /* xbuf + ybuf + mask row (the mask row in the widest element) */
-        if (!fa_mul_ok(Lk, 3 * esize, &per_thread)) return FA_ERR_OVERFLOW;
+        if (!fa_mul_ok(Lk, 3 * esize, &per_thread) || per_thread > INT64_MAX - 63)
+            return FA_ERR_OVERFLOW;
         per_thread = (per_thread + 63) & ~(int64_t)63;
         scratch = fa_scratch_alloc(per_thread, nthreads);
         if (scratch == NULL) return FA_ERR_NOMEM;

@@ -58,10 +58,18 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
         y[j] = t;
         mx = t > mx ? t : mx;
     }
-    /* A NaN may have been dropped by max; it still poisons the sum below. */
+    /* A NaN may have been dropped by max; it still poisons the sum below.
+     * A max of -inf means no key is above -inf -- unless max skipped a NaN
+     * (a NaN is the only kept score, or the others are -inf): that row must
+     * come out NaN, not empty. The scan runs only for such rows. */
     if (mx == neg_inf) {
-        memset(out, 0, (size_t)n * sizeof(T));
-        return;
+        int64_t q = 0;
+        while (q < n && y[q] == y[q]) ++q;
+        if (q == n) {
+            memset(out, 0, (size_t)n * sizeof(T));
+            return;
+        }
+        mx = y[q]; /* NaN: every e_j and the sum become NaN */
     }
 
     /* pass 2: exponentiate and sum */
@@ -93,8 +101,13 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
         for (; j + VL <= n; j += VL) V_STREAM(out + j, V_MUL(V_LOADU(y + j), vinv));
         for (; j < n; ++j) out[j] = y[j] * inv;
         fa_stream_fence();
-        return;
+    } else {
+        for (; j + VL <= n; j += VL) V_STOREU(y + j, V_MUL(V_LOADU(y + j), vinv));
+        for (; j < n; ++j) y[j] *= inv;
     }
-    for (; j + VL <= n; j += VL) V_STOREU(y + j, V_MUL(V_LOADU(y + j), vinv));
-    for (; j < n; ++j) y[j] *= inv;
+    /* A NaN row: keys the bool mask drops are still exactly 0 (their e_j = 0
+     * times 1/NaN made them NaN above). */
+    if (keep && sum != sum)
+        for (j = 0; j < n; ++j)
+            if (!keep[j]) out[j] = (T)0;
 }

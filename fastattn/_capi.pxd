@@ -74,3 +74,7 @@ cdef extern from "fastattn.h" nogil:
     int fa_add_position_encoding(int dtype, fa_view4 x, fa_view4 y,
                                  int64_t B, int64_t length, int64_t channels,
                                  const fa_pe_params *p, int num_threads)
+
+# ---- fork safety (csrc/fork_safety.c) ------------------------------------------
+cdef extern from "fastattn.h" nogil:
+    int fa_fork_child_serial()

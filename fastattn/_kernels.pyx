@@ -34,6 +34,15 @@ cdef inline int dtype_code(cnp.ndarray a) except -1:
     raise TypeError(f"fastattn: kernel dtype must be float32 or float64, got {a.dtype}")
 
 
+cdef inline int64_t elem_stride(Py_ssize_t stride, Py_ssize_t item) except? -1:
+    """A byte stride in elements. The Python layer copies arrays whose strides
+    are not whole elements (e.g. structured-array fields); this guard turns a
+    miss there into an error instead of silently wrong addresses."""
+    if stride % item:
+        raise ValueError(f"fastattn: stride {stride} is not a multiple of the item size {item}")
+    return stride // item
+
+
 cdef inline fa_view4 view4(cnp.ndarray a) except *:
     """A 4-D array as a C view: base pointer and strides in elements."""
     cdef fa_view4 v
@@ -41,7 +50,7 @@ cdef inline fa_view4 view4(cnp.ndarray a) except *:
     cdef int i
     v.data = cnp.PyArray_DATA(a)
     for i in range(4):
-        v.stride[i] = cnp.PyArray_STRIDES(a)[i] // item
+        v.stride[i] = elem_stride(cnp.PyArray_STRIDES(a)[i], item)
     return v
 
 
@@ -51,7 +60,7 @@ cdef inline fa_view4 view3(cnp.ndarray a) except *:
     cdef int i
     v.data = cnp.PyArray_DATA(a)
     for i in range(3):
-        v.stride[i] = cnp.PyArray_STRIDES(a)[i] // item
+        v.stride[i] = elem_stride(cnp.PyArray_STRIDES(a)[i], item)
     v.stride[3] = 0
     return v
 
@@ -67,8 +76,8 @@ cdef inline fa_lengths_view lengths2(object a) except *:
         return v
     arr = <cnp.ndarray>a
     v.data = <const int64_t *>cnp.PyArray_DATA(arr)
-    v.stride_b = cnp.PyArray_STRIDES(arr)[0] // 8
-    v.stride_m = cnp.PyArray_STRIDES(arr)[1] // 8
+    v.stride_b = elem_stride(cnp.PyArray_STRIDES(arr)[0], 8)
+    v.stride_m = elem_stride(cnp.PyArray_STRIDES(arr)[1], 8)
     return v
 
 
@@ -86,10 +95,10 @@ cdef inline fa_mask_view mask4(object mask, int kind) except *:
     item = cnp.PyArray_ITEMSIZE(m)
     mv.data = cnp.PyArray_DATA(m)
     mv.kind = kind
-    mv.stride_b = cnp.PyArray_STRIDES(m)[0] // item
-    mv.stride_m = cnp.PyArray_STRIDES(m)[1] // item
-    mv.stride_q = cnp.PyArray_STRIDES(m)[2] // item
-    mv.stride_k = cnp.PyArray_STRIDES(m)[3] // item
+    mv.stride_b = elem_stride(cnp.PyArray_STRIDES(m)[0], item)
+    mv.stride_m = elem_stride(cnp.PyArray_STRIDES(m)[1], item)
+    mv.stride_q = elem_stride(cnp.PyArray_STRIDES(m)[2], item)
+    mv.stride_k = elem_stride(cnp.PyArray_STRIDES(m)[3], item)
     return mv
 
 
@@ -131,6 +140,11 @@ def build_compiler():
 
 def build_flags():
     return fa_build_flags().decode()
+
+def fork_child_serial():
+    """True in the thread that called fork() in a child process: its kernels
+    run on one thread (csrc/fork_safety.c)."""
+    return bool(fa_fork_child_serial())
 
 
 # ---- kernels -----------------------------------------------------------------
@@ -233,7 +247,7 @@ def position_encoding(cnp.ndarray out, int layout, double min_timescale,
     cdef int dt = dtype_code(out)
     cdef fa_pe_params p = pe_params(layout, min_timescale, max_timescale, start_index)
     cdef void *op = cnp.PyArray_DATA(out)
-    cdef int64_t rs = cnp.PyArray_STRIDES(out)[0] // cnp.PyArray_ITEMSIZE(out)
+    cdef int64_t rs = elem_stride(cnp.PyArray_STRIDES(out)[0], cnp.PyArray_ITEMSIZE(out))
     cdef int64_t L = out.shape[0], C = out.shape[1]
     cdef int st
     with nogil:

@@ -9,8 +9,9 @@ kernels never do) so that the semantics can be read off directly:
   to the scaled scores;
 * keys at or after ``key_lengths`` and keys after the causal diagonal are
   masked;
-* a masked key gets probability exactly 0; a row with no key left is all
-  zeros; rows at or after ``query_lengths`` are all zeros.
+* a masked key gets probability exactly 0 (also in a row that a NaN in a
+  valid score makes NaN); a row with no key left is all zeros; rows at or
+  after ``query_lengths`` are all zeros.
 """
 
 import math
@@ -66,13 +67,14 @@ def _softmax64(s, attn_mask, key_lengths, query_lengths, is_causal, causal_align
     allowed = attention_mask(s.shape, attn_mask=attn_mask, key_lengths=key_lengths,
                              is_causal=is_causal, causal_alignment=causal_alignment)
     s = np.where(allowed, s, -np.inf)
-    row_max = s.max(axis=-1, keepdims=True)
+    row_max = s.max(axis=-1, keepdims=True, initial=-np.inf)  # Lk = 0: every row empty
     empty = row_max == -np.inf
     with np.errstate(invalid="ignore", over="ignore"):
         e = np.exp(s - np.where(empty, 0.0, row_max))
         e = np.where(allowed, e, 0.0)
         p = e / e.sum(axis=-1, keepdims=True)
     p = np.where(empty, 0.0, p)
+    p = np.where(allowed, p, 0.0)  # masked keys are exactly 0, even in a NaN row
     if query_lengths is not None:
         ql = _lengths_grid(query_lengths, s.shape[:-2])
         padded = np.arange(s.shape[-2])[:, None] >= ql[..., None, None]
@@ -91,9 +93,9 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                            compute_dtype(v.dtype, "v"))
     three_d = q.ndim == 3
     if three_d:
+        if attn_mask is not None:  # broadcast to (B, Lq, Lk), then add the head axis
+            attn_mask = np.broadcast_to(attn_mask, (q.shape[0], q.shape[1], k.shape[1]))[:, None]
         q, k, v = q[:, None], k[:, None], v[:, None]
-        if attn_mask is not None:
-            attn_mask = np.expand_dims(np.asarray(attn_mask), -3)
     q, k, v = (x.astype(np.float64) for x in (q, k, v))
     H, Hkv = q.shape[1], k.shape[1]
     # grouped-query attention: query head h reads kv head h // (H // Hkv)
