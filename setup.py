@@ -177,6 +177,15 @@ def _extensions():
             include_dirs=[CSRC, numpy.get_include()],
             define_macros=np_macros,
         ),
+        # The projections' GEMMs: scipy.linalg.cython_blas (sgemm/dgemm), so
+        # no BLAS is linked by hand; cython finds its .pxd in the installed
+        # scipy (a build requirement).
+        Extension(
+            "fastattn._blas",
+            sources=["fastattn/_blas.pyx"],
+            include_dirs=[numpy.get_include()],
+            define_macros=np_macros,
+        ),
     ]
     return cythonize(exts, compiler_directives=directives, quiet=True)
 

@@ -19,6 +19,8 @@ from fastattn._config import _apply_isa_env
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.heads import merge_heads, split_heads
 from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
+from fastattn.mha import KVCache, MultiHeadAttention
+from fastattn.rotary import alibi_slopes, apply_rotary
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
 
 _apply_isa_env()
@@ -26,7 +28,11 @@ del _apply_isa_env
 
 __all__ = [
     "__version__",
+    "KVCache",
+    "MultiHeadAttention",
     "add_position_encoding",
+    "alibi_slopes",
+    "apply_rotary",
     "apply_sequence_mask",
     "available_isas",
     "get_isa",
