@@ -60,6 +60,8 @@ cdef inline int64_t _row_stride(cnp.ndarray a, int axis, int64_t cols) except -2
 
 
 cdef inline int _unit_last(cnp.ndarray a, str name) except -1:
+    if cnp.PyArray_SIZE(a) == 0:
+        return 0
     if a.shape[a.ndim - 1] > 1 and cnp.PyArray_STRIDES(a)[a.ndim - 1] != cnp.PyArray_ITEMSIZE(a):
         raise ValueError(f"fastattn._blas: {name} needs a unit last-axis stride")
     return 0
@@ -152,6 +154,8 @@ def matmul(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias=None, object
     _check_2d(w, "w", K, N)
     if c.shape[0] != B or c.shape[1] != M or c.shape[2] != N:
         raise ValueError("fastattn._blas.matmul: c must have shape (B, M, N)")
+    if B == 0 or M == 0 or N == 0:
+        return
     _unit_last(a, "a")
     _unit_last(w, "w")
     _unit_last(c, "c")

@@ -104,12 +104,12 @@ def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_thr
     x4 = arr.reshape(kshape)
     if D > 1 and x4.strides[-1] != x4.itemsize:
         x4 = np.ascontiguousarray(x4)
-    target = OutputTarget(out, arr.shape, kshape, arr.dtype, inputs=(arr,), inplace_ok=(arr,))
+    # the kernel writes whole rows: an out with a strided last axis gets a
+    # buffer that is copied back
+    strided_out = isinstance(out, np.ndarray) and out.ndim and D > 1 and out.strides[-1] != out.itemsize
+    target = OutputTarget(out, arr.shape, kshape, arr.dtype, inputs=(arr,), inplace_ok=(arr,),
+                          contiguous=bool(strided_out))
     y4 = target.kernel_view
-    if y4.strides[-1] != y4.itemsize and D > 1:
-        # out with a strided last axis: compute into a buffer, copy back
-        target = OutputTarget(out, arr.shape, kshape, arr.dtype, inputs=(arr, out), contiguous=True)
-        y4 = target.kernel_view
     if y4.size == 0:
         return target.finish()
     # one table row per element of positions; heads that share a position
