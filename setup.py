@@ -110,6 +110,13 @@ class FastattnBuildExt(build_ext):
         return [flag]
 
     def build_extension(self, ext):
+        if ext.name == "fastattn._blas":
+            # its GEMMs split their columns over the OpenMP threads (prange),
+            # the same libgomp pool as the C kernels
+            omp = self._probe_openmp()
+            ext.extra_compile_args = list(ext.extra_compile_args or []) + omp
+            ext.extra_link_args = list(ext.extra_link_args or []) + omp
+            return super().build_extension(ext)
         if ext.name != "fastattn._kernels":
             return super().build_extension(ext)
         omp = self._probe_openmp()

@@ -9,9 +9,9 @@ fastattn.set_num_threads, and threadpoolctl for the OpenBLAS that the
 projections use), float32, batch first, torch in eval mode under
 torch.inference_mode() with need_weights=False. fastattn's weights are
 converted from the torch module (from_torch), and the outputs are compared
-before timing. Each repeat times one fastattn call and one torch call
-back to back, so that load from other processes hits both alike; the
-table shows medians.
+before timing. The peers are timed in alternating blocks (see _timeit),
+so that load from other processes hits both alike; the table shows
+medians.
 
 Cases (E = 768, H = 12, B = 1):
   * self-attention at S = 128 and S = 512;
@@ -34,17 +34,25 @@ import numpy as np
 import fastattn
 
 
-def _timeit(fns, repeats, warmup=3):
-    """Interleaved timing of several callables; medians in ms."""
-    for _ in range(warmup):
-        for f in fns:
-            f()
+def _timeit(fns, repeats, block=3, pause=0.05):
+    """Medians in ms of several callables, timed in alternating blocks.
+
+    Each round runs every callable in turn: a pause, one untimed call, then
+    ``block`` timed calls back to back. The pause lets the other library's
+    idle worker threads stop spinning (OpenMP and OpenBLAS workers
+    busy-wait for a while after a parallel call and would otherwise steal
+    a core from whichever library runs next); the block measures
+    steady-state back-to-back calls; alternating rounds spread machine load
+    evenly over the peers."""
     times = [[] for _ in fns]
-    for _ in range(repeats):
+    for _ in range(max(1, repeats // block)):
         for i, f in enumerate(fns):
-            t0 = time.perf_counter()
+            time.sleep(pause)
             f()
-            times[i].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                f()
+                times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) * 1e3 for t in times]
 
 
@@ -73,7 +81,7 @@ def main():
     with threadpool_limits(limits=T), torch.inference_mode():
         print(f"fastattn {fastattn.__version__} ({fastattn.get_isa()}, {T} threads) vs "
               f"torch {torch.__version__} ({torch.get_num_threads()} threads); medians of "
-              f"{args.repeats} interleaved repeats")
+              f"{args.repeats} calls each, in alternating blocks")
         results = {}
         for S in (128, 512):
             x = rng.standard_normal((1, S, E), dtype=np.float32)

@@ -21,6 +21,7 @@ here only guard memory safety (ranks, unit last strides, leading dimensions,
 32-bit BLAS sizes).
 """
 cimport numpy as cnp
+from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 
@@ -34,6 +35,9 @@ cnp.import_array()
 cdef enum:
     GEMV_MAX_ROWS = 2
     BLAS_INT_MAX = 2147483647
+    # below this many multiply-adds a product stays on one thread: an OpenMP
+    # fork/join costs a few microseconds, ~2^18 multiply-adds on one core
+    PARALLEL_MIN_FLOPS = 262144
 
 
 cdef int _check_2d(cnp.ndarray a, str name, int64_t rows, int64_t cols) except -1:
@@ -117,26 +121,72 @@ cdef void _product(int dbl, char *a, int64_t lda, char *w, int64_t ldw, char *c,
               <float *>c, &ldc_)
 
 
-def matmul(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias=None, object rows=None,
-           double alpha=1.0):
+cdef const int64_t *_row_bounds(object arr, int64_t B, int64_t M, str name) except? NULL:
+    """None, or a contiguous (B,) int64 array of row indices within [0, M]."""
+    cdef cnp.ndarray a
+    cdef const int64_t *p
+    cdef int64_t b
+    if arr is None:
+        return NULL
+    a = <cnp.ndarray>arr
+    if (a.ndim != 1 or a.shape[0] != B or cnp.PyArray_TYPE(a) != cnp.NPY_INT64
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+        raise ValueError(f"fastattn._blas.matmul: {name} must be a contiguous ({B},) int64 array")
+    p = <const int64_t *>cnp.PyArray_DATA(a)
+    for b in range(B):
+        if p[b] < 0 or p[b] > M:
+            raise ValueError(f"fastattn._blas.matmul: {name} out of range")
+    return p
+
+
+cdef void _product_mt(int dbl, char *a, int64_t lda, char *w, int64_t ldw, char *c, int64_t ldc,
+                      int64_t M, int64_t N, int64_t K, const char *bias, double alpha,
+                      int nthreads) noexcept nogil:
+    """_product with the columns split over nthreads OpenMP threads, in
+    blocks of whole cache lines; BLAS itself must run single-threaded."""
+    cdef int64_t item = 8 if dbl else 4
+    cdef int64_t align = 64 // item
+    cdef int64_t per, n0, n1
+    cdef const char *bb
+    cdef int t
+    if nthreads <= 1 or N < 2 * align or M * N * K < PARALLEL_MIN_FLOPS:
+        _product(dbl, a, lda, w, ldw, c, ldc, M, N, K, bias, alpha)
+        return
+    per = (N + nthreads - 1) // nthreads
+    per = (per + align - 1) // align * align
+    for t in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        n0 = t * per
+        n1 = n0 + per
+        if n1 > N:
+            n1 = N
+        bb = bias
+        if bb != NULL:
+            bb = bb + n0 * item
+        if n1 > n0:
+            _product(dbl, a, lda, w + n0 * item, ldw, c + n0 * item, ldc, M, n1 - n0, K, bb, alpha)
+
+
+def matmul(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias=None, object row_start=None,
+           object row_stop=None, double alpha=1.0, int num_threads=1):
     """``c[b, r0:r1] = alpha * a[b, r0:r1] @ w (+ bias)`` for every b, with
-    ``(r0, r1) = rows[b]``.
+    ``r0 = row_start[b]`` (default 0) and ``r1 = row_stop[b]`` (default M).
 
     a (B, M, K), w (K, N), c (B, M, N): one dtype (float32 or float64), unit
     last-axis strides, any row and batch strides (column blocks of a wider
-    buffer are fine). bias: None or a contiguous (N,) array. rows: None (all
-    M rows) or a contiguous (B, 2) int64 array of [start, stop) row ranges
-    within [0, M]; other rows are left untouched. Without rows, when the
-    batches are evenly spaced in a and c, one BLAS call covers them all.
+    buffer are fine). bias: None or a contiguous (N,) array. row_start,
+    row_stop: None or contiguous (B,) int64 arrays within [0, M]; rows
+    outside [r0, r1) are left untouched. Without them, when the batches are
+    evenly spaced in a and c, one BLAS call covers them all.
     """
     cdef int dbl
     cdef int64_t B, M, K, N, lda, ldw, ldc, sab, scb, item, b, r0, r1
-    cdef const int64_t *rp = NULL
+    cdef const int64_t *r0p
+    cdef const int64_t *r1p
     cdef const char *bp = NULL
     cdef char *ap
     cdef char *wp
     cdef char *cp
-    cdef cnp.ndarray rows_a, bias_a
+    cdef cnp.ndarray bias_a
     if a.ndim != 3 or c.ndim != 3:
         raise ValueError("fastattn._blas.matmul: a and c must be 3-D")
     if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64:
@@ -154,6 +204,8 @@ def matmul(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias=None, object
     _check_2d(w, "w", K, N)
     if c.shape[0] != B or c.shape[1] != M or c.shape[2] != N:
         raise ValueError("fastattn._blas.matmul: c must have shape (B, M, N)")
+    r0p = _row_bounds(row_start, B, M, "row_start")
+    r1p = _row_bounds(row_stop, B, M, "row_stop")
     if B == 0 or M == 0 or N == 0:
         return
     _unit_last(a, "a")
@@ -173,25 +225,18 @@ def matmul(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias=None, object
                 or not cnp.PyArray_IS_C_CONTIGUOUS(bias_a)):
             raise ValueError("fastattn._blas.matmul: bias must be a contiguous (N,) array of the dtype")
         bp = <const char *>cnp.PyArray_DATA(bias_a)
-    if rows is not None:
-        rows_a = <cnp.ndarray>rows
-        if (rows_a.ndim != 2 or rows_a.shape[0] != B or rows_a.shape[1] != 2
-                or cnp.PyArray_TYPE(rows_a) != cnp.NPY_INT64 or not cnp.PyArray_IS_C_CONTIGUOUS(rows_a)):
-            raise ValueError("fastattn._blas.matmul: rows must be a contiguous (B, 2) int64 array")
-        rp = <const int64_t *>cnp.PyArray_DATA(rows_a)
-        for b in range(B):
-            if rp[2 * b] < 0 or rp[2 * b + 1] > M:
-                raise ValueError("fastattn._blas.matmul: rows out of range")
     ap = <char *>cnp.PyArray_DATA(a)
     wp = <char *>cnp.PyArray_DATA(w)
     cp = <char *>cnp.PyArray_DATA(c)
     with nogil:
-        if rp == NULL and B > 1 and sab == M * lda and scb == M * ldc and B * M <= BLAS_INT_MAX:
-            _product(dbl, ap, lda, wp, ldw, cp, ldc, B * M, N, K, bp, alpha)
+        if (r0p == NULL and r1p == NULL and B > 1 and sab == M * lda and scb == M * ldc
+                and B * M <= BLAS_INT_MAX):
+            _product_mt(dbl, ap, lda, wp, ldw, cp, ldc, B * M, N, K, bp, alpha, num_threads)
         else:
             for b in range(B):
-                r0 = 0 if rp == NULL else rp[2 * b]
-                r1 = M if rp == NULL else rp[2 * b + 1]
+                r0 = 0 if r0p == NULL else r0p[b]
+                r1 = M if r1p == NULL else r1p[b]
                 if r1 > r0:
-                    _product(dbl, ap + (b * sab + r0 * lda) * item, lda, wp, ldw,
-                             cp + (b * scb + r0 * ldc) * item, ldc, r1 - r0, N, K, bp, alpha)
+                    _product_mt(dbl, ap + (b * sab + r0 * lda) * item, lda, wp, ldw,
+                                cp + (b * scb + r0 * ldc) * item, ldc, r1 - r0, N, K, bp, alpha,
+                                num_threads)

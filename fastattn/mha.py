@@ -19,11 +19,12 @@ projected.
 
 import math
 import os
+import threading
 
 import numpy as np
 
 from fastattn import _blas, _kernels
-from fastattn._config import resolve_num_threads
+from fastattn._config import get_num_threads
 from fastattn._validation import compute_dtype, float_array, index_value, int_array, lengths_view
 from fastattn.masks import prepare_mask
 from fastattn.rotary import ROPE_LAYOUTS, ROPE_NONE, _check_base, rope_tables
@@ -32,6 +33,88 @@ _TOP_LEFT, _BOTTOM_RIGHT = 1, 2  # fastattn.h fa_causal
 _WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
 _BIAS_NAMES = ("b_q", "b_k", "b_v", "b_o")
 _STATE_NAMES = _WEIGHT_NAMES + _BIAS_NAMES
+
+
+class _OnePool:
+    """Keeps scipy's BLAS single-threaded while layer calls run, so that all
+    parallel work of a call runs on fastattn's OpenMP threads.
+
+    Why: BLAS (OpenBLAS with its own pthreads pool) and the OpenMP kernels
+    would otherwise take turns, and each pool's idle workers keep spinning
+    for a while after their last job (libgomp ~300k pause loops, OpenBLAS
+    yield loops), stealing cores from the other. Measured on a 2-core
+    machine, a GEMM right after an attention call ran ~1.6x slower and the
+    attention after a GEMM ~1.4x slower than back to back. So the layer
+    splits each GEMM's columns over its OpenMP threads (fastattn._blas,
+    prange), each block a single-threaded BLAS call, and RoPE and attention
+    follow on the same threads.
+
+    Scipy's BLAS thread count is lowered with threadpoolctl (as scikit-learn
+    does around its OpenMP loops that call BLAS) and restored when the last
+    concurrent call returns. Without threadpoolctl or OpenMP, or when
+    another thread controls the BLAS thread count, BLAS keeps its own
+    threads and the GEMMs are single calls.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._libs = None  # None: not looked up yet; []: cannot pin
+        self._depth = 0
+        self._saved = []
+        self._changed = False
+        self._pinned = False
+
+    def _lookup(self):
+        libs = []
+        if _kernels.openmp_enabled():
+            try:
+                from threadpoolctl import ThreadpoolController
+                libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+            except Exception:  # not installed, or an unusual BLAS: keep BLAS threading
+                libs = []
+        self._libs = libs
+
+    def enter(self):
+        """Pin BLAS (first concurrent caller); True when the GEMMs may be
+        split over OpenMP threads."""
+        with self._lock:
+            if self._libs is None:
+                self._lookup()
+            self._depth += 1
+            if self._depth == 1 and self._libs:
+                try:
+                    self._saved = [lib.get_num_threads() for lib in self._libs]
+                    self._changed = any(n != 1 for n in self._saved)
+                    for lib, n in zip(self._libs, self._saved):
+                        if n != 1:
+                            lib.set_num_threads(1)
+                    # a no-op when another thread controls the BLAS thread count
+                    self._pinned = all(lib.get_num_threads() == 1 for lib in self._libs)
+                except Exception:
+                    self._pinned = False
+            return self._pinned
+
+    def exit(self):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._changed:
+                self._changed = self._pinned = False
+                try:
+                    for lib, n in zip(self._libs, self._saved):
+                        if n != 1 and n is not None:
+                            lib.set_num_threads(n)
+                        # threadpoolctl >= 3.7 lets one thread control a
+                        # pthreads OpenBLAS; do not keep that control
+                        clear = getattr(lib, "clear_controlling_thread", None)
+                        if clear is not None:
+                            clear()
+                except Exception:
+                    pass
+            elif self._depth == 0:
+                self._pinned = False
+
+
+_POOL = _OnePool()
 
 
 def _float_dtype(dtype, name="dtype"):
@@ -70,11 +153,6 @@ def _head_view(cols, heads, D):
     v = cols.view()
     v.shape = (B, L, heads, D)  # raises rather than copy
     return v.transpose(0, 2, 1, 3)
-
-
-def _ranges(start, stop):
-    """A contiguous (B, 2) int64 array of [start, stop) row ranges."""
-    return np.ascontiguousarray(np.stack(np.broadcast_arrays(start, stop), axis=1), dtype=np.int64)
 
 
 class KVCache:
@@ -391,7 +469,7 @@ class MultiHeadAttention:
             return cached
         size = max(n, 256, 2 * cached[0].shape[0] if cached is not None else 0)
         cached = rope_tables(size, self.head_dim // 2, self.rope_base, self.dtype,
-                             resolve_num_threads(None))
+                             get_num_threads())
         self._rope_cache = cached
         return cached
 
@@ -454,10 +532,18 @@ class MultiHeadAttention:
             if key_lengths is not None or attn_mask is not None:
                 raise ValueError("key_lengths and attn_mask are not accepted with cache=: the cache's "
                                  "lengths and causality decide which keys each query sees")
-            return self._call_cached(x, cache, query_lengths, bool(return_weights))
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache (from new_cache), got {type(cache).__name__}")
+            ql = self._query_lengths(query_lengths, x.shape[0], x.shape[1])
+            self._check_cache(cache, x)
+            nt = get_num_threads()
+            gt = nt if _POOL.enter() else 1
+            try:
+                return self._call_cached(x, cache, ql, bool(return_weights), nt, gt)
+            finally:
+                _POOL.exit()
         B, Lq, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        nq, nk = H * D, Hkv * D
+        H = self.num_heads
         if key is None:
             if self._w_in is None:
                 raise ValueError(f"self-attention needs kdim == vdim == embed_dim; this layer has "
@@ -475,8 +561,22 @@ class MultiHeadAttention:
         kl = lengths_view(key_lengths, "key_lengths", (B, H), B, H, Lk, "key")
         full = (B, H, Lq, Lk)
         kind, mask4 = prepare_mask(attn_mask, full, full, self.dtype)
-        nt = resolve_num_threads(None)
+        nt = get_num_threads()
+        gt = nt if _POOL.enter() else 1
+        try:
+            return self._forward(x, kx, vx, Lk, ql, kl, kind, mask4, bool(is_causal),
+                                 bool(return_weights), nt, gt)
+        finally:
+            _POOL.exit()
 
+    def _forward(self, x, kx, vx, Lk, ql, kl, kind, mask4, is_causal, return_weights, nt, gt):
+        """The uncached call, arguments validated; nt threads for the
+        kernels, gt for the GEMMs (1: BLAS threads itself)."""
+        B, Lq, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        nq, nk = H * D, Hkv * D
+        full = (B, H, Lq, Lk)
+        mm = _blas.matmul
         # rows that need projecting: queries up to their length, keys and
         # values up to the longest key length of any head
         q_need = ql
@@ -486,16 +586,16 @@ class MultiHeadAttention:
             buf = np.empty((B, Lq, nq + 2 * nk), dtype=dt)
             rows = None
             if q_need is None and kv_need is None:
-                _blas.matmul(x, self._w_in, buf, self._b_in)
+                mm(x, self._w_in, buf, self._b_in, None, None, 1.0, gt)
             else:
                 qn = np.full(B, Lq, np.int64) if q_need is None else q_need
                 kn = np.full(B, Lk, np.int64) if kv_need is None else kv_need
                 both = np.minimum(qn, kn)
-                _blas.matmul(x, self._w_in, buf, self._b_in, _ranges(0, both))
+                mm(x, self._w_in, buf, self._b_in, None, both, 1.0, gt)
                 if (qn > both).any():
-                    _blas.matmul(x, self._w_q, buf[:, :, :nq], self._b_q, _ranges(both, qn))
+                    mm(x, self._w_q, buf[:, :, :nq], self._b_q, both, qn, 1.0, gt)
                 if (kn > both).any():
-                    _blas.matmul(x, self._w_kv, buf[:, :, nq:], self._b_kv, _ranges(both, kn))
+                    mm(x, self._w_kv, buf[:, :, nq:], self._b_kv, both, kn, 1.0, gt)
                 rows = np.maximum(qn, kn)
             qcols, kcols, vcols = buf[:, :, :nq], buf[:, :, nq:nq + nk], buf[:, :, nq + nk:]
             if self.rope is not None:
@@ -503,17 +603,16 @@ class MultiHeadAttention:
                 self._rotate(_head_view(buf[:, :, :nq + nk], H + Hkv, D), Lq, rows, nt)
         else:
             qcols = np.empty((B, Lq, nq), dtype=dt)
-            _blas.matmul(x, self._w_q, qcols, self._b_q, None if q_need is None else _ranges(0, q_need))
-            kv_rows = None if kv_need is None else _ranges(0, kv_need)
+            mm(x, self._w_q, qcols, self._b_q, None, q_need, 1.0, gt)
             if kx is vx and self._w_kv is not None:
                 kvbuf = np.empty((B, Lk, 2 * nk), dtype=dt)
-                _blas.matmul(kx, self._w_kv, kvbuf, self._b_kv, kv_rows)
+                mm(kx, self._w_kv, kvbuf, self._b_kv, None, kv_need, 1.0, gt)
                 kcols, vcols = kvbuf[:, :, :nk], kvbuf[:, :, nk:]
             else:
                 kcols = np.empty((B, Lk, nk), dtype=dt)
                 vcols = np.empty((B, Lk, nk), dtype=dt)
-                _blas.matmul(kx, self._w_k, kcols, self._b_k, kv_rows)
-                _blas.matmul(vx, self._w_v, vcols, self._b_v, kv_rows)
+                mm(kx, self._w_k, kcols, self._b_k, None, kv_need, 1.0, gt)
+                mm(vx, self._w_v, vcols, self._b_v, None, kv_need, 1.0, gt)
             if self.rope is not None:
                 self._rotate(_head_view(qcols, H, D), Lq, q_need, nt)
                 self._rotate(_head_view(kcols, Hkv, D), Lk, kv_need, nt)
@@ -524,8 +623,8 @@ class MultiHeadAttention:
         _kernels.scaled_dot_product_attention(
             _head_view(qcols, H, D), _head_view(kcols, Hkv, D), _head_view(vcols, Hkv, D),
             _head_view(attn, H, D), weights, 1.0 / math.sqrt(D), mask4, kind, kl, qlv,
-            bool(is_causal), _TOP_LEFT, None, nt)
-        out = self._project_out(attn, ql)
+            is_causal, _TOP_LEFT, None, nt)
+        out = self._project_out(attn, ql, gt)
         return (out, weights) if return_weights else out
 
     def _rotate(self, heads4, L, rows, nt, positions=None, y=None, y_row_offset=None):
@@ -541,29 +640,26 @@ class MultiHeadAttention:
         _kernels.rope_apply(heads4, heads4 if y is None else y, index, cos, sin,
                             ROPE_LAYOUTS[self.rope], y_row_offset, rows, nt)
 
-    def _project_out(self, attn, ql):
+    def _project_out(self, attn, ql, gt):
         """attn (B, Lq, H*D) @ W_O + b_O; rows past query_lengths are 0."""
         B, Lq, _ = attn.shape
-        if ql is None:
-            out = np.empty((B, Lq, self.embed_dim), dtype=self.dtype)
-            _blas.matmul(attn, self._w_o, out, self._b_o)
-        else:
-            out = np.zeros((B, Lq, self.embed_dim), dtype=self.dtype)
-            _blas.matmul(attn, self._w_o, out, self._b_o, _ranges(0, ql))
+        alloc = np.empty if ql is None else np.zeros
+        out = alloc((B, Lq, self.embed_dim), dtype=self.dtype)
+        _blas.matmul(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt)
         return out
 
-    def _call_cached(self, x, cache, query_lengths, return_weights):
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache (from new_cache), got {type(cache).__name__}")
-        B, L, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        nq, nk = H * D, Hkv * D
+    def _check_cache(self, cache, x):
+        Hkv, D = self.num_kv_heads, self.head_dim
         if (cache.num_kv_heads, cache.head_dim, cache.dtype) != (Hkv, D, self.dtype):
             raise ValueError(f"cache holds {cache.num_kv_heads} kv heads of dim {cache.head_dim} in "
                              f"{cache.dtype}; this layer needs {Hkv} of dim {D} in {self.dtype}")
-        if cache.batch_size != B:
+        if cache.batch_size != x.shape[0]:
             raise ValueError(f"cache is for a batch of {cache.batch_size}, got query {x.shape}")
-        ql = self._query_lengths(query_lengths, B, L)
+
+    def _call_cached(self, x, cache, ql, return_weights, nt, gt):
+        B, L, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        nq, nk = H * D, Hkv * D
         new_tokens = np.full(B, L, np.int64) if ql is None else ql
         old = cache._lengths.copy()
         new = old + new_tokens
@@ -572,10 +668,9 @@ class MultiHeadAttention:
             raise ValueError(
                 f"KV cache overflow: sequence {b} holds {old[b]} of max_len={cache.max_len} tokens and "
                 f"cannot take {new_tokens[b]} more; nothing was appended")
-        nt = resolve_num_threads(None)
         dt = self.dtype
         buf = np.empty((B, L, nq + 2 * nk), dtype=dt)
-        _blas.matmul(x, self._w_in, buf, self._b_in, None if ql is None else _ranges(0, ql))
+        _blas.matmul(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt)
         q4 = _head_view(buf[:, :, :nq], H, D)
         k4 = _head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = _head_view(buf[:, :, nq + nk:], Hkv, D)
@@ -613,5 +708,5 @@ class MultiHeadAttention:
                     q4[b:b + 1, :, :t], ck[b:b + 1, :, :n], cv[b:b + 1, :, :n], out4[b:b + 1, :, :t],
                     None if weights is None else weights[b:b + 1, :, :t, :n], scale, None, 0, None, None,
                     True, _BOTTOM_RIGHT, None, nt)
-        out = self._project_out(attn, ql)
+        out = self._project_out(attn, ql, gt)
         return (out, weights) if return_weights else out

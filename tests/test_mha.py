@@ -457,9 +457,9 @@ def test_blas_matmul(dtype, rng, M):
     _blas.matmul(a, w, c, bias)
     assert_close(c, want.astype(dtype))
     c2 = np.zeros((B, M, N), dtype)
-    rows = np.array([[0, M], [min(1, M), M], [M, M]], np.int64)
-    _blas.matmul(a, w, c2, None, rows, 2.0)
-    for b, (r0, r1) in enumerate(rows):
+    start, stop = np.array([0, min(1, M), M], np.int64), np.array([M, M, M], np.int64)
+    _blas.matmul(a, w, c2, None, start, stop, 2.0)
+    for b, (r0, r1) in enumerate(zip(start, stop)):
         assert_close(c2[b, r0:r1], (2 * a[b, r0:r1].astype(np.float64) @ w).astype(dtype))
         assert (c2[b, :r0] == 0).all() and (c2[b, r1:] == 0).all()
 
@@ -477,9 +477,9 @@ def test_blas_matmul_k0_and_errors(rng):
                      np.zeros((1, 2, 2), np.float32))
     with pytest.raises(ValueError, match=r"w has shape \(4, 2\), expected \(3, 2\)"):
         _blas.matmul(x, np.zeros((4, 2), np.float32), np.zeros((1, 2, 2), np.float32))
-    with pytest.raises(ValueError, match="rows out of range"):
+    with pytest.raises(ValueError, match="row_stop out of range"):
         _blas.matmul(x, np.zeros((3, 2), np.float32), np.zeros((1, 2, 2), np.float32), None,
-                     np.array([[0, 3]], np.int64))
+                     None, np.array([3], np.int64))
 
 
 def test_head_views_are_views_and_sdpa_writes_the_merged_layout(rng):
@@ -510,3 +510,49 @@ def test_sdpa_never_reads_keys_past_key_lengths(rng):
     for n in (1, N_THREADS):
         got = fastattn.scaled_dot_product_attention(q, k, v, key_lengths=[6], num_threads=n)
         assert np.array_equal(got, want)
+
+
+# ---- one thread pool: BLAS pinned to 1 thread during calls, restored after ---
+
+def test_blas_threads_are_restored_after_calls(rng):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fastattn.mha import _POOL
+    m = _layer(CONFIGS[1], np.float32)
+    x = rng.standard_normal((2, 40, m.embed_dim)).astype(np.float32)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+        m(x)
+        with pytest.raises(ValueError):
+            m(x, key_lengths=[99, 1])  # fails validation, before pinning
+        cache = m.new_cache(2, 3)
+        with pytest.raises(ValueError, match="overflow"):
+            m(x, cache=cache)
+        after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert before == after
+    assert _POOL._depth == 0
+
+
+def test_same_results_with_blas_threading(rng, monkeypatch):
+    # without threadpoolctl (or OpenMP) the GEMMs are single BLAS calls that
+    # BLAS threads itself: same results
+    from fastattn.mha import _POOL
+    m = _layer(CONFIGS[1], np.float64)
+    x = rng.standard_normal((2, 70, m.embed_dim))
+    kw = dict(key_lengths=[70, 33], query_lengths=[60, 70], is_causal=True)
+    pinned = m(x, **kw)
+    monkeypatch.setattr(_POOL, "_libs", [])
+    assert _POOL.enter() is False
+    _POOL.exit()
+    assert_close(m(x, **kw), pinned)
+    assert_close(pinned, _oracle(m, x, **kw))
+
+
+def test_concurrent_calls_from_threads(rng):
+    from concurrent.futures import ThreadPoolExecutor
+    m = _layer(CONFIGS[1], np.float32)
+    xs = [rng.standard_normal((2, 30, m.embed_dim)).astype(np.float32) for _ in range(6)]
+    want = [m(x, is_causal=True) for x in xs]
+    with ThreadPoolExecutor(3) as ex:
+        got = list(ex.map(lambda x: m(x, is_causal=True), xs))
+    for g, w in zip(got, want):
+        assert_close(g, w)
