@@ -190,7 +190,7 @@ def _extensions():
         Extension(
             "fastattn._blas",
             sources=["fastattn/_blas.pyx"],
-            include_dirs=[numpy.get_include()],
+            include_dirs=[CSRC, numpy.get_include()],
             define_macros=np_macros,
         ),
     ]

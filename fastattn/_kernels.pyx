@@ -7,6 +7,7 @@ codes into exceptions. Validation, broadcasting and dtype handling live in
 the Python modules that call it.
 """
 cimport numpy as cnp
+from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int64_t
 
 from fastattn._capi cimport *
@@ -351,3 +352,8 @@ def rope_apply(cnp.ndarray x, cnp.ndarray y, object index, object cos_t, object 
     with nogil:
         st = fa_rope_apply(dt, &a, num_threads)
     check(st)
+
+
+def rope_apply_capsule():
+    """fa_rope_apply as a PyCapsule, for the GEMM epilogue in fastattn._blas."""
+    return PyCapsule_New(<void *>fa_rope_apply, b"fastattn.fa_rope_apply", NULL)

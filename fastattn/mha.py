@@ -115,6 +115,7 @@ class _OnePool:
 
 
 _POOL = _OnePool()
+_blas.set_rope_kernel(_kernels.rope_apply_capsule())
 
 
 def _float_dtype(dtype, name="dtype"):
@@ -582,40 +583,35 @@ class MultiHeadAttention:
         q_need = ql
         kv_need = None if kl is None else np.ascontiguousarray(kl.max(axis=1))
         dt = self.dtype
+        # RoPE is the GEMMs' epilogue: each thread rotates the Q/K heads of
+        # the column block it has just computed (Q and K lead their buffers)
+        rope = self._rope_spec
         if kx is None:
             buf = np.empty((B, Lq, nq + 2 * nk), dtype=dt)
-            rows = None
             if q_need is None and kv_need is None:
-                mm(x, self._w_in, buf, self._b_in, None, None, 1.0, gt)
+                mm(x, self._w_in, buf, self._b_in, None, None, 1.0, gt, rope(B, H + Hkv, Lq))
             else:
                 qn = np.full(B, Lq, np.int64) if q_need is None else q_need
                 kn = np.full(B, Lk, np.int64) if kv_need is None else kv_need
                 both = np.minimum(qn, kn)
-                mm(x, self._w_in, buf, self._b_in, None, both, 1.0, gt)
+                mm(x, self._w_in, buf, self._b_in, None, both, 1.0, gt, rope(B, H + Hkv, Lq))
                 if (qn > both).any():
-                    mm(x, self._w_q, buf[:, :, :nq], self._b_q, both, qn, 1.0, gt)
+                    mm(x, self._w_q, buf[:, :, :nq], self._b_q, both, qn, 1.0, gt, rope(B, H, Lq))
                 if (kn > both).any():
-                    mm(x, self._w_kv, buf[:, :, nq:], self._b_kv, both, kn, 1.0, gt)
-                rows = np.maximum(qn, kn)
+                    mm(x, self._w_kv, buf[:, :, nq:], self._b_kv, both, kn, 1.0, gt, rope(B, Hkv, Lk))
             qcols, kcols, vcols = buf[:, :, :nq], buf[:, :, nq:nq + nk], buf[:, :, nq + nk:]
-            if self.rope is not None:
-                # Q and K are adjacent columns: one in-place pass over both
-                self._rotate(_head_view(buf[:, :, :nq + nk], H + Hkv, D), Lq, rows, nt)
         else:
             qcols = np.empty((B, Lq, nq), dtype=dt)
-            mm(x, self._w_q, qcols, self._b_q, None, q_need, 1.0, gt)
+            mm(x, self._w_q, qcols, self._b_q, None, q_need, 1.0, gt, rope(B, H, Lq))
             if kx is vx and self._w_kv is not None:
                 kvbuf = np.empty((B, Lk, 2 * nk), dtype=dt)
-                mm(kx, self._w_kv, kvbuf, self._b_kv, None, kv_need, 1.0, gt)
+                mm(kx, self._w_kv, kvbuf, self._b_kv, None, kv_need, 1.0, gt, rope(B, Hkv, Lk))
                 kcols, vcols = kvbuf[:, :, :nk], kvbuf[:, :, nk:]
             else:
                 kcols = np.empty((B, Lk, nk), dtype=dt)
                 vcols = np.empty((B, Lk, nk), dtype=dt)
-                mm(kx, self._w_k, kcols, self._b_k, None, kv_need, 1.0, gt)
+                mm(kx, self._w_k, kcols, self._b_k, None, kv_need, 1.0, gt, rope(B, Hkv, Lk))
                 mm(vx, self._w_v, vcols, self._b_v, None, kv_need, 1.0, gt)
-            if self.rope is not None:
-                self._rotate(_head_view(qcols, H, D), Lq, q_need, nt)
-                self._rotate(_head_view(kcols, Hkv, D), Lk, kv_need, nt)
 
         attn = np.empty((B, Lq, nq), dtype=dt)
         weights = np.empty(full, dtype=dt) if return_weights else None
@@ -627,18 +623,19 @@ class MultiHeadAttention:
         out = self._project_out(attn, ql, gt)
         return (out, weights) if return_weights else out
 
-    def _rotate(self, heads4, L, rows, nt, positions=None, y=None, y_row_offset=None):
-        """RoPE on a (B, heads, L, D) view: in place, or into ``y`` at
-        ``y_row_offset``; positions (B, L) default to 0..L-1."""
-        B, NH = heads4.shape[:2]
+    def _rope_spec(self, B, heads, L, positions=None):
+        """The RoPE epilogue of a projection (None without rope): its first
+        ``heads`` heads, row i of batch b at ``positions[b, i]`` (default
+        i), rotated by the layer's cached table."""
+        if self.rope is None:
+            return None
         if positions is None:
             cos, sin = self._rope_table(L)
-            index = np.broadcast_to(np.arange(L, dtype=np.int64), (B, NH, L))
+            index = np.broadcast_to(np.arange(L, dtype=np.int64), (B, heads, L))
         else:
             cos, sin = self._rope_table(int(positions.max()) + 1 if positions.size else 0)
-            index = np.broadcast_to(positions[:, None, :], (B, NH, L))
-        _kernels.rope_apply(heads4, heads4 if y is None else y, index, cos, sin,
-                            ROPE_LAYOUTS[self.rope], y_row_offset, rows, nt)
+            index = np.broadcast_to(positions[:, None, :], (B, heads, L))
+        return (ROPE_LAYOUTS[self.rope], heads, self.head_dim, index, cos, sin)
 
     def _project_out(self, attn, ql, gt):
         """attn (B, Lq, H*D) @ W_O + b_O; rows past query_lengths are 0."""
@@ -670,19 +667,18 @@ class MultiHeadAttention:
                 f"cannot take {new_tokens[b]} more; nothing was appended")
         dt = self.dtype
         buf = np.empty((B, L, nq + 2 * nk), dtype=dt)
-        _blas.matmul(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt)
+        rope = None
+        if self.rope is not None:
+            # positions continue each sequence; padded rows are never rotated
+            pos = np.minimum(old[:, None] + np.arange(L, dtype=np.int64), max(cache.max_len - 1, 0))
+            rope = self._rope_spec(B, H + Hkv, L, pos)
+        _blas.matmul(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope)
         q4 = _head_view(buf[:, :, :nq], H, D)
         k4 = _head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = _head_view(buf[:, :, nq + nk:], Hkv, D)
-        rows = np.ascontiguousarray(new_tokens)
-        if self.rope is not None:
-            pos = old[:, None] + np.arange(L, dtype=np.int64)
-            pos = np.minimum(pos, max(cache.max_len - 1, 0))  # padded rows are never rotated
-            self._rotate(q4, L, rows, nt, positions=pos)
-            self._rotate(k4, L, rows, nt, positions=pos, y=cache.k, y_row_offset=old)
-        else:
-            _kernels.rope_apply(k4, cache.k, None, None, None, ROPE_NONE, old, rows, nt)
-        _kernels.rope_apply(v4, cache.v, None, None, None, ROPE_NONE, old, rows, nt)
+        # append: row i of sequence b goes to cache row old[b] + i, i < new_tokens[b]
+        _kernels.rope_apply(k4, cache.k, None, None, None, ROPE_NONE, old, new_tokens, nt)
+        _kernels.rope_apply(v4, cache.v, None, None, None, ROPE_NONE, old, new_tokens, nt)
         cache._lengths[:] = new
 
         Lk = int(new.max()) if B else 0

@@ -556,3 +556,45 @@ def test_concurrent_calls_from_threads(rng):
         got = list(ex.map(lambda x: m(x, is_causal=True), xs))
     for g, w in zip(got, want):
         assert_close(g, w)
+
+
+@pytest.mark.parametrize("rope", [None, "neox", "gptj"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["all_rows", "row_ranges"])
+def test_threaded_gemm_blocks_and_rope_epilogue(layer_threads, dtype, rng, rope, lengths):
+    # big enough for the GEMMs to split their columns over the threads, with
+    # head boundaries (Q|K|V, GQA) inside the blocks
+    m = fastattn.MultiHeadAttention(192, 6, num_kv_heads=2, rope=rope, dtype=dtype, seed=1)
+    d = m.state_dict()
+    m.load_state_dict({n: a + 0.1 if n.startswith("b") else a for n, a in d.items()})
+    B, L = 3, 70
+    x = rng.standard_normal((B, L, 192)).astype(dtype)
+    kw = dict(key_lengths=[70, 41, 5], query_lengths=[70, 69, 50], is_causal=True) if lengths else {}
+    assert_close(m(x, **kw), _oracle(m, x, **kw))
+    cache = m.new_cache(B, L)
+    steps = [m(x[:, :50], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(50, L)]
+    assert_close(np.concatenate(steps, axis=1), _oracle(m, x, is_causal=True))
+
+
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+def test_blas_matmul_rope_epilogue(dtype, rng, nthreads):
+    from fastattn.rotary import rope_tables
+    B, M, K, D, heads, extra = 2, 40, 64, 16, 7, 24  # rotary heads, then unrotated columns
+    N = heads * D + extra
+    a = rng.standard_normal((B, M, K)).astype(dtype)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    pos = rng.integers(0, 100, size=(B, M))
+    cos, sin = rope_tables(100, D // 2, 10000.0, dtype)
+    index = np.broadcast_to(pos[:, None, :], (B, heads, M))
+    start, stop = np.array([0, 5], np.int64), np.array([40, 33], np.int64)
+    c = np.zeros((B, M, N), dtype)
+    _blas.matmul(a, w, c, None, start, stop, 1.0, nthreads, (2, heads, D, index, cos, sin))
+    plain = (a.astype(np.float64) @ w.astype(np.float64))
+    heads4 = plain[:, :, :heads * D].reshape(B, M, heads, D).transpose(0, 2, 1, 3)
+    rot = ref.apply_rotary(heads4, pos[:, None, :], layout="gptj").transpose(0, 2, 1, 3).reshape(B, M, heads * D)
+    want = np.concatenate([rot, plain[:, :, heads * D:]], axis=-1)
+    for b in range(B):
+        assert_close(c[b, start[b]:stop[b]], want[b, start[b]:stop[b]].astype(dtype))
+        assert (c[b, :start[b]] == 0).all() and (c[b, stop[b]:] == 0).all()
+    with pytest.raises(ValueError, match="RoPE epilogue rejected"):
+        _blas.matmul(a, w, c, None, None, None, 1.0, nthreads,
+                     (2, heads, D, np.broadcast_to(np.int64(100), (B, heads, M)), cos, sin))
