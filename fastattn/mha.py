@@ -2,8 +2,10 @@
 
 Data flow of one self-attention call, batch first, ``x`` of shape (B, L, E)::
 
-    x @ [W_Q | W_K | W_V] (+ b)   one GEMM into buf (B, L, (H + 2 Hkv) D)
-    RoPE on the Q and K columns   in place, from a cached cos/sin table
+    x @ [W_Q | W_K | W_V] (+ b)   one GEMM into buf (B, L, (H + 2 Hkv) D),
+                                  its columns split over the OpenMP threads
+      epilogue: RoPE              each thread rotates the Q and K heads of
+                                  its own column block, from a cached table
     SDPA                          reads Q, K, V as strided (B, heads, L, D)
                                   views of buf and writes its output as a
                                   (B, H, L, D) view of attn (B, L, H D)
@@ -12,9 +14,10 @@ Data flow of one self-attention call, batch first, ``x`` of shape (B, L, E)::
 So the head split is the projection's output layout (no transpose pass)
 and the head merge is the attention kernel's output layout (no merge pass).
 GEMMs go through ``scipy.linalg.cython_blas`` (:mod:`fastattn._blas`),
-without the GIL. Padded work is skipped: rows past ``query_lengths`` are
-neither projected nor attended, and K/V rows past ``key_lengths`` are never
-projected.
+without the GIL, and every step of a call runs on one pool of OpenMP
+threads (see :class:`_OnePool`). Padded work is skipped: rows past
+``query_lengths`` are neither projected nor attended, and K/V rows past
+``key_lengths`` are never projected.
 """
 
 import math
