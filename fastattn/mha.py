@@ -243,6 +243,11 @@ class MultiHeadAttention:
     Weights are stored in the ``(in, out)`` layout, so ``x @ w_q`` is the
     query projection; :meth:`state_dict` returns them.
 
+    A call runs on :func:`fastattn.get_num_threads` OpenMP threads: the
+    projections split their columns over them, each block a
+    single-threaded BLAS call, so scipy's BLAS is held at one thread for
+    the duration of a call (through threadpoolctl; restored afterwards).
+
     Examples
     --------
     >>> import numpy as np, fastattn
@@ -453,10 +458,7 @@ class MultiHeadAttention:
     def new_cache(self, batch_size, max_len):
         """A preallocated :class:`KVCache` for ``batch_size`` sequences of up
         to ``max_len`` tokens each."""
-        cache = KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype)
-        if self.rope is not None:
-            self._rope_table(cache.max_len)
-        return cache
+        return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype)
 
     def __repr__(self):
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "

@@ -96,7 +96,7 @@ def test_self_attention_against_oracle(isa, layer_threads, dtype, rng, cfg, mask
 @pytest.mark.parametrize("cfg,same_kv", [(c, s) for c in CONFIGS for s in (True, False)
                                          if not (s and c[3] != c[4])], ids=str)
 @pytest.mark.parametrize("masks", ["none", "causal", "lengths", "everything"])
-def test_cross_attention_against_oracle(layer_threads, dtype, rng, cfg, masks, same_kv):
+def test_cross_attention_against_oracle(isa, layer_threads, dtype, rng, cfg, masks, same_kv):
     m = _layer(cfg, dtype)
     B, Lq, Lk = 2, 7, 19
     x = rng.standard_normal((B, Lq, m.embed_dim)).astype(dtype)
@@ -169,7 +169,7 @@ CACHE_CONFIGS = [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[5]]
 
 
 @pytest.mark.parametrize("cfg", CACHE_CONFIGS, ids=str)
-def test_decode_token_by_token_equals_full_causal_call(layer_threads, dtype, rng, cfg):
+def test_decode_token_by_token_equals_full_causal_call(isa, layer_threads, dtype, rng, cfg):
     m = _layer(cfg, dtype)
     B, T = 2, 11
     x = rng.standard_normal((B, T, m.embed_dim)).astype(dtype)
@@ -560,7 +560,7 @@ def test_concurrent_calls_from_threads(rng):
 
 @pytest.mark.parametrize("rope", [None, "neox", "gptj"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["all_rows", "row_ranges"])
-def test_threaded_gemm_blocks_and_rope_epilogue(layer_threads, dtype, rng, rope, lengths):
+def test_threaded_gemm_blocks_and_rope_epilogue(isa, layer_threads, dtype, rng, rope, lengths):
     # big enough for the GEMMs to split their columns over the threads, with
     # head boundaries (Q|K|V, GQA) inside the blocks
     m = fastattn.MultiHeadAttention(192, 6, num_kv_heads=2, rope=rope, dtype=dtype, seed=1)
