@@ -20,8 +20,8 @@ from fastattn.attention import scaled_dot_product_attention
 from fastattn.heads import merge_heads, split_heads
 from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
 from fastattn.mha import KVCache, MultiHeadAttention
-from fastattn.rotary import alibi_slopes, apply_rotary
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
+from fastattn.rotary import alibi_slopes, apply_rotary
 
 _apply_isa_env()
 del _apply_isa_env
