@@ -106,9 +106,10 @@ def test_cross_attention_against_oracle(isa, layer_threads, dtype, rng, cfg, mas
     assert_close(m(x, key, value, **kw), _oracle(m, x, key, value, **kw))
 
 
-@pytest.mark.parametrize("L", [1, 2, 3, 64, 130])
+@pytest.mark.parametrize("L", [1, 2, 6, 7, 64, 130])
 def test_sizes_around_gemv_and_tiles(dtype, rng, L):
-    # 1-2 rows go through GEMV, more through GEMM; 130 crosses the SDPA tiles
+    # up to 12 rows (B * L) go through GEMV, more through GEMM; 130 crosses
+    # the SDPA tiles
     m = _layer((48, 3, None, None, None, True, "neox"), dtype)
     x = rng.standard_normal((2, L, 48)).astype(dtype)
     kw = dict(is_causal=True, key_lengths=[L, max(L // 2, 1)])
@@ -445,7 +446,7 @@ def test_import_does_not_import_torch():
 
 # ---- the pieces: BLAS projections and the strided head layouts --------------
 
-@pytest.mark.parametrize("M", [0, 1, 2, 3, 17])
+@pytest.mark.parametrize("M", [0, 1, 2, 12, 13, 40])
 def test_blas_matmul(dtype, rng, M):
     B, K, N = 3, 9, 11
     a = rng.standard_normal((B, M, K)).astype(dtype)
