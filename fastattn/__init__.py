@@ -20,7 +20,9 @@ from fastattn import reference
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.heads import merge_heads, split_heads
 from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
+from fastattn.mha import KVCache, MultiHeadAttention
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
+from fastattn.rotary import alibi_slopes, apply_rotary
 
 _apply_isa_env()
 del _apply_isa_env
@@ -39,7 +41,11 @@ def __getattr__(name):
 
 __all__ = [
     "__version__",
+    "KVCache",
+    "MultiHeadAttention",
     "add_position_encoding",
+    "alibi_slopes",
+    "apply_rotary",
     "apply_sequence_mask",
     "available_isas",
     "get_isa",

@@ -186,13 +186,14 @@ def same_view(a, b):
 class OutputTarget:
     """Where a kernel writes: the user's ``out`` when the kernel can write it
     directly (a view of the kernel's shape, C-contiguous if ``contiguous``,
-    that does not partly overlap an input), else a fresh buffer that
-    :meth:`finish` copies into ``out``."""
+    with a unit last-axis stride if ``unit_last_axis``, that does not partly
+    overlap an input), else a fresh buffer that :meth:`finish` copies into
+    ``out``."""
 
     __slots__ = ("out", "kernel_view", "result", "_copy_back")
 
     def __init__(self, out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(),
-                 contiguous=False, name="out"):
+                 contiguous=False, unit_last_axis=False, name="out"):
         self._copy_back = False
         if out is None:
             self.result = np.empty(shape, dtype=dtype)
@@ -209,6 +210,7 @@ class OutputTarget:
             for x in inputs
         )
         if (view is None or overlaps or (contiguous and not view.flags.c_contiguous)
+                or (unit_last_axis and view.shape[-1] > 1 and view.strides[-1] != view.itemsize)
                 or not kernel_addressable(view)):
             self.kernel_view = np.empty(kernel_shape, dtype=dtype)
             self._copy_back = True

@@ -158,7 +158,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     out_shape = (B, Lq, Dv) if three_d else (B, H, Lq, Dv)
     inputs = tuple(x for x in (qa, ka, va, mask4, slopes) if x is not None)
     target = OutputTarget(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
-                          contiguous=True)
+                          unit_last_axis=True)
     weights = np.empty(full, dtype=dtype) if return_weights else None
     _kernels.scaled_dot_product_attention(
         qa, ka, va, target.kernel_view, weights, float(scale), mask4, kind, kl, ql,

@@ -203,3 +203,92 @@ def _finish(result, out):
         return result
     out[...] = result
     return out
+
+
+# ---- the multi-head attention layer (issue 4): RoPE, ALiBi slopes, the layer ----
+
+def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_threads=None):
+    """RoPE: rotate the pairs (j, j + D/2) ("neox") or (2j, 2j + 1) ("gptj")
+    of each row by the angles ``position * base ** (-2j / D)``."""
+    x = np.asarray(x)
+    dtype = compute_dtype(x.dtype, "x")
+    D = x.shape[-1]
+    half = D // 2
+    inv = base ** (-np.arange(0, D, 2, dtype=np.float64) / D)
+    angle = np.asarray(positions, dtype=np.float64)[..., None] * inv
+    c, s = np.cos(angle), np.sin(angle)
+    x64 = x.astype(np.float64)
+    if layout == "neox":
+        a, b = x64[..., :half], x64[..., half:]
+        y = np.concatenate(np.broadcast_arrays(a * c - b * s, b * c + a * s), axis=-1)
+    else:
+        a, b = x64[..., 0::2], x64[..., 1::2]
+        y = np.empty(np.broadcast_shapes(x64.shape, angle.shape[:-1] + (D,)))
+        y[..., 0::2] = a * c - b * s
+        y[..., 1::2] = b * c + a * s
+    return _finish(y.astype(dtype), out)
+
+
+def alibi_slopes(num_heads, *, dtype=np.float64):
+    """The ALiBi slopes, as the reference code of Press et al. computes them."""
+
+    def power_of_2(n):
+        start = 2 ** (-2 ** -(math.log2(n) - 3))
+        return [start * start ** i for i in range(n)]
+
+    def slopes(n):
+        if math.log2(n).is_integer():
+            return power_of_2(n)
+        closest = 2 ** math.floor(math.log2(n))
+        return power_of_2(closest) + slopes(2 * closest)[0::2][: n - closest]
+
+    return np.array(slopes(num_heads), dtype=dtype)
+
+
+def multi_head_attention(params, query, key=None, value=None, *, num_heads, num_kv_heads=None,
+                         key_lengths=None, query_lengths=None, attn_mask=None, is_causal=False,
+                         rope=None, rope_base=10000.0, return_weights=False):
+    """The layer, step by step in float64. ``params`` holds ``w_q, w_k,
+    w_v, w_o`` ((in, out) layout) and ``b_q, b_k, b_v, b_o`` (or None), as
+    ``MultiHeadAttention.state_dict()`` returns them; the result has the
+    weights' dtype.
+
+    x @ w + b per projection, heads split, RoPE on Q and K at positions
+    0..L-1, :func:`scaled_dot_product_attention` (with the masks, GQA),
+    heads merged, @ w_o + b_o, and rows at or after ``query_lengths`` set
+    to 0."""
+    names = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+    p = {n: None if params.get(n) is None else np.asarray(params[n]) for n in names}
+    dtype = np.result_type(*(compute_dtype(p[n].dtype, n) for n in names if p[n] is not None))
+    p = {n: None if a is None else a.astype(np.float64) for n, a in p.items()}
+    x = np.asarray(query, dtype=np.float64)
+    kx = x if key is None else np.asarray(key, dtype=np.float64)
+    vx = x if value is None else np.asarray(value, dtype=np.float64)
+    H = num_heads
+    Hkv = H if num_kv_heads is None else num_kv_heads
+    D = p["w_q"].shape[1] // H
+
+    def project(a, w, b):
+        y = a @ p[w]
+        return y if p[b] is None else y + p[b]
+
+    def split(y, heads):
+        B, L, _ = y.shape
+        return y.reshape(B, L, heads, D).transpose(0, 2, 1, 3)
+
+    q = split(project(x, "w_q", "b_q"), H)
+    k = split(project(kx, "w_k", "b_k"), Hkv)
+    v = split(project(vx, "w_v", "b_v"), Hkv)
+    B, _, Lq, _ = q.shape
+    if rope is not None:
+        q = apply_rotary(q, np.arange(Lq), layout=rope, base=rope_base)
+        k = apply_rotary(k, np.arange(k.shape[2]), layout=rope, base=rope_base)
+    o, weights = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, key_lengths=key_lengths,
+                                              query_lengths=query_lengths, is_causal=is_causal,
+                                              return_weights=True)
+    y = project(o.transpose(0, 2, 1, 3).reshape(B, Lq, H * D), "w_o", "b_o")
+    if query_lengths is not None:
+        padded = np.arange(Lq)[None, :] >= np.asarray(query_lengths).reshape(B, 1)
+        y[padded] = 0.0
+    y = y.astype(dtype)
+    return (y, weights.astype(dtype)) if return_weights else y

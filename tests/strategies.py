@@ -329,6 +329,33 @@ def scaled_dot_product_attention_calls(draw):
 
 
 @st.composite
+def apply_rotary_calls(draw):
+    """x (..., L, D) with even D in any layout and dtype, integer positions
+    broadcasting to x.shape[:-1] (including large ones), both layouts."""
+    lead = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
+    L = draw(st.sampled_from([1, 2, 7, 33]))
+    D = draw(st.sampled_from([2, 4, 6, 16, 34, 64]))
+    x = draw(float_input(lead + (L, D)))
+    rng = np.random.default_rng(draw(seeds))
+    far = draw(st.sampled_from([1, 1, 100_000]))
+    pos = rng.integers(0, L * far, size=draw(st.sampled_from([(L,), lead + (L,)])))
+    kw = dict(layout=draw(st.sampled_from(["neox", "gptj"])),
+              base=draw(st.sampled_from([10000.0, 500.0, 1e6])))
+    if draw(st.booleans()):
+        kw["num_threads"] = draw(thread_counts)
+    out = draw(out_array(x.shape, fastattn._validation.compute_dtype(x.dtype, "x")))
+    if out is not None:
+        kw["out"] = out
+    return Call((x, pos), kw, draw(isas))
+
+
+@st.composite
+def alibi_slopes_calls(draw):
+    """Head counts that are and are not powers of two."""
+    return Call((draw(st.integers(1, 80)),), {}, draw(isas))
+
+
+@st.composite
 def sequence_mask_calls(draw):
     shape = draw(lead_shape(draw(st.integers(0, 3)), 40, zero=True))
     top = draw(st.sampled_from([0, 1, 5, 17, 64]))
@@ -468,6 +495,7 @@ def _small_inputs():
         "k": f32(2, 2, 9, 8),
         "v": f32(2, 2, 9, 3),
         "slopes": np.array([0.5, 0.25, 0.125, 0.0625]),
+        "positions": np.array([0, 5, 9, 1000, 7, 3]),
     }
     for a in arrays.values():
         a.flags.writeable = False  # shared read-only inputs
@@ -495,6 +523,8 @@ SMALL_CALLS = {
     "scaled_dot_product_attention": lambda **kw: fastattn.scaled_dot_product_attention(
         SMALL["q"], SMALL["k"], SMALL["v"], key_lengths=SMALL["klen"] + 2, query_lengths=SMALL["qlen"], is_causal=True,
         causal_alignment="bottom_right", alibi_slopes=SMALL["slopes"], **kw),
+    "apply_rotary": lambda **kw: fastattn.apply_rotary(
+        SMALL["x4"], SMALL["positions"], layout="gptj", **kw),
 }
 # kernels that take num_threads= (sequence_mask is pure NumPy)
 THREADED = {name for name in SMALL_CALLS if name != "sequence_mask"}

@@ -52,6 +52,8 @@ CASES = [
     Case("sinusoidal_position_encoding", S.sinusoidal_position_encoding_calls()),
     Case("add_position_encoding", S.add_position_encoding_calls()),
     Case("scaled_dot_product_attention", S.scaled_dot_product_attention_calls()),
+    Case("apply_rotary", S.apply_rotary_calls()),
+    Case("alibi_slopes", S.alibi_slopes_calls()),
 ]
 
 
