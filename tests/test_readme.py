@@ -16,6 +16,6 @@ def test_readme_example_runs():
 
 def test_readme_names_the_ci_test_command():
     ci = (README.parent / ".ci" / "run").read_text()
-    command = 'python -m pip install -e ".[test]" && python -m pytest -q'
+    command = 'python -m pip install -e ".[test,torch]" && python -m pytest -q'
     assert command in README.read_text()
     assert command in ci
