@@ -21,6 +21,10 @@ Environment switches:
     build the C code with ``-fsanitize=...`` (see docs/reliability.md).
 ``FASTATTN_CYTHON_DEBUG=1``
     Cython bounds and wraparound checks on.
+``FASTATTN_CUDA=1``
+    also build the optional GPU extension ``fastattn._cuda`` from
+    ``csrc/cuda/*.cu`` with nvcc, linked against cuBLAS and the CUDA runtime
+    (see docs/gpu.md). Without it nothing CUDA is looked for or built.
 """
 
 import glob
@@ -110,6 +114,16 @@ class FastattnBuildExt(build_ext):
         return [flag]
 
     def build_extension(self, ext):
+        if ext.name == "fastattn._cuda":
+            # objects before the libraries they use (matters under --as-needed)
+            ext.extra_objects = _compile_cuda_sources(self) + list(ext.extra_objects or [])
+        if ext.name == "fastattn._blas":
+            # its GEMMs split their columns over the OpenMP threads (prange),
+            # the same libgomp pool as the C kernels
+            omp = self._probe_openmp()
+            ext.extra_compile_args = list(ext.extra_compile_args or []) + omp
+            ext.extra_link_args = list(ext.extra_link_args or []) + omp
+            return super().build_extension(ext)
         if ext.name != "fastattn._kernels":
             return super().build_extension(ext)
         omp = self._probe_openmp()
@@ -159,6 +173,166 @@ def _c_string(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# ---- optional GPU extension (FASTATTN_CUDA=1) ---------------------------------
+
+CUDA_SRC = os.path.join("csrc", "cuda")
+# sm_80 machine code also runs on sm_86/sm_89 (same major version); sm_90 is
+# Hopper; the compute_90 PTX lets the driver JIT for anything newer.
+CUDA_GENCODE = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+# C++17, and never --use_fast_math: it flushes denormals and uses approximate
+# exp/sin, which breaks -inf masking and the 1e-5 / 1e-12 tolerances.
+CUDA_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC"]
+
+
+def _cuda_fail(what, looked):
+    raise SystemExit(
+        f"fastattn: FASTATTN_CUDA=1 but {what} was not found.\n"
+        f"  looked in: {', '.join(looked) or '(nowhere)'}\n"
+        "  Install the CUDA toolkit (nvcc, cudart) and cuBLAS, or set CUDA_HOME;\n"
+        "  cuBLAS and cudart may also come from the nvidia-cublas and\n"
+        "  nvidia-cuda-runtime wheels (then build with --no-build-isolation).\n"
+        "  See docs/gpu.md. Unset FASTATTN_CUDA to build the CPU package only."
+    )
+
+
+def _find_nvcc():
+    looked = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root:
+            path = os.path.join(root, "bin", "nvcc")
+            looked.append(path)
+            if os.access(path, os.X_OK):
+                return path, root
+    path = shutil.which("nvcc")
+    looked.append("nvcc on PATH")
+    if path is None:
+        looked.append("/usr/local/cuda/bin/nvcc")
+        path = "/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None
+    if path is None:
+        _cuda_fail("nvcc (the CUDA compiler)", looked)
+    # nvcc may be a wrapper script: ask it where its toolkit is.
+    root = os.path.dirname(os.path.dirname(os.path.realpath(path)))
+    try:
+        dry = subprocess.run([path, "--dryrun", "-x", "cu", "-E", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        for line in (dry.stdout + dry.stderr).splitlines():
+            if line.startswith("#$ TOP="):
+                root = os.path.normpath(line.split("=", 1)[1].strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return path, root
+
+
+def _wheel_roots():
+    """Where the nvidia-* wheels put headers and libraries (CUDA 13 wheels
+    share nvidia/cu13; CUDA 12 wheels use one folder per library)."""
+    roots = []
+    for entry in sys.path:
+        for sub in ("nvidia/cu13", "nvidia/cublas", "nvidia/cuda_runtime"):
+            path = os.path.join(entry or ".", sub)
+            if os.path.isdir(path) and path not in roots:
+                roots.append(path)
+    return roots
+
+
+def _find_file(dirs, names):
+    for d in dirs:
+        for name in names:
+            hits = sorted(glob.glob(os.path.join(d, name)))
+            if hits:
+                return hits[0]
+    return None
+
+
+def _find_cuda_toolchain():
+    """nvcc, include folders and the cudart/cuBLAS libraries, or SystemExit
+    naming exactly what is missing."""
+    nvcc, root = _find_nvcc()
+    target = f"{platform.machine()}-linux"
+    tk_inc = [os.path.join(root, "include"), os.path.join(root, "targets", target, "include")]
+    tk_lib = [os.path.join(root, d) for d in ("lib64", "lib", os.path.join("targets", target, "lib"))]
+    wheels = _wheel_roots()
+    inc_dirs = tk_inc + [os.path.join(w, "include") for w in wheels]
+    lib_dirs = tk_lib + [os.path.join(w, "lib") for w in wheels]
+
+    found = {}
+    for header in ("cuda_runtime.h", "cublas_v2.h"):
+        path = _find_file(inc_dirs, [header])
+        if path is None:
+            _cuda_fail(f"{header} ({'cuBLAS' if 'cublas' in header else 'CUDA runtime'} header)", inc_dirs)
+        found[header] = os.path.dirname(path)
+    libs = []
+    for lib, what in (("cudart", "the CUDA runtime library"), ("cublas", "the cuBLAS library")):
+        # the unversioned name when a -dev package provides it, else the
+        # versioned one a wheel ships (linked by path; its SONAME is recorded)
+        path = _find_file(lib_dirs, [f"lib{lib}.so", f"lib{lib}.so.[0-9]*"])
+        if path is None:
+            _cuda_fail(f"lib{lib}.so ({what})", lib_dirs)
+        libs.append(path)
+    rpaths = []
+    for path in libs:
+        d = os.path.dirname(os.path.realpath(path))
+        if d not in rpaths:
+            rpaths.append(d)
+        # wheels live in site-packages beside fastattn/: keep working if moved
+        for marker in ("nvidia/cu13", "nvidia/cublas", "nvidia/cuda_runtime"):
+            if marker + "/lib" in d.replace(os.sep, "/"):
+                rel = "$ORIGIN/../" + marker + "/lib"
+                if rel not in rpaths:
+                    rpaths.append(rel)
+    includes = []
+    for d in found.values():
+        if d not in includes:
+            includes.append(d)
+    print(f"fastattn: building fastattn._cuda with {nvcc}; cudart {libs[0]}; cuBLAS {libs[1]}")
+    return {"nvcc": nvcc, "include_dirs": includes, "libraries": libs, "rpaths": rpaths}
+
+
+_CUDA_TOOLCHAIN = None
+
+
+def _compile_cuda_sources(cmd):
+    """Compile csrc/cuda/*.cu with nvcc into objects for the _cuda extension."""
+    tc = _CUDA_TOOLCHAIN
+    out_dir = os.path.join(cmd.build_temp, "cuda")
+    os.makedirs(out_dir, exist_ok=True)
+    headers = glob.glob(os.path.join(CUDA_SRC, "*.h"))
+    objects = []
+    for src in sorted(glob.glob(os.path.join(CUDA_SRC, "*.cu"))):
+        obj = os.path.join(out_dir, os.path.basename(src)[:-3] + ".o")
+        stale = cmd.force or not os.path.exists(obj) or any(
+            os.path.getmtime(dep) > os.path.getmtime(obj) for dep in [src] + headers
+        )
+        if stale:
+            args = [tc["nvcc"], "-c", src, "-o", obj] + CUDA_FLAGS + CUDA_GENCODE
+            args += ["-I" + CUDA_SRC] + ["-I" + d for d in tc["include_dirs"]]
+            print(" ".join(args))
+            subprocess.run(args, check=True)
+        objects.append(obj)
+    return objects
+
+
+def _cuda_extension():
+    global _CUDA_TOOLCHAIN
+    _CUDA_TOOLCHAIN = _find_cuda_toolchain()
+    tc = _CUDA_TOOLCHAIN
+    return Extension(
+        "fastattn._cuda",
+        sources=["fastattn/_cuda.pyx"],
+        include_dirs=[CUDA_SRC],
+        # the .cu objects are C++: link the C++ runtime the host compiler used
+        libraries=["stdc++"],
+        extra_objects=list(tc["libraries"]),
+        extra_link_args=["-Wl,-rpath," + d for d in tc["rpaths"]],
+        depends=sorted(glob.glob(os.path.join(CUDA_SRC, "*"))),
+    )
+
+
 def _extensions():
     debug = _env_flag("FASTATTN_CYTHON_DEBUG", False)
     directives = {
@@ -177,7 +351,18 @@ def _extensions():
             include_dirs=[CSRC, numpy.get_include()],
             define_macros=np_macros,
         ),
+        # The projections' GEMMs: scipy.linalg.cython_blas (sgemm/dgemm), so
+        # no BLAS is linked by hand; cython finds its .pxd in the installed
+        # scipy (a build requirement).
+        Extension(
+            "fastattn._blas",
+            sources=["fastattn/_blas.pyx"],
+            include_dirs=[CSRC, numpy.get_include()],
+            define_macros=np_macros,
+        ),
     ]
+    if _env_flag("FASTATTN_CUDA", False):
+        exts.append(_cuda_extension())
     return cythonize(exts, compiler_directives=directives, quiet=True)
 
 

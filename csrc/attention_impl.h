@@ -85,9 +85,9 @@ static FA_KNAME(attn_scratch, DT) FA_KNAME(attn_carve, DT)(T *base, int64_t D, i
 
 /* ---- scores: St (nk, MQ) = K_tile (nk, D) . Qt (D, MQ) ------------------- */
 
-/* The register tile over MR arbitrary key rows (used for the leftovers). */
-static inline void FA_KNAME(scores_rows, DT)(const T *qt, const T *const *rows, int64_t D,
-                                             T *st) {
+/* One register tile: MR key rows x 2 vectors of query columns. */
+static inline void FA_KNAME(scores_mr, DT)(const T *qt, const T *const *rows, int64_t D,
+                                           T *st) {
     V a0[FA_MR], a1[FA_MR];
 #pragma GCC unroll 16
     for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = V_ZERO();
@@ -107,43 +107,19 @@ static inline void FA_KNAME(scores_rows, DT)(const T *qt, const T *const *rows, 
     }
 }
 
-/* Full MR-key register tile for query columns [ic, ic + NC). */
-static inline void FA_KNAME(scores_mr, DT)(const T *qt, const T *k0, int64_t kst,
-                                           int64_t D, T *st) {
-    V a0[FA_MR], a1[FA_MR];
-#pragma GCC unroll 16
-    for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = V_ZERO();
-    for (int64_t d = 0; d < D; ++d) {
-        const V x0 = V_LOADU(qt + d * MQ), x1 = V_LOADU(qt + d * MQ + VL);
-#pragma GCC unroll 16
-        for (int r = 0; r < FA_MR; ++r) {
-            const V kb = V_SET1(k0[r * kst + d]);
-            a0[r] = V_FMADD(x0, kb, a0[r]);
-            a1[r] = V_FMADD(x1, kb, a1[r]);
-        }
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < FA_MR; ++r) {
-        V_STOREU(st + r * MQ, a0[r]);
-        V_STOREU(st + r * MQ + VL, a1[r]);
-    }
-}
-
 /* Leftover keys (fewer than MR) go through the same register tile: rows
  * past the last key repeat it, and their scores land in tile rows >= nk
  * (inside the NK-row tile, since NK is a multiple of MR) that nothing reads.
  * A one-key loop would run at a quarter of the FMA rate. */
 static void FA_KNAME(scores_tile, DT)(const T *qt, const T *kt, int64_t kst, int64_t D,
                                       int64_t nk, int64_t cols, T *st) {
-    const int64_t full = nk / FA_MR * FA_MR;
+    /* query chunk outer: its D x NC slice of Q^T stays in L1 while the
+     * key rows stream past */
     for (int64_t ic = 0; ic < cols; ic += NC) {
-        for (int64_t j = 0; j < full; j += FA_MR)
-            FA_KNAME(scores_mr, DT)(qt + ic, kt + j * kst, kst, D, st + j * MQ + ic);
-        if (full < nk) {
+        for (int64_t j = 0; j < nk; j += FA_MR) {
             const T *rows[FA_MR];
-            for (int r = 0; r < FA_MR; ++r)
-                rows[r] = kt + (full + r < nk ? full + r : nk - 1) * kst;
-            FA_KNAME(scores_rows, DT)(qt + ic, rows, D, st + full * MQ + ic);
+            for (int r = 0; r < FA_MR; ++r) rows[r] = kt + (j + r < nk ? j + r : nk - 1) * kst;
+            FA_KNAME(scores_mr, DT)(qt + ic, rows, D, st + j * MQ + ic);
         }
     }
 }

@@ -93,6 +93,7 @@ int fa_openmp_enabled(void) {
 }
 
 int fa_default_num_threads(void) {
+    if (fa_fork_child_serial()) return 1; /* see fork_safety.c */
 #ifdef _OPENMP
     /* nthreads-var: OMP_NUM_THREADS, else the CPUs in the affinity mask;
      * threadpoolctl lowers it through omp_set_num_threads. */
@@ -108,6 +109,7 @@ int fa_resolve_threads(int requested, int64_t work_items, int64_t total_elems) {
 #ifndef _OPENMP
     n = 1;
 #endif
+    if (fa_fork_child_serial()) n = 1; /* see fork_safety.c */
     if (total_elems < FA_MIN_PARALLEL_ELEMS) n = 1;
     if (work_items < n) n = work_items > 0 ? (int)work_items : 1;
     return n < 1 ? 1 : n;

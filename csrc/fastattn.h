@@ -165,6 +165,47 @@ int fa_add_position_encoding(int dtype, fa_view4 x, fa_view4 y,
                              int64_t B, int64_t length, int64_t channels,
                              const fa_pe_params *p, int num_threads);
 
+/* ---- fork safety (csrc/fork_safety.c, docs/reliability.md) -------------
+ * 1 when the calling thread is the one that called fork() in a child process
+ * (or descends from it through further forks): GNU OpenMP's worker pool did
+ * not survive the fork, so that thread's kernels run on one thread. 0 in
+ * the parent and in threads the child starts later. */
+int fa_fork_child_serial(void);
+
+/* ==== rotary position embedding (RoPE); owned by the multi-head attention
+ * layer (issue 4), see rope.c ============================================== */
+
+typedef enum { FA_ROPE_NONE = 0, FA_ROPE_NEOX = 1, FA_ROPE_GPTJ = 2 } fa_rope_layout;
+
+/* cos_out, sin_out: (n, half) contiguous in the dtype, for the angles
+ * pos_p * base^(-2j / (2 * half)), j < half, with pos_p = positions[p]
+ * (positions: n int64) or start + p when positions is NULL. */
+int fa_rope_table(int dtype, void *cos_out, void *sin_out, int64_t n, int64_t half,
+                  const int64_t *positions, int64_t start, double base, int num_threads);
+
+/* x, y: (N0, N1, L, D) views with unit last-axis strides; y may be x itself
+ * (in place) or must not overlap it. Row (n0, n1, l) of x, for l < rows[n0]
+ * (every l < L when rows is NULL), goes to row (n0, n1, l + y_row_offset[n0])
+ * of y (offset 0 when y_row_offset is NULL), rotated by table row t = index[n0*is0 + n1*is1 + l*is2] (0 <= t <
+ * table_len, all checked before anything is written; zero strides
+ * broadcast). NEOX: (y_j, y_{j+D/2}) = (x_j c - x_{j+D/2} s, x_{j+D/2} c + x_j s);
+ * GPTJ: the same on (x_2j, x_2j+1); NONE: a copy (index and table unused). */
+typedef struct {
+    int64_t N0, N1, L, D;
+    fa_view4 x, y;
+    const int64_t *rows;
+    const int64_t *y_row_offset;
+    const int64_t *index;
+    int64_t index_stride[3];
+    const void *cos, *sin;
+    int64_t table_len;
+    int layout;
+} fa_rope_args;
+
+int fa_rope_apply(int dtype, const fa_rope_args *args, int num_threads);
+
+/* ==== end of the RoPE block ================================================ */
+
 #ifdef __cplusplus
 }
 #endif

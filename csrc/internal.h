@@ -39,13 +39,14 @@ static inline int64_t fa_product(const int64_t *dims, int n) {
  * contiguous values of the row's dtype (FA_MASK_ADD).
  * Writes y_j = softmax(x * scale + add)_j over the keys the bool mask keeps;
  * kept-out keys get exactly 0. A row whose maximum is -inf (nothing valid)
- * is written as zeros. */
+ * is written as zeros. stage: NULL, or (n) scratch in which the row is
+ * computed before y is written with non-temporal stores. */
 typedef void fa_softmax_row_f32_fn(const float *x, float *y, int64_t n,
                                    float scale, const void *mask_row,
-                                   int mask_kind);
+                                   int mask_kind, float *stage);
 typedef void fa_softmax_row_f64_fn(const double *x, double *y, int64_t n,
                                    double scale, const void *mask_row,
-                                   int mask_kind);
+                                   int mask_kind, double *stage);
 
 /* ---- fused attention ------------------------------------------------------
  * Tile sizes shared by the driver (attention.c, which sizes scratch) and

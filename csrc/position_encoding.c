@@ -132,6 +132,15 @@ static int pe_run(int dtype, int64_t length, int64_t channels, const fa_pe_param
     const int64_t n = pe_nfreq(p->layout, channels);
     /* start + length must not overflow when positions are formed */
     if (p->start_index > INT64_MAX - length) return FA_ERR_OVERFLOW;
+    /* element count and per-thread scratch (s, c: n doubles each, one row
+     * of T, rounded to 64 bytes) must fit in int64 */
+    const int64_t counts[3] = {length, channels, add ? sink->B : 1};
+    const int64_t work = fa_product(counts, 3);
+    int64_t row_bytes, sc_bytes, per_thread;
+    if (work < 0 || !fa_mul_ok(channels, es, &row_bytes) || !fa_mul_ok(n, 16, &sc_bytes) ||
+        row_bytes > INT64_MAX - 63 - sc_bytes)
+        return FA_ERR_OVERFLOW;
+    per_thread = (sc_bytes + row_bytes + 63) & ~(int64_t)63;
 
     double *freq = fa_scratch_alloc(3 * (n > 0 ? n : 1), sizeof(double));
     if (freq == NULL) return FA_ERR_NOMEM;
@@ -144,11 +153,8 @@ static int pe_run(int dtype, int64_t length, int64_t channels, const fa_pe_param
     const int64_t block = dtype == FA_DTYPE_F32 ? FA_PE_BLOCK_F32 : FA_PE_BLOCK_F64;
     const pe_plan plan = {channels, n, block, p->layout, freq, sstep, cstep, p->start_index};
 
-    const int64_t blocks = (length + block - 1) / block;
-    const int64_t work = add ? length * channels * sink->B : length * channels;
+    const int64_t blocks = length / block + (length % block != 0);
     const int nthreads = fa_resolve_threads(num_threads, blocks, work);
-    /* per thread: s and c (n doubles each) and one row of T */
-    int64_t per_thread = (2 * n * 8 + channels * es + 63) & ~(int64_t)63;
     char *scratch = fa_scratch_alloc(per_thread, nthreads);
     if (scratch == NULL) {
         fa_scratch_free(freq);
@@ -163,7 +169,7 @@ static int pe_run(int dtype, int64_t length, int64_t channels, const fa_pe_param
         void *row = c + n;
         int64_t lo, hi;
         fa_partition(blocks, nthreads, t, &lo, &hi);
-        const int64_t p0 = lo * block, p1 = hi * block < length ? hi * block : length;
+        const int64_t p0 = lo * block, p1 = hi == blocks ? length : hi * block;
         if (dtype == FA_DTYPE_F32)
             pe_rows_float(&plan, p0, p1, s, c, (float *)row,
                           add ? emit_add_float : emit_table_float, sink);

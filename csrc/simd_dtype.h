@@ -25,6 +25,7 @@
 #undef V_KEEP
 #undef S_EXP
 #undef V_LOADN
+#undef V_STREAM
 #undef V_STOREN
 #undef T_MAX
 
@@ -49,6 +50,7 @@
 #define V_KEEP vf64_keep
 #define S_EXP fa_exp
 #define V_LOADN vf64_loadn
+#define V_STREAM vf64_stream
 #define V_STOREN vf64_storen
 #define T_MAX DBL_MAX
 #else
@@ -72,6 +74,7 @@
 #define V_KEEP vf32_keep
 #define S_EXP fa_expf
 #define V_LOADN vf32_loadn
+#define V_STREAM vf32_stream
 #define V_STOREN vf32_storen
 #define T_MAX FLT_MAX
 #endif

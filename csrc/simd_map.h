@@ -18,7 +18,10 @@
  *   keep(v, m): v where the uint8 mask bytes m[0..LANES) are nonzero, -inf
  *   elsewhere;
  *   loadn(p, n), storen(p, v, n): the first n (0..LANES) lanes only, for
- *   tails; they never touch memory past p + n.
+ *   tails; they never touch memory past p + n;
+ *   stream(p, v): a non-temporal store to a vector-aligned p, which skips
+ *   the read-for-ownership of the destination line; fa_stream_fence()
+ *   orders such stores before later ones.
  */
 #ifndef FASTATTN_SIMD_MAP_H
 #define FASTATTN_SIMD_MAP_H
@@ -58,10 +61,12 @@ typedef double fa_vf64;
     static inline T P##_exp_nonpos(T v) { return EXP(v); }                        \
     static inline T P##_keep(T v, const uint8_t *m) { return m[0] ? v : (T)-INFINITY; } \
     static inline T P##_loadn(const T *p, int64_t n) { return n > 0 ? *p : (T)0; }     \
-    static inline void P##_storen(T *p, T v, int64_t n) { if (n > 0) *p = v; }
+    static inline void P##_storen(T *p, T v, int64_t n) { if (n > 0) *p = v; }         \
+    static inline void P##_stream(T *p, T v) { *p = v; }
 
 FA_SCALAR_OPS(float, vf32, fa_expf)
 FA_SCALAR_OPS(double, vf64, fa_exp)
+static inline void fa_stream_fence(void) {}
 
 /* ======================================================================= */
 #elif FA_ISA_LEVEL == 1
@@ -136,6 +141,9 @@ static inline __m256 vf32_loadn(const float *p, int64_t n) {
 static inline void vf32_storen(float *p, __m256 v, int64_t n) {
     _mm256_maskstore_ps(p, fa_avx2_lane_mask32(n), v);
 }
+static inline void vf32_stream(float *p, __m256 v) { _mm256_stream_ps(p, v); }
+static inline void vf64_stream(double *p, __m256d v) { _mm256_stream_pd(p, v); }
+static inline void fa_stream_fence(void) { _mm_sfence(); }
 /* exp for x <= 0 (or NaN): softmax exponents s - max are never positive,
  * so the overflow clamp and the split 2^n scaling are not needed
  * (n >= -126 keeps 2^n a normal float). */
@@ -311,6 +319,9 @@ static inline __m512 vf32_loadn(const float *p, int64_t n) {
 static inline void vf32_storen(float *p, __m512 v, int64_t n) {
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), v);
 }
+static inline void vf32_stream(float *p, __m512 v) { _mm512_stream_ps(p, v); }
+static inline void vf64_stream(double *p, __m512d v) { _mm512_stream_pd(p, v); }
+static inline void fa_stream_fence(void) { _mm_sfence(); }
 static inline __m512 vf32_exp_nonpos(__m512 x) {
     const __m512 lo = _mm512_set1_ps(FA_EXPF_LO);
     __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);

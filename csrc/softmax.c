@@ -8,6 +8,12 @@
 
 #include "internal.h"
 
+/* Outputs at least this large are written with non-temporal stores: 16 MiB
+ * is past the L2s and most of a shared L3, so the rows will not be read
+ * back from cache anyway and skipping the read-for-ownership saves a third
+ * of the memory traffic. Smaller outputs stay cached for their consumer. */
+#define FA_SOFTMAX_STREAM_BYTES (16 << 20)
+
 /* Keys [0, n_valid) of row i may be attended; keys after it are zero. */
 static int64_t valid_keys(int64_t i, int64_t Lq, int64_t Lk, int64_t key_len,
                           int causal) {
@@ -42,11 +48,11 @@ typedef struct {
     double scale;
     const fa_mask_view *mask;
     const fa_lengths_view *key_len, *query_len;
-    int causal, dtype;
+    int causal, dtype, stream;
 } softmax_job;
 
-/* Rows [lo, hi) of the flattened (B, M, Lq) row index. scratch (only when
- * something is strided along keys) holds an x row, a y row and a mask row. */
+/* Rows [lo, hi) of the flattened (B, M, Lq) row index. scratch holds an x
+ * row, a y row (also the streaming stage) and a mask row. */
 static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *scratch) {
     const fa_kernel_table *k = fa_kernels();
     const int64_t M = job->M, Lq = job->Lq, Lk = job->Lk, es = job->esize;
@@ -74,10 +80,13 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
                 mrow = gather((const char *)mask->data + off * mes, mask->stride_k, n, mes, mbuf);
             }
             void *yc = ys == 1 ? (void *)yrow : (void *)ybuf;
+            void *stage = job->stream && ys == 1 ? (void *)ybuf : NULL;
             if (job->dtype == FA_DTYPE_F32)
-                k->softmax_row_f32((const float *)xc, (float *)yc, n, (float)job->scale, mrow, mkind);
+                k->softmax_row_f32((const float *)xc, (float *)yc, n, (float)job->scale, mrow,
+                                   mkind, (float *)stage);
             else
-                k->softmax_row_f64((const double *)xc, (double *)yc, n, job->scale, mrow, mkind);
+                k->softmax_row_f64((const double *)xc, (double *)yc, n, job->scale, mrow, mkind,
+                                   (double *)stage);
             if (ys != 1)
                 for (int64_t j = 0; j < n; ++j) memcpy(yrow + j * ys * es, ybuf + j * es, (size_t)es);
         }
@@ -115,20 +124,24 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t M,
     const int64_t rows = B * M * Lq;
     const int nthreads = fa_resolve_threads(num_threads, rows, total);
 
-    /* Scratch only when some operand is strided along the key axis. */
-    const int strided = x.stride[3] != 1 || y.stride[3] != 1 ||
+    /* Scratch when some operand is strided along the key axis, or to stage
+     * rows that are streamed out. */
+    int64_t out_bytes;
+    const int stream = fa_mul_ok(total, esize, &out_bytes) && out_bytes >= FA_SOFTMAX_STREAM_BYTES;
+    const int strided = x.stride[3] != 1 || y.stride[3] != 1 || stream ||
                         (mask && mask->data && mask->stride_k != 1);
     char *scratch = NULL;
     int64_t per_thread = 0;
     if (strided) {
         /* xbuf + ybuf + mask row (the mask row in the widest element) */
-        if (!fa_mul_ok(Lk, 3 * esize, &per_thread)) return FA_ERR_OVERFLOW;
+        if (!fa_mul_ok(Lk, 3 * esize, &per_thread) || per_thread > INT64_MAX - 63)
+            return FA_ERR_OVERFLOW;
         per_thread = (per_thread + 63) & ~(int64_t)63;
         scratch = fa_scratch_alloc(per_thread, nthreads);
         if (scratch == NULL) return FA_ERR_NOMEM;
     }
     const softmax_job job = {x, y, B, M, Lq, Lk, esize, scale, mask,
-                             key_len, query_len, causal, dtype};
+                             key_len, query_len, causal, dtype, stream};
     if (nthreads == 1) {
         softmax_rows(&job, 0, rows, scratch);
     } else {

@@ -3,12 +3,17 @@
  * simd_map.h and instantiated per ISA file and per dtype (see
  * softmax_scalar.c, softmax_avx2.c, softmax_avx512.c).
  *
- * Row x: (n) contiguous, y: (n) contiguous (may alias x).
+ * Row x: (n) contiguous, y: (n) contiguous (may alias x); stage: NULL, or
+ * (n) scratch that stays in L1.
  * Three passes over a row that stays in L1 (a 4096-key float row is 16 KiB):
  *   1. t_j = x_j * scale (+ additive mask), -inf where the bool mask drops j;
  *      store t_j in y, track the running max with two accumulators;
  *   2. e_j = exp(t_j - max) into y, summed with two accumulators;
  *   3. y_j *= 1 / sum (one division per row).
+ * With a stage buffer, passes 1 and 2 work in it and pass 3 writes y with
+ * non-temporal stores: for outputs much larger than the caches this saves
+ * the read-for-ownership of every y line (3 memory transfers per element
+ * become 2, as in a copy).
  * Two independent accumulators hide the 4-cycle FMA/max latency; more gave
  * nothing measurable on rows of 128 to 4096 keys.
  * A row whose max is -inf has no valid key: it is written as zeros, never
@@ -18,7 +23,9 @@
 #include "simd_dtype.h"
 
 void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
-                                      const void *mask_row, int mask_kind) {
+                                      const void *mask_row, int mask_kind, T *stage) {
+    T *const out = y;
+    if (stage) y = stage;
     const uint8_t *keep = mask_kind == FA_MASK_BOOL ? (const uint8_t *)mask_row : NULL;
     const T *add = mask_kind == FA_MASK_ADD ? (const T *)mask_row : NULL;
     const V vscale = V_SET1(scale);
@@ -51,10 +58,18 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
         y[j] = t;
         mx = t > mx ? t : mx;
     }
-    /* A NaN may have been dropped by max; it still poisons the sum below. */
+    /* A NaN may have been dropped by max; it still poisons the sum below.
+     * A max of -inf means no key is above -inf -- unless max skipped a NaN
+     * (a NaN is the only kept score, or the others are -inf): that row must
+     * come out NaN, not empty. The scan runs only for such rows. */
     if (mx == neg_inf) {
-        memset(y, 0, (size_t)n * sizeof(T));
-        return;
+        int64_t q = 0;
+        while (q < n && y[q] == y[q]) ++q;
+        if (q == n) {
+            memset(out, 0, (size_t)n * sizeof(T));
+            return;
+        }
+        mx = y[q]; /* NaN: every e_j and the sum become NaN */
     }
 
     /* pass 2: exponentiate and sum */
@@ -80,6 +95,19 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
     const T inv = (T)1 / sum;
     const V vinv = V_SET1(inv);
     j = 0;
-    for (; j + VL <= n; j += VL) V_STOREU(y + j, V_MUL(V_LOADU(y + j), vinv));
-    for (; j < n; ++j) y[j] *= inv;
+    if (stage) {
+        /* scalar head up to the vector alignment that streaming stores need */
+        for (; j < n && ((uintptr_t)(out + j) % (VL * sizeof(T))) != 0; ++j) out[j] = y[j] * inv;
+        for (; j + VL <= n; j += VL) V_STREAM(out + j, V_MUL(V_LOADU(y + j), vinv));
+        for (; j < n; ++j) out[j] = y[j] * inv;
+        fa_stream_fence();
+    } else {
+        for (; j + VL <= n; j += VL) V_STOREU(y + j, V_MUL(V_LOADU(y + j), vinv));
+        for (; j < n; ++j) y[j] *= inv;
+    }
+    /* A NaN row: keys the bool mask drops are still exactly 0 (their e_j = 0
+     * times 1/NaN made them NaN above). */
+    if (keep && sum != sum)
+        for (j = 0; j < n; ++j)
+            if (!keep[j]) out[j] = (T)0;
 }

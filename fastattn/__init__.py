@@ -16,23 +16,43 @@ from fastattn._config import (
     show_config,
 )
 from fastattn._config import _apply_isa_env
+from fastattn import reference
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.heads import merge_heads, split_heads
 from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
+from fastattn.mha import KVCache, MultiHeadAttention
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
+from fastattn.rotary import alibi_slopes, apply_rotary
 
 _apply_isa_env()
 del _apply_isa_env
 
+# Optional parts are imported on first use, so that `import fastattn` never
+# imports CuPy or matplotlib.
+_LAZY_SUBMODULES = ("cuda", "plotting")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fastattn.{name}")
+    raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
+    "KVCache",
+    "MultiHeadAttention",
     "add_position_encoding",
+    "alibi_slopes",
+    "apply_rotary",
     "apply_sequence_mask",
     "available_isas",
     "get_isa",
     "get_num_threads",
     "masked_softmax",
     "merge_heads",
+    "reference",
     "scaled_dot_product_attention",
     "sequence_mask",
     "set_isa",

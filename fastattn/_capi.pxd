@@ -74,3 +74,31 @@ cdef extern from "fastattn.h" nogil:
     int fa_add_position_encoding(int dtype, fa_view4 x, fa_view4 y,
                                  int64_t B, int64_t length, int64_t channels,
                                  const fa_pe_params *p, int num_threads)
+
+# ---- fork safety (csrc/fork_safety.c) ------------------------------------------
+cdef extern from "fastattn.h" nogil:
+    int fa_fork_child_serial()
+
+# ---- RoPE (csrc/rope.c) -----------------------------------------------------------
+cdef extern from "fastattn.h" nogil:
+    # ---- RoPE (multi-head attention layer, issue 4; csrc/rope.c) ----
+    int FA_ROPE_NONE
+    int FA_ROPE_NEOX
+    int FA_ROPE_GPTJ
+
+    int fa_rope_table(int dtype, void *cos_out, void *sin_out, int64_t n, int64_t half,
+                      const int64_t *positions, int64_t start, double base, int num_threads)
+
+    ctypedef struct fa_rope_args:
+        int64_t N0, N1, L, D
+        fa_view4 x, y
+        const int64_t *rows
+        const int64_t *y_row_offset
+        const int64_t *index
+        int64_t index_stride[3]
+        const void *cos
+        const void *sin
+        int64_t table_len
+        int layout
+
+    int fa_rope_apply(int dtype, const fa_rope_args *args, int num_threads)

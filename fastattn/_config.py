@@ -63,7 +63,13 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """Thread count a call without ``num_threads`` uses."""
+    """Thread count a call without ``num_threads`` uses.
+
+    1 in the thread that called ``fork()`` in a child process, whatever was
+    set: GNU OpenMP cannot run parallel regions there (docs/reliability.md).
+    """
+    if _kernels.fork_child_serial():
+        return 1
     n = _num_threads
     return n if n is not None else _kernels.default_num_threads()
 
@@ -76,6 +82,13 @@ def resolve_num_threads(num_threads):
     return _positive_int(num_threads, "num_threads")
 
 
+# Upper bound on a thread count. OpenMP starts every thread it is asked for:
+# num_threads=200000 exhausted the process's memory maps and crashed the
+# interpreter (segfault) instead of raising. No CPU kernel gains from more
+# threads than this.
+MAX_THREADS = 4096
+
+
 def _positive_int(value, name):
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a positive integer, got {value!r}")
@@ -85,6 +98,8 @@ def _positive_int(value, name):
         raise TypeError(f"{name} must be a positive integer, got {value!r}") from None
     if n < 1:
         raise ValueError(f"{name} must be >= 1, got {n}")
+    if n > MAX_THREADS:
+        raise ValueError(f"{name} must be <= {MAX_THREADS}, got {n}")
     return n
 
 

@@ -7,6 +7,7 @@ codes into exceptions. Validation, broadcasting and dtype handling live in
 the Python modules that call it.
 """
 cimport numpy as cnp
+from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int64_t
 
 from fastattn._capi cimport *
@@ -34,6 +35,15 @@ cdef inline int dtype_code(cnp.ndarray a) except -1:
     raise TypeError(f"fastattn: kernel dtype must be float32 or float64, got {a.dtype}")
 
 
+cdef inline int64_t elem_stride(Py_ssize_t stride, Py_ssize_t item) except? -1:
+    """A byte stride in elements. The Python layer copies arrays whose strides
+    are not whole elements (e.g. structured-array fields); this guard turns a
+    miss there into an error instead of silently wrong addresses."""
+    if stride % item:
+        raise ValueError(f"fastattn: stride {stride} is not a multiple of the item size {item}")
+    return stride // item
+
+
 cdef inline fa_view4 view4(cnp.ndarray a) except *:
     """A 4-D array as a C view: base pointer and strides in elements."""
     cdef fa_view4 v
@@ -41,7 +51,7 @@ cdef inline fa_view4 view4(cnp.ndarray a) except *:
     cdef int i
     v.data = cnp.PyArray_DATA(a)
     for i in range(4):
-        v.stride[i] = cnp.PyArray_STRIDES(a)[i] // item
+        v.stride[i] = elem_stride(cnp.PyArray_STRIDES(a)[i], item)
     return v
 
 
@@ -51,7 +61,7 @@ cdef inline fa_view4 view3(cnp.ndarray a) except *:
     cdef int i
     v.data = cnp.PyArray_DATA(a)
     for i in range(3):
-        v.stride[i] = cnp.PyArray_STRIDES(a)[i] // item
+        v.stride[i] = elem_stride(cnp.PyArray_STRIDES(a)[i], item)
     v.stride[3] = 0
     return v
 
@@ -67,8 +77,8 @@ cdef inline fa_lengths_view lengths2(object a) except *:
         return v
     arr = <cnp.ndarray>a
     v.data = <const int64_t *>cnp.PyArray_DATA(arr)
-    v.stride_b = cnp.PyArray_STRIDES(arr)[0] // 8
-    v.stride_m = cnp.PyArray_STRIDES(arr)[1] // 8
+    v.stride_b = elem_stride(cnp.PyArray_STRIDES(arr)[0], 8)
+    v.stride_m = elem_stride(cnp.PyArray_STRIDES(arr)[1], 8)
     return v
 
 
@@ -86,11 +96,21 @@ cdef inline fa_mask_view mask4(object mask, int kind) except *:
     item = cnp.PyArray_ITEMSIZE(m)
     mv.data = cnp.PyArray_DATA(m)
     mv.kind = kind
-    mv.stride_b = cnp.PyArray_STRIDES(m)[0] // item
-    mv.stride_m = cnp.PyArray_STRIDES(m)[1] // item
-    mv.stride_q = cnp.PyArray_STRIDES(m)[2] // item
-    mv.stride_k = cnp.PyArray_STRIDES(m)[3] // item
+    mv.stride_b = elem_stride(cnp.PyArray_STRIDES(m)[0], item)
+    mv.stride_m = elem_stride(cnp.PyArray_STRIDES(m)[1], item)
+    mv.stride_q = elem_stride(cnp.PyArray_STRIDES(m)[2], item)
+    mv.stride_k = elem_stride(cnp.PyArray_STRIDES(m)[3], item)
     return mv
+
+
+cdef inline fa_pe_params pe_params(int layout, double min_timescale, double max_timescale,
+                                   int64_t start_index):
+    cdef fa_pe_params p
+    p.layout = layout
+    p.min_timescale = min_timescale
+    p.max_timescale = max_timescale
+    p.start_index = start_index
+    return p
 
 
 # ---- configuration ---------------------------------------------------------
@@ -121,6 +141,11 @@ def build_compiler():
 
 def build_flags():
     return fa_build_flags().decode()
+
+def fork_child_serial():
+    """True in the thread that called fork() in a child process: its kernels
+    run on one thread (csrc/fork_safety.c)."""
+    return bool(fa_fork_child_serial())
 
 
 # ---- kernels -----------------------------------------------------------------
@@ -221,15 +246,11 @@ def position_encoding(cnp.ndarray out, int layout, double min_timescale,
                       double max_timescale, int64_t start_index, int num_threads):
     """out: (length, channels) with a unit column stride."""
     cdef int dt = dtype_code(out)
-    cdef fa_pe_params p
+    cdef fa_pe_params p = pe_params(layout, min_timescale, max_timescale, start_index)
     cdef void *op = cnp.PyArray_DATA(out)
-    cdef int64_t rs = cnp.PyArray_STRIDES(out)[0] // cnp.PyArray_ITEMSIZE(out)
+    cdef int64_t rs = elem_stride(cnp.PyArray_STRIDES(out)[0], cnp.PyArray_ITEMSIZE(out))
     cdef int64_t L = out.shape[0], C = out.shape[1]
     cdef int st
-    p.layout = layout
-    p.min_timescale = min_timescale
-    p.max_timescale = max_timescale
-    p.start_index = start_index
     with nogil:
         st = fa_position_encoding(dt, op, rs, L, C, &p, num_threads)
     check(st)
@@ -239,14 +260,116 @@ def add_position_encoding(cnp.ndarray x, cnp.ndarray y, int layout, double min_t
                           double max_timescale, int64_t start_index, int num_threads):
     """x, y: (B, length, channels) views."""
     cdef int dt = dtype_code(x)
-    cdef fa_pe_params p
+    cdef fa_pe_params p = pe_params(layout, min_timescale, max_timescale, start_index)
     cdef fa_view4 vx = view3(x), vy = view3(y)
     cdef int64_t B = x.shape[0], L = x.shape[1], C = x.shape[2]
     cdef int st
-    p.layout = layout
-    p.min_timescale = min_timescale
-    p.max_timescale = max_timescale
-    p.start_index = start_index
     with nogil:
         st = fa_add_position_encoding(dt, vx, vy, B, L, C, &p, num_threads)
     check(st)
+
+
+# ---- RoPE (multi-head attention layer, issue 4) ------------------------------
+
+def rope_table(cnp.ndarray cos_out, cnp.ndarray sin_out, object positions, int64_t start,
+               double base, int num_threads):
+    """cos_out, sin_out: contiguous (n, half) of one dtype; positions: None
+    (start + arange(n)) or a contiguous (n,) int64 array."""
+    cdef int dt = dtype_code(cos_out)
+    cdef int64_t n = cos_out.shape[0], half = cos_out.shape[1]
+    cdef const int64_t *pp = NULL
+    cdef cnp.ndarray pa
+    cdef int st
+    if (cos_out.ndim != 2 or sin_out.ndim != 2 or sin_out.shape[0] != n or sin_out.shape[1] != half
+            or cnp.PyArray_TYPE(sin_out) != cnp.PyArray_TYPE(cos_out)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(cos_out) or not cnp.PyArray_IS_C_CONTIGUOUS(sin_out)):
+        raise ValueError("fastattn: rope tables must be contiguous (n, half) arrays of one dtype")
+    if positions is not None:
+        pa = <cnp.ndarray>positions
+        if (pa.ndim != 1 or pa.shape[0] != n or cnp.PyArray_TYPE(pa) != cnp.NPY_INT64
+                or not cnp.PyArray_IS_C_CONTIGUOUS(pa)):
+            raise ValueError("fastattn: rope positions must be a contiguous (n,) int64 array")
+        pp = <const int64_t *>cnp.PyArray_DATA(pa)
+    with nogil:
+        st = fa_rope_table(dt, cnp.PyArray_DATA(cos_out), cnp.PyArray_DATA(sin_out), n, half,
+                           pp, start, base, num_threads)
+    check(st)
+
+
+def rope_apply(cnp.ndarray x, cnp.ndarray y, object index, object cos_t, object sin_t,
+               int layout, object y_row_offset, object rows, int num_threads):
+    """x (N0, N1, L, D), y (N0, N1, L', D) views with unit last strides;
+    index: None (layout NONE) or an int64 (N0, N1, L) broadcast view; cos_t,
+    sin_t: contiguous (table_len, D/2); y_row_offset, rows: None or
+    contiguous (N0,) int64 (rows: how many rows of each n0 to process)."""
+    cdef int dt = dtype_code(x)
+    cdef fa_rope_args a
+    cdef cnp.ndarray ia, ca, sa, oa, ra
+    cdef int st
+    cdef int i
+    if x.ndim != 4 or y.ndim != 4 or cnp.PyArray_TYPE(y) != cnp.PyArray_TYPE(x):
+        raise ValueError("fastattn: rope_apply needs 4-D x and y of one dtype")
+    if y.shape[0] != x.shape[0] or y.shape[1] != x.shape[1] or y.shape[3] != x.shape[3]:
+        raise ValueError("fastattn: rope_apply x and y shapes differ")
+    if y_row_offset is None and y.shape[2] != x.shape[2]:
+        raise ValueError("fastattn: rope_apply x and y shapes differ")
+    a.N0 = x.shape[0]
+    a.N1 = x.shape[1]
+    a.L = x.shape[2]
+    a.D = x.shape[3]
+    a.x = view4(x)
+    a.y = view4(y)
+    a.layout = layout
+    a.y_row_offset = NULL
+    a.rows = NULL
+    a.index = NULL
+    a.index_stride[0] = a.index_stride[1] = a.index_stride[2] = 0
+    a.cos = NULL
+    a.sin = NULL
+    a.table_len = 0
+    if y_row_offset is not None:
+        oa = <cnp.ndarray>y_row_offset
+        if (oa.ndim != 1 or oa.shape[0] != a.N0 or cnp.PyArray_TYPE(oa) != cnp.NPY_INT64
+                or not cnp.PyArray_IS_C_CONTIGUOUS(oa)):
+            raise ValueError("fastattn: y_row_offset must be a contiguous (N0,) int64 array")
+        a.y_row_offset = <const int64_t *>cnp.PyArray_DATA(oa)
+    if rows is not None:
+        ra = <cnp.ndarray>rows
+        if (ra.ndim != 1 or ra.shape[0] != a.N0 or cnp.PyArray_TYPE(ra) != cnp.NPY_INT64
+                or not cnp.PyArray_IS_C_CONTIGUOUS(ra)):
+            raise ValueError("fastattn: rows must be a contiguous (N0,) int64 array")
+        a.rows = <const int64_t *>cnp.PyArray_DATA(ra)
+    for i in range(a.N0):
+        if ((a.rows != NULL and (a.rows[i] < 0 or a.rows[i] > a.L))
+                or (a.y_row_offset != NULL and a.y_row_offset[i] < 0)
+                or (a.y_row_offset[i] if a.y_row_offset != NULL else 0)
+                   + (a.rows[i] if a.rows != NULL else a.L) > y.shape[2]):
+            raise ValueError("fastattn: rope_apply rows or y_row_offset out of range")
+    if index is not None:
+        ia = <cnp.ndarray>index
+        ca = <cnp.ndarray>cos_t
+        sa = <cnp.ndarray>sin_t
+        if (ia.ndim != 3 or ia.shape[0] != a.N0 or ia.shape[1] != a.N1 or ia.shape[2] != a.L
+                or cnp.PyArray_TYPE(ia) != cnp.NPY_INT64):
+            raise ValueError("fastattn: rope index must be an int64 (N0, N1, L) view")
+        if (ca.ndim != 2 or sa.ndim != 2 or ca.shape[1] != a.D // 2 or sa.shape[1] != a.D // 2
+                or sa.shape[0] != ca.shape[0] or cnp.PyArray_TYPE(ca) != cnp.PyArray_TYPE(x)
+                or cnp.PyArray_TYPE(sa) != cnp.PyArray_TYPE(x)
+                or not cnp.PyArray_IS_C_CONTIGUOUS(ca) or not cnp.PyArray_IS_C_CONTIGUOUS(sa)):
+            raise ValueError("fastattn: rope tables must be contiguous (n, D/2) arrays of x's dtype")
+        a.index = <const int64_t *>cnp.PyArray_DATA(ia)
+        for i in range(3):
+            a.index_stride[i] = cnp.PyArray_STRIDES(ia)[i] // 8
+        a.cos = cnp.PyArray_DATA(ca)
+        a.sin = cnp.PyArray_DATA(sa)
+        a.table_len = ca.shape[0]
+    elif layout != FA_ROPE_NONE:
+        raise ValueError("fastattn: rope_apply needs an index and tables to rotate")
+    with nogil:
+        st = fa_rope_apply(dt, &a, num_threads)
+    check(st)
+
+
+def rope_apply_capsule():
+    """fa_rope_apply as a PyCapsule, for the GEMM epilogue in fastattn._blas."""
+    return PyCapsule_New(<void *>fa_rope_apply, b"fastattn.fa_rope_apply", NULL)

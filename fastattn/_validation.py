@@ -11,7 +11,9 @@ int32/int64/uint32/uint64 in float64. Complex, object, string, datetime and
 extended-precision inputs raise TypeError.
 """
 
+import math
 import operator
+import sys
 
 import numpy as np
 
@@ -31,15 +33,37 @@ def compute_dtype(dtype, name):
     return out
 
 
+def as_array(x, name):
+    """``np.asarray(x)``, with NumPy's conversion errors (ragged nesting,
+    unconvertible objects) reported against the argument's name."""
+    if type(x) is np.ndarray:
+        return x
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} could not be converted to an array: {exc}") from None
+
+
+def kernel_addressable(arr):
+    """True when C can address ``arr`` with element strides: the data pointer
+    is aligned for the dtype and every stride is a multiple of the item size
+    (a structured-array field or a byte-offset view is neither)."""
+    item = arr.dtype.itemsize
+    return arr.flags.aligned and all(s % item == 0 for s in arr.strides)
+
+
 def float_array(x, name, dtype=None):
     """``x`` as an ndarray of its compute dtype (or of ``dtype``), native byte
-    order; copies only when the dtype or byte order must change."""
-    arr = x if type(x) is np.ndarray else np.asarray(x)
+    order, addressable by the kernels; copies only when the dtype or byte
+    order must change or the memory is misaligned."""
+    arr = as_array(x, name)
     target = compute_dtype(arr.dtype, name) if dtype is None else dtype
     if arr.dtype is not target and arr.dtype != target:
         if dtype is not None:
             compute_dtype(arr.dtype, name)  # reject complex and friends first
         arr = arr.astype(target)
+    if not kernel_addressable(arr):
+        arr = arr.copy()
     return arr
 
 
@@ -58,6 +82,24 @@ def index_value(value, name):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
 
 
+def check_result_size(shape, dtype, what):
+    """Reject a result whose byte size overflows the address space before
+    NumPy or C computes it; ``what`` names the arguments that set the shape."""
+    n = math.prod(shape)
+    if n * np.dtype(dtype).itemsize > sys.maxsize:
+        raise ValueError(
+            f"{what} give a result of shape {tuple(shape)} ({n} elements), "
+            f"which overflows the addressable size"
+        )
+
+
+def bool_flag(value, name):
+    """A bool argument (NumPy bools and integers accepted, as in NumPy)."""
+    if not isinstance(value, (bool, np.bool_, int, np.integer)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def choice(value, name, options):
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
@@ -66,14 +108,17 @@ def choice(value, name, options):
 
 def int_array(values, name):
     """Integer lengths as int64, rejecting floats, bools and negatives."""
-    arr = np.asarray(values)
+    arr = as_array(values, name)
+    if arr.size == 0 and not isinstance(values, np.ndarray):
+        arr = arr.astype(np.int64)  # [] is float64 to NumPy
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
     if arr.size and arr.min() < 0:
         raise ValueError(f"{name} must be non-negative, got min {arr.min()}")
     if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} is too large for int64")
-    return arr.astype(np.int64, copy=False)
+    arr = arr.astype(np.int64, copy=False)
+    return arr if kernel_addressable(arr) else arr.copy()
 
 
 def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
@@ -89,7 +134,12 @@ def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
     elif len(lead_shape) >= 1 and arr.shape == (lead_shape[0],):
         view = np.broadcast_to(arr.reshape(B, 1), (B, M))
     else:
-        expected = f"({lead_shape[0]},) or {tuple(lead_shape)}" if lead_shape else "()"
+        if not lead_shape:
+            expected = "()"
+        elif len(lead_shape) == 1:
+            expected = f"({lead_shape[0]},)"
+        else:
+            expected = f"({lead_shape[0]},) or {tuple(lead_shape)}"
         raise ValueError(
             f"{name} must have shape {expected} for scores of leading shape "
             f"{tuple(lead_shape)}, got {arr.shape}"
@@ -136,13 +186,14 @@ def same_view(a, b):
 class OutputTarget:
     """Where a kernel writes: the user's ``out`` when the kernel can write it
     directly (a view of the kernel's shape, C-contiguous if ``contiguous``,
-    that does not partly overlap an input), else a fresh buffer that
-    :meth:`finish` copies into ``out``."""
+    with a unit last-axis stride if ``unit_last_axis``, that does not partly
+    overlap an input), else a fresh buffer that :meth:`finish` copies into
+    ``out``."""
 
     __slots__ = ("out", "kernel_view", "result", "_copy_back")
 
     def __init__(self, out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(),
-                 contiguous=False, name="out"):
+                 contiguous=False, unit_last_axis=False, name="out"):
         self._copy_back = False
         if out is None:
             self.result = np.empty(shape, dtype=dtype)
@@ -158,7 +209,9 @@ class OutputTarget:
             and not (any(x is y for y in inplace_ok) and same_view(out, x))
             for x in inputs
         )
-        if view is None or overlaps or (contiguous and not view.flags.c_contiguous):
+        if (view is None or overlaps or (contiguous and not view.flags.c_contiguous)
+                or (unit_last_axis and view.shape[-1] > 1 and view.strides[-1] != view.itemsize)
+                or not kernel_addressable(view)):
             self.kernel_view = np.empty(kernel_shape, dtype=dtype)
             self._copy_back = True
         else:

@@ -8,12 +8,18 @@ from fastattn import _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import (
     OutputTarget,
+    as_array,
+    bool_flag,
     choice,
     compute_dtype,
     float_array,
     lengths_view,
 )
 from fastattn.masks import CAUSAL_ALIGNMENTS, prepare_mask
+
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
 
 
 def _unit_last_axis(a):
@@ -79,7 +85,34 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     >>> out.shape, out.dtype
     ((2, 4, 5, 8), dtype('float32'))
     """
-    qa, ka, va = (x if type(x) is np.ndarray else np.asarray(x) for x in (q, k, v))
+    # Lean path for the common call (float arrays of one dtype, 4-D, unit last
+    # stride, no masks or out): the same checks as below, without the general
+    # machinery, so that tiny decode calls cost a few microseconds.
+    if (attn_mask is None and key_lengths is None and query_lengths is None
+            and alibi_slopes is None and out is None and not return_weights
+            and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
+        dt = q.dtype
+        if ((dt is _F32 or dt is _F64) and k.dtype is dt and v.dtype is dt
+                and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
+                and q.flags.aligned and k.flags.aligned and v.flags.aligned):
+            B, H, Lq, D = q.shape
+            Bk, Hkv, Lk, Dk = k.shape
+            Bv, Hv, Lv, Dv = v.shape
+            item = dt.itemsize
+            if (Bk == B and Bv == B and Dk == D and Hv == Hkv and Lv == Lk and Hkv
+                    and H % Hkv == 0 and q.strides[3] == item and k.strides[3] == item
+                    and v.strides[3] == item and causal_alignment in CAUSAL_ALIGNMENTS
+                    and type(is_causal) is bool and (scale is None or type(scale) is float)):
+                result = np.empty((B, H, Lq, Dv), dtype=dt)
+                _kernels.scaled_dot_product_attention(
+                    q, k, v, result, None,
+                    (1.0 / math.sqrt(D) if D else 1.0) if scale is None else scale,
+                    None, 0, None, None, is_causal,
+                    CAUSAL_ALIGNMENTS[causal_alignment],
+                    None, resolve_num_threads(num_threads))
+                return result
+
+    qa, ka, va = (as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     dtype = np.promote_types(
         np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
         compute_dtype(va.dtype, "v"))
@@ -103,6 +136,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
         raise ValueError(f"k and v must have the same heads and length; got k {ka.shape}, v {va.shape}")
     if Hkv == 0 and H > 0 or Hkv and H % Hkv:
         raise ValueError(f"the number of query heads ({H}) must be a multiple of the kv heads ({Hkv}); got q {qa.shape}, k {ka.shape}")
+    is_causal = bool_flag(is_causal, "is_causal")
+    return_weights = bool_flag(return_weights, "return_weights")
     align = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D else 1.0
@@ -123,7 +158,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     out_shape = (B, Lq, Dv) if three_d else (B, H, Lq, Dv)
     inputs = tuple(x for x in (qa, ka, va, mask4, slopes) if x is not None)
     target = OutputTarget(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
-                          contiguous=True)
+                          unit_last_axis=True)
     weights = np.empty(full, dtype=dtype) if return_weights else None
     _kernels.scaled_dot_product_attention(
         qa, ka, va, target.kernel_view, weights, float(scale), mask4, kind, kl, ql,

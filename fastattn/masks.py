@@ -15,11 +15,15 @@ from fastattn import _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import (
     OutputTarget,
+    bool_flag,
+    as_array,
+    check_result_size,
     choice,
     compute_dtype,
     float_array,
     index_value,
     int_array,
+    kernel_addressable,
     lengths_view,
 )
 
@@ -56,14 +60,25 @@ def sequence_mask(lengths, maxlen=None, dtype=bool):
            [1, 1, 1, 0]])
     """
     arr = int_array(lengths, "lengths")
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a NumPy dtype, got {dtype!r}") from None
     if maxlen is None:
         maxlen = int(arr.max()) if arr.size else 0
     else:
         maxlen = index_value(maxlen, "maxlen")
         if maxlen < 0:
             raise ValueError(f"maxlen must be non-negative, got {maxlen}")
-    mask = np.arange(maxlen, dtype=np.int64) < arr[..., None]
-    return mask if np.dtype(dtype) == np.bool_ else mask.astype(dtype)
+        if maxlen > np.iinfo(np.int64).max:
+            # np.arange(2**63, dtype=int64) is silently empty
+            raise ValueError(f"maxlen must be < 2**63, got {maxlen}")
+    check_result_size(arr.shape + (maxlen,), dtype, f"lengths of shape {arr.shape} and maxlen={maxlen}")
+    # the result first: a shape that cannot be allocated fails before the
+    # (maxlen,) index vector is built and filled
+    mask = np.empty(arr.shape + (maxlen,), dtype=bool)
+    np.less(np.arange(maxlen, dtype=np.int64), arr[..., None], out=mask)
+    return mask if dtype == np.bool_ else mask.astype(dtype)
 
 
 def apply_sequence_mask(x, lengths, *, mode="mul", axis=1, out=None, num_threads=None):
@@ -124,12 +139,14 @@ def prepare_mask(attn_mask, full_shape, kernel_shape, dtype):
     """A user attn_mask as (kind, 4-D broadcast view of ``kernel_shape``)."""
     if attn_mask is None:
         return 0, None
-    m = attn_mask if type(attn_mask) is np.ndarray else np.asarray(attn_mask)
+    m = as_array(attn_mask, "attn_mask")
     if m.dtype == np.bool_:
         kind, m = _MASK_BOOL, m.view(np.uint8)
     else:
         compute_dtype(m.dtype, "attn_mask")
         kind, m = _MASK_ADD, m.astype(dtype, copy=False)
+        if not kernel_addressable(m):
+            m = m.copy()
     try:
         mb = np.broadcast_to(m, full_shape)
     except ValueError:
@@ -184,7 +201,9 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     x = float_array(scores, "scores")
     if x.ndim < 2:
         raise ValueError(f"scores must have at least 2 dimensions (..., Lq, Lk), got shape {x.shape}")
-    causal = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)] if is_causal else 0
+    is_causal = bool_flag(is_causal, "is_causal")
+    alignment = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
+    causal = alignment if is_causal else 0
     scale = _real_scalar(scale, "scale")
     lead = x.shape[:-2]
     Lq, Lk = x.shape[-2:]

@@ -6,13 +6,38 @@ import numpy as np
 
 from fastattn import _kernels
 from fastattn._config import resolve_num_threads
-from fastattn._validation import OutputTarget, choice, float_array, index_value
+from fastattn._validation import (
+    OutputTarget,
+    check_result_size,
+    choice,
+    float_array,
+    index_value,
+)
 
 LAYOUTS = {"concat": 0, "interleaved": 1}
 
 
+def _real(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _start_index(value, length):
+    """start_index as an int such that every position start_index + p,
+    0 <= p < length, fits in int64 (the C kernels form them)."""
+    start = index_value(value, "start_index")
+    lo, hi = -(2**63), 2**63 - 1 - max(length, 0)
+    if not lo <= start <= hi:
+        raise ValueError(
+            f"start_index must be in [{lo}, {hi}] so that start_index + length "
+            f"({length}) fits in int64, got {start}"
+        )
+    return start
+
+
 def _timescales(min_timescale, max_timescale):
-    lo, hi = float(min_timescale), float(max_timescale)
+    lo, hi = _real(min_timescale, "min_timescale"), _real(max_timescale, "max_timescale")
     if not (math.isfinite(lo) and lo > 0):
         raise ValueError(f"min_timescale must be positive and finite, got {min_timescale!r}")
     if not (math.isfinite(hi) and hi > 0):
@@ -55,13 +80,17 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
         raise ValueError(f"channels must be positive, got {C}")
     code = LAYOUTS[choice(layout, "layout", LAYOUTS)]
     lo, hi = _timescales(min_timescale, max_timescale)
-    start = index_value(start_index, "start_index")
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    check_result_size((L, C), dt, f"length={L} and channels={C}")
+    start = _start_index(start_index, L)
     # the kernel writes whole rows, so out needs unit column stride
     target = OutputTarget(out, (L, C), (L, C), dt,
-                          contiguous=out is not None and out.strides[-1:] != (dt.itemsize,))
+                          contiguous=isinstance(out, np.ndarray) and out.strides[-1:] != (dt.itemsize,))
     _kernels.position_encoding(target.kernel_view, code, lo, hi, start,
                                resolve_num_threads(num_threads))
     return target.finish()
@@ -92,8 +121,8 @@ def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.
         raise ValueError(f"x must have shape (..., length, channels), got shape {arr.shape}")
     code = LAYOUTS[choice(layout, "layout", LAYOUTS)]
     lo, hi = _timescales(min_timescale, max_timescale)
-    start = index_value(start_index, "start_index")
     L, C = arr.shape[-2:]
+    start = _start_index(start_index, L)
     if C == 0:
         raise ValueError(f"x must have at least one channel, got shape {arr.shape}")
     B = math.prod(arr.shape[:-2])

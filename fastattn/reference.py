@@ -9,8 +9,9 @@ kernels never do) so that the semantics can be read off directly:
   to the scaled scores;
 * keys at or after ``key_lengths`` and keys after the causal diagonal are
   masked;
-* a masked key gets probability exactly 0; a row with no key left is all
-  zeros; rows at or after ``query_lengths`` are all zeros.
+* a masked key gets probability exactly 0 (also in a row that a NaN in a
+  valid score makes NaN); a row with no key left is all zeros; rows at or
+  after ``query_lengths`` are all zeros.
 """
 
 import math
@@ -66,13 +67,14 @@ def _softmax64(s, attn_mask, key_lengths, query_lengths, is_causal, causal_align
     allowed = attention_mask(s.shape, attn_mask=attn_mask, key_lengths=key_lengths,
                              is_causal=is_causal, causal_alignment=causal_alignment)
     s = np.where(allowed, s, -np.inf)
-    row_max = s.max(axis=-1, keepdims=True)
+    row_max = s.max(axis=-1, keepdims=True, initial=-np.inf)  # Lk = 0: every row empty
     empty = row_max == -np.inf
     with np.errstate(invalid="ignore", over="ignore"):
         e = np.exp(s - np.where(empty, 0.0, row_max))
         e = np.where(allowed, e, 0.0)
         p = e / e.sum(axis=-1, keepdims=True)
     p = np.where(empty, 0.0, p)
+    p = np.where(allowed, p, 0.0)  # masked keys are exactly 0, even in a NaN row
     if query_lengths is not None:
         ql = _lengths_grid(query_lengths, s.shape[:-2])
         padded = np.arange(s.shape[-2])[:, None] >= ql[..., None, None]
@@ -91,9 +93,9 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                            compute_dtype(v.dtype, "v"))
     three_d = q.ndim == 3
     if three_d:
+        if attn_mask is not None:  # broadcast to (B, Lq, Lk), then add the head axis
+            attn_mask = np.broadcast_to(attn_mask, (q.shape[0], q.shape[1], k.shape[1]))[:, None]
         q, k, v = q[:, None], k[:, None], v[:, None]
-        if attn_mask is not None:
-            attn_mask = np.expand_dims(np.asarray(attn_mask), -3)
     q, k, v = (x.astype(np.float64) for x in (q, k, v))
     H, Hkv = q.shape[1], k.shape[1]
     # grouped-query attention: query head h reads kv head h // (H // Hkv)
@@ -201,3 +203,92 @@ def _finish(result, out):
         return result
     out[...] = result
     return out
+
+
+# ---- the multi-head attention layer (issue 4): RoPE, ALiBi slopes, the layer ----
+
+def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_threads=None):
+    """RoPE: rotate the pairs (j, j + D/2) ("neox") or (2j, 2j + 1) ("gptj")
+    of each row by the angles ``position * base ** (-2j / D)``."""
+    x = np.asarray(x)
+    dtype = compute_dtype(x.dtype, "x")
+    D = x.shape[-1]
+    half = D // 2
+    inv = base ** (-np.arange(0, D, 2, dtype=np.float64) / D)
+    angle = np.asarray(positions, dtype=np.float64)[..., None] * inv
+    c, s = np.cos(angle), np.sin(angle)
+    x64 = x.astype(np.float64)
+    if layout == "neox":
+        a, b = x64[..., :half], x64[..., half:]
+        y = np.concatenate(np.broadcast_arrays(a * c - b * s, b * c + a * s), axis=-1)
+    else:
+        a, b = x64[..., 0::2], x64[..., 1::2]
+        y = np.empty(np.broadcast_shapes(x64.shape, angle.shape[:-1] + (D,)))
+        y[..., 0::2] = a * c - b * s
+        y[..., 1::2] = b * c + a * s
+    return _finish(y.astype(dtype), out)
+
+
+def alibi_slopes(num_heads, *, dtype=np.float64):
+    """The ALiBi slopes, as the reference code of Press et al. computes them."""
+
+    def power_of_2(n):
+        start = 2 ** (-2 ** -(math.log2(n) - 3))
+        return [start * start ** i for i in range(n)]
+
+    def slopes(n):
+        if math.log2(n).is_integer():
+            return power_of_2(n)
+        closest = 2 ** math.floor(math.log2(n))
+        return power_of_2(closest) + slopes(2 * closest)[0::2][: n - closest]
+
+    return np.array(slopes(num_heads), dtype=dtype)
+
+
+def multi_head_attention(params, query, key=None, value=None, *, num_heads, num_kv_heads=None,
+                         key_lengths=None, query_lengths=None, attn_mask=None, is_causal=False,
+                         rope=None, rope_base=10000.0, return_weights=False):
+    """The layer, step by step in float64. ``params`` holds ``w_q, w_k,
+    w_v, w_o`` ((in, out) layout) and ``b_q, b_k, b_v, b_o`` (or None), as
+    ``MultiHeadAttention.state_dict()`` returns them; the result has the
+    weights' dtype.
+
+    x @ w + b per projection, heads split, RoPE on Q and K at positions
+    0..L-1, :func:`scaled_dot_product_attention` (with the masks, GQA),
+    heads merged, @ w_o + b_o, and rows at or after ``query_lengths`` set
+    to 0."""
+    names = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+    p = {n: None if params.get(n) is None else np.asarray(params[n]) for n in names}
+    dtype = np.result_type(*(compute_dtype(p[n].dtype, n) for n in names if p[n] is not None))
+    p = {n: None if a is None else a.astype(np.float64) for n, a in p.items()}
+    x = np.asarray(query, dtype=np.float64)
+    kx = x if key is None else np.asarray(key, dtype=np.float64)
+    vx = x if value is None else np.asarray(value, dtype=np.float64)
+    H = num_heads
+    Hkv = H if num_kv_heads is None else num_kv_heads
+    D = p["w_q"].shape[1] // H
+
+    def project(a, w, b):
+        y = a @ p[w]
+        return y if p[b] is None else y + p[b]
+
+    def split(y, heads):
+        B, L, _ = y.shape
+        return y.reshape(B, L, heads, D).transpose(0, 2, 1, 3)
+
+    q = split(project(x, "w_q", "b_q"), H)
+    k = split(project(kx, "w_k", "b_k"), Hkv)
+    v = split(project(vx, "w_v", "b_v"), Hkv)
+    B, _, Lq, _ = q.shape
+    if rope is not None:
+        q = apply_rotary(q, np.arange(Lq), layout=rope, base=rope_base)
+        k = apply_rotary(k, np.arange(k.shape[2]), layout=rope, base=rope_base)
+    o, weights = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, key_lengths=key_lengths,
+                                              query_lengths=query_lengths, is_causal=is_causal,
+                                              return_weights=True)
+    y = project(o.transpose(0, 2, 1, 3).reshape(B, Lq, H * D), "w_o", "b_o")
+    if query_lengths is not None:
+        padded = np.arange(Lq)[None, :] >= np.asarray(query_lengths).reshape(B, 1)
+        y[padded] = 0.0
+    y = y.astype(dtype)
+    return (y, weights.astype(dtype)) if return_weights else y

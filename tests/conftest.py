@@ -79,3 +79,21 @@ def strided_copy(a, kind):
 
 
 LAYOUTS = ["C", "F", "strided", "reversed"]
+
+
+# ---- hypothesis profiles (tests/test_properties.py and friends) ---------------
+# ci (default): >= 500 examples per function, the whole property suite in
+# well under 5 minutes on 2 cores; long: a deeper local run; sanitize: a
+# short run for the ASan/UBSan build, which is several times slower.
+# Select with HYPOTHESIS_PROFILE=ci|long|sanitize|dev.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_HC = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=500, deadline=None, suppress_health_check=_HC,
+                          print_blob=True)
+settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=_HC,
+                          print_blob=True)
+settings.register_profile("sanitize", max_examples=200, deadline=None,
+                          suppress_health_check=_HC, print_blob=True)
+settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=_HC)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

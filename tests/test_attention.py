@@ -139,6 +139,17 @@ def test_out_argument_and_scale(rng):
     assert_close(big[..., ::2], ref.scaled_dot_product_attention(q, k, v))
 
 
+def test_out_in_merged_head_layout_is_written_in_place(rng):
+    """out may be any view with a unit last-axis stride: a (B, Lq, H, Dv)
+    buffer seen as (B, H, Lq, Dv) receives the merged-head layout directly."""
+    q, k, v = _qkv(rng, (2, 4, 2, 9, 11, 8, 8), np.float32)
+    buf = np.zeros((2, 9, 4, 8), np.float32)
+    view = buf.transpose(0, 2, 1, 3)
+    got = fastattn.scaled_dot_product_attention(q, k, v, out=view)
+    assert got is view and np.shares_memory(got, buf)
+    assert_close(buf, ref.scaled_dot_product_attention(q, k, v).transpose(0, 2, 1, 3))
+
+
 def test_dtype_promotion(rng):
     q = rng.standard_normal((1, 1, 3, 4)).astype(np.float32)
     assert fastattn.scaled_dot_product_attention(q, q, q).dtype == np.float32

@@ -21,6 +21,19 @@ def _cpu_flags():
     return None
 
 
+def _python(code, **env_changes):
+    """Run `code` in a fresh interpreter with the environment changed as
+    given (a value of None removes the variable) and return its stdout."""
+    env = dict(os.environ)
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, check=True).stdout.strip()
+
+
 def test_best_isa_is_selected_by_default():
     """The level picked at import is the best one this CPU supports, judged
     independently from /proc/cpuinfo (which reflects CPUID and OS support)."""
@@ -30,18 +43,12 @@ def test_best_isa_is_selected_by_default():
     avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags
     avx2 = {"avx2", "fma"} <= flags
     expected = "avx512" if avx512 else "avx2" if avx2 else "scalar"
-    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_ISA"}
-    out = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.get_isa())"],
-                         capture_output=True, text=True, env=env, check=True).stdout.strip()
-    assert out == expected
+    assert _python("import fastattn; print(fastattn.get_isa())", FASTATTN_ISA=None) == expected
     assert fastattn.available_isas()[-1] == expected
 
 
 def test_fastattn_isa_env_forces_a_lower_level():
-    env = dict(os.environ, FASTATTN_ISA="scalar")
-    out = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.get_isa())"],
-                         capture_output=True, text=True, env=env, check=True).stdout.strip()
-    assert out == "scalar"
+    assert _python("import fastattn; print(fastattn.get_isa())", FASTATTN_ISA="scalar") == "scalar"
 
 
 def test_set_isa_rejects_unsupported_levels():
@@ -53,16 +60,11 @@ def test_set_isa_rejects_unsupported_levels():
 
 
 def test_omp_num_threads_sets_the_default():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.get_num_threads())"],
-                         capture_output=True, text=True, env=env, check=True).stdout.strip()
-    assert out == "1"
+    assert _python("import fastattn; print(fastattn.get_num_threads())", OMP_NUM_THREADS="1") == "1"
 
 
 def test_default_follows_affinity():
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    out = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.get_num_threads())"],
-                         capture_output=True, text=True, env=env, check=True).stdout.strip()
+    out = _python("import fastattn; print(fastattn.get_num_threads())", OMP_NUM_THREADS=None)
     if fastattn.show_config(print_output=False)["openmp"]:
         assert int(out) == len(os.sched_getaffinity(0))
 

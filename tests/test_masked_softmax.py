@@ -155,3 +155,15 @@ def test_bad_input_messages():
         fastattn.masked_softmax(x, out=np.zeros(x.shape, np.float64))
     with pytest.raises(ValueError, match="num_threads"):
         fastattn.masked_softmax(x, num_threads=0)
+
+
+def test_large_outputs_take_the_streaming_path(isa, rng):
+    """Outputs >= 16 MiB are written with non-temporal stores; 521 keys make
+    most rows start off the vector alignment, exercising the scalar head."""
+    x = rng.standard_normal((2, 4, 1024, 521)).astype(np.float32)  # 17 MB
+    kl = np.array([521, 300])
+    got = fastattn.masked_softmax(x, key_lengths=kl, is_causal=True, causal_alignment="bottom_right")
+    assert_close(got[:, :1], ref.masked_softmax(x[:, :1], key_lengths=kl, is_causal=True,
+                                                causal_alignment="bottom_right"))
+    assert_close(got[:, 3:], ref.masked_softmax(x[:, 3:], key_lengths=kl, is_causal=True,
+                                                causal_alignment="bottom_right"))

@@ -1,0 +1,114 @@
+"""Shared measurement helpers for the benchmark scripts.
+
+The machines these run on are shared and noisy, so every figure is a median
+of repeats, peers are timed alternately in the same run, and results are
+reported as same-run ratios and as a share of rooflines measured in that
+same run (float32 matmul rate, memory read and copy bandwidth).
+"""
+
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # threadpoolctl is in the bench/test extras
+    threadpool_limits = None
+
+
+def blas_limit(n):
+    """Context manager pinning NumPy's BLAS to n threads (a no-op without
+    threadpoolctl), so every peer runs on the same number of threads."""
+    if threadpool_limits is None:
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def median_time(fn, min_time=0.3, min_repeats=5, max_repeats=200, warmup=2):
+    """Median and interquartile spread of fn()'s wall time, in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or (time.perf_counter() - start < min_time and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), 0, max(times)]
+    return statistics.median(times), q[2] - q[0]
+
+
+def compare(fns, **kw):
+    """Median times of several callables measured in interleaved rounds, so
+    that machine noise hits every peer alike. Returns {name: (median, iqr)}."""
+    rounds = {name: [] for name in fns}
+    for _ in range(3):
+        for name, fn in fns.items():
+            rounds[name].append(median_time(fn, **kw))
+    return {name: (statistics.median(m for m, _ in r), statistics.median(s for _, s in r))
+            for name, r in rounds.items()}
+
+
+def matmul_gflops(threads, n=2048):
+    """The machine's float32 matmul rate through NumPy's BLAS."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = a.T.copy()
+    with blas_limit(threads):
+        t, _ = median_time(lambda: a @ b, min_time=1.0)
+    return 2 * n**3 / t / 1e9
+
+
+def read_bandwidth_gbs(threads, mbytes=256):
+    """Memory read bandwidth: a matrix-vector product streams the matrix once."""
+    rows = mbytes * 2**20 // 4 // 4096
+    a = np.ones((rows, 4096), dtype=np.float32)
+    x = np.ones(4096, dtype=np.float32)
+    with blas_limit(threads):
+        t, _ = median_time(lambda: a @ x, min_time=1.0)
+    return a.nbytes / t / 1e9
+
+
+def copy_bandwidth_gbs(threads, mbytes=256):
+    """Copy bandwidth (bytes read + bytes written per second) with `threads`
+    threads, each copying its slice (NumPy releases the GIL for copies)."""
+    n = mbytes * 2**20 // 4
+    src = np.ones(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    pool = ThreadPoolExecutor(threads)
+
+    def run():
+        list(pool.map(lambda i: np.copyto(dst[bounds[i]:bounds[i + 1]], src[bounds[i]:bounds[i + 1]]),
+                      range(threads)))
+
+    t, _ = median_time(run, min_time=1.0)
+    pool.shutdown()
+    return 2 * src.nbytes / t / 1e9
+
+
+def machine_line():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {ncpu} CPUs available"
+
+
+def print_table(headers, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = " | ".join(f"{h:<{w}}" for h, w in zip(headers, widths))
+    print(line)
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(f"{str(c):<{w}}" for c, w in zip(r, widths)))

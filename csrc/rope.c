@@ -1,0 +1,242 @@
+/*
+ * rope.c: rotary position embedding (RoPE, Su et al. 2021), in two steps.
+ *
+ *   fa_rope_table: cos/sin of pos * base^(-2j/D) for a list of positions,
+ *                  (n, D/2) each. Computed once per set of positions and
+ *                  shared by every head (the layer caches it across calls),
+ *                  so the trigonometry is off the per-head path.
+ *   fa_rope_apply: x (N0, N1, L, D) -> y, rotating each row by the table row
+ *                  that its index names: layout NEOX rotates the pairs
+ *                  (j, j + D/2) (GPT-NeoX, LLaMA's rotate_half), GPTJ the
+ *                  pairs (2j, 2j + 1); NONE only copies (the layer appends V
+ *                  to a KV cache with it). y rows may be shifted per n0
+ *                  (y_row_offset), which is how new keys land at the end of
+ *                  each sequence of a ragged KV cache in the same pass.
+ *
+ * Why a table: a row of D = 128 needs 64 sin/cos pairs (tens of ns each in
+ * double libm) but only 256 multiply-adds to rotate; the table moves the
+ * libm calls from the B*H*L rows to the B*L (or L) positions.
+ *
+ * Accuracy: angles are formed and evaluated in double and rounded once to
+ * the dtype. For float tables a run of consecutive positions advances each
+ * column by one rotation (4 multiplies, 2 adds) from an exact libm value
+ * restarted every FA_ROPE_BLOCK_F32 positions, which stays within 1e-14 of
+ * libm (float rounding is 6e-8). Double tables call libm at every position:
+ * beyond ~1e4 positions the rounding of fl(pos * inv) itself exceeds 1e-12,
+ * so a double table is only reproducible as sin(fl(pos * inv)).
+ *
+ * The apply loop is plain C: per pair it does 2 loads, 4 multiplies, 2 adds
+ * and 2 stores, so it is memory-bound; gcc vectorises the contiguous (NEOX)
+ * form with the baseline flags.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define FA_ROPE_BLOCK_F32 16
+
+/* ---- the cos / sin table ------------------------------------------------- */
+
+/* inv (half), then per thread: s, c (half each) and the step ws, wc (half each) */
+#define FA_DEFINE_ROPE_TABLE(T, BLOCK)                                                  \
+    static void rope_table_##T(T *cs, T *sn, int64_t half, const int64_t *pos,          \
+                               int64_t start, const double *inv, double *s, double *c,  \
+                               const double *ws, const double *wc, int64_t p0,          \
+                               int64_t p1) {                                            \
+        int64_t prev = 0, since = BLOCK;                                                \
+        for (int64_t p = p0; p < p1; ++p) {                                             \
+            const int64_t q = pos ? pos[p] : start + p;                                 \
+            if (since < BLOCK && q - 1 == prev) {                                       \
+                for (int64_t j = 0; j < half; ++j) {                                    \
+                    const double ns = s[j] * wc[j] + c[j] * ws[j];                      \
+                    const double nc = c[j] * wc[j] - s[j] * ws[j];                      \
+                    s[j] = ns, c[j] = nc;                                               \
+                }                                                                       \
+                ++since;                                                                \
+            } else {                                                                    \
+                for (int64_t j = 0; j < half; ++j) {                                    \
+                    const double a = (double)q * inv[j];                                \
+                    s[j] = sin(a);                                                      \
+                    c[j] = cos(a);                                                      \
+                }                                                                       \
+                since = 1;                                                              \
+            }                                                                           \
+            prev = q;                                                                   \
+            for (int64_t j = 0; j < half; ++j) {                                        \
+                cs[p * half + j] = (T)c[j];                                             \
+                sn[p * half + j] = (T)s[j];                                             \
+            }                                                                           \
+        }                                                                               \
+    }
+FA_DEFINE_ROPE_TABLE(float, FA_ROPE_BLOCK_F32)
+FA_DEFINE_ROPE_TABLE(double, 1)
+
+int fa_rope_table(int dtype, void *cos_out, void *sin_out, int64_t n, int64_t half,
+                  const int64_t *positions, int64_t start, double base, int num_threads) {
+    if (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64) return FA_ERR_INVALID;
+    if (n < 0 || half < 0 || !(base > 0.0) || !isfinite(base)) return FA_ERR_INVALID;
+    int64_t total;
+    if (!fa_mul_ok(n, half, &total)) return FA_ERR_OVERFLOW;
+    if (total == 0) return FA_OK;
+    if (cos_out == NULL || sin_out == NULL) return FA_ERR_INVALID;
+    if (positions == NULL && start > INT64_MAX - n) return FA_ERR_OVERFLOW;
+    /* a position costs ~half libm pairs: parallelise from a few hundred on */
+    int64_t work;
+    if (!fa_mul_ok(total, 64, &work)) work = INT64_MAX;
+    const int nthreads = fa_resolve_threads(num_threads, n, work);
+    int64_t per_thread, elems;
+    if (!fa_mul_ok(half, 4, &per_thread) || !fa_mul_ok(per_thread, nthreads, &elems) ||
+        elems > INT64_MAX - half)
+        return FA_ERR_OVERFLOW;
+    double *inv = fa_scratch_alloc(elems + half, sizeof(double));
+    if (inv == NULL) return FA_ERR_NOMEM;
+    /* theta_j = base^(-2j / D), D = 2 * half */
+    for (int64_t j = 0; j < half; ++j)
+        inv[j] = pow(base, -(double)(2 * j) / (double)(2 * half));
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+        const int t = fa_thread_id();
+        double *s = inv + half + (int64_t)t * per_thread, *c = s + half;
+        double *ws = c + half, *wc = ws + half;
+        for (int64_t j = 0; j < half; ++j) {
+            ws[j] = sin(inv[j]);
+            wc[j] = cos(inv[j]);
+        }
+        int64_t p0, p1;
+        fa_partition(n, nthreads, t, &p0, &p1);
+        if (dtype == FA_DTYPE_F32)
+            rope_table_float(cos_out, sin_out, half, positions, start, inv, s, c, ws, wc, p0, p1);
+        else
+            rope_table_double(cos_out, sin_out, half, positions, start, inv, s, c, ws, wc, p0,
+                              p1);
+    }
+    fa_scratch_free(inv);
+    return FA_OK;
+}
+
+/* ---- applying it ----------------------------------------------------------- */
+
+#define FA_DEFINE_ROPE_ROW(T)                                                           \
+    /* out of place: y and x never overlap */                                           \
+    static void rope_row_##T(const T *restrict x, T *restrict y, const T *restrict cs,  \
+                             const T *restrict sn, int64_t half, int layout) {          \
+        if (layout == FA_ROPE_NEOX) {                                                   \
+            for (int64_t j = 0; j < half; ++j) {                                        \
+                const T a = x[j], b = x[j + half];                                      \
+                y[j] = a * cs[j] - b * sn[j];                                           \
+                y[j + half] = b * cs[j] + a * sn[j];                                    \
+            }                                                                           \
+        } else {                                                                        \
+            for (int64_t j = 0; j < half; ++j) {                                        \
+                const T a = x[2 * j], b = x[2 * j + 1];                                 \
+                y[2 * j] = a * cs[j] - b * sn[j];                                       \
+                y[2 * j + 1] = b * cs[j] + a * sn[j];                                   \
+            }                                                                           \
+        }                                                                               \
+    }                                                                                   \
+    /* in place: each pair is read before it is written */                              \
+    static void rope_row_inplace_##T(T *p, const T *restrict cs, const T *restrict sn,  \
+                                     int64_t half, int layout) {                        \
+        if (layout == FA_ROPE_NEOX) {                                                   \
+            T *restrict lo = p, *restrict hi = p + half;                                \
+            for (int64_t j = 0; j < half; ++j) {                                        \
+                const T a = lo[j], b = hi[j];                                           \
+                lo[j] = a * cs[j] - b * sn[j];                                          \
+                hi[j] = b * cs[j] + a * sn[j];                                          \
+            }                                                                           \
+        } else {                                                                        \
+            for (int64_t j = 0; j < half; ++j) {                                        \
+                const T a = p[2 * j], b = p[2 * j + 1];                                 \
+                p[2 * j] = a * cs[j] - b * sn[j];                                       \
+                p[2 * j + 1] = b * cs[j] + a * sn[j];                                   \
+            }                                                                           \
+        }                                                                               \
+    }
+FA_DEFINE_ROPE_ROW(float)
+FA_DEFINE_ROPE_ROW(double)
+
+int fa_rope_apply(int dtype, const fa_rope_args *a, int num_threads) {
+    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64)) return FA_ERR_INVALID;
+    if (a->layout != FA_ROPE_NONE && a->layout != FA_ROPE_NEOX && a->layout != FA_ROPE_GPTJ)
+        return FA_ERR_INVALID;
+    const int64_t N0 = a->N0, N1 = a->N1, L = a->L, D = a->D;
+    if (N0 < 0 || N1 < 0 || L < 0 || D < 0) return FA_ERR_INVALID;
+    const int rotate = a->layout != FA_ROPE_NONE;
+    if (rotate && D % 2) return FA_ERR_INVALID;
+    const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t dims[4] = {N0, N1, L, D};
+    const int64_t total = fa_product(dims, 4);
+    if (total < 0) return FA_ERR_OVERFLOW;
+    if (total == 0) return FA_OK;
+    if (a->x.data == NULL || a->y.data == NULL) return FA_ERR_INVALID;
+    if (D > 1 && (a->x.stride[3] != 1 || a->y.stride[3] != 1)) return FA_ERR_INVALID;
+    if (!fa_view_ok(dims, a->x.stride, 4, es)) return FA_ERR_OVERFLOW;
+    /* rows of n0: [0, nrows(n0)); y rows reach y_row_offset[n0] + nrows(n0) - 1 */
+    int64_t yrows = 0;
+    for (int64_t n = 0; n < N0; ++n) {
+        const int64_t cnt = a->rows ? a->rows[n] : L;
+        const int64_t o = a->y_row_offset ? a->y_row_offset[n] : 0;
+        if (cnt < 0 || cnt > L || o < 0 || o > INT64_MAX - cnt) return FA_ERR_INVALID;
+        if (o + cnt > yrows) yrows = o + cnt;
+    }
+    const int64_t ydims[4] = {N0, N1, yrows, D};
+    if (!fa_view_ok(ydims, a->y.stride, 4, es)) return FA_ERR_OVERFLOW;
+    const int64_t half = D / 2;
+    if (rotate) {
+        if (a->index == NULL || a->cos == NULL || a->sin == NULL || a->table_len < 0)
+            return FA_ERR_INVALID;
+        const int64_t ts[3] = {half, 0, 0}, tdims[3] = {a->table_len, 1, 1};
+        if (!fa_view_ok(tdims, ts, 1, es)) return FA_ERR_OVERFLOW;
+        const int64_t idims[3] = {N0, N1, L};
+        if (!fa_view_ok(idims, a->index_stride, 3, 8)) return FA_ERR_OVERFLOW;
+        /* every index must name a table row: checked before anything is written */
+        for (int64_t n0 = 0; n0 < N0; ++n0)
+            for (int64_t n1 = 0; n1 < N1; ++n1) {
+                if (n1 > 0 && a->index_stride[1] == 0) break;
+                const int64_t cnt = a->rows ? a->rows[n0] : L;
+                for (int64_t l = 0; l < cnt; ++l) {
+                    const int64_t t = a->index[n0 * a->index_stride[0] +
+                                               n1 * a->index_stride[1] + l * a->index_stride[2]];
+                    if (t < 0 || t >= a->table_len) return FA_ERR_INVALID;
+                }
+            }
+    }
+    const int64_t rows = N0 * N1 * L;
+    const int nthreads = fa_resolve_threads(num_threads, rows, total);
+    const char *xb = a->x.data;
+    char *yb = a->y.data;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+#endif
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t l = r % L, n1 = (r / L) % N1, n0 = r / (L * N1);
+        if (a->rows && l >= a->rows[n0]) continue;
+        const int64_t yl = l + (a->y_row_offset ? a->y_row_offset[n0] : 0);
+        const char *xr = xb + (n0 * a->x.stride[0] + n1 * a->x.stride[1] + l * a->x.stride[2]) * es;
+        char *yr = yb + (n0 * a->y.stride[0] + n1 * a->y.stride[1] + yl * a->y.stride[2]) * es;
+        if (!rotate) {
+            if (xr != yr) memmove(yr, xr, (size_t)(D * es));
+            continue;
+        }
+        const int64_t t =
+            a->index[n0 * a->index_stride[0] + n1 * a->index_stride[1] + l * a->index_stride[2]];
+        if (dtype == FA_DTYPE_F32) {
+            const float *cs = (const float *)a->cos + t * half, *sn = (const float *)a->sin + t * half;
+            if (xr == yr)
+                rope_row_inplace_float((float *)yr, cs, sn, half, a->layout);
+            else
+                rope_row_float((const float *)xr, (float *)yr, cs, sn, half, a->layout);
+        } else {
+            const double *cs = (const double *)a->cos + t * half,
+                         *sn = (const double *)a->sin + t * half;
+            if (xr == yr)
+                rope_row_inplace_double((double *)yr, cs, sn, half, a->layout);
+            else
+                rope_row_double((const double *)xr, (double *)yr, cs, sn, half, a->layout);
+        }
+    }
+    return FA_OK;
+}

@@ -1,0 +1,1127 @@
+"""fastattn.cuda: the optional GPU path, with the CPU API on CuPy arrays.
+
+Every function here takes the arguments of its CPU twin in :mod:`fastattn`
+and follows the same mask semantics (a bool mask is True where a query may
+attend; lengths are never expanded into masks; masked keys, fully masked
+rows and padded queries give exactly 0). Arrays come in as CuPy arrays or
+any object exposing ``__cuda_array_interface__`` or CUDA ``__dlpack__``
+(for example torch CUDA tensors); results are CuPy arrays on the current
+CuPy device and stream.
+
+The work is done by fastattn's own CUDA kernels and cuBLAS (built only with
+``FASTATTN_CUDA=1``, see docs/gpu.md); CuPy is only the array type and the
+allocator: no result is computed by a CuPy kernel.
+
+Importing this module imports neither CuPy nor the CUDA extension; both are
+loaded on first use, so ``import fastattn`` works on machines without CUDA.
+Argument validation runs before anything touches the GPU and is shared with
+the CPU API (:mod:`fastattn._validation`), so bad arguments raise the same
+errors everywhere.
+
+Layer contract (:class:`MultiHeadAttention`)
+--------------------------------------------
+The GPU layer copies its weights from a CPU layer ``layer`` that provides:
+
+* ``layer.state_dict()``: a dict of NumPy arrays in the ``(in, out)``
+  layout, so that ``x @ w_q`` projects: ``w_q`` ``(embed_dim, H * D)``,
+  ``w_k`` ``(kdim, Hkv * D)``, ``w_v`` ``(vdim, Hkv * Dv)``, ``w_o``
+  ``(H * Dv, embed_dim)``, and optionally the biases ``b_q``, ``b_k``,
+  ``b_v``, ``b_o`` (absent or None for no bias);
+* ``layer.num_heads`` (H), ``layer.num_kv_heads`` (Hkv, None meaning H)
+  and ``layer.embed_dim``;
+* optionally ``layer.rope`` (None, ``"neox"`` or ``"gptj"``) and
+  ``layer.rope_base`` (default 10000.0): RoPE applied to Q and K at
+  positions ``0 .. L - 1``.
+"""
+
+import math
+import sys
+import threading
+
+import numpy as np
+
+from fastattn._validation import choice, compute_dtype, index_value, lengths_view, require_ndim
+from fastattn.masks import CAUSAL_ALIGNMENTS, _real_scalar
+from fastattn.position import LAYOUTS as PE_LAYOUTS
+from fastattn.position import _timescales
+
+__all__ = [
+    "CudaUnavailableError",
+    "MultiHeadAttention",
+    "add_position_encoding",
+    "apply_rotary",
+    "is_available",
+    "masked_softmax",
+    "merge_heads",
+    "scaled_dot_product_attention",
+    "sinusoidal_position_encoding",
+    "split_heads",
+    "unavailable_reason",
+]
+
+ROPE_LAYOUTS = {"neox": 0, "gptj": 1}
+
+# fa_cuda_dtype codes (csrc/cuda/fastattn_cuda.h)
+_DTYPE_CODES = {
+    np.dtype(np.float32): 0,
+    np.dtype(np.float64): 1,
+    np.dtype(np.float16): 2,
+    np.dtype(np.bool_): 3,
+    np.dtype(np.int8): 4,
+    np.dtype(np.uint8): 5,
+    np.dtype(np.int16): 6,
+    np.dtype(np.uint16): 7,
+    np.dtype(np.int32): 8,
+    np.dtype(np.uint32): 9,
+    np.dtype(np.int64): 10,
+    np.dtype(np.uint64): 11,
+}
+_MASK_BOOL = 1
+_MASK_ADD = 2
+
+# The (chunk, H, Lq, Lk) score workspace of attention is capped at this many
+# bytes when the weights are not returned: the batch then runs in chunks.
+# 1 GiB still hands cuBLAS hundreds of (Lq x Lk) products per call (enough to
+# fill the GPU) while bounding the temporary memory of long sequences.
+SCORES_WORKSPACE_BYTES = 1 << 30
+
+# DLPack device types that live in CUDA device memory (kDLCUDA, kDLCUDAManaged).
+_DLPACK_CUDA_DEVICES = (2, 13)
+
+
+class CudaUnavailableError(RuntimeError):
+    """The GPU path cannot run here; the message says why."""
+
+
+# ---- availability ----------------------------------------------------------------
+
+_probe_lock = threading.Lock()
+_probe_result = None
+
+
+def _extension():
+    """The compiled binding fastattn._cuda (ImportError when not built)."""
+    from fastattn import _cuda
+
+    return _cuda
+
+
+def _probe():
+    try:
+        _cuda = _extension()
+    except ImportError as exc:
+        return False, (
+            "fastattn was built without its CUDA extension fastattn._cuda "
+            f"(rebuild with FASTATTN_CUDA=1, see docs/gpu.md): {exc}"
+        )
+    try:
+        import cupy  # noqa: F401
+    except ImportError as exc:
+        return False, f"CuPy is not installed (pip install 'fastattn[cuda]'): {exc}"
+    try:
+        count = _cuda.device_count()
+    except Exception as exc:  # CudaError, or a broken driver install
+        return False, f"no usable CUDA device: {exc}"
+    if count == 0:
+        return False, "no CUDA device is visible"
+    return True, None
+
+
+def _availability():
+    global _probe_result
+    with _probe_lock:
+        if _probe_result is None:
+            _probe_result = _probe()
+        return _probe_result
+
+
+def is_available():
+    """True when the GPU path can run: fastattn was built with its CUDA
+    extension, CuPy imports and a CUDA device is visible. Never raises."""
+    return _availability()[0]
+
+
+def unavailable_reason():
+    """Why :func:`is_available` is False, or None when it is True."""
+    return _availability()[1]
+
+
+# ---- device arrays -------------------------------------------------------------------
+
+
+class _Array:
+    """A device array as the kernels see it: base pointer (int), shape,
+    strides in elements, dtype; ``obj`` keeps the owner alive and is what
+    an ``out=`` call returns."""
+
+    __slots__ = ("ptr", "shape", "strides", "dtype", "obj", "readonly", "stream", "on_cupy")
+
+    def __init__(self, ptr, shape, strides, dtype, obj, readonly=False, stream=None, on_cupy=False):
+        self.ptr = int(ptr)
+        self.shape = tuple(int(n) for n in shape)
+        self.strides = tuple(int(s) for s in strides)
+        self.dtype = np.dtype(dtype)
+        self.obj = obj
+        self.readonly = readonly
+        self.stream = stream
+        self.on_cupy = on_cupy
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self):
+        return self.dtype.itemsize
+
+    def is_c_contiguous(self):
+        return self.size <= 1 or _same_walk(self.shape, self.strides, _c_strides(self.shape))
+
+    def at(self, element_offset, shape, strides):
+        """A view of the same memory from ``element_offset`` elements on."""
+        return _Array(self.ptr + element_offset * self.itemsize, shape, strides, self.dtype,
+                      self.obj, self.readonly, self.stream, self.on_cupy)
+
+    def reshaped(self, shape):
+        """This memory viewed with ``shape`` without a copy, or None."""
+        strides = _reshape_strides(self.shape, self.strides, tuple(shape))
+        if strides is None:
+            return None
+        return _Array(self.ptr, shape, strides, self.dtype, self.obj, self.readonly, self.stream,
+                      self.on_cupy)
+
+    def byte_extent(self):
+        """[low, high) bytes this view can touch; empty views touch nothing."""
+        if self.size == 0:
+            return self.ptr, self.ptr
+        lo = hi = 0
+        for n, s in zip(self.shape, self.strides):
+            if s < 0:
+                lo += s * (n - 1)
+            else:
+                hi += s * (n - 1)
+        return self.ptr + lo * self.itemsize, self.ptr + (hi + 1) * self.itemsize
+
+
+def _c_strides(shape):
+    strides = []
+    step = 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _same_walk(shape, a, b):
+    """True when strides a and b address the same elements in the same order
+    (they may differ only on size-1 axes)."""
+    return all(n == 1 or sa == sb for n, sa, sb in zip(shape, a, b))
+
+
+def _reshape_strides(shape, strides, new_shape):
+    """Element strides that view (shape, strides) as new_shape without a copy
+    (the rule NumPy's reshape follows), or None when a copy is needed."""
+    if math.prod(shape) != math.prod(new_shape):
+        raise ValueError(f"cannot view shape {shape} as {new_shape}")
+    if math.prod(shape) == 0:
+        return _c_strides(new_shape)
+    old = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    new_strides = [0] * len(new_shape)
+    oi = ni = 0
+    while oi < len(old) and ni < len(new_shape):
+        o_end, n_end = oi + 1, ni + 1
+        o_prod, n_prod = old[oi][0], new_shape[ni]
+        while o_prod != n_prod:
+            if n_prod < o_prod:
+                n_prod *= new_shape[n_end]
+                n_end += 1
+            else:
+                o_prod *= old[o_end][0]
+                o_end += 1
+        # the old axes of this group must walk memory as one axis
+        for a in range(oi, o_end - 1):
+            if old[a][1] != old[a + 1][0] * old[a + 1][1]:
+                return None
+        step = old[o_end - 1][1]
+        for a in range(n_end - 1, ni - 1, -1):
+            new_strides[a] = step
+            step *= new_shape[a]
+        oi, ni = o_end, n_end
+    return tuple(new_strides)
+
+
+def _broadcast_strides(shape, strides, target, name, what):
+    """Strides that broadcast (shape, strides) to target (NumPy rules)."""
+    if len(shape) > len(target):
+        raise ValueError(f"{name} of shape {shape} does not broadcast to the {what} {tuple(target)}")
+    pad = len(target) - len(shape)
+    out = [0] * pad
+    for n, s, t in zip(shape, strides, target[pad:]):
+        if n == t:
+            out.append(s if t != 1 else 0)
+        elif n == 1:
+            out.append(0)
+        else:
+            raise ValueError(f"{name} of shape {shape} does not broadcast to the {what} {tuple(target)}")
+    return tuple(out)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _is_device_object(obj):
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(obj, cp.ndarray):
+        return True
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    if isinstance(obj, np.ndarray) or not hasattr(obj, "__dlpack__"):
+        return False
+    device = getattr(obj, "__dlpack_device__", None)
+    try:
+        return device is not None and int(device()[0]) in _DLPACK_CUDA_DEVICES
+    except Exception:
+        return False
+
+
+def _device_array(obj, name):
+    """``obj`` as an _Array; TypeError for host arrays and other objects."""
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(obj, cp.ndarray):
+        return _Array(obj.data.ptr, obj.shape, _element_strides(obj.strides, obj.dtype, name),
+                      obj.dtype, obj, on_cupy=True)
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None:
+        return _from_cai(cai, obj, name)
+    if _is_device_object(obj):
+        arr = _cupy().from_dlpack(obj)
+        return _device_array(arr, name)
+    raise TypeError(
+        f"{name} must be a CUDA array (a CuPy array, or an object with "
+        f"__cuda_array_interface__ or a CUDA __dlpack__), got {type(obj).__name__}; "
+        "use cupy.asarray() to move host data to the GPU"
+    )
+
+
+def _element_strides(byte_strides, dtype, name):
+    itemsize = np.dtype(dtype).itemsize
+    if any(s % itemsize for s in byte_strides):
+        raise ValueError(f"{name} has strides {tuple(byte_strides)} that are not a multiple of its itemsize {itemsize}")
+    return tuple(s // itemsize for s in byte_strides)
+
+
+def _from_cai(cai, obj, name):
+    try:
+        shape = tuple(int(n) for n in cai["shape"])
+        dtype = np.dtype(cai["typestr"])
+        ptr, readonly = cai["data"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TypeError(f"{name} has a malformed __cuda_array_interface__: {exc}") from None
+    if cai.get("mask") is not None:
+        raise TypeError(f"{name}: masked __cuda_array_interface__ arrays are not supported")
+    if not dtype.isnative:
+        raise TypeError(f"{name} has non-native byte order {dtype.str}")
+    strides = cai.get("strides")
+    if strides is None:
+        estrides = _c_strides(shape)
+    else:
+        estrides = _element_strides(strides, dtype, name)
+    return _Array(ptr or 0, shape, estrides, dtype, obj, bool(readonly), cai.get("stream"))
+
+
+def _host_array(values, name):
+    """Host copy of small per-call data (lengths, slopes, positions, masks)
+    that may be given on the host or the device."""
+    if _is_device_object(values):
+        _Runtime.require()
+        cp = _cupy()
+        arr = values if isinstance(values, cp.ndarray) else cp.asarray(values)
+        return cp.asnumpy(arr)
+    return np.asarray(values)
+
+
+def _compute_dtype(arr, name):
+    return compute_dtype(arr.dtype, name)
+
+
+# ---- the per-call runtime state ----------------------------------------------------------
+
+_local = threading.local()
+
+
+class _Runtime:
+    """What a call needs once its arguments are valid: the extension, CuPy,
+    the current device and stream, and this thread's cuBLAS handle."""
+
+    def __init__(self):
+        self.require()
+        self.lib = _extension()
+        self.cp = _cupy()
+        self.device = self.cp.cuda.Device().id
+        # CuPy may carry its own copy of the CUDA runtime: make its current
+        # device ours too.
+        self.lib.set_device(self.device)
+        self.stream = self.cp.cuda.get_current_stream().ptr
+
+    @staticmethod
+    def require():
+        ok, reason = _availability()
+        if not ok:
+            raise CudaUnavailableError(f"fastattn.cuda is not available: {reason}")
+
+    def blas(self):
+        handles = getattr(_local, "blas", None)
+        if handles is None:
+            handles = _local.blas = {}
+        handle = handles.get(self.device)
+        if handle is None:
+            handle = handles[self.device] = self.lib.BlasHandle()
+        return handle
+
+    def attach(self, arr, name):
+        """Check that ``arr`` lives on the current device and order this
+        call's stream after the producer's (``__cuda_array_interface__``
+        v3 ``stream``)."""
+        if arr.size == 0:
+            return arr
+        if arr.on_cupy:
+            dev = arr.obj.device.id
+        else:
+            dev = self.lib.pointer_device(arr.ptr)
+        if dev != self.device:
+            raise ValueError(f"{name} is on CUDA device {dev} but the current device is {self.device}; "
+                             "use `with cupy.cuda.Device(...)`")
+        if arr.stream is not None and int(arr.stream) != self.stream:
+            self.lib.stream_wait(self.stream, int(arr.stream))
+        return arr
+
+    def empty(self, shape, dtype):
+        a = self.cp.empty(shape, dtype=dtype)
+        return _Array(a.data.ptr, a.shape, _element_strides(a.strides, a.dtype, "buffer"), a.dtype, a,
+                      on_cupy=True)
+
+    def upload(self, host, dtype=None):
+        """A small host array on the device (a plain host-to-device copy)."""
+        a = self.cp.asarray(np.ascontiguousarray(host, dtype=dtype))
+        return _Array(a.data.ptr, a.shape, _element_strides(a.strides, a.dtype, "buffer"), a.dtype, a,
+                      on_cupy=True)
+
+    # -- kernels on _Arrays --
+
+    def copy(self, src, dst):
+        """dst[...] = src (same shape), converting src's dtype to dst's."""
+        if src.shape != dst.shape:
+            raise AssertionError(f"copy of {src.shape} into {dst.shape}")
+        if src.size == 0:
+            return
+        shape, s_str, d_str = _collapse(src.shape, src.strides, dst.strides)
+        while len(shape) < 4:
+            shape, s_str, d_str = (1,) + shape, (0,) + s_str, (0,) + d_str
+        lead = shape[:-4]
+        for index in np.ndindex(*lead) if lead else [()]:
+            s_off = sum(i * s for i, s in zip(index, s_str))
+            d_off = sum(i * s for i, s in zip(index, d_str))
+            self.lib.copy(_DTYPE_CODES[dst.dtype], _DTYPE_CODES[src.dtype],
+                          src.ptr + s_off * src.itemsize, s_str[-4:],
+                          dst.ptr + d_off * dst.itemsize, d_str[-4:], shape[-4:], self.stream)
+
+    def contiguous(self, arr, dtype):
+        """``arr`` as a C-contiguous array of ``dtype`` (itself when it is one)."""
+        if arr.dtype == dtype and arr.is_c_contiguous():
+            return arr
+        out = self.empty(arr.shape, dtype)
+        self.copy(arr, out)
+        return out
+
+    def kernel_view(self, arr, dtype, shape):
+        """``arr`` in ``dtype`` viewed as ``shape``: a view when possible,
+        else a converted contiguous copy."""
+        if arr.dtype == dtype:
+            view = arr.reshaped(shape)
+            if view is not None:
+                return view
+        return self.contiguous(arr, dtype).reshaped(shape)
+
+
+def _collapse(shape, a, b):
+    """Drop size-1 axes and merge neighbours that both views walk as one."""
+    dims = [(n, sa, sb) for n, sa, sb in zip(shape, a, b) if n != 1]
+    merged = []
+    for n, sa, sb in dims:
+        if merged:
+            pn, psa, psb = merged[-1]
+            if psa == sa * n and psb == sb * n:
+                merged[-1] = (pn * n, sa, sb)
+                continue
+        merged.append((n, sa, sb))
+    if not merged:
+        merged = [(1, 0, 0)]
+    return (tuple(m[0] for m in merged), tuple(m[1] for m in merged), tuple(m[2] for m in merged))
+
+
+def _overlaps(a, b):
+    alo, ahi = a.byte_extent()
+    blo, bhi = b.byte_extent()
+    return alo < bhi and blo < ahi
+
+
+class _Output:
+    """Where a kernel writes: the user's ``out`` when the kernel can write it
+    directly, else a fresh buffer copied into ``out`` by :meth:`finish`
+    (mirrors fastattn._validation.OutputTarget)."""
+
+    def __init__(self, rt, out, shape, dtype, kernel_shape, inputs=(), inplace_ok=(),
+                 contiguous=False, unit_last_stride=False):
+        self.rt = rt
+        self.copy_back = None
+        shape = tuple(shape)
+        if out is None:
+            self.array = rt.empty(shape, dtype)
+            self.result = self.array.obj
+            self.kernel = self.array.reshaped(kernel_shape)
+            return
+        o = _device_array(out, "out")
+        if o.shape != shape:
+            raise ValueError(f"out must have shape {shape}, got {o.shape}")
+        if o.dtype != dtype:
+            raise TypeError(f"out must have dtype {dtype}, got {o.dtype}")
+        if o.readonly:
+            raise ValueError("out is read-only")
+        rt.attach(o, "out")
+        self.result = out
+        view = o.reshaped(kernel_shape)
+        overlaps = any(
+            _overlaps(o, x) and not (any(x is y for y in inplace_ok)
+                                     and x.ptr == view.ptr and x.strides == view.strides)
+            for x in inputs if x is not None and view is not None
+        )
+        bad_layout = view is None or (contiguous and not view.is_c_contiguous()) or (
+            unit_last_stride and view.shape[-1] > 1 and view.strides[-1] != 1)
+        if bad_layout or overlaps:
+            self.array = rt.empty(shape, dtype)
+            self.kernel = self.array.reshaped(kernel_shape)
+            self.copy_back = o
+        else:
+            self.kernel = view
+
+    def finish(self):
+        if self.copy_back is not None:
+            self.rt.copy(self.array, self.copy_back)
+        return self.result
+
+
+# ---- shared argument handling ----------------------------------------------------------------
+
+
+def _lengths(values, name, lead, B, M, axis_len, axis_name):
+    """Validated lengths as a host (B, M) int64 array, or None."""
+    if values is None:
+        return None
+    host = _host_array(values, name)
+    view = lengths_view(host, name, lead, B, M, axis_len, axis_name)
+    return np.ascontiguousarray(view, dtype=np.int64)
+
+
+class _MaskSpec:
+    """A validated ``attn_mask``: host NumPy or device _Array, its kind, and
+    whether it must be converted to the compute dtype."""
+
+    def __init__(self, attn_mask, full_shape, dtype):
+        self.kind = 0
+        self.host = None
+        self.device = None
+        self.full_shape = tuple(full_shape)
+        self.dtype = dtype
+        if attn_mask is None:
+            return
+        if _is_device_object(attn_mask):
+            self.device = _device_array(attn_mask, "attn_mask")
+            mdtype, shape, strides = self.device.dtype, self.device.shape, self.device.strides
+        else:
+            self.host = np.asarray(attn_mask)
+            mdtype, shape = self.host.dtype, self.host.shape
+            strides = _c_strides(shape)
+        if mdtype == np.bool_:
+            self.kind = _MASK_BOOL
+        else:
+            compute_dtype(mdtype, "attn_mask")
+            self.kind = _MASK_ADD
+        # the same message as the CPU API
+        try:
+            _broadcast_strides(shape, strides, self.full_shape, "attn_mask", "scores shape")
+        except ValueError:
+            raise ValueError(
+                f"attn_mask of shape {tuple(shape)} does not broadcast to the scores shape {self.full_shape}"
+            ) from None
+
+    def realize(self, rt, kernel_shape):
+        """(pointer, kind, 4 strides, keep-alive) for the kernel."""
+        if self.kind == 0:
+            return None, 0, (0, 0, 0, 0), None
+        elem = np.dtype(np.uint8) if self.kind == _MASK_BOOL else self.dtype
+        if self.device is not None:
+            arr = rt.attach(self.device, "attn_mask")
+            if self.kind == _MASK_BOOL:  # the same bytes, read as 0/1
+                arr = _Array(arr.ptr, arr.shape, arr.strides, np.uint8, arr.obj, on_cupy=arr.on_cupy)
+            elif arr.dtype != elem:
+                arr = rt.contiguous(arr, elem)
+        else:
+            host = self.host.view(np.uint8) if self.kind == _MASK_BOOL else self.host.astype(elem, copy=False)
+            arr = rt.upload(host)
+        strides = _broadcast_strides(arr.shape, arr.strides, self.full_shape, "attn_mask", "scores shape")
+        full = _Array(arr.ptr, self.full_shape, strides, arr.dtype, arr.obj, stream=None, on_cupy=arr.on_cupy)
+        view = full.reshaped(kernel_shape)
+        if view is None:
+            # broadcast axes that cannot be merged into one: materialise once
+            dense = rt.empty(self.full_shape, arr.dtype)
+            rt.copy(full, dense)
+            view = dense.reshaped(kernel_shape)
+        return view.ptr, self.kind, view.strides, view
+
+
+def _causal_code(is_causal, causal_alignment):
+    if not is_causal:
+        return 0
+    return CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
+
+
+def _lengths_args(rt, host):
+    """(device pointer, (stride_b, stride_m), keep-alive) of host (B, M) lengths."""
+    if host is None:
+        return None, (0, 0), None
+    dev = rt.upload(host, dtype=np.int64)
+    return dev.ptr, (host.shape[1], 1), dev
+
+
+# ---- fused masked softmax ---------------------------------------------------------------------
+
+
+def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=None,
+                   is_causal=False, causal_alignment="top_left", scale=1.0, out=None,
+                   num_threads=None):
+    """GPU :func:`fastattn.masked_softmax`: the fused masked softmax over the
+    last axis of ``scores`` ``(..., Lq, Lk)``. ``num_threads`` is accepted
+    for API compatibility and ignored."""
+    x = _device_array(scores, "scores")
+    dtype = _compute_dtype(x, "scores")
+    if x.ndim < 2:
+        raise ValueError(f"scores must have at least 2 dimensions (..., Lq, Lk), got shape {x.shape}")
+    causal = _causal_code(is_causal, causal_alignment)
+    scale = _real_scalar(scale, "scale")
+    lead = x.shape[:-2]
+    Lq, Lk = x.shape[-2:]
+    B = lead[0] if lead else 1
+    M = math.prod(lead[1:])
+    kshape = (B, M, Lq, Lk)
+    kl = _lengths(key_lengths, "key_lengths", lead, B, M, Lk, "key (last) axis")
+    ql = _lengths(query_lengths, "query_lengths", lead, B, M, Lq, "query (second-to-last) axis")
+    mask = _MaskSpec(attn_mask, x.shape, dtype)
+
+    rt = _Runtime()
+    rt.attach(x, "scores")
+    x4 = rt.kernel_view(x, dtype, kshape)
+    mptr, mkind, mstrides, mkeep = mask.realize(rt, kshape)
+    klp, kls, klkeep = _lengths_args(rt, kl)
+    qlp, qls, qlkeep = _lengths_args(rt, ql)
+    target = _Output(rt, out, x.shape, dtype, kshape, inputs=(x4, mkeep), inplace_ok=(x4,))
+    y4 = target.kernel
+    rt.lib.masked_softmax(_DTYPE_CODES[dtype], x4.ptr, x4.strides, y4.ptr, y4.strides, kshape,
+                          scale, mptr, mkind, mstrides, klp, kls, qlp, qls, causal, rt.stream)
+    del mkeep, klkeep, qlkeep  # the queued kernel is ordered before any reuse
+    return target.finish()
+
+
+# ---- heads --------------------------------------------------------------------------------------
+
+
+def split_heads(x, num_heads, *, out=None, num_threads=None):
+    """GPU :func:`fastattn.split_heads`: ``(B, S, H*D)`` to a C-contiguous
+    ``(B, H, S, D)``, in one strided copy kernel."""
+    a = _device_array(x, "x")
+    dtype = _compute_dtype(a, "x")
+    require_ndim(a, "x", 3, "(batch, seq, embed)")
+    H = index_value(num_heads, "num_heads")
+    B, S, E = a.shape
+    if H <= 0:
+        raise ValueError(f"num_heads must be positive, got {H}")
+    if E % H:
+        raise ValueError(f"num_heads={H} does not divide the last axis of x (shape {a.shape}, E={E})")
+    D = E // H
+    rt = _Runtime()
+    rt.attach(a, "x")
+    s0, s1, s2 = a.strides
+    src = a.at(0, (B, H, S, D), (s0, s2 * D, s1, s2))
+    target = _Output(rt, out, (B, H, S, D), dtype, (B, H, S, D), inputs=(a,))
+    rt.copy(src, target.kernel)
+    return target.finish()
+
+
+def merge_heads(x, *, out=None, num_threads=None):
+    """GPU :func:`fastattn.merge_heads`: ``(B, H, S, D)`` to a C-contiguous
+    ``(B, S, H*D)``."""
+    a = _device_array(x, "x")
+    dtype = _compute_dtype(a, "x")
+    require_ndim(a, "x", 4, "(batch, heads, seq, head_dim)")
+    B, H, S, D = a.shape
+    rt = _Runtime()
+    rt.attach(a, "x")
+    s0, s1, s2, s3 = a.strides
+    src = a.at(0, (B, S, H, D), (s0, s2, s1, s3))
+    target = _Output(rt, out, (B, S, H * D), dtype, (B, S, H, D), inputs=(a,))
+    rt.copy(src, target.kernel)
+    return target.finish()
+
+
+# ---- positional encodings ------------------------------------------------------------------------
+
+
+def sinusoidal_position_encoding(length, channels, *, layout="concat", min_timescale=1.0,
+                                 max_timescale=1.0e4, start_index=0, dtype=np.float32,
+                                 out=None, num_threads=None):
+    """GPU :func:`fastattn.sinusoidal_position_encoding`: the ``(length,
+    channels)`` table, angles in double precision."""
+    L = index_value(length, "length")
+    C = index_value(channels, "channels")
+    if L < 0:
+        raise ValueError(f"length must be non-negative, got {L}")
+    if C <= 0:
+        raise ValueError(f"channels must be positive, got {C}")
+    code = PE_LAYOUTS[choice(layout, "layout", PE_LAYOUTS)]
+    lo, hi = _timescales(min_timescale, max_timescale)
+    start = index_value(start_index, "start_index")
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    rt = _Runtime()
+    target = _Output(rt, out, (L, C), dt, (L, C), unit_last_stride=True)
+    t = target.kernel
+    rt.lib.position_encoding(_DTYPE_CODES[dt], t.ptr, t.strides[0], L, C, code, lo, hi, start,
+                             rt.stream)
+    return target.finish()
+
+
+def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.0,
+                          max_timescale=1.0e4, out=None, num_threads=None):
+    """GPU :func:`fastattn.add_position_encoding`: ``x + PE`` over
+    ``(..., length, channels)`` in one pass, without the table."""
+    a = _device_array(x, "x")
+    dtype = _compute_dtype(a, "x")
+    if a.ndim < 2:
+        raise ValueError(f"x must have shape (..., length, channels), got shape {a.shape}")
+    code = PE_LAYOUTS[choice(layout, "layout", PE_LAYOUTS)]
+    lo, hi = _timescales(min_timescale, max_timescale)
+    start = index_value(start_index, "start_index")
+    L, C = a.shape[-2:]
+    if C == 0:
+        raise ValueError(f"x must have at least one channel, got shape {a.shape}")
+    B = math.prod(a.shape[:-2])
+    kshape = (B, L, C)
+    rt = _Runtime()
+    rt.attach(a, "x")
+    x3 = rt.kernel_view(a, dtype, kshape)
+    target = _Output(rt, out, a.shape, dtype, kshape, inputs=(x3,), inplace_ok=(x3,))
+    y3 = target.kernel
+    rt.lib.add_position_encoding(_DTYPE_CODES[dtype], x3.ptr, x3.strides, y3.ptr, y3.strides,
+                                 kshape, code, lo, hi, start, rt.stream)
+    return target.finish()
+
+
+def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_threads=None):
+    """Rotary position embedding (RoPE) of ``x`` ``(..., L, D)``, D even.
+
+    ``positions`` are integers broadcastable to ``x.shape[:-1]`` (for
+    example ``(L,)``, or ``(B, 1, L)`` for ``(B, H, L, D)``). Pair ``i`` is
+    rotated by ``theta_i = pos * base ** (-2 i / D)`` (in double precision):
+    ``"neox"`` rotates the pairs ``(i, i + D/2)`` (LLaMA's rotate_half),
+    ``"gptj"`` the pairs ``(2i, 2i + 1)``. ``out`` may be ``x``.
+    """
+    a = _device_array(x, "x")
+    dtype = _compute_dtype(a, "x")
+    if a.ndim < 2:
+        raise ValueError(f"x must have shape (..., L, D), got shape {a.shape}")
+    code = ROPE_LAYOUTS[choice(layout, "layout", ROPE_LAYOUTS)]
+    base = _real_scalar(base, "base")
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"base must be positive and finite, got {base!r}")
+    L, D = a.shape[-2:]
+    if D % 2:
+        raise ValueError(f"the last axis of x must be even for rotary embeddings, got shape {a.shape}")
+    pos = _host_array(positions, "positions")
+    if pos.dtype.kind not in "iu":
+        raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
+    if pos.dtype.kind == "u" and pos.size and pos.max() > np.iinfo(np.int64).max:
+        raise ValueError("positions are too large for int64")
+    lead = a.shape[:-2]
+    try:
+        pos_full = np.broadcast_to(pos, a.shape[:-1])
+    except ValueError:
+        raise ValueError(f"positions of shape {pos.shape} do not broadcast to x.shape[:-1] = {a.shape[:-1]}") from None
+    B = lead[0] if lead else 1
+    M = math.prod(lead[1:])
+    kshape = (B, M, L, D)
+    rt = _Runtime()
+    rt.attach(a, "x")
+    x4 = rt.kernel_view(a, dtype, kshape)
+    pos_dev = rt.upload(pos.astype(np.int64, copy=False))
+    pstrides = _broadcast_strides(pos_dev.shape, pos_dev.strides, a.shape[:-1], "positions", "shape")
+    pview = _Array(pos_dev.ptr, a.shape[:-1], pstrides, np.int64, pos_dev.obj).reshaped((B, M, L))
+    if pview is None:
+        pos_dev = rt.upload(pos_full.reshape(B, M, L).astype(np.int64))
+        pview = pos_dev
+    target = _Output(rt, out, a.shape, dtype, kshape, inputs=(x4,), inplace_ok=(x4,))
+    y4 = target.kernel
+    rt.lib.apply_rotary(_DTYPE_CODES[dtype], x4.ptr, x4.strides, y4.ptr, y4.strides, kshape,
+                        pview.ptr, pview.strides[:3], code, base, rt.stream)
+    return target.finish()
+
+
+# ---- scaled dot-product attention --------------------------------------------------------------
+
+
+def _key_extent(kl, ql, causal, B, Lq, Lk):
+    """Per batch item, how many leading keys any of its rows may attend
+    (host int64 (B,)), or None when every item needs all Lk keys."""
+    if kl is None and ql is None and causal != CAUSAL_ALIGNMENTS["top_left"]:
+        return None
+    ext = np.full(B, Lk, dtype=np.int64)
+    if kl is not None:
+        ext = np.minimum(ext, kl.max(axis=1))
+    qmax = ql.max(axis=1) if ql is not None else np.full(B, Lq, dtype=np.int64)
+    if causal == CAUSAL_ALIGNMENTS["top_left"]:
+        limit = qmax  # row i sees keys j <= i < qmax
+    elif causal == CAUSAL_ALIGNMENTS["bottom_right"]:
+        limit = qmax + (Lk - Lq)
+    else:
+        limit = np.where(qmax > 0, Lk, 0)
+    ext = np.clip(np.minimum(ext, limit), 0, Lk).astype(np.int64)
+    return None if np.all(ext == Lk) else np.ascontiguousarray(ext)
+
+
+def _attention(rt, q, k, v, dtype, *, mask, kl, ql, causal, alignment, scale, alibi,
+               weights_target, out_kernel):
+    """SDPA on contiguous (B, H, Lq, D) / (B, Hkv, Lk, D) / (B, Hkv, Lk, Dv)
+    device arrays of ``dtype``; writes ``out_kernel`` (contiguous
+    (B, H, Lq, Dv)) and, when given, ``weights_target`` (B, H, Lq, Lk)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    kshape = (B, H, Lq, Lk)
+    mptr, mkind, mstrides, mkeep = mask.realize(rt, kshape)
+    klp, kls, klkeep = _lengths_args(rt, kl)
+    qlp, qls, qlkeep = _lengths_args(rt, ql)
+    alibi_dev = rt.upload(alibi, dtype=dtype) if alibi is not None else None
+    alibi_offset = 0 if alignment == "top_left" else Lk - Lq
+    if weights_target is not None:
+        scores, scores_batch = weights_target, max(B, 1)
+    else:
+        per_item = H * Lq * Lk * dtype.itemsize
+        scores_batch = max(1, min(B, SCORES_WORKSPACE_BYTES // max(per_item, 1)))
+        scores = rt.empty((scores_batch, H, Lq, Lk), dtype)
+    extent = _key_extent(kl, ql, causal, B, Lq, Lk)
+    rt.lib.sdpa(rt.blas(), _DTYPE_CODES[dtype], (B, H, Hkv, Lq, Lk, D, Dv), q.ptr, k.ptr, v.ptr,
+                out_kernel.ptr, scores.ptr, scores_batch, scale, causal, mptr, mkind, mstrides,
+                klp, kls, qlp, qls, alibi_dev.ptr if alibi_dev is not None else None,
+                alibi_offset, extent, rt.stream)
+    del mkeep, klkeep, qlkeep, alibi_dev, scores
+
+
+def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
+                                 query_lengths=None, is_causal=False,
+                                 causal_alignment="top_left", scale=None, alibi_slopes=None,
+                                 return_weights=False, out=None, num_threads=None):
+    """GPU :func:`fastattn.scaled_dot_product_attention`: cuBLAS Q Kᵀ, the
+    fused masked softmax, cuBLAS P V.
+
+    ``q`` ``(B, H, Lq, D)``, ``k`` ``(B, Hkv, Lk, D)``, ``v`` ``(B, Hkv, Lk,
+    Dv)`` with ``H % Hkv == 0`` (query head h reads kv head ``h // (H //
+    Hkv)``), or all 3-D ``(B, L, D)`` for one head. Masks, lengths,
+    causality, ``scale`` (default ``1/sqrt(D)``) and ALiBi (``alibi_slopes``
+    ``(H,)`` adds ``-slope[h] * (i_pos - j)``, ``i_pos`` aligned like the
+    causal mask) mean what they mean on the CPU. Returns ``out``, or
+    ``(out, weights)`` with ``return_weights=True``.
+    """
+    qa = _device_array(q, "q")
+    ka = _device_array(k, "k")
+    va = _device_array(v, "v")
+    dtype = np.dtype(np.result_type(_compute_dtype(qa, "q"), _compute_dtype(ka, "k"),
+                                    _compute_dtype(va, "v")))
+    ndim = qa.ndim
+    if ndim not in (3, 4) or ka.ndim != ndim or va.ndim != ndim:
+        raise ValueError(
+            "q, k and v must all be 3-D (B, L, D) or all 4-D (B, H, L, D), got shapes "
+            f"q {qa.shape}, k {ka.shape}, v {va.shape}"
+        )
+    if ndim == 3:  # one head: (B, L, D) as (B, 1, L, D)
+        q4, k4, v4 = (a.at(0, (a.shape[0], 1) + a.shape[1:], (a.strides[0], 0) + a.strides[1:])
+                      for a in (qa, ka, va))
+    else:
+        q4, k4, v4 = qa, ka, va
+    B, H, Lq, D = q4.shape
+    Bk, Hkv, Lk, Dk = k4.shape
+    Bv, Hv, Lv, Dv = v4.shape
+    if Bk != B or Bv != B:
+        raise ValueError(f"batch sizes differ: q {qa.shape}, k {ka.shape}, v {va.shape}")
+    if Hv != Hkv:
+        raise ValueError(f"k and v must have the same number of heads: k {ka.shape}, v {va.shape}")
+    if Lv != Lk:
+        raise ValueError(f"k and v must have the same length: k {ka.shape}, v {va.shape}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim: q {qa.shape}, k {ka.shape}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"the number of query heads must be a multiple of the kv heads: q {qa.shape}, k {ka.shape}")
+    if scale is None:
+        if D == 0:
+            raise ValueError(f"head dim D must be positive for the default scale 1/sqrt(D): q {qa.shape}")
+        scale = 1.0 / math.sqrt(D)
+    else:
+        scale = _real_scalar(scale, "scale")
+    causal = _causal_code(is_causal, causal_alignment)
+    alignment = choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)
+    scores_shape = (B, H, Lq, Lk) if ndim == 4 else (B, Lq, Lk)
+    lead = scores_shape[:-2]
+    kl = _lengths(key_lengths, "key_lengths", lead, B, H, Lk, "key (last) axis")
+    ql = _lengths(query_lengths, "query_lengths", lead, B, H, Lq, "query (second-to-last) axis")
+    mask = _MaskSpec(attn_mask, scores_shape, dtype)
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = _host_array(alibi_slopes, "alibi_slopes")
+        compute_dtype(alibi.dtype, "alibi_slopes")
+        if alibi.shape != (H,):
+            raise ValueError(f"alibi_slopes must have shape ({H},) for {H} query heads, got {alibi.shape}")
+        alibi = alibi.astype(np.float64)
+    out_shape = (B, H, Lq, Dv) if ndim == 4 else (B, Lq, Dv)
+
+    rt = _Runtime()
+    for arr, name in ((qa, "q"), (ka, "k"), (va, "v")):
+        rt.attach(arr, name)
+    qc = rt.contiguous(q4, dtype)
+    kc = rt.contiguous(k4, dtype)
+    vc = rt.contiguous(v4, dtype)
+    target = _Output(rt, out, out_shape, dtype, (B, H, Lq, Dv), inputs=(qc, kc, vc), contiguous=True)
+    weights = rt.empty((B, H, Lq, Lk), dtype) if return_weights else None
+    _attention(rt, qc, kc, vc, dtype, mask=mask, kl=kl, ql=ql, causal=causal, alignment=alignment,
+               scale=scale, alibi=alibi, weights_target=weights, out_kernel=target.kernel)
+    result = target.finish()
+    if not return_weights:
+        return result
+    w = weights.obj if ndim == 4 else weights.obj.reshape(scores_shape)
+    return result, w
+
+
+# ---- multi-head attention layer ---------------------------------------------------------------
+
+
+class MultiHeadAttention:
+    """The multi-head attention layer on the GPU, with weights taken from a
+    CPU layer (see the module docstring for the contract it must meet).
+
+    ``mha(query, key=None, value=None, *, key_lengths=None,
+    query_lengths=None, attn_mask=None, is_causal=False,
+    return_weights=False, cache=None)`` with ``query`` ``(B, Lq, E)``: the
+    projections are cuBLAS GEMMs (one fused QKV GEMM for self-attention),
+    heads are split (with RoPE fused in when the layer has it) by fastattn
+    kernels, and attention runs as in :func:`scaled_dot_product_attention`.
+    Padded query rows are exactly 0 after the output projection too.
+    ``cache=`` (KV-cache decoding) is not implemented on the GPU yet.
+    """
+
+    def __init__(self, layer, *, dtype=None):
+        state = layer.state_dict()
+        self.num_heads = index_value(getattr(layer, "num_heads"), "layer.num_heads")
+        kv = getattr(layer, "num_kv_heads", None)
+        self.num_kv_heads = self.num_heads if kv is None else index_value(kv, "layer.num_kv_heads")
+        self.embed_dim = index_value(getattr(layer, "embed_dim"), "layer.embed_dim")
+        H, Hkv, E = self.num_heads, self.num_kv_heads, self.embed_dim
+        if H <= 0 or Hkv <= 0 or H % Hkv:
+            raise ValueError(f"num_kv_heads={Hkv} must be positive and divide num_heads={H}")
+        rope = getattr(layer, "rope", None)
+        self.rope = None if rope is None else choice(rope, "layer.rope", ROPE_LAYOUTS)
+        self.rope_base = _real_scalar(getattr(layer, "rope_base", 10000.0), "layer.rope_base")
+
+        def weight(name, required=True):
+            w = state.get(name)
+            if w is None:
+                if required:
+                    raise ValueError(f"layer.state_dict() has no {name!r}")
+                return None
+            w = np.asarray(w)
+            compute_dtype(w.dtype, f"state_dict()[{name!r}]")
+            return w
+
+        w_q, w_k, w_v, w_o = (weight(n) for n in ("w_q", "w_k", "w_v", "w_o"))
+        b_q, b_k, b_v, b_o = (weight(n, False) for n in ("b_q", "b_k", "b_v", "b_o"))
+        for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v), ("w_o", w_o)):
+            if w.ndim != 2:
+                raise ValueError(f"{name} must be 2-D (in, out), got shape {w.shape}")
+        if w_q.shape[0] != E or w_q.shape[1] % H:
+            raise ValueError(f"w_q must be ({E}, H*D) with H={H}, got {w_q.shape}")
+        D = w_q.shape[1] // H
+        if w_k.shape[1] != Hkv * D:
+            raise ValueError(f"w_k must have {Hkv}*{D} columns, got {w_k.shape}")
+        if w_v.shape[1] % Hkv:
+            raise ValueError(f"w_v must have Hkv*Dv columns with Hkv={Hkv}, got {w_v.shape}")
+        Dv = w_v.shape[1] // Hkv
+        if w_o.shape != (H * Dv, E):
+            raise ValueError(f"w_o must have shape ({H * Dv}, {E}), got {w_o.shape}")
+        for name, b, n in (("b_q", b_q, H * D), ("b_k", b_k, Hkv * D), ("b_v", b_v, Hkv * Dv), ("b_o", b_o, E)):
+            if b is not None and b.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {b.shape}")
+        if self.rope is not None and D % 2:
+            raise ValueError(f"RoPE needs an even head dim, got D={D}")
+        self.head_dim, self.v_head_dim = D, Dv
+        self.kdim, self.vdim = w_k.shape[0], w_v.shape[0]
+        self.dtype = np.dtype(dtype) if dtype is not None else compute_dtype(w_q.dtype, "w_q")
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+
+        rt = _Runtime()
+        dt = self.dtype
+        widths = (H * D, Hkv * D, Hkv * Dv)
+        self._widths = widths
+        # one (E, H*D + Hkv*D + Hkv*Dv) weight: self-attention projects Q, K
+        # and V in one GEMM, cross-attention uses its column blocks
+        self._fused = self.kdim == E and self.vdim == E
+        if self._fused:
+            self._w_qkv = rt.upload(np.concatenate([w_q, w_k, w_v], axis=1), dtype=dt)
+        else:
+            self._w_qkv = None
+            self._w_sep = tuple(rt.upload(w, dtype=dt) for w in (w_q, w_k, w_v))
+        biases = [b if b is not None else np.zeros(n) for b, n in zip((b_q, b_k, b_v), widths)]
+        self._has_in_bias = any(b is not None for b in (b_q, b_k, b_v))
+        self._b_qkv = rt.upload(np.concatenate(biases), dtype=dt) if self._has_in_bias else None
+        self._w_o = rt.upload(w_o, dtype=dt)
+        self._b_o = rt.upload(b_o, dtype=dt) if b_o is not None else None
+
+    @classmethod
+    def from_cpu(cls, layer, *, dtype=None):
+        """The GPU twin of a CPU ``fastattn.MultiHeadAttention``."""
+        return cls(layer, dtype=dtype)
+
+    def _project(self, rt, x, rows, which):
+        """(rows, width) = x @ w_which + b_which for which in 0 (q), 1 (k), 2 (v)."""
+        dt = self.dtype
+        width = self._widths[which]
+        col0 = sum(self._widths[:which])
+        y = rt.empty((rows, width), dt)
+        if self._fused:
+            w_ptr = self._w_qkv.ptr + col0 * dt.itemsize
+            w_rs = sum(self._widths)
+        else:
+            w_ptr = self._w_sep[which].ptr
+            w_rs = width
+        bias = self._b_qkv.ptr + col0 * dt.itemsize if self._b_qkv is not None else None
+        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], x.ptr, x.shape[-1], w_ptr, w_rs, bias, y.ptr,
+                      width, rows, x.shape[-1], width, rt.stream)
+        return y
+
+    def _heads(self, rt, src, rotate):
+        """Contiguous (B, heads, L, d) from a strided (B, heads, L, d) view
+        of the projection, rotated at positions 0 .. L-1 when ``rotate``."""
+        dst = rt.empty(src.shape, self.dtype)
+        if not rotate:
+            rt.copy(src, dst)
+        else:
+            B, n, L, d = src.shape
+            pos = rt.upload(np.arange(L, dtype=np.int64))
+            rt.lib.apply_rotary(_DTYPE_CODES[self.dtype], src.ptr, src.strides, dst.ptr, dst.strides,
+                                src.shape, pos.ptr, (0, 0, 1), ROPE_LAYOUTS[self.rope],
+                                self.rope_base, rt.stream)
+            del pos
+        return dst
+
+    def __call__(self, query, key=None, value=None, *, key_lengths=None, query_lengths=None,
+                 attn_mask=None, is_causal=False, return_weights=False, cache=None):
+        if cache is not None:
+            raise NotImplementedError("fastattn.cuda.MultiHeadAttention: KV-cache decoding (cache=) "
+                                      "is not implemented on the GPU path yet")
+        if (key is None) != (value is None):
+            raise ValueError("key and value must be given together (or both left None for self-attention)")
+        H, Hkv, E, D, Dv = self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.v_head_dim
+        dt = self.dtype
+        qa = _device_array(query, "query")
+        compute_dtype(qa.dtype, "query")
+        require_ndim(qa, "query", 3, "(batch, seq, embed)")
+        B, Lq, Eq = qa.shape
+        if Eq != E:
+            raise ValueError(f"query must have embed dim {E}, got shape {qa.shape}")
+        self_attn = key is None
+        if self_attn:
+            if self.kdim != E or self.vdim != E:
+                raise ValueError(f"self-attention needs kdim == vdim == embed_dim ({E}); this layer has "
+                                 f"kdim={self.kdim}, vdim={self.vdim}: pass key and value")
+            Lk = Lq
+        else:
+            ka = _device_array(key, "key")
+            va = _device_array(value, "value")
+            compute_dtype(ka.dtype, "key")
+            compute_dtype(va.dtype, "value")
+            require_ndim(ka, "key", 3, "(batch, seq, kdim)")
+            require_ndim(va, "value", 3, "(batch, seq, vdim)")
+            if ka.shape[0] != B or va.shape[0] != B or ka.shape[1] != va.shape[1]:
+                raise ValueError(f"query {qa.shape}, key {ka.shape} and value {va.shape} must share the "
+                                 "batch size, and key and value their length")
+            if ka.shape[2] != self.kdim or va.shape[2] != self.vdim:
+                raise ValueError(f"key must have {self.kdim} and value {self.vdim} features, got "
+                                 f"key {ka.shape}, value {va.shape}")
+            Lk = ka.shape[1]
+        causal = CAUSAL_ALIGNMENTS["top_left"] if is_causal else 0
+        kl = _lengths(key_lengths, "key_lengths", (B, H), B, H, Lk, "key axis")
+        ql = _lengths(query_lengths, "query_lengths", (B, H), B, H, Lq, "query axis")
+        mask = _MaskSpec(attn_mask, (B, H, Lq, Lk), dt)
+
+        rt = _Runtime()
+        rt.attach(qa, "query")
+        x = rt.contiguous(qa, dt).reshaped((B * Lq, E))
+        wq, wk, wv = self._widths
+        if self_attn:  # kdim == vdim == E, so the weight is the fused one
+            # one GEMM for Q, K and V
+            width = sum(self._widths)
+            proj = rt.empty((B * Lq, width), dt)
+            bias = self._b_qkv.ptr if self._b_qkv is not None else None
+            rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], x.ptr, E, self._w_qkv.ptr, width, bias, proj.ptr,
+                          width, B * Lq, E, width, rt.stream)
+            q_src = proj.at(0, (B, H, Lq, D), (Lq * width, D, width, 1))
+            k_src = proj.at(wq, (B, Hkv, Lk, D), (Lk * width, D, width, 1))
+            v_src = proj.at(wq + wk, (B, Hkv, Lk, Dv), (Lk * width, Dv, width, 1))
+        else:
+            rt.attach(ka, "key")
+            rt.attach(va, "value")
+            kx = rt.contiguous(ka, dt).reshaped((B * Lk, self.kdim))
+            vx = rt.contiguous(va, dt).reshaped((B * Lk, self.vdim))
+            qp = self._project(rt, x, B * Lq, 0)
+            kp = self._project(rt, kx, B * Lk, 1)
+            vp = self._project(rt, vx, B * Lk, 2)
+            q_src = qp.at(0, (B, H, Lq, D), (Lq * wq, D, wq, 1))
+            k_src = kp.at(0, (B, Hkv, Lk, D), (Lk * wk, D, wk, 1))
+            v_src = vp.at(0, (B, Hkv, Lk, Dv), (Lk * wv, Dv, wv, 1))
+        rope = self.rope is not None
+        q4 = self._heads(rt, q_src, rope)
+        k4 = self._heads(rt, k_src, rope)
+        v4 = self._heads(rt, v_src, False)
+
+        attn = rt.empty((B, H, Lq, Dv), dt)
+        weights = rt.empty((B, H, Lq, Lk), dt) if return_weights else None
+        _attention(rt, q4, k4, v4, dt, mask=mask, kl=kl, ql=ql, causal=causal, alignment="top_left",
+                   scale=1.0 / math.sqrt(D) if D else 1.0, alibi=None, weights_target=weights,
+                   out_kernel=attn)
+        merged = rt.empty((B, Lq, H, Dv), dt)
+        s0, s1, s2, s3 = attn.strides
+        rt.copy(attn.at(0, (B, Lq, H, Dv), (s0, s2, s1, s3)), merged)
+        y = rt.empty((B, Lq, E), dt)
+        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], merged.ptr, H * Dv, self._w_o.ptr, E,
+                      self._b_o.ptr if self._b_o is not None else None, y.ptr, E, B * Lq, H * Dv, E,
+                      rt.stream)
+        if ql is not None:
+            # padded queries are 0 after the output projection too (not b_o)
+            q_rows = rt.upload(ql[:, :1])
+            rt.lib.zero_padded_rows(_DTYPE_CODES[dt], y.ptr, (B, 1, Lq, E), q_rows.ptr, (1, 0), rt.stream)
+            del q_rows
+        if return_weights:
+            return y.obj, weights.obj
+        return y.obj

@@ -1,0 +1,161 @@
+"""Position information that attention layers add to Q and K: rotary
+position embeddings (RoPE) and ALiBi slopes."""
+
+import math
+
+import numpy as np
+
+from fastattn import _kernels
+from fastattn._config import resolve_num_threads
+from fastattn._validation import OutputTarget, choice, float_array, index_value
+
+# fastattn.h fa_rope_layout
+ROPE_LAYOUTS = {"neox": 1, "gptj": 2}
+ROPE_NONE = 0
+
+
+def _check_base(base):
+    if isinstance(base, (bool, np.bool_)) or not isinstance(base, (int, float, np.integer, np.floating)):
+        raise TypeError(f"base must be a real number, got {base!r}")
+    b = float(base)
+    if not (math.isfinite(b) and b > 0):
+        raise ValueError(f"base must be positive and finite, got {base!r}")
+    return b
+
+
+def rope_tables(positions, half, base, dtype, num_threads=0):
+    """cos and sin tables, each ``(n, half)``, for the int64 ``positions``
+    (a 1-D array) or, when ``positions`` is an int ``n``, for 0..n-1."""
+    if isinstance(positions, (int, np.integer)):
+        n, pos = int(positions), None
+    else:
+        pos = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+        n = pos.shape[0]
+    cos = np.empty((n, half), dtype=dtype)
+    sin = np.empty((n, half), dtype=dtype)
+    _kernels.rope_table(cos, sin, pos, 0, base, num_threads)
+    return cos, sin
+
+
+def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_threads=None):
+    """Rotary position embedding (RoPE, Su et al. 2021) of ``x``.
+
+    Each row of ``x`` at position ``p`` is rotated pairwise by the angles
+    ``p * base ** (-2j / D)``, ``j < D/2``::
+
+        y_a = x_a * cos - x_b * sin
+        y_b = x_b * cos + x_a * sin
+
+    where the pairs ``(a, b)`` are ``(j, j + D/2)`` for ``layout="neox"``
+    (GPT-NeoX, LLaMA's ``rotate_half``) and ``(2j, 2j + 1)`` for
+    ``layout="gptj"`` (GPT-J, the paper's interleaved form). Angles are
+    computed in float64 and each (position, frequency) once, whatever the
+    number of heads.
+
+    Parameters
+    ----------
+    x : array_like, shape ``(..., L, D)``
+        ``D`` must be even. Typically ``(B, H, L, D)`` queries or keys.
+    positions : array_like of int
+        Broadcasts (NumPy rules) to ``x.shape[:-1]``: ``(L,)`` for one
+        sequence layout, ``(B, 1, L)`` for per-sequence positions of
+        ``(B, H, L, D)`` inputs. Any integers, negative included.
+    layout : {"neox", "gptj"}
+    base : float, default 10000.0
+    out : ndarray, optional
+        May be ``x`` itself (in place).
+    num_threads : int, optional
+
+    Returns
+    -------
+    ndarray of ``x``'s shape and compute dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> x = np.ones((1, 2, 4))
+    >>> fastattn.apply_rotary(x, [0, 1]).round(3)
+    array([[[ 1.   ,  1.   ,  1.   ,  1.   ],
+            [-0.301,  0.99 ,  1.382,  1.01 ]]])
+    """
+    arr = float_array(x, "x")
+    if arr.ndim < 2:
+        raise ValueError(f"x must have shape (..., L, D), got shape {arr.shape}")
+    code = ROPE_LAYOUTS[choice(layout, "layout", ROPE_LAYOUTS)]
+    b = _check_base(base)
+    *lead, L, D = arr.shape
+    if D % 2:
+        raise ValueError(f"x must have an even last axis (rotated pairs), got shape {arr.shape}")
+    pos = positions_array(positions)
+    try:
+        np.broadcast_shapes(pos.shape, arr.shape[:-1])
+    except ValueError:
+        raise ValueError(
+            f"positions of shape {pos.shape} does not broadcast to x.shape[:-1] = {arr.shape[:-1]} "
+            f"(x has shape {arr.shape})") from None
+    if np.broadcast_shapes(pos.shape, arr.shape[:-1]) != arr.shape[:-1]:
+        raise ValueError(
+            f"positions of shape {pos.shape} does not broadcast to x.shape[:-1] = {arr.shape[:-1]} "
+            f"(x has shape {arr.shape})")
+    nt = resolve_num_threads(num_threads)
+    N1 = lead[-1] if lead else 1
+    N0 = math.prod(lead[:-1]) if len(lead) > 1 else 1
+    kshape = (N0, N1, L, D)
+    x4 = arr.reshape(kshape)
+    if D > 1 and x4.strides[-1] != x4.itemsize:
+        x4 = np.ascontiguousarray(x4)
+    # the kernel writes whole rows: an out with a strided last axis gets a
+    # buffer that is copied back
+    strided_out = isinstance(out, np.ndarray) and out.ndim and D > 1 and out.strides[-1] != out.itemsize
+    target = OutputTarget(out, arr.shape, kshape, arr.dtype, inputs=(arr,), inplace_ok=(arr,),
+                          contiguous=bool(strided_out))
+    y4 = target.kernel_view
+    if y4.size == 0:
+        return target.finish()
+    # one table row per element of positions; heads that share a position
+    # share the row through zero strides in the index
+    cos, sin = rope_tables(pos, D // 2, b, arr.dtype, nt)
+    index = np.arange(pos.size, dtype=np.int64).reshape(pos.shape)
+    index = np.broadcast_to(index, arr.shape[:-1]).reshape(N0, N1, L)
+    _kernels.rope_apply(x4, y4, index, cos, sin, code, None, None, nt)
+    return target.finish()
+
+
+def positions_array(values, name="positions"):
+    """Integer positions (negative ones allowed) as int64."""
+    arr = values if type(values) is np.ndarray else np.asarray(values)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} is too large for int64")
+    return arr.astype(np.int64, copy=False)
+
+
+def alibi_slopes(num_heads, *, dtype=np.float64):
+    """The per-head ALiBi slopes of Press et al. (2022), shape ``(num_heads,)``.
+
+    For ``n`` a power of two the slopes are the geometric sequence
+    ``2 ** (-8 * (h + 1) / n)``; otherwise the ``2 ** floor(log2 n)`` slopes
+    of the nearest lower power of two are followed by every other slope of
+    the sequence for twice that power, as in the paper's reference code.
+    Pass them to ``scaled_dot_product_attention(alibi_slopes=...)``.
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> fastattn.alibi_slopes(4).tolist()
+    [0.25, 0.0625, 0.015625, 0.00390625]
+    >>> fastattn.alibi_slopes(6).tolist()
+    [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]
+    """
+    n = index_value(num_heads, "num_heads")
+    if n < 1:
+        raise ValueError(f"num_heads must be >= 1, got {n}")
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    p = 1 << (n.bit_length() - 1)  # the largest power of two <= n
+    slopes = [2.0 ** (-8.0 * (h + 1) / p) for h in range(p)]
+    # the remainder: odd-numbered slopes of the 2p sequence, 2 ** (-8 (2i + 1) / 2p)
+    slopes += [2.0 ** (-8.0 * (2 * i + 1) / (2 * p)) for i in range(n - p)]
+    return np.array(slopes, dtype=dt)

@@ -1,0 +1,707 @@
+"""Tests of fastattn.cuda, the optional GPU path.
+
+Three layers, so that as much as possible runs without a GPU:
+
+* CPU-only: importing fastattn.cuda imports neither CuPy nor the extension;
+  is_available() answers False cleanly here; bad arguments raise the CPU
+  API's errors before anything touches a GPU (inputs are fake
+  ``__cuda_array_interface__`` objects that are never dereferenced).
+* ``emulated`` backend: the same oracle tests as on the GPU, but with a
+  stand-in for CuPy (host memory) and a stand-in for fastattn._cuda that
+  implements the C ABI of csrc/cuda/fastattn_cuda.h in NumPy. This checks
+  the Python layer (views, strides, broadcasting, GQA layout, key extents,
+  out= handling) against the oracle; it does NOT run the CUDA kernels.
+* ``gpu`` backend: the real extension on a real device, compared with
+  fastattn.reference on the host (float32 <= 1e-5, float64 <= 1e-12
+  relative, as for the CPU kernels). Skipped, with the reason, where
+  fastattn.cuda.is_available() is False.
+
+fastattn.reference has no scaled_dot_product_attention, apply_rotary or
+multi-head layer on this branch yet, so small private float64 oracles for
+them live here (_sdpa_oracle, _rope_oracle, _mha_oracle).
+"""
+
+import ctypes
+import math
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import fastattn
+import fastattn.cuda as fcuda
+from fastattn import reference
+
+from conftest import assert_close
+
+GPU_OK = fcuda.is_available()
+GPU_REASON = fcuda.unavailable_reason()
+
+
+# ---- private float64 oracles -----------------------------------------------------
+
+
+def _sdpa_oracle(q, k, v, *, attn_mask=None, key_lengths=None, query_lengths=None, is_causal=False,
+                 causal_alignment="top_left", scale=None, alibi_slopes=None):
+    """Float64 SDPA from reference.masked_softmax; returns (out, weights)."""
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    three_d = q.ndim == 3
+    if three_d:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    k = np.repeat(k, group, axis=1)
+    v = np.repeat(v, group, axis=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = np.einsum("bhid,bhjd->bhij", q, k) * scale
+    mask = attn_mask
+    if three_d and mask is not None:
+        mask = np.asarray(mask)[..., None, :, :] if np.ndim(mask) >= 3 else mask
+    if alibi_slopes is not None:
+        offset = 0 if causal_alignment == "top_left" else Lk - Lq
+        i = np.arange(Lq)[:, None] + offset
+        j = np.arange(Lk)[None, :]
+        s = s - np.asarray(alibi_slopes, dtype=np.float64)[:, None, None] * (i - j)
+    kl = key_lengths
+    ql = query_lengths
+    if mask is not None and np.asarray(mask).dtype != bool:
+        s = s + np.asarray(mask, dtype=np.float64)
+        mask = None
+    p = reference.masked_softmax(s, attn_mask=mask, key_lengths=kl, query_lengths=ql, is_causal=is_causal,
+                                 causal_alignment=causal_alignment)
+    # keys with probability exactly 0 are never read (V may hold NaN there)
+    out = np.where(p[..., None] != 0, p[..., None] * v[:, :, None, :, :], 0.0).sum(axis=-2)
+    if query_lengths is not None:
+        qlg = reference._lengths_grid(query_lengths, (B, H))
+        out = np.where(np.arange(Lq)[:, None] >= qlg[..., None, None], 0.0, out)
+    if three_d:
+        return out[:, 0], p[:, 0]
+    return out, p
+
+
+def _rope_oracle(x, positions, layout="neox", base=10000.0):
+    x = np.asarray(x, dtype=np.float64)
+    D = x.shape[-1]
+    half = D // 2
+    inv = base ** (-2.0 * np.arange(half) / D)
+    pos = np.broadcast_to(np.asarray(positions), x.shape[:-1]).astype(np.float64)
+    angle = pos[..., None] * inv
+    c, s = np.cos(angle), np.sin(angle)
+    if layout == "neox":
+        a, b = x[..., :half], x[..., half:]
+        return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    y = np.empty_like(x)
+    y[..., 0::2] = a * c - b * s
+    y[..., 1::2] = b * c + a * s
+    return y
+
+
+class CpuLayer:
+    """The duck-typed CPU layer contract of fastattn.cuda.MultiHeadAttention."""
+
+    def __init__(self, rng, E, H, Hkv=None, D=None, Dv=None, kdim=None, vdim=None, bias=True, rope=None,
+                 dtype=np.float64):
+        Hkv = Hkv or H
+        D = D or E // H
+        Dv = Dv or D
+        kdim, vdim = kdim or E, vdim or E
+        self.num_heads, self.num_kv_heads, self.embed_dim = H, Hkv, E
+        self.rope, self.rope_base = rope, 10000.0
+        mk = lambda *shape: (rng.standard_normal(shape) / math.sqrt(shape[0])).astype(dtype)  # noqa: E731
+        self._state = {"w_q": mk(E, H * D), "w_k": mk(kdim, Hkv * D), "w_v": mk(vdim, Hkv * Dv),
+                       "w_o": mk(H * Dv, E)}
+        if bias:
+            for name, n in (("b_q", H * D), ("b_k", Hkv * D), ("b_v", Hkv * Dv), ("b_o", E)):
+                self._state[name] = rng.standard_normal(n).astype(dtype)
+
+    def state_dict(self):
+        return dict(self._state)
+
+
+def _mha_oracle(layer, query, key=None, value=None, *, key_lengths=None, query_lengths=None,
+                attn_mask=None, is_causal=False):
+    st = {n: np.asarray(w, dtype=np.float64) for n, w in layer.state_dict().items()}
+    H, Hkv = layer.num_heads, layer.num_kv_heads
+    query = np.asarray(query, dtype=np.float64)
+    key = query if key is None else np.asarray(key, dtype=np.float64)
+    value = query if value is None else np.asarray(value, dtype=np.float64)
+    B, Lq, _ = query.shape
+    Lk = key.shape[1]
+
+    def proj(x, w, b):
+        y = x @ st[w]
+        return y + st[b] if b in st else y
+
+    q = proj(query, "w_q", "b_q").reshape(B, Lq, H, -1).transpose(0, 2, 1, 3)
+    k = proj(key, "w_k", "b_k").reshape(B, Lk, Hkv, -1).transpose(0, 2, 1, 3)
+    v = proj(value, "w_v", "b_v").reshape(B, Lk, Hkv, -1).transpose(0, 2, 1, 3)
+    if layer.rope:
+        q = _rope_oracle(q, np.arange(Lq), layer.rope, layer.rope_base)
+        k = _rope_oracle(k, np.arange(Lk), layer.rope, layer.rope_base)
+    out, p = _sdpa_oracle(q, k, v, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
+                          is_causal=is_causal)
+    y = proj(out.transpose(0, 2, 1, 3).reshape(B, Lq, -1), "w_o", "b_o")
+    if query_lengths is not None:
+        ql = np.asarray(query_lengths).reshape(B)
+        y = np.where(np.arange(Lq)[None, :, None] >= ql[:, None, None], 0.0, y)
+    return y, p
+
+
+# ---- CPU-only behaviour ------------------------------------------------------------
+
+
+def test_import_does_not_load_cupy_or_extension():
+    code = ("import sys, fastattn, fastattn.cuda; "
+            "print('cupy' in sys.modules, 'fastattn._cuda' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_is_available_never_raises():
+    ok = fcuda.is_available()
+    assert isinstance(ok, bool)
+    if ok:
+        assert fcuda.unavailable_reason() is None
+    else:
+        reason = fcuda.unavailable_reason()
+        assert isinstance(reason, str) and reason
+
+
+class FakeCai:
+    """A device-array lookalike for validation tests: never dereferenced."""
+
+    def __init__(self, shape, dtype=np.float32, strides=None, ptr=0x7000_0000):
+        dtype = np.dtype(dtype)
+        self.__cuda_array_interface__ = {
+            "shape": tuple(shape), "typestr": dtype.str, "data": (ptr, False), "version": 3,
+            "strides": None if strides is None else tuple(s * dtype.itemsize for s in strides),
+        }
+
+
+def _unavailable_or_skip():
+    if GPU_OK:
+        pytest.skip("a GPU is available: the unavailable path cannot be observed")
+
+
+def test_unavailable_raises_clear_error_after_validation():
+    _unavailable_or_skip()
+    with pytest.raises(fcuda.CudaUnavailableError, match="not available"):
+        fcuda.masked_softmax(FakeCai((2, 3, 4)))
+    with pytest.raises(fcuda.CudaUnavailableError):
+        fcuda.sinusoidal_position_encoding(4, 8)
+    with pytest.raises(fcuda.CudaUnavailableError):
+        fcuda.MultiHeadAttention(CpuLayer(np.random.default_rng(0), 8, 2))
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: fcuda.masked_softmax(np.zeros((2, 3))), TypeError, "CUDA array"),
+        (lambda: fcuda.masked_softmax(FakeCai((4,))), ValueError, "at least 2 dimensions"),
+        (lambda: fcuda.masked_softmax(FakeCai((2, 3), np.complex64)), TypeError, "unsupported dtype"),
+        (lambda: fcuda.masked_softmax(FakeCai((2, 3, 4)), key_lengths=[1, 5]), ValueError, "key_lengths must be <="),
+        (lambda: fcuda.masked_softmax(FakeCai((2, 3, 4)), key_lengths=[1, 2, 3]), ValueError,
+         "key_lengths must have shape"),
+        (lambda: fcuda.masked_softmax(FakeCai((2, 3, 4)), query_lengths=[-1, 2]), ValueError, "non-negative"),
+        (lambda: fcuda.masked_softmax(FakeCai((2, 3, 4)), key_lengths=[1.0, 2.0]), TypeError, "integers"),
+        (lambda: fcuda.masked_softmax(FakeCai((2, 3, 4)), attn_mask=np.ones((5, 4), bool)), ValueError,
+         "does not broadcast"),
+        (lambda: fcuda.masked_softmax(FakeCai((2, 3, 4)), attn_mask=FakeCai((2, 1, 5), np.bool_)), ValueError,
+         "does not broadcast"),
+        (lambda: fcuda.masked_softmax(FakeCai((2, 3, 4)), is_causal=True, causal_alignment="diag"), ValueError,
+         "causal_alignment"),
+        (lambda: fcuda.masked_softmax(FakeCai((2, 3, 4)), scale="2"), TypeError, "scale"),
+        (lambda: fcuda.split_heads(FakeCai((2, 3, 10)), 3), ValueError, "does not divide"),
+        (lambda: fcuda.split_heads(FakeCai((2, 3, 10)), 0), ValueError, "positive"),
+        (lambda: fcuda.split_heads(FakeCai((3, 10)), 2), ValueError, "3-D"),
+        (lambda: fcuda.merge_heads(FakeCai((2, 3, 10))), ValueError, "4-D"),
+        (lambda: fcuda.sinusoidal_position_encoding(-1, 4), ValueError, "length"),
+        (lambda: fcuda.sinusoidal_position_encoding(3, 0), ValueError, "channels"),
+        (lambda: fcuda.sinusoidal_position_encoding(3, 4, layout="sideways"), ValueError, "layout"),
+        (lambda: fcuda.sinusoidal_position_encoding(3, 4, dtype=np.int32), TypeError, "dtype"),
+        (lambda: fcuda.sinusoidal_position_encoding(3, 4, max_timescale=-1.0), ValueError, "max_timescale"),
+        (lambda: fcuda.add_position_encoding(FakeCai((3, 0))), ValueError, "channel"),
+        (lambda: fcuda.apply_rotary(FakeCai((2, 4, 5)), np.arange(4)), ValueError, "even"),
+        (lambda: fcuda.apply_rotary(FakeCai((2, 4, 6)), np.arange(5)), ValueError, "broadcast"),
+        (lambda: fcuda.apply_rotary(FakeCai((2, 4, 6)), np.arange(4.0)), TypeError, "integers"),
+        (lambda: fcuda.apply_rotary(FakeCai((2, 4, 6)), np.arange(4), layout="llama"), ValueError, "layout"),
+        (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 3, 5, 8)), FakeCai((2, 3, 5, 8))),
+         ValueError, "multiple of the kv heads"),
+        (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 2, 5, 7)), FakeCai((2, 2, 5, 8))),
+         ValueError, r"head dim: q \(2, 4, 3, 8\), k \(2, 2, 5, 7\)"),
+        (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 2, 5, 8)), FakeCai((2, 2, 6, 8))),
+         ValueError, "same length"),
+        (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 3, 8)), FakeCai((2, 2, 5, 8)), FakeCai((2, 2, 5, 8))),
+         ValueError, "must all be 3-D"),
+        (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((3, 2, 5, 8)), FakeCai((3, 2, 5, 8))),
+         ValueError, "batch sizes differ"),
+        (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 2, 5, 8)), FakeCai((2, 2, 5, 8)),
+                                                    alibi_slopes=np.ones(3)), ValueError, "alibi_slopes must have shape"),
+        (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 2, 5, 8)), FakeCai((2, 2, 5, 8)),
+                                                    key_lengths=[6, 1]), ValueError, "key_lengths must be <="),
+        (lambda: fcuda.MultiHeadAttention(types.SimpleNamespace(state_dict=lambda: {}, num_heads=2, num_kv_heads=None,
+                                                                embed_dim=4)), ValueError, "no 'w_q'"),
+        (lambda: fcuda.MultiHeadAttention(CpuLayer(np.random.default_rng(0), 8, 4, Hkv=3, D=2)), ValueError,
+         "divide num_heads"),
+    ],
+)
+def test_validation_before_gpu(call, exc, match):
+    """The CPU API's checks, run before any device work (no GPU needed)."""
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_validation_messages_match_cpu_api():
+    x = np.zeros((2, 3, 4), np.float32)
+    for kwargs in ({"key_lengths": [1, 5]}, {"attn_mask": np.ones((5, 4), bool)}, {"query_lengths": [[1, 2]]}):
+        with pytest.raises(ValueError) as cpu:
+            fastattn.masked_softmax(x, **kwargs)
+        with pytest.raises(ValueError) as gpu:
+            fcuda.masked_softmax(FakeCai(x.shape), **kwargs)
+        assert str(cpu.value) == str(gpu.value)
+
+
+def test_non_native_byte_order_rejected():
+    with pytest.raises(TypeError, match="byte order"):
+        fcuda.masked_softmax(FakeCai((2, 3), np.dtype(">f4")))
+
+
+# ---- host emulation of CuPy and of the C ABI ------------------------------------------
+
+
+_CODE_DTYPES = {code: dt for dt, code in fcuda._DTYPE_CODES.items()}
+
+
+def _host_view(ptr, dtype, shape, strides):
+    """NumPy view of host memory at ptr with element strides (maybe negative)."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape)
+    strides = tuple(int(s) for s in strides[: len(shape)])
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype)
+    lo = sum(s * (n - 1) for n, s in zip(shape, strides) if s < 0)
+    hi = sum(s * (n - 1) for n, s in zip(shape, strides) if s > 0)
+    nbytes = (hi - lo + 1) * dtype.itemsize
+    buf = (ctypes.c_char * nbytes).from_address(ptr + lo * dtype.itemsize)
+    return np.ndarray(shape, dtype, buffer=buf, offset=-lo * dtype.itemsize,
+                      strides=tuple(s * dtype.itemsize for s in strides))
+
+
+class FakeNdarray:
+    """CuPy stand-in: a host array with CuPy's attributes."""
+
+    def __init__(self, a):
+        self.a = a
+        self.data = types.SimpleNamespace(ptr=a.__array_interface__["data"][0])
+        self.device = types.SimpleNamespace(id=0)
+
+    shape = property(lambda self: self.a.shape)
+    strides = property(lambda self: self.a.strides)
+    dtype = property(lambda self: self.a.dtype)
+
+    def reshape(self, *shape):
+        return FakeNdarray(self.a.reshape(*shape))
+
+    def __getitem__(self, item):
+        return FakeNdarray(self.a[item])
+
+
+def _fake_cupy():
+    cp = types.ModuleType("cupy")
+    cp.ndarray = FakeNdarray
+    cp.empty = lambda shape, dtype=np.float64: FakeNdarray(np.full(shape, np.nan, dtype=dtype)
+                                                           if np.dtype(dtype).kind == "f" else np.empty(shape, dtype))
+    cp.asarray = lambda x, dtype=None: x if isinstance(x, FakeNdarray) else FakeNdarray(np.array(x, dtype=dtype))
+    cp.asnumpy = lambda x: x.a.copy()
+    cp.cuda = types.SimpleNamespace(Device=lambda *a: types.SimpleNamespace(id=0),
+                                    get_current_stream=lambda: types.SimpleNamespace(ptr=0))
+    return cp
+
+
+class FakeExtension:
+    """fastattn._cuda stand-in implementing the ABI contract of
+    csrc/cuda/fastattn_cuda.h on host memory with the NumPy oracle."""
+
+    CudaError = RuntimeError
+
+    class BlasHandle:
+        ptr = 1
+
+    def __init__(self):
+        self.calls = []
+
+    def device_count(self):
+        return 1
+
+    def set_device(self, device):
+        pass
+
+    def pointer_device(self, ptr):
+        return 0
+
+    def stream_wait(self, consumer, producer):
+        pass
+
+    def copy(self, dst_dtype, src_dtype, src, sstr, dst, dstr, shape, stream):
+        self.calls.append("copy")
+        s = _host_view(src, _CODE_DTYPES[src_dtype], shape, sstr)
+        _host_view(dst, _CODE_DTYPES[dst_dtype], shape, dstr)[...] = s.astype(_CODE_DTYPES[dst_dtype])
+
+    def zero_padded_rows(self, dtype, y, shape, lengths, lstr, stream):
+        B, M, L, C = shape
+        yv = _host_view(y, _CODE_DTYPES[dtype], shape, fcuda._c_strides(shape))
+        lv = _host_view(lengths, np.int64, (B, M), lstr)
+        yv[np.arange(L)[None, None, :] >= lv[:, :, None]] = 0.0
+
+    def _mask(self, dtype, shape, mask, kind, mstr):
+        if kind == 1:
+            return _host_view(mask, np.uint8, shape, mstr) != 0
+        if kind == 2:
+            return _host_view(mask, _CODE_DTYPES[dtype], shape, mstr)
+        return None
+
+    def masked_softmax(self, dtype, x, xs, y, ys, shape, scale, mask, kind, mstr, kl, kls, ql, qls, causal, stream):
+        self.calls.append("masked_softmax")
+        dt = _CODE_DTYPES[dtype]
+        B, M = shape[:2]
+        xv = _host_view(x, dt, shape, xs).copy()
+        kl_v = _host_view(kl, np.int64, (B, M), kls) if kl else None
+        ql_v = _host_view(ql, np.int64, (B, M), qls) if ql else None
+        align = {1: "top_left", 2: "bottom_right"}.get(causal, "top_left")
+        p = reference.masked_softmax(xv, attn_mask=self._mask(dtype, shape, mask, kind, mstr), key_lengths=kl_v,
+                                     query_lengths=ql_v, is_causal=causal != 0, causal_alignment=align, scale=scale)
+        _host_view(y, dt, shape, ys)[...] = p
+
+    def position_encoding(self, dtype, out, rs, L, C, layout, lo, hi, start, stream):
+        dt = _CODE_DTYPES[dtype]
+        name = {0: "concat", 1: "interleaved"}[layout]
+        _host_view(out, dt, (L, C), (rs, 1))[...] = reference.sinusoidal_position_encoding(
+            L, C, layout=name, min_timescale=lo, max_timescale=hi, start_index=start, dtype=dt)
+
+    def add_position_encoding(self, dtype, x, xs, y, ys, shape, layout, lo, hi, start, stream):
+        dt = _CODE_DTYPES[dtype]
+        name = {0: "concat", 1: "interleaved"}[layout]
+        xv = _host_view(x, dt, shape, xs).copy()
+        _host_view(y, dt, shape, ys)[...] = reference.add_position_encoding(
+            xv, layout=name, min_timescale=lo, max_timescale=hi, start_index=start)
+
+    def apply_rotary(self, dtype, x, xs, y, ys, shape, pos, ps, layout, base, stream):
+        dt = _CODE_DTYPES[dtype]
+        xv = _host_view(x, dt, shape, xs).copy()
+        pv = _host_view(pos, np.int64, shape[:3], ps)
+        _host_view(y, dt, shape, ys)[...] = _rope_oracle(xv, pv, {0: "neox", 1: "gptj"}[layout], base)
+
+    def linear(self, handle, dtype, x, xrs, w, wrs, bias, y, yrs, rows, nin, nout, stream):
+        dt = _CODE_DTYPES[dtype]
+        xv = _host_view(x, dt, (rows, nin), (xrs, 1)).astype(np.float64)
+        wv = _host_view(w, dt, (nin, nout), (wrs, 1)).astype(np.float64)
+        r = xv @ wv
+        if bias:
+            r = r + _host_view(bias, dt, (nout,), (1,))
+        _host_view(y, dt, (rows, nout), (yrs, 1))[...] = r
+
+    def sdpa(self, handle, dtype, shape, q, k, v, out, scores, scores_batch, scale, causal, mask, kind, mstr,
+             kl, kls, ql, qls, alibi, alibi_offset, key_extent, stream):
+        """The C driver's algorithm: per (b, kv head) one folded GEMM over
+        the G query heads, keys limited to key_extent[b]."""
+        self.calls.append("sdpa")
+        dt = _CODE_DTYPES[dtype]
+        B, H, Hkv, Lq, Lk, D, Dv = shape
+        G = H // Hkv
+        qv = _host_view(q, dt, (B, H, Lq, D), fcuda._c_strides((B, H, Lq, D))).astype(np.float64)
+        kv = _host_view(k, dt, (B, Hkv, Lk, D), fcuda._c_strides((B, Hkv, Lk, D))).astype(np.float64)
+        vv = _host_view(v, dt, (B, Hkv, Lk, Dv), fcuda._c_strides((B, Hkv, Lk, Dv))).astype(np.float64)
+        ov = _host_view(out, dt, (B, H, Lq, Dv), fcuda._c_strides((B, H, Lq, Dv)))
+        s = np.zeros((B, H, Lq, Lk))
+        for b in range(B):
+            ext = Lk if key_extent is None else int(key_extent[b])
+            for g in range(Hkv):
+                qg = qv[b, g * G:(g + 1) * G].reshape(G * Lq, D)
+                s[b, g * G:(g + 1) * G, :, :ext] = (qg @ kv[b, g, :ext].T * scale).reshape(G, Lq, ext)
+        if alibi:
+            slopes = _host_view(alibi, dt, (H,), (1,)).astype(np.float64)
+            i = np.arange(Lq)[:, None] + alibi_offset
+            s = s - slopes[:, None, None] * (i - np.arange(Lk)[None, :])
+        m = self._mask(dtype, (B, H, Lq, Lk), mask, kind, mstr)
+        if m is not None and m.dtype != bool:
+            s = s + m
+            m = None
+        kl_v = _host_view(kl, np.int64, (B, H), kls) if kl else None
+        ql_v = _host_view(ql, np.int64, (B, H), qls) if ql else None
+        align = {1: "top_left", 2: "bottom_right"}.get(causal, "top_left")
+        p = reference.masked_softmax(s, attn_mask=m, key_lengths=kl_v, query_lengths=ql_v, is_causal=causal != 0,
+                                     causal_alignment=align)
+        for b in range(B):
+            ext = Lk if key_extent is None else int(key_extent[b])
+            assert not p[b, ..., ext:].any(), "key_extent cut off attended keys"
+            for g in range(Hkv):
+                pg = p[b, g * G:(g + 1) * G].reshape(G * Lq, Lk)[:, :ext]
+                ov[b, g * G:(g + 1) * G] = (pg @ vv[b, g, :ext]).reshape(G, Lq, Dv)
+        if ql_v is not None:
+            ov[np.arange(Lq)[None, None, :, None] >= ql_v[:, :, None, None] + np.zeros((1, 1, 1, Dv), int)] = 0
+        if scores_batch == B:
+            _host_view(scores, dt, (B, H, Lq, Lk), fcuda._c_strides((B, H, Lq, Lk)))[...] = p
+
+
+class Backend:
+    def __init__(self, name, cp):
+        self.name, self.cp = name, cp
+
+    def to_device(self, a):
+        return self.cp.asarray(a)
+
+    def to_host(self, a):
+        return self.cp.asnumpy(a)
+
+
+@pytest.fixture(params=["emulated", "gpu"])
+def backend(request, monkeypatch):
+    if request.param == "gpu":
+        if not GPU_OK:
+            pytest.skip(f"no GPU path here: {GPU_REASON}")
+        import cupy
+
+        return Backend("gpu", cupy)
+    cp = _fake_cupy()
+    ext = FakeExtension()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setattr(fcuda, "_extension", lambda: ext)
+    monkeypatch.setattr(fcuda, "_probe_result", (True, None))
+    monkeypatch.setattr(fcuda, "_local", type(fcuda._local)())
+    b = Backend("emulated", cp)
+    b.ext = ext
+    return b
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
+def dt(request):
+    return np.dtype(request.param)
+
+
+def _rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ---- oracle comparisons (emulated always; gpu where available) -----------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 3, 5, 33), (2, 2, 3, 4, 9)])
+def test_masked_softmax_plain(backend, dt, rng, shape):
+    x = _rand(rng, shape, dt)
+    got = fcuda.masked_softmax(backend.to_device(x), scale=0.7)
+    assert_close(backend.to_host(got), reference.masked_softmax(x, scale=0.7), dt)
+
+
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "bool_device"])
+def test_masked_softmax_masks(backend, dt, rng, alignment, mask_kind):
+    B, H, Lq, Lk = 3, 2, 5, 7
+    x = _rand(rng, (B, H, Lq, Lk), dt)
+    mask = None
+    if mask_kind in ("bool", "bool_device"):
+        mask = rng.random((1, H, Lq, Lk)) > 0.3
+        mask[0, 0, 1] = False  # a fully masked row
+    elif mask_kind == "float":
+        mask = np.where(rng.random((Lq, Lk)) > 0.3, rng.standard_normal((Lq, Lk)), -np.inf).astype(dt)
+    kw = dict(attn_mask=mask, key_lengths=np.array([7, 0, 3]), query_lengths=rng.integers(0, Lq + 1, (B, H)),
+              is_causal=True, causal_alignment=alignment, scale=1.3)
+    ref = reference.masked_softmax(x, **kw)
+    if mask_kind == "bool_device":
+        kw["attn_mask"] = backend.to_device(mask)
+    got = backend.to_host(fcuda.masked_softmax(backend.to_device(x), **kw))
+    assert_close(got, ref, dt)
+    assert not np.isnan(got).any()
+
+
+def test_masked_softmax_strided_inplace_and_out(backend, dt, rng):
+    base = _rand(rng, (4, 6, 10), dt)
+    dev = backend.to_device(base)
+    view = dev[:, ::2, ::-1]  # strided, reversed keys
+    ref = reference.masked_softmax(base[:, ::2, ::-1], key_lengths=[1, 2, 3, 4])
+    got = fcuda.masked_softmax(view, key_lengths=[1, 2, 3, 4])
+    assert_close(backend.to_host(got), ref, dt)
+    # in place on a contiguous array
+    x = backend.to_device(base.copy())
+    res = fcuda.masked_softmax(x, out=x, query_lengths=[6, 5, 0, 1])
+    assert res is x
+    assert_close(backend.to_host(x), reference.masked_softmax(base, query_lengths=[6, 5, 0, 1]), dt)
+
+
+def test_masked_softmax_nan_and_inf(backend, rng):
+    x = rng.standard_normal((3, 6))
+    x[0, 2] = np.nan
+    x[1, :] = -np.inf
+    got = backend.to_host(fcuda.masked_softmax(backend.to_device(x)))
+    ref = reference.masked_softmax(x)
+    assert np.isnan(got[0]).all() and np.isnan(ref[0]).all()
+    assert (got[1] == 0).all()
+    assert_close(got[2], ref[2], np.float64)
+
+
+@pytest.mark.parametrize("src_dtype", [np.float16, np.int32, np.bool_])
+def test_masked_softmax_promotes_like_cpu(backend, rng, src_dtype):
+    x = (rng.standard_normal((2, 5)) * 3).astype(src_dtype)
+    got = backend.to_host(fcuda.masked_softmax(backend.to_device(x)))
+    ref = reference.masked_softmax(x)
+    assert got.dtype == ref.dtype
+    assert_close(got, ref)
+
+
+def test_split_merge_heads(backend, dt, rng):
+    x = _rand(rng, (2, 5, 12), dt)
+    d = backend.to_device(x)
+    s = fcuda.split_heads(d, 3)
+    assert_close(backend.to_host(s), reference.split_heads(x, 3), dt)
+    m = fcuda.merge_heads(s)
+    assert (backend.to_host(m) == x).all()
+    # strided input and an out= array
+    xs = x[:, ::-1, :]
+    out = backend.to_device(np.zeros((2, 4, 5, 3), dt))
+    r = fcuda.split_heads(backend.to_device(x)[:, ::-1, :], 4, out=out)
+    assert r is out
+    assert (backend.to_host(out) == reference.split_heads(xs, 4)).all()
+    h = _rand(rng, (2, 3, 4, 6), dt)
+    assert (backend.to_host(fcuda.merge_heads(backend.to_device(h)[:, :, ::2])) ==
+            reference.merge_heads(h[:, :, ::2])).all()
+
+
+@pytest.mark.parametrize("layout", ["concat", "interleaved"])
+@pytest.mark.parametrize("channels", [1, 7, 64])
+def test_position_encoding(backend, dt, layout, channels):
+    got = fcuda.sinusoidal_position_encoding(9, channels, layout=layout, start_index=3, dtype=dt)
+    ref = reference.sinusoidal_position_encoding(9, channels, layout=layout, start_index=3, dtype=dt)
+    assert_close(backend.to_host(got), ref, dt)
+
+
+def test_position_encoding_long_positions(backend):
+    got = backend.to_host(fcuda.sinusoidal_position_encoding(64, 32, start_index=1_000_000 - 64))
+    ref = reference.sinusoidal_position_encoding(64, 32, start_index=1_000_000 - 64, dtype=np.float64)
+    assert np.max(np.abs(got - ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["concat", "interleaved"])
+def test_add_position_encoding(backend, dt, rng, layout):
+    x = _rand(rng, (2, 3, 6, 11), dt)
+    got = fcuda.add_position_encoding(backend.to_device(x), layout=layout, start_index=5)
+    assert_close(backend.to_host(got), reference.add_position_encoding(x, layout=layout, start_index=5), dt)
+    d = backend.to_device(x)
+    assert fcuda.add_position_encoding(d, out=d) is d
+    assert_close(backend.to_host(d), reference.add_position_encoding(x), dt)
+
+
+@pytest.mark.parametrize("layout", ["neox", "gptj"])
+def test_apply_rotary(backend, dt, rng, layout):
+    x = _rand(rng, (2, 3, 5, 8), dt)
+    pos = rng.integers(0, 4096, (2, 1, 5))
+    got = fcuda.apply_rotary(backend.to_device(x), pos, layout=layout, base=500.0)
+    assert_close(backend.to_host(got), _rope_oracle(x, pos, layout, 500.0).astype(dt), dt)
+    d = backend.to_device(x)
+    fcuda.apply_rotary(d, np.arange(5), layout=layout, out=d)
+    assert_close(backend.to_host(d), _rope_oracle(x, np.arange(5), layout).astype(dt), dt)
+
+
+SDPA_CASES = {
+    "plain": dict(),
+    "gqa_causal": dict(H=6, Hkv=2, is_causal=True),
+    "mqa_bottom_right": dict(H=4, Hkv=1, Lq=3, is_causal=True, causal_alignment="bottom_right"),
+    "lengths": dict(key_lengths=[9, 0], query_lengths=[4, 2]),
+    "lengths_per_head": dict(H=2, Hkv=2, key_lengths=[[9, 3], [1, 5]]),
+    "bool_mask": dict(mask="bool"),
+    "float_mask_dv": dict(mask="float", Dv=5),
+    "alibi": dict(alibi=True, causal_alignment="bottom_right", Lq=4),
+    "alibi_gqa_lengths": dict(H=4, Hkv=2, alibi=True, is_causal=True, key_lengths=[5, 9]),
+    "three_d": dict(ndim=3, key_lengths=[3, 9]),
+}
+
+
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+def test_scaled_dot_product_attention(backend, dt, rng, case):
+    c = dict(B=2, H=4, Hkv=4, Lq=6, Lk=9, D=8, Dv=None, ndim=4)
+    c.update(SDPA_CASES[case])
+    B, H, Hkv, Lq, Lk, D = c["B"], c["H"], c["Hkv"], c["Lq"], c["Lk"], c["D"]
+    Dv = c["Dv"] or D
+    if c["ndim"] == 3:
+        q, k, v = _rand(rng, (B, Lq, D), dt), _rand(rng, (B, Lk, D), dt), _rand(rng, (B, Lk, Dv), dt)
+        H = 1
+    else:
+        q, k, v = _rand(rng, (B, H, Lq, D), dt), _rand(rng, (B, Hkv, Lk, D), dt), _rand(rng, (B, Hkv, Lk, Dv), dt)
+    kw = {n: c[n] for n in ("is_causal", "causal_alignment", "key_lengths", "query_lengths") if n in c}
+    if c.get("mask") == "bool":
+        kw["attn_mask"] = rng.random((B, 1, Lq, Lk)) > 0.4
+    elif c.get("mask") == "float":
+        kw["attn_mask"] = rng.standard_normal((Lq, Lk)).astype(dt)
+    if c.get("alibi"):
+        kw["alibi_slopes"] = 2.0 ** -np.arange(1, H + 1)
+    if "key_lengths" in kw:
+        # padded keys hold garbage that must never be read
+        kl = np.broadcast_to(np.asarray(kw["key_lengths"]).reshape(B, -1), (B, k.shape[1] if k.ndim == 4 else 1))
+        for b in range(B):
+            if np.all(kl[b] == kl[b, 0]):
+                v[b, ..., kl[b, 0]:, :] = np.nan
+    ref_out, ref_w = _sdpa_oracle(q, k, v, **kw)
+    got, w = fcuda.scaled_dot_product_attention(backend.to_device(q), backend.to_device(k), backend.to_device(v),
+                                                return_weights=True, **kw)
+    assert_close(backend.to_host(got), ref_out.astype(dt), dt)
+    assert_close(backend.to_host(w), ref_w.astype(dt), dt)
+    plain = fcuda.scaled_dot_product_attention(backend.to_device(q), backend.to_device(k), backend.to_device(v), **kw)
+    assert_close(backend.to_host(plain), ref_out.astype(dt), dt)
+
+
+def test_sdpa_chunked_workspace_and_out(backend, rng, monkeypatch):
+    monkeypatch.setattr(fcuda, "SCORES_WORKSPACE_BYTES", 2 * 3 * 5 * 7 * 4)  # two batch items per chunk
+    q, k, v = _rand(rng, (5, 3, 5, 4), np.float32), _rand(rng, (5, 3, 7, 4), np.float32), _rand(rng, (5, 3, 7, 4), np.float32)
+    ref, _ = _sdpa_oracle(q, k, v, key_lengths=[7, 1, 0, 3, 5])
+    out = backend.to_device(np.zeros((5, 3, 5, 4), np.float32))
+    res = fcuda.scaled_dot_product_attention(backend.to_device(q), backend.to_device(k), backend.to_device(v),
+                                             key_lengths=[7, 1, 0, 3, 5], out=out)
+    assert res is out
+    assert_close(backend.to_host(out), ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("config", ["self", "self_gqa_rope", "cross", "no_bias"])
+def test_multi_head_attention(backend, dt, rng, config):
+    E, H = 16, 4
+    kw = {}
+    if config == "self_gqa_rope":
+        kw = dict(Hkv=2, rope="neox")
+    elif config == "cross":
+        kw = dict(kdim=6, vdim=10, Dv=3)
+    elif config == "no_bias":
+        kw = dict(bias=False, rope="gptj")
+    layer = CpuLayer(rng, E, H, dtype=dt, **kw)
+    mha = fcuda.MultiHeadAttention.from_cpu(layer)
+    B, Lq, Lk = 2, 5, 7 if config == "cross" else 5
+    query = _rand(rng, (B, Lq, E), dt)
+    call = dict(key_lengths=[Lk, 2], query_lengths=[Lq, 3], is_causal=config != "cross")
+    if config == "cross":
+        key, value = _rand(rng, (B, Lk, 6), dt), _rand(rng, (B, Lk, 10), dt)
+        got, w = mha(backend.to_device(query), backend.to_device(key), backend.to_device(value),
+                     return_weights=True, **call)
+        ref, ref_w = _mha_oracle(layer, query, key, value, **call)
+    else:
+        got, w = mha(backend.to_device(query), return_weights=True, **call)
+        ref, ref_w = _mha_oracle(layer, query, **call)
+    assert_close(backend.to_host(got), ref.astype(dt), dt)
+    assert_close(backend.to_host(w), ref_w.astype(dt), dt)
+    assert (backend.to_host(got)[1, 3:] == 0).all()
+    with pytest.raises(NotImplementedError):
+        mha(backend.to_device(query), cache=object())
+    if config == "cross":
+        with pytest.raises(ValueError, match="self-attention needs kdim"):
+            mha(backend.to_device(query))
+
+
+def test_emulated_calls_go_through_the_abi(backend, rng):
+    """Nothing is computed outside the extension: each public call reaches
+    the expected C entry point."""
+    if backend.name != "emulated":
+        pytest.skip("bookkeeping of the emulated extension")
+    x = backend.to_device(_rand(rng, (2, 3, 4), np.float32))
+    fcuda.masked_softmax(x)
+    assert backend.ext.calls[-1] == "masked_softmax"
+    fcuda.scaled_dot_product_attention(x, x, x)
+    assert backend.ext.calls[-1] == "sdpa"

@@ -1,0 +1,601 @@
+"""MultiHeadAttention, KVCache and the BLAS projections against the oracle
+(fastattn.reference.multi_head_attention): self- and cross-attention, every
+mask, GQA/MQA, RoPE, padding, return_weights, KV-cache decoding, state, and
+validation."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import _blas, _kernels
+from fastattn import reference as ref
+from conftest import N_THREADS, assert_close
+
+# (E, H, Hkv, kdim, vdim, bias, rope): awkward head dims (5, 3, 6), GQA,
+# MQA, separate kdim/vdim, no bias, both RoPE layouts
+CONFIGS = [
+    (20, 4, None, None, None, True, None),
+    (24, 6, 2, None, None, True, "neox"),
+    (36, 6, 1, None, None, False, "gptj"),
+    (32, 4, 2, 12, 7, True, None),
+    (30, 5, None, 11, 11, False, "neox"),
+    (64, 2, 1, None, None, True, "gptj"),
+]
+
+SELF_CONFIGS = [c for c in CONFIGS if c[3] is None and c[4] is None]
+
+
+@pytest.fixture
+def layer_threads(threads):
+    """Run the layer's kernels with `threads` threads, then restore."""
+    before = fastattn._config._num_threads
+    fastattn.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        fastattn.set_num_threads(before)
+
+
+def _layer(cfg, dtype, seed=0):
+    E, H, Hkv, kdim, vdim, bias, rope = cfg
+    m = fastattn.MultiHeadAttention(E, H, num_kv_heads=Hkv, kdim=kdim, vdim=vdim, bias=bias,
+                                    rope=rope, dtype=dtype, seed=seed)
+    if bias:  # non-zero biases, so that they are exercised
+        rng = np.random.default_rng(seed + 1)
+        d = m.state_dict()
+        m.load_state_dict({n: a + rng.standard_normal(a.shape) * 0.1 if n.startswith("b") else a
+                           for n, a in d.items()})
+    return m
+
+
+def _oracle(m, x, key=None, value=None, **kw):
+    return ref.multi_head_attention(m.state_dict(), x, key, value, num_heads=m.num_heads,
+                                    num_kv_heads=m.num_kv_heads, rope=m.rope,
+                                    rope_base=m.rope_base, **kw)
+
+
+def _mask_kwargs(rng, B, H, Lq, Lk, kind):
+    if kind == "none":
+        return {}
+    if kind == "causal":
+        return dict(is_causal=True)
+    if kind == "lengths":
+        return dict(key_lengths=rng.integers(0, Lk + 1, size=B), query_lengths=rng.integers(0, Lq + 1, size=B))
+    if kind == "head_lengths":
+        return dict(key_lengths=rng.integers(1, Lk + 1, size=(B, H)))
+    if kind == "bool":
+        return dict(attn_mask=rng.random((B, 1, Lq, Lk)) > 0.3)
+    if kind == "additive":
+        add = rng.standard_normal((Lq, Lk))
+        add[rng.random((Lq, Lk)) < 0.2] = -np.inf
+        return dict(attn_mask=add)
+    if kind == "everything":
+        return dict(attn_mask=rng.random((H, Lq, Lk)) > 0.2, key_lengths=rng.integers(1, Lk + 1, size=B),
+                    query_lengths=rng.integers(0, Lq + 1, size=B), is_causal=True)
+    raise ValueError(kind)
+
+
+MASKS = ["none", "causal", "lengths", "head_lengths", "bool", "additive", "everything"]
+
+
+@pytest.mark.parametrize("cfg", SELF_CONFIGS, ids=str)
+@pytest.mark.parametrize("masks", MASKS)
+def test_self_attention_against_oracle(isa, layer_threads, dtype, rng, cfg, masks):
+    m = _layer(cfg, dtype)
+    B, L = 3, 13
+    x = rng.standard_normal((B, L, m.embed_dim)).astype(dtype)
+    kw = _mask_kwargs(rng, B, m.num_heads, L, L, masks)
+    got = m(x, **kw)
+    assert_close(got, _oracle(m, x, **kw))
+    assert not np.isnan(got).any()
+
+
+@pytest.mark.parametrize("cfg,same_kv", [(c, s) for c in CONFIGS for s in (True, False)
+                                         if not (s and c[3] != c[4])], ids=str)
+@pytest.mark.parametrize("masks", ["none", "causal", "lengths", "everything"])
+def test_cross_attention_against_oracle(isa, layer_threads, dtype, rng, cfg, masks, same_kv):
+    m = _layer(cfg, dtype)
+    B, Lq, Lk = 2, 7, 19
+    x = rng.standard_normal((B, Lq, m.embed_dim)).astype(dtype)
+    key = rng.standard_normal((B, Lk, m.kdim)).astype(dtype)
+    value = key if same_kv else rng.standard_normal((B, Lk, m.vdim)).astype(dtype)
+    kw = _mask_kwargs(rng, B, m.num_heads, Lq, Lk, masks)
+    assert_close(m(x, key, value, **kw), _oracle(m, x, key, value, **kw))
+
+
+@pytest.mark.parametrize("L", [1, 2, 6, 7, 64, 130])
+def test_sizes_around_gemv_and_tiles(dtype, rng, L):
+    # up to 12 rows (B * L) go through GEMV, more through GEMM; 130 crosses
+    # the SDPA tiles
+    m = _layer((48, 3, None, None, None, True, "neox"), dtype)
+    x = rng.standard_normal((2, L, 48)).astype(dtype)
+    kw = dict(is_causal=True, key_lengths=[L, max(L // 2, 1)])
+    assert_close(m(x, **kw), _oracle(m, x, **kw))
+
+
+def test_padded_query_rows_are_exactly_zero_and_never_read(dtype, rng):
+    m = _layer(CONFIGS[1], dtype)
+    B, L = 3, 10
+    x = rng.standard_normal((B, L, m.embed_dim)).astype(dtype)
+    lengths = np.array([10, 4, 0])
+    want = _oracle(m, x, key_lengths=lengths, query_lengths=lengths)
+    # rows past the lengths are padding: garbage there must not leak anywhere
+    x_bad = x.copy()
+    for b, n in enumerate(lengths):
+        x_bad[b, n:] = np.nan
+    got = m(x_bad, key_lengths=lengths, query_lengths=lengths)
+    assert_close(got, want)
+    assert (got[1, 4:] == 0).all() and (got[2] == 0).all()  # the output bias is not added there
+    assert m._b_o is not None and np.abs(m._b_o).max() > 0
+
+
+def test_return_weights(dtype, rng):
+    m = _layer(CONFIGS[1], dtype)
+    B, L = 2, 9
+    x = rng.standard_normal((B, L, m.embed_dim)).astype(dtype)
+    mask = np.ones((L, L), bool)
+    mask[3] = False  # a fully masked row
+    kw = dict(attn_mask=mask, key_lengths=[9, 5], query_lengths=[9, 7], is_causal=True)
+    out, w = m(x, return_weights=True, **kw)
+    ref_out, ref_w = _oracle(m, x, return_weights=True, **kw)
+    assert w.shape == (B, m.num_heads, L, L)
+    assert_close(out, ref_out)
+    assert_close(w, ref_w)
+    assert (w[:, :, 3] == 0).all() and not np.isnan(w).any() and not np.isnan(out).any()
+    # a fully masked row outputs the output bias alone
+    np.testing.assert_allclose(out[:, 3], np.broadcast_to(m.state_dict()["b_o"], (B, m.embed_dim)),
+                               rtol=1e-6)
+
+
+def test_gqa_equals_repeated_kv_heads(rng):
+    # GQA with Hkv heads == MHA whose K/V weights repeat each kv head's columns
+    E, H, Hkv = 24, 6, 2
+    D = E // H
+    g = fastattn.MultiHeadAttention(E, H, num_kv_heads=Hkv, seed=3)
+    d = g.state_dict()
+    rep = lambda w: np.repeat(w.reshape(w.shape[0], Hkv, D), H // Hkv, axis=1).reshape(w.shape[0], H * D)
+    full = fastattn.MultiHeadAttention.from_weights(d["w_q"], rep(d["w_k"]), rep(d["w_v"]), d["w_o"],
+                                                    d["b_q"], rep(d["b_k"][None])[0], rep(d["b_v"][None])[0],
+                                                    d["b_o"], num_heads=H)
+    x = rng.standard_normal((2, 5, E)).astype(np.float32)
+    assert_close(g(x, is_causal=True), full(x, is_causal=True))
+
+
+# ---- KV cache -------------------------------------------------------------
+
+CACHE_CONFIGS = [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[5]]
+
+
+@pytest.mark.parametrize("cfg", CACHE_CONFIGS, ids=str)
+def test_decode_token_by_token_equals_full_causal_call(isa, layer_threads, dtype, rng, cfg):
+    m = _layer(cfg, dtype)
+    B, T = 2, 11
+    x = rng.standard_normal((B, T, m.embed_dim)).astype(dtype)
+    full = m(x, is_causal=True)
+    assert_close(full, _oracle(m, x, is_causal=True))
+    cache = m.new_cache(B, T)
+    k_buf, v_buf = cache.k, cache.v
+    steps = [m(x[:, t:t + 1], cache=cache) for t in range(T)]
+    assert cache.k is k_buf and cache.v is v_buf  # appended in place, never reallocated
+    assert cache.lengths.tolist() == [T, T]
+    assert_close(np.concatenate(steps, axis=1), full)
+
+
+@pytest.mark.parametrize("cfg", CACHE_CONFIGS, ids=str)
+def test_prefill_then_chunks(dtype, rng, cfg):
+    m = _layer(cfg, dtype)
+    B, T = 2, 16
+    x = rng.standard_normal((B, T, m.embed_dim)).astype(dtype)
+    full = _oracle(m, x, is_causal=True)
+    cache = m.new_cache(B, 20)
+    parts = [m(x[:, :7], cache=cache), m(x[:, 7:8], cache=cache), m(x[:, 8:13], cache=cache),
+             m(x[:, 13:], cache=cache)]
+    assert_close(np.concatenate(parts, axis=1), full)
+
+
+@pytest.mark.parametrize("cfg", CACHE_CONFIGS, ids=str)
+def test_ragged_cache(dtype, rng, cfg):
+    # three sequences of different lengths decoded together: each step
+    # appends query_lengths[b] tokens to sequence b
+    m = _layer(cfg, dtype)
+    E = m.embed_dim
+    seqs = [rng.standard_normal((n, E)).astype(dtype) for n in (9, 4, 12)]
+    cache = m.new_cache(3, 12)
+    prompt = np.array([5, 1, 3])
+    chunks = [prompt, [2, 0, 4], [1, 1, 1], [0, 2, 3], [1, 0, 1]]
+    pos = np.zeros(3, int)
+    outs = [[] for _ in seqs]
+    for chunk in chunks:
+        chunk = np.asarray(chunk)
+        L = int(chunk.max())
+        xb = np.zeros((3, L, E), dtype)
+        for b, s in enumerate(seqs):
+            xb[b, :chunk[b]] = s[pos[b]:pos[b] + chunk[b]]
+        y, w = m(xb, cache=cache, query_lengths=chunk, return_weights=True)
+        for b in range(3):
+            assert (y[b, chunk[b]:] == 0).all()
+            outs[b].append(y[b, :chunk[b]])
+            # weights over the keys the sequence holds, 0 past them
+            assert (w[b, :, :, pos[b] + chunk[b]:] == 0).all()
+        pos += chunk
+    assert cache.lengths.tolist() == pos.tolist()
+    for b, s in enumerate(seqs):
+        n = pos[b]
+        want = _oracle(m, s[None, :n], is_causal=True)[0]
+        assert_close(np.concatenate(outs[b], axis=0), want)
+
+
+def test_cache_weights_match_full_call(dtype, rng):
+    m = _layer(CONFIGS[1], dtype)
+    x = rng.standard_normal((2, 6, m.embed_dim)).astype(dtype)
+    _, w_full = m(x, is_causal=True, return_weights=True)
+    cache = m.new_cache(2, 8)
+    m(x[:, :4], cache=cache)
+    _, w = m(x[:, 4:], cache=cache, return_weights=True)
+    assert w.shape == (2, m.num_heads, 2, 6)
+    assert_close(w, w_full[:, :, 4:])
+
+
+def test_cache_overflow_raises_and_leaves_cache_unchanged(rng):
+    m = _layer(CONFIGS[1], np.float32)
+    cache = m.new_cache(2, 5)
+    x = rng.standard_normal((2, 4, m.embed_dim)).astype(np.float32)
+    m(x, cache=cache, query_lengths=[4, 2])
+    k, v, lengths = cache.k.copy(), cache.v.copy(), cache.lengths
+    with pytest.raises(ValueError, match=r"KV cache overflow: sequence 0 holds 4 of max_len=5 tokens and cannot take 2 more; nothing was appended"):
+        m(x[:, :2], cache=cache)
+    assert np.array_equal(cache.k, k) and np.array_equal(cache.v, v)
+    assert cache.lengths.tolist() == lengths.tolist()
+    m(x[:, :1], cache=cache)  # one more still fits
+    assert cache.lengths.tolist() == [5, 3]
+
+
+def test_cache_validation(rng):
+    m = _layer(CONFIGS[1], np.float32)
+    x = rng.standard_normal((2, 3, m.embed_dim)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"cache is for a batch of 3, got query \(2, 3, 24\)"):
+        m(x, cache=m.new_cache(3, 8))
+    other = fastattn.MultiHeadAttention(24, 6, seed=0)  # 6 kv heads, not 2
+    with pytest.raises(ValueError, match=r"cache holds 6 kv heads of dim 4 in float32; this layer needs 2"):
+        m(x, cache=other.new_cache(2, 8))
+    with pytest.raises(ValueError, match=r"key and value must be None"):
+        m(x, x, x, cache=m.new_cache(2, 8))
+    with pytest.raises(ValueError, match=r"not accepted with cache="):
+        m(x, key_lengths=[1, 2], cache=m.new_cache(2, 8))
+    with pytest.raises(TypeError, match=r"cache must be a KVCache"):
+        m(x, cache={})
+    c = m.new_cache(2, 8)
+    m(x, cache=c)
+    c.reset(lengths=[1, 2])
+    assert c.lengths.tolist() == [1, 2]
+    with pytest.raises(ValueError, match=r"reset can only shorten"):
+        c.reset(lengths=[3, 3])
+    c.reset()
+    assert c.lengths.tolist() == [0, 0]
+    assert "KVCache(batch_size=2, max_len=8, num_kv_heads=2, head_dim=4" in repr(c)
+
+
+# ---- construction and state -------------------------------------------------
+
+def test_init_like_torch():
+    E, H = 64, 4
+    m = fastattn.MultiHeadAttention(E, H, seed=0)
+    d = m.state_dict()
+    bound = np.sqrt(6.0 / (E + 3 * E))  # Xavier over the stacked (3E, E) in_proj_weight
+    w_in = np.concatenate([d["w_q"], d["w_k"], d["w_v"]], axis=1)
+    assert np.abs(w_in).max() <= bound and np.abs(w_in).max() > 0.95 * bound
+    assert np.abs(d["w_o"]).max() <= 1 / np.sqrt(E)
+    assert all((d[n] == 0).all() for n in ("b_q", "b_k", "b_v", "b_o"))
+    assert d["w_q"].dtype == np.float32 and d["w_q"].shape == (E, E)
+    again = fastattn.MultiHeadAttention(E, H, seed=0).state_dict()
+    assert all(np.array_equal(d[n], again[n]) for n in ("w_q", "w_o"))
+    sep = fastattn.MultiHeadAttention(E, H, kdim=10, vdim=20, bias=False, seed=0).state_dict()
+    assert sep["w_k"].shape == (10, E) and sep["w_v"].shape == (20, E)
+    assert np.abs(sep["w_k"]).max() <= np.sqrt(6.0 / (10 + E))
+    assert sep["b_q"] is None and sep["b_o"] is None
+
+
+def test_attributes_for_other_backends():
+    m = fastattn.MultiHeadAttention(48, 6, num_kv_heads=2, kdim=40, vdim=40, rope="gptj", rope_base=5e5)
+    assert (m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.kdim, m.vdim) == (48, 6, 2, 8, 40, 40)
+    assert (m.rope, m.rope_base) == ("gptj", 5e5)
+    d = m.state_dict()
+    assert set(d) == {"w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o"}
+    assert d["w_k"].shape == (40, 16) and d["w_o"].shape == (48, 48) and d["b_k"].shape == (16,)
+    d["w_q"][...] = 0  # a copy: the layer is untouched
+    assert np.abs(m.state_dict()["w_q"]).max() > 0
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_state_roundtrips(tmp_path, dtype, rng, cfg):
+    m = _layer(cfg, dtype, seed=5)
+    x = rng.standard_normal((2, 4, m.embed_dim)).astype(dtype)
+    kv = rng.standard_normal((2, 6, m.kdim)).astype(dtype)
+    vv = rng.standard_normal((2, 6, m.vdim)).astype(dtype)
+    want = m(x, kv, vv)
+    d = m.state_dict()
+    fw = fastattn.MultiHeadAttention.from_weights(*(d[n] for n in ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")),
+                                                  num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                                                  rope=m.rope)
+    assert np.array_equal(fw(x, kv, vv), want)
+    E, H, Hkv, kdim, vdim, bias, rope = cfg
+    fresh = fastattn.MultiHeadAttention(E, H, num_kv_heads=Hkv, kdim=kdim, vdim=vdim, bias=bias, rope=rope,
+                                        dtype=dtype, seed=99)
+    fresh.load_state_dict(d)
+    assert np.array_equal(fresh(x, kv, vv), want)
+    m.save(tmp_path / "layer")
+    loaded = fastattn.MultiHeadAttention.load(tmp_path / "layer")  # .npz added as numpy does
+    assert loaded.dtype == dtype and (loaded.rope, loaded.num_kv_heads) == (m.rope, m.num_kv_heads)
+    assert np.array_equal(loaded(x, kv, vv), want)
+
+
+def test_from_weights_rules(rng):
+    E = 8
+    w = lambda *s: rng.standard_normal(s)
+    m = fastattn.MultiHeadAttention.from_weights(w(E, E), w(E, E), w(E, E), w(E, E), b_o=w(E), num_heads=2)
+    assert m.dtype == np.float64  # the weights' dtype
+    d = m.state_dict()
+    assert (d["b_q"] == 0).all() and d["b_o"].shape == (E,)  # missing biases are zeros
+    m32 = fastattn.MultiHeadAttention.from_weights(*(w(E, E).astype(np.float32) for _ in range(4)), num_heads=4)
+    assert m32.dtype == np.float32 and m32.state_dict()["b_q"] is None and m32.head_dim == 2
+    # H*D need not equal E; K/V of another width
+    m2 = fastattn.MultiHeadAttention.from_weights(w(8, 12), w(5, 6), w(5, 6), w(12, 8), num_heads=4, num_kv_heads=2)
+    assert (m2.head_dim, m2.kdim, m2.num_kv_heads) == (3, 5, 2)
+    with pytest.raises(ValueError, match=r"w_k must have shape \(5, 6\), got \(5, 7\)"):
+        fastattn.MultiHeadAttention.from_weights(w(8, 12), w(5, 7), w(5, 6), w(12, 8), num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"w_o must have shape \(12, 8\), got \(8, 12\)"):
+        fastattn.MultiHeadAttention.from_weights(w(8, 12), w(5, 6), w(5, 6), w(8, 12), num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"multiple of num_heads \(5\)"):
+        fastattn.MultiHeadAttention.from_weights(w(8, 12), w(5, 6), w(5, 6), w(12, 8), num_heads=5)
+    with pytest.raises(ValueError, match=r"b_q must have shape \(12,\), got \(8,\)"):
+        fastattn.MultiHeadAttention.from_weights(w(8, 12), w(5, 6), w(5, 6), w(12, 8), w(8), num_heads=4,
+                                                 num_kv_heads=2)
+
+
+def test_load_state_dict_is_strict_and_atomic():
+    m = fastattn.MultiHeadAttention(8, 2, seed=0)
+    before = m.state_dict()
+    bad = dict(before, w_q=np.ones((8, 8)), b_o=np.ones(7))
+    with pytest.raises(ValueError, match=r"b_o must have shape \(8,\), got \(7,\)"):
+        m.load_state_dict(bad)
+    assert np.array_equal(m.state_dict()["w_q"], before["w_q"])  # nothing was copied
+    with pytest.raises(ValueError, match=r"state has no b_q, but the layer has biases"):
+        m.load_state_dict(dict(before, b_q=None))
+    nb = fastattn.MultiHeadAttention(8, 2, bias=False)
+    with pytest.raises(ValueError, match=r"state has b_q, but the layer has no biases"):
+        nb.load_state_dict(before)
+    with pytest.raises(ValueError, match=r"state is missing w_v"):
+        m.load_state_dict({n: a for n, a in before.items() if n != "w_v"})
+
+
+def test_constructor_validation():
+    MHA = fastattn.MultiHeadAttention
+    with pytest.raises(ValueError, match=r"embed_dim \(10\) must be divisible by num_heads \(4\)"):
+        MHA(10, 4)
+    with pytest.raises(ValueError, match=r"num_kv_heads \(3\) must divide num_heads \(4\)"):
+        MHA(8, 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match=r"rope must be None or one of \['neox', 'gptj'\]"):
+        MHA(8, 2, rope="llama")
+    with pytest.raises(ValueError, match=r"rope needs an even head_dim, got 3"):
+        MHA(9, 3, rope="neox")
+    with pytest.raises(TypeError, match=r"dtype must be float32 or float64"):
+        MHA(8, 2, dtype=np.float16)
+    with pytest.raises(ValueError, match=r"num_heads must be >= 1"):
+        MHA(8, 0)
+
+
+def test_call_validation(rng):
+    m = fastattn.MultiHeadAttention(8, 2, seed=0)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"query must have shape \(B, L, 8\), got \(2, 3, 7\)"):
+        m(x[..., :7])
+    with pytest.raises(ValueError, match=r"query must have shape \(B, L, 8\), got \(3, 8\)"):
+        m(x[0])
+    with pytest.raises(ValueError, match=r"pass both key and value"):
+        m(x, x)
+    with pytest.raises(ValueError, match=r"same batch size.*query \(2, 3, 8\), key \(1, 3, 8\)"):
+        m(x, x[:1], x[:1])
+    with pytest.raises(ValueError, match=r"key \(2, 3, 8\), value \(2, 2, 8\)"):
+        m(x, x, x[:, :2])
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(4, 4\) does not broadcast to the scores shape \(2, 2, 3, 3\)"):
+        m(x, attn_mask=np.ones((4, 4), bool))
+    with pytest.raises(ValueError, match=r"key_lengths must be <= the key length 3"):
+        m(x, key_lengths=[4, 1])
+    with pytest.raises(ValueError, match=r"query_lengths must have shape \(2,\) for a batch of 2, got \(2, 2\)"):
+        m(x, query_lengths=[[1, 1], [1, 1]])
+    with pytest.raises(ValueError, match=r"query_lengths must be <= the query length 3"):
+        m(x, query_lengths=[4, 1])
+    with pytest.raises(TypeError, match=r"query has unsupported dtype complex64"):
+        m(x.astype(np.complex64))
+    sep = fastattn.MultiHeadAttention(8, 2, kdim=4, vdim=4)
+    with pytest.raises(ValueError, match=r"self-attention needs kdim == vdim == embed_dim"):
+        sep(x)
+
+
+def test_inputs_are_converted(rng):
+    m = fastattn.MultiHeadAttention(8, 2, seed=0)
+    x = rng.standard_normal((2, 3, 8))
+    want = m(x.astype(np.float32))
+    assert m(x).dtype == np.float32
+    assert_close(m(x), want)
+    assert_close(m(np.asfortranarray(x)), want)
+    assert_close(m(x.tolist()), want)
+    big = np.zeros((2, 3, 16))
+    big[..., ::2] = x
+    assert_close(m(big[..., ::2]), want)
+
+
+def test_empty_shapes():
+    m = fastattn.MultiHeadAttention(8, 2, seed=0)
+    assert m(np.zeros((0, 3, 8))).shape == (0, 3, 8)
+    assert m(np.zeros((2, 0, 8))).shape == (2, 0, 8)
+    out = m(np.ones((2, 3, 8)), np.zeros((2, 0, 8)), np.zeros((2, 0, 8)))
+    assert out.shape == (2, 3, 8) and not np.isnan(out).any()
+    cache = m.new_cache(2, 4)
+    assert m(np.zeros((2, 0, 8)), cache=cache).shape == (2, 0, 8)
+    assert cache.lengths.tolist() == [0, 0]
+
+
+def test_import_does_not_import_torch():
+    code = "import sys, fastattn; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(fastattn.__file__).parents[1]))
+
+
+# ---- the pieces: BLAS projections and the strided head layouts --------------
+
+@pytest.mark.parametrize("M", [0, 1, 2, 12, 13, 40])
+def test_blas_matmul(dtype, rng, M):
+    B, K, N = 3, 9, 11
+    a = rng.standard_normal((B, M, K)).astype(dtype)
+    wide = rng.standard_normal((K, N + 5)).astype(dtype)
+    w = wide[:, 2:2 + N]  # a column block: ld = N + 5
+    bias = rng.standard_normal(N).astype(dtype)
+    want = a.astype(np.float64) @ w.astype(np.float64) + bias
+    c = np.full((B, M, N + 4), np.nan, dtype)[:, :, 1:1 + N]
+    _blas.matmul(a, w, c, bias)
+    assert_close(c, want.astype(dtype))
+    c2 = np.zeros((B, M, N), dtype)
+    start, stop = np.array([0, min(1, M), M], np.int64), np.array([M, M, M], np.int64)
+    _blas.matmul(a, w, c2, None, start, stop, 2.0)
+    for b, (r0, r1) in enumerate(zip(start, stop)):
+        assert_close(c2[b, r0:r1], (2 * a[b, r0:r1].astype(np.float64) @ w).astype(dtype))
+        assert (c2[b, :r0] == 0).all() and (c2[b, r1:] == 0).all()
+
+
+def test_blas_matmul_k0_and_errors(rng):
+    a = np.zeros((1, 2, 0), np.float32)
+    c = np.full((1, 2, 3), np.nan, np.float32)
+    _blas.matmul(a, np.zeros((0, 3), np.float32), c, np.arange(3, dtype=np.float32))
+    assert (c == np.arange(3)).all()
+    x = np.zeros((1, 2, 3), np.float32)
+    with pytest.raises(TypeError, match="share one dtype"):
+        _blas.matmul(x, np.zeros((3, 2)), np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="unit last-axis stride"):
+        _blas.matmul(np.zeros((1, 2, 6), np.float32)[..., ::2], np.zeros((3, 2), np.float32),
+                     np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"w has shape \(4, 2\), expected \(3, 2\)"):
+        _blas.matmul(x, np.zeros((4, 2), np.float32), np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="row_stop out of range"):
+        _blas.matmul(x, np.zeros((3, 2), np.float32), np.zeros((1, 2, 2), np.float32), None,
+                     None, np.array([3], np.int64))
+
+
+def test_head_views_are_views_and_sdpa_writes_the_merged_layout(rng):
+    # the layer's two layout tricks: Q/K/V as strided (B, H, L, D) views of
+    # the projection buffer, and the attention output written straight into
+    # (B, L, H*D) through a transposed view (no split or merge copy)
+    from fastattn.mha import _head_view
+    B, L, H, D = 2, 5, 3, 4
+    buf = rng.standard_normal((B, L, 3 * H * D)).astype(np.float32)
+    q, k, v = (_head_view(buf[:, :, i * H * D:(i + 1) * H * D], H, D) for i in range(3))
+    assert all(np.shares_memory(t, buf) for t in (q, k, v))
+    attn = np.zeros((B, L, H * D), np.float32)
+    out4 = _head_view(attn, H, D)
+    assert np.shares_memory(out4, attn) and not out4.flags.c_contiguous
+    _kernels.scaled_dot_product_attention(q, k, v, out4, None, 0.5, None, 0, None, None, True, 1, None, 1)
+    want = ref.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5)
+    assert_close(attn, want.transpose(0, 2, 1, 3).reshape(B, L, H * D))
+
+
+def test_sdpa_never_reads_keys_past_key_lengths(rng):
+    # the layer leaves K/V rows past key_lengths unprojected (uninitialised)
+    q = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 10, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 10, 8)).astype(np.float32)
+    want = fastattn.scaled_dot_product_attention(q, k[:, :, :6], v[:, :, :6])
+    k[:, :, 6:] = np.nan
+    v[:, :, 6:] = np.inf
+    for n in (1, N_THREADS):
+        got = fastattn.scaled_dot_product_attention(q, k, v, key_lengths=[6], num_threads=n)
+        assert np.array_equal(got, want)
+
+
+# ---- one thread pool: BLAS pinned to 1 thread during calls, restored after ---
+
+def test_blas_threads_are_restored_after_calls(rng):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fastattn.mha import _POOL
+    m = _layer(CONFIGS[1], np.float32)
+    x = rng.standard_normal((2, 40, m.embed_dim)).astype(np.float32)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+        m(x)
+        with pytest.raises(ValueError):
+            m(x, key_lengths=[99, 1])  # fails validation, before pinning
+        cache = m.new_cache(2, 3)
+        with pytest.raises(ValueError, match="overflow"):
+            m(x, cache=cache)
+        after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert before == after
+    assert _POOL._depth == 0
+
+
+def test_same_results_with_blas_threading(rng, monkeypatch):
+    # without threadpoolctl (or OpenMP) the GEMMs are single BLAS calls that
+    # BLAS threads itself: same results
+    from fastattn.mha import _POOL
+    m = _layer(CONFIGS[1], np.float64)
+    x = rng.standard_normal((2, 70, m.embed_dim))
+    kw = dict(key_lengths=[70, 33], query_lengths=[60, 70], is_causal=True)
+    pinned = m(x, **kw)
+    monkeypatch.setattr(_POOL, "_libs", [])
+    assert _POOL.enter() is False
+    _POOL.exit()
+    assert_close(m(x, **kw), pinned)
+    assert_close(pinned, _oracle(m, x, **kw))
+
+
+def test_concurrent_calls_from_threads(rng):
+    from concurrent.futures import ThreadPoolExecutor
+    m = _layer(CONFIGS[1], np.float32)
+    xs = [rng.standard_normal((2, 30, m.embed_dim)).astype(np.float32) for _ in range(6)]
+    want = [m(x, is_causal=True) for x in xs]
+    with ThreadPoolExecutor(3) as ex:
+        got = list(ex.map(lambda x: m(x, is_causal=True), xs))
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("rope", [None, "neox", "gptj"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["all_rows", "row_ranges"])
+def test_threaded_gemm_blocks_and_rope_epilogue(isa, layer_threads, dtype, rng, rope, lengths):
+    # big enough for the GEMMs to split their columns over the threads, with
+    # head boundaries (Q|K|V, GQA) inside the blocks
+    m = fastattn.MultiHeadAttention(192, 6, num_kv_heads=2, rope=rope, dtype=dtype, seed=1)
+    d = m.state_dict()
+    m.load_state_dict({n: a + 0.1 if n.startswith("b") else a for n, a in d.items()})
+    B, L = 3, 70
+    x = rng.standard_normal((B, L, 192)).astype(dtype)
+    kw = dict(key_lengths=[70, 41, 5], query_lengths=[70, 69, 50], is_causal=True) if lengths else {}
+    assert_close(m(x, **kw), _oracle(m, x, **kw))
+    cache = m.new_cache(B, L)
+    steps = [m(x[:, :50], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(50, L)]
+    assert_close(np.concatenate(steps, axis=1), _oracle(m, x, is_causal=True))
+
+
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+def test_blas_matmul_rope_epilogue(dtype, rng, nthreads):
+    from fastattn.rotary import rope_tables
+    B, M, K, D, heads, extra = 2, 40, 64, 16, 7, 24  # rotary heads, then unrotated columns
+    N = heads * D + extra
+    a = rng.standard_normal((B, M, K)).astype(dtype)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    pos = rng.integers(0, 100, size=(B, M))
+    cos, sin = rope_tables(100, D // 2, 10000.0, dtype)
+    index = np.broadcast_to(pos[:, None, :], (B, heads, M))
+    start, stop = np.array([0, 5], np.int64), np.array([40, 33], np.int64)
+    c = np.zeros((B, M, N), dtype)
+    _blas.matmul(a, w, c, None, start, stop, 1.0, nthreads, (2, heads, D, index, cos, sin))
+    plain = (a.astype(np.float64) @ w.astype(np.float64))
+    heads4 = plain[:, :, :heads * D].reshape(B, M, heads, D).transpose(0, 2, 1, 3)
+    rot = ref.apply_rotary(heads4, pos[:, None, :], layout="gptj").transpose(0, 2, 1, 3).reshape(B, M, heads * D)
+    want = np.concatenate([rot, plain[:, :, heads * D:]], axis=-1)
+    for b in range(B):
+        assert_close(c[b, start[b]:stop[b]], want[b, start[b]:stop[b]].astype(dtype))
+        assert (c[b, :start[b]] == 0).all() and (c[b, stop[b]:] == 0).all()
+    with pytest.raises(ValueError, match="RoPE epilogue rejected"):
+        _blas.matmul(a, w, c, None, None, None, 1.0, nthreads,
+                     (2, heads, D, np.broadcast_to(np.int64(100), (B, heads, M)), cos, sin))
