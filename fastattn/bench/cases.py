@@ -178,14 +178,10 @@ class AttentionProblem(Problem):
 
 
 def mha_oracle(x, weights, num_heads, key_lengths=None):
-    """The multi-head layer in float64 NumPy, built from the oracle's pieces:
-    ``merge_heads(sdpa(split(x W_Q + b_Q), split(x W_K + b_K), split(x W_V + b_V))) W_O + b_O``
-    with weights in the ``(in, out)`` layout."""
-    w = {name: np.asarray(a, dtype=np.float64) for name, a in weights.items()}
-    x64 = np.asarray(x, dtype=np.float64)
-    q, k, v = (reference.split_heads(x64 @ w[f"w_{p}"] + w[f"b_{p}"], num_heads) for p in "qkv")
-    heads = reference.scaled_dot_product_attention(q, k, v, key_lengths=key_lengths)
-    return (reference.merge_heads(heads) @ w["w_o"] + w["b_o"]).astype(x.dtype)
+    """The layer's oracle, :func:`fastattn.reference.multi_head_attention`,
+    on ``weights`` in the ``(in, out)`` layout (``w_q ... b_o``)."""
+    return reference.multi_head_attention(weights, x, num_heads=num_heads,
+                                          key_lengths=key_lengths)
 
 
 def make_mha_weights(embed_dim, dtype, rng):
