@@ -40,13 +40,14 @@ static inline int64_t fa_product(const int64_t *dims, int n) {
  * Writes y_j = softmax(x * scale + add)_j over the keys the bool mask keeps;
  * kept-out keys get exactly 0. A row whose maximum is -inf (nothing valid)
  * is written as zeros. stage: NULL, or (n) scratch in which the row is
- * computed before y is written with non-temporal stores. */
+ * computed before y is written with non-temporal stores. y has n + n_zero
+ * entries; the last n_zero (keys past the valid prefix) are written as 0. */
 typedef void fa_softmax_row_f32_fn(const float *x, float *y, int64_t n,
                                    float scale, const void *mask_row,
-                                   int mask_kind, float *stage);
+                                   int mask_kind, float *stage, int64_t n_zero);
 typedef void fa_softmax_row_f64_fn(const double *x, double *y, int64_t n,
                                    double scale, const void *mask_row,
-                                   int mask_kind, double *stage);
+                                   int mask_kind, double *stage, int64_t n_zero);
 
 /* ---- fused attention ------------------------------------------------------
  * Tile sizes shared by the driver (attention.c, which sizes scratch) and

@@ -81,20 +81,22 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
             }
             void *yc = ys == 1 ? (void *)yrow : (void *)ybuf;
             void *stage = job->stream && ys == 1 ? (void *)ybuf : NULL;
+            /* a contiguous row's masked tail is zeroed by the row kernel */
+            const int64_t n_zero = ys == 1 ? Lk - n : 0;
             if (job->dtype == FA_DTYPE_F32)
                 k->softmax_row_f32((const float *)xc, (float *)yc, n, (float)job->scale, mrow,
-                                   mkind, (float *)stage);
+                                   mkind, (float *)stage, n_zero);
             else
                 k->softmax_row_f64((const double *)xc, (double *)yc, n, job->scale, mrow, mkind,
-                                   (double *)stage);
-            if (ys != 1)
+                                   (double *)stage, n_zero);
+            if (ys != 1) {
                 for (int64_t j = 0; j < n; ++j) memcpy(yrow + j * ys * es, ybuf + j * es, (size_t)es);
-        }
-        /* masked keys: all-zero bits are +0.0 in both float formats */
-        if (ys == 1) {
-            if (n < Lk) memset(yrow + n * es, 0, (size_t)((Lk - n) * es));
+                for (int64_t j = n; j < Lk; ++j) memset(yrow + j * ys * es, 0, (size_t)es);
+            }
+        } else if (ys == 1) {
+            memset(yrow, 0, (size_t)(Lk * es));
         } else {
-            for (int64_t j = n; j < Lk; ++j) memset(yrow + j * ys * es, 0, (size_t)es);
+            for (int64_t j = 0; j < Lk; ++j) memset(yrow + j * ys * es, 0, (size_t)es);
         }
     }
 }
@@ -149,10 +151,16 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t M,
 #pragma omp parallel num_threads(nthreads)
 #endif
         {
-            const int t = fa_thread_id();
-            int64_t lo, hi;
-            fa_partition(rows, nthreads, t, &lo, &hi);
-            softmax_rows(&job, lo, hi, scratch ? scratch + t * per_thread : NULL);
+            /* Rows are independent, so any schedule gives the same bits;
+             * dynamic chunks balance rows whose valid lengths differ (key
+             * lengths, causality). 16 rows of 512 keys are ~0.1 ms of work,
+             * far above the cost of taking a chunk. */
+            char *mine = scratch ? scratch + fa_thread_id() * per_thread : NULL;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+            for (int64_t r0 = 0; r0 < rows; r0 += 16)
+                softmax_rows(&job, r0, r0 + 16 < rows ? r0 + 16 : rows, mine);
         }
     }
     fa_scratch_free(scratch);

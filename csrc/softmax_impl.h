@@ -3,8 +3,9 @@
  * simd_map.h and instantiated per ISA file and per dtype (see
  * softmax_scalar.c, softmax_avx2.c, softmax_avx512.c).
  *
- * Row x: (n) contiguous, y: (n) contiguous (may alias x); stage: NULL, or
- * (n) scratch that stays in L1.
+ * Row x: (n) contiguous, y: (n + n_zero) contiguous (may alias x), the last
+ * n_zero entries (masked keys) written as 0; stage: NULL, or (n) scratch
+ * that stays in L1.
  * Three passes over a row that stays in L1 (a 4096-key float row is 16 KiB):
  *   1. t_j = x_j * scale (+ additive mask), -inf where the bool mask drops j;
  *      store t_j in y, track the running max with two accumulators;
@@ -23,7 +24,8 @@
 #include "simd_dtype.h"
 
 void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
-                                      const void *mask_row, int mask_kind, T *stage) {
+                                      const void *mask_row, int mask_kind, T *stage,
+                                      int64_t n_zero) {
     T *const out = y;
     if (stage) y = stage;
     const uint8_t *keep = mask_kind == FA_MASK_BOOL ? (const uint8_t *)mask_row : NULL;
@@ -66,7 +68,7 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
         int64_t q = 0;
         while (q < n && y[q] == y[q]) ++q;
         if (q == n) {
-            memset(out, 0, (size_t)n * sizeof(T));
+            memset(out, 0, (size_t)(n + n_zero) * sizeof(T));
             return;
         }
         mx = y[q]; /* NaN: every e_j and the sum become NaN */
@@ -96,14 +98,20 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
     const V vinv = V_SET1(inv);
     j = 0;
     if (stage) {
-        /* scalar head up to the vector alignment that streaming stores need */
+        /* scalar head up to the vector alignment that streaming stores need;
+         * the masked tail is streamed too, so no output line is ever read */
+        const int64_t end = n + n_zero;
         for (; j < n && ((uintptr_t)(out + j) % (VL * sizeof(T))) != 0; ++j) out[j] = y[j] * inv;
         for (; j + VL <= n; j += VL) V_STREAM(out + j, V_MUL(V_LOADU(y + j), vinv));
         for (; j < n; ++j) out[j] = y[j] * inv;
+        for (; j < end && ((uintptr_t)(out + j) % (VL * sizeof(T))) != 0; ++j) out[j] = (T)0;
+        for (; j + VL <= end; j += VL) V_STREAM(out + j, V_ZERO());
+        for (; j < end; ++j) out[j] = (T)0;
         fa_stream_fence();
     } else {
         for (; j + VL <= n; j += VL) V_STOREU(y + j, V_MUL(V_LOADU(y + j), vinv));
         for (; j < n; ++j) y[j] *= inv;
+        if (n_zero) memset(y + n, 0, (size_t)n_zero * sizeof(T));
     }
     /* A NaN row: keys the bool mask drops are still exactly 0 (their e_j = 0
      * times 1/NaN made them NaN above). */
