@@ -43,7 +43,7 @@ import numpy as np
 from fastattn._validation import choice, compute_dtype, index_value, lengths_view, require_ndim
 from fastattn.masks import CAUSAL_ALIGNMENTS, _real_scalar
 from fastattn.position import LAYOUTS as PE_LAYOUTS
-from fastattn.position import _timescales
+from fastattn.position import _timescales, table_args
 
 __all__ = [
     "CudaUnavailableError",
@@ -687,18 +687,8 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
                                  out=None, num_threads=None):
     """GPU :func:`fastattn.sinusoidal_position_encoding`: the ``(length,
     channels)`` table, angles in double precision."""
-    L = index_value(length, "length")
-    C = index_value(channels, "channels")
-    if L < 0:
-        raise ValueError(f"length must be non-negative, got {L}")
-    if C <= 0:
-        raise ValueError(f"channels must be positive, got {C}")
-    code = PE_LAYOUTS[choice(layout, "layout", PE_LAYOUTS)]
-    lo, hi = _timescales(min_timescale, max_timescale)
-    start = index_value(start_index, "start_index")
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    L, C, code, lo, hi, start, dt = table_args(length, channels, layout, min_timescale,
+                                               max_timescale, start_index, dtype)
     rt = _Runtime()
     target = _Output(rt, out, (L, C), dt, (L, C), unit_last_stride=True)
     t = target.kernel

@@ -45,6 +45,29 @@ def _timescales(min_timescale, max_timescale):
     return lo, hi
 
 
+def table_args(length, channels, layout, min_timescale, max_timescale, start_index, dtype):
+    """The checked arguments of a position-encoding table, shared by the CPU
+    and GPU paths: (length, channels, layout code, min and max timescale,
+    start index, dtype)."""
+    L = index_value(length, "length")
+    C = index_value(channels, "channels")
+    if L < 0:
+        raise ValueError(f"length must be non-negative, got {L}")
+    if C <= 0:
+        raise ValueError(f"channels must be positive, got {C}")
+    code = LAYOUTS[choice(layout, "layout", LAYOUTS)]
+    lo, hi = _timescales(min_timescale, max_timescale)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    check_result_size((L, C), dt, f"length={L} and channels={C}")
+    start = _start_index(start_index, L)
+    return L, C, code, lo, hi, start, dt
+
+
 def sinusoidal_position_encoding(length, channels, *, layout="concat", min_timescale=1.0,
                                  max_timescale=1.0e4, start_index=0, dtype=np.float32,
                                  out=None, num_threads=None):
@@ -72,25 +95,10 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
     array([[0.   , 0.   , 1.   , 1.   ],
            [0.841, 0.   , 0.54 , 1.   ]])
     """
-    L = index_value(length, "length")
-    C = index_value(channels, "channels")
-    if L < 0:
-        raise ValueError(f"length must be non-negative, got {L}")
-    if C <= 0:
-        raise ValueError(f"channels must be positive, got {C}")
-    code = LAYOUTS[choice(layout, "layout", LAYOUTS)]
-    lo, hi = _timescales(min_timescale, max_timescale)
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    check_result_size((L, C), dt, f"length={L} and channels={C}")
-    start = _start_index(start_index, L)
-    # the kernel writes whole rows, so out needs unit column stride
-    target = OutputTarget(out, (L, C), (L, C), dt,
-                          contiguous=isinstance(out, np.ndarray) and out.strides[-1:] != (dt.itemsize,))
+    L, C, code, lo, hi, start, dt = table_args(length, channels, layout, min_timescale,
+                                               max_timescale, start_index, dtype)
+    # the kernel writes whole rows, so out needs a unit column stride
+    target = OutputTarget(out, (L, C), (L, C), dt, unit_last_axis=True)
     _kernels.position_encoding(target.kernel_view, code, lo, hi, start,
                                resolve_num_threads(num_threads))
     return target.finish()
