@@ -9,8 +9,8 @@ extension as extra objects (the cython-blis approach):
 * ``*_avx512.c``: ``-mavx512f -mavx512dq -mavx512bw -mavx512vl``.
 
 The CPU is detected at import (CPUID + XGETBV) and the best compiled level is
-selected; ``FASTATTN_ISA`` lowers it. Never ``-march=native`` (the wheel must
-run elsewhere) and never ``-ffast-math`` (it breaks -inf masking and NaN
+selected; ``FASTATTN_ISA`` lowers it. No host-specific tuning flag (the wheel
+must run on other CPUs) and no fast-math flag (it breaks -inf masking and NaN
 propagation).
 
 Environment switches:
