@@ -41,7 +41,7 @@ import threading
 import numpy as np
 
 from fastattn._validation import choice, compute_dtype, index_value, lengths_view, require_ndim
-from fastattn.masks import CAUSAL_ALIGNMENTS, _real_scalar
+from fastattn.masks import CAUSAL_ALIGNMENTS, _real_scalar, scores_geometry
 from fastattn.position import LAYOUTS as PE_LAYOUTS
 from fastattn.position import _timescales, table_args
 
@@ -611,15 +611,9 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     for API compatibility and ignored."""
     x = _device_array(scores, "scores")
     dtype = _compute_dtype(x, "scores")
-    if x.ndim < 2:
-        raise ValueError(f"scores must have at least 2 dimensions (..., Lq, Lk), got shape {x.shape}")
+    lead, B, M, Lq, Lk, kshape = scores_geometry(x.shape)
     causal = _causal_code(is_causal, causal_alignment)
     scale = _real_scalar(scale, "scale")
-    lead = x.shape[:-2]
-    Lq, Lk = x.shape[-2:]
-    B = lead[0] if lead else 1
-    M = math.prod(lead[1:])
-    kshape = (B, M, Lq, Lk)
     kl = _lengths(key_lengths, "key_lengths", lead, B, M, Lk, "key (last) axis")
     ql = _lengths(query_lengths, "query_lengths", lead, B, M, Lq, "query (second-to-last) axis")
     mask = _MaskSpec(attn_mask, x.shape, dtype)

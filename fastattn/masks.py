@@ -156,6 +156,19 @@ def prepare_mask(attn_mask, full_shape, kernel_shape, dtype):
     return kind, mb.reshape(kernel_shape)
 
 
+def scores_geometry(shape):
+    """Scores of ``shape`` (..., Lq, Lk) as the kernels see them: the leading
+    shape, B (its first axis, 1 if none), M (the product of the rest), Lq,
+    Lk and the kernel shape (B, M, Lq, Lk). Shared by the CPU and GPU paths."""
+    if len(shape) < 2:
+        raise ValueError(f"scores must have at least 2 dimensions (..., Lq, Lk), got shape {tuple(shape)}")
+    lead = tuple(shape[:-2])
+    Lq, Lk = shape[-2:]
+    B = lead[0] if lead else 1
+    M = math.prod(lead[1:])
+    return lead, B, M, Lq, Lk, (B, M, Lq, Lk)
+
+
 def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=None,
                    is_causal=False, causal_alignment="top_left", scale=1.0, out=None,
                    num_threads=None):
@@ -199,17 +212,11 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
            [0.5, 0.5, 0. , 0. ]])
     """
     x = float_array(scores, "scores")
-    if x.ndim < 2:
-        raise ValueError(f"scores must have at least 2 dimensions (..., Lq, Lk), got shape {x.shape}")
+    lead, B, M, Lq, Lk, kshape = scores_geometry(x.shape)
     is_causal = bool_flag(is_causal, "is_causal")
     alignment = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
     causal = alignment if is_causal else 0
     scale = _real_scalar(scale, "scale")
-    lead = x.shape[:-2]
-    Lq, Lk = x.shape[-2:]
-    B = lead[0] if lead else 1
-    M = math.prod(lead[1:])
-    kshape = (B, M, Lq, Lk)
     kl = lengths_view(key_lengths, "key_lengths", lead, B, M, Lk, "key (last) axis")
     ql = lengths_view(query_lengths, "query_lengths", lead, B, M, Lq, "query (second-to-last) axis")
     kind, mask4 = prepare_mask(attn_mask, x.shape, kshape, x.dtype)
