@@ -80,7 +80,7 @@ static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, 
         const T inv = (T)1 / L;                                                      \
         for (int64_t c = 0; c < Dv; ++c) out[c] *= inv;                              \
     }
-FA_DEFINE_MERGE(float, fa_expf)
+FA_DEFINE_MERGE(float, fa_expf_nonpos)
 FA_DEFINE_MERGE(double, fa_exp)
 
 static int check_view(const fa_view4 *v, int64_t d0, int64_t d1, int64_t d2, int64_t d3,

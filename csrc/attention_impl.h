@@ -239,7 +239,7 @@ static void FA_KNAME(finish_row, DT)(const fa_attn_job *job, int64_t b, int64_t 
         int64_t j = k0;
         for (; j + VL <= kend; j += VL)
             V_STOREU(w + j, V_MUL(V_EXP_NONPOS(V_SUB(V_LOADU(w + j), vm)), vinv));
-        for (; j < kend; ++j) w[j] = S_EXP(w[j] - m) * inv;
+        for (; j < kend; ++j) w[j] = S_EXP_NONPOS(w[j] - m) * inv;
     }
 }
 
@@ -458,7 +458,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
             if (w) memcpy(w + kb, s, (size_t)nk * sizeof(T));
             const T mnew = mb > m || mb != mb ? mb : m;
             const T msafe = mnew > -T_MAX || mnew != mnew ? mnew : -T_MAX;
-            const T alpha = S_EXP(m - msafe);
+            const T alpha = S_EXP_NONPOS(m - msafe);
             const V vms = V_SET1(msafe);
             V vsum = V_ZERO();
             int64_t j = 0;
@@ -469,7 +469,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
             }
             T sum = V_HSUM(vsum);
             for (; j < nk; ++j) {
-                s[j] = S_EXP(s[j] - msafe);
+                s[j] = S_EXP_NONPOS(s[j] - msafe);
                 sum += s[j];
             }
             l = l * alpha + sum;

@@ -163,6 +163,17 @@ static inline void fa_partition(int64_t n, int nthreads, int t, int64_t *lo,
     *hi = *lo + base + (t < rem ? 1 : 0);
 }
 
+/* Orders this thread's earlier streaming (non-temporal) stores before its
+ * later stores, so that another thread that sees the later ones (an OpenMP
+ * barrier, the caller's return) also sees the streamed data. Streaming
+ * stores exist only in the x86 kernels. */
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#include <xmmintrin.h>
+static inline void fa_store_fence(void) { _mm_sfence(); }
+#else
+static inline void fa_store_fence(void) {}
+#endif
+
 /* Aligned scratch (64 bytes: one cache line, one AVX-512 register). Returns
  * NULL on overflow or failure. */
 void *fa_scratch_alloc(int64_t count, int64_t elem_size);

@@ -20,10 +20,10 @@
 #undef V_MAX
 #undef V_HMAX
 #undef V_HSUM
-#undef V_EXP
 #undef V_EXP_NONPOS
 #undef V_KEEP
-#undef S_EXP
+#undef S_EXP_NONPOS
+#undef S_FMA
 #undef V_LOADN
 #undef V_STREAM
 #undef V_STOREN
@@ -45,10 +45,10 @@
 #define V_MAX vf64_max
 #define V_HMAX vf64_hmax
 #define V_HSUM vf64_hsum
-#define V_EXP vf64_exp
 #define V_EXP_NONPOS vf64_exp_nonpos
 #define V_KEEP vf64_keep
-#define S_EXP fa_exp
+#define S_EXP_NONPOS fa_exp
+#define S_FMA fma
 #define V_LOADN vf64_loadn
 #define V_STREAM vf64_stream
 #define V_STOREN vf64_storen
@@ -69,10 +69,10 @@
 #define V_MAX vf32_max
 #define V_HMAX vf32_hmax
 #define V_HSUM vf32_hsum
-#define V_EXP vf32_exp
 #define V_EXP_NONPOS vf32_exp_nonpos
 #define V_KEEP vf32_keep
-#define S_EXP fa_expf
+#define S_EXP_NONPOS fa_expf_nonpos
+#define S_FMA fmaf
 #define V_LOADN vf32_loadn
 #define V_STREAM vf32_stream
 #define V_STOREN vf32_storen

@@ -13,15 +13,16 @@
  * Operations (vf32_* for float, vf64_* for double):
  *   loadu, storeu, set1, zero, add, sub, mul, fmadd(a,b,c) = a*b + c,
  *   max(a,b) (b is returned when either is NaN, so pass data second),
- *   hmax, hsum (horizontal, fixed order), exp (see fa_math.h),
- *   exp_nonpos (the same for x <= 0 or NaN only, as softmax exponents are),
+ *   hmax, hsum (horizontal, fixed order),
+ *   exp_nonpos: exp for x <= 0 or NaN only, as softmax exponents are (see
+ *   fa_math.h; vf64_exp, the general double exp, implements the double one),
  *   keep(v, m): v where the uint8 mask bytes m[0..LANES) are nonzero, -inf
  *   elsewhere;
  *   loadn(p, n), storen(p, v, n): the first n (0..LANES) lanes only, for
  *   tails; they never touch memory past p + n;
  *   stream(p, v): a non-temporal store to a vector-aligned p, which skips
- *   the read-for-ownership of the destination line; fa_stream_fence()
- *   orders such stores before later ones.
+ *   the read-for-ownership of the destination line (fa_store_fence() in
+ *   internal.h orders such stores before later ones).
  */
 #ifndef FASTATTN_SIMD_MAP_H
 #define FASTATTN_SIMD_MAP_H
@@ -45,7 +46,7 @@
 typedef float fa_vf32;
 typedef double fa_vf64;
 
-#define FA_SCALAR_OPS(T, P, EXP)                                                  \
+#define FA_SCALAR_OPS(T, P, EXP_NONPOS)                                           \
     static inline T P##_loadu(const T *p) { return *p; }                          \
     static inline void P##_storeu(T *p, T v) { *p = v; }                          \
     static inline T P##_set1(T x) { return x; }                                   \
@@ -57,16 +58,14 @@ typedef double fa_vf64;
     static inline T P##_max(T a, T b) { return a > b ? a : b; }                   \
     static inline T P##_hmax(T v) { return v; }                                   \
     static inline T P##_hsum(T v) { return v; }                                   \
-    static inline T P##_exp(T v) { return EXP(v); }                               \
-    static inline T P##_exp_nonpos(T v) { return EXP(v); }                        \
+    static inline T P##_exp_nonpos(T v) { return EXP_NONPOS(v); }                 \
     static inline T P##_keep(T v, const uint8_t *m) { return m[0] ? v : (T)-INFINITY; } \
     static inline T P##_loadn(const T *p, int64_t n) { return n > 0 ? *p : (T)0; }     \
     static inline void P##_storen(T *p, T v, int64_t n) { if (n > 0) *p = v; }         \
     static inline void P##_stream(T *p, T v) { *p = v; }
 
-FA_SCALAR_OPS(float, vf32, fa_expf)
+FA_SCALAR_OPS(float, vf32, fa_expf_nonpos)
 FA_SCALAR_OPS(double, vf64, fa_exp)
-static inline void fa_stream_fence(void) {}
 
 /* ======================================================================= */
 #elif FA_ISA_LEVEL == 1
@@ -103,33 +102,6 @@ static inline float vf32_hmax(__m256 v) {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-static inline __m256 vf32_exp(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(FA_EXPF_LO), hi = _mm256_set1_ps(FA_EXPF_HI);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
-    __m256 xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x)); /* NaN passes through */
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(FA_LOG2E_F)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_HI_F), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_LO_F), r);
-    __m256 p = _mm256_set1_ps(FA_EXPF_C7);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C5));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i ni = _mm256_cvtps_epi32(n);
-    __m256i h = _mm256_srai_epi32(ni, 1);
-    __m256i bias = _mm256_set1_epi32(127);
-    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
-    __m256 s2 = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), bias), 23));
-    __m256 res = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-    res = _mm256_andnot_ps(under, res);
-    return _mm256_blendv_ps(res, _mm256_set1_ps(INFINITY), over);
-}
 /* First n (0..8) lanes from memory, the rest zero; never reads past p+n. */
 static inline __m256i fa_avx2_lane_mask32(int64_t n) {
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -143,28 +115,23 @@ static inline void vf32_storen(float *p, __m256 v, int64_t n) {
 }
 static inline void vf32_stream(float *p, __m256 v) { _mm256_stream_ps(p, v); }
 static inline void vf64_stream(double *p, __m256d v) { _mm256_stream_pd(p, v); }
-static inline void fa_stream_fence(void) { _mm_sfence(); }
-/* exp for x <= 0 (or NaN): softmax exponents s - max are never positive,
- * so the overflow clamp and the split 2^n scaling are not needed
- * (n >= -126 keeps 2^n a normal float). */
+/* exp for x <= 0 (or NaN): fa_expf_nonpos in fa_math.h, 8 lanes. max
+ * returns its second operand when either is NaN, so NaN passes through;
+ * round(NaN) converts to INT_MIN, whose scale is 1.0, so p = NaN stays. */
 static inline __m256 vf32_exp_nonpos(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(FA_EXPF_LO);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    __m256 xc = _mm256_max_ps(lo, x);
+    __m256 xc = _mm256_max_ps(_mm256_set1_ps(FA_EXPF_NP_LO), x);
     __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(FA_LOG2E_F)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_HI_F), xc);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_LO_F), r);
-    __m256 p = _mm256_set1_ps(FA_EXPF_C7);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C5));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_C2));
+    __m256 p = _mm256_set1_ps(FA_EXPF_NP_C5);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_NP_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_NP_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXPF_NP_C2));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 static inline __m256 vf32_keep(__m256 v, const uint8_t *m) {
     __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m));
@@ -286,33 +253,6 @@ static inline float vf32_hmax(__m512 v) {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-static inline __m512 vf32_exp(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(FA_EXPF_LO), hi = _mm512_set1_ps(FA_EXPF_HI);
-    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    __mmask16 over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
-    __m512 xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(FA_LOG2E_F)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_HI_F), xc);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_LO_F), r);
-    __m512 p = _mm512_set1_ps(FA_EXPF_C7);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C5));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __m512i ni = _mm512_cvtps_epi32(n);
-    __m512i h = _mm512_srai_epi32(ni, 1);
-    __m512i bias = _mm512_set1_epi32(127);
-    __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h, bias), 23));
-    __m512 s2 = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(ni, h), bias), 23));
-    __m512 res = _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
-    res = _mm512_maskz_mov_ps((__mmask16)~under, res);
-    return _mm512_mask_mov_ps(res, over, _mm512_set1_ps(INFINITY));
-}
 static inline __m512 vf32_loadn(const float *p, int64_t n) {
     return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
 }
@@ -321,25 +261,20 @@ static inline void vf32_storen(float *p, __m512 v, int64_t n) {
 }
 static inline void vf32_stream(float *p, __m512 v) { _mm512_stream_ps(p, v); }
 static inline void vf64_stream(double *p, __m512d v) { _mm512_stream_pd(p, v); }
-static inline void fa_stream_fence(void) { _mm_sfence(); }
-static inline __m512 vf32_exp_nonpos(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(FA_EXPF_LO);
-    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    __m512 xc = _mm512_max_ps(lo, x);
+static inline __m512 vf32_exp_nonpos(__m512 x) { /* as the avx2 version */
+    __m512 xc = _mm512_max_ps(_mm512_set1_ps(FA_EXPF_NP_LO), x);
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(FA_LOG2E_F)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_HI_F), xc);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_LO_F), r);
-    __m512 p = _mm512_set1_ps(FA_EXPF_C7);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C5));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_C2));
+    __m512 p = _mm512_set1_ps(FA_EXPF_NP_C5);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_NP_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_NP_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXPF_NP_C2));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 static inline __m512 vf32_keep(__m512 v, const uint8_t *m) {
     __m128i b = _mm_loadu_si128((const __m128i *)m);

@@ -99,6 +99,7 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
             for (int64_t j = 0; j < Lk; ++j) memset(yrow + j * ys * es, 0, (size_t)es);
         }
     }
+    if (job->stream) fa_store_fence();
 }
 
 int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t M,

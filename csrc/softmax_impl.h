@@ -11,10 +11,18 @@
  *      store t_j in y, track the running max with two accumulators;
  *   2. e_j = exp(t_j - max) into y, summed with two accumulators;
  *   3. y_j *= 1 / sum (one division per row).
+ * With no mask row and 0 < scale < inf (the common case), max(x * scale) is
+ * scale * max(x): pass 1 only reads x for its max, and pass 2 forms
+ * x_j * scale - max in one FMA, which saves a store and a multiply a key.
  * With a stage buffer, passes 1 and 2 work in it and pass 3 writes y with
  * non-temporal stores: for outputs much larger than the caches this saves
  * the read-for-ownership of every y line (3 memory transfers per element
- * become 2, as in a copy).
+ * become 2, as in a copy). Only whole 64-byte lines are streamed: a line
+ * written partly by normal stores and partly by streaming ones is evicted
+ * and merged in memory, which cost more than streaming saved (rows whose
+ * valid length is not a multiple of the vector width were 50% slower).
+ * The caller fences the streamed stores (fa_store_fence) once per batch of
+ * rows, not per row.
  * Two independent accumulators hide the 4-cycle FMA/max latency; more gave
  * nothing measurable on rows of 128 to 4096 keys.
  * A row whose max is -inf has no valid key: it is written as zeros, never
@@ -22,6 +30,31 @@
  * NumPy's softmax would.
  */
 #include "simd_dtype.h"
+
+/* out[0, end) = the first n entries of y times inv, then zeros; whole
+ * 64-byte lines with streaming stores, partial ones with normal stores. */
+static void FA_KNAME(softmax_stream_out, DT)(T *out, const T *y, int64_t n, int64_t end, T inv) {
+    const int64_t line = 64 / (int64_t)sizeof(T);
+    int64_t a0 = end, a1 = end; /* [a0, a1): the streamed whole lines */
+    if ((uintptr_t)out % sizeof(T) == 0) {
+        a0 = (int64_t)((64 - (uintptr_t)out % 64) % 64 / sizeof(T));
+        if (a0 > end) a0 = end;
+        a1 = a0 + (end - a0) / line * line;
+    }
+    int64_t j = 0;
+    for (; j < a0; ++j) out[j] = j < n ? y[j] * inv : (T)0;
+    const V vinv = V_SET1(inv);
+    const int64_t vn = n < a1 ? n : a1; /* valid entries inside the lines */
+    for (; j + VL <= vn; j += VL) V_STREAM(out + j, V_MUL(V_LOADU(y + j), vinv));
+    /* the vector holding the last valid entries, zero-padded; a line is a
+     * whole number of vectors, so it ends inside [a0, a1) */
+    if (j < vn) {
+        V_STREAM(out + j, V_MUL(V_LOADN(y + j, vn - j), vinv));
+        j += VL;
+    }
+    for (; j < a1; j += VL) V_STREAM(out + j, V_ZERO());
+    for (j = a1; j < end; ++j) out[j] = j < n ? y[j] * inv : (T)0;
+}
 
 void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
                                       const void *mask_row, int mask_kind, T *stage,
@@ -32,33 +65,46 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
     const T *add = mask_kind == FA_MASK_ADD ? (const T *)mask_row : NULL;
     const V vscale = V_SET1(scale);
     const T neg_inf = (T)-INFINITY;
+    /* scale > 0 and finite: x * scale keeps the order of x */
+    const int fold = mask_kind == FA_MASK_NONE && scale > (T)0 && scale < (T)INFINITY;
 
-    /* pass 1: scale, mask, max */
+    /* pass 1: scale, mask, max (x's max only, when the scale is folded) */
     V m0 = V_SET1(neg_inf), m1 = V_SET1(neg_inf);
     int64_t j = 0;
-    for (; j + 2 * VL <= n; j += 2 * VL) {
-        V a = V_MUL(V_LOADU(x + j), vscale);
-        V b = V_MUL(V_LOADU(x + j + VL), vscale);
-        if (add) {
-            a = V_ADD(a, V_LOADU(add + j));
-            b = V_ADD(b, V_LOADU(add + j + VL));
+    const T *t = fold ? x : y; /* where the row's pass-1 values live */
+    if (fold) {
+        for (; j + 2 * VL <= n; j += 2 * VL) {
+            m0 = V_MAX(m0, V_LOADU(x + j));
+            m1 = V_MAX(m1, V_LOADU(x + j + VL));
         }
-        if (keep) {
-            a = V_KEEP(a, keep + j);
-            b = V_KEEP(b, keep + j + VL);
+    } else {
+        for (; j + 2 * VL <= n; j += 2 * VL) {
+            V a = V_MUL(V_LOADU(x + j), vscale);
+            V b = V_MUL(V_LOADU(x + j + VL), vscale);
+            if (add) {
+                a = V_ADD(a, V_LOADU(add + j));
+                b = V_ADD(b, V_LOADU(add + j + VL));
+            }
+            if (keep) {
+                a = V_KEEP(a, keep + j);
+                b = V_KEEP(b, keep + j + VL);
+            }
+            V_STOREU(y + j, a);
+            V_STOREU(y + j + VL, b);
+            m0 = V_MAX(m0, a);
+            m1 = V_MAX(m1, b);
         }
-        V_STOREU(y + j, a);
-        V_STOREU(y + j + VL, b);
-        m0 = V_MAX(m0, a);
-        m1 = V_MAX(m1, b);
     }
     T mx = V_HMAX(V_MAX(m0, m1));
     for (; j < n; ++j) {
-        T t = x[j] * scale;
-        if (add) t += add[j];
-        if (keep && !keep[j]) t = neg_inf;
-        y[j] = t;
-        mx = t > mx ? t : mx;
+        T v = x[j];
+        if (!fold) {
+            v *= scale;
+            if (add) v += add[j];
+            if (keep && !keep[j]) v = neg_inf;
+            y[j] = v;
+        }
+        mx = v > mx ? v : mx;
     }
     /* A NaN may have been dropped by max; it still poisons the sum below.
      * A max of -inf means no key is above -inf -- unless max skipped a NaN
@@ -66,21 +112,24 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
      * come out NaN, not empty. The scan runs only for such rows. */
     if (mx == neg_inf) {
         int64_t q = 0;
-        while (q < n && y[q] == y[q]) ++q;
+        while (q < n && t[q] == t[q]) ++q;
         if (q == n) {
             memset(out, 0, (size_t)(n + n_zero) * sizeof(T));
             return;
         }
-        mx = y[q]; /* NaN: every e_j and the sum become NaN */
+        mx = t[q]; /* NaN: every e_j and the sum become NaN */
     }
 
-    /* pass 2: exponentiate and sum */
-    const V vmx = V_SET1(mx);
+    /* pass 2: exponentiate and sum; t_j - max is x_j * scale - max * scale
+     * in one rounding when the scale is folded */
+    const T shift = fold ? -(mx * scale) : -mx;
+    const V vmul = fold ? vscale : V_SET1((T)1), vshift = V_SET1(shift);
+    const T smul = fold ? scale : (T)1;
     V s0 = V_ZERO(), s1 = V_ZERO();
     j = 0;
     for (; j + 2 * VL <= n; j += 2 * VL) {
-        V a = V_EXP_NONPOS(V_SUB(V_LOADU(y + j), vmx));
-        V b = V_EXP_NONPOS(V_SUB(V_LOADU(y + j + VL), vmx));
+        V a = V_EXP_NONPOS(V_FMADD(V_LOADU(t + j), vmul, vshift));
+        V b = V_EXP_NONPOS(V_FMADD(V_LOADU(t + j + VL), vmul, vshift));
         V_STOREU(y + j, a);
         V_STOREU(y + j + VL, b);
         s0 = V_ADD(s0, a);
@@ -88,31 +137,22 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
     }
     T sum = V_HSUM(V_ADD(s0, s1));
     for (; j < n; ++j) {
-        T e = S_EXP(y[j] - mx);
+        T e = S_EXP_NONPOS(S_FMA(t[j], smul, shift));
         y[j] = e;
         sum += e;
     }
 
-    /* pass 3: normalise */
+    /* pass 3: normalise. A NaN row is stored normally: the padding lanes of
+     * the streamed vector would be 0 * NaN. */
     const T inv = (T)1 / sum;
-    const V vinv = V_SET1(inv);
-    j = 0;
-    if (stage) {
-        /* scalar head up to the vector alignment that streaming stores need;
-         * the masked tail is streamed too, so no output line is ever read */
-        const int64_t end = n + n_zero;
-        for (; j < n && ((uintptr_t)(out + j) % (VL * sizeof(T))) != 0; ++j) out[j] = y[j] * inv;
-        for (; j + VL <= n; j += VL) V_STREAM(out + j, V_MUL(V_LOADU(y + j), vinv));
-        for (; j < n; ++j) out[j] = y[j] * inv;
-        for (; j < end && ((uintptr_t)(out + j) % (VL * sizeof(T))) != 0; ++j) out[j] = (T)0;
-        for (; j + VL <= end; j += VL) V_STREAM(out + j, V_ZERO());
-        for (; j < end; ++j) out[j] = (T)0;
-        fa_stream_fence();
-    } else {
-        for (; j + VL <= n; j += VL) V_STOREU(y + j, V_MUL(V_LOADU(y + j), vinv));
-        for (; j < n; ++j) y[j] *= inv;
-        if (n_zero) memset(y + n, 0, (size_t)n_zero * sizeof(T));
+    if (stage && sum == sum) {
+        FA_KNAME(softmax_stream_out, DT)(out, y, n, n + n_zero, inv);
+        return;
     }
+    const V vinv = V_SET1(inv);
+    for (j = 0; j + VL <= n; j += VL) V_STOREU(out + j, V_MUL(V_LOADU(y + j), vinv));
+    for (; j < n; ++j) out[j] = y[j] * inv;
+    if (n_zero) memset(out + n, 0, (size_t)n_zero * sizeof(T));
     /* A NaN row: keys the bool mask drops are still exactly 0 (their e_j = 0
      * times 1/NaN made them NaN above). */
     if (keep && sum != sum)

@@ -167,3 +167,30 @@ def test_large_outputs_take_the_streaming_path(isa, rng):
                                                 causal_alignment="bottom_right"))
     assert_close(got[:, 3:], ref.masked_softmax(x[:, 3:], key_lengths=kl, is_causal=True,
                                                 causal_alignment="bottom_right"))
+
+
+@pytest.mark.parametrize("dtype_", [np.float32, np.float64])
+@pytest.mark.parametrize("Lk", [1, 7, 13, 37])
+def test_streaming_rows_of_every_length_and_offset(isa, dtype_, Lk, rng):
+    """Short rows start and end anywhere in a 64-byte line: only whole lines
+    are streamed, the rest is stored normally, and nothing past a row's end
+    is touched. The output is offset by one element from a line boundary,
+    a bool mask drops keys and one row holds a NaN."""
+    rows = (17 << 20) // (Lk * np.dtype(dtype_).itemsize) // 2 + 3
+    x = rng.standard_normal((2, 1, rows, Lk)).astype(dtype_)
+    x[1, 0, 5, 0] = np.nan
+    kl = np.array([Lk, (Lk + 1) // 2])
+    mask = rng.random((1, 1, rows, Lk)) < 0.8
+    mask[0, 0, 5, :] = True
+    buf = np.full(x.size + 17, 7.0, dtype_)
+    out = buf[1:1 + x.size].reshape(x.shape)
+    got = fastattn.masked_softmax(x, attn_mask=mask, key_lengths=kl, scale=0.5, out=out)
+    assert got is out
+    assert buf[0] == 7.0 and (buf[1 + x.size:] == 7.0).all()
+    head = (slice(None), slice(None), slice(0, 3000))
+    assert_close(got[head], ref.masked_softmax(x[head], attn_mask=mask[head], key_lengths=kl, scale=0.5))
+    assert_close(got[:, :, -50:], ref.masked_softmax(x[:, :, -50:], attn_mask=mask[:, :, -50:],
+                                                     key_lengths=kl, scale=0.5))
+    # the NaN row: NaN where attended, exactly 0 where masked
+    nan_row, keep = got[1, 0, 5], mask[0, 0, 5] & (np.arange(Lk) < kl[1])
+    assert np.isnan(nan_row[keep]).all() and (nan_row[~keep] == 0).all()
