@@ -112,10 +112,10 @@ static inline void FA_KNAME(scores_mr, DT)(const T *qt, const T *const *rows, in
  * (inside the NK-row tile, since NK is a multiple of MR) that nothing reads.
  * A one-key loop would run at a quarter of the FMA rate. */
 static void FA_KNAME(scores_tile, DT)(const T *qt, const T *kt, int64_t kst, int64_t D,
-                                      int64_t nk, int64_t cols, T *st) {
+                                      int64_t nk, int64_t ic0, int64_t cols, T *st) {
     /* query chunk outer: its D x NC slice of Q^T stays in L1 while the
      * key rows stream past */
-    for (int64_t ic = 0; ic < cols; ic += NC) {
+    for (int64_t ic = ic0; ic < cols; ic += NC) {
         for (int64_t j = 0; j < nk; j += FA_MR) {
             const T *rows[FA_MR];
             for (int r = 0; r < FA_MR; ++r) rows[r] = kt + (j + r < nk ? j + r : nk - 1) * kst;
@@ -164,13 +164,14 @@ static inline void FA_KNAME(pv_mr, DT)(const T *st, const T *vt, int64_t vst, in
     }
 }
 
-/* rows_mr: rows rounded up to MR (<= MQ; the padding rows are never output). */
+/* Rows [r0, rows_mr): r0 a multiple of MR, rows_mr rows rounded up to MR
+ * (<= MQ; the padding rows are never output). */
 static void FA_KNAME(pv_tile, DT)(const T *st, const T *vt, int64_t vst, int64_t nk,
-                                  int64_t Dv, int64_t rows_mr, const T *alpha, T *acc,
-                                  int64_t ldacc) {
+                                  int64_t Dv, int64_t r0, int64_t rows_mr, const T *alpha,
+                                  T *acc, int64_t ldacc) {
     for (int64_t c0 = 0; c0 < Dv; c0 += NC) {
         const int64_t w = Dv - c0 < NC ? Dv - c0 : NC;
-        for (int64_t i0 = 0; i0 < rows_mr; i0 += FA_MR)
+        for (int64_t i0 = r0; i0 < rows_mr; i0 += FA_MR)
             FA_KNAME(pv_mr, DT)(st + i0, vt + c0, vst, nk, w, alpha + i0,
                                 acc + i0 * ldacc + c0, ldacc);
     }
@@ -283,14 +284,31 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     for (int64_t kb = k0; kb < kend; kb += NK) {
         const int64_t nk = kend - kb < NK ? kend - kb : NK;
         T *st = sc->st;
+        /* With causality, rows [0, live) see no key of this tile (row i sees
+         * keys up to q0 + i + off < kb): their scores, softmax update and
+         * P.V are skipped, which halves the wasted work on the diagonal of
+         * a 96-row block. The cut is rounded down to a query chunk (ic0,
+         * scores) and to a register tile (r0, P.V); rows [r0, ic0) get
+         * P = 0 and alpha = 1, so P.V leaves them as they are. The weights
+         * output reads every score of the tile, so it keeps them all. */
+        int64_t ic0 = 0, r0 = 0;
+        if (causal && !w && kb - q0 - off > 0) {
+            ic0 = (kb - q0 - off) / NC * NC;
+            r0 = ic0 / FA_MR * FA_MR;
+            for (int64_t r = r0; r < ic0; ++r) {
+                sc->alpha[r] = (T)1;
+                for (int64_t j = 0; j < nk; ++j) st[j * MQ + r] = (T)0;
+            }
+        }
         /* 2. scores */
-        FA_KNAME(scores_tile, DT)(sc->qt, kbase + kb * kst, kst, D, nk, cols, st);
+        FA_KNAME(scores_tile, DT)(sc->qt, kbase + kb * kst, kst, D, nk, ic0, cols, st);
         /* 3a. masks that are not vectorised across queries */
-        if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, h, q0, rows, kb, nk, st, MQ, 1);
+        if (job->mask.data)
+            FA_KNAME(apply_explicit_mask, DT)(job, b, h, q0 + ic0, rows - ic0, kb, nk, st + ic0, MQ, 1);
         /* the diagonal needs masking when some key exceeds the first row's limit */
         const int diag = causal && kb + nk - 1 > q0 + off;
         /* 3b. ALiBi, causal diagonal, tile max */
-        for (int64_t ic = 0; ic < cols; ic += VL) {
+        for (int64_t ic = ic0; ic < cols; ic += VL) {
             V ref = V_ZERO();
             if (slope != (T)0) {
                 T lanes[64];
@@ -317,7 +335,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             for (int64_t i = 0; i < rows; ++i)
                 for (int64_t j = 0; j < nk; ++j) w[(q0 + i) * job->ws[2] + kb + j] = st[j * MQ + i];
         /* 3c. online softmax update */
-        for (int64_t ic = 0; ic < cols; ic += VL) {
+        for (int64_t ic = ic0; ic < cols; ic += VL) {
             const V mold = V_LOADU(sc->m + ic);
             const V mnew = V_MAX(mold, V_LOADU(sc->tmp + ic));
             /* a row with nothing valid yet keeps -inf; exp(-inf - (-T_MAX)) = 0 */
@@ -334,8 +352,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             V_STOREU(sc->alpha + ic, alpha);
         }
         /* 4. acc = alpha * acc + P^T V */
-        FA_KNAME(pv_tile, DT)(st, vbase + kb * vst, vst, nk, Dv, rows_mr, sc->alpha, sc->acc,
-                              sc->ldacc);
+        FA_KNAME(pv_tile, DT)(st, vbase + kb * vst, vst, nk, Dv, r0, rows_mr, sc->alpha,
+                              sc->acc, sc->ldacc);
     }
 
     for (int64_t i = 0; i < rows; ++i) {
