@@ -56,6 +56,9 @@ cdef extern from "fastattn_cuda.h" nogil:
     int fa_cuda_blas_destroy(void *handle)
     int fa_cuda_copy(int dst_dtype, int src_dtype, fa_cuda_view4 src, fa_cuda_view4 dst,
                      int64_t n0, int64_t n1, int64_t n2, int64_t n3, void *stream)
+    int fa_cuda_append_rows(int dtype, fa_cuda_view4 src, fa_cuda_view4 dst, int64_t B,
+                            int64_t M, int64_t L, int64_t C, int64_t dst_len,
+                            const int64_t *dst_row, const int64_t *rows, void *stream)
     int fa_cuda_zero_padded_rows(int dtype, void *y, int64_t B, int64_t M, int64_t L,
                                  int64_t C, const fa_cuda_lengths_view *lengths, void *stream)
     int fa_cuda_masked_softmax(int dtype, fa_cuda_view4 x, fa_cuda_view4 y, int64_t B,
@@ -215,6 +218,22 @@ def copy(int dst_dtype, int src_dtype, object src, tuple src_strides, object dst
     with nogil:
         status = fa_cuda_copy(dst_dtype, src_dtype, s, d, n0, n1, n2, n3, st)
     check(status, "copy kernel")
+
+
+def append_rows(int dtype, object src, tuple src_strides, object dst, tuple dst_strides,
+                tuple shape, int64_t dst_len, object dst_row, object rows, object stream):
+    """shape = (B, M, L, C) of src; dst is (B, M, dst_len, C); dst_row and
+    rows are device int64 (B,)."""
+    cdef fa_cuda_view4 s = view4(src, src_strides)
+    cdef fa_cuda_view4 d = view4(dst, dst_strides)
+    cdef int64_t B = shape[0], M = shape[1], L = shape[2], C = shape[3]
+    cdef const int64_t *dr = <const int64_t *>ptr(dst_row)
+    cdef const int64_t *nr = <const int64_t *>ptr(rows)
+    cdef void *st = ptr(stream)
+    cdef int status
+    with nogil:
+        status = fa_cuda_append_rows(dtype, s, d, B, M, L, C, dst_len, dr, nr, st)
+    check(status, "append_rows kernel")
 
 
 def zero_padded_rows(int dtype, object y, tuple shape, object lengths, tuple len_strides,

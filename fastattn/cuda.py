@@ -31,7 +31,8 @@ The GPU layer copies its weights from a CPU layer ``layer`` that provides:
   and ``layer.embed_dim``;
 * optionally ``layer.rope`` (None, ``"neox"`` or ``"gptj"``) and
   ``layer.rope_base`` (default 10000.0): RoPE applied to Q and K at
-  positions ``0 .. L - 1``.
+  positions ``0 .. L - 1``, or continuing from each sequence's cache
+  length with ``cache=``.
 """
 
 import math
@@ -42,11 +43,14 @@ import numpy as np
 
 from fastattn._validation import choice, compute_dtype, index_value, lengths_view, require_ndim
 from fastattn.masks import CAUSAL_ALIGNMENTS, _real_scalar, scores_geometry
+from fastattn.mha import KVCache as _HostKVCache
+from fastattn.mha import _CacheBook, _check_cache_call, _check_cache_fits, _positive, _query_lengths
 from fastattn.position import LAYOUTS as PE_LAYOUTS
 from fastattn.position import _timescales, table_args
 
 __all__ = [
     "CudaUnavailableError",
+    "KVCache",
     "MultiHeadAttention",
     "add_position_encoding",
     "apply_rotary",
@@ -78,6 +82,9 @@ _DTYPE_CODES = {
 }
 _MASK_BOOL = 1
 _MASK_ADD = 2
+# fa_cuda_causal FA_CUDA_CAUSAL_LENGTHS: bottom-right per (b, h), aligned to
+# key_len and query_len (a ragged KV cache); internal, not a causal_alignment
+_CAUSAL_LENGTHS = 3
 
 # The (chunk, H, Lq, Lk) score workspace of attention is capped at this many
 # bytes when the weights are not returned: the batch then runs in chunks.
@@ -431,6 +438,15 @@ class _Runtime:
             self.lib.copy(_DTYPE_CODES[dst.dtype], _DTYPE_CODES[src.dtype],
                           src.ptr + s_off * src.itemsize, s_str[-4:],
                           dst.ptr + d_off * dst.itemsize, d_str[-4:], shape[-4:], self.stream)
+
+    def append_rows(self, src, dst, dst_row, rows):
+        """dst[b, m, dst_row[b] + i] = src[b, m, i] for i < rows[b]: src
+        (B, M, L, C) and dst (B, M, Ldst, C) views of one dtype, dst_row
+        and rows device int64 (B,) views (the KV-cache append)."""
+        if src.dtype != dst.dtype or src.shape[:2] + src.shape[3:] != dst.shape[:2] + dst.shape[3:]:
+            raise AssertionError(f"append of {src.shape} {src.dtype} rows into {dst.shape} {dst.dtype}")
+        self.lib.append_rows(_DTYPE_CODES[dst.dtype], src.ptr, src.strides, dst.ptr, dst.strides,
+                             src.shape, dst.shape[2], dst_row.ptr, rows.ptr, self.stream)
 
     def contiguous(self, arr, dtype):
         """``arr`` as a C-contiguous array of ``dtype`` (itself when it is one)."""
@@ -901,6 +917,82 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
 # ---- multi-head attention layer ---------------------------------------------------------------
 
 
+class KVCache(_CacheBook):
+    """The GPU twin of :class:`fastattn.KVCache`: preallocated keys and
+    values of a batch of sequences on the current device, for decoding.
+
+    Create it with :meth:`MultiHeadAttention.new_cache`. ``k`` ``(batch_size,
+    num_kv_heads, max_len, head_dim)`` and ``v`` ``(batch_size,
+    num_kv_heads, max_len, v_head_dim)`` are CuPy arrays allocated once (and
+    not cleared); a layer call with ``cache=`` writes the new keys (RoPE
+    applied) and values at each sequence's current length and advances
+    ``lengths``. Entries at or past ``lengths[b]`` are unspecified and never
+    read. ``lengths``, ``reset`` and every check are the CPU cache's; the
+    lengths are kept on the host, so checking a call never synchronises.
+    :meth:`from_cpu` and :meth:`to_cpu` copy a cache between the host and
+    the device.
+    """
+
+    def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype=np.float32, *,
+                 v_head_dim=None):
+        self._init_geometry(batch_size, max_len, num_kv_heads, head_dim, dtype)
+        self.v_head_dim = self.head_dim if v_head_dim is None else _positive(v_head_dim, "v_head_dim")
+        rt = _Runtime()
+        shape = (self.batch_size, self.num_kv_heads, self.max_len)
+        self._k = rt.empty(shape + (self.head_dim,), self.dtype)
+        self._v = rt.empty(shape + (self.v_head_dim,), self.dtype)
+
+    @property
+    def k(self):
+        """The keys, a CuPy ``(batch_size, num_kv_heads, max_len, head_dim)`` array."""
+        return self._k.obj
+
+    @property
+    def v(self):
+        """The values, a CuPy ``(batch_size, num_kv_heads, max_len, v_head_dim)`` array."""
+        return self._v.obj
+
+    lengths = _CacheBook.lengths  # named here so that the API reference lists it
+
+    def reset(self, lengths=None):
+        """Forget the contents (or truncate each sequence to ``lengths``,
+        a host or device array)."""
+        super().reset(None if lengths is None else _host_array(lengths, "lengths"))
+
+    @classmethod
+    def from_cpu(cls, cache):
+        """A device copy of a CPU :class:`fastattn.KVCache`: its keys,
+        values and lengths (host-to-device copies)."""
+        if not isinstance(cache, _HostKVCache):
+            raise TypeError(f"cache must be a fastattn.KVCache, got {type(cache).__name__}")
+        gpu = cls.__new__(cls)
+        gpu._init_geometry(cache.batch_size, cache.max_len, cache.num_kv_heads, cache.head_dim,
+                           cache.dtype)
+        gpu.v_head_dim = gpu.head_dim
+        rt = _Runtime()
+        gpu._k = rt.upload(cache.k, gpu.dtype)
+        gpu._v = rt.upload(cache.v, gpu.dtype)
+        gpu._lengths[:] = cache.lengths
+        return gpu
+
+    def to_cpu(self):
+        """A CPU :class:`fastattn.KVCache` with this cache's keys, values
+        and lengths (device-to-host copies, which synchronise)."""
+        if self.v_head_dim != self.head_dim:
+            raise ValueError(f"a CPU KVCache has one head dim; this cache has head_dim={self.head_dim} "
+                             f"and v_head_dim={self.v_head_dim}")
+        cp = _cupy()
+        host = _HostKVCache(self.batch_size, self.max_len, self.num_kv_heads, self.head_dim, self.dtype)
+        host.k[...] = cp.asnumpy(self.k)
+        host.v[...] = cp.asnumpy(self.v)
+        host._lengths[:] = self._lengths
+        return host
+
+    def _repr_fields(self):
+        extra = f", v_head_dim={self.v_head_dim}" if self.v_head_dim != self.head_dim else ""
+        return super()._repr_fields() + extra
+
+
 class MultiHeadAttention:
     """The multi-head attention layer on the GPU, with weights taken from a
     CPU layer (see the module docstring for the contract it must meet).
@@ -912,7 +1004,19 @@ class MultiHeadAttention:
     heads are split (with RoPE fused in when the layer has it) by fastattn
     kernels, and attention runs as in :func:`scaled_dot_product_attention`.
     Padded query rows are exactly 0 after the output projection too.
-    ``cache=`` (KV-cache decoding) is not implemented on the GPU yet.
+
+    ``cache=`` takes a :class:`KVCache` from :meth:`new_cache` and decodes
+    as the CPU layer does: the new tokens' keys and values (only
+    ``query_lengths[b]`` of them per sequence, RoPE at positions
+    ``lengths[b] + i``) are appended at each sequence's length by one
+    kernel, and the queries attend, causally and bottom-right aligned per
+    sequence, to everything the cache holds (the cache's lengths are the
+    key lengths, so nothing is masked into a dense array). ``key``,
+    ``value``, ``key_lengths`` and ``attn_mask`` are not accepted then,
+    ``query_lengths`` has shape ``(B,)``, and an append that would overflow
+    ``max_len`` raises ValueError with nothing appended. The layer needs
+    ``kdim == vdim == embed_dim``. ``return_weights`` gives ``(B, H, Lq,
+    max(lengths))``.
     """
 
     def __init__(self, layer, *, dtype=None):
@@ -1004,36 +1108,86 @@ class MultiHeadAttention:
                       width, rows, x.shape[-1], width, rt.stream)
         return y
 
-    def _heads(self, rt, src, rotate):
+    def new_cache(self, batch_size, max_len):
+        """A :class:`KVCache` on the current device for ``batch_size``
+        sequences of up to ``max_len`` tokens each."""
+        return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype,
+                       v_head_dim=self.v_head_dim)
+
+    def _rotate(self, rt, src, dst, pos):
+        """dst = RoPE(src) over (B, heads, L, D) views (dst may be src), row
+        i of batch b at position pos[b, 0, i] (pos: an int64 view of
+        (B, 1, L) strides)."""
+        rt.lib.apply_rotary(_DTYPE_CODES[self.dtype], src.ptr, src.strides, dst.ptr, dst.strides,
+                            src.shape, pos.ptr, pos.strides, ROPE_LAYOUTS[self.rope], self.rope_base,
+                            rt.stream)
+
+    def _heads(self, rt, src, pos):
         """Contiguous (B, heads, L, d) from a strided (B, heads, L, d) view
-        of the projection, rotated at positions 0 .. L-1 when ``rotate``."""
+        of the projection, rotated at ``pos`` unless that is None."""
         dst = rt.empty(src.shape, self.dtype)
-        if not rotate:
+        if pos is None:
             rt.copy(src, dst)
         else:
-            B, n, L, d = src.shape
-            pos = rt.upload(np.arange(L, dtype=np.int64))
-            rt.lib.apply_rotary(_DTYPE_CODES[self.dtype], src.ptr, src.strides, dst.ptr, dst.strides,
-                                src.shape, pos.ptr, (0, 0, 1), ROPE_LAYOUTS[self.rope],
-                                self.rope_base, rt.stream)
-            del pos
+            self._rotate(rt, src, dst, pos)
         return dst
+
+    def _query(self, query):
+        """``query`` as a validated (B, L, E) device _Array."""
+        qa = _device_array(query, "query")
+        compute_dtype(qa.dtype, "query")
+        require_ndim(qa, "query", 3, "(batch, seq, embed)")
+        if qa.shape[2] != self.embed_dim:
+            raise ValueError(f"query must have embed dim {self.embed_dim}, got shape {qa.shape}")
+        return qa
+
+    def _project_qkv(self, rt, qa):
+        """Self-attention's one GEMM: (B*L, H*D + Hkv*D + Hkv*Dv) = x @ W_qkv + b,
+        viewed as the strided (B, heads, L, d) q, k and v sources."""
+        H, Hkv, E, D, Dv = self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.v_head_dim
+        dt = self.dtype
+        B, L, _ = qa.shape
+        x = rt.contiguous(qa, dt).reshaped((B * L, E))
+        width = sum(self._widths)
+        proj = rt.empty((B * L, width), dt)
+        bias = self._b_qkv.ptr if self._b_qkv is not None else None
+        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], x.ptr, E, self._w_qkv.ptr, width, bias, proj.ptr,
+                      width, B * L, E, width, rt.stream)
+        wq, wk, _ = self._widths
+        return (proj.at(0, (B, H, L, D), (L * width, D, width, 1)),
+                proj.at(wq, (B, Hkv, L, D), (L * width, D, width, 1)),
+                proj.at(wq + wk, (B, Hkv, L, Dv), (L * width, Dv, width, 1)))
+
+    def _project_out(self, rt, attn, row_lengths):
+        """Heads merged, @ W_O + b_O: attn (B, H, L, Dv) -> (B, L, E); rows
+        l >= row_lengths[b] (host (B,), or None) are exactly 0."""
+        B, H, L, Dv = attn.shape
+        E, dt = self.embed_dim, self.dtype
+        merged = rt.empty((B, L, H, Dv), dt)
+        s0, s1, s2, s3 = attn.strides
+        rt.copy(attn.at(0, (B, L, H, Dv), (s0, s2, s1, s3)), merged)
+        y = rt.empty((B, L, E), dt)
+        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], merged.ptr, H * Dv, self._w_o.ptr, E,
+                      self._b_o.ptr if self._b_o is not None else None, y.ptr, E, B * L, H * Dv, E,
+                      rt.stream)
+        if row_lengths is not None:
+            # padded queries are 0 after the output projection too (not b_o)
+            rows = rt.upload(row_lengths, dtype=np.int64)
+            rt.lib.zero_padded_rows(_DTYPE_CODES[dt], y.ptr, (B, 1, L, E), rows.ptr, (1, 0), rt.stream)
+            del rows
+        return y
 
     def __call__(self, query, key=None, value=None, *, key_lengths=None, query_lengths=None,
                  attn_mask=None, is_causal=False, return_weights=False, cache=None):
         if cache is not None:
-            raise NotImplementedError("fastattn.cuda.MultiHeadAttention: KV-cache decoding (cache=) "
-                                      "is not implemented on the GPU path yet")
+            return self._call_cached(query, key, value, key_lengths, query_lengths, attn_mask,
+                                     bool(return_weights), cache)
         if (key is None) != (value is None):
             raise ValueError("key and value must be given together (or both left None for self-attention)")
         H, Hkv, E, D, Dv = self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.v_head_dim
         dt = self.dtype
-        qa = _device_array(query, "query")
-        compute_dtype(qa.dtype, "query")
-        require_ndim(qa, "query", 3, "(batch, seq, embed)")
-        B, Lq, Eq = qa.shape
-        if Eq != E:
-            raise ValueError(f"query must have embed dim {E}, got shape {qa.shape}")
+        qa = self._query(query)
+        B, Lq, _ = qa.shape
         self_attn = key is None
         if self_attn:
             if self.kdim != E or self.vdim != E:
@@ -1061,19 +1215,11 @@ class MultiHeadAttention:
 
         rt = _Runtime()
         rt.attach(qa, "query")
-        x = rt.contiguous(qa, dt).reshaped((B * Lq, E))
-        wq, wk, wv = self._widths
         if self_attn:  # kdim == vdim == E, so the weight is the fused one
-            # one GEMM for Q, K and V
-            width = sum(self._widths)
-            proj = rt.empty((B * Lq, width), dt)
-            bias = self._b_qkv.ptr if self._b_qkv is not None else None
-            rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], x.ptr, E, self._w_qkv.ptr, width, bias, proj.ptr,
-                          width, B * Lq, E, width, rt.stream)
-            q_src = proj.at(0, (B, H, Lq, D), (Lq * width, D, width, 1))
-            k_src = proj.at(wq, (B, Hkv, Lk, D), (Lk * width, D, width, 1))
-            v_src = proj.at(wq + wk, (B, Hkv, Lk, Dv), (Lk * width, Dv, width, 1))
+            q_src, k_src, v_src = self._project_qkv(rt, qa)
         else:
+            wq, wk, wv = self._widths
+            x = rt.contiguous(qa, dt).reshaped((B * Lq, E))
             rt.attach(ka, "key")
             rt.attach(va, "value")
             kx = rt.contiguous(ka, dt).reshaped((B * Lk, self.kdim))
@@ -1084,28 +1230,82 @@ class MultiHeadAttention:
             q_src = qp.at(0, (B, H, Lq, D), (Lq * wq, D, wq, 1))
             k_src = kp.at(0, (B, Hkv, Lk, D), (Lk * wk, D, wk, 1))
             v_src = vp.at(0, (B, Hkv, Lk, Dv), (Lk * wv, Dv, wv, 1))
-        rope = self.rope is not None
-        q4 = self._heads(rt, q_src, rope)
-        k4 = self._heads(rt, k_src, rope)
-        v4 = self._heads(rt, v_src, False)
+        q_pos = k_pos = None
+        if self.rope is not None:  # positions 0 .. L-1 in every batch item
+            q_pos = rt.upload(np.arange(max(Lq, Lk), dtype=np.int64))
+            q_pos = k_pos = q_pos.at(0, (B, 1, max(Lq, Lk)), (0, 0, 1))
+        q4 = self._heads(rt, q_src, q_pos)
+        k4 = self._heads(rt, k_src, k_pos)
+        v4 = self._heads(rt, v_src, None)
 
         attn = rt.empty((B, H, Lq, Dv), dt)
         weights = rt.empty((B, H, Lq, Lk), dt) if return_weights else None
         _attention(rt, q4, k4, v4, dt, mask=mask, kl=kl, ql=ql, causal=causal, alignment="top_left",
                    scale=1.0 / math.sqrt(D) if D else 1.0, alibi=None, weights_target=weights,
                    out_kernel=attn)
-        merged = rt.empty((B, Lq, H, Dv), dt)
-        s0, s1, s2, s3 = attn.strides
-        rt.copy(attn.at(0, (B, Lq, H, Dv), (s0, s2, s1, s3)), merged)
-        y = rt.empty((B, Lq, E), dt)
-        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], merged.ptr, H * Dv, self._w_o.ptr, E,
-                      self._b_o.ptr if self._b_o is not None else None, y.ptr, E, B * Lq, H * Dv, E,
-                      rt.stream)
-        if ql is not None:
-            # padded queries are 0 after the output projection too (not b_o)
-            q_rows = rt.upload(ql[:, :1])
-            rt.lib.zero_padded_rows(_DTYPE_CODES[dt], y.ptr, (B, 1, Lq, E), q_rows.ptr, (1, 0), rt.stream)
-            del q_rows
+        y = self._project_out(rt, attn, None if ql is None else ql[:, 0])
         if return_weights:
             return y.obj, weights.obj
         return y.obj
+
+    def _call_cached(self, query, key, value, key_lengths, query_lengths, attn_mask, return_weights,
+                     cache):
+        """Self-attention decoding with a KVCache: the checks, in the CPU
+        layer's order and with its messages, then the device work."""
+        qa = self._query(query)
+        if (key is None) != (value is None):
+            raise ValueError("key and value must be given together (or both left None for self-attention)")
+        _check_cache_call(cache, KVCache, key, key_lengths, attn_mask,
+                          move_hint="; copy a CPU cache to the GPU with fastattn.cuda.KVCache.from_cpu")
+        H, Hkv, E, D, Dv = self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.v_head_dim
+        if self.kdim != E or self.vdim != E:
+            raise ValueError(f"cache= is self-attention and needs kdim == vdim == embed_dim ({E}); this "
+                             f"layer has kdim={self.kdim}, vdim={self.vdim}")
+        B, L, _ = qa.shape
+        ql = None if query_lengths is None else _query_lengths(_host_array(query_lengths, "query_lengths"), B, L)
+        _check_cache_fits(cache, Hkv, D, self.dtype, qa.shape)
+        if cache.v_head_dim != Dv:
+            raise ValueError(f"cache holds values of dim {cache.v_head_dim}; this layer needs {Dv}")
+        new_tokens = np.full(B, L, np.int64) if ql is None else ql
+        old, new = cache._append_lengths(new_tokens)
+
+        dt = self.dtype
+        rt = _Runtime()
+        rt.attach(qa, "query")
+        rt.attach(cache._k, "cache.k")
+        rt.attach(cache._v, "cache.v")
+        q_src, k_src, v_src = self._project_qkv(rt, qa)
+        # one upload: RoPE positions old[b] + i (B, L), then the append's
+        # destination rows old (B,) and row counts new_tokens (B,)
+        host = np.concatenate([(old[:, None] + np.arange(L, dtype=np.int64)).ravel(), old, new_tokens])
+        idx = rt.upload(host, dtype=np.int64)
+        pos = idx.at(0, (B, 1, L), (L, 0, 1))
+        dst_row = idx.at(B * L, (B,), (1,))
+        rows = idx.at(B * L + B, (B,), (1,))
+        if self.rope is None:
+            q4 = self._heads(rt, q_src, None)
+        else:
+            q4 = self._heads(rt, q_src, pos)
+            self._rotate(rt, k_src, k_src, pos)  # in place in the projection
+        rt.append_rows(k_src, cache._k, dst_row, rows)
+        rt.append_rows(v_src, cache._v, dst_row, rows)
+        del idx  # the queued kernels are ordered before any reuse
+        cache._lengths[:] = new
+
+        # queries attend to the first new[b] cache rows; query i of sequence b
+        # sees keys j <= old[b] + i (bottom-right per sequence)
+        Lmax = cache.max_len
+        attn = rt.empty((B, H, L, Dv), dt)
+        weights = rt.empty((B, H, L, Lmax), dt) if return_weights else None
+        kl = np.ascontiguousarray(np.broadcast_to(new[:, None], (B, H)))
+        qlh = None if ql is None else np.ascontiguousarray(np.broadcast_to(ql[:, None], (B, H)))
+        _attention(rt, q4, cache._k, cache._v, dt, mask=_MaskSpec(None, (B, H, L, Lmax), dt), kl=kl,
+                   ql=qlh, causal=_CAUSAL_LENGTHS, alignment="bottom_right", scale=1.0 / math.sqrt(D),
+                   alibi=None, weights_target=weights, out_kernel=attn)
+        y = self._project_out(rt, attn, ql)
+        if not return_weights:
+            return y.obj
+        Lk = int(new.max()) if B else 0
+        w = rt.empty((B, H, L, Lk), dt)
+        rt.copy(weights.at(0, w.shape, weights.strides), w)
+        return y.obj, w.obj

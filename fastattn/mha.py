@@ -159,18 +159,12 @@ def _head_view(cols, heads, D):
     return v.transpose(0, 2, 1, 3)
 
 
-class KVCache:
-    """Preallocated keys and values of a batch of sequences, for decoding.
+class _CacheBook:
+    """What the CPU :class:`KVCache` and ``fastattn.cuda.KVCache`` share:
+    the checked geometry, the per-sequence lengths, ``reset`` and the
+    overflow check of an append. Subclasses allocate ``k`` and ``v``."""
 
-    Create it with :meth:`MultiHeadAttention.new_cache`. ``k`` and ``v`` have
-    shape ``(batch_size, num_kv_heads, max_len, head_dim)`` and are
-    allocated once; a layer call with ``cache=`` writes the new keys and
-    values (RoPE already applied) at each sequence's current length and
-    advances ``lengths``. Entries at or past ``lengths[b]`` are unspecified.
-    Sequences may have different lengths (ragged batches).
-    """
-
-    def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype=np.float32):
+    def _init_geometry(self, batch_size, max_len, num_kv_heads, head_dim, dtype):
         self.batch_size = index_value(batch_size, "batch_size")
         self.max_len = index_value(max_len, "max_len")
         if self.batch_size < 0 or self.max_len < 0:
@@ -178,9 +172,6 @@ class KVCache:
         self.num_kv_heads = _positive(num_kv_heads, "num_kv_heads")
         self.head_dim = _positive(head_dim, "head_dim")
         self.dtype = _float_dtype(dtype)
-        shape = (self.batch_size, self.num_kv_heads, self.max_len, self.head_dim)
-        self.k = np.zeros(shape, dtype=self.dtype)
-        self.v = np.zeros(shape, dtype=self.dtype)
         self._lengths = np.zeros(self.batch_size, dtype=np.int64)
 
     @property
@@ -200,10 +191,84 @@ class KVCache:
             raise ValueError(f"reset can only shorten sequences: lengths {arr} exceed the current {self._lengths}")
         self._lengths[:] = arr
 
+    def _append_lengths(self, new_tokens):
+        """(old, new) lengths once ``new_tokens[b]`` tokens are appended to
+        each sequence b; ValueError, with nothing changed, on overflow."""
+        old = self._lengths.copy()
+        new = old + new_tokens
+        if self.batch_size and (new > self.max_len).any():
+            b = int(np.argmax(new > self.max_len))
+            raise ValueError(
+                f"KV cache overflow: sequence {b} holds {old[b]} of max_len={self.max_len} tokens and "
+                f"cannot take {new_tokens[b]} more; nothing was appended")
+        return old, new
+
+    def _repr_fields(self):
+        return (f"batch_size={self.batch_size}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, dtype={self.dtype.name}")
+
     def __repr__(self):
-        return (f"KVCache(batch_size={self.batch_size}, max_len={self.max_len}, "
-                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"dtype={self.dtype.name}, lengths={self._lengths.tolist()})")
+        return f"{type(self).__name__}({self._repr_fields()}, lengths={self._lengths.tolist()})"
+
+
+class KVCache(_CacheBook):
+    """Preallocated keys and values of a batch of sequences, for decoding.
+
+    Create it with :meth:`MultiHeadAttention.new_cache`. ``k`` and ``v`` have
+    shape ``(batch_size, num_kv_heads, max_len, head_dim)`` and are
+    allocated once; a layer call with ``cache=`` writes the new keys and
+    values (RoPE already applied) at each sequence's current length and
+    advances ``lengths``. Entries at or past ``lengths[b]`` are unspecified.
+    Sequences may have different lengths (ragged batches).
+    """
+
+    def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype=np.float32):
+        self._init_geometry(batch_size, max_len, num_kv_heads, head_dim, dtype)
+        shape = (self.batch_size, self.num_kv_heads, self.max_len, self.head_dim)
+        self.k = np.zeros(shape, dtype=self.dtype)
+        self.v = np.zeros(shape, dtype=self.dtype)
+
+    # named here so that the API reference lists them on this class
+    lengths = _CacheBook.lengths
+    reset = _CacheBook.reset
+
+
+def _query_lengths(values, B, L):
+    """``query_lengths`` of a layer call: None or a contiguous int64 (B,)."""
+    if values is None:
+        return None
+    arr = int_array(values, "query_lengths")
+    if arr.shape != (B,):
+        raise ValueError(f"query_lengths must have shape ({B},) for a batch of {B}, got {arr.shape}")
+    if arr.size and arr.max() > L:
+        raise ValueError(f"query_lengths must be <= the query length {L}, got max {arr.max()}")
+    return np.ascontiguousarray(arr)
+
+
+def _check_cache_call(cache, cache_type, key, key_lengths, attn_mask, move_hint=""):
+    """The arguments a layer call with ``cache=`` refuses (CPU and GPU);
+    ``move_hint`` ends the message when ``cache`` is the other path's
+    KVCache."""
+    if key is not None:
+        raise ValueError("cache= is for self-attention decoding: key and value must be None")
+    if key_lengths is not None or attn_mask is not None:
+        raise ValueError("key_lengths and attn_mask are not accepted with cache=: the cache's "
+                         "lengths and causality decide which keys each query sees")
+    if not isinstance(cache, cache_type):
+        got = type(cache).__name__
+        if isinstance(cache, _CacheBook):  # the other path's KVCache
+            got = f"{type(cache).__module__}.{got}{move_hint}"
+        raise TypeError(f"cache must be a KVCache (from new_cache), got {got}")
+
+
+def _check_cache_fits(cache, num_kv_heads, head_dim, dtype, query_shape):
+    """The cache holds this layer's kv heads, head dim and dtype, for the
+    query's batch."""
+    if (cache.num_kv_heads, cache.head_dim, cache.dtype) != (num_kv_heads, head_dim, dtype):
+        raise ValueError(f"cache holds {cache.num_kv_heads} kv heads of dim {cache.head_dim} in "
+                         f"{cache.dtype}; this layer needs {num_kv_heads} of dim {head_dim} in {dtype}")
+    if cache.batch_size != query_shape[0]:
+        raise ValueError(f"cache is for a batch of {cache.batch_size}, got query {tuple(query_shape)}")
 
 
 class MultiHeadAttention:
@@ -479,16 +544,6 @@ class MultiHeadAttention:
         self._rope_cache = cached
         return cached
 
-    def _query_lengths(self, values, B, L):
-        if values is None:
-            return None
-        arr = int_array(values, "query_lengths")
-        if arr.shape != (B,):
-            raise ValueError(f"query_lengths must have shape ({B},) for a batch of {B}, got {arr.shape}")
-        if arr.size and arr.max() > L:
-            raise ValueError(f"query_lengths must be <= the query length {L}, got max {arr.max()}")
-        return np.ascontiguousarray(arr)
-
     def __call__(self, query, key=None, value=None, *, key_lengths=None, query_lengths=None,
                  attn_mask=None, is_causal=False, return_weights=False, cache=None):
         """Attend from ``query`` to ``key``/``value`` (or to ``query`` itself).
@@ -533,15 +588,9 @@ class MultiHeadAttention:
         if (key is None) != (value is None):
             raise ValueError("pass both key and value (cross-attention) or neither (self-attention)")
         if cache is not None:
-            if key is not None:
-                raise ValueError("cache= is for self-attention decoding: key and value must be None")
-            if key_lengths is not None or attn_mask is not None:
-                raise ValueError("key_lengths and attn_mask are not accepted with cache=: the cache's "
-                                 "lengths and causality decide which keys each query sees")
-            if not isinstance(cache, KVCache):
-                raise TypeError(f"cache must be a KVCache (from new_cache), got {type(cache).__name__}")
-            ql = self._query_lengths(query_lengths, x.shape[0], x.shape[1])
-            self._check_cache(cache, x)
+            _check_cache_call(cache, KVCache, key, key_lengths, attn_mask)
+            ql = _query_lengths(query_lengths, x.shape[0], x.shape[1])
+            _check_cache_fits(cache, self.num_kv_heads, self.head_dim, self.dtype, x.shape)
             nt = get_num_threads()
             gt = nt if _POOL.enter() else 1
             try:
@@ -563,7 +612,7 @@ class MultiHeadAttention:
                 raise ValueError(f"query, key and value must have the same batch size, and key and value "
                                  f"the same length; got query {x.shape}, key {kx.shape}, value {vx.shape}")
             Lk = kx.shape[1]
-        ql = self._query_lengths(query_lengths, B, Lq)
+        ql = _query_lengths(query_lengths, B, Lq)
         kl = lengths_view(key_lengths, "key_lengths", (B, H), B, H, Lk, "key")
         full = (B, H, Lq, Lk)
         kind, mask4 = prepare_mask(attn_mask, full, full, self.dtype)
@@ -650,26 +699,12 @@ class MultiHeadAttention:
         _blas.matmul(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt)
         return out
 
-    def _check_cache(self, cache, x):
-        Hkv, D = self.num_kv_heads, self.head_dim
-        if (cache.num_kv_heads, cache.head_dim, cache.dtype) != (Hkv, D, self.dtype):
-            raise ValueError(f"cache holds {cache.num_kv_heads} kv heads of dim {cache.head_dim} in "
-                             f"{cache.dtype}; this layer needs {Hkv} of dim {D} in {self.dtype}")
-        if cache.batch_size != x.shape[0]:
-            raise ValueError(f"cache is for a batch of {cache.batch_size}, got query {x.shape}")
-
     def _call_cached(self, x, cache, ql, return_weights, nt, gt):
         B, L, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         nq, nk = H * D, Hkv * D
         new_tokens = np.full(B, L, np.int64) if ql is None else ql
-        old = cache._lengths.copy()
-        new = old + new_tokens
-        if B and (new > cache.max_len).any():
-            b = int(np.argmax(new > cache.max_len))
-            raise ValueError(
-                f"KV cache overflow: sequence {b} holds {old[b]} of max_len={cache.max_len} tokens and "
-                f"cannot take {new_tokens[b]} more; nothing was appended")
+        old, new = cache._append_lengths(new_tokens)
         dt = self.dtype
         buf = np.empty((B, L, nq + 2 * nk), dtype=dt)
         rope = None

@@ -26,6 +26,7 @@ import math
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,6 +248,12 @@ def test_unavailable_raises_clear_error_after_validation():
                                                                 embed_dim=4)), ValueError, "no 'w_q'"),
         (lambda: fcuda.MultiHeadAttention(CpuLayer(np.random.default_rng(0), 8, 4, Hkv=3, D=2)), ValueError,
          "divide num_heads"),
+        (lambda: fcuda.KVCache(2, 4, 0, 8), ValueError, "num_kv_heads must be >= 1, got 0"),
+        (lambda: fcuda.KVCache(2, -1, 2, 8), ValueError, "batch_size and max_len must be non-negative"),
+        (lambda: fcuda.KVCache(2, 4, 2, 8, dtype=np.int8), TypeError, "dtype must be float32 or float64"),
+        (lambda: fcuda.KVCache(2, 4, 2, 8, v_head_dim=0), ValueError, "v_head_dim must be >= 1, got 0"),
+        (lambda: fcuda.KVCache(2.0, 4, 2, 8), TypeError, "batch_size must be an integer"),
+        (lambda: fcuda.KVCache.from_cpu({}), TypeError, "cache must be a fastattn.KVCache, got dict"),
     ],
 )
 def test_validation_before_gpu(call, exc, match):
@@ -351,6 +358,21 @@ class FakeExtension:
         s = _host_view(src, _CODE_DTYPES[src_dtype], shape, sstr)
         _host_view(dst, _CODE_DTYPES[dst_dtype], shape, dstr)[...] = s.astype(_CODE_DTYPES[dst_dtype])
 
+    def append_rows(self, dtype, src, sstr, dst, dstr, shape, dst_len, dst_row, rows, stream):
+        self.calls.append("append_rows")
+        B, M, L, C = shape
+        if B * M * L * C == 0 or dst_len == 0:
+            return
+        dt = _CODE_DTYPES[dtype]
+        s = _host_view(src, dt, shape, sstr)
+        d = _host_view(dst, dt, (B, M, dst_len, C), dstr)
+        to = _host_view(dst_row, np.int64, (B,), (1,))
+        n = _host_view(rows, np.int64, (B,), (1,))
+        for b in range(B):
+            for i in range(min(int(n[b]), L)):
+                if 0 <= to[b] + i < dst_len:  # the kernel skips rows outside the cache
+                    d[b, :, to[b] + i] = s[b, :, i]
+
     def zero_padded_rows(self, dtype, y, shape, lengths, lstr, stream):
         B, M, L, C = shape
         yv = _host_view(y, _CODE_DTYPES[dtype], shape, fcuda._c_strides(shape))
@@ -364,17 +386,32 @@ class FakeExtension:
             return _host_view(mask, _CODE_DTYPES[dtype], shape, mstr)
         return None
 
+    @staticmethod
+    def _softmax(s, m, kl_v, ql_v, causal, scale=1.0):
+        """reference.masked_softmax with the C causal codes: 1 top-left, 2
+        bottom-right, 3 bottom-right per (b, m) aligned to the lengths (key
+        j > i + key_len - query_len is masked)."""
+        if causal == 3:
+            B, M, Lq, Lk = s.shape
+            klg = np.full((B, M), Lk) if kl_v is None else kl_v
+            qlg = np.full((B, M), Lq) if ql_v is None else ql_v
+            keep = (np.arange(Lk)[None, None, None, :]
+                    <= np.arange(Lq)[None, None, :, None] + (klg - qlg)[:, :, None, None])
+            m = keep if m is None else keep & m
+        align = {1: "top_left", 2: "bottom_right"}.get(causal, "top_left")
+        return reference.masked_softmax(s, attn_mask=m, key_lengths=kl_v, query_lengths=ql_v,
+                                        is_causal=causal in (1, 2), causal_alignment=align, scale=scale)
+
     def masked_softmax(self, dtype, x, xs, y, ys, shape, scale, mask, kind, mstr, kl, kls, ql, qls, causal, stream):
         self.calls.append("masked_softmax")
+        assert causal in (0, 1, 2, 3), causal  # the C side rejects any other code
         dt = _CODE_DTYPES[dtype]
         B, M = shape[:2]
         xv = _host_view(x, dt, shape, xs).copy()
         kl_v = _host_view(kl, np.int64, (B, M), kls) if kl else None
         ql_v = _host_view(ql, np.int64, (B, M), qls) if ql else None
-        align = {1: "top_left", 2: "bottom_right"}.get(causal, "top_left")
-        p = reference.masked_softmax(xv, attn_mask=self._mask(dtype, shape, mask, kind, mstr), key_lengths=kl_v,
-                                     query_lengths=ql_v, is_causal=causal != 0, causal_alignment=align, scale=scale)
-        _host_view(y, dt, shape, ys)[...] = p
+        _host_view(y, dt, shape, ys)[...] = self._softmax(xv, self._mask(dtype, shape, mask, kind, mstr), kl_v, ql_v,
+                                                          causal, scale)
 
     def position_encoding(self, dtype, out, rs, L, C, layout, lo, hi, start, stream):
         dt = _CODE_DTYPES[dtype]
@@ -432,9 +469,7 @@ class FakeExtension:
             m = None
         kl_v = _host_view(kl, np.int64, (B, H), kls) if kl else None
         ql_v = _host_view(ql, np.int64, (B, H), qls) if ql else None
-        align = {1: "top_left", 2: "bottom_right"}.get(causal, "top_left")
-        p = reference.masked_softmax(s, attn_mask=m, key_lengths=kl_v, query_lengths=ql_v, is_causal=causal != 0,
-                                     causal_alignment=align)
+        p = self._softmax(s, m, kl_v, ql_v, causal)
         for b in range(B):
             ext = Lk if key_extent is None else int(key_extent[b])
             assert not p[b, ..., ext:].any(), "key_extent cut off attended keys"
@@ -688,11 +723,202 @@ def test_multi_head_attention(backend, dt, rng, config):
     assert_close(backend.to_host(got), ref.astype(dt), dt)
     assert_close(backend.to_host(w), ref_w.astype(dt), dt)
     assert (backend.to_host(got)[1, 3:] == 0).all()
-    with pytest.raises(NotImplementedError):
-        mha(backend.to_device(query), cache=object())
     if config == "cross":
         with pytest.raises(ValueError, match="self-attention needs kdim"):
             mha(backend.to_device(query))
+
+
+# ---- KV-cache decoding: GPU layer vs the CPU layer vs the oracle -------------------------------
+
+
+CACHE_LAYERS = {
+    "mha": dict(num_heads=4),
+    "gqa_neox": dict(num_heads=6, num_kv_heads=2, rope="neox"),
+    "mqa_gptj_nobias": dict(num_heads=4, num_kv_heads=1, rope="gptj", bias=False),
+}
+
+
+def _cache_layers(name, dt):
+    """A CPU layer (random biases when it has them) and its GPU twin."""
+    kw = dict(CACHE_LAYERS[name])
+    cpu = fastattn.MultiHeadAttention(24, kw.pop("num_heads"), dtype=dt, seed=7, **kw)
+    if cpu.state_dict()["b_q"] is not None:
+        st = cpu.state_dict()
+        brng = np.random.default_rng(3)
+        for n in ("b_q", "b_k", "b_v", "b_o"):
+            st[n] = brng.standard_normal(st[n].shape).astype(dt)
+        cpu.load_state_dict(st)
+    return cpu, fcuda.MultiHeadAttention.from_cpu(cpu)
+
+
+def _prefix_oracle(cpu, seq, start, stop):
+    """The oracle layer on the whole prefix seq[:stop], causal: its rows and
+    weights for the tokens start..stop-1 (float64)."""
+    y, w = reference.multi_head_attention(
+        {n: None if a is None else a.astype(np.float64) for n, a in cpu.state_dict().items()},
+        seq[None, :stop].astype(np.float64), num_heads=cpu.num_heads, num_kv_heads=cpu.num_kv_heads,
+        is_causal=True, rope=cpu.rope, rope_base=cpu.rope_base, return_weights=True)
+    return y[0, start:stop], w[0, :, start:stop]
+
+
+# (tokens per sequence per call) for three sequences; None: no query_lengths
+CACHE_SCHEDULES = {
+    "uniform": [None, None, None, None],  # prefill 4, then single tokens
+    "ragged": [[5, 1, 3], [2, 0, 4], [1, 1, 1], [0, 2, 3], [1, 0, 1]],
+}
+
+
+@pytest.mark.parametrize("schedule", list(CACHE_SCHEDULES))
+@pytest.mark.parametrize("layer", list(CACHE_LAYERS))
+def test_mha_cache_decoding(backend, dt, rng, layer, schedule):
+    cpu, gpu = _cache_layers(layer, dt)
+    B, E, max_len = 3, cpu.embed_dim, 13
+    seqs = [_rand(rng, (12, E), dt) for _ in range(B)]
+    c_cache, g_cache = cpu.new_cache(B, max_len), gpu.new_cache(B, max_len)
+    k_buf = g_cache.k
+    pos = np.zeros(B, np.int64)
+    for step, chunk in enumerate(CACHE_SCHEDULES[schedule]):
+        ql = None if chunk is None else np.asarray(chunk)
+        t = np.full(B, 4 if step == 0 else 1) if ql is None else ql
+        L = int(t.max())
+        xb = np.zeros((B, L, E), dt)
+        for b in range(B):
+            xb[b, :t[b]] = seqs[b][pos[b]:pos[b] + t[b]]
+        want, want_w = cpu(xb, cache=c_cache, query_lengths=ql, return_weights=True)
+        got, got_w = gpu(backend.to_device(xb), cache=g_cache, query_lengths=ql, return_weights=True)
+        got, got_w = backend.to_host(got), backend.to_host(got_w)
+        assert_close(got, want, dt)
+        assert_close(got_w, want_w, dt)
+        assert got_w.shape == (B, cpu.num_heads, L, int((pos + t).max()))
+        for b in range(B):
+            assert (got[b, t[b]:] == 0).all()
+            assert (got_w[b, :, :, pos[b] + t[b]:] == 0).all()
+            ref, ref_w = _prefix_oracle(cpu, seqs[b], pos[b], pos[b] + t[b])
+            assert_close(got[b, :t[b]], ref.astype(dt), dt)
+            assert_close(got_w[b, :, :t[b], :pos[b] + t[b]], ref_w.astype(dt), dt)
+        pos += t
+        assert g_cache.lengths.tolist() == c_cache.lengths.tolist() == pos.tolist()
+    assert g_cache.k is k_buf  # appended in place
+    host = g_cache.to_cpu()
+    for b in range(B):  # the cached keys (RoPE applied) and values are the CPU layer's
+        assert_close(host.k[b, :, :pos[b]], c_cache.k[b, :, :pos[b]], dt)
+        assert_close(host.v[b, :, :pos[b]], c_cache.v[b, :, :pos[b]], dt)
+
+
+def test_mha_cache_from_cpu_and_edges(backend, dt, rng):
+    cpu, gpu = _cache_layers("gqa_neox", dt)
+    x = _rand(rng, (2, 6, cpu.embed_dim), dt)
+    # prefill on the CPU, continue on the GPU
+    c_cache = cpu.new_cache(2, 8)
+    cpu(x[:, :4], cache=c_cache, query_lengths=[4, 2])
+    g_cache = fcuda.KVCache.from_cpu(c_cache)
+    assert g_cache.lengths.tolist() == [4, 2]
+    assert "KVCache(batch_size=2, max_len=8, num_kv_heads=2, head_dim=4, dtype=" in repr(g_cache)
+    want = cpu(x[:, 4:6], cache=c_cache)
+    got = gpu(backend.to_device(x[:, 4:6]), cache=g_cache)
+    assert_close(backend.to_host(got), want, dt)
+    # no new tokens: nothing changes
+    empty = gpu(backend.to_device(x[:, :0]), cache=g_cache, return_weights=True)
+    assert backend.to_host(empty[0]).shape == (2, 0, cpu.embed_dim)
+    assert backend.to_host(empty[1]).shape == (2, cpu.num_heads, 0, 6)
+    assert g_cache.lengths.tolist() == [6, 4]
+    # reset truncates, as on the CPU; decoding then rewrites the same rows
+    g_cache.reset(lengths=[5, 4])
+    c_cache.reset(lengths=[5, 4])
+    want = cpu(x[:, 5:6], cache=c_cache)
+    assert_close(backend.to_host(gpu(backend.to_device(x[:, 5:6]), cache=g_cache)), want, dt)
+    with pytest.raises(ValueError, match="reset can only shorten"):
+        g_cache.reset(lengths=[8, 8])
+    g_cache.reset()
+    assert g_cache.lengths.tolist() == [0, 0]
+
+
+def test_mha_cache_bad_inputs(backend, rng):
+    """The CPU layer's checks and messages; a failing call changes nothing."""
+    cpu, gpu = _cache_layers("gqa_neox", np.float32)
+    x = _rand(rng, (2, 3, cpu.embed_dim), np.float32)
+    xd = backend.to_device(x)
+    c_cache, g_cache = cpu.new_cache(2, 5), gpu.new_cache(2, 5)
+    other_cpu, other_gpu = _cache_layers("mha", np.float32)
+    cases = [
+        dict(cache={}),
+        dict(cache=("other", 2, 5)),
+        dict(cache=("own", 3, 5)),
+        dict(cache=("own", 2, 5), key=x, value=x),
+        dict(cache=("own", 2, 5), key_lengths=[1, 2]),
+        dict(cache=("own", 2, 5), attn_mask=np.ones((3, 3), bool)),
+        dict(cache=("own", 2, 5), query_lengths=[1, 2, 3]),
+        dict(cache=("own", 2, 5), query_lengths=[4, 2]),
+        dict(cache=("own", 2, 2)),
+    ]
+    for case in cases:
+        case = dict(case)
+        spec = case.pop("cache")
+        kw_cpu, kw_gpu = dict(case), dict(case)
+        if "key" in case:
+            kw_gpu["key"] = kw_gpu["value"] = xd
+        if isinstance(spec, tuple):
+            owner, bsz, n = spec
+            c, g = (cpu, gpu) if owner == "own" else (other_cpu, other_gpu)
+            kw_cpu["cache"], kw_gpu["cache"] = c.new_cache(bsz, n), g.new_cache(bsz, n)
+        else:
+            kw_cpu["cache"] = kw_gpu["cache"] = spec
+        with pytest.raises((TypeError, ValueError)) as want:
+            cpu(x, **kw_cpu)
+        with pytest.raises(want.type) as got:
+            gpu(xd, **kw_gpu)
+        assert str(got.value) == str(want.value), case
+    # a CPU cache given to the GPU layer says how to move it
+    with pytest.raises(TypeError, match=r"got fastattn.mha.KVCache; copy a CPU cache to the GPU with "
+                                        r"fastattn.cuda.KVCache.from_cpu"):
+        gpu(xd, cache=c_cache)
+    # overflow: nothing appended, and the cache still works
+    gpu(xd, cache=g_cache, query_lengths=[3, 1])
+    k, v = backend.to_host(g_cache.k).copy(), backend.to_host(g_cache.v).copy()
+    with pytest.raises(ValueError, match=r"^KV cache overflow: sequence 0 holds 3 of max_len=5 tokens and "
+                                         r"cannot take 3 more; nothing was appended$"):
+        gpu(xd, cache=g_cache)
+    assert g_cache.lengths.tolist() == [3, 1]
+    assert np.array_equal(backend.to_host(g_cache.k), k, equal_nan=True)
+    assert np.array_equal(backend.to_host(g_cache.v), v, equal_nan=True)
+    gpu(xd[:, :2], cache=g_cache)
+    assert g_cache.lengths.tolist() == [5, 3]
+    # a cross-attention layer cannot decode with a cache
+    cross = fcuda.MultiHeadAttention(CpuLayer(rng, 16, 4, kdim=6, vdim=10, Dv=3, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"cache= is self-attention and needs kdim == vdim == embed_dim \(16\)"):
+        cross(backend.to_device(_rand(rng, (2, 3, 16), np.float32)), cache=cross.new_cache(2, 4))
+    assert cross.new_cache(2, 4).v.shape == (2, 4, 4, 3)
+    # a cache of the wrong value width
+    plain = fcuda.MultiHeadAttention(CpuLayer(rng, 16, 4, Dv=3, dtype=np.float32))
+    with pytest.raises(ValueError, match="cache holds values of dim 4; this layer needs 3"):
+        plain(backend.to_device(_rand(rng, (2, 3, 16), np.float32)), cache=fcuda.KVCache(2, 4, 4, 4))
+
+
+def test_mha_cache_value_head_dim(backend, dt, rng):
+    """Dv != D (allowed by the GPU layer contract): cached decoding equals
+    the uncached causal call."""
+    layer = CpuLayer(rng, 16, 4, Hkv=2, Dv=3, rope="neox", dtype=dt)
+    mha = fcuda.MultiHeadAttention(layer)
+    x = _rand(rng, (2, 5, 16), dt)
+    full = backend.to_host(mha(backend.to_device(x), is_causal=True))
+    cache = mha.new_cache(2, 5)
+    assert "v_head_dim=3" in repr(cache)
+    parts = [mha(backend.to_device(x[:, :3]), cache=cache)] + [
+        mha(backend.to_device(x[:, t:t + 1]), cache=cache) for t in (3, 4)]
+    assert_close(np.concatenate([backend.to_host(p) for p in parts], axis=1), full, dt)
+    with pytest.raises(ValueError, match="one head dim"):
+        cache.to_cpu()
+
+
+def test_gpu_page_cache_example(backend):
+    """The KV-cache example of docs/gpu.md runs as written."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "gpu.md").read_text()
+    section = page[page.index("### KV-cache decoding"):]
+    block = section[section.index("```python\n") + len("```python\n"):]
+    ns = {}
+    exec(block[:block.index("```")], ns)
+    assert ns["cache"].lengths.tolist() == [6, 4]
+    assert backend.to_host(ns["step"]).shape == (2, 1, 64)
 
 
 def test_emulated_calls_go_through_the_abi(backend, rng):
@@ -705,3 +931,8 @@ def test_emulated_calls_go_through_the_abi(backend, rng):
     assert backend.ext.calls[-1] == "masked_softmax"
     fcuda.scaled_dot_product_attention(x, x, x)
     assert backend.ext.calls[-1] == "sdpa"
+    cpu, gpu = _cache_layers("gqa_neox", np.float32)
+    cache = gpu.new_cache(2, 4)
+    del backend.ext.calls[:]
+    gpu(backend.to_device(_rand(rng, (2, 3, cpu.embed_dim), np.float32)), cache=cache)
+    assert backend.ext.calls.count("append_rows") == 2 and "sdpa" in backend.ext.calls

@@ -173,6 +173,7 @@ def abi_library(object_dir):
     handle.fa_cuda_masked_softmax.argtypes = [i32, View4, View4, i64, i64, i64, i64, dbl, ptr, ptr, ptr,
                                               i32, ptr]
     handle.fa_cuda_copy.argtypes = [i32, i32, View4, View4, i64, i64, i64, i64, ptr]
+    handle.fa_cuda_append_rows.argtypes = [i32, View4, View4, i64, i64, i64, i64, i64, ptr, ptr, ptr]
     handle.fa_cuda_apply_rotary.argtypes = [i32, View4, View4, i64, i64, i64, i64, View4, i32, dbl, ptr]
     handle.fa_cuda_position_encoding.argtypes = [i32, ptr, i64, i64, i64, i32, dbl, dbl, i64, ptr]
     handle.fa_cuda_linear.argtypes = [ptr, i32, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr]
@@ -224,6 +225,20 @@ def test_abi_rejects_bad_arguments_before_touching_the_gpu(abi_library):
                                          1e4, 0, None) == FA_CUDA_ERR_INVALID
     assert lib.fa_cuda_position_encoding(0, 0x1000, 4, 2, 4, 0, -1.0,
                                          1e4, 0, None) == FA_CUDA_ERR_INVALID
+    # the KV-cache causal mode (3) passes the checks; 4 does not
+    assert lib.fa_cuda_masked_softmax(0, fake, fake, 1, 1, 0, 4, 1.0, None, None, None,
+                                      3, None) == FA_CUDA_OK
+    assert lib.fa_cuda_masked_softmax(0, fake, fake, 1, 1, 2, 4, 1.0, None, None, None,
+                                      4, None) == FA_CUDA_ERR_INVALID
+    # KV-cache append: float only, sizes checked, empty work and NULL row tables
+    p = 0x1000
+    assert lib.fa_cuda_append_rows(8, fake, fake, 1, 1, 1, 1, 4, p, p, None) == FA_CUDA_ERR_INVALID
+    assert lib.fa_cuda_append_rows(0, fake, fake, 1, -1, 1, 1, 4, p, p, None) == FA_CUDA_ERR_OVERFLOW
+    assert lib.fa_cuda_append_rows(1, fake, fake, big, big, 1, 1, 4, p, p, None) == FA_CUDA_ERR_OVERFLOW
+    assert lib.fa_cuda_append_rows(0, fake, fake, 2, 2, 0, 4, 4, None, None, None) == FA_CUDA_OK
+    assert lib.fa_cuda_append_rows(0, fake, fake, 2, 2, 3, 4, 0, None, None, None) == FA_CUDA_OK
+    assert lib.fa_cuda_append_rows(0, fake, fake, 2, 2, 3, 4, 4, None, p, None) == FA_CUDA_ERR_INVALID
+    assert b"NULL" in lib.fa_cuda_last_error()
     # linear: row stride shorter than a row
     assert lib.fa_cuda_linear(None, 0, 0x1000, 2, 0x1000, 4, None,
                               0x1000, 4, 3, 4, 4, None) == FA_CUDA_ERR_INVALID

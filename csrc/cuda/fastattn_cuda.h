@@ -55,7 +55,13 @@ typedef enum { FA_CUDA_MASK_NONE = 0, FA_CUDA_MASK_BOOL = 1, FA_CUDA_MASK_ADD = 
 typedef enum {
     FA_CUDA_CAUSAL_NONE = 0,
     FA_CUDA_CAUSAL_TOP_LEFT = 1,     /* key j > i is masked */
-    FA_CUDA_CAUSAL_BOTTOM_RIGHT = 2  /* key j > i + (Lk - Lq) is masked */
+    FA_CUDA_CAUSAL_BOTTOM_RIGHT = 2, /* key j > i + (Lk - Lq) is masked */
+    /* Bottom-right per row, aligned to the lengths instead of the axes:
+     * key j > i + (key_len(b, m) - query_len(b, m)) is masked (the lengths
+     * default to Lk and Lq). A ragged KV cache: query i of a sequence that
+     * held key_len - query_len tokens before this call sees its own
+     * position and everything before it. Not in csrc/fastattn.h. */
+    FA_CUDA_CAUSAL_LENGTHS = 3
 } fa_cuda_causal;
 typedef enum { FA_CUDA_PE_CONCAT = 0, FA_CUDA_PE_INTERLEAVED = 1 } fa_cuda_pe_layout;
 typedef enum { FA_CUDA_ROPE_NEOX = 0, FA_CUDA_ROPE_GPTJ = 1 } fa_cuda_rope_layout;
@@ -111,6 +117,16 @@ int fa_cuda_blas_destroy(void *handle);
  * source strides. src and dst must not partly overlap. */
 int fa_cuda_copy(int dst_dtype, int src_dtype, fa_cuda_view4 src, fa_cuda_view4 dst,
                  int64_t n0, int64_t n1, int64_t n2, int64_t n3, void *stream);
+
+/* KV-cache append of one dtype (F32 or F64), over src (B, M, L, C) and
+ * dst (B, M, dst_len, C) strided views:
+ *   dst[b, m, dst_row[b] + i, :] = src[b, m, i, :]   for i < min(rows[b], L).
+ * dst_row and rows are contiguous int64 (B,) in DEVICE memory; a row that
+ * would land outside [0, dst_len) is skipped, never written (Python checks
+ * that none does). src and dst must not overlap. */
+int fa_cuda_append_rows(int dtype, fa_cuda_view4 src, fa_cuda_view4 dst, int64_t B, int64_t M,
+                        int64_t L, int64_t C, int64_t dst_len, const int64_t *dst_row,
+                        const int64_t *rows, void *stream);
 
 /* y: contiguous (B, M, L, C); rows l >= lengths(b, m) are set to +0. */
 int fa_cuda_zero_padded_rows(int dtype, void *y, int64_t B, int64_t M, int64_t L,

@@ -105,15 +105,18 @@ __device__ __forceinline__ RowStat<T> team_reduce(RowStat<T> st, RowStat<T> *war
     return st;
 }
 
-/* Keys [0, n) of row i are not excluded by key_len or causality. */
+/* Keys [0, n) of row i (i < query_len) are not excluded by key_len or
+ * causality. */
 __device__ __forceinline__ int64_t valid_keys(int64_t i, int64_t Lq, int64_t Lk,
-                                              int64_t key_len, int causal) {
+                                              int64_t key_len, int64_t query_len, int causal) {
     int64_t n = key_len < Lk ? key_len : Lk;
     int64_t limit = Lk;
     if (causal == FA_CUDA_CAUSAL_TOP_LEFT)
         limit = i + 1;
     else if (causal == FA_CUDA_CAUSAL_BOTTOM_RIGHT)
         limit = i + 1 + (Lk - Lq);
+    else if (causal == FA_CUDA_CAUSAL_LENGTHS)
+        limit = i + 1 + (n - query_len);
     if (limit < n) n = limit;
     return n < 0 ? 0 : n;
 }
@@ -152,7 +155,7 @@ __global__ void __launch_bounds__(SOFTMAX_BLOCK) masked_softmax_kernel(const Sof
         const int64_t qlen = a.query_len ? a.query_len[b * a.ql_b + m * a.ql_m] : a.Lq;
         if (i < qlen) {
             const int64_t klen = a.key_len ? a.key_len[b * a.kl_b + m * a.kl_m] : a.Lk;
-            n = valid_keys(i, a.Lq, a.Lk, klen, a.causal);
+            n = valid_keys(i, a.Lq, a.Lk, klen, qlen, a.causal);
         }
         const T *xrow = a.x + b * a.xs[0] + m * a.xs[1] + i * a.xs[2];
         const int64_t moff = b * a.ms[0] + m * a.ms[1] + i * a.ms[2];
@@ -239,7 +242,7 @@ int fa_cuda_check_softmax_args(int dtype, int64_t B, int64_t M, int64_t Lq, int6
     (void)query_len;
     if (dtype != FA_CUDA_F32 && dtype != FA_CUDA_F64)
         return fa_cuda_fail(FA_CUDA_ERR_INVALID, "masked softmax: dtype %d is not float32/float64", dtype);
-    if (causal < FA_CUDA_CAUSAL_NONE || causal > FA_CUDA_CAUSAL_BOTTOM_RIGHT)
+    if (causal < FA_CUDA_CAUSAL_NONE || causal > FA_CUDA_CAUSAL_LENGTHS)
         return fa_cuda_fail(FA_CUDA_ERR_INVALID, "masked softmax: unknown causal mode %d", causal);
     const int64_t dims[4] = {B, M, Lq, Lk};
     if (fa_cuda_product(dims, 4) < 0)
