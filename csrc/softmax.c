@@ -51,6 +51,23 @@ typedef struct {
     int causal, dtype, stream;
 } softmax_job;
 
+/* Row r's valid key count and the address of its x row. */
+static int64_t row_valid(const softmax_job *job, int64_t r, const char **xrow) {
+    const int64_t Lq = job->Lq, i = r % Lq, bm = r / Lq, m = bm % job->M, b = bm / job->M;
+    *xrow = (const char *)job->x.data +
+            (b * job->x.stride[0] + m * job->x.stride[1] + i * job->x.stride[2]) * job->esize;
+    if (i >= length_at(job->query_len, b, m, Lq)) return 0;
+    return valid_keys(i, Lq, job->Lk, length_at(job->key_len, b, m, job->Lk), job->causal);
+}
+
+/* Asks for the valid part of a contiguous x row ahead of its use: rows are
+ * handed out in chunks, and at each chunk's start the hardware prefetcher
+ * has to find the new stream again; with the row requested while the one
+ * before it is computed, the load overlaps the exponentials. */
+static void prefetch_row(const char *xrow, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(xrow + o, 0, 0);
+}
+
 /* Rows [lo, hi) of the flattened (B, M, Lq) row index. scratch holds an x
  * row, a y row (also the streaming stage) and a mask row. */
 static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *scratch) {
@@ -63,16 +80,21 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
     char *mbuf = scratch ? scratch + 2 * Lk * es : NULL;
     const int64_t ys = job->y.stride[3];
 
+    const int prefetch = job->stream && job->x.stride[3] == 1;
+    const char *xnext = NULL;
+    int64_t nnext = lo < hi ? row_valid(job, lo, &xnext) : 0;
+    if (prefetch) prefetch_row(xnext, nnext * es);
     for (int64_t r = lo; r < hi; ++r) {
         const int64_t i = r % Lq, bm = r / Lq, m = bm % M, b = bm / M;
         char *yrow = (char *)job->y.data +
                      (b * job->y.stride[0] + m * job->y.stride[1] + i * job->y.stride[2]) * es;
-        int64_t n = 0;
-        if (i < length_at(job->query_len, b, m, Lq))
-            n = valid_keys(i, Lq, Lk, length_at(job->key_len, b, m, Lk), job->causal);
+        const char *xrow = xnext;
+        const int64_t n = nnext;
+        if (r + 1 < hi) {
+            nnext = row_valid(job, r + 1, &xnext);
+            if (prefetch) prefetch_row(xnext, nnext * es);
+        }
         if (n > 0) {
-            const char *xrow = (const char *)job->x.data +
-                (b * job->x.stride[0] + m * job->x.stride[1] + i * job->x.stride[2]) * es;
             const void *xc = gather(xrow, job->x.stride[3], n, es, xbuf);
             const void *mrow = NULL;
             if (mkind != FA_MASK_NONE) {
@@ -154,8 +176,9 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t M,
         {
             /* Rows are independent, so any schedule gives the same bits;
              * dynamic chunks balance rows whose valid lengths differ (key
-             * lengths, causality). 16 rows of 512 keys are ~0.1 ms of work,
-             * far above the cost of taking a chunk. */
+             * lengths, causality). A chunk is 16 blocks of 16 rows: 256
+             * rows of 512 keys are ~0.1 ms of work, far above the cost of
+             * taking a chunk, and a block is the unit of one store fence. */
             char *mine = scratch ? scratch + fa_thread_id() * per_thread : NULL;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 16)
