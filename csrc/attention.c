@@ -83,6 +83,55 @@ static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, 
 FA_DEFINE_MERGE(float, fa_expf_nonpos)
 FA_DEFINE_MERGE(double, fa_exp)
 
+/* Item it of the unsplit schedule: query block it % nqb of head it / nqb;
+ * padded query rows are zeroed, not computed. */
+static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nqb,
+                       int64_t it, void *scratch) {
+    const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t qb = it % nqb, bh = it / nqb, h = bh % job->H, b = bh / job->H;
+    const int64_t q0 = qb * FA_ATTN_MQ;
+    const int64_t q1 = q0 + FA_ATTN_MQ < Lq ? q0 + FA_ATTN_MQ : Lq;
+    const int64_t qlen = length_at(ql, b, h, Lq), klen = length_at(&job->key_len, b, h, job->Lk);
+    const int64_t qv1 = q1 < qlen ? q1 : qlen;
+    if (q0 < qv1) run_block(job, b, h, q0, qv1, 0, klen, NULL, NULL, scratch);
+    zero_rows(job, b, h, q0 > qv1 ? q0 : qv1, q1, es);
+}
+
+/* Item it of the split-KV schedule: key chunk it % nsplit of head
+ * it / nsplit, into its slot of the partial results. */
+static void split_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nsplit,
+                       int64_t chunk, char *part, char *part_ml, int64_t it, void *scratch) {
+    const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t s = it % nsplit, bh = it / nsplit, h = bh % job->H, b = bh / job->H;
+    const int64_t qv1 = length_at(ql, b, h, Lq), klen = length_at(&job->key_len, b, h, job->Lk);
+    const int64_t k0 = s * chunk < klen ? s * chunk : klen;
+    const int64_t k1 = k0 + chunk < klen ? k0 + chunk : klen;
+    if (qv1 > 0)
+        run_block(job, b, h, 0, qv1, k0, k1, part + (it * Lq * job->Dv) * es,
+                  part_ml + (it * Lq * 2) * es, scratch);
+}
+
+/* Head bh's output rows from its nsplit partial results, in split order. */
+static void merge_head(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nsplit,
+                       const char *part, const char *part_ml, int64_t bh) {
+    const int64_t Lq = job->Lq, Dv = job->Dv, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t h = bh % job->H, b = bh / job->H;
+    const int64_t qv1 = length_at(ql, b, h, Lq);
+    const int64_t first = bh * nsplit;
+    for (int64_t i = 0; i < qv1; ++i) {
+        char *orow = job->out + (b * job->os[0] + h * job->os[1] + i * job->os[2]) * es;
+        if (job->dtype == FA_DTYPE_F32)
+            merge_row_float((const float *)part + (first * Lq + i) * Dv,
+                            (const float *)part_ml + (first * Lq + i) * 2, nsplit, Lq * Dv,
+                            Lq * 2, Dv, (float *)orow);
+        else
+            merge_row_double((const double *)part + (first * Lq + i) * Dv,
+                             (const double *)part_ml + (first * Lq + i) * 2, nsplit, Lq * Dv,
+                             Lq * 2, Dv, (double *)orow);
+    }
+    zero_rows(job, b, h, qv1, Lq, es);
+}
+
 static int check_view(const fa_view4 *v, int64_t d0, int64_t d1, int64_t d2, int64_t d3,
                       int64_t es) {
     const int64_t dims[4] = {d0, d1, d2, d3};
@@ -159,21 +208,18 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     char *scratch = fa_scratch_alloc(per_thread, nthreads);
     if (scratch == NULL) return FA_ERR_NOMEM;
 
-    const fa_lengths_view *kl = &a->key_len, *ql = &a->query_len;
+    /* One thread runs the items itself: even an if(false) parallel region
+     * costs a futex call in libgomp, a fifth of a tiny decode call. */
+    const fa_lengths_view *ql = &a->query_len;
     if (nsplit == 1) {
+        if (nthreads == 1) {
+            for (int64_t it = 0; it < items; ++it) block_item(&job, ql, nqb, it, scratch);
+        } else {
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
 #endif
-        for (int64_t it = 0; it < items; ++it) {
-            const int64_t qb = it % nqb, bh = it / nqb, h = bh % H, b = bh / H;
-            const int64_t q0 = qb * FA_ATTN_MQ;
-            const int64_t q1 = q0 + FA_ATTN_MQ < Lq ? q0 + FA_ATTN_MQ : Lq;
-            const int64_t qlen = length_at(ql, b, h, Lq), klen = length_at(kl, b, h, Lk);
-            const int64_t qv1 = q1 < qlen ? q1 : qlen;
-            if (q0 < qv1)
-                run_block(&job, b, h, q0, qv1, 0, klen, NULL, NULL,
-                          scratch + fa_thread_id() * per_thread);
-            zero_rows(&job, b, h, q0 > qv1 ? q0 : qv1, q1, es);
+            for (int64_t it = 0; it < items; ++it)
+                block_item(&job, ql, nqb, it, scratch + fa_thread_id() * per_thread);
         }
         fa_scratch_free(scratch);
         return FA_OK;
@@ -192,42 +238,25 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
         return FA_ERR_NOMEM;
     }
     char *part_ml = part + n_part * es;
+    if (nthreads == 1) {
+        for (int64_t it = 0; it < items; ++it)
+            split_item(&job, ql, nsplit, chunk, part, part_ml, it, scratch);
+        for (int64_t bh = 0; bh < heads; ++bh) merge_head(&job, ql, nsplit, part, part_ml, bh);
+    } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#pragma omp parallel num_threads(nthreads)
 #endif
-    {
-        char *mine = scratch + fa_thread_id() * per_thread;
+        {
+            char *mine = scratch + fa_thread_id() * per_thread;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-        for (int64_t it = 0; it < items; ++it) {
-            const int64_t s = it % nsplit, bh = it / nsplit, h = bh % H, b = bh / H;
-            const int64_t qv1 = length_at(ql, b, h, Lq), klen = length_at(kl, b, h, Lk);
-            const int64_t k0 = s * chunk < klen ? s * chunk : klen;
-            const int64_t k1 = k0 + chunk < klen ? k0 + chunk : klen;
-            if (qv1 > 0)
-                run_block(&job, b, h, 0, qv1, k0, k1, part + (it * Lq * Dv) * es,
-                          part_ml + (it * Lq * 2) * es, mine);
-        }
+            for (int64_t it = 0; it < items; ++it)
+                split_item(&job, ql, nsplit, chunk, part, part_ml, it, mine);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t bh = 0; bh < heads; ++bh) {
-            const int64_t h = bh % H, b = bh / H;
-            const int64_t qv1 = length_at(ql, b, h, Lq);
-            for (int64_t i = 0; i < qv1; ++i) {
-                const int64_t first = bh * nsplit;
-                char *orow = job.out + (b * job.os[0] + h * job.os[1] + i * job.os[2]) * es;
-                if (dtype == FA_DTYPE_F32)
-                    merge_row_float((const float *)part + (first * Lq + i) * Dv,
-                                    (const float *)part_ml + (first * Lq + i) * 2, nsplit,
-                                    Lq * Dv, Lq * 2, Dv, (float *)orow);
-                else
-                    merge_row_double((const double *)part + (first * Lq + i) * Dv,
-                                     (const double *)part_ml + (first * Lq + i) * 2, nsplit,
-                                     Lq * Dv, Lq * 2, Dv, (double *)orow);
-            }
-            zero_rows(&job, b, h, qv1, Lq, es);
+            for (int64_t bh = 0; bh < heads; ++bh) merge_head(&job, ql, nsplit, part, part_ml, bh);
         }
     }
     fa_scratch_free(part);

@@ -115,6 +115,19 @@ int fa_resolve_threads(int requested, int64_t work_items, int64_t total_elems) {
     return n < 1 ? 1 : n;
 }
 
+void fa_run_team(int nthreads, fa_team_fn fn, void *ctx) {
+    if (nthreads <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+    fn(ctx, omp_get_thread_num(), omp_get_num_threads());
+#else
+    for (int t = 0; t < nthreads; ++t) fn(ctx, t, nthreads);
+#endif
+}
+
 int fa_view_ok(const int64_t *dims, const int64_t *strides, int n,
                int64_t elem_size) {
     int64_t reach = 0;

@@ -33,6 +33,28 @@ static void move_vec(char *dst, const char *src, int64_t src_stride, int64_t D,
  * D-vector at src + b*ss[0] + s*ss[1] + h*ss[2] (elements, stride ss[3]
  * along D) to the contiguous D-vector at dst + b*ds[0] + s*ds[1] + h*ds[2].
  * Work is split over (b, s): one H*D row of the (B, S, H*D) side each. */
+typedef struct {
+    const char *src;
+    char *dst;
+    const int64_t *ss, *ds;
+    int64_t S, H, D, rows;
+    int es;
+} heads_job;
+
+/* This thread's static share of the (b, s) rows. */
+static void move_rows(void *ctx, int t, int nthreads) {
+    const heads_job *j = ctx;
+    int64_t lo, hi;
+    fa_partition(j->rows, nthreads, t, &lo, &hi);
+    for (int64_t r = lo; r < hi; ++r) {
+        const int64_t b = r / j->S, s = r % j->S;
+        const char *from = j->src + (b * j->ss[0] + s * j->ss[1]) * j->es;
+        char *to = j->dst + (b * j->ds[0] + s * j->ds[1]) * j->es;
+        for (int64_t h = 0; h < j->H; ++h)
+            move_vec(to + h * j->ds[2] * j->es, from + h * j->ss[2] * j->es, j->ss[3], j->D, j->es);
+    }
+}
+
 static int move_heads(int es, const char *src, const int64_t ss[4], char *dst,
                       const int64_t ds[3], int64_t B, int64_t S, int64_t H, int64_t D,
                       int num_threads) {
@@ -44,18 +66,8 @@ static int move_heads(int es, const char *src, const int64_t ss[4], char *dst,
     if (src == NULL || dst == NULL) return FA_ERR_INVALID;
     const int64_t dense[4] = {S * H * D, H * D, D, 1};
     if (!fa_view_ok(dims, ss, 4, es) || !fa_view_ok(dims, dense, 4, es)) return FA_ERR_OVERFLOW;
-    const int64_t rows = B * S;
-    const int nthreads = fa_resolve_threads(num_threads, rows, total);
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-#endif
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t b = r / S, s = r % S;
-        const char *from = src + (b * ss[0] + s * ss[1]) * es;
-        char *to = dst + (b * ds[0] + s * ds[1]) * es;
-        for (int64_t h = 0; h < H; ++h)
-            move_vec(to + h * ds[2] * es, from + h * ss[2] * es, ss[3], D, es);
-    }
+    heads_job job = {src, dst, ss, ds, S, H, D, B * S, es};
+    fa_run_team(fa_resolve_threads(num_threads, job.rows, total), move_rows, &job);
     return FA_OK;
 }
 

@@ -145,6 +145,13 @@ int fa_view_ok(const int64_t *dims, const int64_t *strides, int n,
  * smaller than FA_MIN_PARALLEL_ELEMS elements. */
 int fa_resolve_threads(int requested, int64_t work_items, int64_t total_elems);
 
+/* Runs fn(ctx, t, nthreads) for t = 0 .. nthreads-1, one call per thread of
+ * an OpenMP team; with nthreads == 1 the caller runs fn(ctx, 0, 1) itself
+ * and no OpenMP region is entered, since even an if(false) region costs a
+ * futex call in libgomp (a fifth of a tiny attention call). */
+typedef void (*fa_team_fn)(void *ctx, int t, int nthreads);
+void fa_run_team(int nthreads, fa_team_fn fn, void *ctx);
+
 static inline int fa_thread_id(void) {
 #ifdef _OPENMP
     return omp_get_thread_num();

@@ -121,6 +121,30 @@ typedef struct {
 FA_DEFINE_PE_EMIT(float)
 FA_DEFINE_PE_EMIT(double)
 
+typedef struct {
+    int dtype, add;
+    const pe_plan *plan;
+    pe_sink *sink;
+    char *scratch;
+    int64_t per_thread, blocks, block, length;
+} pe_job;
+
+/* This thread's static share of the position blocks. */
+static void pe_part(void *ctx, int t, int nthreads) {
+    const pe_job *j = ctx;
+    double *s = (double *)(j->scratch + t * j->per_thread), *c = s + j->plan->nfreq;
+    void *row = c + j->plan->nfreq;
+    int64_t lo, hi;
+    fa_partition(j->blocks, nthreads, t, &lo, &hi);
+    const int64_t p0 = lo * j->block, p1 = hi == j->blocks ? j->length : hi * j->block;
+    if (j->dtype == FA_DTYPE_F32)
+        pe_rows_float(j->plan, p0, p1, s, c, (float *)row,
+                      j->add ? emit_add_float : emit_table_float, j->sink);
+    else
+        pe_rows_double(j->plan, p0, p1, s, c, (double *)row,
+                       j->add ? emit_add_double : emit_table_double, j->sink);
+}
+
 static int pe_run(int dtype, int64_t length, int64_t channels, const fa_pe_params *p,
                   pe_sink *sink, int add, int num_threads) {
     if (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64) return FA_ERR_INVALID;
@@ -160,23 +184,8 @@ static int pe_run(int dtype, int64_t length, int64_t channels, const fa_pe_param
         fa_scratch_free(freq);
         return FA_ERR_NOMEM;
     }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-#endif
-    {
-        const int t = fa_thread_id();
-        double *s = (double *)(scratch + t * per_thread), *c = s + n;
-        void *row = c + n;
-        int64_t lo, hi;
-        fa_partition(blocks, nthreads, t, &lo, &hi);
-        const int64_t p0 = lo * block, p1 = hi == blocks ? length : hi * block;
-        if (dtype == FA_DTYPE_F32)
-            pe_rows_float(&plan, p0, p1, s, c, (float *)row,
-                          add ? emit_add_float : emit_table_float, sink);
-        else
-            pe_rows_double(&plan, p0, p1, s, c, (double *)row,
-                           add ? emit_add_double : emit_table_double, sink);
-    }
+    pe_job job = {dtype, add, &plan, sink, scratch, per_thread, blocks, block, length};
+    fa_run_team(nthreads, pe_part, &job);
     fa_scratch_free(scratch);
     fa_scratch_free(freq);
     return FA_OK;

@@ -72,6 +72,36 @@
 FA_DEFINE_ROPE_TABLE(float, FA_ROPE_BLOCK_F32)
 FA_DEFINE_ROPE_TABLE(double, 1)
 
+typedef struct {
+    int dtype;
+    void *cos_out, *sin_out;
+    int64_t n, half;
+    const int64_t *positions;
+    int64_t start;
+    double *inv; /* (half) frequencies, then 4 * half doubles of scratch a thread */
+    int64_t per_thread;
+} rope_table_job;
+
+/* This thread's static share of the positions. */
+static void rope_table_part(void *ctx, int t, int nthreads) {
+    const rope_table_job *j = ctx;
+    const int64_t half = j->half;
+    double *s = j->inv + half + (int64_t)t * j->per_thread, *c = s + half;
+    double *ws = c + half, *wc = ws + half;
+    for (int64_t k = 0; k < half; ++k) {
+        ws[k] = sin(j->inv[k]);
+        wc[k] = cos(j->inv[k]);
+    }
+    int64_t p0, p1;
+    fa_partition(j->n, nthreads, t, &p0, &p1);
+    if (j->dtype == FA_DTYPE_F32)
+        rope_table_float(j->cos_out, j->sin_out, half, j->positions, j->start, j->inv, s, c, ws,
+                         wc, p0, p1);
+    else
+        rope_table_double(j->cos_out, j->sin_out, half, j->positions, j->start, j->inv, s, c, ws,
+                          wc, p0, p1);
+}
+
 int fa_rope_table(int dtype, void *cos_out, void *sin_out, int64_t n, int64_t half,
                   const int64_t *positions, int64_t start, double base, int num_threads) {
     if (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64) return FA_ERR_INVALID;
@@ -94,25 +124,8 @@ int fa_rope_table(int dtype, void *cos_out, void *sin_out, int64_t n, int64_t ha
     /* theta_j = base^(-2j / D), D = 2 * half */
     for (int64_t j = 0; j < half; ++j)
         inv[j] = pow(base, -(double)(2 * j) / (double)(2 * half));
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-#endif
-    {
-        const int t = fa_thread_id();
-        double *s = inv + half + (int64_t)t * per_thread, *c = s + half;
-        double *ws = c + half, *wc = ws + half;
-        for (int64_t j = 0; j < half; ++j) {
-            ws[j] = sin(inv[j]);
-            wc[j] = cos(inv[j]);
-        }
-        int64_t p0, p1;
-        fa_partition(n, nthreads, t, &p0, &p1);
-        if (dtype == FA_DTYPE_F32)
-            rope_table_float(cos_out, sin_out, half, positions, start, inv, s, c, ws, wc, p0, p1);
-        else
-            rope_table_double(cos_out, sin_out, half, positions, start, inv, s, c, ws, wc, p0,
-                              p1);
-    }
+    rope_table_job job = {dtype, cos_out, sin_out, n, half, positions, start, inv, per_thread};
+    fa_run_team(nthreads, rope_table_part, &job);
     fa_scratch_free(inv);
     return FA_OK;
 }
@@ -157,6 +170,50 @@ int fa_rope_table(int dtype, void *cos_out, void *sin_out, int64_t n, int64_t ha
     }
 FA_DEFINE_ROPE_ROW(float)
 FA_DEFINE_ROPE_ROW(double)
+
+typedef struct {
+    const fa_rope_args *a;
+    int dtype, rotate;
+    int64_t es, half, D, N1, L, rows;
+} rope_apply_job;
+
+/* This thread's static share of the (n0, n1, l) rows. */
+static void rope_apply_rows(void *ctx, int t, int nthreads) {
+    const rope_apply_job *j = ctx;
+    const fa_rope_args *a = j->a;
+    const int64_t es = j->es, half = j->half, L = j->L, N1 = j->N1;
+    const char *xb = a->x.data;
+    char *yb = a->y.data;
+    int64_t lo, hi;
+    fa_partition(j->rows, nthreads, t, &lo, &hi);
+    for (int64_t r = lo; r < hi; ++r) {
+        const int64_t l = r % L, n1 = (r / L) % N1, n0 = r / (L * N1);
+        if (a->rows && l >= a->rows[n0]) continue;
+        const int64_t yl = l + (a->y_row_offset ? a->y_row_offset[n0] : 0);
+        const char *xr = xb + (n0 * a->x.stride[0] + n1 * a->x.stride[1] + l * a->x.stride[2]) * es;
+        char *yr = yb + (n0 * a->y.stride[0] + n1 * a->y.stride[1] + yl * a->y.stride[2]) * es;
+        if (!j->rotate) {
+            if (xr != yr) memmove(yr, xr, (size_t)(j->D * es));
+            continue;
+        }
+        const int64_t ti =
+            a->index[n0 * a->index_stride[0] + n1 * a->index_stride[1] + l * a->index_stride[2]];
+        if (j->dtype == FA_DTYPE_F32) {
+            const float *cs = (const float *)a->cos + ti * half, *sn = (const float *)a->sin + ti * half;
+            if (xr == yr)
+                rope_row_inplace_float((float *)yr, cs, sn, half, a->layout);
+            else
+                rope_row_float((const float *)xr, (float *)yr, cs, sn, half, a->layout);
+        } else {
+            const double *cs = (const double *)a->cos + ti * half,
+                         *sn = (const double *)a->sin + ti * half;
+            if (xr == yr)
+                rope_row_inplace_double((double *)yr, cs, sn, half, a->layout);
+            else
+                rope_row_double((const double *)xr, (double *)yr, cs, sn, half, a->layout);
+        }
+    }
+}
 
 int fa_rope_apply(int dtype, const fa_rope_args *a, int num_threads) {
     if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64)) return FA_ERR_INVALID;
@@ -206,37 +263,7 @@ int fa_rope_apply(int dtype, const fa_rope_args *a, int num_threads) {
     }
     const int64_t rows = N0 * N1 * L;
     const int nthreads = fa_resolve_threads(num_threads, rows, total);
-    const char *xb = a->x.data;
-    char *yb = a->y.data;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-#endif
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t l = r % L, n1 = (r / L) % N1, n0 = r / (L * N1);
-        if (a->rows && l >= a->rows[n0]) continue;
-        const int64_t yl = l + (a->y_row_offset ? a->y_row_offset[n0] : 0);
-        const char *xr = xb + (n0 * a->x.stride[0] + n1 * a->x.stride[1] + l * a->x.stride[2]) * es;
-        char *yr = yb + (n0 * a->y.stride[0] + n1 * a->y.stride[1] + yl * a->y.stride[2]) * es;
-        if (!rotate) {
-            if (xr != yr) memmove(yr, xr, (size_t)(D * es));
-            continue;
-        }
-        const int64_t t =
-            a->index[n0 * a->index_stride[0] + n1 * a->index_stride[1] + l * a->index_stride[2]];
-        if (dtype == FA_DTYPE_F32) {
-            const float *cs = (const float *)a->cos + t * half, *sn = (const float *)a->sin + t * half;
-            if (xr == yr)
-                rope_row_inplace_float((float *)yr, cs, sn, half, a->layout);
-            else
-                rope_row_float((const float *)xr, (float *)yr, cs, sn, half, a->layout);
-        } else {
-            const double *cs = (const double *)a->cos + t * half,
-                         *sn = (const double *)a->sin + t * half;
-            if (xr == yr)
-                rope_row_inplace_double((double *)yr, cs, sn, half, a->layout);
-            else
-                rope_row_double((const double *)xr, (double *)yr, cs, sn, half, a->layout);
-        }
-    }
+    rope_apply_job job = {a, dtype, rotate, es, half, D, N1, L, rows};
+    fa_run_team(nthreads, rope_apply_rows, &job);
     return FA_OK;
 }

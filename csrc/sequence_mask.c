@@ -28,6 +28,33 @@
 FA_DEFINE_SEQMASK_ROW(float)
 FA_DEFINE_SEQMASK_ROW(double)
 
+typedef struct {
+    fa_view4 x, y;
+    int64_t P, L, C;
+    const int64_t *lengths;
+    int dtype, mode;
+    int64_t rows;
+} seqmask_job;
+
+/* This thread's static share of the (b, p, l) rows. */
+static void seqmask_rows(void *ctx, int t, int nthreads) {
+    const seqmask_job *j = ctx;
+    int64_t lo, hi;
+    fa_partition(j->rows, nthreads, t, &lo, &hi);
+    for (int64_t r = lo; r < hi; ++r) {
+        const int64_t l = r % j->L, bp = r / j->L, p = bp % j->P, b = bp / j->P;
+        const int valid = l < j->lengths[b];
+        const int64_t xo = b * j->x.stride[0] + p * j->x.stride[1] + l * j->x.stride[2];
+        const int64_t yo = b * j->y.stride[0] + p * j->y.stride[1] + l * j->y.stride[2];
+        if (j->dtype == FA_DTYPE_F32)
+            seqmask_row_float((const float *)j->x.data + xo, j->x.stride[3],
+                              (float *)j->y.data + yo, j->y.stride[3], j->C, valid, j->mode);
+        else
+            seqmask_row_double((const double *)j->x.data + xo, j->x.stride[3],
+                               (double *)j->y.data + yo, j->y.stride[3], j->C, valid, j->mode);
+    }
+}
+
 int fa_apply_sequence_mask(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t P,
                            int64_t L, int64_t C, const int64_t *lengths, int mode,
                            int num_threads) {
@@ -42,22 +69,7 @@ int fa_apply_sequence_mask(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t
     if (!fa_view_ok(dims, x.stride, 4, es) || !fa_view_ok(dims, y.stride, 4, es))
         return FA_ERR_OVERFLOW;
 
-    const int64_t rows = B * P * L;
-    const int nthreads = fa_resolve_threads(num_threads, rows, total);
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-#endif
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t l = r % L, bp = r / L, p = bp % P, b = bp / P;
-        const int valid = l < lengths[b];
-        const int64_t xo = b * x.stride[0] + p * x.stride[1] + l * x.stride[2];
-        const int64_t yo = b * y.stride[0] + p * y.stride[1] + l * y.stride[2];
-        if (dtype == FA_DTYPE_F32)
-            seqmask_row_float((const float *)x.data + xo, x.stride[3],
-                              (float *)y.data + yo, y.stride[3], C, valid, mode);
-        else
-            seqmask_row_double((const double *)x.data + xo, x.stride[3],
-                               (double *)y.data + yo, y.stride[3], C, valid, mode);
-    }
+    seqmask_job job = {x, y, P, L, C, lengths, dtype, mode, B * P * L};
+    fa_run_team(fa_resolve_threads(num_threads, job.rows, total), seqmask_rows, &job);
     return FA_OK;
 }
