@@ -95,6 +95,32 @@ class ParallelCopy:
         self.pool.shutdown()
 
 
+class ParallelRead:
+    """A callable that reads every byte of some arrays once with `threads`
+    threads (a max over each thread's slice of each array; NumPy releases
+    the GIL for reductions): the read roofline for a kernel that streams
+    the same bytes. A BLAS matrix-vector product would do the same, but its
+    worker threads keep spinning after each call and slow the next peer."""
+
+    def __init__(self, arrays, threads):
+        flat = [a.reshape(-1) for a in arrays]
+        self.slices = [[f[f.size * t // threads:f.size * (t + 1) // threads] for f in flat]
+                       for t in range(threads)]
+        self.pool = ThreadPoolExecutor(threads)
+        self.moved = sum(a.nbytes for a in arrays)
+
+    @staticmethod
+    def _read(parts):
+        for p in parts:
+            p.max()
+
+    def __call__(self):
+        list(self.pool.map(self._read, self.slices))
+
+    def close(self):
+        self.pool.shutdown()
+
+
 def copy_bandwidth_gbs(threads, mbytes=256):
     """Copy bandwidth (bytes read + bytes written per second) with `threads`
     threads."""

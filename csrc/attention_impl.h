@@ -370,11 +370,21 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
 
 /* ---- row path --------------------------------------------------------------------- */
 
-/* s[j] = dot(qs, k_j) for nk keys, four at a time to hide FMA latency. */
+/* s[j] = dot(qs, k_j) for nk keys, four at a time to hide FMA latency.
+ * Decode is a pure stream of K and V, read in alternating tiles, which the
+ * hardware prefetcher follows poorly: with each group of four keys, the
+ * same rows of the next K tile (pk, pk_rows of them) and of this V tile
+ * (pv, nk rows) are requested, spread over the compute so that the loads
+ * overlap it. */
 static void FA_KNAME(row_scores, DT)(const T *qs, const T *kt, int64_t kst, int64_t D,
-                                     int64_t nk, T *s) {
+                                     int64_t nk, T *s, const T *pk, int64_t pk_rows,
+                                     const T *pv, int64_t vst, int64_t Dv) {
     int64_t j = 0;
     for (; j + 4 <= nk; j += 4) {
+        for (int64_t r = j; r < j + 4; ++r) {
+            if (r < pk_rows) fa_prefetch(pk + r * kst, D * (int64_t)sizeof(T));
+            fa_prefetch(pv + r * vst, Dv * (int64_t)sizeof(T));
+        }
         const T *k0 = kt + j * kst, *k1 = k0 + kst, *k2 = k1 + kst, *k3 = k2 + kst;
         V a0 = V_ZERO(), a1 = V_ZERO(), a2 = V_ZERO(), a3 = V_ZERO();
         int64_t d = 0;
@@ -465,7 +475,9 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                           : (T)0;
         for (int64_t kb = k0; kb < kend; kb += NK) {
             const int64_t nk = kend - kb < NK ? kend - kb : NK;
-            FA_KNAME(row_scores, DT)(qs, kbase + kb * kst, kst, D, nk, s);
+            const int64_t nk_next = kend - kb - nk < NK ? kend - kb - nk : NK;
+            FA_KNAME(row_scores, DT)(qs, kbase + kb * kst, kst, D, nk, s,
+                                     kbase + (kb + nk) * kst, nk_next, vbase + kb * vst, vst, Dv);
             if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, h, i, 1, kb, nk, s, 1, 0);
             T mb = (T)-INFINITY;
             for (int64_t j = 0; j < nk; ++j) {
