@@ -82,7 +82,7 @@ def main():
         print(f"fastattn {fastattn.__version__} ({fastattn.get_isa()}, {T} threads) vs "
               f"torch {torch.__version__} ({torch.get_num_threads()} threads); medians of "
               f"{args.repeats} calls each, in alternating blocks")
-        results = {}
+        results, floors = {}, {}
         for S in (128, 512):
             x = rng.standard_normal((1, S, E), dtype=np.float32)
             xt = torch.from_numpy(x)
@@ -102,6 +102,18 @@ def main():
                 lambda: tm(xt, xt, xt, need_weights=False, key_padding_mask=kpm),
             ], args.repeats)
             results[S] = (f_full, t_full, f_pad, t_pad)
+            # The GEMM floor: the layer's projections alone, as NumPy BLAS
+            # products on the same thread count. Timed after the peers, not
+            # among them: OpenBLAS workers spin for ~0.1 s after a call and
+            # would slow whichever peer came next.
+            x2 = x[0]
+            w_in, w_o = (rng.standard_normal((E, n), dtype=np.float32) for n in (3 * E, E))
+
+            def projections():
+                x2 @ w_in
+                x2 @ w_o
+            floors[S] = _timeit([projections], args.repeats)[0]
+            time.sleep(0.3)
             rows.append((f"self-attention S={S}", f_full, t_full, ">= 1.3x"))
             rows.append((f"S={S}, half the keys padded", f_pad, t_pad,
                          "fastattn faster, torch slower than unpadded"))
@@ -135,6 +147,13 @@ def main():
     for S, (f_full, t_full, f_pad, t_pad) in results.items():
         print(f"S={S}: padding changes fastattn by {f_pad / f_full:.2f}x, torch by {t_pad / t_full:.2f}x")
     print(f"decode: fastattn takes {f_dec / t_dec:.3f}x torch's time")
+    print()
+    print("GEMM floor: the four projections alone as NumPy BLAS products (same threads, same run);")
+    print("no layer that computes them in float32 can beat torch by more than torch / floor:")
+    for S, gemm in floors.items():
+        f_full, t_full = results[S][:2]
+        print(f"S={S}: projections {gemm:.3f} ms = {100 * gemm / f_full:.0f}% of fastattn's layer, "
+              f"{100 * gemm / t_full:.0f}% of torch's; torch / floor = {t_full / gemm:.2f}x")
 
 
 if __name__ == "__main__":
