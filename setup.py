@@ -117,13 +117,6 @@ class FastattnBuildExt(build_ext):
         if ext.name == "fastattn._cuda":
             # objects before the libraries they use (matters under --as-needed)
             ext.extra_objects = _compile_cuda_sources(self) + list(ext.extra_objects or [])
-        if ext.name == "fastattn._blas":
-            # its GEMMs split their columns over the OpenMP threads (prange),
-            # the same libgomp pool as the C kernels
-            omp = self._probe_openmp()
-            ext.extra_compile_args = list(ext.extra_compile_args or []) + omp
-            ext.extra_link_args = list(ext.extra_link_args or []) + omp
-            return super().build_extension(ext)
         if ext.name != "fastattn._kernels":
             return super().build_extension(ext)
         omp = self._probe_openmp()
@@ -345,18 +338,12 @@ def _extensions():
     }
     np_macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     exts = [
+        # _kernels hands csrc/linear.c the BLAS of scipy.linalg.cython_blas
+        # (sgemm/dgemm/sgemv/dgemv), so no BLAS is linked by hand; cython
+        # finds its .pxd in the installed scipy (a build requirement).
         Extension(
             "fastattn._kernels",
             sources=["fastattn/_kernels.pyx"],
-            include_dirs=[CSRC, numpy.get_include()],
-            define_macros=np_macros,
-        ),
-        # The projections' GEMMs: scipy.linalg.cython_blas (sgemm/dgemm), so
-        # no BLAS is linked by hand; cython finds its .pxd in the installed
-        # scipy (a build requirement).
-        Extension(
-            "fastattn._blas",
-            sources=["fastattn/_blas.pyx"],
             include_dirs=[CSRC, numpy.get_include()],
             define_macros=np_macros,
         ),

@@ -206,6 +206,67 @@ int fa_rope_apply(int dtype, const fa_rope_args *args, int num_threads);
 
 /* ==== end of the RoPE block ================================================ */
 
+/* ---- projections through a caller-supplied BLAS (csrc/linear.c) ----------
+ * The BLAS is passed in, not linked: Fortran-ABI routines with every argument
+ * by pointer, as scipy.linalg.cython_blas exports them. */
+typedef void fa_sgemm_fn(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
+                         float *a, int *lda, float *b, int *ldb, float *beta, float *c, int *ldc);
+typedef void fa_dgemm_fn(char *transa, char *transb, int *m, int *n, int *k, double *alpha,
+                         double *a, int *lda, double *b, int *ldb, double *beta, double *c,
+                         int *ldc);
+typedef void fa_sgemv_fn(char *trans, int *m, int *n, float *alpha, float *a, int *lda, float *x,
+                         int *incx, float *beta, float *y, int *incy);
+typedef void fa_dgemv_fn(char *trans, int *m, int *n, double *alpha, double *a, int *lda,
+                         double *x, int *incx, double *beta, double *y, int *incy);
+
+/* Called single-threaded from each OpenMP thread when num_threads > 1: the
+ * BLAS must not start threads of its own then (fastattn.mha pins it). */
+typedef struct {
+    fa_sgemm_fn *sgemm;
+    fa_dgemm_fn *dgemm;
+    fa_sgemv_fn *sgemv;
+    fa_dgemv_fn *dgemv;
+} fa_blas;
+
+/* Optional epilogue: RoPE (fa_rope_apply) on columns [0, heads * D) of the
+ * computed rows, as heads heads of dim D; row (b, h, i) is rotated by table
+ * row index[b*is0 + h*is1 + i*is2] of cos, sin ((table_len, D/2) contiguous
+ * in the dtype). Off when enabled is 0 (the rest is then unused). */
+typedef struct {
+    int enabled;
+    int layout;
+    int64_t heads, D;
+    const int64_t *index; /* (B, heads, M) view, zero strides broadcast */
+    int64_t index_stride[3];
+    const void *cos, *sin;
+    int64_t table_len;
+} fa_linear_rope;
+
+/* c[b, r0:r1] = alpha * a[b, r0:r1] @ w (+ bias) for every b, with
+ * r0 = row_start[b] (0 when NULL) and r1 = row_stop[b] (M when NULL), both
+ * within [0, M]; rows outside [r0, r1) are not touched. Then the epilogue.
+ * a (B, M, K), w (K, N), c (B, M, N): one dtype, unit last-axis strides, any
+ * row and batch strides (rows must not overlap: row stride >= columns).
+ * bias: NULL or (N,) contiguous. M, N, K and the row strides must fit the
+ * 32-bit BLAS (FA_ERR_OVERFLOW otherwise). The columns are split over up to
+ * num_threads threads; an epilogue failure (a bad index) is reported after
+ * the products were written. */
+typedef struct {
+    int64_t B, M, K, N;
+    const void *a;
+    int64_t a_stride[3];
+    const void *w;
+    int64_t w_stride[2];
+    void *c;
+    int64_t c_stride[3];
+    const void *bias;
+    const int64_t *row_start, *row_stop; /* NULL or (B,) */
+    double alpha;
+    fa_linear_rope rope;
+} fa_linear_args;
+
+int fa_linear(int dtype, const fa_linear_args *args, const fa_blas *blas, int num_threads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -102,3 +102,48 @@ cdef extern from "fastattn.h" nogil:
         int layout
 
     int fa_rope_apply(int dtype, const fa_rope_args *args, int num_threads)
+
+# ---- projections through a caller-supplied BLAS (csrc/linear.c) -----------------
+cdef extern from "fastattn.h" nogil:
+    ctypedef void fa_sgemm_fn(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
+                              float *a, int *lda, float *b, int *ldb, float *beta, float *c,
+                              int *ldc) noexcept
+    ctypedef void fa_dgemm_fn(char *transa, char *transb, int *m, int *n, int *k, double *alpha,
+                              double *a, int *lda, double *b, int *ldb, double *beta, double *c,
+                              int *ldc) noexcept
+    ctypedef void fa_sgemv_fn(char *trans, int *m, int *n, float *alpha, float *a, int *lda,
+                              float *x, int *incx, float *beta, float *y, int *incy) noexcept
+    ctypedef void fa_dgemv_fn(char *trans, int *m, int *n, double *alpha, double *a, int *lda,
+                              double *x, int *incx, double *beta, double *y, int *incy) noexcept
+
+    ctypedef struct fa_blas:
+        fa_sgemm_fn *sgemm
+        fa_dgemm_fn *dgemm
+        fa_sgemv_fn *sgemv
+        fa_dgemv_fn *dgemv
+
+    ctypedef struct fa_linear_rope:
+        int enabled
+        int layout
+        int64_t heads, D
+        const int64_t *index
+        int64_t index_stride[3]
+        const void *cos
+        const void *sin
+        int64_t table_len
+
+    ctypedef struct fa_linear_args:
+        int64_t B, M, K, N
+        const void *a
+        int64_t a_stride[3]
+        const void *w
+        int64_t w_stride[2]
+        void *c
+        int64_t c_stride[3]
+        const void *bias
+        const int64_t *row_start
+        const int64_t *row_stop
+        double alpha
+        fa_linear_rope rope
+
+    int fa_linear(int dtype, const fa_linear_args *args, const fa_blas *blas, int num_threads)

@@ -7,8 +7,9 @@ codes into exceptions. Validation, broadcasting and dtype handling live in
 the Python modules that call it.
 """
 cimport numpy as cnp
-from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int64_t
+
+from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 from fastattn._capi cimport *
 
@@ -370,6 +371,60 @@ def rope_apply(cnp.ndarray x, cnp.ndarray y, object index, object cos_t, object 
     check(st)
 
 
-def rope_apply_capsule():
-    """fa_rope_apply as a PyCapsule, for the GEMM epilogue in fastattn._blas."""
-    return PyCapsule_New(<void *>fa_rope_apply, b"fastattn.fa_rope_apply", NULL)
+
+# ---- projections (csrc/linear.c) through scipy's BLAS --------------------------
+
+cdef fa_blas _SCIPY_BLAS
+_SCIPY_BLAS.sgemm = <fa_sgemm_fn *>sgemm
+_SCIPY_BLAS.dgemm = <fa_dgemm_fn *>dgemm
+_SCIPY_BLAS.sgemv = <fa_sgemv_fn *>sgemv
+_SCIPY_BLAS.dgemv = <fa_dgemv_fn *>dgemv
+
+
+cdef inline const int64_t *int64_data(object a):
+    if a is None:
+        return NULL
+    return <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+def linear(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias, object row_start,
+           object row_stop, double alpha, int num_threads, object rope):
+    """a (B, M, K), w (K, N), c (B, M, N) of one dtype; bias None or (N,);
+    row_start, row_stop None or contiguous (B,) int64; rope None or
+    (layout, heads, D, index (B, heads, M) int64 view, cos, sin)."""
+    cdef int dt = dtype_code(a)
+    cdef fa_linear_args p
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    cdef cnp.ndarray index
+    cdef int i, st
+    p.B, p.M, p.K, p.N = a.shape[0], a.shape[1], a.shape[2], w.shape[1]
+    p.a = cnp.PyArray_DATA(a)
+    p.w = cnp.PyArray_DATA(w)
+    p.c = cnp.PyArray_DATA(c)
+    for i in range(3):
+        p.a_stride[i] = elem_stride(cnp.PyArray_STRIDES(a)[i], item)
+        p.c_stride[i] = elem_stride(cnp.PyArray_STRIDES(c)[i], item)
+    for i in range(2):
+        p.w_stride[i] = elem_stride(cnp.PyArray_STRIDES(w)[i], item)
+    p.bias = NULL if bias is None else cnp.PyArray_DATA(<cnp.ndarray>bias)
+    p.row_start = int64_data(row_start)
+    p.row_stop = int64_data(row_stop)
+    p.alpha = alpha
+    p.rope.enabled = rope is not None
+    if rope is None:
+        p.rope.layout = FA_ROPE_NONE
+        p.rope.heads = p.rope.D = p.rope.table_len = 0
+        p.rope.index = NULL
+        p.rope.index_stride[0] = p.rope.index_stride[1] = p.rope.index_stride[2] = 0
+        p.rope.cos = p.rope.sin = NULL
+    else:
+        p.rope.layout, p.rope.heads, p.rope.D, index, cos_t, sin_t = rope
+        p.rope.index = <const int64_t *>cnp.PyArray_DATA(index)
+        for i in range(3):
+            p.rope.index_stride[i] = elem_stride(cnp.PyArray_STRIDES(index)[i], 8)
+        p.rope.cos = cnp.PyArray_DATA(<cnp.ndarray>cos_t)
+        p.rope.sin = cnp.PyArray_DATA(<cnp.ndarray>sin_t)
+        p.rope.table_len = (<cnp.ndarray>cos_t).shape[0]
+    with nogil:
+        st = fa_linear(dt, &p, &_SCIPY_BLAS, num_threads)
+    check(st)

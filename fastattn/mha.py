@@ -13,8 +13,8 @@ Data flow of one self-attention call, batch first, ``x`` of shape (B, L, E)::
 
 So the head split is the projection's output layout (no transpose pass)
 and the head merge is the attention kernel's output layout (no merge pass).
-GEMMs go through ``scipy.linalg.cython_blas`` (:mod:`fastattn._blas`),
-without the GIL, and every step of a call runs on one pool of OpenMP
+GEMMs go through ``scipy.linalg.cython_blas``, called from C
+(csrc/linear.c, :func:`_linear`) without the GIL, and every step of a call runs on one pool of OpenMP
 threads (see :class:`_OnePool`). Padded work is skipped: rows past
 ``query_lengths`` are neither projected nor attended, and K/V rows past
 ``key_lengths`` are never projected.
@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from fastattn import _blas, _kernels
+from fastattn import _kernels
 from fastattn._config import get_num_threads
 from fastattn._validation import compute_dtype, float_array, index_value, int_array, lengths_view
 from fastattn.masks import prepare_mask
@@ -48,8 +48,8 @@ class _OnePool:
     yield loops), stealing cores from the other. Measured on a 2-core
     machine, a GEMM right after an attention call ran ~1.6x slower and the
     attention after a GEMM ~1.4x slower than back to back. So the layer
-    splits each GEMM's columns over its OpenMP threads (fastattn._blas,
-    prange), each block a single-threaded BLAS call, and RoPE and attention
+    splits each GEMM's columns over its OpenMP threads (csrc/linear.c),
+    each block a single-threaded BLAS call, and RoPE and attention
     follow on the same threads.
 
     Scipy's BLAS thread count is lowered with threadpoolctl (as scikit-learn
@@ -118,7 +118,80 @@ class _OnePool:
 
 
 _POOL = _OnePool()
-_blas.set_rope_kernel(_kernels.rope_apply_capsule())
+_BLAS_INT_MAX = 2**31 - 1  # BLAS sizes and leading dimensions are 32-bit ints
+
+
+def _linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_threads=1, rope=None):
+    """``c[b, r0:r1] = alpha * a[b, r0:r1] @ w (+ bias)`` for every b, with
+    ``r0 = row_start[b]`` (default 0) and ``r1 = row_stop[b]`` (default M),
+    then RoPE on the first heads of those rows (csrc/linear.c, fa_linear).
+
+    a (B, M, K), w (K, N), c (B, M, N): one dtype (float32 or float64), unit
+    last-axis strides, any row and batch strides (column blocks of a wider
+    buffer are fine). bias: None or a contiguous (N,) array. row_start,
+    row_stop: None or contiguous (B,) int64 arrays within [0, M]; rows
+    outside [r0, r1) are left untouched. num_threads: OpenMP threads over
+    column blocks (BLAS must be single-threaded then: see _OnePool). rope:
+    None or ``(layout, heads, D, index, cos, sin)``: rotate columns
+    ``[0, heads * D)`` of the computed rows as ``heads`` heads of dim D, row
+    ``(b, h, i)`` by table row ``index[b, h, i]`` (an int64 (B, heads, M)
+    view; cos, sin contiguous (n, D/2) tables of c's dtype).
+    """
+    if a.ndim != 3 or c.ndim != 3:
+        raise ValueError(f"linear: a and c must be 3-D, got a {a.shape} and c {c.shape}")
+    if a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"linear: dtype must be float32 or float64, got {a.dtype}")
+    if w.dtype != a.dtype or c.dtype != a.dtype:
+        raise TypeError(f"linear: a, w and c must share one dtype, got {a.dtype}, {w.dtype} and {c.dtype}")
+    if not c.flags.writeable:
+        raise ValueError("linear: c is read-only")
+    B, M, K = a.shape
+    if w.ndim != 2:
+        raise ValueError(f"linear: w must be 2-D, got {w.ndim}-D")
+    N = w.shape[1]
+    if w.shape[0] != K:
+        raise ValueError(f"linear: w has shape {w.shape}, expected {(K, N)}")
+    if c.shape != (B, M, N):
+        raise ValueError(f"linear: c has shape {c.shape}, expected {(B, M, N)} for a {a.shape} and w {w.shape}")
+    for name, r in (("row_start", row_start), ("row_stop", row_stop)):
+        if r is None:
+            continue
+        if not (isinstance(r, np.ndarray) and r.shape == (B,) and r.dtype == np.int64 and r.flags.c_contiguous):
+            raise ValueError(f"linear: {name} must be a contiguous ({B},) int64 array")
+        if B and (r.min() < 0 or r.max() > M):
+            raise ValueError(f"linear: {name} out of range [0, {M}]: {r}")
+    if rope is not None:
+        _check_rope_epilogue(rope, c)
+    if B == 0 or M == 0 or N == 0:
+        return
+    item = a.itemsize
+    for name, t in (("a", a), ("w", w), ("c", c)):
+        rows, cols = t.shape[-2:]
+        if t.size and cols > 1 and t.strides[-1] != item:
+            raise ValueError(f"linear: {name} needs a unit last-axis stride, got strides {t.strides}")
+        if rows > 1 and cols > 0 and t.strides[-2] < cols * item:
+            raise ValueError(f"linear: the rows of {name} {t.shape} overlap (strides {t.strides})")
+        if rows > 1 and t.strides[-2] // item > _BLAS_INT_MAX:
+            raise ValueError(f"linear: the row stride of {name} exceeds the 32-bit BLAS range")
+    if max(M, N, K) > _BLAS_INT_MAX:
+        raise ValueError(f"linear: a matrix dimension of a {a.shape} @ w {w.shape} exceeds the 32-bit BLAS range")
+    if bias is not None and not (isinstance(bias, np.ndarray) and bias.shape == (N,) and bias.dtype == a.dtype
+                                 and bias.flags.c_contiguous):
+        raise ValueError(f"linear: bias must be a contiguous ({N},) {a.dtype} array")
+    _kernels.linear(a, w, c, bias, row_start, row_stop, alpha, num_threads, rope)
+
+
+def _check_rope_epilogue(rope, c):
+    """rope = (layout, heads, D, index, cos, sin) for c (B, M, N), see _linear."""
+    B, M, N = c.shape
+    layout, heads, D, index, cos, sin = rope
+    if D <= 0 or D % 2 or heads < 0 or heads * D > N:
+        raise ValueError(f"linear: bad RoPE heads ({heads}) or head dim ({D}) for {N} output columns")
+    if not (isinstance(index, np.ndarray) and index.shape == (B, heads, M) and index.dtype == np.int64):
+        raise ValueError(f"linear: the RoPE index must be an int64 {(B, heads, M)} view")
+    if not all(isinstance(t, np.ndarray) and t.ndim == 2 and t.shape == cos.shape and t.shape[1] == D // 2
+               and t.dtype == c.dtype and t.flags.c_contiguous for t in (cos, sin)):
+        raise ValueError(f"linear: RoPE tables must be contiguous (n, {D // 2}) arrays of {c.dtype}")
 
 
 def _float_dtype(dtype, name="dtype"):
@@ -631,7 +704,7 @@ class MultiHeadAttention:
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         nq, nk = H * D, Hkv * D
         full = (B, H, Lq, Lk)
-        mm = _blas.matmul
+        mm = _linear
         # rows that need projecting: queries up to their length, keys and
         # values up to the longest key length of any head
         q_need = ql
@@ -696,7 +769,7 @@ class MultiHeadAttention:
         B, Lq, _ = attn.shape
         alloc = np.empty if ql is None else np.zeros
         out = alloc((B, Lq, self.embed_dim), dtype=self.dtype)
-        _blas.matmul(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt)
+        _linear(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt)
         return out
 
     def _call_cached(self, x, cache, ql, return_weights, nt, gt):
@@ -712,7 +785,7 @@ class MultiHeadAttention:
             # positions continue each sequence; padded rows are never rotated
             pos = np.minimum(old[:, None] + np.arange(L, dtype=np.int64), max(cache.max_len - 1, 0))
             rope = self._rope_spec(B, H + Hkv, L, pos)
-        _blas.matmul(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope)
+        _linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope)
         q4 = _head_view(buf[:, :, :nq], H, D)
         k4 = _head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = _head_view(buf[:, :, nq + nk:], Hkv, D)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import _blas, _kernels
+from fastattn import _kernels
 from fastattn import reference as ref
+from fastattn.mha import _linear
 from conftest import N_THREADS, assert_close
 
 # (E, H, Hkv, kdim, vdim, bias, rope): awkward head dims (5, 3, 6), GQA,
@@ -455,11 +456,11 @@ def test_blas_matmul(dtype, rng, M):
     bias = rng.standard_normal(N).astype(dtype)
     want = a.astype(np.float64) @ w.astype(np.float64) + bias
     c = np.full((B, M, N + 4), np.nan, dtype)[:, :, 1:1 + N]
-    _blas.matmul(a, w, c, bias)
+    _linear(a, w, c, bias)
     assert_close(c, want.astype(dtype))
     c2 = np.zeros((B, M, N), dtype)
     start, stop = np.array([0, min(1, M), M], np.int64), np.array([M, M, M], np.int64)
-    _blas.matmul(a, w, c2, None, start, stop, 2.0)
+    _linear(a, w, c2, None, start, stop, 2.0)
     for b, (r0, r1) in enumerate(zip(start, stop)):
         assert_close(c2[b, r0:r1], (2 * a[b, r0:r1].astype(np.float64) @ w).astype(dtype))
         assert (c2[b, :r0] == 0).all() and (c2[b, r1:] == 0).all()
@@ -468,19 +469,54 @@ def test_blas_matmul(dtype, rng, M):
 def test_blas_matmul_k0_and_errors(rng):
     a = np.zeros((1, 2, 0), np.float32)
     c = np.full((1, 2, 3), np.nan, np.float32)
-    _blas.matmul(a, np.zeros((0, 3), np.float32), c, np.arange(3, dtype=np.float32))
+    _linear(a, np.zeros((0, 3), np.float32), c, np.arange(3, dtype=np.float32))
     assert (c == np.arange(3)).all()
     x = np.zeros((1, 2, 3), np.float32)
     with pytest.raises(TypeError, match="share one dtype"):
-        _blas.matmul(x, np.zeros((3, 2)), np.zeros((1, 2, 2), np.float32))
+        _linear(x, np.zeros((3, 2)), np.zeros((1, 2, 2), np.float32))
     with pytest.raises(ValueError, match="unit last-axis stride"):
-        _blas.matmul(np.zeros((1, 2, 6), np.float32)[..., ::2], np.zeros((3, 2), np.float32),
+        _linear(np.zeros((1, 2, 6), np.float32)[..., ::2], np.zeros((3, 2), np.float32),
                      np.zeros((1, 2, 2), np.float32))
     with pytest.raises(ValueError, match=r"w has shape \(4, 2\), expected \(3, 2\)"):
-        _blas.matmul(x, np.zeros((4, 2), np.float32), np.zeros((1, 2, 2), np.float32))
+        _linear(x, np.zeros((4, 2), np.float32), np.zeros((1, 2, 2), np.float32))
     with pytest.raises(ValueError, match="row_stop out of range"):
-        _blas.matmul(x, np.zeros((3, 2), np.float32), np.zeros((1, 2, 2), np.float32), None,
+        _linear(x, np.zeros((3, 2), np.float32), np.zeros((1, 2, 2), np.float32), None,
                      None, np.array([3], np.int64))
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_linear_edge_cases(dtype, rng, nthreads, with_bias):
+    # csrc/linear.c against NumPy in float64: rows 1..13 cross the GEMV/GEMM
+    # switch (GEMV_MAX_ROWS = 12), N = 77 is not a multiple of a 64-byte line,
+    # K = 300 makes rows >= 12 large enough to split over 2 threads; a and c
+    # are column blocks of wider buffers, once evenly spaced (one BLAS call
+    # over all batches) and once with padded batches (one call per batch),
+    # and per-batch row ranges leave every other row untouched
+    B, K, N = 3, 300, 77
+    w = rng.standard_normal((K, N)).astype(dtype)
+    bias = rng.standard_normal(N).astype(dtype) if with_bias else None
+    for M in list(range(1, 14)) + [40]:
+        a = rng.standard_normal((B, M + 1, K + 7)).astype(dtype)[:, :M, 3:3 + K]
+        want = a.astype(np.float64) @ w.astype(np.float64) + (0.0 if bias is None else bias)
+        for pad in (0, 2):
+            wide = np.full((B, M + pad, N + 20), np.nan, dtype)
+            c = wide[:, :M, 5:5 + N]
+            _linear(a, w, c, bias, None, None, 1.0, nthreads)
+            assert_close(c, want.astype(dtype))
+            untouched = np.ones(wide.shape, bool)
+            untouched[:, :M, 5:5 + N] = False
+            assert np.isnan(wide[untouched]).all()
+        start = np.array([0, min(2, M), M // 2 + 1], np.int64).clip(0, M)
+        stop = np.array([M, M, M // 2], np.int64)  # the last batch: an empty range
+        wide = np.full((B, M + 2, N + 20), np.nan, dtype)
+        c = wide[:, :M, 5:5 + N]
+        _linear(a, w, c, bias, start, stop, 1.0, nthreads)
+        for b in range(B):
+            r0, r1 = start[b], max(stop[b], start[b])
+            assert_close(c[b, r0:r1], want[b, r0:r1].astype(dtype))
+            assert np.isnan(c[b, :r0]).all() and np.isnan(c[b, r1:]).all()
+        assert np.isnan(wide[:, M:]).all() and np.isnan(wide[..., :5]).all() and np.isnan(wide[..., 5 + N:]).all()
 
 
 def test_head_views_are_views_and_sdpa_writes_the_merged_layout(rng):
@@ -588,7 +624,7 @@ def test_blas_matmul_rope_epilogue(dtype, rng, nthreads):
     index = np.broadcast_to(pos[:, None, :], (B, heads, M))
     start, stop = np.array([0, 5], np.int64), np.array([40, 33], np.int64)
     c = np.zeros((B, M, N), dtype)
-    _blas.matmul(a, w, c, None, start, stop, 1.0, nthreads, (2, heads, D, index, cos, sin))
+    _linear(a, w, c, None, start, stop, 1.0, nthreads, (2, heads, D, index, cos, sin))
     plain = (a.astype(np.float64) @ w.astype(np.float64))
     heads4 = plain[:, :, :heads * D].reshape(B, M, heads, D).transpose(0, 2, 1, 3)
     rot = ref.apply_rotary(heads4, pos[:, None, :], layout="gptj").transpose(0, 2, 1, 3).reshape(B, M, heads * D)
@@ -596,6 +632,6 @@ def test_blas_matmul_rope_epilogue(dtype, rng, nthreads):
     for b in range(B):
         assert_close(c[b, start[b]:stop[b]], want[b, start[b]:stop[b]].astype(dtype))
         assert (c[b, :start[b]] == 0).all() and (c[b, stop[b]:] == 0).all()
-    with pytest.raises(ValueError, match="RoPE epilogue rejected"):
-        _blas.matmul(a, w, c, None, None, None, 1.0, nthreads,
+    with pytest.raises(ValueError, match="rejected its arguments"):
+        _linear(a, w, c, None, None, None, 1.0, nthreads,
                      (2, heads, D, np.broadcast_to(np.int64(100), (B, heads, M)), cos, sin))

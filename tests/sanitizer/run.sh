@@ -14,8 +14,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 PY="${PYTHON:-python}"
 # the kernel tests: every public kernel against the oracle (layouts, masks,
-# threads, ISA levels), numerics, bad inputs, memory/aliasing, concurrency
-SANITIZER_TESTS="${SANITIZER_TESTS:-tests/test_properties.py tests/test_numerics.py tests/test_bad_input.py tests/test_memory.py tests/test_concurrency.py tests/test_attention.py}"
+# threads, ISA levels), numerics, bad inputs, memory/aliasing, concurrency,
+# and the projections of csrc/linear.c (edge cases, RoPE epilogue)
+SANITIZER_TESTS="${SANITIZER_TESTS:-tests/test_properties.py tests/test_numerics.py tests/test_bad_input.py tests/test_memory.py tests/test_concurrency.py tests/test_attention.py tests/test_mha.py::test_linear_edge_cases tests/test_mha.py::test_blas_matmul_rope_epilogue}"
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT

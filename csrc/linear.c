@@ -1,0 +1,261 @@
+/*
+ * linear.c: the attention layer's projections, c = alpha * a @ w (+ bias),
+ * through a BLAS the caller supplies (fa_blas: scipy.linalg.cython_blas's
+ * Fortran-ABI sgemm / dgemm / sgemv / dgemv). No BLAS is linked or written
+ * here; this file decides how to call it.
+ *
+ * Row-major to column-major: a row-major (M, N) matrix with row stride ld
+ * is the column-major (N, M) matrix with leading dimension ld, so the
+ * row-major product C = A @ W is the column-major product Cᵀ = Wᵀ Aᵀ: gemm
+ * is called with the operands swapped (W first) and m = N, n = M.
+ *
+ * Leading dimensions are the arrays' row strides, which is how the layer
+ * writes Q, K and V straight into column blocks of a fused buffer, or rows
+ * of a KV cache, with no copy pass.
+ *
+ * A bias is added by filling each output row with it and calling BLAS with
+ * beta = 1: BLAS would otherwise zero C first (beta = 0), so the bias costs
+ * nothing extra.
+ *
+ * Threads: the output columns are split into one block per OpenMP thread
+ * (fa_run_team; BLAS must then be single-threaded, which fastattn.mha
+ * arranges), in whole 64-byte lines, and whole heads when the RoPE
+ * epilogue is on. The epilogue rotates the heads of each block on the
+ * thread that computed it, right after its GEMM, while the block is still
+ * in that core's caches (fa_rope_apply, single-threaded).
+ */
+#include <limits.h>
+#include <stdatomic.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* A product with at most this many rows goes through GEMV, one row at a
+ * time: GEMM packs the whole weight matrix into its panel layout first. For
+ * a 768 x 2304 weight on one Zen 3 core, sgemm took ~1.4 ms for 1 to 8 rows
+ * (the packing) against 0.13 ms per row for sgemv; they cross near 12-16. */
+#define GEMV_MAX_ROWS 12
+/* Below this many multiply-adds a product stays on one thread: an OpenMP
+ * fork/join costs a few microseconds, ~2^18 multiply-adds on one core. */
+#define PARALLEL_MIN_FLOPS 262144
+/* Reference BLAS takes 32-bit ints for sizes and leading dimensions. */
+#define BLAS_INT_MAX INT_MAX
+
+/* One product over rows of the output: c (M, N) = alpha * a (M, K) @ w (K, N)
+ * (+ bias (N)), row-major with row strides lda, ldw, ldc (elements). Its M
+ * rows are nbatch batches of M / nbatch rows, cbs apart in c, which sit at
+ * batch b0, row r0 of the epilogue's index. */
+typedef struct {
+    const fa_linear_args *args;
+    const fa_blas *blas;
+    int dtype;
+    int64_t item;   /* bytes per element */
+    int64_t align;  /* columns per block: whole lines (and whole heads) */
+    const char *a, *w;
+    char *c;
+    int64_t lda, ldw, ldc, cbs;
+    int64_t M, nbatch, b0, r0;
+    atomic_int status; /* the epilogue's first failure, FA_OK otherwise */
+} linear_job;
+
+/* Columns [n0, n1) of the job's product, with a BLAS on one thread. */
+static void product(const linear_job *j, int64_t n0, int64_t n1) {
+    const int64_t item = j->item, M = j->M, K = j->args->K, N = n1 - n0;
+    const char *bias = j->args->bias ? (const char *)j->args->bias + n0 * item : NULL;
+    const char *w = j->w + n0 * item;
+    char *c = j->c + n0 * item;
+    for (int64_t i = 0; i < M; ++i) {
+        if (bias != NULL)
+            memcpy(c + i * j->ldc * item, bias, (size_t)(N * item));
+        else if (K == 0)
+            memset(c + i * j->ldc * item, 0, (size_t)(N * item));
+    }
+    if (K == 0) return;
+    /* sizes were checked against BLAS_INT_MAX by fa_linear */
+    int n_ = (int)N, k_ = (int)K, ldw_ = (int)j->ldw, lda_ = (int)j->lda, ldc_ = (int)j->ldc;
+    int m_ = (int)M, one = 1;
+    char tn = 'N';
+    const int dbl = j->dtype == FA_DTYPE_F64;
+    double da = j->args->alpha, db = bias != NULL ? 1.0 : 0.0;
+    float fa = (float)da, fb = (float)db;
+    if (M <= GEMV_MAX_ROWS) {
+        /* y (N) = Wᵀ x: W row-major (K, N) is column-major (N, K), lda = ldw */
+        for (int64_t i = 0; i < M; ++i) {
+            char *x = (char *)j->a + i * j->lda * item, *y = c + i * j->ldc * item;
+            if (dbl)
+                j->blas->dgemv(&tn, &n_, &k_, &da, (double *)w, &ldw_, (double *)x, &one, &db,
+                               (double *)y, &one);
+            else
+                j->blas->sgemv(&tn, &n_, &k_, &fa, (float *)w, &ldw_, (float *)x, &one, &fb,
+                               (float *)y, &one);
+        }
+        return;
+    }
+    if (dbl)
+        j->blas->dgemm(&tn, &tn, &n_, &m_, &k_, &da, (double *)w, &ldw_, (double *)j->a, &lda_,
+                       &db, (double *)c, &ldc_);
+    else
+        j->blas->sgemm(&tn, &tn, &n_, &m_, &k_, &fa, (float *)w, &ldw_, (float *)j->a, &lda_,
+                       &fb, (float *)c, &ldc_);
+}
+
+/* RoPE on the heads within columns [n0, n1) (multiples of D) of the job's
+ * rows: c viewed as (nbatch, heads, M / nbatch, D). */
+static int rope_block(const linear_job *j, int64_t n0, int64_t n1) {
+    const fa_linear_rope *ep = &j->args->rope;
+    const int64_t D = ep->D, end = ep->heads * D; /* heads * D <= N: checked */
+    const int64_t h0 = n0 / D, h1 = (n1 < end ? n1 : end) / D;
+    if (h1 <= h0 || j->M == 0) return FA_OK;
+    fa_rope_args r;
+    r.N0 = j->nbatch;
+    r.N1 = h1 - h0;
+    r.L = j->M / j->nbatch;
+    r.D = D;
+    r.x.data = j->c + h0 * D * j->item;
+    r.x.stride[0] = j->cbs;
+    r.x.stride[1] = D;
+    r.x.stride[2] = j->ldc;
+    r.x.stride[3] = 1;
+    r.y = r.x;
+    r.rows = NULL;
+    r.y_row_offset = NULL;
+    r.index = ep->index + j->b0 * ep->index_stride[0] + h0 * ep->index_stride[1] +
+              j->r0 * ep->index_stride[2];
+    memcpy(r.index_stride, ep->index_stride, sizeof r.index_stride);
+    r.cos = ep->cos;
+    r.sin = ep->sin;
+    r.table_len = ep->table_len;
+    r.layout = ep->layout;
+    return fa_rope_apply(j->dtype, &r, 1);
+}
+
+/* Thread t's column block: ceil(N / nthreads) columns rounded up to whole
+ * blocks of align, then its epilogue. */
+static void linear_part(void *ctx, int t, int nthreads) {
+    linear_job *j = ctx;
+    const int64_t N = j->args->N;
+    int64_t per = (N + nthreads - 1) / nthreads;
+    per = (per + j->align - 1) / j->align * j->align;
+    const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+    if (n1 <= n0) return;
+    product(j, n0, n1);
+    if (j->args->rope.enabled) {
+        const int st = rope_block(j, n0, n1);
+        int ok = FA_OK;
+        if (st != FA_OK) atomic_compare_exchange_strong(&j->status, &ok, st);
+    }
+}
+
+/* The job's product, its columns over up to num_threads threads. */
+static int run_product(linear_job *j, int num_threads) {
+    const int64_t N = j->args->N;
+    int64_t flops;
+    if (!fa_mul_ok(j->M, N, &flops) || !fa_mul_ok(flops, j->args->K, &flops)) flops = INT64_MAX;
+    int nthreads = fa_resolve_threads(num_threads, N / j->align, flops);
+    if (flops < PARALLEL_MIN_FLOPS) nthreads = 1;
+    atomic_init(&j->status, FA_OK);
+    fa_run_team(nthreads, linear_part, j);
+    return atomic_load(&j->status);
+}
+
+/* A row-major matrix's leading dimension: its row stride, or cols when it
+ * has at most one row (any stride is fine then, BLAS still wants ld >= cols);
+ * -1 when rows would overlap. */
+static int64_t leading_dim(int64_t rows, int64_t stride, int64_t cols) {
+    if (rows <= 1 || cols == 0) return cols > 0 ? cols : 1; /* an empty row: never read */
+    return stride < cols ? -1 : stride;
+}
+
+static int64_t gcd64(int64_t a, int64_t b) {
+    while (b) {
+        const int64_t r = a % b;
+        a = b, b = r;
+    }
+    return a;
+}
+
+int fa_linear(int dtype, const fa_linear_args *p, const fa_blas *blas, int num_threads) {
+    if (p == NULL || blas == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64))
+        return FA_ERR_INVALID;
+    const int64_t B = p->B, M = p->M, K = p->K, N = p->N, item = dtype == FA_DTYPE_F64 ? 8 : 4;
+    if (B < 0 || M < 0 || K < 0 || N < 0) return FA_ERR_INVALID;
+    const fa_linear_rope *ep = &p->rope;
+    if (ep->enabled) {
+        int64_t cols;
+        if (ep->D <= 0 || ep->D % 2 || ep->heads < 0) return FA_ERR_INVALID;
+        if (!fa_mul_ok(ep->heads, ep->D, &cols)) return FA_ERR_OVERFLOW;
+        if (cols > N) return FA_ERR_INVALID;
+        /* index (B, heads, M) */
+        const int64_t idims[3] = {B, ep->heads, M};
+        if (!fa_view_ok(idims, ep->index_stride, 3, 8)) return FA_ERR_OVERFLOW;
+        if (cols > 0 && (ep->index == NULL || ep->cos == NULL || ep->sin == NULL))
+            return FA_ERR_INVALID;
+    }
+    int64_t rows_total, cols_total;
+    if (!fa_mul_ok(B, M, &rows_total) || !fa_mul_ok(rows_total, N, &cols_total))
+        return FA_ERR_OVERFLOW;
+    if (cols_total == 0) return FA_OK;
+    if (p->a == NULL || p->w == NULL || p->c == NULL) return FA_ERR_INVALID;
+    const int dbl = dtype == FA_DTYPE_F64;
+    if (dbl ? blas->dgemm == NULL || blas->dgemv == NULL : blas->sgemm == NULL || blas->sgemv == NULL)
+        return FA_ERR_INVALID;
+    /* a (B, M, K), w (K, N), c (B, M, N): unit last-axis strides (an empty
+     * array may have any), every element offset representable */
+    if ((K > 1 && p->a_stride[2] != 1) || (N > 1 && K > 0 && p->w_stride[1] != 1) ||
+        (N > 1 && p->c_stride[2] != 1))
+        return FA_ERR_INVALID;
+    const int64_t adims[3] = {B, M, K}, wdims[2] = {K, N}, cdims[3] = {B, M, N};
+    if (!fa_view_ok(adims, p->a_stride, 3, item) || !fa_view_ok(wdims, p->w_stride, 2, item) ||
+        !fa_view_ok(cdims, p->c_stride, 3, item))
+        return FA_ERR_OVERFLOW;
+    const int64_t lda = leading_dim(M, p->a_stride[1], K), ldw = leading_dim(K, p->w_stride[0], N),
+                  ldc = leading_dim(M, p->c_stride[1], N);
+    if (lda < 0 || ldw < 0 || ldc < 0) return FA_ERR_INVALID;
+    const int64_t blas_sizes[6] = {M, N, K, lda, ldw, ldc};
+    for (int i = 0; i < 6; ++i)
+        if (blas_sizes[i] > BLAS_INT_MAX) return FA_ERR_OVERFLOW;
+    const int64_t *r0p = p->row_start, *r1p = p->row_stop;
+    for (int64_t b = 0; b < B; ++b)
+        if ((r0p && (r0p[b] < 0 || r0p[b] > M)) || (r1p && (r1p[b] < 0 || r1p[b] > M)))
+            return FA_ERR_INVALID;
+
+    linear_job job;
+    job.args = p;
+    job.blas = blas;
+    job.dtype = dtype;
+    job.item = item;
+    job.align = 64 / item;
+    if (ep->enabled) job.align = job.align / gcd64(job.align, ep->D) * ep->D; /* lcm */
+    job.w = p->w;
+    job.lda = lda;
+    job.ldw = ldw;
+    job.ldc = ldc;
+    job.cbs = p->c_stride[0];
+    const int64_t sab = p->a_stride[0], scb = p->c_stride[0];
+    int64_t a_span, c_span;
+    if (r0p == NULL && r1p == NULL && B > 1 && fa_mul_ok(M, lda, &a_span) && sab == a_span &&
+        fa_mul_ok(M, ldc, &c_span) && scb == c_span && rows_total <= BLAS_INT_MAX) {
+        /* evenly spaced batches: one BLAS call covers them all */
+        job.a = p->a;
+        job.c = p->c;
+        job.M = rows_total;
+        job.nbatch = B;
+        job.b0 = job.r0 = 0;
+        return run_product(&job, num_threads);
+    }
+    int status = FA_OK;
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t r0 = r0p ? r0p[b] : 0, r1 = r1p ? r1p[b] : M;
+        if (r1 <= r0) continue;
+        /* offsets within the views checked above */
+        job.a = (const char *)p->a + (b * sab + r0 * lda) * item;
+        job.c = (char *)p->c + (b * scb + r0 * ldc) * item;
+        job.M = r1 - r0;
+        job.nbatch = 1;
+        job.b0 = b;
+        job.r0 = r0;
+        const int st = run_product(&job, num_threads);
+        if (st != FA_OK) status = st;
+    }
+    return status;
+}
