@@ -13,6 +13,9 @@
  * back from cache anyway and skipping the read-for-ownership saves a third
  * of the memory traffic. Smaller outputs stay cached for their consumer. */
 #define FA_SOFTMAX_STREAM_BYTES (16 << 20)
+#ifndef FA_SOFTMAX_PREFETCH_ROWS
+#define FA_SOFTMAX_PREFETCH_ROWS 2
+#endif
 
 /* Keys [0, n_valid) of row i may be attended; keys after it are zero. */
 static int64_t valid_keys(int64_t i, int64_t Lq, int64_t Lk, int64_t key_len,
@@ -51,13 +54,31 @@ typedef struct {
     int causal, dtype, stream;
 } softmax_job;
 
-/* Row r's valid key count and the address of its x row. */
-static int64_t row_valid(const softmax_job *job, int64_t r, const char **xrow) {
-    const int64_t Lq = job->Lq, i = r % Lq, bm = r / Lq, m = bm % job->M, b = bm / job->M;
+/* A row of the flattened (B, M, Lq) row index as (b, m, i): found with
+ * divisions once per block of rows, then stepped without any. */
+typedef struct {
+    int64_t b, m, i;
+} row_pos;
+
+static row_pos pos_of(const softmax_job *job, int64_t r) {
+    const int64_t bm = r / job->Lq;
+    return (row_pos){bm / job->M, bm % job->M, r % job->Lq};
+}
+
+static void pos_step(const softmax_job *job, row_pos *p) {
+    if (++p->i < job->Lq) return;
+    p->i = 0;
+    if (++p->m < job->M) return;
+    p->m = 0;
+    ++p->b;
+}
+
+/* The valid key count of the row at p and the address of its x row. */
+static int64_t row_valid(const softmax_job *job, row_pos p, const char **xrow) {
     *xrow = (const char *)job->x.data +
-            (b * job->x.stride[0] + m * job->x.stride[1] + i * job->x.stride[2]) * job->esize;
-    if (i >= length_at(job->query_len, b, m, Lq)) return 0;
-    return valid_keys(i, Lq, job->Lk, length_at(job->key_len, b, m, job->Lk), job->causal);
+            (p.b * job->x.stride[0] + p.m * job->x.stride[1] + p.i * job->x.stride[2]) * job->esize;
+    if (p.i >= length_at(job->query_len, p.b, p.m, job->Lq)) return 0;
+    return valid_keys(p.i, job->Lq, job->Lk, length_at(job->key_len, p.b, p.m, job->Lk), job->causal);
 }
 
 /* Rows [lo, hi) of the flattened (B, M, Lq) row index. scratch holds an x
@@ -72,23 +93,32 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
     char *mbuf = scratch ? scratch + 2 * Lk * es : NULL;
     const int64_t ys = job->y.stride[3];
 
-    /* the next row's valid keys are requested while this row is computed:
-     * the load overlaps the exponentials (12.4 -> 10.7 ms on the
-     * (8, 12, 512, 512) benchmark with 2 threads) */
+    /* The valid keys of the row FA_SOFTMAX_PREFETCH_ROWS ahead are requested
+     * while this row is computed, so that the load overlaps the
+     * exponentials; rows past this block are usually this thread's next
+     * block (chunks are 16 consecutive blocks). */
     const int prefetch = job->stream && job->x.stride[3] == 1;
-    const char *xnext = NULL;
-    int64_t nnext = lo < hi ? row_valid(job, lo, &xnext) : 0;
-    if (prefetch) fa_prefetch(xnext, nnext * es);
-    for (int64_t r = lo; r < hi; ++r) {
-        const int64_t i = r % Lq, bm = r / Lq, m = bm % M, b = bm / M;
+    const int64_t all_rows = job->B * M * Lq;
+    row_pos cur = pos_of(job, lo), ahead = cur;
+    for (int64_t p = lo; p < lo + FA_SOFTMAX_PREFETCH_ROWS && p < all_rows; ++p) {
+        if (prefetch) {
+            const char *xp;
+            const int64_t np = row_valid(job, ahead, &xp);
+            fa_prefetch(xp, np * es);
+        }
+        pos_step(job, &ahead);
+    }
+    for (int64_t r = lo; r < hi; ++r, pos_step(job, &cur), pos_step(job, &ahead)) {
+        const int64_t i = cur.i, m = cur.m, b = cur.b;
         char *yrow = (char *)job->y.data +
                      (b * job->y.stride[0] + m * job->y.stride[1] + i * job->y.stride[2]) * es;
-        const char *xrow = xnext;
-        const int64_t n = nnext;
-        if (r + 1 < hi) {
-            nnext = row_valid(job, r + 1, &xnext);
-            if (prefetch) fa_prefetch(xnext, nnext * es);
+        if (prefetch && r + FA_SOFTMAX_PREFETCH_ROWS < all_rows) {
+            const char *xp;
+            const int64_t np = row_valid(job, ahead, &xp);
+            fa_prefetch(xp, np * es);
         }
+        const char *xrow;
+        const int64_t n = row_valid(job, cur, &xrow);
         if (n > 0) {
             const void *xc = gather(xrow, job->x.stride[3], n, es, xbuf);
             const void *mrow = NULL;
