@@ -662,6 +662,10 @@ class MultiHeadAttention:
             raise ValueError("pass both key and value (cross-attention) or neither (self-attention)")
         if cache is not None:
             _check_cache_call(cache, KVCache, key, key_lengths, attn_mask)
+            E = self.embed_dim
+            if self.kdim != E or self.vdim != E:
+                raise ValueError(f"cache= is self-attention and needs kdim == vdim == embed_dim ({E}); this "
+                                 f"layer has kdim={self.kdim}, vdim={self.vdim}")
             ql = _query_lengths(query_lengths, x.shape[0], x.shape[1])
             _check_cache_fits(cache, self.num_kv_heads, self.head_dim, self.dtype, x.shape)
             nt = get_num_threads()

@@ -268,6 +268,9 @@ def test_cache_validation(rng):
         m(x, key_lengths=[1, 2], cache=m.new_cache(2, 8))
     with pytest.raises(TypeError, match=r"cache must be a KVCache"):
         m(x, cache={})
+    cross = fastattn.MultiHeadAttention(24, 6, kdim=8, vdim=8, seed=0)
+    with pytest.raises(ValueError, match=r"cache= is self-attention and needs kdim == vdim == embed_dim \(24\)"):
+        cross(x, cache=cross.new_cache(2, 8))
     c = m.new_cache(2, 8)
     m(x, cache=c)
     c.reset(lengths=[1, 2])
