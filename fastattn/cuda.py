@@ -1210,7 +1210,9 @@ class MultiHeadAttention:
             Lk = ka.shape[1]
         causal = CAUSAL_ALIGNMENTS["top_left"] if is_causal else 0
         kl = _lengths(key_lengths, "key_lengths", (B, H), B, H, Lk, "key axis")
-        ql = _lengths(query_lengths, "query_lengths", (B, H), B, H, Lq, "query axis")
+        # (B,) as on the CPU layer: padded query rows are rows of the sequence
+        qv = None if query_lengths is None else _query_lengths(_host_array(query_lengths, "query_lengths"), B, Lq)
+        ql = _lengths(qv, "query_lengths", (B, H), B, H, Lq, "query axis")
         mask = _MaskSpec(attn_mask, (B, H, Lq, Lk), dt)
 
         rt = _Runtime()
@@ -1243,7 +1245,7 @@ class MultiHeadAttention:
         _attention(rt, q4, k4, v4, dt, mask=mask, kl=kl, ql=ql, causal=causal, alignment="top_left",
                    scale=1.0 / math.sqrt(D) if D else 1.0, alibi=None, weights_target=weights,
                    out_kernel=attn)
-        y = self._project_out(rt, attn, None if ql is None else ql[:, 0])
+        y = self._project_out(rt, attn, qv)
         if return_weights:
             return y.obj, weights.obj
         return y.obj

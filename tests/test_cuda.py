@@ -936,3 +936,18 @@ def test_emulated_calls_go_through_the_abi(backend, rng):
     del backend.ext.calls[:]
     gpu(backend.to_device(_rand(rng, (2, 3, cpu.embed_dim), np.float32)), cache=cache)
     assert backend.ext.calls.count("append_rows") == 2 and "sdpa" in backend.ext.calls
+
+
+def test_mha_query_lengths_are_per_sequence(backend, rng):
+    """query_lengths of the uncached GPU layer is (B,), as on the CPU layer,
+    with the CPU's message for any other shape."""
+    cpu, gpu = _cache_layers("mha", np.float32)
+    x = _rand(rng, (2, 3, cpu.embed_dim), np.float32)
+    xd = backend.to_device(x)
+    want = cpu(x, query_lengths=[3, 1])
+    assert_close(backend.to_host(gpu(xd, query_lengths=[3, 1])), want)
+    for bad in ([[3] * cpu.num_heads, [1] * cpu.num_heads], [1, 2, 3]):
+        with pytest.raises(ValueError, match=r"query_lengths must have shape \(2,\) for a batch of 2"):
+            cpu(x, query_lengths=bad)
+        with pytest.raises(ValueError, match=r"query_lengths must have shape \(2,\) for a batch of 2"):
+            gpu(xd, query_lengths=bad)
