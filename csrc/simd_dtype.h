@@ -23,7 +23,6 @@
 #undef V_EXP_NONPOS
 #undef V_KEEP
 #undef S_EXP_NONPOS
-#undef S_FMA
 #undef V_LOADN
 #undef V_STREAM
 #undef V_STOREN
@@ -48,7 +47,6 @@
 #define V_EXP_NONPOS vf64_exp_nonpos
 #define V_KEEP vf64_keep
 #define S_EXP_NONPOS fa_exp
-#define S_FMA fma
 #define V_LOADN vf64_loadn
 #define V_STREAM vf64_stream
 #define V_STOREN vf64_storen
@@ -72,7 +70,6 @@
 #define V_EXP_NONPOS vf32_exp_nonpos
 #define V_KEEP vf32_keep
 #define S_EXP_NONPOS fa_expf_nonpos
-#define S_FMA fmaf
 #define V_LOADN vf32_loadn
 #define V_STREAM vf32_stream
 #define V_STOREN vf32_storen

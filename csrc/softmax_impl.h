@@ -31,6 +31,17 @@
  */
 #include "simd_dtype.h"
 
+#ifndef FA_SOFTMAX_IMPL_ONCE
+#define FA_SOFTMAX_IMPL_ONCE
+/* 1 (keep) for the first 64 entries, then 0 (drop): fa_first_lanes + 64 - r
+ * is a lane mask that keeps the first r lanes, for the last, partial vector
+ * of a row. */
+static const uint8_t fa_first_lanes[128] = {
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+#endif
+
 /* out[0, end) = the first n entries of y times inv, then zeros; whole
  * 64-byte lines with streaming stores, partial ones with normal stores. */
 static void FA_KNAME(softmax_stream_out, DT)(T *out, const T *y, int64_t n, int64_t end, T inv) {
@@ -76,6 +87,12 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
         for (; j + 2 * VL <= n; j += 2 * VL) {
             m0 = V_MAX(m0, V_LOADU(x + j));
             m1 = V_MAX(m1, V_LOADU(x + j + VL));
+        }
+        /* the last 1 .. 2 VL - 1 keys as vectors, lanes past n at -inf: a
+         * scalar tail cost a tenth of a row of random length */
+        for (; j < n; j += VL) {
+            const int64_t r = n - j < VL ? n - j : VL;
+            m0 = V_MAX(m0, V_KEEP(V_LOADN(x + j, r), fa_first_lanes + 64 - r));
         }
     } else {
         for (; j + 2 * VL <= n; j += 2 * VL) {
@@ -124,7 +141,6 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
      * in one rounding when the scale is folded */
     const T shift = fold ? -(mx * scale) : -mx;
     const V vmul = fold ? vscale : V_SET1((T)1), vshift = V_SET1(shift);
-    const T smul = fold ? scale : (T)1;
     V s0 = V_ZERO(), s1 = V_ZERO();
     j = 0;
     for (; j + 2 * VL <= n; j += 2 * VL) {
@@ -135,12 +151,15 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
         s0 = V_ADD(s0, a);
         s1 = V_ADD(s1, b);
     }
-    T sum = V_HSUM(V_ADD(s0, s1));
-    for (; j < n; ++j) {
-        T e = S_EXP_NONPOS(S_FMA(t[j], smul, shift));
-        y[j] = e;
-        sum += e;
+    /* the last keys as vectors too; lanes past n are -inf, so exp gives 0 */
+    for (; j < n; j += VL) {
+        const int64_t r = n - j < VL ? n - j : VL;
+        const V a = V_KEEP(V_FMADD(V_LOADN(t + j, r), vmul, vshift), fa_first_lanes + 64 - r);
+        const V e = V_EXP_NONPOS(a);
+        V_STOREN(y + j, e, r);
+        s0 = V_ADD(s0, e);
     }
+    T sum = V_HSUM(V_ADD(s0, s1));
 
     /* pass 3: normalise. A NaN row is stored normally: the padding lanes of
      * the streamed vector would be 0 * NaN. */
