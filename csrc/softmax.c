@@ -99,26 +99,27 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
      * block (chunks are 16 consecutive blocks). */
     const int prefetch = job->stream && job->x.stride[3] == 1;
     const int64_t all_rows = job->B * M * Lq;
+    /* valid counts and x rows of the next FA_SOFTMAX_PREFETCH_ROWS rows, each
+     * worked out once, when the row is FA_SOFTMAX_PREFETCH_ROWS ahead */
+    const char *ahead_x[FA_SOFTMAX_PREFETCH_ROWS];
+    int64_t ahead_n[FA_SOFTMAX_PREFETCH_ROWS];
     row_pos cur = pos_of(job, lo), ahead = cur;
-    for (int64_t p = lo; p < lo + FA_SOFTMAX_PREFETCH_ROWS && p < all_rows; ++p) {
-        if (prefetch) {
-            const char *xp;
-            const int64_t np = row_valid(job, ahead, &xp);
-            fa_prefetch(xp, np * es);
-        }
+    for (int64_t p = 0; p < FA_SOFTMAX_PREFETCH_ROWS && lo + p < all_rows; ++p) {
+        ahead_n[p] = row_valid(job, ahead, &ahead_x[p]);
+        if (prefetch) fa_prefetch(ahead_x[p], ahead_n[p] * es);
         pos_step(job, &ahead);
     }
     for (int64_t r = lo; r < hi; ++r, pos_step(job, &cur), pos_step(job, &ahead)) {
         const int64_t i = cur.i, m = cur.m, b = cur.b;
         char *yrow = (char *)job->y.data +
                      (b * job->y.stride[0] + m * job->y.stride[1] + i * job->y.stride[2]) * es;
-        if (prefetch && r + FA_SOFTMAX_PREFETCH_ROWS < all_rows) {
-            const char *xp;
-            const int64_t np = row_valid(job, ahead, &xp);
-            fa_prefetch(xp, np * es);
+        const int slot = (int)((r - lo) % FA_SOFTMAX_PREFETCH_ROWS);
+        const char *xrow = ahead_x[slot];
+        const int64_t n = ahead_n[slot];
+        if (r + FA_SOFTMAX_PREFETCH_ROWS < all_rows) { /* the slot now holds that row */
+            ahead_n[slot] = row_valid(job, ahead, &ahead_x[slot]);
+            if (prefetch) fa_prefetch(ahead_x[slot], ahead_n[slot] * es);
         }
-        const char *xrow;
-        const int64_t n = row_valid(job, cur, &xrow);
         if (n > 0) {
             const void *xc = gather(xrow, job->x.stride[3], n, es, xbuf);
             const void *mrow = NULL;

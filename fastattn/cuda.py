@@ -42,6 +42,7 @@ import threading
 import numpy as np
 
 from fastattn._validation import choice, compute_dtype, index_value, lengths_view, require_ndim
+from fastattn.heads import _split_dims
 from fastattn.masks import CAUSAL_ALIGNMENTS, _real_scalar, scores_geometry
 from fastattn.mha import KVCache as _HostKVCache
 from fastattn.mha import _CacheBook, _check_cache_call, _check_cache_fits, _positive, _query_lengths
@@ -656,14 +657,7 @@ def split_heads(x, num_heads, *, out=None, num_threads=None):
     ``(B, H, S, D)``, in one strided copy kernel."""
     a = _device_array(x, "x")
     dtype = _compute_dtype(a, "x")
-    require_ndim(a, "x", 3, "(batch, seq, embed)")
-    H = index_value(num_heads, "num_heads")
-    B, S, E = a.shape
-    if H <= 0:
-        raise ValueError(f"num_heads must be positive, got {H}")
-    if E % H:
-        raise ValueError(f"num_heads={H} does not divide the last axis of x (shape {a.shape}, E={E})")
-    D = E // H
+    B, S, H, D = _split_dims(a, num_heads)
     rt = _Runtime()
     rt.attach(a, "x")
     s0, s1, s2 = a.strides
@@ -1257,12 +1251,9 @@ class MultiHeadAttention:
         qa = self._query(query)
         if (key is None) != (value is None):
             raise ValueError("key and value must be given together (or both left None for self-attention)")
-        _check_cache_call(cache, KVCache, key, key_lengths, attn_mask,
+        _check_cache_call(self, cache, KVCache, key, key_lengths, attn_mask,
                           move_hint="; copy a CPU cache to the GPU with fastattn.cuda.KVCache.from_cpu")
         H, Hkv, E, D, Dv = self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.v_head_dim
-        if self.kdim != E or self.vdim != E:
-            raise ValueError(f"cache= is self-attention and needs kdim == vdim == embed_dim ({E}); this "
-                             f"layer has kdim={self.kdim}, vdim={self.vdim}")
         B, L, _ = qa.shape
         ql = None if query_lengths is None else _query_lengths(_host_array(query_lengths, "query_lengths"), B, L)
         _check_cache_fits(cache, Hkv, D, self.dtype, qa.shape)

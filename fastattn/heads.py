@@ -5,6 +5,19 @@ from fastattn._config import resolve_num_threads
 from fastattn._validation import OutputTarget, float_array, index_value, require_ndim
 
 
+def _split_dims(x, num_heads):
+    """(B, S, H, D) for splitting ``x`` (B, S, H*D) into ``num_heads`` heads,
+    with the checks and messages of :func:`split_heads` (CPU and GPU)."""
+    require_ndim(x, "x", 3, "(batch, seq, embed)")
+    H = index_value(num_heads, "num_heads")
+    B, S, E = x.shape
+    if H <= 0:
+        raise ValueError(f"num_heads must be positive, got {H}")
+    if E % H:
+        raise ValueError(f"num_heads={H} does not divide the last axis of x (shape {x.shape}, E={E})")
+    return B, S, H, E // H
+
+
 def split_heads(x, num_heads, *, out=None, num_threads=None):
     """Split ``(B, S, H*D)`` into a C-contiguous ``(B, H, S, D)``.
 
@@ -27,14 +40,7 @@ def split_heads(x, num_heads, *, out=None, num_threads=None):
             [6., 7.]]])
     """
     arr = float_array(x, "x")
-    require_ndim(arr, "x", 3, "(batch, seq, embed)")
-    H = index_value(num_heads, "num_heads")
-    B, S, E = arr.shape
-    if H <= 0:
-        raise ValueError(f"num_heads must be positive, got {H}")
-    if E % H:
-        raise ValueError(f"num_heads={H} does not divide the last axis of x (shape {arr.shape}, E={E})")
-    D = E // H
+    B, S, H, D = _split_dims(arr, num_heads)
     x4 = arr.reshape(B, S, H, D)  # splitting an axis is always a view
     target = OutputTarget(out, (B, H, S, D), (B, H, S, D), arr.dtype, inputs=(arr,),
                           contiguous=True)

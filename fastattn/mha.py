@@ -318,7 +318,7 @@ def _query_lengths(values, B, L):
     return np.ascontiguousarray(arr)
 
 
-def _check_cache_call(cache, cache_type, key, key_lengths, attn_mask, move_hint=""):
+def _check_cache_call(layer, cache, cache_type, key, key_lengths, attn_mask, move_hint=""):
     """The arguments a layer call with ``cache=`` refuses (CPU and GPU);
     ``move_hint`` ends the message when ``cache`` is the other path's
     KVCache."""
@@ -332,6 +332,10 @@ def _check_cache_call(cache, cache_type, key, key_lengths, attn_mask, move_hint=
         if isinstance(cache, _CacheBook):  # the other path's KVCache
             got = f"{type(cache).__module__}.{got}{move_hint}"
         raise TypeError(f"cache must be a KVCache (from new_cache), got {got}")
+    E = layer.embed_dim
+    if layer.kdim != E or layer.vdim != E:
+        raise ValueError(f"cache= is self-attention and needs kdim == vdim == embed_dim ({E}); this "
+                         f"layer has kdim={layer.kdim}, vdim={layer.vdim}")
 
 
 def _check_cache_fits(cache, num_kv_heads, head_dim, dtype, query_shape):
@@ -661,11 +665,7 @@ class MultiHeadAttention:
         if (key is None) != (value is None):
             raise ValueError("pass both key and value (cross-attention) or neither (self-attention)")
         if cache is not None:
-            _check_cache_call(cache, KVCache, key, key_lengths, attn_mask)
-            E = self.embed_dim
-            if self.kdim != E or self.vdim != E:
-                raise ValueError(f"cache= is self-attention and needs kdim == vdim == embed_dim ({E}); this "
-                                 f"layer has kdim={self.kdim}, vdim={self.vdim}")
+            _check_cache_call(self, cache, KVCache, key, key_lengths, attn_mask)
             ql = _query_lengths(query_lengths, x.shape[0], x.shape[1])
             _check_cache_fits(cache, self.num_kv_heads, self.head_dim, self.dtype, x.shape)
             nt = get_num_threads()

@@ -183,6 +183,13 @@ def out_array(draw, shape, dtype):
 
 
 @st.composite
+def out_kwarg(draw, shape, dtype):
+    """{} or {"out": an out_array} for a call's keyword arguments."""
+    out = draw(out_array(shape, dtype))
+    return {} if out is None else {"out": out}
+
+
+@st.composite
 def lengths_values(draw, shape, full):
     """Integer lengths in [0, full] of ``shape``, favouring 0 and ``full``."""
     n = math.prod(shape)
@@ -290,9 +297,7 @@ def masked_softmax_calls(draw):
     kw["num_threads"] = draw(thread_counts)
     inplace = _maybe_inplace(draw, x, kw)
     if not inplace:
-        out = draw(out_array(shape, fastattn._validation.compute_dtype(x.dtype, "x")))
-        if out is not None:
-            kw["out"] = out
+        kw.update(draw(out_kwarg(shape, fastattn._validation.compute_dtype(x.dtype, "x"))))
     return Call((x,), kw, draw(isas), inplace)
 
 
@@ -322,9 +327,7 @@ def scaled_dot_product_attention_calls(draw):
         kw["scale"] = scale
     kw["num_threads"] = draw(thread_counts)
     dtype = np.result_type(*(fastattn._validation.compute_dtype(a.dtype, "x") for a in (q, k, v)))
-    out = draw(out_array((B, Lq, Dv) if three_d else (B, H, Lq, Dv), dtype))
-    if out is not None:
-        kw["out"] = out
+    kw.update(draw(out_kwarg((B, Lq, Dv) if three_d else (B, H, Lq, Dv), dtype)))
     return Call((q, k, v), kw, draw(isas))
 
 
@@ -343,9 +346,7 @@ def apply_rotary_calls(draw):
               base=draw(st.sampled_from([10000.0, 500.0, 1e6])))
     if draw(st.booleans()):
         kw["num_threads"] = draw(thread_counts)
-    out = draw(out_array(x.shape, fastattn._validation.compute_dtype(x.dtype, "x")))
-    if out is not None:
-        kw["out"] = out
+    kw.update(draw(out_kwarg(x.shape, fastattn._validation.compute_dtype(x.dtype, "x"))))
     return Call((x, pos), kw, draw(isas))
 
 
@@ -390,9 +391,7 @@ def apply_sequence_mask_calls(draw):
     kw["num_threads"] = draw(thread_counts)
     inplace = _maybe_inplace(draw, x, kw)
     if not inplace:
-        out = draw(out_array(shape, fastattn._validation.compute_dtype(x.dtype, "x")))
-        if out is not None:
-            kw["out"] = out
+        kw.update(draw(out_kwarg(shape, fastattn._validation.compute_dtype(x.dtype, "x"))))
     return Call((x, lengths), kw, draw(isas), inplace)
 
 
@@ -406,9 +405,7 @@ def split_heads_calls(draw):
     x = draw(float_input((B, S, H * D)))
     heads = draw(st.sampled_from([H, np.int64(H), np.int32(H)]))
     kw = {"num_threads": draw(thread_counts)}
-    out = draw(out_array((B, H, S, D), fastattn._validation.compute_dtype(x.dtype, "x")))
-    if out is not None:
-        kw["out"] = out
+    kw.update(draw(out_kwarg((B, H, S, D), fastattn._validation.compute_dtype(x.dtype, "x"))))
     return Call((x, heads), kw, draw(isas))
 
 
@@ -421,9 +418,7 @@ def merge_heads_calls(draw):
     B = draw(axis_length(max(1, min(9, budget // max(H * D * S, 1))), zero=True))
     x = draw(float_input((B, H, S, D)))
     kw = {"num_threads": draw(thread_counts)}
-    out = draw(out_array((B, S, H * D), fastattn._validation.compute_dtype(x.dtype, "x")))
-    if out is not None:
-        kw["out"] = out
+    kw.update(draw(out_kwarg((B, S, H * D), fastattn._validation.compute_dtype(x.dtype, "x"))))
     return Call((x,), kw, draw(isas))
 
 
@@ -453,9 +448,7 @@ def sinusoidal_position_encoding_calls(draw):
     kw = draw(_pe_options(dtype, length))
     kw["dtype"] = draw(st.sampled_from([dtype, dtype.name, dtype.type]))
     kw["num_threads"] = draw(thread_counts)
-    out = draw(out_array((length, channels), dtype))
-    if out is not None:
-        kw["out"] = out
+    kw.update(draw(out_kwarg((length, channels), dtype)))
     return Call((length, channels), kw, draw(isas))
 
 
@@ -471,9 +464,7 @@ def add_position_encoding_calls(draw):
     kw["num_threads"] = draw(thread_counts)
     inplace = _maybe_inplace(draw, x, kw)
     if not inplace:
-        out = draw(out_array(x.shape, dtype))
-        if out is not None:
-            kw["out"] = out
+        kw.update(draw(out_kwarg(x.shape, dtype)))
     return Call((x,), kw, draw(isas), inplace)
 
 
