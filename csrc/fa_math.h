@@ -5,6 +5,8 @@
  * exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n*ln2 (Cody-Waite split
  * of ln2 so that r is exact to working precision), |r| <= ln2/2 ~ 0.347.
  *   float (x <= 0 only, fa_expf_nonpos): degree-5 minimax, 1.0e-7;
+ *   float 2^t (t <= 0 only, fa_exp2f_nonpos): n = round(t), r = t - n is
+ *   exact, so no Cody-Waite split is needed; degree-5 minimax for 2^r;
  *   double: Taylor to r^13, truncation 0.347^14/14! ~ 4e-18 < 2^-53.
  * Inputs below the cutoff return exactly 0 (so exp(-inf) == 0 and masked
  * keys get probability 0); above the overflow bound, +inf; NaN stays NaN.
@@ -53,6 +55,43 @@ static inline float fa_expf_nonpos(float x) {
     p = p * r + FA_EXPF_NP_C3;
     p = p * r + FA_EXPF_NP_C2;
     p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; /* n in [-127, 0] */
+    float s;
+    memcpy(&s, &bits, 4);
+    return p * s;
+}
+
+/* 2^t for t <= 0 only: the float softmax's exponent, with log2(e) folded
+ * into its scale (as FlashAttention does), so that the reduction costs one
+ * rounding-free subtraction instead of a multiply and two FMAs. Degree-5
+ * minimax for 2^r on |r| <= 1/2, fitted for relative error (8.7e-8; after
+ * float rounding at most 2.7 ulp with FMA, as the vector code runs it, and
+ * 3.1 ulp without, checked over every float in [-128, 0]). The cutoff
+ * matches fa_expf_nonpos: from t = -126.5 down, n = -127 gives the scale
+ * 2^n exponent field 0 and the result is exactly 0. The vector versions find
+ * n = round(t) by adding FA_EXP2F_SHIFTER, 1.5 * 2^23 + 127: in
+ * [2^23, 2^24) a float holds only integers, so the addition rounds t (to
+ * nearest even, as nearbyintf does) and leaves n + 127 in the low bits,
+ * which a shift by 23 turns into the scale 2^n. */
+#define FA_EXP2F_LO (-127.0f)
+#define FA_EXP2F_SHIFTER 12583039.0f
+#define FA_EXP2F_C1 6.931470037e-01f
+#define FA_EXP2F_C2 2.402223200e-01f
+#define FA_EXP2F_C3 5.550685152e-02f
+#define FA_EXP2F_C4 9.671973996e-03f
+#define FA_EXP2F_C5 1.327765407e-03f
+
+static inline float fa_exp2f_nonpos(float t) {
+    if (t != t) return t;
+    const float tc = t > FA_EXP2F_LO ? t : FA_EXP2F_LO;
+    const float n = nearbyintf(tc);
+    const float r = tc - n;
+    float p = FA_EXP2F_C5;
+    p = p * r + FA_EXP2F_C4;
+    p = p * r + FA_EXP2F_C3;
+    p = p * r + FA_EXP2F_C2;
+    p = p * r + FA_EXP2F_C1;
     p = p * r + 1.0f;
     const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; /* n in [-127, 0] */
     float s;

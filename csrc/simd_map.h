@@ -11,11 +11,13 @@
  * mismatch is a build error rather than a silent scalar build.
  *
  * Operations (vf32_* for float, vf64_* for double):
- *   loadu, storeu, set1, zero, add, sub, mul, fmadd(a,b,c) = a*b + c,
+ *   loadu, storeu, set1, zero, add, sub, mul, fmadd(a,b,c) = a*b + c
+ *   (one rounding where FA_FMA_FUSED is 1),
  *   max(a,b) (b is returned when either is NaN, so pass data second),
  *   hmax, hsum (horizontal, fixed order),
  *   exp_nonpos: exp for x <= 0 or NaN only, as softmax exponents are (see
  *   fa_math.h; vf64_exp, the general double exp, implements the double one),
+ *   vf32_exp2_nonpos: 2^x for x <= 0 or NaN (fa_exp2f_nonpos),
  *   keep(v, m): v where the uint8 mask bytes m[0..LANES) are nonzero, -inf
  *   elsewhere;
  *   loadn(p, n), storen(p, v, n): the first n (0..LANES) lanes only, for
@@ -43,6 +45,8 @@
 #define FA_ISA_SUFFIX scalar
 #define FA_VF32_LANES 1
 #define FA_VF64_LANES 1
+/* fmadd is a * b + c with two roundings: C11 does not contract it */
+#define FA_FMA_FUSED 0
 typedef float fa_vf32;
 typedef double fa_vf64;
 
@@ -66,6 +70,7 @@ typedef double fa_vf64;
 
 FA_SCALAR_OPS(float, vf32, fa_expf_nonpos)
 FA_SCALAR_OPS(double, vf64, fa_exp)
+static inline float vf32_exp2_nonpos(float v) { return fa_exp2f_nonpos(v); }
 
 /* ======================================================================= */
 #elif FA_ISA_LEVEL == 1
@@ -78,6 +83,7 @@ FA_SCALAR_OPS(double, vf64, fa_exp)
 #define FA_ISA_SUFFIX avx2
 #define FA_VF32_LANES 8
 #define FA_VF64_LANES 4
+#define FA_FMA_FUSED 1
 typedef __m256 fa_vf32;
 typedef __m256d fa_vf64;
 
@@ -131,6 +137,22 @@ static inline __m256 vf32_exp_nonpos(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+/* 2^x for x <= 0 (or NaN): fa_exp2f_nonpos, with n found by the shifter
+ * addition; NaN passes through max and the polynomial as above. */
+static inline __m256 vf32_exp2_nonpos(__m256 x) {
+    const __m256 shifter = _mm256_set1_ps(FA_EXP2F_SHIFTER);
+    const __m256 xc = _mm256_max_ps(_mm256_set1_ps(FA_EXP2F_LO), x);
+    const __m256 nb = _mm256_add_ps(xc, shifter); /* bits: ... | n + 127 */
+    const __m256 r = _mm256_sub_ps(xc, _mm256_sub_ps(nb, shifter));
+    __m256 p = _mm256_set1_ps(FA_EXP2F_C5);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXP2F_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXP2F_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXP2F_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FA_EXP2F_C1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(nb), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 static inline __m256 vf32_keep(__m256 v, const uint8_t *m) {
@@ -225,6 +247,7 @@ static inline __m256d vf64_keep(__m256d v, const uint8_t *m) {
 #define FA_ISA_SUFFIX avx512
 #define FA_VF32_LANES 16
 #define FA_VF64_LANES 8
+#define FA_FMA_FUSED 1
 typedef __m512 fa_vf32;
 typedef __m512d fa_vf64;
 
@@ -274,6 +297,20 @@ static inline __m512 vf32_exp_nonpos(__m512 x) { /* as the avx2 version */
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+static inline __m512 vf32_exp2_nonpos(__m512 x) { /* as the avx2 version */
+    const __m512 shifter = _mm512_set1_ps(FA_EXP2F_SHIFTER);
+    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(FA_EXP2F_LO), x);
+    const __m512 nb = _mm512_add_ps(xc, shifter);
+    const __m512 r = _mm512_sub_ps(xc, _mm512_sub_ps(nb, shifter));
+    __m512 p = _mm512_set1_ps(FA_EXP2F_C5);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXP2F_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXP2F_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXP2F_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXP2F_C1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(nb), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 static inline __m512 vf32_keep(__m512 v, const uint8_t *m) {

@@ -9,11 +9,17 @@
  * Three passes over a row that stays in L1 (a 4096-key float row is 16 KiB):
  *   1. t_j = x_j * scale (+ additive mask), -inf where the bool mask drops j;
  *      store t_j in y, track the running max with two accumulators;
- *   2. e_j = exp(t_j - max) into y, summed with two accumulators;
+ *   2. e_j = exp(t_j - max) into y, summed with two accumulators; float
+ *      takes it as 2^((t_j - max) log2 e), which saves three vector
+ *      operations of the exponential's range reduction (simd_dtype.h) for
+ *      the rounding of the exponent's product: e_j is then good to
+ *      3 ulp + |t_j - max| 2^-23 relative (1e-6 at e^-8.4 of the max,
+ *      1e-5 at e^-84, below which float has only subnormals and zeros);
  *   3. y_j *= 1 / sum (one division per row).
  * With no mask row and 0 < scale < inf (the common case), max(x * scale) is
  * scale * max(x): pass 1 only reads x for its max, and pass 2 forms
- * x_j * scale - max in one FMA, which saves a store and a multiply a key.
+ * x_j * scale - max * scale in one FMA, which saves a store and a multiply
+ * a key.
  * With a stage buffer, passes 1 and 2 work in it and pass 3 writes y with
  * non-temporal stores: for outputs much larger than the caches this saves
  * the read-for-ownership of every y line (3 memory transfers per element
@@ -65,6 +71,12 @@ static void FA_KNAME(softmax_stream_out, DT)(T *out, const T *y, int64_t n, int6
     }
     for (; j < a1; j += VL) V_STREAM(out + j, V_ZERO());
     for (j = a1; j < end; ++j) out[j] = j < n ? y[j] * inv : (T)0;
+}
+
+/* The exponent u = t * mul + shift (shift = -max * mul), or when exact,
+ * (t + shift) * mul (shift = -max); see pass 2. */
+static inline V FA_KNAME(softmax_exponent, DT)(V t, V vmul, V vshift, int exact) {
+    return exact ? V_MUL(V_ADD(t, vshift), vmul) : V_FMADD(t, vmul, vshift);
 }
 
 void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
@@ -137,15 +149,23 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
         mx = t[q]; /* NaN: every e_j and the sum become NaN */
     }
 
-    /* pass 2: exponentiate and sum; t_j - max is x_j * scale - max * scale
-     * in one rounding when the scale is folded */
-    const T shift = fold ? -(mx * scale) : -mx;
-    const V vmul = fold ? vscale : V_SET1((T)1), vshift = V_SET1(shift);
+    /* pass 2: exponentiate and sum, in base B (simd_dtype.h), of
+     * u_j = (t_j - max) * (scale when folded) * log_B(e), as one FMA
+     * t_j * mul - max * mul. The rounding error of max * mul shifts every
+     * u_j alike, which the normalisation cancels, as long as it is small:
+     * for |max * mul| >= 2^22 (a huge max) it is not, and such a row
+     * subtracts first, exactly near the max, then multiplies. So does every
+     * row where fmadd rounds t_j * mul on its own (the scalar build): that
+     * error differs from key to key. */
+    const T mul = (T)((fold ? (double)scale : 1.0) * T_LOGB_E);
+    const T mxm = mx * mul;
+    const int exact = !FA_FMA_FUSED || !(mxm > (T)-4194304.0 && mxm < (T)4194304.0);
+    const V vmul = V_SET1(mul), vshift = V_SET1(exact ? -mx : -mxm);
     V s0 = V_ZERO(), s1 = V_ZERO();
     j = 0;
     for (; j + 2 * VL <= n; j += 2 * VL) {
-        V a = V_EXP_NONPOS(V_FMADD(V_LOADU(t + j), vmul, vshift));
-        V b = V_EXP_NONPOS(V_FMADD(V_LOADU(t + j + VL), vmul, vshift));
+        V a = V_EXPB_NONPOS(FA_KNAME(softmax_exponent, DT)(V_LOADU(t + j), vmul, vshift, exact));
+        V b = V_EXPB_NONPOS(FA_KNAME(softmax_exponent, DT)(V_LOADU(t + j + VL), vmul, vshift, exact));
         V_STOREU(y + j, a);
         V_STOREU(y + j + VL, b);
         s0 = V_ADD(s0, a);
@@ -154,8 +174,9 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
     /* the last keys as vectors too; lanes past n are -inf, so exp gives 0 */
     for (; j < n; j += VL) {
         const int64_t r = n - j < VL ? n - j : VL;
-        const V a = V_KEEP(V_FMADD(V_LOADN(t + j, r), vmul, vshift), fa_first_lanes + 64 - r);
-        const V e = V_EXP_NONPOS(a);
+        const V a = V_KEEP(FA_KNAME(softmax_exponent, DT)(V_LOADN(t + j, r), vmul, vshift, exact),
+                           fa_first_lanes + 64 - r);
+        const V e = V_EXPB_NONPOS(a);
         V_STOREN(y + j, e, r);
         s0 = V_ADD(s0, e);
     }
