@@ -14,7 +14,7 @@
  *      operations of the exponential's range reduction (simd_dtype.h) for
  *      the rounding of the exponent's product: e_j is then good to
  *      3 ulp + |t_j - max| 2^-23 relative (1e-6 at e^-8.4 of the max,
- *      1e-5 at e^-84, below which float has only subnormals and zeros);
+ *      1e-5 at e^-84, near float's smallest normal, e^-87.3);
  *   3. y_j *= 1 / sum (one division per row).
  * With no mask row and 0 < scale < inf (the common case), max(x * scale) is
  * scale * max(x): pass 1 only reads x for its max, and pass 2 forms
