@@ -56,14 +56,18 @@ def compare(fns, **kw):
 
 def paired_ratio(fn, peer, rounds=7, **kw):
     """A same-run ratio for a kernel against its roofline peer: each round
-    times fn and then peer back to back, and the ratio peer time / fn time
-    is taken per round, so that noise slower than a round (other tenants
-    coming and going) cancels. Returns the medians of fn's times, of peer's
-    times and of the per-round ratios."""
+    times fn and peer back to back (which goes first alternates), and the
+    ratio peer time / fn time is taken per round, so that noise slower than
+    a round (other tenants coming and going) cancels. Returns the medians
+    of fn's times, of peer's times and of the per-round ratios."""
     tf, tp, ratio = [], [], []
-    for _ in range(rounds):
-        tf.append(median_time(fn, **kw)[0])
-        tp.append(median_time(peer, **kw)[0])
+    for r in range(rounds):
+        if r % 2:
+            tp.append(median_time(peer, **kw)[0])
+            tf.append(median_time(fn, **kw)[0])
+        else:
+            tf.append(median_time(fn, **kw)[0])
+            tp.append(median_time(peer, **kw)[0])
         ratio.append(tp[-1] / tf[-1])
     return statistics.median(tf), statistics.median(tp), statistics.median(ratio)
 

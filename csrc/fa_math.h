@@ -62,18 +62,22 @@ static inline float fa_expf_nonpos(float x) {
     return p * s;
 }
 
-/* 2^t for t <= 0 only: the float softmax's exponent, with log2(e) folded
- * into its scale (as FlashAttention does), so that the reduction costs one
- * rounding-free subtraction instead of a multiply and two FMAs. Degree-5
- * minimax for 2^r on |r| <= 1/2, fitted for relative error (8.7e-8; after
- * float rounding at most 2.7 ulp with FMA, as the vector code runs it, and
- * 3.1 ulp without, checked over every float in [-128, 0]). The cutoff
- * matches fa_expf_nonpos: from t = -126.5 down, n = -127 gives the scale
- * 2^n exponent field 0 and the result is exactly 0. The vector versions find
- * n = round(t) by adding FA_EXP2F_SHIFTER, 1.5 * 2^23 + 127: in
- * [2^23, 2^24) a float holds only integers, so the addition rounds t (to
- * nearest even, as nearbyintf does) and leaves n + 127 in the low bits,
- * which a shift by 23 turns into the scale 2^n. */
+/* 2^t for t <= 0 only (up to 1/8 above 0 is fine too: the softmax's
+ * exponent of its max key can be that rounding error): the float softmax's
+ * exponent, with log2(e) folded into its scale (as FlashAttention does), so
+ * that the reduction costs one rounding-free subtraction instead of a
+ * multiply and two FMAs. Degree-5 minimax for 2^r on |r| <= 1/2, fitted for
+ * relative error (8.7e-8). After float rounding, checked over every float
+ * in [-126, 0] (the normal results): at most 2.7 ulp with FMA, as the
+ * vector code runs it, and 3.1 ulp without. n = round(t) comes from adding
+ * FA_EXP2F_SHIFTER, 1.5 * 2^23 + 127: in [2^23, 2^24) a float holds only
+ * integers, so the addition rounds t and leaves n + 127 in the low bits,
+ * which a shift by 23 turns into the scale 2^n. The scalar and vector code
+ * do the same arithmetic, so they agree but for the FMA rounding. (The
+ * shifter is odd, so ties go to odd n, not even as nearbyintf's would;
+ * either is inside the fitted range. Like all of fastattn's arithmetic, it
+ * assumes the default rounding mode, to nearest.) From t = -126.5 down,
+ * n = -127 makes the scale's exponent field 0 and the result exactly 0. */
 #define FA_EXP2F_LO (-127.0f)
 #define FA_EXP2F_SHIFTER 12583039.0f
 #define FA_EXP2F_C1 6.931470037e-01f
@@ -85,7 +89,8 @@ static inline float fa_expf_nonpos(float x) {
 static inline float fa_exp2f_nonpos(float t) {
     if (t != t) return t;
     const float tc = t > FA_EXP2F_LO ? t : FA_EXP2F_LO;
-    const float n = nearbyintf(tc);
+    const float nb = tc + FA_EXP2F_SHIFTER; /* as the vector code: same n */
+    const float n = nb - FA_EXP2F_SHIFTER;
     const float r = tc - n;
     float p = FA_EXP2F_C5;
     p = p * r + FA_EXP2F_C4;
@@ -93,7 +98,9 @@ static inline float fa_exp2f_nonpos(float t) {
     p = p * r + FA_EXP2F_C2;
     p = p * r + FA_EXP2F_C1;
     p = p * r + 1.0f;
-    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; /* n in [-127, 0] */
+    uint32_t bits;
+    memcpy(&bits, &nb, 4);
+    bits <<= 23; /* n + 127, in [0, 127], into the exponent field */
     float s;
     memcpy(&s, &bits, 4);
     return p * s;

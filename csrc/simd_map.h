@@ -45,7 +45,8 @@
 #define FA_ISA_SUFFIX scalar
 #define FA_VF32_LANES 1
 #define FA_VF64_LANES 1
-/* fmadd is a * b + c with two roundings: C11 does not contract it */
+/* fmadd is a * b + c with two roundings (setup.py builds with
+ * -ffp-contract=off) */
 #define FA_FMA_FUSED 0
 typedef float fa_vf32;
 typedef double fa_vf64;

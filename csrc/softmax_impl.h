@@ -12,14 +12,13 @@
  *   2. e_j = exp(t_j - max) into y, summed with two accumulators; float
  *      takes it as 2^((t_j - max) log2 e), which saves three vector
  *      operations of the exponential's range reduction (simd_dtype.h) for
- *      the rounding of the exponent's product: e_j is then good to
- *      3 ulp + |t_j - max| 2^-23 relative (1e-6 at e^-8.4 of the max,
- *      1e-5 at e^-84, near float's smallest normal, e^-87.3);
+ *      2^-24 |z| relative per rounding of the exponent z = t_j - max
+ *      (docs/reliability.md);
  *   3. y_j *= 1 / sum (one division per row).
- * With no mask row and 0 < scale < inf (the common case), max(x * scale) is
- * scale * max(x): pass 1 only reads x for its max, and pass 2 forms
- * x_j * scale - max * scale in one FMA, which saves a store and a multiply
- * a key.
+ * With no mask row and 0 < scale * log2 e < inf (the common case),
+ * max(x * scale) is scale * max(x): pass 1 only reads x for its max, and
+ * pass 2 forms the exponent x_j * mul - max * mul (mul = scale * log2 e)
+ * in one FMA, which saves a store and a multiply a key.
  * With a stage buffer, passes 1 and 2 work in it and pass 3 writes y with
  * non-temporal stores: for outputs much larger than the caches this saves
  * the read-for-ownership of every y line (3 memory transfers per element
@@ -74,9 +73,16 @@ static void FA_KNAME(softmax_stream_out, DT)(T *out, const T *y, int64_t n, int6
 }
 
 /* The exponent u = t * mul + shift (shift = -max * mul), or when exact,
- * (t + shift) * mul (shift = -max); see pass 2. */
+ * (t + shift) * mul (shift = -max); see pass 2. The scalar build, which
+ * always takes the exact form, works it in double with one rounding at the
+ * end, as the fused vector form has. */
 static inline V FA_KNAME(softmax_exponent, DT)(V t, V vmul, V vshift, int exact) {
+#if FA_ISA_LEVEL == 0
+    (void)exact;
+    return (T)(((double)t + (double)vshift) * (double)vmul);
+#else
     return exact ? V_MUL(V_ADD(t, vshift), vmul) : V_FMADD(t, vmul, vshift);
+#endif
 }
 
 void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
@@ -88,8 +94,10 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
     const T *add = mask_kind == FA_MASK_ADD ? (const T *)mask_row : NULL;
     const V vscale = V_SET1(scale);
     const T neg_inf = (T)-INFINITY;
-    /* scale > 0 and finite: x * scale keeps the order of x */
-    const int fold = mask_kind == FA_MASK_NONE && scale > (T)0 && scale < (T)INFINITY;
+    /* scale > 0 and scale * log_B(e) finite: x * scale keeps the order of
+     * x, and pass 2 can multiply by mul */
+    const T fold_mul = (T)((double)scale * T_LOGB_E);
+    const int fold = mask_kind == FA_MASK_NONE && scale > (T)0 && fold_mul < (T)INFINITY;
 
     /* pass 1: scale, mask, max (x's max only, when the scale is folded) */
     V m0 = V_SET1(neg_inf), m1 = V_SET1(neg_inf);
@@ -156,8 +164,10 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
      * for |max * mul| >= 2^22 (a huge max) it is not, and such a row
      * subtracts first, exactly near the max, then multiplies. So does every
      * row where fmadd rounds t_j * mul on its own (the scalar build): that
-     * error differs from key to key. */
-    const T mul = (T)((fold ? (double)scale : 1.0) * T_LOGB_E);
+     * error differs from key to key. On the fused path the max key's own
+     * exponent is that rounding error, up to 1/8 above 0, which
+     * V_EXPB_NONPOS takes. */
+    const T mul = fold ? fold_mul : (T)T_LOGB_E;
     const T mxm = mx * mul;
     const int exact = !FA_FMA_FUSED || !(mxm > (T)-4194304.0 && mxm < (T)4194304.0);
     const V vmul = V_SET1(mul), vshift = V_SET1(exact ? -mx : -mxm);

@@ -240,22 +240,33 @@ def test_scale_zero_times_inf_is_nan(dtype):
 
 
 @ALL
-def test_float32_exponential_is_within_a_few_ulp():
-    """The float32 softmax takes e^x (x = score - max, never positive) as
-    2^(x log2 e) with a degree-5 polynomial good to 3 ulp; the product
-    x log2 e adds its rounding, |x| 2^-23 relative. Rows
-    [0, -inf, ..., x, ...] give p = e^x / (1 + e^x); over 400001 exponents
-    in [-87, 0], with x in the vector body (key 5 of 33) and in the last,
-    partial vector (key 32 of 33) at every vector width, p must stay within
-    3 ulp + |x| 2^-23 of float64: 3e-7 near the max, so that a coarser
-    polynomial (a degree-4 one is off by 2.8e-6) fails here first."""
-    x = np.linspace(-87.0, 0.0, 400001).astype(np.float32)
-    e = np.exp(x.astype(np.float64))
+@pytest.mark.parametrize("top, scale, masked", [
+    (0.0, 1.0, False),                  # scale folded, exponent exact
+    (3.7, 1 / np.sqrt(80), False),      # scale folded, rounded max * mul
+    (3.7, 1 / np.sqrt(80), True),       # a bool mask: scores scaled first
+])
+def test_float32_exponential_is_within_a_few_ulp(top, scale, masked):
+    """The float32 softmax takes e^z (z = (score - max) * scale, never
+    positive) as 2^(z log2 e) with a degree-5 polynomial good to 3 ulp;
+    each rounding on the way to the exponent (float32's scale, the product
+    with log2 e, the FMA; a scaled score when a mask stops the folding)
+    adds 2^-24 of |z| (or of the scaled score). Rows [top, -inf, ..., s, ...]
+    give p = e^z / (1 + e^z); over 400001 exponents z in [-87, 0], with s in
+    the vector body (key 5 of 33) and in the last, partial vector (key 32
+    of 33) at every vector width, p must stay within that of float64:
+    2e-7 to 3e-7 near the max, so that a coarser polynomial (a degree-4 one
+    is off by 2.8e-6) fails here first."""
+    z = np.linspace(-87.0, 0.0, 400001)
+    scores = (top + z / scale).astype(np.float32)
+    z = (scores.astype(np.float64) - np.float32(top)) * scale   # as rounded
+    e = np.exp(z)
     want = e / (1.0 + e)
-    bound = 3 * 2.0**-24 + np.abs(x.astype(np.float64)) * 2.0**-23
+    roundings = 2 if scale == 1.0 else 3
+    bound = (3 + roundings * np.abs(z) + 2 * abs(top * scale) * masked) * 2.0**-24
     for key in (5, 32):
-        rows = np.full((x.size, 33), -np.inf, np.float32)
-        rows[:, 0] = 0.0
-        rows[:, key] = x
-        got = softmax(rows)[:, key].astype(np.float64)
+        rows = np.full((z.size, 33), -np.inf, np.float32)
+        rows[:, 0] = top
+        rows[:, key] = scores
+        kw = {"attn_mask": np.ones(33, bool)} if masked else {}
+        got = softmax(rows, scale=scale, **kw)[:, key].astype(np.float64)
         assert np.max(np.abs(got - want) / want / bound) <= 1
