@@ -41,13 +41,18 @@ static inline int64_t fa_product(const int64_t *dims, int n) {
  * kept-out keys get exactly 0. A row whose maximum is -inf (nothing valid)
  * is written as zeros. stage: NULL, or (n) scratch in which the row is
  * computed before y is written with non-temporal stores. y has n + n_zero
- * entries; the last n_zero (keys past the valid prefix) are written as 0. */
+ * entries; the last n_zero (keys past the valid prefix) are written as 0.
+ * ahead: NULL, or a later row's bytes to request from memory a line at a
+ * time while this row is exponentiated (fa_prefetch_cursor). */
+typedef struct fa_prefetch_cursor fa_prefetch_cursor;
 typedef void fa_softmax_row_f32_fn(const float *x, float *y, int64_t n,
                                    float scale, const void *mask_row,
-                                   int mask_kind, float *stage, int64_t n_zero);
+                                   int mask_kind, float *stage, int64_t n_zero,
+                                   fa_prefetch_cursor *ahead);
 typedef void fa_softmax_row_f64_fn(const double *x, double *y, int64_t n,
                                    double scale, const void *mask_row,
-                                   int mask_kind, double *stage, int64_t n_zero);
+                                   int mask_kind, double *stage, int64_t n_zero,
+                                   fa_prefetch_cursor *ahead);
 
 /* ---- fused attention ------------------------------------------------------
  * Tile sizes shared by the driver (attention.c, which sizes scratch) and
@@ -186,6 +191,28 @@ static inline void fa_store_fence(void) {}
  * handed out in chunks, or K and V rows read in alternating tiles. */
 static inline void fa_prefetch(const void *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 0);
+}
+
+/* A prefetch issued a line at a time, paced by a kernel's progress (the
+ * masked softmax requests a line of a later row per line of the row it
+ * exponentiates). Requesting a whole row at once asks for more misses than
+ * a core tracks at a time (a few dozen lines; a 512-key float row is 32),
+ * and the surplus waits or is dropped; paced, the requests keep the memory
+ * busy while the core computes. On a 2-core Zen 3 the softmax of
+ * (8, 12, 512, 512) float32 took 4-16% less time than with whole-row
+ * requests (interleaved medians). p: the next line to request; left: the
+ * bytes still to request. */
+struct fa_prefetch_cursor {
+    const char *p;
+    int64_t left;
+};
+
+/* Requests what is left of the cursor's bytes at once and points it at
+ * [p, p + bytes). */
+static inline void fa_prefetch_retarget(fa_prefetch_cursor *c, const void *p, int64_t bytes) {
+    if (c->left > 0) fa_prefetch(c->p, c->left);
+    c->p = (const char *)p;
+    c->left = bytes;
 }
 
 /* Aligned scratch (64 bytes: one cache line, one AVX-512 register). Returns

@@ -94,7 +94,8 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
     const int64_t ys = job->y.stride[3];
 
     /* The valid keys of the row FA_SOFTMAX_PREFETCH_ROWS ahead are requested
-     * while this row is computed, so that the load overlaps the
+     * while this row is computed, a line per line of this row that pass 2
+     * exponentiates (fa_prefetch_cursor), so that the load overlaps the
      * exponentials; rows past this block are usually this thread's next
      * block (chunks are 16 consecutive blocks). */
     const int prefetch = job->stream && job->x.stride[3] == 1;
@@ -104,6 +105,7 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
     const char *ahead_x[FA_SOFTMAX_PREFETCH_ROWS];
     int64_t ahead_n[FA_SOFTMAX_PREFETCH_ROWS];
     row_pos cur = pos_of(job, lo), ahead = cur;
+    fa_prefetch_cursor pf = {NULL, 0};
     for (int64_t p = 0; p < FA_SOFTMAX_PREFETCH_ROWS && lo + p < all_rows; ++p) {
         ahead_n[p] = row_valid(job, ahead, &ahead_x[p]);
         if (prefetch) fa_prefetch(ahead_x[p], ahead_n[p] * es);
@@ -118,7 +120,7 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
         const int64_t n = ahead_n[slot];
         if (r + FA_SOFTMAX_PREFETCH_ROWS < all_rows) { /* the slot now holds that row */
             ahead_n[slot] = row_valid(job, ahead, &ahead_x[slot]);
-            if (prefetch) fa_prefetch(ahead_x[slot], ahead_n[slot] * es);
+            if (prefetch) fa_prefetch_retarget(&pf, ahead_x[slot], ahead_n[slot] * es);
         }
         if (n > 0) {
             const void *xc = gather(xrow, job->x.stride[3], n, es, xbuf);
@@ -133,10 +135,10 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
             const int64_t n_zero = ys == 1 ? Lk - n : 0;
             if (job->dtype == FA_DTYPE_F32)
                 k->softmax_row_f32((const float *)xc, (float *)yc, n, (float)job->scale, mrow,
-                                   mkind, (float *)stage, n_zero);
+                                   mkind, (float *)stage, n_zero, prefetch ? &pf : NULL);
             else
                 k->softmax_row_f64((const double *)xc, (double *)yc, n, job->scale, mrow, mkind,
-                                   (double *)stage, n_zero);
+                                   (double *)stage, n_zero, prefetch ? &pf : NULL);
             if (ys != 1) {
                 for (int64_t j = 0; j < n; ++j) memcpy(yrow + j * ys * es, ybuf + j * es, (size_t)es);
                 for (int64_t j = n; j < Lk; ++j) memset(yrow + j * ys * es, 0, (size_t)es);
@@ -147,6 +149,7 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
             for (int64_t j = 0; j < Lk; ++j) memset(yrow + j * ys * es, 0, (size_t)es);
         }
     }
+    fa_prefetch_retarget(&pf, NULL, 0);
     if (job->stream) fa_store_fence();
 }
 

@@ -72,6 +72,19 @@ static void FA_KNAME(softmax_stream_out, DT)(T *out, const T *y, int64_t n, int6
     for (j = a1; j < end; ++j) out[j] = j < n ? y[j] * inv : (T)0;
 }
 
+/* Pass 2's share of the prefetch cursor (fa_prefetch_cursor): at key j of
+ * an iteration over 2 VL keys, one line of the later row per 64 bytes of
+ * this one, so that the requests keep pace with the exponentials. */
+static inline void FA_KNAME(prefetch_paced, DT)(const char **p, int64_t *left, int64_t j) {
+    const int64_t step = 2 * VL * (int64_t)sizeof(T); /* this row's bytes per iteration */
+    if (step < 64 && j * (int64_t)sizeof(T) % 64 != 0) return;
+    for (int64_t b = 0; b < (step < 64 ? 64 : step) && *left > 0; b += 64) {
+        __builtin_prefetch(*p, 0, 0);
+        *p += 64;
+        *left -= 64;
+    }
+}
+
 /* The exponent u = t * mul + shift (shift = -max * mul), or when exact,
  * (t + shift) * mul (shift = -max); see pass 2. The scalar build, which
  * always takes the exact form, works it in double with one rounding at the
@@ -87,7 +100,7 @@ static inline V FA_KNAME(softmax_exponent, DT)(V t, V vmul, V vshift, int exact)
 
 void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
                                       const void *mask_row, int mask_kind, T *stage,
-                                      int64_t n_zero) {
+                                      int64_t n_zero, fa_prefetch_cursor *ahead) {
     T *const out = y;
     if (stage) y = stage;
     const uint8_t *keep = mask_kind == FA_MASK_BOOL ? (const uint8_t *)mask_row : NULL;
@@ -172,6 +185,8 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
     const int exact = !FA_FMA_FUSED || !(mxm > (T)-4194304.0 && mxm < (T)4194304.0);
     const V vmul = V_SET1(mul), vshift = V_SET1(exact ? -mx : -mxm);
     V s0 = V_ZERO(), s1 = V_ZERO();
+    const char *pf_p = ahead ? ahead->p : NULL; /* in registers for the loop */
+    int64_t pf_left = ahead ? ahead->left : 0;
     j = 0;
     for (; j + 2 * VL <= n; j += 2 * VL) {
         V a = V_EXPB_NONPOS(FA_KNAME(softmax_exponent, DT)(V_LOADU(t + j), vmul, vshift, exact));
@@ -180,6 +195,7 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
         V_STOREU(y + j + VL, b);
         s0 = V_ADD(s0, a);
         s1 = V_ADD(s1, b);
+        FA_KNAME(prefetch_paced, DT)(&pf_p, &pf_left, j);
     }
     /* the last keys as vectors too; lanes past n are -inf, so exp gives 0 */
     for (; j < n; j += VL) {
@@ -191,6 +207,10 @@ void FA_KNAME(softmax_row, DT)(const T *x, T *y, int64_t n, T scale,
         s0 = V_ADD(s0, e);
     }
     T sum = V_HSUM(V_ADD(s0, s1));
+    if (ahead) {
+        ahead->p = pf_p;
+        ahead->left = pf_left;
+    }
 
     /* pass 3: normalise. A NaN row is stored normally: the padding lanes of
      * the streamed vector would be 0 * NaN. */
