@@ -30,6 +30,16 @@
 #define FA_LN2_HI 0.6931471803691238    /* 32 significant bits */
 #define FA_LN2_LO 1.9082149292705877e-10
 
+/* p * 2^(e - 127), for the biased exponent e in the low 9 bits of
+ * `biased` (e in [0, 254]; e = 0 gives exactly 0): the scale is built in the
+ * exponent field, as the vector code does with a shift by 23. */
+static inline float fa_times_pow2f(float p, uint32_t biased) {
+    const uint32_t bits = biased << 23;
+    float s;
+    memcpy(&s, &bits, 4);
+    return p * s;
+}
+
 /* exp for x <= 0 only, as softmax exponents s - max are (the innermost loop
  * of the softmax and of attention). A degree-5 minimax polynomial for exp(r)
  * on |r| <= ln2/2 (fitted for relative error, 1.0e-7; at most 3 ulp after
@@ -56,10 +66,7 @@ static inline float fa_expf_nonpos(float x) {
     p = p * r + FA_EXPF_NP_C2;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; /* n in [-127, 0] */
-    float s;
-    memcpy(&s, &bits, 4);
-    return p * s;
+    return fa_times_pow2f(p, (uint32_t)((int32_t)n + 127)); /* n in [-127, 0] */
 }
 
 /* 2^t for t <= 0 only (up to 1/8 above 0 is fine too: the softmax's
@@ -100,10 +107,7 @@ static inline float fa_exp2f_nonpos(float t) {
     p = p * r + 1.0f;
     uint32_t bits;
     memcpy(&bits, &nb, 4);
-    bits <<= 23; /* n + 127, in [0, 127], into the exponent field */
-    float s;
-    memcpy(&s, &bits, 4);
-    return p * s;
+    return fa_times_pow2f(p, bits); /* its low bits: n + 127, in [0, 127] */
 }
 
 static inline double fa_exp(double x) {

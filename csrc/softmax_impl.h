@@ -86,11 +86,11 @@ static inline void FA_KNAME(prefetch_paced, DT)(const char **p, int64_t *left, i
 }
 
 /* The exponent u = t * mul + shift (shift = -max * mul), or when exact,
- * (t + shift) * mul (shift = -max); see pass 2. The scalar build, which
- * always takes the exact form, works it in double with one rounding at the
- * end, as the fused vector form has. */
+ * (t + shift) * mul (shift = -max); see pass 2. Without a fused
+ * multiply-add (the scalar build) the exact form is always taken, worked in
+ * double with one rounding at the end, as the fused vector form has. */
 static inline V FA_KNAME(softmax_exponent, DT)(V t, V vmul, V vshift, int exact) {
-#if FA_ISA_LEVEL == 0
+#if !FA_FMA_FUSED
     (void)exact;
     return (T)(((double)t + (double)vshift) * (double)vmul);
 #else
