@@ -3,7 +3,9 @@
 Data flow of one self-attention call, batch first, ``x`` of shape (B, L, E)::
 
     x @ [W_Q | W_K | W_V] (+ b)   one GEMM into buf (B, L, (H + 2 Hkv) D),
-                                  its columns split over the OpenMP threads
+                                  its columns split over the OpenMP threads;
+                                  buf's rows are padded to an odd number of
+                                  cache lines (see _row_buffer)
       epilogue: RoPE              each thread rotates the Q and K heads of
                                   its own column block, from a cached table
     SDPA                          reads Q, K, V as strided (B, heads, L, D)
@@ -230,6 +232,30 @@ def _head_view(cols, heads, D):
     v = cols.view()
     v.shape = (B, L, heads, D)  # raises rather than copy
     return v.transpose(0, 2, 1, 3)
+
+
+def _row_buffer(B, L, N, dtype):
+    """An uninitialised (B, L, N) scratch array for the layer's GEMM outputs,
+    64-byte aligned, whose row stride is an odd number of 64-byte lines.
+
+    SDPA reads a head as L rows of D elements, one row stride apart. With
+    a stride of an even number of lines, successive rows fall into a few
+    L1 sets only (a 2304-float stride, 144 lines, uses 4 of the 64 sets),
+    and a key tile of 48 rows no longer fits L1 by associativity: measured
+    8-10% slower attention inside the layer, S = 128 and 512, E = 768.
+    An odd stride spreads successive rows over every set. BLAS takes the
+    stride as the leading dimension, so the padding costs no pass."""
+    dtype = np.dtype(dtype)
+    line = 64 // dtype.itemsize
+    stride = N
+    if N * dtype.itemsize >= 256:
+        lines = -(-N // line)
+        stride = (lines | 1) * line
+    count = B * L * stride
+    raw = np.empty(count * dtype.itemsize + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64
+    flat = raw[start:start + count * dtype.itemsize].view(dtype)
+    return flat.reshape(B, L, stride)[:, :, :N]
 
 
 class _CacheBook:
@@ -718,7 +744,7 @@ class MultiHeadAttention:
         # the column block it has just computed (Q and K lead their buffers)
         rope = self._rope_spec
         if kx is None:
-            buf = np.empty((B, Lq, nq + 2 * nk), dtype=dt)
+            buf = _row_buffer(B, Lq, nq + 2 * nk, dt)
             if q_need is None and kv_need is None:
                 mm(x, self._w_in, buf, self._b_in, None, None, 1.0, gt, rope(B, H + Hkv, Lq))
             else:
@@ -732,19 +758,19 @@ class MultiHeadAttention:
                     mm(x, self._w_kv, buf[:, :, nq:], self._b_kv, both, kn, 1.0, gt, rope(B, Hkv, Lk))
             qcols, kcols, vcols = buf[:, :, :nq], buf[:, :, nq:nq + nk], buf[:, :, nq + nk:]
         else:
-            qcols = np.empty((B, Lq, nq), dtype=dt)
+            qcols = _row_buffer(B, Lq, nq, dt)
             mm(x, self._w_q, qcols, self._b_q, None, q_need, 1.0, gt, rope(B, H, Lq))
             if kx is vx and self._w_kv is not None:
-                kvbuf = np.empty((B, Lk, 2 * nk), dtype=dt)
+                kvbuf = _row_buffer(B, Lk, 2 * nk, dt)
                 mm(kx, self._w_kv, kvbuf, self._b_kv, None, kv_need, 1.0, gt, rope(B, Hkv, Lk))
                 kcols, vcols = kvbuf[:, :, :nk], kvbuf[:, :, nk:]
             else:
-                kcols = np.empty((B, Lk, nk), dtype=dt)
-                vcols = np.empty((B, Lk, nk), dtype=dt)
+                kcols = _row_buffer(B, Lk, nk, dt)
+                vcols = _row_buffer(B, Lk, nk, dt)
                 mm(kx, self._w_k, kcols, self._b_k, None, kv_need, 1.0, gt, rope(B, Hkv, Lk))
                 mm(vx, self._w_v, vcols, self._b_v, None, kv_need, 1.0, gt)
 
-        attn = np.empty((B, Lq, nq), dtype=dt)
+        attn = _row_buffer(B, Lq, nq, dt)
         weights = np.empty(full, dtype=dt) if return_weights else None
         qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
         _kernels.scaled_dot_product_attention(
@@ -783,7 +809,7 @@ class MultiHeadAttention:
         new_tokens = np.full(B, L, np.int64) if ql is None else ql
         old, new = cache._append_lengths(new_tokens)
         dt = self.dtype
-        buf = np.empty((B, L, nq + 2 * nk), dtype=dt)
+        buf = _row_buffer(B, L, nq + 2 * nk, dt)
         rope = None
         if self.rope is not None:
             # positions continue each sequence; padded rows are never rotated
@@ -799,7 +825,7 @@ class MultiHeadAttention:
         cache._lengths[:] = new
 
         Lk = int(new.max()) if B else 0
-        attn = np.empty((B, L, nq), dtype=dt)
+        attn = _row_buffer(B, L, nq, dt)
         out4 = _head_view(attn, H, D)
         weights = np.zeros((B, H, L, Lk), dtype=dt) if return_weights else None
         scale = 1.0 / math.sqrt(D)

@@ -539,6 +539,27 @@ def test_head_views_are_views_and_sdpa_writes_the_merged_layout(rng):
     assert_close(attn, want.transpose(0, 2, 1, 3).reshape(B, L, H * D))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N", [1, 15, 63, 64, 200, 768, 2304])
+def test_row_buffer_geometry(dtype, N):
+    # the layer's scratch rows: aligned, and rows of 256 bytes or more are
+    # an odd number of 64-byte lines apart (so that a head's rows spread
+    # over every L1 set), with at most one line of padding
+    from fastattn.mha import _row_buffer
+    a = _row_buffer(3, 7, N, dtype)
+    item = np.dtype(dtype).itemsize
+    assert a.shape == (3, 7, N) and a.dtype == dtype and a.ctypes.data % 64 == 0
+    row = a.strides[1]
+    assert a.strides == (7 * row, row, item)
+    if N * item >= 256:
+        assert row % 64 == 0 and (row // 64) % 2 == 1 and N * item <= row < N * item + 128
+    else:
+        assert row == N * item
+    a[...] = 1.0  # a writable view of its own memory
+    assert a.sum() == a.size
+    assert _row_buffer(0, 7, N, dtype).shape == (0, 7, N)
+
+
 def test_sdpa_never_reads_keys_past_key_lengths(rng):
     # the layer leaves K/V rows past key_lengths unprojected (uninitialised)
     q = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
