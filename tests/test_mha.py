@@ -541,23 +541,26 @@ def test_head_views_are_views_and_sdpa_writes_the_merged_layout(rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("N", [1, 15, 63, 64, 200, 768, 2304])
-def test_row_buffer_geometry(dtype, N):
-    # the layer's scratch rows: aligned, and rows of 256 bytes or more are
-    # an odd number of 64-byte lines apart (so that a head's rows spread
-    # over every L1 set), with at most one line of padding
+@pytest.mark.parametrize("L", [1, 8, 9, 130])
+def test_row_buffer_geometry(dtype, N, L):
+    # the layer's scratch rows: with more than 8 rows of 256 bytes or more,
+    # aligned and an odd number of 64-byte lines apart (a head's rows then
+    # spread over every L1 set), with less than two lines of padding;
+    # otherwise a plain array
     from fastattn.mha import _row_buffer
-    a = _row_buffer(3, 7, N, dtype)
+    a = _row_buffer(3, L, N, dtype)
     item = np.dtype(dtype).itemsize
-    assert a.shape == (3, 7, N) and a.dtype == dtype and a.ctypes.data % 64 == 0
+    assert a.shape == (3, L, N) and a.dtype == dtype
     row = a.strides[1]
-    assert a.strides == (7 * row, row, item)
-    if N * item >= 256:
+    assert a.strides == (L * row, row, item)
+    if L > 8 and N * item >= 256:
+        assert a.ctypes.data % 64 == 0
         assert row % 64 == 0 and (row // 64) % 2 == 1 and N * item <= row < N * item + 128
     else:
         assert row == N * item
-    a[...] = 1.0  # a writable view of its own memory
-    assert a.sum() == a.size
-    assert _row_buffer(0, 7, N, dtype).shape == (0, 7, N)
+    a[...] = np.arange(a.size).reshape(a.shape)  # every element its own memory
+    assert (a.ravel() == np.arange(a.size)).all()
+    assert _row_buffer(0, L, N, dtype).shape == (0, L, N)
 
 
 def test_sdpa_never_reads_keys_past_key_lengths(rng):
