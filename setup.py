@@ -6,7 +6,8 @@ extension as extra objects (the cython-blis approach):
 * baseline files (drivers, dispatch, the scalar kernels): no ISA flags, so the
   package imports on any x86-64 (or aarch64) CPU;
 * ``*_avx2.c``: ``-mavx2 -mfma``;
-* ``*_avx512.c``: ``-mavx512f -mavx512dq -mavx512bw -mavx512vl``.
+* ``*_avx512.c``: ``-mavx2 -mfma -mavx512f -mavx512dq -mavx512bw -mavx512vl``
+  (GCC's ``-mavx512f`` does not imply FMA).
 
 The CPU is detected at import (CPUID + XGETBV) and the best compiled level is
 selected; ``FASTATTN_ISA`` lowers it. No host-specific tuning flag (the wheel

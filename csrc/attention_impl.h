@@ -272,6 +272,15 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         sc->l[i] = (T)0;
     }
     memset(sc->acc, 0, (size_t)(rows_mr * sc->ldacc) * sizeof(T));
+    /* P.V runs whole register tiles, so when the tile height does not
+     * divide the query chunk (rows_mr > cols, e.g. 30 rows: 36 vs 32 on
+     * AVX-512 float) it reads st and alpha columns that no pass writes.
+     * Their rows are never output, but leftover scratch could hold NaN or
+     * subnormals (slow FMA assists): they get P = 0 and alpha = 1. */
+    for (int64_t i = cols; i < rows_mr; ++i) {
+        sc->alpha[i] = (T)1;
+        for (int64_t j = 0; j < NK; ++j) sc->st[j * MQ + i] = (T)0;
+    }
 
     /* keys past the last row's causal limit are never attended */
     int64_t kend = k1;

@@ -46,8 +46,9 @@ static inline float fa_times_pow2f(float p, uint32_t biased) {
  * float rounding, against the 1e-5 the outputs are held to) costs two FMAs
  * fewer than Taylor to r^7. Below -127 ln2 the scale 2^n has exponent
  * field 0, so the result is exactly 0 with no compare: exp(-inf) == 0 and
- * masked keys get probability 0. x in (-127.5 ln2, -87.34) gives a
- * subnormal, which is right. */
+ * masked keys get probability 0. Below -126.5 ln2 (-87.68), n rounds to
+ * -127 and the result is exactly 0, not the subnormal e^x (< 1.2e-38,
+ * far below the 1e-5 tolerance); x in (-87.68, -87.34) gives a subnormal. */
 #define FA_EXPF_NP_LO (-88.0296919f) /* -127 ln2 */
 #define FA_EXPF_NP_C5 8.314719e-3f
 #define FA_EXPF_NP_C4 4.1890208e-2f

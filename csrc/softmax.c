@@ -106,8 +106,8 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
     const int64_t all_rows = job->B * M * Lq;
     /* valid counts and x rows of the next FA_SOFTMAX_PREFETCH_ROWS rows, each
      * worked out once, when the row is FA_SOFTMAX_PREFETCH_ROWS ahead */
-    const char *ahead_x[FA_SOFTMAX_PREFETCH_ROWS];
-    int64_t ahead_n[FA_SOFTMAX_PREFETCH_ROWS];
+    const char *ahead_x[FA_SOFTMAX_PREFETCH_ROWS] = {NULL};
+    int64_t ahead_n[FA_SOFTMAX_PREFETCH_ROWS] = {0};
     row_pos cur = pos_of(job, lo), ahead = cur;
     fa_prefetch_cursor pf = {NULL, 0};
     for (int64_t p = 0; p < FA_SOFTMAX_PREFETCH_ROWS && lo + p < all_rows; ++p) {
