@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Emulated AVX-512 job: run fastattn's level-2 (AVX-512) kernels on a CPU
+# without AVX-512. In a scratch copy of csrc/ (the repository is untouched),
+# the level-2 `#error` guard and `#include <immintrin.h>` of simd_map.h are
+# replaced by `#include "emu512.h"`, a per-lane emulation of the AVX-512
+# intrinsics the level-2 code uses. The scalar, native AVX2 and emulated
+# AVX-512 kernels are built with ASan + UBSan and linked into two tests:
+#
+#   helpers       the level-2 vector helpers against the AVX2 ones (exp/exp2
+#                 bit-identical, hmax/hsum, keep, loadn/storen for every n)
+#   differential  fa_scaled_dot_product_attention and fa_masked_softmax at
+#                 level 2 and level 1 against level 0, random cases from a
+#                 fixed seed, plus directed NaN/-inf softmax rows
+#
+# Then a planted bug (the float keep mask shifted by one lane) must make
+# the differential test fail. Any mismatch, sanitizer report, or a patch
+# that no longer applies fails the job. See docs/reliability.md.
+#
+#   bash tests/emulated_avx512/run.sh      # from anywhere; needs gcc with libasan/libubsan
+#   EMU512_CASES=2000 EMU512_SEEDS="1 2 3" bash tests/emulated_avx512/run.sh   # a longer run
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+HERE="$ROOT/tests/emulated_avx512"
+CC="${CC:-gcc}"
+# random cases per seed (each: one attention and one softmax call per level);
+# one differential process per seed, run in parallel
+CASES="${EMU512_CASES:-600}"
+SEEDS="${EMU512_SEEDS:-1 2}"
+PLANTED_CASES="${EMU512_PLANTED_CASES:-100}"
+
+die() { echo "== FAIL: $*" >&2; exit 1; }
+start=$SECONDS
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+echo "== emulated AVX-512 job: scratch copy of csrc/ in $WORK"
+cp -R "$ROOT/csrc" "$WORK/csrc"
+
+# ---- the substitution (scratch copy only) -----------------------------------
+# exactly these lines of the level-2 section of simd_map.h; if they change,
+# update EXPECTED here (and check that emu512.h still covers every intrinsic)
+patch_simd_map() { # $1: simd_map.h to patch in place
+    python3 - "$1" <<'PYEOF'
+import sys
+path = sys.argv[1]
+EXPECTED = """#elif FA_ISA_LEVEL == 2
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \\
+    !defined(__AVX512DQ__) || !defined(__FMA__)
+#error "FA_ISA_LEVEL 2 needs -mavx512f -mavx512dq -mavx512bw -mavx512vl -mfma"
+#endif
+#include <immintrin.h>
+"""
+REPLACEMENT = """#elif FA_ISA_LEVEL == 2
+
+#include "emu512.h" /* emulated AVX-512: tests/emulated_avx512/run.sh */
+"""
+text = open(path).read()
+n = text.count(EXPECTED)
+if n != 1:
+    sys.exit(f"== FAIL: expected the level-2 guard + #include <immintrin.h> exactly once in "
+             f"{path}, found it {n} times; simd_map.h changed, so update EXPECTED in "
+             f"tests/emulated_avx512/run.sh (the job would otherwise not test what it claims)")
+open(path, "w").write(text.replace(EXPECTED, REPLACEMENT))
+PYEOF
+    grep -q '#include "emu512.h"' "$1" || die "the emu512.h include is missing from $1 after patching"
+    ! grep -q 'FA_ISA_LEVEL 2 needs' "$1" || die "the level-2 #error guard is still in $1 after patching"
+}
+patch_simd_map "$WORK/csrc/simd_map.h"
+echo "== patched the scratch simd_map.h: level 2 uses emu512.h"
+
+# ---- build ------------------------------------------------------------------
+# setup.py's BASE_CFLAGS with -O1 instead of -O3 (ASan + the emulation are
+# slow to compile and run at -O3), plus the sanitizers. The level-2 files get
+# -mavx2 -mfma and no AVX-512 flag: an AVX-512 intrinsic that emu512.h does
+# not emulate fails to compile instead of being skipped. -Wno-psabi: GCC
+# notes that 512-bit vector arguments change the ABI without -mavx512f,
+# which is expected here (all those functions are static inline).
+CFLAGS=(-std=c11 -O1 -fno-math-errno -ffp-contract=off -Wall -Wextra -Wno-unused-function
+        -fopenmp -g -fno-omit-frame-pointer
+        -fsanitize=address,undefined -fno-sanitize-recover=all
+        -DFA_HAVE_X86_KERNELS=1)
+X86=(-mavx2 -mfma -Wno-psabi)
+
+# compile SRC OBJ INCDIR [extra flags...]; run in the background by build()
+compile() {
+    local src="$1" obj="$2" inc="$3"
+    shift 3
+    "$CC" "${CFLAGS[@]}" "$@" -I"$inc" -I"$HERE" -c "$src" -o "$obj" > "$obj.log" 2>&1 ||
+        { cat "$obj.log"; echo "== compile failed: $src" > "$obj.failed"; }
+}
+# wait for the background compiles, show warnings, fail if any failed
+wait_compiles() {
+    wait
+    local f
+    for f in "$@"; do
+        [ -s "$f.log" ] && cat "$f.log"
+        [ -e "$f.failed" ] && die "$(cat "$f.failed")"
+    done
+    return 0
+}
+
+mkdir -p "$WORK/obj"
+S="$WORK/csrc"
+objs=()
+for src in "$S"/attention.c "$S"/softmax.c "$S"/dispatch.c "$S"/fork_safety.c "$S"/*_scalar.c; do
+    o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" &
+done
+for src in "$S"/*_avx2.c "$S"/*_avx512.c; do
+    o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" "${X86[@]}" &
+done
+compile "$HERE/differential.c" "$WORK/obj/differential.o" "$S" &
+compile "$HERE/helpers.c" "$WORK/obj/helpers.o" "$S" &
+compile "$HERE/helpers_level.c" "$WORK/obj/helpers_l1.o" "$S" "${X86[@]}" -DFA_ISA_LEVEL=1 &
+compile "$HERE/helpers_level.c" "$WORK/obj/helpers_l2.o" "$S" "${X86[@]}" -DFA_ISA_LEVEL=2 &
+wait_compiles "${objs[@]}" "$WORK"/obj/differential.o "$WORK"/obj/helpers.o \
+    "$WORK"/obj/helpers_l1.o "$WORK"/obj/helpers_l2.o
+# cpu_features.c is not linked: the tests define fa_cpu_best_isa (level 2)
+"$CC" "${CFLAGS[@]}" "$WORK/obj/differential.o" "${objs[@]}" -lm -o "$WORK/differential"
+"$CC" "${CFLAGS[@]}" "$WORK"/obj/helpers.o "$WORK"/obj/helpers_l1.o "$WORK"/obj/helpers_l2.o \
+    -lm -o "$WORK/helpers"
+echo "== built scalar + AVX2 + emulated AVX-512 kernels with ASan+UBSan ($((SECONDS - start)) s)"
+
+# ---- run --------------------------------------------------------------------
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:handle_segv=1"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+export OMP_NUM_THREADS=1
+SANITIZER_RE='ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer|emu512: '
+
+# run NAME CMD...: in the background, output to $WORK/NAME.log, status to $WORK/NAME.rc
+run_bg() {
+    local name="$1"
+    shift
+    ( set +e; "$@" > "$WORK/$name.log" 2>&1; echo $? > "$WORK/$name.rc" ) &
+}
+names=(helpers)
+run_bg helpers "$WORK/helpers"
+for seed in $SEEDS; do
+    names+=("differential-seed$seed")
+    run_bg "differential-seed$seed" "$WORK/differential" "$CASES" "$seed"
+done
+wait
+failed=0
+for name in "${names[@]}"; do
+    rc="$(cat "$WORK/$name.rc")"
+    if [ "$rc" -ne 0 ] || grep -qE "$SANITIZER_RE" "$WORK/$name.log"; then
+        cat "$WORK/$name.log"
+        echo "== FAIL: $name (exit status $rc)"
+        failed=1
+    else
+        sed "s/^/   $name: /" "$WORK/$name.log" | grep -E 'cases|rows|inputs|checks'
+    fi
+done
+[ "$failed" -eq 0 ] || die "mismatches or sanitizer reports above"
+echo "== no mismatch, no sanitizer report ($((SECONDS - start)) s)"
+
+# ---- planted bug: must be caught ---------------------------------------------
+# the float keep mask shifted by one lane (lane i takes mask byte i + 1)
+echo "== planted bug: vf32_keep mask off by one lane (must be caught)"
+cp -R "$WORK/csrc" "$WORK/planted"
+P="$WORK/planted/simd_map.h"
+sed -i 's/return _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), v);/return _mm512_mask_blend_ps((__mmask16)(k >> 1), _mm512_set1_ps(-INFINITY), v);/' "$P"
+[ "$(grep -c '_mm512_mask_blend_ps((__mmask16)(k >> 1)' "$P")" -eq 1 ] ||
+    die "the planted-bug sed did not apply to simd_map.h (vf32_keep changed?); update it in $0"
+pobjs=()
+for o in "${objs[@]}"; do case "$o" in *_avx512.o) ;; *) pobjs+=("$o") ;; esac; done
+mkdir -p "$WORK/pobj"
+for src in "$WORK"/planted/*_avx512.c; do
+    o="$WORK/pobj/$(basename "${src%.c}").o"; pobjs+=("$o"); compile "$src" "$o" "$WORK/planted" "${X86[@]}" &
+done
+wait_compiles "$WORK"/pobj/*_avx512.o
+"$CC" "${CFLAGS[@]}" "$WORK/obj/differential.o" "${pobjs[@]}" -lm -o "$WORK/differential-planted"
+set +e
+"$WORK/differential-planted" "$PLANTED_CASES" 1 > "$WORK/planted.log" 2>&1
+prc=$?
+set -e
+if [ "$prc" -ne 1 ] || ! grep -q '^MISMATCH .*avx512(emulated) vs scalar' "$WORK/planted.log" ||
+    grep -qE "$SANITIZER_RE" "$WORK/planted.log"; then
+    cat "$WORK/planted.log"
+    die "the planted keep-mask bug was not caught as a mismatch (exit status $prc)"
+fi
+grep -m 2 '^MISMATCH' "$WORK/planted.log" | cut -c1-200
+grep -E 'mismatching' "$WORK/planted.log" | sed 's/^/   planted: /'
+echo "== planted bug caught (exit status $prc)"
+echo "== emulated AVX-512 job passed in $((SECONDS - start)) s"
