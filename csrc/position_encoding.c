@@ -12,7 +12,10 @@
 #include <math.h>
 #include <string.h>
 
-#include "internal.h"
+#include "checked_size.h"
+#include "fastattn.h"
+#include "scratch.h"
+#include "threads.h"
 
 /* Positions per exact restart for float tables: 16 rotation steps cost
  * < 1e-14 absolute error (float's own rounding is 6e-8) while cutting libm

@@ -103,7 +103,10 @@ wait_compiles() {
 mkdir -p "$WORK/obj"
 S="$WORK/csrc"
 objs=()
-for src in "$S"/attention.c "$S"/softmax.c "$S"/dispatch.c "$S"/fork_safety.c "$S"/*_scalar.c; do
+# the drivers the differential test calls, the kernel table and what they
+# share (threads, checked sizes, scratch), and every scalar kernel file
+for src in "$S"/attention.c "$S"/softmax.c "$S"/dispatch.c "$S"/fork_safety.c "$S"/threads.c \
+    "$S"/checked_size.c "$S"/scratch.c "$S"/*_scalar.c; do
     o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" &
 done
 for src in "$S"/*_avx2.c "$S"/*_avx512.c; do
