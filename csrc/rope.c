@@ -18,12 +18,9 @@
  * libm calls from the B*H*L rows to the B*L (or L) positions.
  *
  * Accuracy: angles are formed and evaluated in double and rounded once to
- * the dtype. For float tables a run of consecutive positions advances each
- * column by one rotation (4 multiplies, 2 adds) from an exact libm value
- * restarted every FA_ROPE_BLOCK_F32 positions, which stays within 1e-14 of
- * libm (float rounding is 6e-8). Double tables call libm at every position:
- * beyond ~1e4 positions the rounding of fl(pos * inv) itself exceeds 1e-12,
- * so a double table is only reproducible as sin(fl(pos * inv)).
+ * the dtype. A run of consecutive positions advances each column by one
+ * rotation from an exact libm value restarted every FA_SINCOS_BLOCK_F32
+ * (float) or FA_SINCOS_BLOCK_F64 (double) positions (sincos_steps.h).
  *
  * The table is libm-bound (sin and cos in double), so it is computed here,
  * with baseline flags, the same way at every ISA level. The rotation of a
@@ -36,37 +33,28 @@
 #include "fastattn.h"
 #include "kernel_table.h"
 #include "scratch.h"
+#include "sincos_steps.h"
 #include "threads.h"
-
-#define FA_ROPE_BLOCK_F32 16
 
 /* ---- the cos / sin table ------------------------------------------------- */
 
 /* Positions [p0, p1) of the table, stored as float or double. s, c: (half)
  * the running sin / cos of this thread; ws, wc: (half) sin / cos of one
- * step of each column. A run of consecutive positions advances by one
- * rotation from an exact libm value restarted every `block` positions. */
+ * step of each column. Only runs of consecutive positions are stepped;
+ * any other position restarts from libm. */
 static void rope_table_rows(int dtype, void *cos_out, void *sin_out, int64_t half,
                             const int64_t *pos, int64_t start, const double *inv, double *s,
                             double *c, const double *ws, const double *wc, int64_t p0,
                             int64_t p1) {
-    const int64_t block = dtype == FA_DTYPE_F32 ? FA_ROPE_BLOCK_F32 : 1;
+    const int64_t block = dtype == FA_DTYPE_F32 ? FA_SINCOS_BLOCK_F32 : FA_SINCOS_BLOCK_F64;
     int64_t prev = 0, since = block;
     for (int64_t p = p0; p < p1; ++p) {
         const int64_t q = pos ? pos[p] : start + p;
         if (since < block && q - 1 == prev) {
-            for (int64_t j = 0; j < half; ++j) {
-                const double ns = s[j] * wc[j] + c[j] * ws[j];
-                const double nc = c[j] * wc[j] - s[j] * ws[j];
-                s[j] = ns, c[j] = nc;
-            }
+            fa_sincos_step(s, c, ws, wc, half);
             ++since;
         } else {
-            for (int64_t j = 0; j < half; ++j) {
-                const double a = (double)q * inv[j];
-                s[j] = sin(a);
-                c[j] = cos(a);
-            }
+            fa_sincos_exact(s, c, (double)q, inv, half);
             since = 1;
         }
         prev = q;
@@ -102,10 +90,7 @@ static void rope_table_part(void *ctx, int t, int nthreads) {
     const int64_t half = j->half;
     double *s = j->inv + half + (int64_t)t * j->per_thread, *c = s + half;
     double *ws = c + half, *wc = ws + half;
-    for (int64_t k = 0; k < half; ++k) {
-        ws[k] = sin(j->inv[k]);
-        wc[k] = cos(j->inv[k]);
-    }
+    fa_sincos_exact(ws, wc, 1.0, j->inv, half); /* the step: one position */
     int64_t p0, p1;
     fa_partition(j->n, nthreads, t, &p0, &p1);
     rope_table_rows(j->dtype, j->cos_out, j->sin_out, half, j->positions, j->start, j->inv, s,
