@@ -9,8 +9,9 @@
  * the compiler vectorises the contiguous NEOX loops with each ISA file's
  * flags, and the strided GPTJ ones where it can. Every element is computed
  * by the same operations in the same order at every ISA (no reduction, and
- * -ffp-contract=off keeps a * b - c * d from being fused), so the ISA
- * levels give bit-identical rows.
+ * no fused multiply-add: -ffp-contract=off, plus the GPTJ form below), so
+ * the ISA levels give bit-identical rows; the emulated AVX-512 job checks
+ * them bit for bit.
  *
  * GPTJ pairs are written a * cos + (-b) * sin, which rounds exactly as
  * a * cos - b * sin (negation is exact and x + (-y) is x - y), because
