@@ -166,6 +166,14 @@ def check_out(out, shape, dtype, name="out"):
 
 def reshaped_view(arr, shape):
     """A view of ``arr`` with ``shape``, or None when that needs a copy."""
+    try:
+        # NumPy >= 2.1 refuses to copy with ValueError; assigning .shape, the
+        # older way, is deprecated from NumPy 2.5
+        return np.reshape(arr, shape, copy=False)
+    except ValueError:
+        return None
+    except TypeError:  # NumPy < 2.1: no copy= argument
+        pass
     view = arr.view()
     try:
         view.shape = shape

@@ -6,7 +6,8 @@ import pytest
 import fastattn
 from fastattn import _kernels
 from fastattn import reference as ref
-from conftest import LAYOUTS, assert_close, strided_copy
+from conftest import (LAYOUTS, angle_atol, assert_close, assert_close_angles, rotary_bound_terms,
+                      strided_copy)
 
 # (x shape, positions shape): one table for all heads, per-sequence tables,
 # a table per row, 2-D and 5-D inputs, awkward D
@@ -26,7 +27,8 @@ def test_against_oracle(isa, threads, dtype, rng, shape, pshape, layout):
     x = rng.standard_normal(shape).astype(dtype)
     pos = rng.integers(-50, 5000, size=pshape)
     got = fastattn.apply_rotary(x, pos, layout=layout, num_threads=threads)
-    assert_close(got, ref.apply_rotary(x, pos, layout=layout))
+    assert_close_angles(got, ref.apply_rotary(x, pos, layout=layout),
+                        *rotary_bound_terms(x, pos, layout))
 
 
 @pytest.mark.parametrize("layout", ["neox", "gptj"])
@@ -37,8 +39,27 @@ def test_long_consecutive_positions(dtype, layout):
     x = rng.standard_normal((2, 3000, 64)).astype(dtype)
     for start in (0, 10**6):
         pos = start + np.arange(3000)
-        assert_close(fastattn.apply_rotary(x, pos, layout=layout, base=500000.0),
-                     ref.apply_rotary(x, pos, layout=layout, base=500000.0))
+        assert_close_angles(fastattn.apply_rotary(x, pos, layout=layout, base=500000.0),
+                            ref.apply_rotary(x, pos, layout=layout, base=500000.0),
+                            *rotary_bound_terms(x, pos, layout, 500000.0))
+
+
+def test_far_positions_need_the_angle_bound():
+    # at position 3e6 the float64 angle itself carries ~|angle| * eps = 7e-10
+    # of rounding, which libm's pow and NumPy's may split differently: a flat
+    # 1e-12 fails there while the angle bound holds, and the angle bound
+    # still catches an error a few times larger than that rounding
+    x = np.ones((1, 64))
+    pos = np.array([3_000_000])
+    got, want = fastattn.apply_rotary(x, pos), ref.apply_rotary(x, pos)
+    theta, pair = rotary_bound_terms(x, pos)
+    with pytest.raises(AssertionError):
+        assert_close(got, want)
+    assert_close_angles(got, want, theta, pair)
+    worse = got.copy()
+    worse[0, 1] += 2 * (angle_atol(theta) * pair)[0, 1]
+    with pytest.raises(AssertionError, match="beyond the angle bound"):
+        assert_close_angles(worse, want, theta, pair)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
