@@ -12,15 +12,14 @@ from fastattn._validation import (
     choice,
     float_array,
     index_value,
+    real_number,
 )
 
 LAYOUTS = {"concat": 0, "interleaved": 1}
 
 
 def _real(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
+    return real_number(value, name)
 
 
 def _start_index(value, length):

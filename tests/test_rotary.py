@@ -167,3 +167,19 @@ def test_alibi_slopes_feed_sdpa(rng):
     kw = dict(alibi_slopes=s, is_causal=True)
     assert_close(fastattn.scaled_dot_product_attention(q, k, v, **kw),
                  ref.scaled_dot_product_attention(q, k, v, **kw))
+
+
+def test_alibi_head_count_bound():
+    # above 2**25 - 1 heads adjacent slopes coincide in float32; an absurd
+    # count is refused at once instead of building a list of 10**9 floats
+    import time
+    from fastattn.rotary import MAX_ALIBI_HEADS
+    assert MAX_ALIBI_HEADS == 2**25 - 1
+    t0 = time.perf_counter()
+    for n in (MAX_ALIBI_HEADS + 1, 10**9, 2**63, 10**400):
+        with pytest.raises(ValueError, match=f"^num_heads must be <= {MAX_ALIBI_HEADS}"):
+            fastattn.alibi_slopes(n)
+    assert time.perf_counter() - t0 < 1.0
+    # below the bound every head keeps its own float32 slope
+    s = fastattn.alibi_slopes(2**20 + 3, dtype=np.float32)
+    assert np.unique(s).size == s.size
