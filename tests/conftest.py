@@ -97,8 +97,9 @@ LAYOUTS = ["C", "F", "strided", "reversed"]
 # passes ~1e4 rad (eps * 1e4 = 2.2e-12), which positions of 1e4 and more
 # reach; this bound grows with |theta| exactly as the rounding does, and is
 # as tight as the flat rule for small angles. Measured: at most 2 ulp of
-# theta (start_index=1252, min_timescale=3, max_timescale=1 gives
-# |theta| = 13,000 and differences of 2**-38 = 2 * ulp(theta)).
+# theta (|diff| <= 1.9 * eps * (|theta| + 1) over random tables with
+# positions to 1e6, <= 1.4 for apply_rotary), so 4 leaves a 2x margin; see
+# docs/reliability.md.
 EPS64 = float(np.finfo(np.float64).eps)
 ANGLE_ULPS = 4
 

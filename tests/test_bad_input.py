@@ -309,8 +309,9 @@ def test_barrage(fname, arg, position, value, time_limit):
             pytest.fail(f"{fname}({arg}={value!r}) raised {type(exc).__name__}: {exc}")
         else:
             pytest.fail(f"{fname}({arg}={value!r}) was accepted")
+        args, _ = VALID[fname]
+        getattr(fastattn, fname)(*args)  # still works: nothing was left half-changed
     finally:
+        # set_isa and set_num_threads change global state: restore it
         fastattn.set_isa(saved[0])
         fastattn.set_num_threads(saved[1])
-    args, _ = VALID[fname]
-    getattr(fastattn, fname)(*args)  # still works: nothing was left half-changed

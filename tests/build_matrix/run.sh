@@ -68,8 +68,11 @@ PYEOF
     ) || { echo "== [$name] FAIL: wrong build"; return 1; }
     echo "== [$name] kernel tests (HYPOTHESIS_PROFILE=$HYPOTHESIS_PROFILE)"
     # shellcheck disable=SC2086
-    (cd "$src" && "$py" -m pytest -q -p no:cacheprovider $KERNEL_TESTS 2>&1 | tail -5;
-     exit "${PIPESTATUS[0]}") || { echo "== [$name] FAIL: tests"; return 1; }
+    if (cd "$src" && "$py" -m pytest -q -p no:cacheprovider $KERNEL_TESTS > "$WORK/$name.tests.log" 2>&1); then
+        tail -1 "$WORK/$name.tests.log"
+    else
+        tail -80 "$WORK/$name.tests.log"; echo "== [$name] FAIL: tests"; return 1
+    fi
     echo "== [$name] build and tests: $((SECONDS - start)) s"
 }
 
