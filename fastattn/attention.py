@@ -14,6 +14,7 @@ from fastattn._validation import (
     compute_dtype,
     float_array,
     lengths_view,
+    real_number,
 )
 from fastattn.masks import CAUSAL_ALIGNMENTS, prepare_mask
 
@@ -89,7 +90,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     # stride, no masks or out): the same checks as below, without the general
     # machinery, so that tiny decode calls cost a few microseconds.
     if (attn_mask is None and key_lengths is None and query_lengths is None
-            and alibi_slopes is None and out is None and not return_weights
+            and alibi_slopes is None and out is None and return_weights is False
             and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         dt = q.dtype
         if ((dt is _F32 or dt is _F64) and k.dtype is dt and v.dtype is dt
@@ -101,7 +102,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
             item = dt.itemsize
             if (Bk == B and Bv == B and Dk == D and Hv == Hkv and Lv == Lk and Hkv
                     and H % Hkv == 0 and q.strides[3] == item and k.strides[3] == item
-                    and v.strides[3] == item and causal_alignment in CAUSAL_ALIGNMENTS
+                    and v.strides[3] == item and type(causal_alignment) is str
+                    and causal_alignment in CAUSAL_ALIGNMENTS
                     and type(is_causal) is bool and (scale is None or type(scale) is float)):
                 result = np.empty((B, H, Lq, Dv), dtype=dt)
                 _kernels.scaled_dot_product_attention(
@@ -141,8 +143,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     align = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D else 1.0
-    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    else:
+        scale = real_number(scale, "scale", "a real number or None")
     lead = user_q_shape[:-2]
     kl = lengths_view(key_lengths, "key_lengths", lead, B, H, Lk, "key")
     ql = lengths_view(query_lengths, "query_lengths", lead, B, H, Lq, "query")
