@@ -108,7 +108,21 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y,
  * masked; alibi_slopes (NULL or (H,) in the dtype) adds
  * -slope[h] * (i_pos - j). weights: NULL data, or (B, H, Lq, Lk) receiving
  * the softmax that produced out. Results are bitwise identical for every
- * num_threads. */
+ * num_threads.
+ * Model features (a zero-filled struct turns every one of them off):
+ *   key_start: per (b, h); keys j < start are masked and skipped (left
+ *     padding), so the valid keys are [start, key_len);
+ *   window: bit FA_WINDOW_LEFT bounds the left side, FA_WINDOW_RIGHT the
+ *     right: key j is visible iff i_pos - window_left <= j <= i_pos +
+ *     window_right (each >= 0); keys outside are never computed;
+ *   softcap > 0: each scaled score s becomes softcap * tanh(s / softcap)
+ *     before the masks and ALiBi;
+ *   sinks: NULL or (H,) in the dtype: one logit per head added to every
+ *     row's softmax denominator, exp(sink - m) with m the max over the
+ *     row's scores and the sink; it has no value row. A row with no visible
+ *     key stays 0. */
+enum { FA_WINDOW_LEFT = 1, FA_WINDOW_RIGHT = 2 };
+
 typedef struct {
     int64_t B, H, Hkv, Lq, Lk, D, Dv;
     fa_view4 q, k, v, out, weights;
@@ -118,6 +132,11 @@ typedef struct {
     int alignment;
     double scale;
     const void *alibi_slopes;
+    fa_lengths_view key_start;
+    int window;
+    int64_t window_left, window_right;
+    double softcap;
+    const void *sinks;
 } fa_attention_args;
 
 int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,

@@ -58,7 +58,14 @@ cdef extern from "fastattn.h" nogil:
         int alignment
         double scale
         const void *alibi_slopes
+        fa_lengths_view key_start
+        int window
+        int64_t window_left, window_right
+        double softcap
+        const void *sinks
 
+    int FA_WINDOW_LEFT
+    int FA_WINDOW_RIGHT
     int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,
                                         int num_threads)
     int fa_apply_sequence_mask(int dtype, fa_view4 x, fa_view4 y,
