@@ -142,6 +142,34 @@ typedef struct {
 int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,
                                     int num_threads);
 
+/* ---- packed variable-length attention (flash-attn's varlen layout) --------
+ * q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) ->
+ * out (total_q, H, Dv); each is passed as a fa_view4 over (1, heads, rows,
+ * cols) whose stride[0] is ignored: stride[1] steps heads, stride[2] rows.
+ * cu_q, cu_k: (B + 1,) prefix sums (0 = cu[0] <= cu[1] <= ... <= cu[B] =
+ * total; checked, FA_ERR_INVALID otherwise): sequence b is query rows
+ * cu_q[b]:cu_q[b+1] against key rows cu_k[b]:cu_k[b+1], with query i at
+ * i_pos = i (top-left) or i + Lk_b - Lq_b (bottom-right). No padding
+ * exists; the work items are (sequence, head, query chunk), run longest
+ * first so that threads are balanced by tokens. Masks, causality, ALiBi,
+ * window, softcap and sinks as in fa_attention_args; no weights output and
+ * no split-KV. Bitwise identical for every num_threads. */
+typedef struct {
+    int64_t B, H, Hkv, total_q, total_k, D, Dv;
+    const int64_t *cu_q, *cu_k;
+    fa_view4 q, k, v, out;
+    int is_causal;
+    int alignment;
+    double scale;
+    const void *alibi_slopes;
+    int window;
+    int64_t window_left, window_right;
+    double softcap;
+    const void *sinks;
+} fa_varlen_args;
+
+int fa_varlen_attention(int dtype, const fa_varlen_args *args, int num_threads);
+
 /* ---- classic padding mask -------------------------------------------------
  * x, y: (B, P, L, C) strided views, where L is the masked axis, P collapses
  * the axes between batch and it, C the axes after it. lengths: (B,) int64.

@@ -227,6 +227,61 @@ def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
     check(st)
 
 
+cdef fa_view4 packed_view(cnp.ndarray a) except *:
+    """(total, heads, cols) as the (1, heads, total, cols) view varlen takes."""
+    cdef fa_view4 v
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    v.data = cnp.PyArray_DATA(a)
+    v.stride[0] = 0
+    v.stride[1] = elem_stride(cnp.PyArray_STRIDES(a)[1], item)
+    v.stride[2] = elem_stride(cnp.PyArray_STRIDES(a)[0], item)
+    v.stride[3] = elem_stride(cnp.PyArray_STRIDES(a)[2], item)
+    return v
+
+
+def varlen_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out,
+                     cnp.ndarray cu_q, cnp.ndarray cu_k, double scale, bint is_causal,
+                     int alignment, object alibi, object window, double softcap,
+                     object sinks, int num_threads):
+    """q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv),
+    out (total_q, H, Dv), unit last-axis strides; cu_q, cu_k (B+1,)
+    contiguous int64."""
+    cdef int dt = dtype_code(q)
+    cdef fa_varlen_args a
+    cdef int st
+    a.B = cu_q.shape[0] - 1
+    a.H = q.shape[1]
+    a.Hkv = k.shape[1]
+    a.total_q = q.shape[0]
+    a.total_k = k.shape[0]
+    a.D = q.shape[2]
+    a.Dv = v.shape[2]
+    a.cu_q = <const int64_t *>cnp.PyArray_DATA(cu_q)
+    a.cu_k = <const int64_t *>cnp.PyArray_DATA(cu_k)
+    a.q = packed_view(q)
+    a.k = packed_view(k)
+    a.v = packed_view(v)
+    a.out = packed_view(out)
+    a.is_causal = is_causal
+    a.alignment = alignment
+    a.scale = scale
+    a.alibi_slopes = NULL if alibi is None else cnp.PyArray_DATA(<cnp.ndarray>alibi)
+    a.window = 0
+    a.window_left = a.window_right = 0
+    if window is not None:
+        if window[0] is not None:
+            a.window |= FA_WINDOW_LEFT
+            a.window_left = window[0]
+        if window[1] is not None:
+            a.window |= FA_WINDOW_RIGHT
+            a.window_right = window[1]
+    a.softcap = softcap
+    a.sinks = NULL if sinks is None else cnp.PyArray_DATA(<cnp.ndarray>sinks)
+    with nogil:
+        st = fa_varlen_attention(dt, &a, num_threads)
+    check(st)
+
+
 def apply_sequence_mask(cnp.ndarray x, cnp.ndarray y, cnp.ndarray lengths, int mode,
                         int num_threads):
     """x, y: (B, P, L, C); lengths: (B,) contiguous int64."""

@@ -151,6 +151,33 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     return (result, weights.astype(dtype)) if return_weights else result
 
 
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
+                     causal_alignment="top_left", window=None, softcap=None, sinks=None,
+                     scale=None, alibi_slopes=None, out=None, num_threads=None):
+    """Each packed sequence through :func:`scaled_dot_product_attention` on
+    its own: sequence ``b`` is query rows ``cu_q[b]:cu_q[b+1]`` and key rows
+    ``cu_k[b]:cu_k[b+1]`` of the ``(total, heads, dim)`` arrays."""
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    dtype = np.result_type(compute_dtype(q.dtype, "q"), compute_dtype(k.dtype, "k"),
+                           compute_dtype(v.dtype, "v"))
+    cu_q, cu_k = np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k)
+    result = np.zeros((q.shape[0], q.shape[1], v.shape[2]), np.float64)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[2]) if q.shape[2] else 1.0
+    for b in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if qs.stop == qs.start:
+            continue
+        seq = scaled_dot_product_attention(
+            q[qs].transpose(1, 0, 2)[None].astype(np.float64),
+            k[ks].transpose(1, 0, 2)[None].astype(np.float64),
+            v[ks].transpose(1, 0, 2)[None].astype(np.float64),
+            is_causal=is_causal, causal_alignment=causal_alignment, window=window,
+            softcap=softcap, sinks=sinks, scale=scale, alibi_slopes=alibi_slopes)
+        result[qs] = seq[0].transpose(1, 0, 2)
+    return _finish(result.astype(dtype), out)
+
+
 def sequence_mask(lengths, maxlen=None, dtype=bool):
     lengths = np.asarray(lengths)
     if maxlen is None:
