@@ -29,11 +29,17 @@
 #define FA_SPLIT_CHUNK 512
 #define FA_SPLIT_MAX 16
 
+/* First valid key of head (b, h): keys before it are left padding. */
+static int64_t start_at(const fa_lengths_view *lv, int64_t b, int64_t h, int64_t full) {
+    return lv->data == NULL ? 0 : fa_length_at(lv, b, h, full);
+}
+
 /* Zero out rows [r0, r1) of head (b, h), and their weights. */
 static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, int64_t r1,
                       int64_t es) {
+    const int64_t row0 = fa_attn_q_row0(job, b);
     for (int64_t i = r0; i < r1; ++i) {
-        memset(job->out + (b * job->os[0] + h * job->os[1] + i * job->os[2]) * es, 0,
+        memset(job->out + (b * job->os[0] + h * job->os[1] + (row0 + i) * job->os[2]) * es, 0,
                (size_t)(job->Dv * es));
         if (job->weights)
             memset(job->weights + (b * job->ws[0] + h * job->ws[1] + i * job->ws[2]) * es, 0,
@@ -50,10 +56,12 @@ static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, 
         kt->attention_block_f64(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
 }
 
-/* out row = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, in split order. */
+/* out row = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, in split order;
+ * a sink (NULL: none) joins M and the denominator once, after the splits,
+ * so that the result matches the unsplit kernel's. */
 #define FA_DEFINE_MERGE(T, EXP)                                                        \
     static void merge_row_##T(const T *po, const T *pml, int64_t nsplit, int64_t stride_o, \
-                              int64_t stride_ml, int64_t Dv, T *out) {               \
+                              int64_t stride_ml, int64_t Dv, const T *sink, T *out) { \
         T M = (T)-INFINITY;                                                          \
         int nan = 0;                                                                 \
         for (int64_t s = 0; s < nsplit; ++s) {                                       \
@@ -66,6 +74,7 @@ static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, 
             memset(out, 0, (size_t)Dv * sizeof(T));                                  \
             return;                                                                  \
         }                                                                            \
+        if (sink && *sink > M) M = *sink;                                            \
         T L = 0;                                                                     \
         for (int64_t c = 0; c < Dv; ++c) out[c] = 0;                                 \
         for (int64_t s = 0; s < nsplit; ++s) {                                       \
@@ -75,6 +84,7 @@ static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, 
             const T *o = po + s * stride_o;                                          \
             for (int64_t c = 0; c < Dv; ++c) out[c] += wgt * o[c];                   \
         }                                                                            \
+        if (sink) L += EXP(*sink - M);                                               \
         const T inv = (T)1 / L;                                                      \
         for (int64_t c = 0; c < Dv; ++c) out[c] *= inv;                              \
     }
@@ -90,20 +100,26 @@ static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
     const int64_t q0 = qb * FA_ATTN_MQ;
     const int64_t q1 = q0 + FA_ATTN_MQ < Lq ? q0 + FA_ATTN_MQ : Lq;
     const int64_t qlen = fa_length_at(ql, b, h, Lq), klen = fa_length_at(&job->key_len, b, h, job->Lk);
+    const int64_t kstart = start_at(&job->key_start, b, h, klen);
     const int64_t qv1 = q1 < qlen ? q1 : qlen;
-    if (q0 < qv1) run_block(job, b, h, q0, qv1, 0, klen, NULL, NULL, scratch);
+    if (q0 < qv1) run_block(job, b, h, q0, qv1, kstart, klen, NULL, NULL, scratch);
     zero_rows(job, b, h, q0 > qv1 ? q0 : qv1, q1, es);
 }
 
 /* Item it of the split-KV schedule: key chunk it % nsplit of head
- * it / nsplit, into its slot of the partial results. */
+ * it / nsplit, into its slot of the partial results. The chunks tile keys
+ * [span0, span0 + nsplit * chunk), fixed by the shapes; each is clipped to
+ * the head's valid keys [key_start, key_len). */
 static void split_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nsplit,
-                       int64_t chunk, char *part, char *part_ml, int64_t it, void *scratch) {
+                       int64_t span0, int64_t chunk, char *part, char *part_ml, int64_t it,
+                       void *scratch) {
     const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
     const int64_t s = it % nsplit, bh = it / nsplit, h = bh % job->H, b = bh / job->H;
     const int64_t qv1 = fa_length_at(ql, b, h, Lq), klen = fa_length_at(&job->key_len, b, h, job->Lk);
-    const int64_t k0 = s * chunk < klen ? s * chunk : klen;
-    const int64_t k1 = k0 + chunk < klen ? k0 + chunk : klen;
+    const int64_t kstart = start_at(&job->key_start, b, h, klen);
+    int64_t k0 = span0 + s * chunk, k1 = k0 + chunk;
+    k0 = k0 < kstart ? kstart : k0 > klen ? klen : k0;
+    k1 = k1 < k0 ? k0 : k1 > klen ? klen : k1;
     if (qv1 > 0)
         run_block(job, b, h, 0, qv1, k0, k1, part + (it * Lq * job->Dv) * es,
                   part_ml + (it * Lq * 2) * es, scratch);
@@ -118,14 +134,31 @@ static void merge_head(const fa_attn_job *job, const fa_lengths_view *ql, int64_
     const int64_t first = bh * nsplit;
     for (int64_t i = 0; i < qv1; ++i) {
         char *orow = job->out + (b * job->os[0] + h * job->os[1] + i * job->os[2]) * es;
-        if (job->dtype == FA_DTYPE_F32)
+        /* the sink, shifted as the kernel shifted the row's ALiBi scores */
+        const int64_t ipos = i + fa_attn_offset(job, b);
+        if (job->dtype == FA_DTYPE_F32) {
+            float sink = 0.0f;
+            if (job->sinks) {
+                const float slope = job->alibi ? ((const float *)job->alibi)[h] : 0.0f;
+                sink = ((const float *)job->sinks)[h];
+                if (slope != 0.0f)
+                    sink += slope * (float)(ipos - fa_attn_alibi_ref(job, b, h, ipos, slope < 0.0f));
+            }
             merge_row_float((const float *)part + (first * Lq + i) * Dv,
                             (const float *)part_ml + (first * Lq + i) * 2, nsplit, Lq * Dv,
-                            Lq * 2, Dv, (float *)orow);
-        else
+                            Lq * 2, Dv, job->sinks ? &sink : NULL, (float *)orow);
+        } else {
+            double sink = 0.0;
+            if (job->sinks) {
+                const double slope = job->alibi ? ((const double *)job->alibi)[h] : 0.0;
+                sink = ((const double *)job->sinks)[h];
+                if (slope != 0.0)
+                    sink += slope * (double)(ipos - fa_attn_alibi_ref(job, b, h, ipos, slope < 0.0));
+            }
             merge_row_double((const double *)part + (first * Lq + i) * Dv,
                              (const double *)part_ml + (first * Lq + i) * 2, nsplit, Lq * Dv,
-                             Lq * 2, Dv, (double *)orow);
+                             Lq * 2, Dv, job->sinks ? &sink : NULL, (double *)orow);
+        }
     }
     zero_rows(job, b, h, qv1, Lq, es);
 }
@@ -147,6 +180,11 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     if (H > 0 && (Hkv == 0 || H % Hkv != 0)) return FA_ERR_INVALID;
     if (a->alignment != FA_CAUSAL_TOP_LEFT && a->alignment != FA_CAUSAL_BOTTOM_RIGHT)
         return FA_ERR_INVALID;
+    if ((a->window & ~(FA_WINDOW_LEFT | FA_WINDOW_RIGHT)) != 0 ||
+        ((a->window & FA_WINDOW_LEFT) && a->window_left < 0) ||
+        ((a->window & FA_WINDOW_RIGHT) && a->window_right < 0))
+        return FA_ERR_INVALID;
+    if (!(a->softcap >= 0.0) || a->softcap > 1e300) return FA_ERR_INVALID; /* NaN, inf */
     const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
     int st;
     if ((st = check_view(&a->q, B, H, Lq, D, es)) != FA_OK) return st;
@@ -185,12 +223,30 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     job.causal_offset = a->alignment == FA_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
     job.scale = a->scale;
     job.alibi = a->alibi_slopes;
+    job.alignment = a->alignment;
+    job.key_start = a->key_start;
+    job.softcap = a->softcap;
+    job.sinks = a->sinks;
+    /* windows beyond the key axis in either direction change nothing: clamping
+     * them to Lk + Lq keeps i_pos +- window inside int64 */
+    const int64_t reach = Lk + Lq;
+    job.has_left = (a->window & FA_WINDOW_LEFT) != 0;
+    job.left = job.has_left ? (a->window_left < reach ? a->window_left : reach) : 0;
+    job.has_right = a->is_causal || (a->window & FA_WINDOW_RIGHT) != 0;
+    job.right = a->is_causal ? 0 : job.has_right ? (a->window_right < reach ? a->window_right : reach) : 0;
 
     const int64_t nqb = (Lq + FA_ATTN_MQ - 1) / FA_ATTN_MQ;
+    /* Keys some row can see, by the shapes alone: a window narrows them
+     * (the split below must not depend on the lengths' values). */
+    int64_t span0 = 0, span1 = Lk;
+    if (job.has_left && job.causal_offset - job.left > span0) span0 = job.causal_offset - job.left;
+    if (job.has_right && Lq - 1 + job.causal_offset + job.right + 1 < span1)
+        span1 = Lq - 1 + job.causal_offset + job.right + 1;
+    if (span1 < span0) span1 = span0;
     int64_t nsplit = 1;
     if (!job.weights && Lq < FA_ATTN_ROW_PATH && heads * nqb < FA_SPLIT_MIN_ITEMS &&
-        Lk >= 2 * FA_SPLIT_CHUNK) {
-        nsplit = Lk / FA_SPLIT_CHUNK;
+        span1 - span0 >= 2 * FA_SPLIT_CHUNK) {
+        nsplit = (span1 - span0) / FA_SPLIT_CHUNK;
         if (nsplit > FA_SPLIT_MAX) nsplit = FA_SPLIT_MAX;
     }
     const int64_t items = heads * (nsplit > 1 ? nsplit : nqb);
@@ -224,7 +280,7 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     }
 
     /* split-KV: partial (o, m, l) per (b, h, split, row), then a fixed-order merge */
-    const int64_t chunk = (Lk + nsplit - 1) / nsplit;
+    const int64_t chunk = (span1 - span0 + nsplit - 1) / nsplit;
     int64_t n_part, n_ml;
     if (!fa_mul_ok(heads * nsplit * Lq, Dv, &n_part) || !fa_mul_ok(heads * nsplit * Lq, 2, &n_ml)) {
         fa_scratch_free(scratch);
@@ -238,7 +294,7 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     char *part_ml = part + n_part * es;
     if (nthreads == 1) {
         for (int64_t it = 0; it < items; ++it)
-            split_item(&job, ql, nsplit, chunk, part, part_ml, it, scratch);
+            split_item(&job, ql, nsplit, span0, chunk, part, part_ml, it, scratch);
         for (int64_t bh = 0; bh < heads; ++bh) merge_head(&job, ql, nsplit, part, part_ml, bh);
     } else {
 #ifdef _OPENMP
@@ -250,7 +306,7 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
 #pragma omp for schedule(dynamic, 1)
 #endif
             for (int64_t it = 0; it < items; ++it)
-                split_item(&job, ql, nsplit, chunk, part, part_ml, it, mine);
+                split_item(&job, ql, nsplit, span0, chunk, part, part_ml, it, mine);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif

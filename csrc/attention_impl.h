@@ -53,6 +53,15 @@ static const uint8_t fa_ramp[128] = {
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+/* 1 (keep) for the first 64 entries, then 0 (drop): fa_ramp_keep + 64 - n
+ * keeps the first n lanes and drops the rest (the left window edge). */
+static const uint8_t fa_ramp_keep[128] = {
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #define FA_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
 #endif
 
@@ -199,39 +208,55 @@ static void FA_KNAME(apply_explicit_mask, DT)(const fa_attn_job *job, int64_t b,
     }
 }
 
-/* ALiBi adds -slope * (i_pos - j). Softmax ignores a per-row constant, so
- * the kernels add slope * (j - ref) with ref the row's last attendable key,
- * min(i_pos, key_len - 1) (key_len - 1 without causality; key 0 for a
- * negative slope). The bias near the row maximum then stays near 0, where
- * float keeps full precision: measured from i_pos it can reach -1e3 (short
- * key lengths, bottom-right alignment), where a float score is only good
- * to 6e-5. ref depends on the row and key length only, never on the split. */
+/* The ALiBi reference key of a row: fa_attn_alibi_ref in attention_job.h. */
 static inline int64_t FA_KNAME(alibi_ref, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                               int64_t ipos, T slope) {
-    if (slope < (T)0) return 0;
-    int64_t klen = job->Lk;
-    if (job->key_len.data) {
-        klen = job->key_len.data[b * job->key_len.stride_b + h * job->key_len.stride_m];
-        klen = klen < 0 ? 0 : klen > job->Lk ? job->Lk : klen;
-    }
-    int64_t ref = klen - 1;
-    if (job->causal != FA_CAUSAL_NONE && ipos < ref) ref = ipos;
-    return ref;
+    return fa_attn_alibi_ref(job, b, h, ipos, slope < (T)0);
+}
+
+/* Soft-capping: s = cap * tanh(s / cap) on n elements of s (n a multiple of
+ * the vector length when whole is set; otherwise a scalar tail follows). */
+static inline void FA_KNAME(softcap_run, DT)(T *s, int64_t n, T cap) {
+    const T inv = (T)1 / cap;
+    const V vcap = V_SET1(cap), vinv = V_SET1(inv);
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) V_STOREU(s + j, V_MUL(vcap, V_TANH(V_MUL(V_LOADU(s + j), vinv))));
+    for (; j < n; ++j) s[j] = cap * S_TANH(s[j] * inv);
 }
 
 /* out row = acc row / l (0 for an empty row); weights row = exp(w - m) / l
- * over the keys that were computed, [k0, kend). */
+ * over the keys that were computed, [k0, kend). A sink joins the row's max
+ * and denominator here, once: m' = max(m, sink), l' = l e^(m - m') +
+ * e^(sink - m'), and acc is rescaled by e^(m - m'). i is the row within
+ * the sequence. */
 static void FA_KNAME(finish_row, DT)(const fa_attn_job *job, int64_t b, int64_t h, int64_t i,
                                      const T *acc, T m, T l, int64_t k0, int64_t kend) {
     const int64_t Dv = job->Dv;
-    T *o = (T *)job->out + b * job->os[0] + h * job->os[1] + i * job->os[2];
-    const T inv = l == (T)0 ? (T)0 : (T)1 / l; /* NaN l stays NaN */
+    T *o = (T *)job->out + b * job->os[0] + h * job->os[1] +
+           (fa_attn_q_row0(job, b) + i) * job->os[2];
+    T fac = (T)1;
+    if (job->sinks && l != (T)0) {
+        /* the scores carry ALiBi measured from ref, not from i_pos: shift
+         * the sink by the same per-row constant */
+        const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
+        const int64_t ipos = i + fa_attn_offset(job, b);
+        const T sink = ((const T *)job->sinks)[h] +
+                       (slope != (T)0 ? slope * (T)(ipos - FA_KNAME(alibi_ref, DT)(job, b, h, ipos, slope))
+                                      : (T)0);
+        const T mt = sink > m ? sink : m;
+        fac = S_EXP_NONPOS(m - mt);
+        l = l * fac + S_EXP_NONPOS(sink - mt);
+        m = mt;
+    }
+    const T inv = l == (T)0 ? (T)0 : fac / l; /* NaN l stays NaN */
     const V vinv = V_SET1(inv);
     int64_t c = 0;
     for (; c + VL <= Dv; c += VL) V_STOREU(o + c, V_MUL(V_LOADU(acc + c), vinv));
     if (c < Dv) V_STOREN(o + c, V_MUL(V_LOADN(acc + c, Dv - c), vinv), Dv - c);
     if (job->weights) {
         T *w = (T *)job->weights + b * job->ws[0] + h * job->ws[1] + i * job->ws[2];
+        const T winv = l == (T)0 ? (T)0 : (T)1 / l;
+        const V vwinv = V_SET1(winv);
         if (l == (T)0) {
             for (int64_t j = k0; j < kend; ++j) w[j] = (T)0;
             return;
@@ -239,8 +264,8 @@ static void FA_KNAME(finish_row, DT)(const fa_attn_job *job, int64_t b, int64_t 
         const V vm = V_SET1(m);
         int64_t j = k0;
         for (; j + VL <= kend; j += VL)
-            V_STOREU(w + j, V_MUL(V_EXP_NONPOS(V_SUB(V_LOADU(w + j), vm)), vinv));
-        for (; j < kend; ++j) w[j] = S_EXP_NONPOS(w[j] - m) * inv;
+            V_STOREU(w + j, V_MUL(V_EXP_NONPOS(V_SUB(V_LOADU(w + j), vm)), vwinv));
+        for (; j < kend; ++j) w[j] = S_EXP_NONPOS(w[j] - m) * winv;
     }
 }
 
@@ -251,13 +276,18 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
                                           T *part, T *part_ml, FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t D = job->D, Dv = job->Dv, rows = q1 - q0, hk = h / job->group;
     const int64_t cols = FA_ALIGN_UP(rows, NC), rows_mr = FA_ALIGN_UP(rows, FA_MR);
-    const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + q0 * job->qs[2];
-    const T *kbase = (const T *)job->k + b * job->ks[0] + hk * job->ks[1];
-    const T *vbase = (const T *)job->v + b * job->vs[0] + hk * job->vs[1];
+    const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
+    const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + (qr0 + q0) * job->qs[2];
+    const T *kbase = (const T *)job->k + b * job->ks[0] + hk * job->ks[1] + kr0 * job->ks[2];
+    const T *vbase = (const T *)job->v + b * job->vs[0] + hk * job->vs[1] + kr0 * job->vs[2];
     const int64_t kst = job->ks[2], vst = job->vs[2];
     const T scale = (T)job->scale;
-    const int causal = job->causal != FA_CAUSAL_NONE;
-    const int64_t off = job->causal_offset;
+    /* row i sees keys [i + off - left, i + off + right] (a side only when
+     * bounded; causality is right = 0) */
+    const int has_right = job->has_right, has_left = job->has_left;
+    const int64_t right = job->right, left = job->left;
+    const int64_t off = fa_attn_offset(job, b);
+    const T cap = (T)job->softcap;
     const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
     T *w = job->weights ? (T *)job->weights + b * job->ws[0] + h * job->ws[1] : NULL;
 
@@ -282,15 +312,17 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         for (int64_t j = 0; j < NK; ++j) sc->st[j * MQ + i] = (T)0;
     }
 
-    /* keys past the last row's causal limit are never attended */
-    int64_t kend = k1;
-    if (causal && q1 - 1 + off + 1 < kend) kend = q1 - 1 + off + 1;
-    if (kend < k0) kend = k0;
+    /* keys past the last row's right limit, or before the first row's left
+     * limit, are never attended */
+    int64_t kbeg = k0, kend = k1;
+    if (has_left && q0 + off - left > kbeg) kbeg = q0 + off - left;
+    if (has_right && q1 - 1 + off + right + 1 < kend) kend = q1 - 1 + off + right + 1;
+    if (kend < kbeg) kend = kbeg;
     if (w)
         for (int64_t i = 0; i < rows; ++i)
             memset(w + (q0 + i) * job->ws[2], 0, (size_t)job->Lk * sizeof(T));
 
-    for (int64_t kb = k0; kb < kend; kb += NK) {
+    for (int64_t kb = kbeg; kb < kend; kb += NK) {
         const int64_t nk = kend - kb < NK ? kend - kb : NK;
         T *st = sc->st;
         /* With causality, rows [0, live) see no key of this tile (row i sees
@@ -301,8 +333,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
          * P = 0 and alpha = 1, so P.V leaves them as they are. The weights
          * output reads every score of the tile, so it keeps them all. */
         int64_t ic0 = 0, r0 = 0;
-        if (causal && !w && kb - q0 - off > 0) {
-            ic0 = (kb - q0 - off) / NC * NC;
+        if (has_right && !w && kb - q0 - off - right > 0) {
+            ic0 = (kb - q0 - off - right) / NC * NC;
             r0 = ic0 / FA_MR * FA_MR;
             for (int64_t r = r0; r < ic0; ++r) {
                 sc->alpha[r] = (T)1;
@@ -311,11 +343,17 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         }
         /* 2. scores */
         FA_KNAME(scores_tile, DT)(sc->qt, kbase + kb * kst, kst, D, nk, ic0, cols, st);
+        /* 2b. soft-capping, on the scaled scores before any mask */
+        if (cap > (T)0)
+            for (int64_t j = 0; j < nk; ++j)
+                FA_KNAME(softcap_run, DT)(st + j * MQ + ic0, cols - ic0, cap);
         /* 3a. masks that are not vectorised across queries */
         if (job->mask.data)
             FA_KNAME(apply_explicit_mask, DT)(job, b, h, q0 + ic0, rows - ic0, kb, nk, st + ic0, MQ, 1);
-        /* the diagonal needs masking when some key exceeds the first row's limit */
-        const int diag = causal && kb + nk - 1 > q0 + off;
+        /* the right edge needs masking when some key exceeds the first row's
+         * limit, the left edge when some key is below the last row's */
+        const int diag = has_right && kb + nk - 1 > q0 + off + right;
+        const int ledge = has_left && kb < q1 - 1 + off - left;
         /* 3b. ALiBi, causal diagonal, tile max */
         for (int64_t ic = ic0; ic < cols; ic += VL) {
             V ref = V_ZERO();
@@ -330,10 +368,16 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
                 V s = V_LOADU(st + j * MQ + ic);
                 if (slope != (T)0) s = V_FMADD(V_SET1(slope), V_SUB(V_SET1((T)(kb + j)), ref), s);
                 if (diag) {
-                    /* query q0+ic+t sees key kb+j iff q0+ic+t >= kb+j-off */
-                    int64_t drop = kb + j - off - (q0 + ic);
+                    /* query q0+ic+t sees key kb+j iff q0+ic+t >= kb+j-off-right */
+                    int64_t drop = kb + j - off - right - (q0 + ic);
                     drop = drop < 0 ? 0 : drop > VL ? VL : drop;
                     if (drop) s = V_KEEP(s, fa_ramp + 64 - drop);
+                }
+                if (ledge) {
+                    /* query q0+ic+t sees key kb+j iff q0+ic+t <= kb+j-off+left */
+                    int64_t keep = kb + j - off + left - (q0 + ic) + 1;
+                    keep = keep < 0 ? 0 : keep;
+                    if (keep < VL) s = V_KEEP(s, fa_ramp_keep + 64 - keep);
                 }
                 V_STOREU(st + j * MQ + ic, s);
                 mb = V_MAX(mb, s);
@@ -372,7 +416,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             part_ml[2 * i] = sc->m[i];
             part_ml[2 * i + 1] = sc->l[i];
         } else {
-            FA_KNAME(finish_row, DT)(job, b, h, q0 + i, a, sc->m[i], sc->l[i], k0, kend);
+            FA_KNAME(finish_row, DT)(job, b, h, q0 + i, a, sc->m[i], sc->l[i], kbeg, kend);
         }
     }
 }
@@ -460,33 +504,38 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                                          int64_t q0, int64_t q1, int64_t k0, int64_t k1,
                                          T *part, T *part_ml, FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t D = job->D, Dv = job->Dv, hk = h / job->group;
-    const T *kbase = (const T *)job->k + b * job->ks[0] + hk * job->ks[1];
-    const T *vbase = (const T *)job->v + b * job->vs[0] + hk * job->vs[1];
+    const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
+    const T *kbase = (const T *)job->k + b * job->ks[0] + hk * job->ks[1] + kr0 * job->ks[2];
+    const T *vbase = (const T *)job->v + b * job->vs[0] + hk * job->vs[1] + kr0 * job->vs[2];
     const int64_t kst = job->ks[2], vst = job->vs[2];
     const T scale = (T)job->scale;
     const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
+    const int64_t off = fa_attn_offset(job, b);
+    const T cap = (T)job->softcap;
     T *qs = sc->qt, *s = sc->st, *o = sc->acc;
 
     for (int64_t i = q0; i < q1; ++i) {
-        const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + i * job->qs[2];
+        const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + (qr0 + i) * job->qs[2];
         for (int64_t d = 0; d < D; ++d) qs[d] = q[d] * scale;
-        int64_t kend = k1;
-        if (job->causal != FA_CAUSAL_NONE && i + job->causal_offset + 1 < kend)
-            kend = i + job->causal_offset + 1;
-        if (kend < k0) kend = k0;
+        /* the row's visible keys: [i + off - left, i + off + right] */
+        int64_t kbeg = k0, kend = k1;
+        if (job->has_left && i + off - job->left > kbeg) kbeg = i + off - job->left;
+        if (job->has_right && i + off + job->right + 1 < kend) kend = i + off + job->right + 1;
+        if (kend < kbeg) kend = kbeg;
         T *w = job->weights ? (T *)job->weights + b * job->ws[0] + h * job->ws[1] + i * job->ws[2]
                             : NULL;
         if (w) memset(w, 0, (size_t)job->Lk * sizeof(T));
         memset(o, 0, (size_t)Dv * sizeof(T));
         T m = (T)-INFINITY, l = (T)0;
         const T ref = slope != (T)0
-                          ? (T)FA_KNAME(alibi_ref, DT)(job, b, h, i + job->causal_offset, slope)
+                          ? (T)FA_KNAME(alibi_ref, DT)(job, b, h, i + off, slope)
                           : (T)0;
-        for (int64_t kb = k0; kb < kend; kb += NK) {
+        for (int64_t kb = kbeg; kb < kend; kb += NK) {
             const int64_t nk = kend - kb < NK ? kend - kb : NK;
             const int64_t nk_next = kend - kb - nk < NK ? kend - kb - nk : NK;
             FA_KNAME(row_scores, DT)(qs, kbase + kb * kst, kst, D, nk, s,
                                      kbase + (kb + nk) * kst, nk_next, vbase + kb * vst, vst, Dv);
+            if (cap > (T)0) FA_KNAME(softcap_run, DT)(s, nk, cap);
             if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, h, i, 1, kb, nk, s, 1, 0);
             T mb = (T)-INFINITY;
             for (int64_t j = 0; j < nk; ++j) {
@@ -520,7 +569,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
             part_ml[2 * (i - q0)] = m;
             part_ml[2 * (i - q0) + 1] = l;
         } else {
-            FA_KNAME(finish_row, DT)(job, b, h, i, o, m, l, k0, kend);
+            FA_KNAME(finish_row, DT)(job, b, h, i, o, m, l, kbeg, kend);
         }
     }
 }

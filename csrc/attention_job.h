@@ -6,10 +6,12 @@
 #ifndef FASTATTN_ATTENTION_JOB_H
 #define FASTATTN_ATTENTION_JOB_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "checked_size.h"
 #include "fastattn.h"
+#include "valid_lengths.h"
 
 /* Tile sizes shared by the driver (attention.c, which sizes scratch) and
  * the kernels (attention_impl.h):
@@ -42,7 +44,54 @@ typedef struct {
     int64_t causal_offset;                   /* 0 top-left, Lk - Lq bottom-right */
     double scale;
     const void *alibi;                       /* (H,) in the dtype, or NULL */
+    fa_lengths_view key_start;               /* per (b, h); data NULL = 0 */
+    /* The visible keys of query i are [i_pos - left, i_pos + right], each
+     * side only when its has_ flag is set; causality is right = 0. */
+    int has_left, has_right;
+    int64_t left, right;
+    double softcap;                          /* 0 = off */
+    const void *sinks;                       /* (H,) in the dtype, or NULL */
+    /* Packed (varlen) batches: sequence b is rows cu_q[b]:cu_q[b+1] of q
+     * and out, cu_k[b]:cu_k[b+1] of k and v (the batch strides are 0);
+     * NULL for padded batches. */
+    const int64_t *cu_q, *cu_k;
+    int alignment;
 } fa_attn_job;
+
+/* i_pos - i for sequence b: the causal / ALiBi / window diagonal offset. */
+static inline int64_t fa_attn_offset(const fa_attn_job *job, int64_t b) {
+    if (job->cu_q == NULL || job->alignment != FA_CAUSAL_BOTTOM_RIGHT) return job->causal_offset;
+    return (job->cu_k[b + 1] - job->cu_k[b]) - (job->cu_q[b + 1] - job->cu_q[b]);
+}
+
+/* ALiBi adds -slope * (i_pos - j). Softmax ignores a per-row constant, so
+ * the kernels add slope * (j - ref) with ref the row's last attendable key,
+ * min(i_pos + right, key_len - 1) (the first one, max(key_start,
+ * i_pos - left), for a negative slope). The bias near the row maximum then
+ * stays near 0, where float keeps full precision: measured from i_pos it
+ * can reach -1e3 (short key lengths, bottom-right alignment), where a float
+ * score is only good to 6e-5. ref depends on the row and the lengths only,
+ * never on the split. A sink, which is not shifted by ALiBi, is shifted by
+ * slope * (i_pos - ref) to match. */
+static inline int64_t fa_attn_alibi_ref(const fa_attn_job *job, int64_t b, int64_t h,
+                                        int64_t ipos, int negative_slope) {
+    if (negative_slope) { /* the row's first attendable key */
+        int64_t ref = job->key_start.data ? fa_length_at(&job->key_start, b, h, job->Lk) : 0;
+        if (job->has_left && ipos - job->left > ref) ref = ipos - job->left;
+        return ref;
+    }
+    int64_t ref = fa_length_at(&job->key_len, b, h, job->Lk) - 1;
+    if (job->has_right && ipos + job->right < ref) ref = ipos + job->right;
+    return ref;
+}
+
+/* First query / key row of sequence b inside q, out / k, v (varlen). */
+static inline int64_t fa_attn_q_row0(const fa_attn_job *job, int64_t b) {
+    return job->cu_q ? job->cu_q[b] : 0;
+}
+static inline int64_t fa_attn_k_row0(const fa_attn_job *job, int64_t b) {
+    return job->cu_k ? job->cu_k[b] : 0;
+}
 
 /* Scratch elements one thread needs for fa_attention_block_*: Q^T block,
  * score tile, accumulator, per-row state, plus slack for 64-byte alignment

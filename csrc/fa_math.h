@@ -140,4 +140,75 @@ static inline double fa_exp(double x) {
     return p * s1 * s2;
 }
 
+/* tanh for logit soft-capping, c * tanh(s / c). Two pieces, chosen per
+ * element (the vector code computes both and blends):
+ *   |x| < FA_TANH*_SPLIT: the odd Taylor series x + x z P(z), z = x^2,
+ *     tanh's own coefficients 2^2n (2^2n - 1) B_2n / (2n)!; its terms
+ *     shrink by about (2/pi)^2 z per step (pi/2 is the radius of
+ *     convergence), so the first omitted term bounds the truncation:
+ *     float, split 0.625, terms to x^19: 9.7e-5 * 0.39^10 ~ 8e-9 relative;
+ *     double, split 0.25, terms to x^21: 3.9e-5 * 0.0625^11 ~ 2e-18;
+ *   |x| >= split: (1 - e) / (1 + e) with e = exp(-2|x|) <= exp(-2 split),
+ *     so 1 - e >= 0.71 (float) / 0.39 (double) and the exp's relative
+ *     error (3 ulp float, 1 ulp double) is magnified at most
+ *     e / (1 - e) < 0.41 (float) / 1.6 (double) times.
+ * Bound (both pieces, with the roundings of the evaluation): float
+ * <= 6e-7 relative (the fp32 scores it caps carry 6e-8 relative of
+ * rounding each), double <= 1e-15 relative. exp(-2|x|) underflows to 0 for
+ * large |x|, giving exactly +-1; tanh(+-inf) = +-1; NaN stays NaN. */
+#define FA_TANHF_SPLIT 0.625f
+#define FA_TANH_SPLIT 0.25
+#define FA_TANH_C3 (-0.3333333333333333)
+#define FA_TANH_C5 0.13333333333333333
+#define FA_TANH_C7 (-0.05396825396825397)
+#define FA_TANH_C9 0.021869488536155203
+#define FA_TANH_C11 (-0.008863235529902197)
+#define FA_TANH_C13 0.003592128036572481
+#define FA_TANH_C15 (-0.0014558343870513183)
+#define FA_TANH_C17 0.000590027440945586
+#define FA_TANH_C19 (-0.00023912911424355248)
+#define FA_TANH_C21 9.691537956929451e-05
+
+/* The series' z P(z) part, Horner from the highest term; TYPE's literals. */
+#define FA_TANHF_POLY(FMA, MUL, SET, z)                                              \
+    FMA(FMA(FMA(FMA(FMA(FMA(FMA(FMA(SET((float)FA_TANH_C19), z, SET((float)FA_TANH_C17)), z, \
+        SET((float)FA_TANH_C15)), z, SET((float)FA_TANH_C13)), z, SET((float)FA_TANH_C11)), \
+        z, SET((float)FA_TANH_C9)), z, SET((float)FA_TANH_C7)), z, SET((float)FA_TANH_C5)), \
+        z, SET((float)FA_TANH_C3))
+#define FA_TANH_POLY(FMA, MUL, SET, z)                                               \
+    FMA(FMA(FMA(FMA(FMA(FMA(FMA(FMA(FMA(SET(FA_TANH_C21), z, SET(FA_TANH_C19)), z,         \
+        SET(FA_TANH_C17)), z, SET(FA_TANH_C15)), z, SET(FA_TANH_C13)), z, SET(FA_TANH_C11)), \
+        z, SET(FA_TANH_C9)), z, SET(FA_TANH_C7)), z, SET(FA_TANH_C5)), z, SET(FA_TANH_C3))
+
+static inline float fa_scalar_fmaf_(float a, float b, float c) { return a * b + c; }
+static inline float fa_scalar_mulf_(float a, float b) { return a * b; }
+static inline float fa_scalar_setf_(float a) { return a; }
+static inline double fa_scalar_fma_(double a, double b, double c) { return a * b + c; }
+static inline double fa_scalar_mul_(double a, double b) { return a * b; }
+static inline double fa_scalar_set_(double a) { return a; }
+
+static inline float fa_tanhf(float x) {
+    const float a = x < 0.0f ? -x : x;
+    if (a < FA_TANHF_SPLIT) {
+        const float z = x * x;
+        const float p = FA_TANHF_POLY(fa_scalar_fmaf_, fa_scalar_mulf_, fa_scalar_setf_, z);
+        return (x * z) * p + x;
+    }
+    const float e = fa_expf_nonpos(-2.0f * a); /* NaN stays NaN */
+    const float t = (1.0f - e) / (1.0f + e);
+    return x < 0.0f ? -t : t;
+}
+
+static inline double fa_tanh(double x) {
+    const double a = x < 0.0 ? -x : x;
+    if (a < FA_TANH_SPLIT) {
+        const double z = x * x;
+        const double p = FA_TANH_POLY(fa_scalar_fma_, fa_scalar_mul_, fa_scalar_set_, z);
+        return (x * z) * p + x;
+    }
+    const double e = fa_exp(-2.0 * a);
+    const double t = (1.0 - e) / (1.0 + e);
+    return x < 0.0 ? -t : t;
+}
+
 #endif /* FASTATTN_MATH_H */

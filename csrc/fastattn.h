@@ -108,7 +108,21 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y,
  * masked; alibi_slopes (NULL or (H,) in the dtype) adds
  * -slope[h] * (i_pos - j). weights: NULL data, or (B, H, Lq, Lk) receiving
  * the softmax that produced out. Results are bitwise identical for every
- * num_threads. */
+ * num_threads.
+ * Model features (a zero-filled struct turns every one of them off):
+ *   key_start: per (b, h); keys j < start are masked and skipped (left
+ *     padding), so the valid keys are [start, key_len);
+ *   window: bit FA_WINDOW_LEFT bounds the left side, FA_WINDOW_RIGHT the
+ *     right: key j is visible iff i_pos - window_left <= j <= i_pos +
+ *     window_right (each >= 0); keys outside are never computed;
+ *   softcap > 0: each scaled score s becomes softcap * tanh(s / softcap)
+ *     before the masks and ALiBi;
+ *   sinks: NULL or (H,) in the dtype: one logit per head added to every
+ *     row's softmax denominator, exp(sink - m) with m the max over the
+ *     row's scores and the sink; it has no value row. A row with no visible
+ *     key stays 0. */
+enum { FA_WINDOW_LEFT = 1, FA_WINDOW_RIGHT = 2 };
+
 typedef struct {
     int64_t B, H, Hkv, Lq, Lk, D, Dv;
     fa_view4 q, k, v, out, weights;
@@ -118,10 +132,43 @@ typedef struct {
     int alignment;
     double scale;
     const void *alibi_slopes;
+    fa_lengths_view key_start;
+    int window;
+    int64_t window_left, window_right;
+    double softcap;
+    const void *sinks;
 } fa_attention_args;
 
 int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,
                                     int num_threads);
+
+/* ---- packed variable-length attention (flash-attn's varlen layout) --------
+ * q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) ->
+ * out (total_q, H, Dv); each is passed as a fa_view4 over (1, heads, rows,
+ * cols) whose stride[0] is ignored: stride[1] steps heads, stride[2] rows.
+ * cu_q, cu_k: (B + 1,) prefix sums (0 = cu[0] <= cu[1] <= ... <= cu[B] =
+ * total; checked, FA_ERR_INVALID otherwise): sequence b is query rows
+ * cu_q[b]:cu_q[b+1] against key rows cu_k[b]:cu_k[b+1], with query i at
+ * i_pos = i (top-left) or i + Lk_b - Lq_b (bottom-right). No padding
+ * exists; the work items are (sequence, head, query chunk), run longest
+ * first so that threads are balanced by tokens. Masks, causality, ALiBi,
+ * window, softcap and sinks as in fa_attention_args; no weights output and
+ * no split-KV. Bitwise identical for every num_threads. */
+typedef struct {
+    int64_t B, H, Hkv, total_q, total_k, D, Dv;
+    const int64_t *cu_q, *cu_k;
+    fa_view4 q, k, v, out;
+    int is_causal;
+    int alignment;
+    double scale;
+    const void *alibi_slopes;
+    int window;
+    int64_t window_left, window_right;
+    double softcap;
+    const void *sinks;
+} fa_varlen_args;
+
+int fa_varlen_attention(int dtype, const fa_varlen_args *args, int num_threads);
 
 /* ---- classic padding mask -------------------------------------------------
  * x, y: (B, P, L, C) strided views, where L is the masked axis, P collapses

@@ -34,6 +34,8 @@
 #undef V_STREAM
 #undef V_STOREN
 #undef T_MAX
+#undef V_TANH
+#undef S_TANH
 
 #if FA_T_F64
 #define T double
@@ -60,6 +62,8 @@
 #define V_STREAM vf64_stream
 #define V_STOREN vf64_storen
 #define T_MAX DBL_MAX
+#define V_TANH vf64_tanh
+#define S_TANH fa_tanh
 #else
 #define T float
 #define DT f32
@@ -85,4 +89,6 @@
 #define V_STREAM vf32_stream
 #define V_STOREN vf32_storen
 #define T_MAX FLT_MAX
+#define V_TANH vf32_tanh
+#define S_TANH fa_tanhf
 #endif

@@ -22,6 +22,8 @@
  *   elsewhere;
  *   loadn(p, n), storen(p, v, n): the first n (0..LANES) lanes only, for
  *   tails; they never touch memory past p + n;
+ *   div(a, b); select_lt(x, t, a, b): a where x < t, b elsewhere (NaN: b);
+ *   tanh (fa_tanhf / fa_tanh, for logit soft-capping);
  *   stream(p, v): a non-temporal store to a vector-aligned p, which skips
  *   the read-for-ownership of the destination line (fa_store_fence() in
  *   cache_hints.h orders such stores before later ones).
@@ -67,7 +69,9 @@ typedef double fa_vf64;
     static inline T P##_keep(T v, const uint8_t *m) { return m[0] ? v : (T)-INFINITY; } \
     static inline T P##_loadn(const T *p, int64_t n) { return n > 0 ? *p : (T)0; }     \
     static inline void P##_storen(T *p, T v, int64_t n) { if (n > 0) *p = v; }         \
-    static inline void P##_stream(T *p, T v) { *p = v; }
+    static inline void P##_stream(T *p, T v) { *p = v; }                               \
+    static inline T P##_div(T a, T b) { return a / b; }                               \
+    static inline T P##_select_lt(T x, T t, T a, T b) { return x < t ? a : b; }
 
 FA_SCALAR_OPS(float, vf32, fa_expf_nonpos)
 FA_SCALAR_OPS(double, vf64, fa_exp)
@@ -155,6 +159,14 @@ static inline __m256 vf32_exp2_nonpos(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(nb), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+static inline __m256 vf32_div(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
+static inline __m256d vf64_div(__m256d a, __m256d b) { return _mm256_div_pd(a, b); }
+static inline __m256 vf32_select_lt(__m256 x, __m256 t, __m256 a, __m256 b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, t, _CMP_LT_OQ));
+}
+static inline __m256d vf64_select_lt(__m256d x, __m256d t, __m256d a, __m256d b) {
+    return _mm256_blendv_pd(b, a, _mm256_cmp_pd(x, t, _CMP_LT_OQ));
 }
 static inline __m256 vf32_keep(__m256 v, const uint8_t *m) {
     __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m));
@@ -314,6 +326,14 @@ static inline __m512 vf32_exp2_nonpos(__m512 x) { /* as the avx2 version */
     const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(nb), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
+static inline __m512 vf32_div(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
+static inline __m512d vf64_div(__m512d a, __m512d b) { return _mm512_div_pd(a, b); }
+static inline __m512 vf32_select_lt(__m512 x, __m512 t, __m512 a, __m512 b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, t, _CMP_LT_OQ), b, a);
+}
+static inline __m512d vf64_select_lt(__m512d x, __m512d t, __m512d a, __m512d b) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(x, t, _CMP_LT_OQ), b, a);
+}
 static inline __m512 vf32_keep(__m512 v, const uint8_t *m) {
     __m128i b = _mm_loadu_si128((const __m128i *)m);
     __mmask16 k = _mm_test_epi8_mask(b, b);
@@ -391,6 +411,25 @@ static inline __m512d vf64_keep(__m512d v, const uint8_t *m) {
 #else
 #error "unknown FA_ISA_LEVEL"
 #endif
+
+/* tanh (fa_tanhf / fa_tanh in fa_math.h, same pieces and error bound):
+ * both pieces are computed and blended per lane. |x| = max(x, -x) keeps NaN
+ * (max returns its second operand then), and a NaN lane takes the exp piece,
+ * which keeps it NaN. */
+#define FA_DEFINE_VTANH(T, V, P, POLY, SPLIT)                                      \
+    static inline V P##_tanh(V x) {                                                \
+        const V zero = P##_zero(), one = P##_set1((T)1);                           \
+        const V a = P##_max(x, P##_sub(zero, x));                                  \
+        const V z = P##_mul(x, x);                                                 \
+        const V p = POLY(P##_fmadd, P##_mul, P##_set1, z);                         \
+        const V small = P##_fmadd(P##_mul(x, z), p, x);                            \
+        const V e = P##_exp_nonpos(P##_mul(a, P##_set1((T)-2)));                   \
+        V big = P##_div(P##_sub(one, e), P##_add(one, e));                         \
+        big = P##_select_lt(x, zero, P##_sub(zero, big), big);                     \
+        return P##_select_lt(a, P##_set1(SPLIT), small, big);                      \
+    }
+FA_DEFINE_VTANH(float, fa_vf32, vf32, FA_TANHF_POLY, FA_TANHF_SPLIT)
+FA_DEFINE_VTANH(double, fa_vf64, vf64, FA_TANH_POLY, FA_TANH_SPLIT)
 
 /* Name mangling for template instances: FA_KNAME(softmax_row, f32) ->
  * fa_softmax_row_f32_avx2 in the AVX2 file. */

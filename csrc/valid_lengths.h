@@ -5,6 +5,7 @@
 #ifndef FASTATTN_VALID_LENGTHS_H
 #define FASTATTN_VALID_LENGTHS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "fastattn.h"

@@ -23,6 +23,7 @@ from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
 from fastattn.mha import KVCache, MultiHeadAttention
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
 from fastattn.rotary import alibi_slopes, apply_rotary
+from fastattn.varlen import varlen_attention
 
 _apply_isa_env()
 del _apply_isa_env
@@ -58,6 +59,7 @@ __all__ = [
     "set_isa",
     "set_num_threads",
     "show_config",
+    "varlen_attention",
     "sinusoidal_position_encoding",
     "split_heads",
 ]

@@ -58,7 +58,30 @@ cdef extern from "fastattn.h" nogil:
         int alignment
         double scale
         const void *alibi_slopes
+        fa_lengths_view key_start
+        int window
+        int64_t window_left, window_right
+        double softcap
+        const void *sinks
 
+    int FA_WINDOW_LEFT
+    int FA_WINDOW_RIGHT
+
+    ctypedef struct fa_varlen_args:
+        int64_t B, H, Hkv, total_q, total_k, D, Dv
+        const int64_t *cu_q
+        const int64_t *cu_k
+        fa_view4 q, k, v, out
+        int is_causal
+        int alignment
+        double scale
+        const void *alibi_slopes
+        int window
+        int64_t window_left, window_right
+        double softcap
+        const void *sinks
+
+    int fa_varlen_attention(int dtype, const fa_varlen_args *args, int num_threads)
     int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,
                                         int num_threads)
     int fa_apply_sequence_mask(int dtype, fa_view4 x, fa_view4 y,

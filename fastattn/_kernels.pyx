@@ -168,13 +168,33 @@ def masked_softmax(cnp.ndarray x, cnp.ndarray y, double scale, object mask,
     check(st)
 
 
+cdef int set_features(fa_attention_args *a, object key_start, object window, double softcap,
+                      object sinks) except -1:
+    a.key_start = lengths2(key_start)
+    a.window = 0
+    a.window_left = a.window_right = 0
+    if window is not None:
+        if window[0] is not None:
+            a.window |= FA_WINDOW_LEFT
+            a.window_left = window[0]
+        if window[1] is not None:
+            a.window |= FA_WINDOW_RIGHT
+            a.window_right = window[1]
+    a.softcap = softcap
+    a.sinks = NULL if sinks is None else cnp.PyArray_DATA(<cnp.ndarray>sinks)
+    return 0
+
+
 def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
                                  cnp.ndarray out, object weights, double scale,
                                  object mask, int mask_kind, object key_len,
                                  object query_len, bint is_causal, int alignment,
-                                 object alibi, int num_threads):
+                                 object alibi, int num_threads, object key_start=None,
+                                 object window=None, double softcap=0.0, object sinks=None):
     """q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), out (B,H,Lq,Dv),
-    weights None or (B,H,Lq,Lk); all with a unit last-axis stride."""
+    weights None or (B,H,Lq,Lk); all with a unit last-axis stride.
+    key_start: None or a (B, H) int64 view; window: None or (left, right),
+    each an int >= 0 or None; sinks: None or (H,) contiguous in the dtype."""
     cdef int dt = dtype_code(q)
     cdef fa_attention_args a
     cdef int st
@@ -201,8 +221,64 @@ def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
     a.alignment = alignment
     a.scale = scale
     a.alibi_slopes = NULL if alibi is None else cnp.PyArray_DATA(<cnp.ndarray>alibi)
+    set_features(&a, key_start, window, softcap, sinks)
     with nogil:
         st = fa_scaled_dot_product_attention(dt, &a, num_threads)
+    check(st)
+
+
+cdef fa_view4 packed_view(cnp.ndarray a) except *:
+    """(total, heads, cols) as the (1, heads, total, cols) view varlen takes."""
+    cdef fa_view4 v
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    v.data = cnp.PyArray_DATA(a)
+    v.stride[0] = 0
+    v.stride[1] = elem_stride(cnp.PyArray_STRIDES(a)[1], item)
+    v.stride[2] = elem_stride(cnp.PyArray_STRIDES(a)[0], item)
+    v.stride[3] = elem_stride(cnp.PyArray_STRIDES(a)[2], item)
+    return v
+
+
+def varlen_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out,
+                     cnp.ndarray cu_q, cnp.ndarray cu_k, double scale, bint is_causal,
+                     int alignment, object alibi, object window, double softcap,
+                     object sinks, int num_threads):
+    """q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv),
+    out (total_q, H, Dv), unit last-axis strides; cu_q, cu_k (B+1,)
+    contiguous int64."""
+    cdef int dt = dtype_code(q)
+    cdef fa_varlen_args a
+    cdef int st
+    a.B = cu_q.shape[0] - 1
+    a.H = q.shape[1]
+    a.Hkv = k.shape[1]
+    a.total_q = q.shape[0]
+    a.total_k = k.shape[0]
+    a.D = q.shape[2]
+    a.Dv = v.shape[2]
+    a.cu_q = <const int64_t *>cnp.PyArray_DATA(cu_q)
+    a.cu_k = <const int64_t *>cnp.PyArray_DATA(cu_k)
+    a.q = packed_view(q)
+    a.k = packed_view(k)
+    a.v = packed_view(v)
+    a.out = packed_view(out)
+    a.is_causal = is_causal
+    a.alignment = alignment
+    a.scale = scale
+    a.alibi_slopes = NULL if alibi is None else cnp.PyArray_DATA(<cnp.ndarray>alibi)
+    a.window = 0
+    a.window_left = a.window_right = 0
+    if window is not None:
+        if window[0] is not None:
+            a.window |= FA_WINDOW_LEFT
+            a.window_left = window[0]
+        if window[1] is not None:
+            a.window |= FA_WINDOW_RIGHT
+            a.window_right = window[1]
+    a.softcap = softcap
+    a.sinks = NULL if sinks is None else cnp.PyArray_DATA(<cnp.ndarray>sinks)
+    with nogil:
+        st = fa_varlen_attention(dt, &a, num_threads)
     check(st)
 
 

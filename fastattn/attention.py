@@ -6,6 +6,7 @@ import numpy as np
 
 from fastattn import _kernels
 from fastattn._config import resolve_num_threads
+from fastattn._features import sinks_array, softcap_value, window_pair
 from fastattn._validation import (
     OutputTarget,
     as_array,
@@ -33,7 +34,8 @@ def _unit_last_axis(a):
 def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                                  query_lengths=None, is_causal=False,
                                  causal_alignment="top_left", scale=None, alibi_slopes=None,
-                                 return_weights=False, out=None, num_threads=None):
+                                 return_weights=False, out=None, num_threads=None,
+                                 key_starts=None, window=None, softcap=None, sinks=None):
     """``softmax(q kᵀ · scale + masks) v`` in one fused, flash-style pass.
 
     The score matrix is never materialised beyond one tile; keys past
@@ -68,6 +70,23 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
         the output (for inspection; this materialises them).
     out : ndarray, optional, shape ``(B, H, Lq, Dv)``
     num_threads : int, optional
+    key_starts : array_like of int, optional
+        Shape as ``key_lengths``. Keys ``j < key_start`` are masked and
+        skipped like right padding (left-padded batches): the valid keys
+        are ``[key_start, key_length)``. ``i_pos`` does not change.
+    window : (left, right), optional
+        Sliding window, each side an int >= 0 or None (unbounded): key
+        ``j`` is visible to query ``i`` iff
+        ``i_pos - left <= j <= i_pos + right``. Intersects every other
+        mask; keys outside it are never computed.
+    softcap : float, optional
+        ``> 0``: each scaled score ``s`` becomes ``softcap * tanh(s / softcap)``
+        before masks and ALiBi.
+    sinks : array_like, shape ``(H,)``, optional
+        One logit per head added to every row's softmax denominator, with no
+        value: ``out_i = Σ_j e^(s_ij - m) v_j / (e^(sink - m) + Σ_j e^(s_ij - m))``,
+        ``m`` the max over the row's scores and the sink. The weights then sum
+        to less than 1; a row with no visible key is still 0.
 
     Returns
     -------
@@ -91,6 +110,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     # machinery, so that tiny decode calls cost a few microseconds.
     if (attn_mask is None and key_lengths is None and query_lengths is None
             and alibi_slopes is None and out is None and return_weights is False
+            and key_starts is None and window is None and softcap is None and sinks is None
             and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         dt = q.dtype
         if ((dt is _F32 or dt is _F64) and k.dtype is dt and v.dtype is dt
@@ -147,6 +167,10 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
         scale = real_number(scale, "scale", "a real number or None")
     lead = user_q_shape[:-2]
     kl = lengths_view(key_lengths, "key_lengths", lead, B, H, Lk, "key")
+    ks = lengths_view(key_starts, "key_starts", lead, B, H, Lk, "key")
+    window = window_pair(window)
+    cap = softcap_value(softcap)
+    sinks = sinks_array(sinks, H, dtype)
     ql = lengths_view(query_lengths, "query_lengths", lead, B, H, Lq, "query")
     full = (B, H, Lq, Lk)
     user_full = full[:1] + full[2:] if three_d else full
@@ -158,13 +182,14 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
             raise ValueError(f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
     qa, ka, va = _unit_last_axis(qa), _unit_last_axis(ka), _unit_last_axis(va)
     out_shape = (B, Lq, Dv) if three_d else (B, H, Lq, Dv)
-    inputs = tuple(x for x in (qa, ka, va, mask4, slopes) if x is not None)
+    inputs = tuple(x for x in (qa, ka, va, mask4, slopes, sinks) if x is not None)
     target = OutputTarget(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)
     weights = np.empty(full, dtype=dtype) if return_weights else None
     _kernels.scaled_dot_product_attention(
         qa, ka, va, target.kernel_view, weights, float(scale), mask4, kind, kl, ql,
-        bool(is_causal), align, slopes, resolve_num_threads(num_threads))
+        bool(is_causal), align, slopes, resolve_num_threads(num_threads), ks, window, cap,
+        sinks)
     result = target.finish()
     if return_weights:
         return result, weights[:, 0] if three_d else weights

@@ -30,22 +30,31 @@ def _lengths_grid(lengths, lead_shape):
 
 
 def attention_mask(shape, *, attn_mask=None, key_lengths=None, is_causal=False,
-                   causal_alignment="top_left"):
+                   causal_alignment="top_left", key_starts=None, window=None):
     """The bool "may attend" mask of shape ``(..., Lq, Lk)`` that the fast
     kernels apply implicitly (an additive float ``attn_mask`` is not part
-    of it)."""
+    of it). Query ``i`` sits at ``i_pos = i`` (top_left) or
+    ``i + Lk - Lq`` (bottom_right); ``window = (left, right)`` keeps keys
+    ``i_pos - left <= j <= i_pos + right`` (None: that side unbounded);
+    ``key_starts`` masks keys ``j < start``."""
     *lead, Lq, Lk = shape
     allowed = np.ones(shape, dtype=bool)
     if attn_mask is not None and np.asarray(attn_mask).dtype == bool:
         allowed &= np.broadcast_to(attn_mask, shape)
+    j = np.arange(Lk)
     if key_lengths is not None:
-        kl = _lengths_grid(key_lengths, lead)
-        allowed &= np.arange(Lk) < kl[..., None, None]
+        allowed &= j < _lengths_grid(key_lengths, lead)[..., None, None]
+    if key_starts is not None:
+        allowed &= j >= _lengths_grid(key_starts, lead)[..., None, None]
+    i_pos = np.arange(Lq)[:, None] + (0 if causal_alignment == "top_left" else Lk - Lq)
     if is_causal:
-        i = np.arange(Lq)[:, None]
-        j = np.arange(Lk)[None, :]
-        offset = 0 if causal_alignment == "top_left" else Lk - Lq
-        allowed &= j <= i + offset
+        allowed &= j[None, :] <= i_pos
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allowed &= j[None, :] >= i_pos - left
+        if right is not None:
+            allowed &= j[None, :] <= i_pos + right
     return allowed
 
 
@@ -60,19 +69,31 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     return _finish(p.astype(compute_dtype(scores.dtype, "scores")), out)
 
 
-def _softmax64(s, attn_mask, key_lengths, query_lengths, is_causal, causal_alignment):
-    """The masked softmax of float64 scaled scores ``s``, in float64."""
+def _softmax64(s, attn_mask, key_lengths, query_lengths, is_causal, causal_alignment,
+               key_starts=None, window=None, sinks=None):
+    """The masked softmax of float64 scaled scores ``s``, in float64.
+    ``sinks`` (broadcast against ``s.shape[:-1] + (1,)``) are extra logits in
+    each row's denominator, with no value: the max ``m`` covers the row's
+    scores and the sink, the denominator adds ``exp(sink - m)``. A row with
+    no visible key stays all zero."""
     if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
         s = s + np.asarray(attn_mask, dtype=np.float64)
     allowed = attention_mask(s.shape, attn_mask=attn_mask, key_lengths=key_lengths,
-                             is_causal=is_causal, causal_alignment=causal_alignment)
+                             is_causal=is_causal, causal_alignment=causal_alignment,
+                             key_starts=key_starts, window=window)
     s = np.where(allowed, s, -np.inf)
     row_max = s.max(axis=-1, keepdims=True, initial=-np.inf)  # Lk = 0: every row empty
     empty = row_max == -np.inf
+    if sinks is not None:
+        sinks = np.broadcast_to(sinks, row_max.shape)
+        row_max = np.maximum(row_max, sinks)
     with np.errstate(invalid="ignore", over="ignore"):
         e = np.exp(s - np.where(empty, 0.0, row_max))
         e = np.where(allowed, e, 0.0)
-        p = e / e.sum(axis=-1, keepdims=True)
+        denominator = e.sum(axis=-1, keepdims=True)
+        if sinks is not None:
+            denominator = denominator + np.exp(sinks - np.where(empty, 0.0, row_max))
+        p = e / denominator
     p = np.where(empty, 0.0, p)
     p = np.where(allowed, p, 0.0)  # masked keys are exactly 0, even in a NaN row
     if query_lengths is not None:
@@ -85,9 +106,12 @@ def _softmax64(s, attn_mask, key_lengths, query_lengths, is_causal, causal_align
 def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                                  query_lengths=None, is_causal=False,
                                  causal_alignment="top_left", scale=None, alibi_slopes=None,
-                                 return_weights=False, out=None, num_threads=None):
+                                 return_weights=False, out=None, num_threads=None,
+                                 key_starts=None, window=None, softcap=None, sinks=None):
     """softmax(Q Kᵀ · scale + ALiBi + masks) V, in float64, with the masks
-    of :func:`masked_softmax`."""
+    of :func:`masked_softmax`. Soft-capping replaces each scaled score ``s``
+    by ``softcap * tanh(s / softcap)`` first; ``window``, ``key_starts``
+    and ``sinks`` as in :func:`attention_mask` and :func:`_softmax64`."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     dtype = np.result_type(compute_dtype(q.dtype, "q"), compute_dtype(k.dtype, "k"),
                            compute_dtype(v.dtype, "v"))
@@ -105,6 +129,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D else 1.0
     scores = (q @ k.swapaxes(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
     if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
         scores = scores + np.asarray(attn_mask, dtype=np.float64)
         attn_mask = None
@@ -115,12 +141,41 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     lead = (q.shape[0], H)
     kl = None if key_lengths is None else np.broadcast_to(_lengths_grid(key_lengths, lead), lead)
     ql = None if query_lengths is None else np.broadcast_to(_lengths_grid(query_lengths, lead), lead)
-    weights = _softmax64(scores, attn_mask, kl, ql, is_causal, causal_alignment)
+    ks = None if key_starts is None else np.broadcast_to(_lengths_grid(key_starts, lead), lead)
+    sink = None if sinks is None else np.asarray(sinks, np.float64).reshape(1, H, 1, 1)
+    weights = _softmax64(scores, attn_mask, kl, ql, is_causal, causal_alignment, ks, window, sink)
     result = weights @ v
     if three_d:
         result, weights = result[:, 0], weights[:, 0]
     result = _finish(result.astype(dtype), out)
     return (result, weights.astype(dtype)) if return_weights else result
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
+                     causal_alignment="top_left", window=None, softcap=None, sinks=None,
+                     scale=None, alibi_slopes=None, out=None, num_threads=None):
+    """Each packed sequence through :func:`scaled_dot_product_attention` on
+    its own: sequence ``b`` is query rows ``cu_q[b]:cu_q[b+1]`` and key rows
+    ``cu_k[b]:cu_k[b+1]`` of the ``(total, heads, dim)`` arrays."""
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    dtype = np.result_type(compute_dtype(q.dtype, "q"), compute_dtype(k.dtype, "k"),
+                           compute_dtype(v.dtype, "v"))
+    cu_q, cu_k = np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k)
+    result = np.zeros((q.shape[0], q.shape[1], v.shape[2]), np.float64)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[2]) if q.shape[2] else 1.0
+    for b in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if qs.stop == qs.start:
+            continue
+        seq = scaled_dot_product_attention(
+            q[qs].transpose(1, 0, 2)[None].astype(np.float64),
+            k[ks].transpose(1, 0, 2)[None].astype(np.float64),
+            v[ks].transpose(1, 0, 2)[None].astype(np.float64),
+            is_causal=is_causal, causal_alignment=causal_alignment, window=window,
+            softcap=softcap, sinks=sinks, scale=scale, alibi_slopes=alibi_slopes)
+        result[qs] = seq[0].transpose(1, 0, 2)
+    return _finish(result.astype(dtype), out)
 
 
 def sequence_mask(lengths, maxlen=None, dtype=bool):

@@ -173,6 +173,8 @@ CHOICE = "choice"
 FLAG = "flag"
 DTYPE = "dtype"
 OUT = "out"
+WINDOW = "window"        # None or a (left, right) pair of ints >= 0 or None
+POSITIVE = "positive"    # a real scalar > 0, or None
 
 BAD = {
     ARRAY: [3.0, "abc", None, object(), [[1.0], [1.0, 2.0]], np.zeros((2, 3), complex),
@@ -190,6 +192,9 @@ BAD = {
     FLAG: ["False", "no", 2.5, None, np.array([True, False]), [True]],
     DTYPE: ["foo", np.int32, 3, object, np.complex64],
     OUT: [[0.0], 3.0, np.zeros(1), np.zeros((1, 1, 1, 1, 1), np.float64)],
+    WINDOW: [3, "ab", (1,), (1, 2, 3), (-1, 0), (0, -1), (1.5, 0), (HUGE, 0), (True, 0),
+             ("1", 0), np.array([1, 2, 3])],
+    POSITIVE: [0.0, -1.0, float("nan"), float("inf"), HUGE, "abc", 1j, [1.0], np.ones(2), True],
 }
 # values of a kind that are valid for one particular argument
 ACCEPTED = {
@@ -225,7 +230,14 @@ def _valid_calls():
         "scaled_dot_product_attention": ((q, q, q), dict(
             q=ARRAY, k=ARRAY, v=ARRAY, attn_mask=OPT_ARRAY, key_lengths=LENGTHS,
             query_lengths=LENGTHS, is_causal=FLAG, causal_alignment=CHOICE, scale=OPT_REAL,
-            alibi_slopes=OPT_ARRAY, return_weights=FLAG, out=OUT, num_threads=THREADS)),
+            alibi_slopes=OPT_ARRAY, return_weights=FLAG, out=OUT, num_threads=THREADS,
+            key_starts=LENGTHS, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY)),
+        "varlen_attention": ((q[0].transpose(1, 0, 2), q[0].transpose(1, 0, 2),
+                              q[0].transpose(1, 0, 2), [0, 3], [0, 3]), dict(
+            q=ARRAY, k=ARRAY, v=ARRAY, cu_seqlens_q=LENGTHS, cu_seqlens_k=LENGTHS,
+            is_causal=FLAG, causal_alignment=CHOICE, window=WINDOW, softcap=POSITIVE,
+            sinks=OPT_ARRAY, scale=OPT_REAL, alibi_slopes=OPT_ARRAY, out=OUT,
+            num_threads=THREADS)),
         "apply_rotary": ((np.zeros((2, 3, 4)), np.arange(3)), dict(
             x=ARRAY, positions=LENGTHS, layout=CHOICE, base=REAL, out=OUT, num_threads=THREADS)),
         "alibi_slopes": ((4,), dict(num_heads=COUNT, dtype=DTYPE)),

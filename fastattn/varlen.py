@@ -1,0 +1,135 @@
+"""Attention over packed variable-length batches (flash-attn's varlen layout)."""
+
+import math
+
+import numpy as np
+
+from fastattn import _kernels
+from fastattn._config import resolve_num_threads
+from fastattn._features import sinks_array, softcap_value, window_pair
+from fastattn._validation import (
+    OutputTarget,
+    as_array,
+    bool_flag,
+    choice,
+    compute_dtype,
+    float_array,
+    real_number,
+)
+from fastattn.attention import _unit_last_axis
+from fastattn.masks import CAUSAL_ALIGNMENTS
+
+
+def _cu_seqlens(values, name, total, batch=None):
+    """(B+1,) int64 prefix sums: integers, 1-D, starting at 0, never
+    decreasing, ending at ``total``."""
+    arr = as_array(values, name)
+    if arr.size == 0 and not isinstance(values, np.ndarray):
+        arr = arr.astype(np.int64)  # [] is float64 to NumPy
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be int32 or int64 prefix sums, got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (B + 1,), got {arr.shape}")
+    if batch is not None and arr.shape[0] != batch + 1:
+        raise ValueError(
+            f"{name} must have shape ({batch + 1},) like cu_seqlens_q, got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {arr[0]}")
+    steps = np.diff(arr)
+    if steps.size and steps.min() < 0:
+        at = int(np.argmin(steps))
+        raise ValueError(f"{name} must not decrease; {name}[{at + 1}] = {arr[at + 1]} < "
+                         f"{name}[{at}] = {arr[at]}")
+    if arr[-1] != total:
+        raise ValueError(f"{name} must end at the total number of rows {total}, got {arr[-1]}")
+    return arr
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
+                     causal_alignment="top_left", window=None, softcap=None, sinks=None,
+                     scale=None, alibi_slopes=None, out=None, num_threads=None):
+    """Attention over a packed batch of variable-length sequences, with no
+    padding anywhere (flash-attn's ``flash_attn_varlen_func`` layout).
+
+    Sequence ``b`` is query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``
+    attending to key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; each runs
+    as ``scaled_dot_product_attention`` would on it alone. The work is split
+    into (sequence, head, query chunk) items of the same fused kernel and
+    balanced across threads by tokens, longest items first. Results are
+    bitwise identical for every ``num_threads``.
+
+    Parameters
+    ----------
+    q : array_like, shape ``(total_q, H, D)``
+    k : array_like, shape ``(total_k, Hkv, D)``
+        ``H % Hkv == 0`` (grouped-query attention).
+    v : array_like, shape ``(total_k, Hkv, Dv)``
+    cu_seqlens_q, cu_seqlens_k : array_like of int32 or int64, shape ``(B + 1,)``
+        Prefix sums of the sequence lengths: start at 0, never decrease, end
+        at ``total_q`` / ``total_k``. Empty sequences are allowed.
+    is_causal : bool
+    causal_alignment : {"top_left", "bottom_right"}
+        Per sequence: query ``i`` sits at ``i_pos = i`` or
+        ``i + Lk_b - Lq_b``.
+    window, softcap, sinks, scale, alibi_slopes
+        As in :func:`fastattn.scaled_dot_product_attention`.
+    out : ndarray, optional, shape ``(total_q, H, Dv)``
+    num_threads : int, optional
+
+    Returns
+    -------
+    out : ndarray ``(total_q, H, Dv)``
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> cu = np.array([0, 3, 3, 8])               # lengths 3, 0 and 5
+    >>> q, k, v = (rng.standard_normal((8, 2, 16), dtype=np.float32) for _ in range(3))
+    >>> fastattn.varlen_attention(q, k, v, cu, cu, is_causal=True).shape
+    (8, 2, 16)
+    """
+    qa, ka, va = (as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    dtype = np.promote_types(
+        np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
+        compute_dtype(va.dtype, "v"))
+    qa, ka, va = (float_array(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+    if qa.ndim != 3 or ka.ndim != 3 or va.ndim != 3:
+        raise ValueError("q, k and v must be 3-D (total, heads, dim); got shapes "
+                         f"q {qa.shape}, k {ka.shape}, v {va.shape}")
+    total_q, H, D = qa.shape
+    total_k, Hkv, Dk = ka.shape
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim; got q {qa.shape}, k {ka.shape}")
+    if va.shape[:2] != (total_k, Hkv):
+        raise ValueError(f"k and v must have the same rows and heads; got k {ka.shape}, v {va.shape}")
+    Dv = va.shape[2]
+    if Hkv == 0 and H > 0 or Hkv and H % Hkv:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the kv heads "
+                         f"({Hkv}); got q {qa.shape}, k {ka.shape}")
+    cu_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q)
+    cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total_k, batch=cu_q.shape[0] - 1)
+    is_causal = bool_flag(is_causal, "is_causal")
+    align = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    else:
+        scale = real_number(scale, "scale", "a real number or None")
+    window = window_pair(window)
+    cap = softcap_value(softcap)
+    sinks = sinks_array(sinks, H, dtype)
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = np.ascontiguousarray(float_array(alibi_slopes, "alibi_slopes", dtype))
+        if slopes.shape != (H,):
+            raise ValueError(
+                f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
+    qa, ka, va = _unit_last_axis(qa), _unit_last_axis(ka), _unit_last_axis(va)
+    inputs = tuple(x for x in (qa, ka, va, slopes, sinks) if x is not None)
+    target = OutputTarget(out, (total_q, H, Dv), (total_q, H, Dv), dtype, inputs=inputs,
+                          unit_last_axis=True)
+    _kernels.varlen_attention(qa, ka, va, target.kernel_view, cu_q, cu_k, float(scale),
+                              is_causal, align, slopes, window, cap, sinks,
+                              resolve_num_threads(num_threads))
+    return target.finish()
