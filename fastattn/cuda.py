@@ -43,11 +43,12 @@ import numpy as np
 
 from fastattn._validation import choice, compute_dtype, index_value, lengths_view, require_ndim
 from fastattn.heads import _split_dims
-from fastattn.masks import CAUSAL_ALIGNMENTS, _real_scalar, scores_geometry
+from fastattn.masks import _MASK_ADD, _MASK_BOOL, CAUSAL_ALIGNMENTS, _real_scalar, scores_geometry
 from fastattn.mha import KVCache as _HostKVCache
 from fastattn.mha import _CacheBook, _check_cache_call, _check_cache_fits, _positive, _query_lengths
 from fastattn.position import LAYOUTS as PE_LAYOUTS
 from fastattn.position import _timescales, table_args
+from fastattn.rotary import ROPE_LAYOUTS
 
 __all__ = [
     "CudaUnavailableError",
@@ -64,28 +65,18 @@ __all__ = [
     "unavailable_reason",
 ]
 
-ROPE_LAYOUTS = {"neox": 0, "gptj": 1}
 
-# fa_cuda_dtype codes (csrc/cuda/fastattn_cuda.h)
-_DTYPE_CODES = {
-    np.dtype(np.float32): 0,
-    np.dtype(np.float64): 1,
-    np.dtype(np.float16): 2,
-    np.dtype(np.bool_): 3,
-    np.dtype(np.int8): 4,
-    np.dtype(np.uint8): 5,
-    np.dtype(np.int16): 6,
-    np.dtype(np.uint16): 7,
-    np.dtype(np.int32): 8,
-    np.dtype(np.uint32): 9,
-    np.dtype(np.int64): 10,
-    np.dtype(np.uint64): 11,
-}
-_MASK_BOOL = 1
-_MASK_ADD = 2
-# fa_cuda_causal FA_CUDA_CAUSAL_LENGTHS: bottom-right per (b, h), aligned to
-# key_len and query_len (a ragged KV cache); internal, not a causal_alignment
-_CAUSAL_LENGTHS = 3
+
+class _DtypeCodes(dict):
+    """fa_cuda_dtype codes by NumPy dtype, read from the CUDA extension on
+    first use (so that importing this module never loads it)."""
+
+    def __missing__(self, dtype):
+        code = self[dtype] = _extension().DTYPE_CODES[np.dtype(dtype).name]
+        return code
+
+
+_DTYPE_CODES = _DtypeCodes()
 
 # The (chunk, H, Lq, Lk) score workspace of attention is capped at this many
 # bytes when the weights are not returned: the batch then runs in chunks.
@@ -1293,7 +1284,7 @@ class MultiHeadAttention:
         kl = np.ascontiguousarray(np.broadcast_to(new[:, None], (B, H)))
         qlh = None if ql is None else np.ascontiguousarray(np.broadcast_to(ql[:, None], (B, H)))
         _attention(rt, q4, cache._k, cache._v, dt, mask=_MaskSpec(None, (B, H, L, Lmax), dt), kl=kl,
-                   ql=qlh, causal=_CAUSAL_LENGTHS, alignment="bottom_right", scale=1.0 / math.sqrt(D),
+                   ql=qlh, causal=rt.lib.CAUSAL_LENGTHS, alignment="bottom_right", scale=1.0 / math.sqrt(D),
                    alibi=None, weights_target=weights, out_kernel=attn)
         y = self._project_out(rt, attn, ql)
         if not return_weights:

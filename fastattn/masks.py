@@ -27,12 +27,10 @@ from fastattn._validation import (
     lengths_view,
 )
 
-CAUSAL_ALIGNMENTS = {"top_left": 1, "bottom_right": 2}
-SEQUENCE_MASK_MODES = {"mul": 0, "add": 1}
-
-# C-side mask kinds (fastattn.h fa_mask_kind)
-_MASK_BOOL = 1
-_MASK_ADD = 2
+CAUSAL_ALIGNMENTS = _kernels.CAUSAL_ALIGNMENTS
+SEQUENCE_MASK_MODES = _kernels.SEQUENCE_MASK_MODES
+_MASK_BOOL = _kernels.MASK_BOOL
+_MASK_ADD = _kernels.MASK_ADD
 
 
 def sequence_mask(lengths, maxlen=None, dtype=bool):

@@ -34,7 +34,8 @@ from fastattn._validation import compute_dtype, float_array, index_value, int_ar
 from fastattn.masks import prepare_mask
 from fastattn.rotary import ROPE_LAYOUTS, ROPE_NONE, _check_base, rope_tables
 
-_TOP_LEFT, _BOTTOM_RIGHT = 1, 2  # fastattn.h fa_causal
+_TOP_LEFT = _kernels.CAUSAL_ALIGNMENTS["top_left"]
+_BOTTOM_RIGHT = _kernels.CAUSAL_ALIGNMENTS["bottom_right"]
 _WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
 _BIAS_NAMES = ("b_q", "b_k", "b_v", "b_o")
 _STATE_NAMES = _WEIGHT_NAMES + _BIAS_NAMES

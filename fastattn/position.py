@@ -14,7 +14,7 @@ from fastattn._validation import (
     index_value,
 )
 
-LAYOUTS = {"concat": 0, "interleaved": 1}
+LAYOUTS = _kernels.PE_LAYOUTS
 
 
 def _real(value, name):

@@ -9,9 +9,8 @@ from fastattn import _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import OutputTarget, choice, float_array, index_value
 
-# fastattn.h fa_rope_layout
-ROPE_LAYOUTS = {"neox": 1, "gptj": 2}
-ROPE_NONE = 0
+ROPE_LAYOUTS = _kernels.ROPE_LAYOUTS
+ROPE_NONE = _kernels.ROPE_NONE
 
 
 def _check_base(base):

@@ -33,7 +33,7 @@ import pytest
 
 import fastattn
 import fastattn.cuda as fcuda
-from fastattn import reference
+from fastattn import _kernels, reference
 
 from conftest import assert_close
 
@@ -280,9 +280,6 @@ def test_non_native_byte_order_rejected():
 # ---- host emulation of CuPy and of the C ABI ------------------------------------------
 
 
-_CODE_DTYPES = {code: dt for dt, code in fcuda._DTYPE_CODES.items()}
-
-
 def _host_view(ptr, dtype, shape, strides):
     """NumPy view of host memory at ptr with element strides (maybe negative)."""
     dtype = np.dtype(dtype)
@@ -334,6 +331,11 @@ class FakeExtension:
     csrc/cuda/fastattn_cuda.h on host memory with the NumPy oracle."""
 
     CudaError = RuntimeError
+    # fa_cuda_dtype (csrc/cuda/fastattn_cuda.h); the shared values are also
+    # checked against the compiled header by tests/test_enums.py
+    DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bool": 3, "int8": 4, "uint8": 5,
+                   "int16": 6, "uint16": 7, "int32": 8, "uint32": 9, "int64": 10, "uint64": 11}
+    CAUSAL_LENGTHS = 3
 
     class BlasHandle:
         ptr = 1
@@ -391,14 +393,14 @@ class FakeExtension:
         """reference.masked_softmax with the C causal codes: 1 top-left, 2
         bottom-right, 3 bottom-right per (b, m) aligned to the lengths (key
         j > i + key_len - query_len is masked)."""
-        if causal == 3:
+        if causal == FakeExtension.CAUSAL_LENGTHS:
             B, M, Lq, Lk = s.shape
             klg = np.full((B, M), Lk) if kl_v is None else kl_v
             qlg = np.full((B, M), Lq) if ql_v is None else ql_v
             keep = (np.arange(Lk)[None, None, None, :]
                     <= np.arange(Lq)[None, None, :, None] + (klg - qlg)[:, :, None, None])
             m = keep if m is None else keep & m
-        align = {1: "top_left", 2: "bottom_right"}.get(causal, "top_left")
+        align = {c: n for n, c in _kernels.CAUSAL_ALIGNMENTS.items()}.get(causal, "top_left")
         return reference.masked_softmax(s, attn_mask=m, key_lengths=kl_v, query_lengths=ql_v,
                                         is_causal=causal in (1, 2), causal_alignment=align, scale=scale)
 
@@ -415,13 +417,13 @@ class FakeExtension:
 
     def position_encoding(self, dtype, out, rs, L, C, layout, lo, hi, start, stream):
         dt = _CODE_DTYPES[dtype]
-        name = {0: "concat", 1: "interleaved"}[layout]
+        name = _LAYOUT_NAMES["pe"][layout]
         _host_view(out, dt, (L, C), (rs, 1))[...] = reference.sinusoidal_position_encoding(
             L, C, layout=name, min_timescale=lo, max_timescale=hi, start_index=start, dtype=dt)
 
     def add_position_encoding(self, dtype, x, xs, y, ys, shape, layout, lo, hi, start, stream):
         dt = _CODE_DTYPES[dtype]
-        name = {0: "concat", 1: "interleaved"}[layout]
+        name = _LAYOUT_NAMES["pe"][layout]
         xv = _host_view(x, dt, shape, xs).copy()
         _host_view(y, dt, shape, ys)[...] = reference.add_position_encoding(
             xv, layout=name, min_timescale=lo, max_timescale=hi, start_index=start)
@@ -430,7 +432,7 @@ class FakeExtension:
         dt = _CODE_DTYPES[dtype]
         xv = _host_view(x, dt, shape, xs).copy()
         pv = _host_view(pos, np.int64, shape[:3], ps)
-        _host_view(y, dt, shape, ys)[...] = _rope_oracle(xv, pv, {0: "neox", 1: "gptj"}[layout], base)
+        _host_view(y, dt, shape, ys)[...] = _rope_oracle(xv, pv, _LAYOUT_NAMES["rope"][layout], base)
 
     def linear(self, handle, dtype, x, xrs, w, wrs, bias, y, yrs, rows, nin, nout, stream):
         dt = _CODE_DTYPES[dtype]
@@ -480,6 +482,12 @@ class FakeExtension:
             ov[np.arange(Lq)[None, None, :, None] >= ql_v[:, :, None, None] + np.zeros((1, 1, 1, Dv), int)] = 0
         if scores_batch == B:
             _host_view(scores, dt, (B, H, Lq, Lk), fcuda._c_strides((B, H, Lq, Lk)))[...] = p
+
+
+_CODE_DTYPES = {code: np.dtype(name) for name, code in FakeExtension.DTYPE_CODES.items()}
+# the layout codes as compiled from csrc/fastattn.h, by code
+_LAYOUT_NAMES = {"pe": {c: n for n, c in _kernels.PE_LAYOUTS.items()},
+                 "rope": {c: n for n, c in _kernels.ROPE_LAYOUTS.items()}}
 
 
 class Backend:
