@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from fastattn import _kernels
+from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import (
     OutputTarget,
@@ -209,6 +209,12 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     array([[0.5, 0.5, 0. , 0. ],
            [0.5, 0.5, 0. , 0. ]])
     """
+    if type(scores) is not np.ndarray:
+        backend = _backend.cuda_for((scores,), ("scores",))
+        if backend is not None:
+            return backend.masked_softmax(
+                scores, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
+                is_causal=is_causal, causal_alignment=causal_alignment, scale=scale, out=out)
     x = float_array(scores, "scores")
     lead, B, M, Lq, Lk, kshape = scores_geometry(x.shape)
     is_causal = bool_flag(is_causal, "is_causal")

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from fastattn import _kernels
+from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import OutputTarget, choice, float_array, index_value
 
@@ -77,6 +77,10 @@ def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_thr
     array([[[ 1.   ,  1.   ,  1.   ,  1.   ],
             [-0.301,  0.99 ,  1.382,  1.01 ]]])
     """
+    if type(x) is not np.ndarray:
+        backend = _backend.cuda_for((x,), ("x",))
+        if backend is not None:
+            return backend.apply_rotary(x, positions, layout=layout, base=base, out=out)
     arr = float_array(x, "x")
     if arr.ndim < 2:
         raise ValueError(f"x must have shape (..., L, D), got shape {arr.shape}")
