@@ -107,6 +107,9 @@ def apply_sequence_mask(x, lengths, *, mode="mul", axis=1, out=None, num_threads
            [1., 1., 0.]])
     """
     mode_code = SEQUENCE_MASK_MODES[choice(mode, "mode", SEQUENCE_MASK_MODES)]
+    if type(x) is not np.ndarray and _backend.is_device_array(x):
+        raise TypeError("apply_sequence_mask runs on the CPU only (there is no CUDA kernel for it); "
+                        f"pass a host array, got a CUDA {_backend.library_name(x)} array")
     arr = float_array(x, "x")
     if arr.ndim < 2:
         raise ValueError(f"x must have a batch axis and a masked axis (ndim >= 2), got shape {arr.shape}")
@@ -167,6 +170,20 @@ def scores_geometry(shape):
     return lead, B, M, Lq, Lk, (B, M, Lq, Lk)
 
 
+def softmax_args(shape, key_lengths, query_lengths, is_causal, causal_alignment, scale):
+    """``(kernel shape, causal code, scale, key lengths, query lengths)`` of
+    a masked softmax over scores of ``shape``, with every backend's checks;
+    the lengths are (B, M) int64 views, or None."""
+    lead, B, M, Lq, Lk, kshape = scores_geometry(shape)
+    is_causal = bool_flag(is_causal, "is_causal")
+    alignment = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
+    causal = alignment if is_causal else 0
+    scale = _real_scalar(scale, "scale")
+    kl = lengths_view(key_lengths, "key_lengths", lead, B, M, Lk, "key (last) axis")
+    ql = lengths_view(query_lengths, "query_lengths", lead, B, M, Lq, "query (second-to-last) axis")
+    return kshape, causal, scale, kl, ql
+
+
 def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=None,
                    is_causal=False, causal_alignment="top_left", scale=1.0, out=None,
                    num_threads=None):
@@ -216,13 +233,8 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
                 scores, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
                 is_causal=is_causal, causal_alignment=causal_alignment, scale=scale, out=out)
     x = float_array(scores, "scores")
-    lead, B, M, Lq, Lk, kshape = scores_geometry(x.shape)
-    is_causal = bool_flag(is_causal, "is_causal")
-    alignment = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
-    causal = alignment if is_causal else 0
-    scale = _real_scalar(scale, "scale")
-    kl = lengths_view(key_lengths, "key_lengths", lead, B, M, Lk, "key (last) axis")
-    ql = lengths_view(query_lengths, "query_lengths", lead, B, M, Lq, "query (second-to-last) axis")
+    kshape, causal, scale, kl, ql = softmax_args(x.shape, key_lengths, query_lengths, is_causal,
+                                                 causal_alignment, scale)
     kind, mask4 = prepare_mask(attn_mask, x.shape, kshape, x.dtype)
     x4 = x.reshape(kshape)
     inputs = (x,) if mask4 is None else (x, mask4)

@@ -113,6 +113,20 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
     return target.finish()
 
 
+def add_args(shape, layout, start_index, min_timescale, max_timescale):
+    """``(layout code, lo, hi, start, kernel shape (B, L, C))`` for adding
+    the encoding to an ``x`` of ``shape``, with every backend's checks."""
+    if len(shape) < 2:
+        raise ValueError(f"x must have shape (..., length, channels), got shape {tuple(shape)}")
+    code = LAYOUTS[choice(layout, "layout", LAYOUTS)]
+    lo, hi = _timescales(min_timescale, max_timescale)
+    L, C = shape[-2:]
+    start = _start_index(start_index, L)
+    if C == 0:
+        raise ValueError(f"x must have at least one channel, got shape {tuple(shape)}")
+    return code, lo, hi, start, (math.prod(shape[:-2]), L, C)
+
+
 def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.0,
                           max_timescale=1.0e4, out=None, num_threads=None):
     """``x + sinusoidal_position_encoding(...)`` in one pass, without the table.
@@ -140,16 +154,7 @@ def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.
                 x, layout=layout, start_index=start_index, min_timescale=min_timescale,
                 max_timescale=max_timescale, out=out)
     arr = float_array(x, "x")
-    if arr.ndim < 2:
-        raise ValueError(f"x must have shape (..., length, channels), got shape {arr.shape}")
-    code = LAYOUTS[choice(layout, "layout", LAYOUTS)]
-    lo, hi = _timescales(min_timescale, max_timescale)
-    L, C = arr.shape[-2:]
-    start = _start_index(start_index, L)
-    if C == 0:
-        raise ValueError(f"x must have at least one channel, got shape {arr.shape}")
-    B = math.prod(arr.shape[:-2])
-    kshape = (B, L, C)
+    code, lo, hi, start, kshape = add_args(arr.shape, layout, start_index, min_timescale, max_timescale)
     x3 = arr.reshape(kshape)
     target = OutputTarget(out, arr.shape, kshape, arr.dtype, inputs=(arr,), inplace_ok=(arr,))
     _kernels.add_position_encoding(x3, target.kernel_view, code, lo, hi, start,

@@ -1,6 +1,9 @@
-"""Tests of fastattn.cuda, the optional GPU path.
+"""Tests of the GPU path: the public API on CUDA arrays (fastattn._backend.cuda).
 
-Three layers, so that as much as possible runs without a GPU:
+Every test calls the public functions and classes (``fastattn.cuda.X`` is
+``fastattn.X``), so the shared front end (dispatch, validation, output
+handling) runs in each. Three layers, so that as much as possible runs
+without a GPU:
 
 * CPU-only: importing fastattn.cuda imports neither CuPy nor the extension;
   is_available() answers False cleanly here; bad arguments raise the CPU
@@ -156,10 +159,42 @@ def _mha_oracle(layer, query, key=None, value=None, *, key_lengths=None, query_l
 
 
 def test_import_does_not_load_cupy_or_extension():
-    code = ("import sys, fastattn, fastattn.cuda; "
-            "print('cupy' in sys.modules, 'fastattn._cuda' in sys.modules)")
+    code = ("import sys, numpy as np, fastattn, fastattn.cuda; "
+            "x = np.ones((1, 1, 2, 4), np.float32); "
+            "fastattn.scaled_dot_product_attention(x, x, x, key_lengths=[1]); "
+            "fastattn.MultiHeadAttention(8, 2)(np.ones((1, 2, 8))); "
+            "print('cupy' in sys.modules, 'fastattn._cuda' in sys.modules, "
+            "'fastattn._backend.cuda' in sys.modules, 'array_api_compat' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False"] * 4
+
+
+def test_mixed_devices_name_both_libraries():
+    """Host and CUDA arrays in one call: a TypeError naming both libraries,
+    from every public function, before any device work."""
+    host, dev = np.zeros((1, 2, 3, 4), np.float32), FakeCai((1, 2, 3, 4))
+    calls = [
+        lambda: fastattn.scaled_dot_product_attention(dev, host, host),
+        lambda: fastattn.scaled_dot_product_attention(host, host, dev),
+        lambda: fastattn.MultiHeadAttention(8, 2)(FakeCai((1, 3, 8)), np.zeros((1, 3, 8)), np.zeros((1, 3, 8))),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"arrays from different devices: \w+ is a (CUDA|host) \w+ array "
+                                            r"and \w+ is a (CUDA|host) \w+ array"):
+            call()
+    with pytest.raises(TypeError, match="q is a CUDA test_cuda array and v is a host numpy array"):
+        fastattn.scaled_dot_product_attention(dev, dev, host)
+    with pytest.raises(TypeError, match="no CUDA kernel"):
+        fastattn.apply_sequence_mask(dev, [1])
+
+
+def test_mixed_torch_cpu_and_cuda_names_torch():
+    torch = pytest.importorskip("torch")
+    from fastattn import _backend
+    t = torch.zeros(2)
+    assert _backend.library_name(t) == "torch"
+    assert _backend.library_name(np.zeros(2)) == "numpy"
+    assert _backend.device_of(t, np.zeros(2)) == "cpu"  # host arrays of any library run on the CPU
 
 
 def test_is_available_never_raises():

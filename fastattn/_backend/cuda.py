@@ -29,7 +29,7 @@ import threading
 import numpy as np
 
 from fastattn._backend import CudaUnavailableError, is_device_array
-from fastattn._validation import bool_flag, choice, compute_dtype, index_value, lengths_view, require_ndim
+from fastattn._validation import bool_flag, choice, compute_dtype, lengths_view, require_ndim
 from fastattn.attention import attention_geometry, attention_scale
 from fastattn.heads import _split_dims
 from fastattn.layer import (
@@ -40,11 +40,10 @@ from fastattn.layer import (
     check_key_value_shapes,
     check_self_attention,
 )
-from fastattn.masks import _MASK_ADD, _MASK_BOOL, CAUSAL_ALIGNMENTS, _real_scalar, scores_geometry
-from fastattn.position import LAYOUTS as PE_LAYOUTS
-from fastattn.position import _timescales, table_args
+from fastattn.masks import _MASK_ADD, _MASK_BOOL, CAUSAL_ALIGNMENTS, softmax_args
+from fastattn.position import add_args, table_args
 from fastattn.projections import check_input_shape
-from fastattn.rotary import ROPE_LAYOUTS
+from fastattn.rotary import ROPE_LAYOUTS, rotary_args
 
 
 class _DtypeCodes(dict):
@@ -486,6 +485,14 @@ class _Output:
 # ---- shared argument handling ----------------------------------------------------------------
 
 
+def _host_or_none(values, name):
+    return None if values is None else _host_array(values, name)
+
+
+def _contiguous_or_none(view):
+    return None if view is None else np.ascontiguousarray(view, dtype=np.int64)
+
+
 def _lengths(values, name, lead, B, M, axis_len, axis_name):
     """Validated lengths as a host (B, M) int64 array, or None."""
     if values is None:
@@ -578,11 +585,10 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     for API compatibility and ignored."""
     x = _device_array(scores, "scores")
     dtype = _compute_dtype(x, "scores")
-    lead, B, M, Lq, Lk, kshape = scores_geometry(x.shape)
-    causal = _causal_code(is_causal, causal_alignment)
-    scale = _real_scalar(scale, "scale")
-    kl = _lengths(key_lengths, "key_lengths", lead, B, M, Lk, "key (last) axis")
-    ql = _lengths(query_lengths, "query_lengths", lead, B, M, Lq, "query (second-to-last) axis")
+    kshape, causal, scale, kl, ql = softmax_args(
+        x.shape, _host_or_none(key_lengths, "key_lengths"), _host_or_none(query_lengths, "query_lengths"),
+        is_causal, causal_alignment, scale)
+    kl, ql = _contiguous_or_none(kl), _contiguous_or_none(ql)
     mask = _MaskSpec(attn_mask, x.shape, dtype)
 
     rt = _Runtime()
@@ -657,16 +663,7 @@ def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.
     ``(..., length, channels)`` in one pass, without the table."""
     a = _device_array(x, "x")
     dtype = _compute_dtype(a, "x")
-    if a.ndim < 2:
-        raise ValueError(f"x must have shape (..., length, channels), got shape {a.shape}")
-    code = PE_LAYOUTS[choice(layout, "layout", PE_LAYOUTS)]
-    lo, hi = _timescales(min_timescale, max_timescale)
-    start = index_value(start_index, "start_index")
-    L, C = a.shape[-2:]
-    if C == 0:
-        raise ValueError(f"x must have at least one channel, got shape {a.shape}")
-    B = math.prod(a.shape[:-2])
-    kshape = (B, L, C)
+    code, lo, hi, start, kshape = add_args(a.shape, layout, start_index, min_timescale, max_timescale)
     rt = _Runtime()
     rt.attach(a, "x")
     x3 = rt.kernel_view(a, dtype, kshape)
@@ -678,46 +675,20 @@ def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.
 
 
 def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_threads=None):
-    """Rotary position embedding (RoPE) of ``x`` ``(..., L, D)``, D even.
-
-    ``positions`` are integers broadcastable to ``x.shape[:-1]`` (for
-    example ``(L,)``, or ``(B, 1, L)`` for ``(B, H, L, D)``). Pair ``i`` is
-    rotated by ``theta_i = pos * base ** (-2 i / D)`` (in double precision):
-    ``"neox"`` rotates the pairs ``(i, i + D/2)`` (LLaMA's rotate_half),
-    ``"gptj"`` the pairs ``(2i, 2i + 1)``. ``out`` may be ``x``.
-    """
+    """GPU :func:`fastattn.apply_rotary`: RoPE of ``x`` ``(..., L, D)``
+    at host or device ``positions``; ``out`` may be ``x``."""
     a = _device_array(x, "x")
     dtype = _compute_dtype(a, "x")
-    if a.ndim < 2:
-        raise ValueError(f"x must have shape (..., L, D), got shape {a.shape}")
-    code = ROPE_LAYOUTS[choice(layout, "layout", ROPE_LAYOUTS)]
-    base = _real_scalar(base, "base")
-    if not (math.isfinite(base) and base > 0):
-        raise ValueError(f"base must be positive and finite, got {base!r}")
-    L, D = a.shape[-2:]
-    if D % 2:
-        raise ValueError(f"the last axis of x must be even for rotary embeddings, got shape {a.shape}")
-    pos = _host_array(positions, "positions")
-    if pos.dtype.kind not in "iu":
-        raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
-    if pos.dtype.kind == "u" and pos.size and pos.max() > np.iinfo(np.int64).max:
-        raise ValueError("positions are too large for int64")
-    lead = a.shape[:-2]
-    try:
-        pos_full = np.broadcast_to(pos, a.shape[:-1])
-    except ValueError:
-        raise ValueError(f"positions of shape {pos.shape} do not broadcast to x.shape[:-1] = {a.shape[:-1]}") from None
-    B = lead[0] if lead else 1
-    M = math.prod(lead[1:])
-    kshape = (B, M, L, D)
+    code, base, pos, kshape = rotary_args(a.shape, _host_array(positions, "positions"), layout, base)
+    N0, N1, L, D = kshape
     rt = _Runtime()
     rt.attach(a, "x")
     x4 = rt.kernel_view(a, dtype, kshape)
     pos_dev = rt.upload(pos.astype(np.int64, copy=False))
     pstrides = _broadcast_strides(pos_dev.shape, pos_dev.strides, a.shape[:-1], "positions", "shape")
-    pview = _Array(pos_dev.ptr, a.shape[:-1], pstrides, np.int64, pos_dev.obj).reshaped((B, M, L))
+    pview = _Array(pos_dev.ptr, a.shape[:-1], pstrides, np.int64, pos_dev.obj).reshaped((N0, N1, L))
     if pview is None:
-        pos_dev = rt.upload(pos_full.reshape(B, M, L).astype(np.int64))
+        pos_dev = rt.upload(np.broadcast_to(pos, a.shape[:-1]).reshape(N0, N1, L))
         pview = pos_dev
     target = _Output(rt, out, a.shape, dtype, kshape, inputs=(x4,), inplace_ok=(x4,))
     y4 = target.kernel
