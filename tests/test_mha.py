@@ -3,6 +3,7 @@
 mask, GQA/MQA, RoPE, padding, return_weights, KV-cache decoding, state, and
 validation."""
 
+import io
 import subprocess
 import sys
 
@@ -609,6 +610,25 @@ def test_same_results_with_blas_threading(rng, monkeypatch):
     _POOL.exit()
     assert_close(m(x, **kw), pinned)
     assert_close(pinned, _oracle(m, x, **kw))
+
+
+def test_layer_works_without_threadpoolctl():
+    # threadpoolctl is optional: without it BLAS keeps its own threads and
+    # the layer gives the same results
+    code = ("import sys; sys.modules['threadpoolctl'] = None\n"
+            "import numpy as np, fastattn\n"
+            "from fastattn.projections import BLAS_THREADS\n"
+            "m = fastattn.MultiHeadAttention(24, 4, dtype=np.float64, seed=0)\n"
+            "x = np.random.default_rng(0).standard_normal((2, 30, 24))\n"
+            "y = m(x, is_causal=True)\n"
+            "np.save(sys.stdout.buffer, y)\n"
+            "sys.stdout.buffer.write(repr(BLAS_THREADS._controller).encode())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    got = np.load(io.BytesIO(out))
+    assert out.endswith(b"False")  # no controller: BLAS threads itself
+    m = fastattn.MultiHeadAttention(24, 4, dtype=np.float64, seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 30, 24))
+    assert_close(got, m(x, is_causal=True))
 
 
 def test_concurrent_calls_from_threads(rng):
