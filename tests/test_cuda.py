@@ -1011,3 +1011,14 @@ def test_mha_query_lengths_are_per_sequence(backend, rng):
             cpu(x, query_lengths=bad)
         with pytest.raises(ValueError, match=r"query_lengths must have shape \(2,\) for a batch of 2"):
             gpu(xd, query_lengths=bad)
+
+
+@pytest.mark.parametrize("name", ["masked_softmax", "split_heads", "merge_heads", "sinusoidal_position_encoding",
+                                  "add_position_encoding", "apply_rotary", "scaled_dot_product_attention"])
+def test_backend_functions_take_the_public_arguments(name):
+    """Each public function hands its arguments to the CUDA backend's function
+    of the same name: their parameters must stay the same (``device`` only
+    chooses the backend)."""
+    import inspect
+    public = [p for p in inspect.signature(getattr(fastattn, name)).parameters if p != "device"]
+    assert list(inspect.signature(getattr(fbk, name)).parameters) == public
