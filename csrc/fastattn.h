@@ -192,9 +192,11 @@ int fa_merge_heads(int elem_size, fa_view4 x, void *y,
                    int64_t B, int64_t H, int64_t S, int64_t D, int num_threads);
 
 /* ---- sinusoidal positional encodings ------------------------------------
- * layout 0 = concat (tensor2tensor get_timing_signal_1d: [sin | cos], an odd
- * channel count gets a trailing zero column), 1 = interleaved (the paper:
- * sin at 2i, cos at 2i+1). Angles are carried in double precision. */
+ * FA_PE_CONCAT: tensor2tensor get_timing_signal_1d, [sin | cos], an odd
+ * channel count gets a trailing zero column; FA_PE_INTERLEAVED: the paper,
+ * sin at 2i, cos at 2i+1. Angles are carried in double precision. */
+typedef enum { FA_PE_CONCAT = 0, FA_PE_INTERLEAVED = 1 } fa_pe_layout;
+
 typedef struct {
     int layout;
     double min_timescale, max_timescale;

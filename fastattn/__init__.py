@@ -20,7 +20,8 @@ from fastattn import reference
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.heads import merge_heads, split_heads
 from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
-from fastattn.mha import KVCache, MultiHeadAttention
+from fastattn.kv_cache import KVCache
+from fastattn.layer import MultiHeadAttention
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
 from fastattn.rotary import alibi_slopes, apply_rotary
 from fastattn.varlen import varlen_attention

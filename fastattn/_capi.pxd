@@ -9,11 +9,33 @@ cdef extern from "fastattn.h" nogil:
         FA_ERR_NOMEM
         FA_ERR_ISA
 
-    int FA_DTYPE_F32
-    int FA_DTYPE_F64
-    int FA_MASK_NONE
-    int FA_MASK_BOOL
-    int FA_MASK_ADD
+    # The enums, read by name: _kernels.pyx hands their values to Python, so
+    # no value is ever retyped there.
+    ctypedef enum fa_isa:
+        FA_ISA_SCALAR
+        FA_ISA_AVX2
+        FA_ISA_AVX512
+    ctypedef enum fa_dtype:
+        FA_DTYPE_F32
+        FA_DTYPE_F64
+    ctypedef enum fa_mask_kind:
+        FA_MASK_NONE
+        FA_MASK_BOOL
+        FA_MASK_ADD
+    ctypedef enum fa_causal:
+        FA_CAUSAL_NONE
+        FA_CAUSAL_TOP_LEFT
+        FA_CAUSAL_BOTTOM_RIGHT
+    ctypedef enum fa_seqmask_mode:
+        FA_SEQMASK_MUL
+        FA_SEQMASK_ADD
+    ctypedef enum fa_pe_layout:
+        FA_PE_CONCAT
+        FA_PE_INTERLEAVED
+    ctypedef enum fa_rope_layout:
+        FA_ROPE_NONE
+        FA_ROPE_NEOX
+        FA_ROPE_GPTJ
 
     ctypedef struct fa_mask_view:
         const void *data
@@ -104,11 +126,6 @@ cdef extern from "fastattn.h" nogil:
 
 # ---- RoPE (csrc/rope.c) -----------------------------------------------------------
 cdef extern from "fastattn.h" nogil:
-    # ---- RoPE (multi-head attention layer, issue 4; csrc/rope.c) ----
-    int FA_ROPE_NONE
-    int FA_ROPE_NEOX
-    int FA_ROPE_GPTJ
-
     int fa_rope_table(int dtype, void *cos_out, void *sin_out, int64_t n, int64_t half,
                       const int64_t *positions, int64_t start, double base, int num_threads)
 

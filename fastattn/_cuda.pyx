@@ -2,7 +2,7 @@
 """Thin bindings to csrc/cuda/fastattn_cuda.h (built only with FASTATTN_CUDA=1).
 
 Device pointers, element strides and stream handles arrive as Python ints
-from :mod:`fastattn.cuda`, which has already validated shapes and dtypes.
+from :mod:`fastattn._backend.cuda`, which has already validated shapes and dtypes.
 This module only packs them into the C views, releases the GIL around each
 call (the calls queue work and return) and turns status codes into
 exceptions carrying the C side's description of the failing call.
@@ -46,6 +46,22 @@ cdef extern from "fastattn_cuda.h" nogil:
         int64_t alibi_offset
         const int64_t *key_extent
 
+    ctypedef enum fa_cuda_dtype:
+        FA_CUDA_F32
+        FA_CUDA_F64
+        FA_CUDA_F16
+        FA_CUDA_BOOL
+        FA_CUDA_I8
+        FA_CUDA_U8
+        FA_CUDA_I16
+        FA_CUDA_U16
+        FA_CUDA_I32
+        FA_CUDA_U32
+        FA_CUDA_I64
+        FA_CUDA_U64
+    ctypedef enum fa_cuda_causal:
+        FA_CUDA_CAUSAL_LENGTHS
+
     const char *fa_cuda_last_error()
     int fa_cuda_device_count(int *count)
     int fa_cuda_versions(int *runtime_version, int *driver_version)
@@ -84,6 +100,19 @@ cdef extern from "fastattn_cuda.h" nogil:
     int fa_cuda_sdpa(void *blas, const fa_cuda_sdpa_args *args, const void *q, const void *k,
                      const void *v, void *out, void *scores, int64_t scores_batch,
                      void *stream)
+
+
+# Element type codes by NumPy dtype name, and the causal mode only the CUDA
+# kernels have (bottom-right per row, aligned to the lengths: a ragged KV
+# cache); both compiled from csrc/cuda/fastattn_cuda.h, whose shared values
+# come from csrc/fastattn.h.
+DTYPE_CODES = {
+    "float32": FA_CUDA_F32, "float64": FA_CUDA_F64, "float16": FA_CUDA_F16,
+    "bool": FA_CUDA_BOOL, "int8": FA_CUDA_I8, "uint8": FA_CUDA_U8,
+    "int16": FA_CUDA_I16, "uint16": FA_CUDA_U16, "int32": FA_CUDA_I32,
+    "uint32": FA_CUDA_U32, "int64": FA_CUDA_I64, "uint64": FA_CUDA_U64,
+}
+CAUSAL_LENGTHS = FA_CUDA_CAUSAL_LENGTHS
 
 
 class CudaError(RuntimeError):

@@ -114,6 +114,23 @@ cdef inline fa_pe_params pe_params(int layout, double min_timescale, double max_
     return p
 
 
+# ---- the C enums, as Python sees them -----------------------------------------
+# Every code Python passes to a kernel comes from these names, compiled from
+# csrc/fastattn.h; the CUDA header derives its values from the same enums.
+
+DTYPE_CODES = {"float32": FA_DTYPE_F32, "float64": FA_DTYPE_F64}
+ISA_CODES = {"scalar": FA_ISA_SCALAR, "avx2": FA_ISA_AVX2, "avx512": FA_ISA_AVX512}
+MASK_NONE = FA_MASK_NONE
+MASK_BOOL = FA_MASK_BOOL
+MASK_ADD = FA_MASK_ADD
+CAUSAL_NONE = FA_CAUSAL_NONE
+CAUSAL_ALIGNMENTS = {"top_left": FA_CAUSAL_TOP_LEFT, "bottom_right": FA_CAUSAL_BOTTOM_RIGHT}
+SEQUENCE_MASK_MODES = {"mul": FA_SEQMASK_MUL, "add": FA_SEQMASK_ADD}
+PE_LAYOUTS = {"concat": FA_PE_CONCAT, "interleaved": FA_PE_INTERLEAVED}
+ROPE_NONE = FA_ROPE_NONE
+ROPE_LAYOUTS = {"neox": FA_ROPE_NEOX, "gptj": FA_ROPE_GPTJ}
+
+
 # ---- configuration ---------------------------------------------------------
 
 def cpu_best_isa():
@@ -346,7 +363,7 @@ def add_position_encoding(cnp.ndarray x, cnp.ndarray y, int layout, double min_t
     check(st)
 
 
-# ---- RoPE (multi-head attention layer, issue 4) ------------------------------
+# ---- RoPE (the multi-head attention layer) ----------------------------------
 
 def rope_table(cnp.ndarray cos_out, cnp.ndarray sin_out, object positions, int64_t start,
                double base, int num_threads):

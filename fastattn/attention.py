@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from fastattn import _kernels
+from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._features import sinks_array, softcap_value, window_pair
 from fastattn._validation import (
@@ -29,6 +29,37 @@ def _unit_last_axis(a):
     if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
         return np.ascontiguousarray(a)
     return a
+
+
+def attention_geometry(q_shape, k_shape, v_shape):
+    """``(three_d, (B, H, Lq, D), (Hkv, Lk, Dv))`` of q, k and v of these
+    shapes, with the checks and messages of every backend."""
+    ndim = len(q_shape)
+    if ndim not in (3, 4) or len(k_shape) != ndim or len(v_shape) != ndim:
+        raise ValueError(
+            "q, k and v must all be 4-D (B, H, L, D) or all 3-D (B, L, D); got shapes "
+            f"q {tuple(q_shape)}, k {tuple(k_shape)}, v {tuple(v_shape)}")
+    three_d = ndim == 3
+    q4, k4, v4 = ((s[0], 1) + tuple(s[1:]) if three_d else tuple(s) for s in (q_shape, k_shape, v_shape))
+    B, H, Lq, D = q4
+    Bk, Hkv, Lk, Dk = k4
+    Bv, Hv, Lv, Dv = v4
+    if Bk != B or Bv != B:
+        raise ValueError(f"q, k and v must have the same batch size; got q {tuple(q_shape)}, k {k4}, v {v4}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim; got q {tuple(q_shape)}, k {k4}")
+    if (Hv, Lv) != (Hkv, Lk):
+        raise ValueError(f"k and v must have the same heads and length; got k {k4}, v {v4}")
+    if Hkv == 0 and H > 0 or Hkv and H % Hkv:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the kv heads ({Hkv}); got q {q4}, k {k4}")
+    return three_d, (B, H, Lq, D), (Hkv, Lk, Dv)
+
+
+def attention_scale(scale, D):
+    """The score scale as a float: ``1 / sqrt(D)`` by default (1 for D = 0)."""
+    if scale is None:
+        return 1.0 / math.sqrt(D) if D else 1.0
+    return real_number(scale, "scale", "a real number or None")
 
 
 def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
@@ -134,37 +165,26 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                     None, resolve_num_threads(num_threads))
                 return result
 
+    backend = _backend.cuda_for((q, k, v), ("q", "k", "v"))
+    if backend is not None:
+        return backend.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
+            is_causal=is_causal, causal_alignment=causal_alignment, scale=scale,
+            alibi_slopes=alibi_slopes, return_weights=return_weights, out=out,
+            key_starts=key_starts, window=window, softcap=softcap, sinks=sinks)
     qa, ka, va = (as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     dtype = np.promote_types(
         np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
         compute_dtype(va.dtype, "v"))
     qa, ka, va = (float_array(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
-    three_d = qa.ndim == 3
-    if qa.ndim not in (3, 4) or ka.ndim != qa.ndim or va.ndim != qa.ndim:
-        raise ValueError(
-            "q, k and v must all be 4-D (B, H, L, D) or all 3-D (B, L, D); got shapes "
-            f"q {qa.shape}, k {ka.shape}, v {va.shape}")
+    three_d, (B, H, Lq, D), (Hkv, Lk, Dv) = attention_geometry(qa.shape, ka.shape, va.shape)
     user_q_shape = qa.shape
     if three_d:
         qa, ka, va = qa[:, None], ka[:, None], va[:, None]
-    B, H, Lq, D = qa.shape
-    Bk, Hkv, Lk, Dk = ka.shape
-    Bv, Hv, Lv, Dv = va.shape
-    if Bk != B or Bv != B:
-        raise ValueError(f"q, k and v must have the same batch size; got q {user_q_shape}, k {ka.shape}, v {va.shape}")
-    if Dk != D:
-        raise ValueError(f"q and k must have the same head dim; got q {user_q_shape}, k {ka.shape}")
-    if (Hv, Lv) != (Hkv, Lk):
-        raise ValueError(f"k and v must have the same heads and length; got k {ka.shape}, v {va.shape}")
-    if Hkv == 0 and H > 0 or Hkv and H % Hkv:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the kv heads ({Hkv}); got q {qa.shape}, k {ka.shape}")
     is_causal = bool_flag(is_causal, "is_causal")
     return_weights = bool_flag(return_weights, "return_weights")
     align = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
-    if scale is None:
-        scale = 1.0 / math.sqrt(D) if D else 1.0
-    else:
-        scale = real_number(scale, "scale", "a real number or None")
+    scale = attention_scale(scale, D)
     lead = user_q_shape[:-2]
     kl = lengths_view(key_lengths, "key_lengths", lead, B, H, Lk, "key")
     ks = lengths_view(key_starts, "key_starts", lead, B, H, Lk, "key")

@@ -1,6 +1,8 @@
 """Splitting the model dimension into attention heads and merging them back."""
 
-from fastattn import _kernels
+import numpy as np
+
+from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import OutputTarget, float_array, index_value, require_ndim
 
@@ -39,6 +41,10 @@ def split_heads(x, num_heads, *, out=None, num_threads=None):
            [[2., 3.],
             [6., 7.]]])
     """
+    if type(x) is not np.ndarray:
+        backend = _backend.cuda_for((x,), ("x",))
+        if backend is not None:
+            return backend.split_heads(x, num_heads, out=out)
     arr = float_array(x, "x")
     B, S, H, D = _split_dims(arr, num_heads)
     x4 = arr.reshape(B, S, H, D)  # splitting an axis is always a view
@@ -68,6 +74,10 @@ def merge_heads(x, *, out=None, num_threads=None):
     >>> bool((fastattn.merge_heads(fastattn.split_heads(x, 3)) == x).all())
     True
     """
+    if type(x) is not np.ndarray:
+        backend = _backend.cuda_for((x,), ("x",))
+        if backend is not None:
+            return backend.merge_heads(x, out=out)
     arr = float_array(x, "x")
     require_ndim(arr, "x", 4, "(batch, heads, seq, head_dim)")
     B, H, S, D = arr.shape

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from fastattn import _kernels
+from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import (
     OutputTarget,
@@ -28,12 +28,10 @@ from fastattn._validation import (
     real_number,
 )
 
-CAUSAL_ALIGNMENTS = {"top_left": 1, "bottom_right": 2}
-SEQUENCE_MASK_MODES = {"mul": 0, "add": 1}
-
-# C-side mask kinds (fastattn.h fa_mask_kind)
-_MASK_BOOL = 1
-_MASK_ADD = 2
+CAUSAL_ALIGNMENTS = _kernels.CAUSAL_ALIGNMENTS
+SEQUENCE_MASK_MODES = _kernels.SEQUENCE_MASK_MODES
+_MASK_BOOL = _kernels.MASK_BOOL
+_MASK_ADD = _kernels.MASK_ADD
 
 
 def sequence_mask(lengths, maxlen=None, dtype=bool):
@@ -110,6 +108,9 @@ def apply_sequence_mask(x, lengths, *, mode="mul", axis=1, out=None, num_threads
            [1., 1., 0.]])
     """
     mode_code = SEQUENCE_MASK_MODES[choice(mode, "mode", SEQUENCE_MASK_MODES)]
+    if type(x) is not np.ndarray and _backend.is_device_array(x):
+        raise TypeError("apply_sequence_mask runs on the CPU only (there is no CUDA kernel for it); "
+                        f"pass a host array, got a CUDA {_backend.library_name(x)} array")
     arr = float_array(x, "x")
     if arr.ndim < 2:
         raise ValueError(f"x must have a batch axis and a masked axis (ndim >= 2), got shape {arr.shape}")
@@ -170,6 +171,20 @@ def scores_geometry(shape):
     return lead, B, M, Lq, Lk, (B, M, Lq, Lk)
 
 
+def softmax_args(shape, key_lengths, query_lengths, is_causal, causal_alignment, scale):
+    """``(kernel shape, causal code, scale, key lengths, query lengths)`` of
+    a masked softmax over scores of ``shape``, with every backend's checks;
+    the lengths are (B, M) int64 views, or None."""
+    lead, B, M, Lq, Lk, kshape = scores_geometry(shape)
+    is_causal = bool_flag(is_causal, "is_causal")
+    alignment = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
+    causal = alignment if is_causal else 0
+    scale = _real_scalar(scale, "scale")
+    kl = lengths_view(key_lengths, "key_lengths", lead, B, M, Lk, "key (last) axis")
+    ql = lengths_view(query_lengths, "query_lengths", lead, B, M, Lq, "query (second-to-last) axis")
+    return kshape, causal, scale, kl, ql
+
+
 def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=None,
                    is_causal=False, causal_alignment="top_left", scale=1.0, out=None,
                    num_threads=None):
@@ -212,14 +227,15 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     array([[0.5, 0.5, 0. , 0. ],
            [0.5, 0.5, 0. , 0. ]])
     """
+    if type(scores) is not np.ndarray:
+        backend = _backend.cuda_for((scores,), ("scores",))
+        if backend is not None:
+            return backend.masked_softmax(
+                scores, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
+                is_causal=is_causal, causal_alignment=causal_alignment, scale=scale, out=out)
     x = float_array(scores, "scores")
-    lead, B, M, Lq, Lk, kshape = scores_geometry(x.shape)
-    is_causal = bool_flag(is_causal, "is_causal")
-    alignment = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
-    causal = alignment if is_causal else 0
-    scale = _real_scalar(scale, "scale")
-    kl = lengths_view(key_lengths, "key_lengths", lead, B, M, Lk, "key (last) axis")
-    ql = lengths_view(query_lengths, "query_lengths", lead, B, M, Lq, "query (second-to-last) axis")
+    kshape, causal, scale, kl, ql = softmax_args(x.shape, key_lengths, query_lengths, is_causal,
+                                                 causal_alignment, scale)
     kind, mask4 = prepare_mask(attn_mask, x.shape, kshape, x.dtype)
     x4 = x.reshape(kshape)
     inputs = (x,) if mask4 is None else (x, mask4)

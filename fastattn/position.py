@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from fastattn import _kernels
+from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import (
     OutputTarget,
@@ -15,7 +15,7 @@ from fastattn._validation import (
     real_number,
 )
 
-LAYOUTS = {"concat": 0, "interleaved": 1}
+LAYOUTS = _kernels.PE_LAYOUTS
 
 
 def _real(value, name):
@@ -78,7 +78,7 @@ def table_args(length, channels, layout, min_timescale, max_timescale, start_ind
 
 def sinusoidal_position_encoding(length, channels, *, layout="concat", min_timescale=1.0,
                                  max_timescale=1.0e4, start_index=0, dtype=np.float32,
-                                 out=None, num_threads=None):
+                                 out=None, num_threads=None, device="cpu"):
     """The sinusoidal position-encoding table, shape ``(length, channels)``.
 
     ``layout="concat"`` is tensor2tensor's ``get_timing_signal_1d``: with
@@ -99,6 +99,9 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
     double precision, so the table extrapolates to long sequences (1e6
     positions stay within 1e-5 of the exact value in float32).
 
+    The table is a NumPy array with ``device="cpu"`` and a CuPy array with
+    ``device="cuda"`` (or when ``out`` is a CUDA array).
+
     Examples
     --------
     >>> import fastattn
@@ -106,6 +109,12 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
     array([[0.   , 0.   , 1.   , 1.   ],
            [0.841, 0.   , 0.54 , 1.   ]])
     """
+    if device != "cpu" or (out is not None and type(out) is not np.ndarray):
+        on_cuda = _backend.check_device(device) == "cuda" or _backend.is_device_array(out)
+        if on_cuda:
+            return _backend.cuda_backend().sinusoidal_position_encoding(
+                length, channels, layout=layout, min_timescale=min_timescale,
+                max_timescale=max_timescale, start_index=start_index, dtype=dtype, out=out)
     L, C, code, lo, hi, start, dt = table_args(length, channels, layout, min_timescale,
                                                max_timescale, start_index, dtype)
     # the kernel writes whole rows, so out needs a unit column stride
@@ -113,6 +122,20 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
     _kernels.position_encoding(target.kernel_view, code, lo, hi, start,
                                resolve_num_threads(num_threads))
     return target.finish()
+
+
+def add_args(shape, layout, start_index, min_timescale, max_timescale):
+    """``(layout code, lo, hi, start, kernel shape (B, L, C))`` for adding
+    the encoding to an ``x`` of ``shape``, with every backend's checks."""
+    if len(shape) < 2:
+        raise ValueError(f"x must have shape (..., length, channels), got shape {tuple(shape)}")
+    code = LAYOUTS[choice(layout, "layout", LAYOUTS)]
+    lo, hi = _timescales(min_timescale, max_timescale)
+    L, C = shape[-2:]
+    start = _start_index(start_index, L)
+    if C == 0:
+        raise ValueError(f"x must have at least one channel, got shape {tuple(shape)}")
+    return code, lo, hi, start, (math.prod(shape[:-2]), L, C)
 
 
 def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.0,
@@ -135,17 +158,14 @@ def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.
     >>> bool(np.allclose(y[1], fastattn.sinusoidal_position_encoding(3, 8)))
     True
     """
+    if type(x) is not np.ndarray:
+        backend = _backend.cuda_for((x,), ("x",))
+        if backend is not None:
+            return backend.add_position_encoding(
+                x, layout=layout, start_index=start_index, min_timescale=min_timescale,
+                max_timescale=max_timescale, out=out)
     arr = float_array(x, "x")
-    if arr.ndim < 2:
-        raise ValueError(f"x must have shape (..., length, channels), got shape {arr.shape}")
-    code = LAYOUTS[choice(layout, "layout", LAYOUTS)]
-    lo, hi = _timescales(min_timescale, max_timescale)
-    L, C = arr.shape[-2:]
-    start = _start_index(start_index, L)
-    if C == 0:
-        raise ValueError(f"x must have at least one channel, got shape {arr.shape}")
-    B = math.prod(arr.shape[:-2])
-    kshape = (B, L, C)
+    code, lo, hi, start, kshape = add_args(arr.shape, layout, start_index, min_timescale, max_timescale)
     x3 = arr.reshape(kshape)
     target = OutputTarget(out, arr.shape, kshape, arr.dtype, inputs=(arr,), inplace_ok=(arr,))
     _kernels.add_position_encoding(x3, target.kernel_view, code, lo, hi, start,

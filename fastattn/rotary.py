@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from fastattn import _kernels
+from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import (
     OutputTarget,
@@ -17,9 +17,8 @@ from fastattn._validation import (
     real_number,
 )
 
-# fastattn.h fa_rope_layout
-ROPE_LAYOUTS = {"neox": 1, "gptj": 2}
-ROPE_NONE = 0
+ROPE_LAYOUTS = _kernels.ROPE_LAYOUTS
+ROPE_NONE = _kernels.ROPE_NONE
 
 
 def _check_base(base):
@@ -41,6 +40,33 @@ def rope_tables(positions, half, base, dtype, num_threads=0):
     sin = np.empty((n, half), dtype=dtype)
     _kernels.rope_table(cos, sin, pos, 0, base, num_threads)
     return cos, sin
+
+
+def rotary_args(shape, positions, layout, base):
+    """``(layout code, base, int64 positions, kernel shape (N0, N1, L, D))``
+    for rotating an ``x`` of ``shape``, with every backend's checks."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"x must have shape (..., L, D), got shape {shape}")
+    code = ROPE_LAYOUTS[choice(layout, "layout", ROPE_LAYOUTS)]
+    b = _check_base(base)
+    *lead, L, D = shape
+    if D % 2:
+        raise ValueError(f"x must have an even last axis (rotated pairs), got shape {shape}")
+    pos = positions_array(positions)
+    try:
+        np.broadcast_shapes(pos.shape, shape[:-1])
+    except ValueError:
+        raise ValueError(
+            f"positions of shape {pos.shape} does not broadcast to x.shape[:-1] = {shape[:-1]} "
+            f"(x has shape {shape})") from None
+    if np.broadcast_shapes(pos.shape, shape[:-1]) != shape[:-1]:
+        raise ValueError(
+            f"positions of shape {pos.shape} does not broadcast to x.shape[:-1] = {shape[:-1]} "
+            f"(x has shape {shape})")
+    N1 = lead[-1] if lead else 1
+    N0 = math.prod(lead[:-1]) if len(lead) > 1 else 1
+    return code, b, pos, (N0, N1, L, D)
 
 
 def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_threads=None):
@@ -84,29 +110,14 @@ def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_thr
     array([[[ 1.   ,  1.   ,  1.   ,  1.   ],
             [-0.301,  0.99 ,  1.382,  1.01 ]]])
     """
+    if type(x) is not np.ndarray:
+        backend = _backend.cuda_for((x,), ("x",))
+        if backend is not None:
+            return backend.apply_rotary(x, positions, layout=layout, base=base, out=out)
     arr = float_array(x, "x")
-    if arr.ndim < 2:
-        raise ValueError(f"x must have shape (..., L, D), got shape {arr.shape}")
-    code = ROPE_LAYOUTS[choice(layout, "layout", ROPE_LAYOUTS)]
-    b = _check_base(base)
-    *lead, L, D = arr.shape
-    if D % 2:
-        raise ValueError(f"x must have an even last axis (rotated pairs), got shape {arr.shape}")
-    pos = positions_array(positions)
-    try:
-        np.broadcast_shapes(pos.shape, arr.shape[:-1])
-    except ValueError:
-        raise ValueError(
-            f"positions of shape {pos.shape} does not broadcast to x.shape[:-1] = {arr.shape[:-1]} "
-            f"(x has shape {arr.shape})") from None
-    if np.broadcast_shapes(pos.shape, arr.shape[:-1]) != arr.shape[:-1]:
-        raise ValueError(
-            f"positions of shape {pos.shape} does not broadcast to x.shape[:-1] = {arr.shape[:-1]} "
-            f"(x has shape {arr.shape})")
+    code, b, pos, kshape = rotary_args(arr.shape, positions, layout, base)
+    N0, N1, L, D = kshape
     nt = resolve_num_threads(num_threads)
-    N1 = lead[-1] if lead else 1
-    N0 = math.prod(lead[:-1]) if len(lead) > 1 else 1
-    kshape = (N0, N1, L, D)
     x4 = arr.reshape(kshape)
     if D > 1 and x4.strides[-1] != x4.itemsize:
         x4 = np.ascontiguousarray(x4)

@@ -1,6 +1,5 @@
 """Attention over packed variable-length batches (flash-attn's varlen layout)."""
 
-import math
 
 import numpy as np
 
@@ -14,9 +13,8 @@ from fastattn._validation import (
     choice,
     compute_dtype,
     float_array,
-    real_number,
 )
-from fastattn.attention import _unit_last_axis
+from fastattn.attention import _unit_last_axis, attention_scale
 from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
@@ -112,10 +110,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total_k, batch=cu_q.shape[0] - 1)
     is_causal = bool_flag(is_causal, "is_causal")
     align = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
-    if scale is None:
-        scale = 1.0 / math.sqrt(D) if D else 1.0
-    else:
-        scale = real_number(scale, "scale", "a real number or None")
+    scale = attention_scale(scale, D)
     window = window_pair(window)
     cap = softcap_value(softcap)
     sinks = sinks_array(sinks, H, dtype)

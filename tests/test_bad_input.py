@@ -223,7 +223,7 @@ def _valid_calls():
         "merge_heads": ((np.zeros((2, 2, 3, 4)),), dict(x=ARRAY, out=OUT, num_threads=THREADS)),
         "sinusoidal_position_encoding": ((3, 4), dict(
             length=COUNT, channels=COUNT, layout=CHOICE, min_timescale=REAL, max_timescale=REAL,
-            start_index=INDEX, dtype=DTYPE, out=OUT, num_threads=THREADS)),
+            start_index=INDEX, dtype=DTYPE, out=OUT, num_threads=THREADS, device=CHOICE)),
         "add_position_encoding": ((z3,), dict(
             x=ARRAY, layout=CHOICE, start_index=INDEX, min_timescale=REAL, max_timescale=REAL,
             out=OUT, num_threads=THREADS)),

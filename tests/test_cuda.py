@@ -1,6 +1,9 @@
-"""Tests of fastattn.cuda, the optional GPU path.
+"""Tests of the GPU path: the public API on CUDA arrays (fastattn._backend.cuda).
 
-Three layers, so that as much as possible runs without a GPU:
+Every test calls the public functions and classes (``fastattn.cuda.X`` is
+``fastattn.X``), so the shared front end (dispatch, validation, output
+handling) runs in each. Three layers, so that as much as possible runs
+without a GPU:
 
 * CPU-only: importing fastattn.cuda imports neither CuPy nor the extension;
   is_available() answers False cleanly here; bad arguments raise the CPU
@@ -21,6 +24,7 @@ multi-head layer on this branch yet, so small private float64 oracles for
 them live here (_sdpa_oracle, _rope_oracle, _mha_oracle).
 """
 
+import copy
 import ctypes
 import math
 import subprocess
@@ -32,8 +36,9 @@ import numpy as np
 import pytest
 
 import fastattn
+import fastattn._backend.cuda as fbk
 import fastattn.cuda as fcuda
-from fastattn import reference
+from fastattn import _kernels, reference
 
 from conftest import assert_close
 
@@ -101,31 +106,29 @@ def _rope_oracle(x, positions, layout="neox", base=10000.0):
     return y
 
 
-class CpuLayer:
-    """The duck-typed CPU layer contract of fastattn.cuda.MultiHeadAttention."""
+def _cpu_layer(rng, E, H, Hkv=None, D=None, kdim=None, vdim=None, bias=True, rope=None, dtype=np.float64):
+    """A CPU fastattn.MultiHeadAttention with random weights (and biases)."""
+    Hkv = Hkv or H
+    D = D or E // H
+    kdim, vdim = kdim or E, vdim or E
+    mk = lambda *shape: (rng.standard_normal(shape) / math.sqrt(shape[0])).astype(dtype)  # noqa: E731
+    ws = (mk(E, H * D), mk(kdim, Hkv * D), mk(vdim, Hkv * D), mk(H * D, E))
+    bs = tuple(rng.standard_normal(n).astype(dtype) for n in (H * D, Hkv * D, Hkv * D, E)) if bias else ()
+    return fastattn.MultiHeadAttention.from_weights(*ws, *bs, num_heads=H, num_kv_heads=Hkv, rope=rope)
 
-    def __init__(self, rng, E, H, Hkv=None, D=None, Dv=None, kdim=None, vdim=None, bias=True, rope=None,
-                 dtype=np.float64):
-        Hkv = Hkv or H
-        D = D or E // H
-        Dv = Dv or D
-        kdim, vdim = kdim or E, vdim or E
-        self.num_heads, self.num_kv_heads, self.embed_dim = H, Hkv, E
-        self.rope, self.rope_base = rope, 10000.0
-        mk = lambda *shape: (rng.standard_normal(shape) / math.sqrt(shape[0])).astype(dtype)  # noqa: E731
-        self._state = {"w_q": mk(E, H * D), "w_k": mk(kdim, Hkv * D), "w_v": mk(vdim, Hkv * Dv),
-                       "w_o": mk(H * Dv, E)}
-        if bias:
-            for name, n in (("b_q", H * D), ("b_k", Hkv * D), ("b_v", Hkv * Dv), ("b_o", E)):
-                self._state[name] = rng.standard_normal(n).astype(dtype)
 
-    def state_dict(self):
-        return dict(self._state)
+def _twin(cpu):
+    """A copy of the CPU layer ``cpu``, moved to the GPU."""
+    st = cpu.state_dict()
+    return fastattn.MultiHeadAttention.from_weights(
+        *(st[n] for n in ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")),
+        num_heads=cpu.num_heads, num_kv_heads=cpu.num_kv_heads, rope=cpu.rope,
+        rope_base=cpu.rope_base).to("cuda")
 
 
 def _mha_oracle(layer, query, key=None, value=None, *, key_lengths=None, query_lengths=None,
                 attn_mask=None, is_causal=False):
-    st = {n: np.asarray(w, dtype=np.float64) for n, w in layer.state_dict().items()}
+    st = {n: np.asarray(w, dtype=np.float64) for n, w in layer.state_dict().items() if w is not None}
     H, Hkv = layer.num_heads, layer.num_kv_heads
     query = np.asarray(query, dtype=np.float64)
     key = query if key is None else np.asarray(key, dtype=np.float64)
@@ -156,10 +159,42 @@ def _mha_oracle(layer, query, key=None, value=None, *, key_lengths=None, query_l
 
 
 def test_import_does_not_load_cupy_or_extension():
-    code = ("import sys, fastattn, fastattn.cuda; "
-            "print('cupy' in sys.modules, 'fastattn._cuda' in sys.modules)")
+    code = ("import sys, numpy as np, fastattn, fastattn.cuda; "
+            "x = np.ones((1, 1, 2, 4), np.float32); "
+            "fastattn.scaled_dot_product_attention(x, x, x, key_lengths=[1]); "
+            "fastattn.MultiHeadAttention(8, 2)(np.ones((1, 2, 8))); "
+            "print('cupy' in sys.modules, 'fastattn._cuda' in sys.modules, "
+            "'fastattn._backend.cuda' in sys.modules, 'array_api_compat' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False"] * 4
+
+
+def test_mixed_devices_name_both_libraries():
+    """Host and CUDA arrays in one call: a TypeError naming both libraries,
+    from every public function, before any device work."""
+    host, dev = np.zeros((1, 2, 3, 4), np.float32), FakeCai((1, 2, 3, 4))
+    calls = [
+        lambda: fastattn.scaled_dot_product_attention(dev, host, host),
+        lambda: fastattn.scaled_dot_product_attention(host, host, dev),
+        lambda: fastattn.MultiHeadAttention(8, 2)(FakeCai((1, 3, 8)), np.zeros((1, 3, 8)), np.zeros((1, 3, 8))),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"arrays from different devices: \w+ is a (CUDA|host) \w+ array "
+                                            r"and \w+ is a (CUDA|host) \w+ array"):
+            call()
+    with pytest.raises(TypeError, match="q is a CUDA test_cuda array and v is a host numpy array"):
+        fastattn.scaled_dot_product_attention(dev, dev, host)
+    with pytest.raises(TypeError, match="no CUDA kernel"):
+        fastattn.apply_sequence_mask(dev, [1])
+
+
+def test_mixed_torch_cpu_and_cuda_names_torch():
+    torch = pytest.importorskip("torch")
+    from fastattn import _backend
+    t = torch.zeros(2)
+    assert _backend.library_name(t) == "torch"
+    assert _backend.library_name(np.zeros(2)) == "numpy"
+    assert _backend.device_of(t, np.zeros(2)) == "cpu"  # host arrays of any library run on the CPU
 
 
 def test_is_available_never_raises():
@@ -193,15 +228,18 @@ def test_unavailable_raises_clear_error_after_validation():
     with pytest.raises(fcuda.CudaUnavailableError, match="not available"):
         fcuda.masked_softmax(FakeCai((2, 3, 4)))
     with pytest.raises(fcuda.CudaUnavailableError):
-        fcuda.sinusoidal_position_encoding(4, 8)
+        fcuda.sinusoidal_position_encoding(4, 8, device="cuda")
     with pytest.raises(fcuda.CudaUnavailableError):
-        fcuda.MultiHeadAttention(CpuLayer(np.random.default_rng(0), 8, 2))
+        fastattn.MultiHeadAttention(8, 2).to("cuda")
+    with pytest.raises(fcuda.CudaUnavailableError):
+        fastattn.KVCache(2, 4, 2, 8, device="cuda")
 
 
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda: fcuda.masked_softmax(np.zeros((2, 3))), TypeError, "CUDA array"),
+        (lambda: fastattn.scaled_dot_product_attention(np.zeros((1, 2, 3)), FakeCai((1, 2, 3)), FakeCai((1, 2, 3))),
+         TypeError, "q is a host numpy array and k is a CUDA"),
         (lambda: fcuda.masked_softmax(FakeCai((4,))), ValueError, "at least 2 dimensions"),
         (lambda: fcuda.masked_softmax(FakeCai((2, 3), np.complex64)), TypeError, "unsupported dtype"),
         (lambda: fcuda.masked_softmax(FakeCai((2, 3, 4)), key_lengths=[1, 5]), ValueError, "key_lengths must be <="),
@@ -220,11 +258,11 @@ def test_unavailable_raises_clear_error_after_validation():
         (lambda: fcuda.split_heads(FakeCai((2, 3, 10)), 0), ValueError, "positive"),
         (lambda: fcuda.split_heads(FakeCai((3, 10)), 2), ValueError, "3-D"),
         (lambda: fcuda.merge_heads(FakeCai((2, 3, 10))), ValueError, "4-D"),
-        (lambda: fcuda.sinusoidal_position_encoding(-1, 4), ValueError, "length"),
-        (lambda: fcuda.sinusoidal_position_encoding(3, 0), ValueError, "channels"),
-        (lambda: fcuda.sinusoidal_position_encoding(3, 4, layout="sideways"), ValueError, "layout"),
-        (lambda: fcuda.sinusoidal_position_encoding(3, 4, dtype=np.int32), TypeError, "dtype"),
-        (lambda: fcuda.sinusoidal_position_encoding(3, 4, max_timescale=-1.0), ValueError, "max_timescale"),
+        (lambda: fcuda.sinusoidal_position_encoding(-1, 4, device="cuda"), ValueError, "length"),
+        (lambda: fcuda.sinusoidal_position_encoding(3, 0, device="cuda"), ValueError, "channels"),
+        (lambda: fcuda.sinusoidal_position_encoding(3, 4, layout="sideways", device="cuda"), ValueError, "layout"),
+        (lambda: fcuda.sinusoidal_position_encoding(3, 4, dtype=np.int32, device="cuda"), TypeError, "dtype"),
+        (lambda: fcuda.sinusoidal_position_encoding(3, 4, max_timescale=-1.0, device="cuda"), ValueError, "max_timescale"),
         (lambda: fcuda.add_position_encoding(FakeCai((3, 0))), ValueError, "channel"),
         (lambda: fcuda.apply_rotary(FakeCai((2, 4, 5)), np.arange(4)), ValueError, "even"),
         (lambda: fcuda.apply_rotary(FakeCai((2, 4, 6)), np.arange(5)), ValueError, "broadcast"),
@@ -233,27 +271,26 @@ def test_unavailable_raises_clear_error_after_validation():
         (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 3, 5, 8)), FakeCai((2, 3, 5, 8))),
          ValueError, "multiple of the kv heads"),
         (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 2, 5, 7)), FakeCai((2, 2, 5, 8))),
-         ValueError, r"head dim: q \(2, 4, 3, 8\), k \(2, 2, 5, 7\)"),
+         ValueError, r"head dim; got q \(2, 4, 3, 8\), k \(2, 2, 5, 7\)"),
         (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 2, 5, 8)), FakeCai((2, 2, 6, 8))),
-         ValueError, "same length"),
+         ValueError, "same heads and length"),
         (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 3, 8)), FakeCai((2, 2, 5, 8)), FakeCai((2, 2, 5, 8))),
-         ValueError, "must all be 3-D"),
+         ValueError, "must all be 4-D"),
         (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((3, 2, 5, 8)), FakeCai((3, 2, 5, 8))),
-         ValueError, "batch sizes differ"),
+         ValueError, "same batch size"),
         (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 2, 5, 8)), FakeCai((2, 2, 5, 8)),
                                                     alibi_slopes=np.ones(3)), ValueError, "alibi_slopes must have shape"),
         (lambda: fcuda.scaled_dot_product_attention(FakeCai((2, 4, 3, 8)), FakeCai((2, 2, 5, 8)), FakeCai((2, 2, 5, 8)),
                                                     key_lengths=[6, 1]), ValueError, "key_lengths must be <="),
-        (lambda: fcuda.MultiHeadAttention(types.SimpleNamespace(state_dict=lambda: {}, num_heads=2, num_kv_heads=None,
-                                                                embed_dim=4)), ValueError, "no 'w_q'"),
-        (lambda: fcuda.MultiHeadAttention(CpuLayer(np.random.default_rng(0), 8, 4, Hkv=3, D=2)), ValueError,
-         "divide num_heads"),
-        (lambda: fcuda.KVCache(2, 4, 0, 8), ValueError, "num_kv_heads must be >= 1, got 0"),
-        (lambda: fcuda.KVCache(2, -1, 2, 8), ValueError, "batch_size and max_len must be non-negative"),
-        (lambda: fcuda.KVCache(2, 4, 2, 8, dtype=np.int8), TypeError, "dtype must be float32 or float64"),
-        (lambda: fcuda.KVCache(2, 4, 2, 8, v_head_dim=0), ValueError, "v_head_dim must be >= 1, got 0"),
-        (lambda: fcuda.KVCache(2.0, 4, 2, 8), TypeError, "batch_size must be an integer"),
-        (lambda: fcuda.KVCache.from_cpu({}), TypeError, "cache must be a fastattn.KVCache, got dict"),
+        (lambda: fastattn.MultiHeadAttention(8, 2).to("gpu"), ValueError, r"device must be one of \['cpu', 'cuda'\]"),
+        (lambda: fastattn.MultiHeadAttention(8, 2)(FakeCai((2, 3, 8))), TypeError,
+         r"the layer's weights are on 'cpu' but its inputs on 'cuda': move the layer with layer.to\('cuda'\)"),
+        (lambda: fcuda.KVCache(2, 4, 0, 8, device="cuda"), ValueError, "num_kv_heads must be >= 1, got 0"),
+        (lambda: fcuda.KVCache(2, -1, 2, 8, device="cuda"), ValueError, "batch_size and max_len must be non-negative"),
+        (lambda: fcuda.KVCache(2, 4, 2, 8, dtype=np.int8, device="cuda"), TypeError, "dtype must be float32 or float64"),
+        (lambda: fcuda.KVCache(2, 4, 2, 8, v_head_dim=0, device="cuda"), ValueError, "v_head_dim must be >= 1, got 0"),
+        (lambda: fcuda.KVCache(2.0, 4, 2, 8, device="cuda"), TypeError, "batch_size must be an integer"),
+        (lambda: fcuda.KVCache(2, 4, 2, 8).to("tpu"), ValueError, "device must be one of"),
     ],
 )
 def test_validation_before_gpu(call, exc, match):
@@ -278,9 +315,6 @@ def test_non_native_byte_order_rejected():
 
 
 # ---- host emulation of CuPy and of the C ABI ------------------------------------------
-
-
-_CODE_DTYPES = {code: dt for dt, code in fcuda._DTYPE_CODES.items()}
 
 
 def _host_view(ptr, dtype, shape, strides):
@@ -334,6 +368,11 @@ class FakeExtension:
     csrc/cuda/fastattn_cuda.h on host memory with the NumPy oracle."""
 
     CudaError = RuntimeError
+    # fa_cuda_dtype (csrc/cuda/fastattn_cuda.h); the shared values are also
+    # checked against the compiled header by tests/test_enums.py
+    DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bool": 3, "int8": 4, "uint8": 5,
+                   "int16": 6, "uint16": 7, "int32": 8, "uint32": 9, "int64": 10, "uint64": 11}
+    CAUSAL_LENGTHS = 3
 
     class BlasHandle:
         ptr = 1
@@ -375,7 +414,7 @@ class FakeExtension:
 
     def zero_padded_rows(self, dtype, y, shape, lengths, lstr, stream):
         B, M, L, C = shape
-        yv = _host_view(y, _CODE_DTYPES[dtype], shape, fcuda._c_strides(shape))
+        yv = _host_view(y, _CODE_DTYPES[dtype], shape, fbk._c_strides(shape))
         lv = _host_view(lengths, np.int64, (B, M), lstr)
         yv[np.arange(L)[None, None, :] >= lv[:, :, None]] = 0.0
 
@@ -391,14 +430,14 @@ class FakeExtension:
         """reference.masked_softmax with the C causal codes: 1 top-left, 2
         bottom-right, 3 bottom-right per (b, m) aligned to the lengths (key
         j > i + key_len - query_len is masked)."""
-        if causal == 3:
+        if causal == FakeExtension.CAUSAL_LENGTHS:
             B, M, Lq, Lk = s.shape
             klg = np.full((B, M), Lk) if kl_v is None else kl_v
             qlg = np.full((B, M), Lq) if ql_v is None else ql_v
             keep = (np.arange(Lk)[None, None, None, :]
                     <= np.arange(Lq)[None, None, :, None] + (klg - qlg)[:, :, None, None])
             m = keep if m is None else keep & m
-        align = {1: "top_left", 2: "bottom_right"}.get(causal, "top_left")
+        align = {c: n for n, c in _kernels.CAUSAL_ALIGNMENTS.items()}.get(causal, "top_left")
         return reference.masked_softmax(s, attn_mask=m, key_lengths=kl_v, query_lengths=ql_v,
                                         is_causal=causal in (1, 2), causal_alignment=align, scale=scale)
 
@@ -415,13 +454,13 @@ class FakeExtension:
 
     def position_encoding(self, dtype, out, rs, L, C, layout, lo, hi, start, stream):
         dt = _CODE_DTYPES[dtype]
-        name = {0: "concat", 1: "interleaved"}[layout]
+        name = _LAYOUT_NAMES["pe"][layout]
         _host_view(out, dt, (L, C), (rs, 1))[...] = reference.sinusoidal_position_encoding(
             L, C, layout=name, min_timescale=lo, max_timescale=hi, start_index=start, dtype=dt)
 
     def add_position_encoding(self, dtype, x, xs, y, ys, shape, layout, lo, hi, start, stream):
         dt = _CODE_DTYPES[dtype]
-        name = {0: "concat", 1: "interleaved"}[layout]
+        name = _LAYOUT_NAMES["pe"][layout]
         xv = _host_view(x, dt, shape, xs).copy()
         _host_view(y, dt, shape, ys)[...] = reference.add_position_encoding(
             xv, layout=name, min_timescale=lo, max_timescale=hi, start_index=start)
@@ -430,7 +469,7 @@ class FakeExtension:
         dt = _CODE_DTYPES[dtype]
         xv = _host_view(x, dt, shape, xs).copy()
         pv = _host_view(pos, np.int64, shape[:3], ps)
-        _host_view(y, dt, shape, ys)[...] = _rope_oracle(xv, pv, {0: "neox", 1: "gptj"}[layout], base)
+        _host_view(y, dt, shape, ys)[...] = _rope_oracle(xv, pv, _LAYOUT_NAMES["rope"][layout], base)
 
     def linear(self, handle, dtype, x, xrs, w, wrs, bias, y, yrs, rows, nin, nout, stream):
         dt = _CODE_DTYPES[dtype]
@@ -449,10 +488,10 @@ class FakeExtension:
         dt = _CODE_DTYPES[dtype]
         B, H, Hkv, Lq, Lk, D, Dv = shape
         G = H // Hkv
-        qv = _host_view(q, dt, (B, H, Lq, D), fcuda._c_strides((B, H, Lq, D))).astype(np.float64)
-        kv = _host_view(k, dt, (B, Hkv, Lk, D), fcuda._c_strides((B, Hkv, Lk, D))).astype(np.float64)
-        vv = _host_view(v, dt, (B, Hkv, Lk, Dv), fcuda._c_strides((B, Hkv, Lk, Dv))).astype(np.float64)
-        ov = _host_view(out, dt, (B, H, Lq, Dv), fcuda._c_strides((B, H, Lq, Dv)))
+        qv = _host_view(q, dt, (B, H, Lq, D), fbk._c_strides((B, H, Lq, D))).astype(np.float64)
+        kv = _host_view(k, dt, (B, Hkv, Lk, D), fbk._c_strides((B, Hkv, Lk, D))).astype(np.float64)
+        vv = _host_view(v, dt, (B, Hkv, Lk, Dv), fbk._c_strides((B, Hkv, Lk, Dv))).astype(np.float64)
+        ov = _host_view(out, dt, (B, H, Lq, Dv), fbk._c_strides((B, H, Lq, Dv)))
         s = np.zeros((B, H, Lq, Lk))
         for b in range(B):
             ext = Lk if key_extent is None else int(key_extent[b])
@@ -479,7 +518,13 @@ class FakeExtension:
         if ql_v is not None:
             ov[np.arange(Lq)[None, None, :, None] >= ql_v[:, :, None, None] + np.zeros((1, 1, 1, Dv), int)] = 0
         if scores_batch == B:
-            _host_view(scores, dt, (B, H, Lq, Lk), fcuda._c_strides((B, H, Lq, Lk)))[...] = p
+            _host_view(scores, dt, (B, H, Lq, Lk), fbk._c_strides((B, H, Lq, Lk)))[...] = p
+
+
+_CODE_DTYPES = {code: np.dtype(name) for name, code in FakeExtension.DTYPE_CODES.items()}
+# the layout codes as compiled from csrc/fastattn.h, by code
+_LAYOUT_NAMES = {"pe": {c: n for n, c in _kernels.PE_LAYOUTS.items()},
+                 "rope": {c: n for n, c in _kernels.ROPE_LAYOUTS.items()}}
 
 
 class Backend:
@@ -504,9 +549,10 @@ def backend(request, monkeypatch):
     cp = _fake_cupy()
     ext = FakeExtension()
     monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setattr(fcuda, "_extension", lambda: ext)
-    monkeypatch.setattr(fcuda, "_probe_result", (True, None))
-    monkeypatch.setattr(fcuda, "_local", type(fcuda._local)())
+    monkeypatch.setattr(fbk, "_extension", lambda: ext)
+    monkeypatch.setattr(fbk, "_probe_result", (True, None))
+    monkeypatch.setattr(fbk, "_local", type(fbk._local)())
+    monkeypatch.setattr(fbk, "_DTYPE_CODES", fbk._DtypeCodes())
     b = Backend("emulated", cp)
     b.ext = ext
     return b
@@ -607,13 +653,13 @@ def test_split_merge_heads(backend, dt, rng):
 @pytest.mark.parametrize("layout", ["concat", "interleaved"])
 @pytest.mark.parametrize("channels", [1, 7, 64])
 def test_position_encoding(backend, dt, layout, channels):
-    got = fcuda.sinusoidal_position_encoding(9, channels, layout=layout, start_index=3, dtype=dt)
+    got = fcuda.sinusoidal_position_encoding(9, channels, layout=layout, start_index=3, dtype=dt, device="cuda")
     ref = reference.sinusoidal_position_encoding(9, channels, layout=layout, start_index=3, dtype=dt)
     assert_close(backend.to_host(got), ref, dt)
 
 
 def test_position_encoding_long_positions(backend):
-    got = backend.to_host(fcuda.sinusoidal_position_encoding(64, 32, start_index=1_000_000 - 64))
+    got = backend.to_host(fcuda.sinusoidal_position_encoding(64, 32, start_index=1_000_000 - 64, device="cuda"))
     ref = reference.sinusoidal_position_encoding(64, 32, start_index=1_000_000 - 64, dtype=np.float64)
     assert np.max(np.abs(got - ref)) <= 1e-5
 
@@ -687,7 +733,7 @@ def test_scaled_dot_product_attention(backend, dt, rng, case):
 
 
 def test_sdpa_chunked_workspace_and_out(backend, rng, monkeypatch):
-    monkeypatch.setattr(fcuda, "SCORES_WORKSPACE_BYTES", 2 * 3 * 5 * 7 * 4)  # two batch items per chunk
+    monkeypatch.setattr(fbk, "SCORES_WORKSPACE_BYTES", 2 * 3 * 5 * 7 * 4)  # two batch items per chunk
     q, k, v = _rand(rng, (5, 3, 5, 4), np.float32), _rand(rng, (5, 3, 7, 4), np.float32), _rand(rng, (5, 3, 7, 4), np.float32)
     ref, _ = _sdpa_oracle(q, k, v, key_lengths=[7, 1, 0, 3, 5])
     out = backend.to_device(np.zeros((5, 3, 5, 4), np.float32))
@@ -704,11 +750,11 @@ def test_multi_head_attention(backend, dt, rng, config):
     if config == "self_gqa_rope":
         kw = dict(Hkv=2, rope="neox")
     elif config == "cross":
-        kw = dict(kdim=6, vdim=10, Dv=3)
+        kw = dict(kdim=6, vdim=10)
     elif config == "no_bias":
         kw = dict(bias=False, rope="gptj")
-    layer = CpuLayer(rng, E, H, dtype=dt, **kw)
-    mha = fcuda.MultiHeadAttention.from_cpu(layer)
+    layer = _cpu_layer(rng, E, H, dtype=dt, **kw)
+    mha = _twin(layer)
     B, Lq, Lk = 2, 5, 7 if config == "cross" else 5
     query = _rand(rng, (B, Lq, E), dt)
     call = dict(key_lengths=[Lk, 2], query_lengths=[Lq, 3], is_causal=config != "cross")
@@ -748,7 +794,7 @@ def _cache_layers(name, dt):
         for n in ("b_q", "b_k", "b_v", "b_o"):
             st[n] = brng.standard_normal(st[n].shape).astype(dt)
         cpu.load_state_dict(st)
-    return cpu, fcuda.MultiHeadAttention.from_cpu(cpu)
+    return cpu, _twin(cpu)
 
 
 def _prefix_oracle(cpu, seq, start, stop):
@@ -799,7 +845,7 @@ def test_mha_cache_decoding(backend, dt, rng, layer, schedule):
         pos += t
         assert g_cache.lengths.tolist() == c_cache.lengths.tolist() == pos.tolist()
     assert g_cache.k is k_buf  # appended in place
-    host = g_cache.to_cpu()
+    host = g_cache.to("cpu")
     for b in range(B):  # the cached keys (RoPE applied) and values are the CPU layer's
         assert_close(host.k[b, :, :pos[b]], c_cache.k[b, :, :pos[b]], dt)
         assert_close(host.v[b, :, :pos[b]], c_cache.v[b, :, :pos[b]], dt)
@@ -811,9 +857,10 @@ def test_mha_cache_from_cpu_and_edges(backend, dt, rng):
     # prefill on the CPU, continue on the GPU
     c_cache = cpu.new_cache(2, 8)
     cpu(x[:, :4], cache=c_cache, query_lengths=[4, 2])
-    g_cache = fcuda.KVCache.from_cpu(c_cache)
+    g_cache = copy.deepcopy(c_cache).to("cuda")
     assert g_cache.lengths.tolist() == [4, 2]
     assert "KVCache(batch_size=2, max_len=8, num_kv_heads=2, head_dim=4, dtype=" in repr(g_cache)
+    assert "device='cuda'" in repr(g_cache)
     want = cpu(x[:, 4:6], cache=c_cache)
     got = gpu(backend.to_device(x[:, 4:6]), cache=g_cache)
     assert_close(backend.to_host(got), want, dt)
@@ -869,8 +916,8 @@ def test_mha_cache_bad_inputs(backend, rng):
             gpu(xd, **kw_gpu)
         assert str(got.value) == str(want.value), case
     # a CPU cache given to the GPU layer says how to move it
-    with pytest.raises(TypeError, match=r"got fastattn.mha.KVCache; copy a CPU cache to the GPU with "
-                                        r"fastattn.cuda.KVCache.from_cpu"):
+    with pytest.raises(ValueError, match=r"cache is on 'cpu' but the layer on 'cuda'; move one with "
+                                         r"\.to\('cuda'\)"):
         gpu(xd, cache=c_cache)
     # overflow: nothing appended, and the cache still works
     gpu(xd, cache=g_cache, query_lengths=[3, 1])
@@ -884,30 +931,49 @@ def test_mha_cache_bad_inputs(backend, rng):
     gpu(xd[:, :2], cache=g_cache)
     assert g_cache.lengths.tolist() == [5, 3]
     # a cross-attention layer cannot decode with a cache
-    cross = fcuda.MultiHeadAttention(CpuLayer(rng, 16, 4, kdim=6, vdim=10, Dv=3, dtype=np.float32))
+    cross = _twin(_cpu_layer(rng, 16, 4, kdim=6, vdim=10, dtype=np.float32))
     with pytest.raises(ValueError, match=r"cache= is self-attention and needs kdim == vdim == embed_dim \(16\)"):
         cross(backend.to_device(_rand(rng, (2, 3, 16), np.float32)), cache=cross.new_cache(2, 4))
-    assert cross.new_cache(2, 4).v.shape == (2, 4, 4, 3)
+    assert cross.new_cache(2, 4).v.shape == (2, 4, 4, 4)
     # a cache of the wrong value width
-    plain = fcuda.MultiHeadAttention(CpuLayer(rng, 16, 4, Dv=3, dtype=np.float32))
-    with pytest.raises(ValueError, match="cache holds values of dim 4; this layer needs 3"):
-        plain(backend.to_device(_rand(rng, (2, 3, 16), np.float32)), cache=fcuda.KVCache(2, 4, 4, 4))
+    plain = _twin(_cpu_layer(rng, 16, 4, dtype=np.float32))
+    with pytest.raises(ValueError, match="cache holds values of dim 3; this layer needs 4"):
+        plain(backend.to_device(_rand(rng, (2, 3, 16), np.float32)),
+              cache=fastattn.KVCache(2, 4, 4, 4, v_head_dim=3, device="cuda"))
 
 
-def test_mha_cache_value_head_dim(backend, dt, rng):
-    """Dv != D (allowed by the GPU layer contract): cached decoding equals
-    the uncached causal call."""
-    layer = CpuLayer(rng, 16, 4, Hkv=2, Dv=3, rope="neox", dtype=dt)
-    mha = fcuda.MultiHeadAttention(layer)
+def test_layer_and_cache_move_between_devices(backend, dt, rng):
+    """layer.to / cache.to: the weights and the cache contents survive a
+    round trip, and a layer moved to the GPU computes what it did on the CPU."""
+    cpu = _cpu_layer(rng, 16, 4, Hkv=2, rope="neox", dtype=dt)
     x = _rand(rng, (2, 5, 16), dt)
-    full = backend.to_host(mha(backend.to_device(x), is_causal=True))
-    cache = mha.new_cache(2, 5)
-    assert "v_head_dim=3" in repr(cache)
-    parts = [mha(backend.to_device(x[:, :3]), cache=cache)] + [
-        mha(backend.to_device(x[:, t:t + 1]), cache=cache) for t in (3, 4)]
-    assert_close(np.concatenate([backend.to_host(p) for p in parts], axis=1), full, dt)
-    with pytest.raises(ValueError, match="one head dim"):
-        cache.to_cpu()
+    want = cpu(x, is_causal=True)
+    st = cpu.state_dict()
+    layer = copy.deepcopy(cpu)
+    assert layer.to("cuda") is layer and layer.device == "cuda"
+    assert "device='cuda'" in repr(layer)
+    assert_close(backend.to_host(layer(backend.to_device(x), is_causal=True)), want, dt)
+    for n, a in layer.state_dict().items():  # downloaded from the device
+        assert (a is None and st[n] is None) or np.array_equal(a, st[n]), n
+    # loading weights on the device replaces the device weights
+    layer.load_state_dict({n: None if a is None else a * 2 for n, a in st.items()})
+    assert np.array_equal(layer.state_dict()["w_o"], st["w_o"] * 2)
+    layer.load_state_dict(st)
+    with pytest.raises(ValueError, match="w_q must have shape"):
+        layer.load_state_dict({**st, "w_q": st["w_q"][:, :4]})
+    cache = layer.new_cache(2, 5)
+    assert cache.device == "cuda"
+    layer(backend.to_device(x[:, :3]), cache=cache)
+    assert layer.to("cpu") is layer and layer.device == "cpu"
+    with pytest.raises(ValueError, match="cache is on 'cuda' but the layer on 'cpu'"):
+        layer(x[:, 3:4], cache=cache)
+    cache.to("cpu")
+    parts = [layer(x[:, t:t + 1], cache=cache) for t in (3, 4)]
+    c_cache = cpu.new_cache(2, 5)
+    ref = [cpu(x[:, :3], cache=c_cache)] + [cpu(x[:, t:t + 1], cache=c_cache) for t in (3, 4)]
+    assert_close(np.concatenate(parts, axis=1), np.concatenate(ref[1:], axis=1), dt)
+    with pytest.raises(TypeError, match="inputs on 'cuda'"):
+        layer(backend.to_device(x))
 
 
 def test_gpu_page_cache_example(backend):
@@ -951,3 +1017,14 @@ def test_mha_query_lengths_are_per_sequence(backend, rng):
             cpu(x, query_lengths=bad)
         with pytest.raises(ValueError, match=r"query_lengths must have shape \(2,\) for a batch of 2"):
             gpu(xd, query_lengths=bad)
+
+
+@pytest.mark.parametrize("name", ["masked_softmax", "split_heads", "merge_heads", "sinusoidal_position_encoding",
+                                  "add_position_encoding", "apply_rotary", "scaled_dot_product_attention"])
+def test_backend_functions_take_the_public_arguments(name):
+    """Each public function hands its arguments to the CUDA backend's function
+    of the same name: their parameters must stay the same (``device`` only
+    chooses the backend)."""
+    import inspect
+    public = [p for p in inspect.signature(getattr(fastattn, name)).parameters if p != "device"]
+    assert list(inspect.signature(getattr(fbk, name)).parameters) == public

@@ -3,6 +3,7 @@
 mask, GQA/MQA, RoPE, padding, return_weights, KV-cache decoding, state, and
 validation."""
 
+import io
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 import fastattn
 from fastattn import _kernels
 from fastattn import reference as ref
-from fastattn.mha import _linear
+from fastattn.projections import linear as _linear
 from conftest import N_THREADS, assert_close
 
 # (E, H, Hkv, kdim, vdim, bias, rope): awkward head dims (5, 3, 6), GQA,
@@ -526,7 +527,7 @@ def test_head_views_are_views_and_sdpa_writes_the_merged_layout(rng):
     # the layer's two layout tricks: Q/K/V as strided (B, H, L, D) views of
     # the projection buffer, and the attention output written straight into
     # (B, L, H*D) through a transposed view (no split or merge copy)
-    from fastattn.mha import _head_view
+    from fastattn.projections import head_view as _head_view
     B, L, H, D = 2, 5, 3, 4
     buf = rng.standard_normal((B, L, 3 * H * D)).astype(np.float32)
     q, k, v = (_head_view(buf[:, :, i * H * D:(i + 1) * H * D], H, D) for i in range(3))
@@ -547,7 +548,7 @@ def test_row_buffer_geometry(dtype, N, L):
     # aligned and an odd number of 64-byte lines apart (a head's rows then
     # spread over every L1 set), with less than two lines of padding;
     # otherwise a plain array
-    from fastattn.mha import _row_buffer
+    from fastattn.projections import row_buffer as _row_buffer
     a = _row_buffer(3, L, N, dtype)
     item = np.dtype(dtype).itemsize
     assert a.shape == (3, L, N) and a.dtype == dtype
@@ -580,7 +581,7 @@ def test_sdpa_never_reads_keys_past_key_lengths(rng):
 
 def test_blas_threads_are_restored_after_calls(rng):
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from fastattn.mha import _POOL
+    from fastattn.projections import BLAS_THREADS as _POOL
     m = _layer(CONFIGS[1], np.float32)
     x = rng.standard_normal((2, 40, m.embed_dim)).astype(np.float32)
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
@@ -599,16 +600,35 @@ def test_blas_threads_are_restored_after_calls(rng):
 def test_same_results_with_blas_threading(rng, monkeypatch):
     # without threadpoolctl (or OpenMP) the GEMMs are single BLAS calls that
     # BLAS threads itself: same results
-    from fastattn.mha import _POOL
+    from fastattn.projections import BLAS_THREADS as _POOL
     m = _layer(CONFIGS[1], np.float64)
     x = rng.standard_normal((2, 70, m.embed_dim))
     kw = dict(key_lengths=[70, 33], query_lengths=[60, 70], is_causal=True)
     pinned = m(x, **kw)
-    monkeypatch.setattr(_POOL, "_libs", [])
+    monkeypatch.setattr(_POOL, "_controller", False)
     assert _POOL.enter() is False
     _POOL.exit()
     assert_close(m(x, **kw), pinned)
     assert_close(pinned, _oracle(m, x, **kw))
+
+
+def test_layer_works_without_threadpoolctl():
+    # threadpoolctl is optional: without it BLAS keeps its own threads and
+    # the layer gives the same results
+    code = ("import sys; sys.modules['threadpoolctl'] = None\n"
+            "import numpy as np, fastattn\n"
+            "from fastattn.projections import BLAS_THREADS\n"
+            "m = fastattn.MultiHeadAttention(24, 4, dtype=np.float64, seed=0)\n"
+            "x = np.random.default_rng(0).standard_normal((2, 30, 24))\n"
+            "y = m(x, is_causal=True)\n"
+            "np.save(sys.stdout.buffer, y)\n"
+            "sys.stdout.buffer.write(repr(BLAS_THREADS._controller).encode())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    got = np.load(io.BytesIO(out))
+    assert out.endswith(b"False")  # no controller: BLAS threads itself
+    m = fastattn.MultiHeadAttention(24, 4, dtype=np.float64, seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 30, 24))
+    assert_close(got, m(x, is_causal=True))
 
 
 def test_concurrent_calls_from_threads(rng):

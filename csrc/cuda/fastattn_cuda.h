@@ -18,6 +18,11 @@
 
 #include <stdint.h>
 
+/* The enum values shared with the CPU kernels (mask kinds, causal
+ * alignments, position-encoding and RoPE layouts, the float dtypes) are
+ * defined once, in the CPU header, and only renamed here. */
+#include "../fastattn.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -36,8 +41,8 @@ typedef enum {
 /* Element types. F32 and F64 are the compute types; the others are only
  * accepted as the source of fa_cuda_copy (which converts). */
 typedef enum {
-    FA_CUDA_F32 = 0,
-    FA_CUDA_F64 = 1,
+    FA_CUDA_F32 = FA_DTYPE_F32,
+    FA_CUDA_F64 = FA_DTYPE_F64,
     FA_CUDA_F16 = 2,
     FA_CUDA_BOOL = 3, /* one byte, nonzero = true */
     FA_CUDA_I8 = 4,
@@ -50,21 +55,27 @@ typedef enum {
     FA_CUDA_U64 = 11
 } fa_cuda_dtype;
 
-/* Same values as fa_mask_kind and fa_causal in csrc/fastattn.h. */
-typedef enum { FA_CUDA_MASK_NONE = 0, FA_CUDA_MASK_BOOL = 1, FA_CUDA_MASK_ADD = 2 } fa_cuda_mask_kind;
 typedef enum {
-    FA_CUDA_CAUSAL_NONE = 0,
-    FA_CUDA_CAUSAL_TOP_LEFT = 1,     /* key j > i is masked */
-    FA_CUDA_CAUSAL_BOTTOM_RIGHT = 2, /* key j > i + (Lk - Lq) is masked */
+    FA_CUDA_MASK_NONE = FA_MASK_NONE,
+    FA_CUDA_MASK_BOOL = FA_MASK_BOOL,
+    FA_CUDA_MASK_ADD = FA_MASK_ADD
+} fa_cuda_mask_kind;
+typedef enum {
+    FA_CUDA_CAUSAL_NONE = FA_CAUSAL_NONE,
+    FA_CUDA_CAUSAL_TOP_LEFT = FA_CAUSAL_TOP_LEFT,         /* key j > i is masked */
+    FA_CUDA_CAUSAL_BOTTOM_RIGHT = FA_CAUSAL_BOTTOM_RIGHT, /* key j > i + (Lk - Lq) is masked */
     /* Bottom-right per row, aligned to the lengths instead of the axes:
      * key j > i + (key_len(b, m) - query_len(b, m)) is masked (the lengths
      * default to Lk and Lq). A ragged KV cache: query i of a sequence that
      * held key_len - query_len tokens before this call sees its own
      * position and everything before it. Not in csrc/fastattn.h. */
-    FA_CUDA_CAUSAL_LENGTHS = 3
+    FA_CUDA_CAUSAL_LENGTHS = FA_CAUSAL_BOTTOM_RIGHT + 1
 } fa_cuda_causal;
-typedef enum { FA_CUDA_PE_CONCAT = 0, FA_CUDA_PE_INTERLEAVED = 1 } fa_cuda_pe_layout;
-typedef enum { FA_CUDA_ROPE_NEOX = 0, FA_CUDA_ROPE_GPTJ = 1 } fa_cuda_rope_layout;
+typedef enum {
+    FA_CUDA_PE_CONCAT = FA_PE_CONCAT,
+    FA_CUDA_PE_INTERLEAVED = FA_PE_INTERLEAVED
+} fa_cuda_pe_layout;
+typedef enum { FA_CUDA_ROPE_NEOX = FA_ROPE_NEOX, FA_CUDA_ROPE_GPTJ = FA_ROPE_GPTJ } fa_cuda_rope_layout;
 
 /* A strided view of up to 4 dimensions; unused trailing strides are 0. */
 typedef struct {

@@ -1,11 +1,12 @@
-"""The multi-head attention layer and its KV cache.
+"""The multi-head attention layer, on every device.
 
-Data flow of one self-attention call, batch first, ``x`` of shape (B, L, E)::
+Data flow of one self-attention call on the CPU, batch first, ``x`` of
+shape (B, L, E)::
 
     x @ [W_Q | W_K | W_V] (+ b)   one GEMM into buf (B, L, (H + 2 Hkv) D),
                                   its columns split over the OpenMP threads;
                                   buf's rows are padded to an odd number of
-                                  cache lines (see _row_buffer)
+                                  cache lines (see projections.row_buffer)
       epilogue: RoPE              each thread rotates the Q and K heads of
                                   its own column block, from a cached table
     SDPA                          reads Q, K, V as strided (B, heads, L, D)
@@ -15,324 +16,33 @@ Data flow of one self-attention call, batch first, ``x`` of shape (B, L, E)::
 
 So the head split is the projection's output layout (no transpose pass)
 and the head merge is the attention kernel's output layout (no merge pass).
-GEMMs go through ``scipy.linalg.cython_blas``, called from C
-(csrc/linear.c, :func:`_linear`) without the GIL, and every step of a call runs on one pool of OpenMP
-threads (see :class:`_OnePool`). Padded work is skipped: rows past
-``query_lengths`` are neither projected nor attended, and K/V rows past
-``key_lengths`` are never projected.
+Padded work is skipped: rows past ``query_lengths`` are neither projected
+nor attended, and K/V rows past ``key_lengths`` are never projected.
+
+On ``"cuda"`` (after :meth:`MultiHeadAttention.to`) the same checks run, and
+the weights and the compute live in :mod:`fastattn._backend.cuda`
+(``DeviceLayer``): cuBLAS projections, fastattn's CUDA kernels for RoPE, the
+cache append and attention.
 """
 
 import math
 import os
-import threading
 
 import numpy as np
 
-from fastattn import _kernels
+from fastattn import _backend, _kernels
 from fastattn._config import get_num_threads
-from fastattn._validation import compute_dtype, float_array, index_value, int_array, lengths_view
+from fastattn._validation import float_array, int_array, lengths_view
+from fastattn.kv_cache import KVCache, float_dtype, positive
 from fastattn.masks import prepare_mask
+from fastattn.projections import BLAS_THREADS, as_input, head_view, linear, row_buffer
 from fastattn.rotary import ROPE_LAYOUTS, ROPE_NONE, _check_base, rope_tables
 
-_TOP_LEFT, _BOTTOM_RIGHT = 1, 2  # fastattn.h fa_causal
+_TOP_LEFT = _kernels.CAUSAL_ALIGNMENTS["top_left"]
+_BOTTOM_RIGHT = _kernels.CAUSAL_ALIGNMENTS["bottom_right"]
 _WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
 _BIAS_NAMES = ("b_q", "b_k", "b_v", "b_o")
 _STATE_NAMES = _WEIGHT_NAMES + _BIAS_NAMES
-
-
-class _OnePool:
-    """Keeps scipy's BLAS single-threaded while layer calls run, so that all
-    parallel work of a call runs on fastattn's OpenMP threads.
-
-    Why: BLAS (OpenBLAS with its own pthreads pool) and the OpenMP kernels
-    would otherwise take turns, and each pool's idle workers keep spinning
-    for a while after their last job (libgomp ~300k pause loops, OpenBLAS
-    yield loops), stealing cores from the other. Measured on a 2-core
-    machine, a GEMM right after an attention call ran ~1.6x slower and the
-    attention after a GEMM ~1.4x slower than back to back. So the layer
-    splits each GEMM's columns over its OpenMP threads (csrc/linear.c),
-    each block a single-threaded BLAS call, and RoPE and attention
-    follow on the same threads.
-
-    Scipy's BLAS thread count is lowered with threadpoolctl (as scikit-learn
-    does around its OpenMP loops that call BLAS) and restored when the last
-    concurrent call returns. Without threadpoolctl or OpenMP, or when
-    another thread controls the BLAS thread count, BLAS keeps its own
-    threads and the GEMMs are single calls.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._libs = None  # None: not looked up yet; []: cannot pin
-        self._depth = 0
-        self._saved = []
-        self._changed = False
-        self._pinned = False
-
-    def _lookup(self):
-        libs = []
-        if _kernels.openmp_enabled():
-            try:
-                from threadpoolctl import ThreadpoolController
-                libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-            except Exception:  # not installed, or an unusual BLAS: keep BLAS threading
-                libs = []
-        self._libs = libs
-
-    def enter(self):
-        """Pin BLAS (first concurrent caller); True when the GEMMs may be
-        split over OpenMP threads."""
-        with self._lock:
-            if self._libs is None:
-                self._lookup()
-            self._depth += 1
-            if self._depth == 1 and self._libs:
-                try:
-                    self._saved = [lib.get_num_threads() for lib in self._libs]
-                    self._changed = any(n != 1 for n in self._saved)
-                    for lib, n in zip(self._libs, self._saved):
-                        if n != 1:
-                            lib.set_num_threads(1)
-                    # a no-op when another thread controls the BLAS thread count
-                    self._pinned = all(lib.get_num_threads() == 1 for lib in self._libs)
-                except Exception:
-                    self._pinned = False
-            return self._pinned
-
-    def exit(self):
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0 and self._changed:
-                self._changed = self._pinned = False
-                try:
-                    for lib, n in zip(self._libs, self._saved):
-                        if n != 1 and n is not None:
-                            lib.set_num_threads(n)
-                        # threadpoolctl >= 3.7 lets one thread control a
-                        # pthreads OpenBLAS; do not keep that control
-                        clear = getattr(lib, "clear_controlling_thread", None)
-                        if clear is not None:
-                            clear()
-                except Exception:
-                    pass
-            elif self._depth == 0:
-                self._pinned = False
-
-
-_POOL = _OnePool()
-_BLAS_INT_MAX = 2**31 - 1  # BLAS sizes and leading dimensions are 32-bit ints
-
-
-def _linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_threads=1, rope=None):
-    """``c[b, r0:r1] = alpha * a[b, r0:r1] @ w (+ bias)`` for every b, with
-    ``r0 = row_start[b]`` (default 0) and ``r1 = row_stop[b]`` (default M),
-    then RoPE on the first heads of those rows (csrc/linear.c, fa_linear).
-
-    a (B, M, K), w (K, N), c (B, M, N): one dtype (float32 or float64), unit
-    last-axis strides, any row and batch strides (column blocks of a wider
-    buffer are fine). bias: None or a contiguous (N,) array. row_start,
-    row_stop: None or contiguous (B,) int64 arrays within [0, M]; rows
-    outside [r0, r1) are left untouched. num_threads: OpenMP threads over
-    column blocks (BLAS must be single-threaded then: see _OnePool). rope:
-    None or ``(layout, heads, D, index, cos, sin)``: rotate columns
-    ``[0, heads * D)`` of the computed rows as ``heads`` heads of dim D, row
-    ``(b, h, i)`` by table row ``index[b, h, i]`` (an int64 (B, heads, M)
-    view; cos, sin contiguous (n, D/2) tables of c's dtype).
-    """
-    if a.ndim != 3 or c.ndim != 3:
-        raise ValueError(f"linear: a and c must be 3-D, got a {a.shape} and c {c.shape}")
-    if a.dtype not in (np.float32, np.float64):
-        raise TypeError(f"linear: dtype must be float32 or float64, got {a.dtype}")
-    if w.dtype != a.dtype or c.dtype != a.dtype:
-        raise TypeError(f"linear: a, w and c must share one dtype, got {a.dtype}, {w.dtype} and {c.dtype}")
-    if not c.flags.writeable:
-        raise ValueError("linear: c is read-only")
-    B, M, K = a.shape
-    if w.ndim != 2:
-        raise ValueError(f"linear: w must be 2-D, got {w.ndim}-D")
-    N = w.shape[1]
-    if w.shape[0] != K:
-        raise ValueError(f"linear: w has shape {w.shape}, expected {(K, N)}")
-    if c.shape != (B, M, N):
-        raise ValueError(f"linear: c has shape {c.shape}, expected {(B, M, N)} for a {a.shape} and w {w.shape}")
-    for name, r in (("row_start", row_start), ("row_stop", row_stop)):
-        if r is None:
-            continue
-        if not (isinstance(r, np.ndarray) and r.shape == (B,) and r.dtype == np.int64 and r.flags.c_contiguous):
-            raise ValueError(f"linear: {name} must be a contiguous ({B},) int64 array")
-        if B and (r.min() < 0 or r.max() > M):
-            raise ValueError(f"linear: {name} out of range [0, {M}]: {r}")
-    if rope is not None:
-        _check_rope_epilogue(rope, c)
-    if B == 0 or M == 0 or N == 0:
-        return
-    item = a.itemsize
-    for name, t in (("a", a), ("w", w), ("c", c)):
-        rows, cols = t.shape[-2:]
-        if t.size and cols > 1 and t.strides[-1] != item:
-            raise ValueError(f"linear: {name} needs a unit last-axis stride, got strides {t.strides}")
-        if rows > 1 and cols > 0 and t.strides[-2] < cols * item:
-            raise ValueError(f"linear: the rows of {name} {t.shape} overlap (strides {t.strides})")
-        if rows > 1 and t.strides[-2] // item > _BLAS_INT_MAX:
-            raise ValueError(f"linear: the row stride of {name} exceeds the 32-bit BLAS range")
-    if max(M, N, K) > _BLAS_INT_MAX:
-        raise ValueError(f"linear: a matrix dimension of a {a.shape} @ w {w.shape} exceeds the 32-bit BLAS range")
-    if bias is not None and not (isinstance(bias, np.ndarray) and bias.shape == (N,) and bias.dtype == a.dtype
-                                 and bias.flags.c_contiguous):
-        raise ValueError(f"linear: bias must be a contiguous ({N},) {a.dtype} array")
-    _kernels.linear(a, w, c, bias, row_start, row_stop, alpha, num_threads, rope)
-
-
-def _check_rope_epilogue(rope, c):
-    """rope = (layout, heads, D, index, cos, sin) for c (B, M, N), see _linear."""
-    B, M, N = c.shape
-    layout, heads, D, index, cos, sin = rope
-    if D <= 0 or D % 2 or heads < 0 or heads * D > N:
-        raise ValueError(f"linear: bad RoPE heads ({heads}) or head dim ({D}) for {N} output columns")
-    if not (isinstance(index, np.ndarray) and index.shape == (B, heads, M) and index.dtype == np.int64):
-        raise ValueError(f"linear: the RoPE index must be an int64 {(B, heads, M)} view")
-    if not all(isinstance(t, np.ndarray) and t.ndim == 2 and t.shape == cos.shape and t.shape[1] == D // 2
-               and t.dtype == c.dtype and t.flags.c_contiguous for t in (cos, sin)):
-        raise ValueError(f"linear: RoPE tables must be contiguous (n, {D // 2}) arrays of {c.dtype}")
-
-
-def _float_dtype(dtype, name="dtype"):
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"{name} must be float32 or float64, got {dt}")
-    return dt
-
-
-def _positive(value, name):
-    v = index_value(value, name)
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
-
-
-def _as_input(a, name, dim, dtype):
-    """``a`` as a (B, L, dim) array of ``dtype`` whose rows BLAS can read."""
-    arr = a if type(a) is np.ndarray else np.asarray(a)
-    if arr.dtype != dtype:
-        compute_dtype(arr.dtype, name)  # rejects complex, object, ...
-    if arr.ndim != 3 or arr.shape[2] != dim:
-        raise ValueError(f"{name} must have shape (B, L, {dim}), got {arr.shape}")
-    if arr.dtype != dtype:
-        arr = arr.astype(dtype)
-    item = arr.itemsize
-    s0, s1, s2 = arr.strides
-    if (dim > 1 and s2 != item) or (arr.shape[1] > 1 and s1 < dim * item) or s0 < 0:
-        arr = np.ascontiguousarray(arr)
-    return arr
-
-
-def _head_view(cols, heads, D):
-    """(B, L, heads * D) column block -> (B, heads, L, D) view, never a copy."""
-    B, L, _ = cols.shape
-    v = cols.view()
-    v.shape = (B, L, heads, D)  # raises rather than copy
-    return v.transpose(0, 2, 1, 3)
-
-
-def _row_buffer(B, L, N, dtype):
-    """An uninitialised (B, L, N) scratch array for the layer's GEMM outputs,
-    64-byte aligned, whose row stride is an odd number of 64-byte lines.
-
-    SDPA reads a head as L rows of D elements, one row stride apart. With
-    a stride of an even number of lines, successive rows fall into a few
-    L1 sets only (a 2304-float stride, 144 lines, uses 4 of the 64 sets),
-    and a key tile of 48 rows no longer fits L1 by associativity: measured
-    8-10% slower attention inside the layer, S = 128 and 512, E = 768.
-    An odd stride spreads successive rows over every set. BLAS takes the
-    stride as the leading dimension, so the padding costs no pass.
-
-    Up to 8 rows fit an 8-way L1 however they alias, and rows under 256
-    bytes span few lines: those buffers stay plain, which saves the ~5 us
-    of the alignment step on decode calls."""
-    dtype = np.dtype(dtype)
-    line = 64 // dtype.itemsize
-    if L <= 8 or N * dtype.itemsize < 256:
-        return np.empty((B, L, N), dtype=dtype)
-    stride = (-(-N // line) | 1) * line
-    count = B * L * stride
-    raw = np.empty(count + line, dtype=dtype)
-    # numpy aligns to at least 16 bytes, so the offset is whole elements
-    start = (-raw.__array_interface__["data"][0] % 64) // dtype.itemsize
-    return raw[start:start + count].reshape(B, L, stride)[:, :, :N]
-
-
-class _CacheBook:
-    """What the CPU :class:`KVCache` and ``fastattn.cuda.KVCache`` share:
-    the checked geometry, the per-sequence lengths, ``reset`` and the
-    overflow check of an append. Subclasses allocate ``k`` and ``v``."""
-
-    def _init_geometry(self, batch_size, max_len, num_kv_heads, head_dim, dtype):
-        self.batch_size = index_value(batch_size, "batch_size")
-        self.max_len = index_value(max_len, "max_len")
-        if self.batch_size < 0 or self.max_len < 0:
-            raise ValueError(f"batch_size and max_len must be non-negative, got {batch_size} and {max_len}")
-        self.num_kv_heads = _positive(num_kv_heads, "num_kv_heads")
-        self.head_dim = _positive(head_dim, "head_dim")
-        self.dtype = _float_dtype(dtype)
-        self._lengths = np.zeros(self.batch_size, dtype=np.int64)
-
-    @property
-    def lengths(self):
-        """Tokens held per sequence, shape ``(batch_size,)`` (a copy)."""
-        return self._lengths.copy()
-
-    def reset(self, lengths=None):
-        """Forget the contents (or truncate each sequence to ``lengths``)."""
-        if lengths is None:
-            self._lengths[:] = 0
-            return
-        arr = int_array(lengths, "lengths")
-        if arr.shape not in ((), (self.batch_size,)):
-            raise ValueError(f"lengths must have shape ({self.batch_size},), got {arr.shape}")
-        if arr.size and (arr > self._lengths).any():
-            raise ValueError(f"reset can only shorten sequences: lengths {arr} exceed the current {self._lengths}")
-        self._lengths[:] = arr
-
-    def _append_lengths(self, new_tokens):
-        """(old, new) lengths once ``new_tokens[b]`` tokens are appended to
-        each sequence b; ValueError, with nothing changed, on overflow."""
-        old = self._lengths.copy()
-        new = old + new_tokens
-        if self.batch_size and (new > self.max_len).any():
-            b = int(np.argmax(new > self.max_len))
-            raise ValueError(
-                f"KV cache overflow: sequence {b} holds {old[b]} of max_len={self.max_len} tokens and "
-                f"cannot take {new_tokens[b]} more; nothing was appended")
-        return old, new
-
-    def _repr_fields(self):
-        return (f"batch_size={self.batch_size}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, dtype={self.dtype.name}")
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self._repr_fields()}, lengths={self._lengths.tolist()})"
-
-
-class KVCache(_CacheBook):
-    """Preallocated keys and values of a batch of sequences, for decoding.
-
-    Create it with :meth:`MultiHeadAttention.new_cache`. ``k`` and ``v`` have
-    shape ``(batch_size, num_kv_heads, max_len, head_dim)`` and are
-    allocated once; a layer call with ``cache=`` writes the new keys and
-    values (RoPE already applied) at each sequence's current length and
-    advances ``lengths``. Entries at or past ``lengths[b]`` are unspecified.
-    Sequences may have different lengths (ragged batches).
-    """
-
-    def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype=np.float32):
-        self._init_geometry(batch_size, max_len, num_kv_heads, head_dim, dtype)
-        shape = (self.batch_size, self.num_kv_heads, self.max_len, self.head_dim)
-        self.k = np.zeros(shape, dtype=self.dtype)
-        self.v = np.zeros(shape, dtype=self.dtype)
-
-    # named here so that the API reference lists them on this class
-    lengths = _CacheBook.lengths
-    reset = _CacheBook.reset
 
 
 def _query_lengths(values, B, L):
@@ -347,20 +57,37 @@ def _query_lengths(values, B, L):
     return np.ascontiguousarray(arr)
 
 
-def _check_cache_call(layer, cache, cache_type, key, key_lengths, attn_mask, move_hint=""):
-    """The arguments a layer call with ``cache=`` refuses (CPU and GPU);
-    ``move_hint`` ends the message when ``cache`` is the other path's
-    KVCache."""
+def check_key_value(key, value):
+    if (key is None) != (value is None):
+        raise ValueError("pass both key and value (cross-attention) or neither (self-attention)")
+
+
+def check_self_attention(layer):
+    if layer.kdim != layer.embed_dim or layer.vdim != layer.embed_dim:
+        raise ValueError(f"self-attention needs kdim == vdim == embed_dim; this layer has "
+                         f"kdim={layer.kdim}, vdim={layer.vdim}: pass key and value")
+
+
+def check_key_value_shapes(query_shape, key_shape, value_shape):
+    if (key_shape[0] != query_shape[0] or value_shape[0] != query_shape[0]
+            or key_shape[1] != value_shape[1]):
+        raise ValueError(f"query, key and value must have the same batch size, and key and value "
+                         f"the same length; got query {tuple(query_shape)}, key {tuple(key_shape)}, "
+                         f"value {tuple(value_shape)}")
+
+
+def _check_cache_call(layer, cache, key, key_lengths, attn_mask):
+    """The arguments a layer call with ``cache=`` refuses (every device)."""
     if key is not None:
         raise ValueError("cache= is for self-attention decoding: key and value must be None")
     if key_lengths is not None or attn_mask is not None:
         raise ValueError("key_lengths and attn_mask are not accepted with cache=: the cache's "
                          "lengths and causality decide which keys each query sees")
-    if not isinstance(cache, cache_type):
-        got = type(cache).__name__
-        if isinstance(cache, _CacheBook):  # the other path's KVCache
-            got = f"{type(cache).__module__}.{got}{move_hint}"
-        raise TypeError(f"cache must be a KVCache (from new_cache), got {got}")
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache (from new_cache), got {type(cache).__name__}")
+    if cache.device != layer.device:
+        raise ValueError(f"cache is on {cache.device!r} but the layer on {layer.device!r}; move one "
+                         f"with .to({layer.device!r})")
     E = layer.embed_dim
     if layer.kdim != E or layer.vdim != E:
         raise ValueError(f"cache= is self-attention and needs kdim == vdim == embed_dim ({E}); this "
@@ -431,26 +158,26 @@ class MultiHeadAttention:
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
                  bias=True, rope=None, rope_base=10000.0, dtype=np.float32, seed=None):
-        E = _positive(embed_dim, "embed_dim")
-        H = _positive(num_heads, "num_heads")
+        E = positive(embed_dim, "embed_dim")
+        H = positive(num_heads, "num_heads")
         if E % H:
             raise ValueError(f"embed_dim ({E}) must be divisible by num_heads ({H})")
         self._configure(E, H, num_kv_heads, E // H, kdim, vdim, bool(bias), rope, rope_base,
-                        _float_dtype(dtype))
+                        float_dtype(dtype))
         self._init_weights(np.random.default_rng(seed))
 
     # ---- construction -------------------------------------------------------
 
     def _configure(self, E, H, Hkv, D, kdim, vdim, bias, rope, rope_base, dtype):
-        Hkv = H if Hkv is None else _positive(Hkv, "num_kv_heads")
+        Hkv = H if Hkv is None else positive(Hkv, "num_kv_heads")
         if H % Hkv:
             raise ValueError(f"num_kv_heads ({Hkv}) must divide num_heads ({H})")
         self.embed_dim = E
         self.num_heads = H
         self.num_kv_heads = Hkv
         self.head_dim = D
-        self.kdim = E if kdim is None else _positive(kdim, "kdim")
-        self.vdim = E if vdim is None else _positive(vdim, "vdim")
+        self.kdim = E if kdim is None else positive(kdim, "kdim")
+        self.vdim = E if vdim is None else positive(vdim, "vdim")
         self.dtype = dtype
         if rope is not None and rope not in ROPE_LAYOUTS:
             raise ValueError(f"rope must be None or one of {list(ROPE_LAYOUTS)}, got {rope!r}")
@@ -460,7 +187,14 @@ class MultiHeadAttention:
         self.rope_base = _check_base(rope_base)
         self._rope_cache = None
         self._has_bias = bias
-        nq, nk = H * D, Hkv * D
+        self.device = "cpu"
+        self._device_layer = None  # the weights on "cuda" (fastattn._backend.cuda.DeviceLayer)
+        self._allocate_host()
+
+    def _allocate_host(self):
+        """Zeroed host storage for the weights."""
+        E, dtype, bias = self.embed_dim, self.dtype, self._has_bias
+        nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # Storage: one (E, nq + 2 nk) matrix when self-attention can use a
         # fused QKV GEMM, else Q apart and K|V fused when they share a width.
         if self.kdim == self.vdim == E:
@@ -517,12 +251,12 @@ class MultiHeadAttention:
         for n, w in ws.items():
             if w.ndim != 2:
                 raise ValueError(f"{n} must be 2-D (in, out), got shape {w.shape}")
-        H = _positive(num_heads, "num_heads")
+        H = positive(num_heads, "num_heads")
         E, nq = ws["w_q"].shape
         if nq == 0 or nq % H:
             raise ValueError(f"w_q's output width {nq} (shape {ws['w_q'].shape}) must be a positive multiple of num_heads ({H})")
         D = nq // H
-        Hkv = H if num_kv_heads is None else _positive(num_kv_heads, "num_kv_heads")
+        Hkv = H if num_kv_heads is None else positive(num_kv_heads, "num_kv_heads")
         self = cls.__new__(cls)
         self._configure(E, H, Hkv, D, ws["w_k"].shape[0], ws["w_v"].shape[0],
                         any(b is not None for b in bs.values()), rope, rope_base, dtype)
@@ -577,7 +311,7 @@ class MultiHeadAttention:
                 "b_q": self._b_q, "b_k": self._b_k, "b_v": self._b_v, "b_o": self._b_o}
 
     def _load(self, d, partial_bias=False):
-        shapes, targets = self._expected_shapes(), self._targets()
+        shapes = self._expected_shapes()
         arrays = {}
         for n in _STATE_NAMES:
             a = d.get(n)
@@ -593,14 +327,44 @@ class MultiHeadAttention:
             if a.shape != shapes[n]:
                 raise ValueError(f"{n} must have shape {shapes[n]}, got {a.shape}")
             arrays[n] = a
+        if self.device != "cpu":  # all checked: rebuild the device weights
+            state = self.state_dict()
+            state.update(arrays)
+            self._device_layer = _backend.cuda_backend().DeviceLayer(self, state)
+            return
+        targets = self._targets()
         for n, a in arrays.items():  # all checked: now copy
             targets[n][...] = a
 
     def state_dict(self):
-        """The weights as NumPy arrays (copies): ``w_q, w_k, w_v, w_o`` in
-        the ``(in, out)`` layout and ``b_q, b_k, b_v, b_o`` (None without
-        bias)."""
+        """The weights as NumPy arrays (copies, downloaded from the device
+        on ``"cuda"``): ``w_q, w_k, w_v, w_o`` in the ``(in, out)`` layout
+        and ``b_q, b_k, b_v, b_o`` (None without bias)."""
+        if self.device != "cpu":
+            return self._device_layer.state_dict()
         return {n: None if a is None else a.copy() for n, a in self._targets().items()}
+
+    def to(self, device):
+        """Move the weights to ``device`` (``"cpu"`` or ``"cuda"``, the
+        current CuPy device) and return the layer itself, as
+        ``torch.nn.Module.to`` does. A layer is created on ``"cpu"``; on
+        ``"cuda"`` it takes and returns CuPy (or other CUDA) arrays, and
+        :meth:`new_cache` gives caches on the GPU. A copy between host and
+        device; nothing happens when the layer is already there."""
+        device = _backend.check_device(device)
+        if device == self.device:
+            return self
+        if device == "cuda":
+            self._device_layer = _backend.cuda_backend().DeviceLayer(self, self.state_dict())
+            self._w_in = self._w_q = self._w_kv = self._w_k = self._w_v = self._w_o = None
+            self._b_in = self._b_q = self._b_kv = self._b_k = self._b_v = self._b_o = None
+            self.device = device
+        else:
+            state = self._device_layer.state_dict()
+            self._allocate_host()
+            self.device, self._device_layer = device, None
+            self._load(state)
+        return self
 
     def load_state_dict(self, d):
         """Copy the weights of ``d`` (as from :meth:`state_dict`) into the
@@ -610,7 +374,7 @@ class MultiHeadAttention:
 
     def save(self, path):
         """Write the weights and the configuration to an ``.npz`` file."""
-        arrays = {n: a for n, a in self._targets().items() if a is not None}
+        arrays = {n: a for n, a in self.state_dict().items() if a is not None}
         np.savez(path, **arrays, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                  rope=np.str_(self.rope or ""), rope_base=self.rope_base)
 
@@ -628,13 +392,15 @@ class MultiHeadAttention:
 
     def new_cache(self, batch_size, max_len):
         """A preallocated :class:`KVCache` for ``batch_size`` sequences of up
-        to ``max_len`` tokens each."""
-        return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype)
+        to ``max_len`` tokens each, on the layer's device."""
+        return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype,
+                       device=self.device)
 
     def __repr__(self):
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, kdim={self.kdim}, "
-                f"vdim={self.vdim}, bias={self._has_bias}, rope={self.rope!r}, dtype={self.dtype.name})")
+                f"vdim={self.vdim}, bias={self._has_bias}, rope={self.rope!r}, dtype={self.dtype.name}"
+                + (f", device={self.device!r})" if self.device != "cpu" else ")"))
 
     # ---- the call --------------------------------------------------------------
 
@@ -690,45 +456,49 @@ class MultiHeadAttention:
         out : ndarray ``(B, Lq, embed_dim)`` of the layer's dtype
         weights : ndarray ``(B, H, Lq, Lk)``, only with ``return_weights``
         """
-        x = _as_input(query, "query", self.embed_dim, self.dtype)
-        if (key is None) != (value is None):
-            raise ValueError("pass both key and value (cross-attention) or neither (self-attention)")
+        if self.device != "cpu" or type(query) is not np.ndarray:
+            where = _backend.device_of(query, key, value, names=("query", "key", "value"))
+            if where != self.device:
+                raise TypeError(f"the layer's weights are on {self.device!r} but its inputs on {where!r}: "
+                                f"move the layer with layer.to({where!r}) or the inputs to {self.device!r}")
+            if where != "cpu":
+                return self._device_layer(self, query, key, value, key_lengths=key_lengths,
+                                          query_lengths=query_lengths, attn_mask=attn_mask,
+                                          is_causal=is_causal, return_weights=return_weights, cache=cache)
+        x = as_input(query, "query", self.embed_dim, self.dtype)
+        check_key_value(key, value)
         if cache is not None:
-            _check_cache_call(self, cache, KVCache, key, key_lengths, attn_mask)
+            _check_cache_call(self, cache, key, key_lengths, attn_mask)
             ql = _query_lengths(query_lengths, x.shape[0], x.shape[1])
             _check_cache_fits(cache, self.num_kv_heads, self.head_dim, self.dtype, x.shape)
             nt = get_num_threads()
-            gt = nt if _POOL.enter() else 1
+            gt = nt if BLAS_THREADS.enter() else 1
             try:
                 return self._call_cached(x, cache, ql, bool(return_weights), nt, gt)
             finally:
-                _POOL.exit()
+                BLAS_THREADS.exit()
         B, Lq, _ = x.shape
         H = self.num_heads
         if key is None:
-            if self._w_in is None:
-                raise ValueError(f"self-attention needs kdim == vdim == embed_dim; this layer has "
-                                 f"kdim={self.kdim}, vdim={self.vdim}: pass key and value")
+            check_self_attention(self)
             kx = vx = None
             Lk = Lq
         else:
-            kx = _as_input(key, "key", self.kdim, self.dtype)
-            vx = kx if value is key else _as_input(value, "value", self.vdim, self.dtype)
-            if kx.shape[0] != B or vx.shape[0] != B or kx.shape[1] != vx.shape[1]:
-                raise ValueError(f"query, key and value must have the same batch size, and key and value "
-                                 f"the same length; got query {x.shape}, key {kx.shape}, value {vx.shape}")
+            kx = as_input(key, "key", self.kdim, self.dtype)
+            vx = kx if value is key else as_input(value, "value", self.vdim, self.dtype)
+            check_key_value_shapes(x.shape, kx.shape, vx.shape)
             Lk = kx.shape[1]
         ql = _query_lengths(query_lengths, B, Lq)
         kl = lengths_view(key_lengths, "key_lengths", (B, H), B, H, Lk, "key")
         full = (B, H, Lq, Lk)
         kind, mask4 = prepare_mask(attn_mask, full, full, self.dtype)
         nt = get_num_threads()
-        gt = nt if _POOL.enter() else 1
+        gt = nt if BLAS_THREADS.enter() else 1
         try:
             return self._forward(x, kx, vx, Lk, ql, kl, kind, mask4, bool(is_causal),
                                  bool(return_weights), nt, gt)
         finally:
-            _POOL.exit()
+            BLAS_THREADS.exit()
 
     def _forward(self, x, kx, vx, Lk, ql, kl, kind, mask4, is_causal, return_weights, nt, gt):
         """The uncached call, arguments validated; nt threads for the
@@ -737,7 +507,7 @@ class MultiHeadAttention:
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         nq, nk = H * D, Hkv * D
         full = (B, H, Lq, Lk)
-        mm = _linear
+        mm = linear
         # rows that need projecting: queries up to their length, keys and
         # values up to the longest key length of any head
         q_need = ql
@@ -747,7 +517,7 @@ class MultiHeadAttention:
         # the column block it has just computed (Q and K lead their buffers)
         rope = self._rope_spec
         if kx is None:
-            buf = _row_buffer(B, Lq, nq + 2 * nk, dt)
+            buf = row_buffer(B, Lq, nq + 2 * nk, dt)
             if q_need is None and kv_need is None:
                 mm(x, self._w_in, buf, self._b_in, None, None, 1.0, gt, rope(B, H + Hkv, Lq))
             else:
@@ -761,24 +531,24 @@ class MultiHeadAttention:
                     mm(x, self._w_kv, buf[:, :, nq:], self._b_kv, both, kn, 1.0, gt, rope(B, Hkv, Lk))
             qcols, kcols, vcols = buf[:, :, :nq], buf[:, :, nq:nq + nk], buf[:, :, nq + nk:]
         else:
-            qcols = _row_buffer(B, Lq, nq, dt)
+            qcols = row_buffer(B, Lq, nq, dt)
             mm(x, self._w_q, qcols, self._b_q, None, q_need, 1.0, gt, rope(B, H, Lq))
             if kx is vx and self._w_kv is not None:
-                kvbuf = _row_buffer(B, Lk, 2 * nk, dt)
+                kvbuf = row_buffer(B, Lk, 2 * nk, dt)
                 mm(kx, self._w_kv, kvbuf, self._b_kv, None, kv_need, 1.0, gt, rope(B, Hkv, Lk))
                 kcols, vcols = kvbuf[:, :, :nk], kvbuf[:, :, nk:]
             else:
-                kcols = _row_buffer(B, Lk, nk, dt)
-                vcols = _row_buffer(B, Lk, nk, dt)
+                kcols = row_buffer(B, Lk, nk, dt)
+                vcols = row_buffer(B, Lk, nk, dt)
                 mm(kx, self._w_k, kcols, self._b_k, None, kv_need, 1.0, gt, rope(B, Hkv, Lk))
                 mm(vx, self._w_v, vcols, self._b_v, None, kv_need, 1.0, gt)
 
-        attn = _row_buffer(B, Lq, nq, dt)
+        attn = row_buffer(B, Lq, nq, dt)
         weights = np.empty(full, dtype=dt) if return_weights else None
         qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
         _kernels.scaled_dot_product_attention(
-            _head_view(qcols, H, D), _head_view(kcols, Hkv, D), _head_view(vcols, Hkv, D),
-            _head_view(attn, H, D), weights, 1.0 / math.sqrt(D), mask4, kind, kl, qlv,
+            head_view(qcols, H, D), head_view(kcols, Hkv, D), head_view(vcols, Hkv, D),
+            head_view(attn, H, D), weights, 1.0 / math.sqrt(D), mask4, kind, kl, qlv,
             is_causal, _TOP_LEFT, None, nt)
         out = self._project_out(attn, ql, gt)
         return (out, weights) if return_weights else out
@@ -802,7 +572,7 @@ class MultiHeadAttention:
         B, Lq, _ = attn.shape
         alloc = np.empty if ql is None else np.zeros
         out = alloc((B, Lq, self.embed_dim), dtype=self.dtype)
-        _linear(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt)
+        linear(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt)
         return out
 
     def _call_cached(self, x, cache, ql, return_weights, nt, gt):
@@ -810,26 +580,26 @@ class MultiHeadAttention:
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         nq, nk = H * D, Hkv * D
         new_tokens = np.full(B, L, np.int64) if ql is None else ql
-        old, new = cache._append_lengths(new_tokens)
+        old, new = cache.append_lengths(new_tokens)
         dt = self.dtype
-        buf = _row_buffer(B, L, nq + 2 * nk, dt)
+        buf = row_buffer(B, L, nq + 2 * nk, dt)
         rope = None
         if self.rope is not None:
             # positions continue each sequence; padded rows are never rotated
             pos = np.minimum(old[:, None] + np.arange(L, dtype=np.int64), max(cache.max_len - 1, 0))
             rope = self._rope_spec(B, H + Hkv, L, pos)
-        _linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope)
-        q4 = _head_view(buf[:, :, :nq], H, D)
-        k4 = _head_view(buf[:, :, nq:nq + nk], Hkv, D)
-        v4 = _head_view(buf[:, :, nq + nk:], Hkv, D)
+        linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope)
+        q4 = head_view(buf[:, :, :nq], H, D)
+        k4 = head_view(buf[:, :, nq:nq + nk], Hkv, D)
+        v4 = head_view(buf[:, :, nq + nk:], Hkv, D)
         # append: row i of sequence b goes to cache row old[b] + i, i < new_tokens[b]
         _kernels.rope_apply(k4, cache.k, None, None, None, ROPE_NONE, old, new_tokens, nt)
         _kernels.rope_apply(v4, cache.v, None, None, None, ROPE_NONE, old, new_tokens, nt)
         cache._lengths[:] = new
 
         Lk = int(new.max()) if B else 0
-        attn = _row_buffer(B, L, nq, dt)
-        out4 = _head_view(attn, H, D)
+        attn = row_buffer(B, L, nq, dt)
+        out4 = head_view(attn, H, D)
         weights = np.zeros((B, H, L, Lk), dtype=dt) if return_weights else None
         scale = 1.0 / math.sqrt(D)
         ck, cv = cache.k[:, :, :Lk], cache.v[:, :, :Lk]

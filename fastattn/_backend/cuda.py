@@ -1,0 +1,1092 @@
+"""The CUDA backend: fastattn's CUDA kernels and cuBLAS on CUDA arrays.
+
+The public functions of :mod:`fastattn` send a call here when its arrays are
+CUDA arrays (see :mod:`fastattn._backend`); each function below takes the
+public function's arguments, runs the same checks (the shared helpers of
+:mod:`fastattn._validation`, :mod:`fastattn.masks`, :mod:`fastattn.attention`
+and :mod:`fastattn.layer`) and queues the kernels. Arrays come in as CuPy
+arrays or any object exposing ``__cuda_array_interface__`` or CUDA
+``__dlpack__`` (for example torch CUDA tensors); results are CuPy arrays on
+the current CuPy device and stream. Small per-call data (lengths, masks,
+slopes, positions) may be host or device arrays.
+
+What is CUDA-specific lives here and nowhere else: the device-array adapter
+(:class:`_Array`: pointer, shape, element strides), the per-call runtime
+(:class:`_Runtime`: device, stream, cuBLAS handle, allocation), the kernel
+calls, and :class:`DeviceLayer`, the weights of a
+:class:`fastattn.MultiHeadAttention` moved to the GPU.
+
+The work is done by fastattn's own CUDA kernels and cuBLAS (built only with
+``FASTATTN_CUDA=1``, see docs/gpu.md); CuPy is only the array type and the
+allocator: no result is computed by a CuPy kernel. Importing this module
+imports neither CuPy nor the extension; both are loaded on first use.
+"""
+
+import importlib
+import math
+import sys
+import threading
+
+import numpy as np
+
+from fastattn._backend import CudaUnavailableError, is_device_array
+from fastattn._validation import bool_flag, choice, compute_dtype, lengths_view, require_ndim
+from fastattn.attention import attention_geometry, attention_scale
+from fastattn.heads import _split_dims
+from fastattn.layer import (
+    _check_cache_call,
+    _check_cache_fits,
+    _query_lengths,
+    check_key_value,
+    check_key_value_shapes,
+    check_self_attention,
+)
+from fastattn.masks import _MASK_ADD, _MASK_BOOL, CAUSAL_ALIGNMENTS, softmax_args
+from fastattn.position import add_args, table_args
+from fastattn.projections import check_input_shape
+from fastattn.rotary import ROPE_LAYOUTS, rotary_args
+
+
+class _DtypeCodes(dict):
+    """fa_cuda_dtype codes by NumPy dtype, read from the CUDA extension on
+    first use (so that importing this module never loads it)."""
+
+    def __missing__(self, dtype):
+        code = self[dtype] = _extension().DTYPE_CODES[np.dtype(dtype).name]
+        return code
+
+
+_DTYPE_CODES = _DtypeCodes()
+
+# The (chunk, H, Lq, Lk) score workspace of attention is capped at this many
+# bytes when the weights are not returned: the batch then runs in chunks.
+# 1 GiB still hands cuBLAS hundreds of (Lq x Lk) products per call (enough to
+# fill the GPU) while bounding the temporary memory of long sequences.
+SCORES_WORKSPACE_BYTES = 1 << 30
+
+
+# ---- availability ----------------------------------------------------------------
+
+_probe_lock = threading.Lock()
+_probe_result = None
+
+
+def _extension():
+    """The compiled binding fastattn._cuda (ImportError when not built)."""
+    from fastattn import _cuda
+
+    return _cuda
+
+
+def _probe():
+    try:
+        _cuda = _extension()
+    except ImportError as exc:
+        return False, (
+            "fastattn was built without its CUDA extension fastattn._cuda "
+            f"(rebuild with FASTATTN_CUDA=1, see docs/gpu.md): {exc}"
+        )
+    try:
+        importlib.import_module("cupy")
+    except ImportError as exc:
+        return False, f"CuPy is not installed (pip install 'fastattn[cuda]'): {exc}"
+    try:
+        count = _cuda.device_count()
+    except Exception as exc:  # CudaError, or a broken driver install
+        return False, f"no usable CUDA device: {exc}"
+    if count == 0:
+        return False, "no CUDA device is visible"
+    return True, None
+
+
+def _availability():
+    global _probe_result
+    with _probe_lock:
+        if _probe_result is None:
+            _probe_result = _probe()
+        return _probe_result
+
+
+def is_available():
+    """True when the GPU path can run: fastattn was built with its CUDA
+    extension, CuPy imports and a CUDA device is visible. Never raises."""
+    return _availability()[0]
+
+
+def unavailable_reason():
+    """Why :func:`is_available` is False, or None when it is True."""
+    return _availability()[1]
+
+
+# ---- device arrays -------------------------------------------------------------------
+
+
+class _Array:
+    """A device array as the kernels see it: base pointer (int), shape,
+    strides in elements, dtype; ``obj`` keeps the owner alive and is what
+    an ``out=`` call returns."""
+
+    __slots__ = ("ptr", "shape", "strides", "dtype", "obj", "readonly", "stream", "on_cupy")
+
+    def __init__(self, ptr, shape, strides, dtype, obj, readonly=False, stream=None, on_cupy=False):
+        self.ptr = int(ptr)
+        self.shape = tuple(int(n) for n in shape)
+        self.strides = tuple(int(s) for s in strides)
+        self.dtype = np.dtype(dtype)
+        self.obj = obj
+        self.readonly = readonly
+        self.stream = stream
+        self.on_cupy = on_cupy
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self):
+        return self.dtype.itemsize
+
+    def is_c_contiguous(self):
+        return self.size <= 1 or _same_walk(self.shape, self.strides, _c_strides(self.shape))
+
+    def at(self, element_offset, shape, strides):
+        """A view of the same memory from ``element_offset`` elements on."""
+        return _Array(self.ptr + element_offset * self.itemsize, shape, strides, self.dtype,
+                      self.obj, self.readonly, self.stream, self.on_cupy)
+
+    def reshaped(self, shape):
+        """This memory viewed with ``shape`` without a copy, or None."""
+        strides = _reshape_strides(self.shape, self.strides, tuple(shape))
+        if strides is None:
+            return None
+        return _Array(self.ptr, shape, strides, self.dtype, self.obj, self.readonly, self.stream,
+                      self.on_cupy)
+
+    def byte_extent(self):
+        """[low, high) bytes this view can touch; empty views touch nothing."""
+        if self.size == 0:
+            return self.ptr, self.ptr
+        lo = hi = 0
+        for n, s in zip(self.shape, self.strides):
+            if s < 0:
+                lo += s * (n - 1)
+            else:
+                hi += s * (n - 1)
+        return self.ptr + lo * self.itemsize, self.ptr + (hi + 1) * self.itemsize
+
+
+def _c_strides(shape):
+    strides = []
+    step = 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _same_walk(shape, a, b):
+    """True when strides a and b address the same elements in the same order
+    (they may differ only on size-1 axes)."""
+    return all(n == 1 or sa == sb for n, sa, sb in zip(shape, a, b))
+
+
+def _reshape_strides(shape, strides, new_shape):
+    """Element strides that view (shape, strides) as new_shape without a copy
+    (the rule NumPy's reshape follows), or None when a copy is needed."""
+    if math.prod(shape) != math.prod(new_shape):
+        raise ValueError(f"cannot view shape {shape} as {new_shape}")
+    if math.prod(shape) == 0:
+        return _c_strides(new_shape)
+    old = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    new_strides = [0] * len(new_shape)
+    oi = ni = 0
+    while oi < len(old) and ni < len(new_shape):
+        o_end, n_end = oi + 1, ni + 1
+        o_prod, n_prod = old[oi][0], new_shape[ni]
+        while o_prod != n_prod:
+            if n_prod < o_prod:
+                n_prod *= new_shape[n_end]
+                n_end += 1
+            else:
+                o_prod *= old[o_end][0]
+                o_end += 1
+        # the old axes of this group must walk memory as one axis
+        for a in range(oi, o_end - 1):
+            if old[a][1] != old[a + 1][0] * old[a + 1][1]:
+                return None
+        step = old[o_end - 1][1]
+        for a in range(n_end - 1, ni - 1, -1):
+            new_strides[a] = step
+            step *= new_shape[a]
+        oi, ni = o_end, n_end
+    return tuple(new_strides)
+
+
+def _broadcast_strides(shape, strides, target, name, what):
+    """Strides that broadcast (shape, strides) to target (NumPy rules)."""
+    if len(shape) > len(target):
+        raise ValueError(f"{name} of shape {shape} does not broadcast to the {what} {tuple(target)}")
+    pad = len(target) - len(shape)
+    out = [0] * pad
+    for n, s, t in zip(shape, strides, target[pad:]):
+        if n == t:
+            out.append(s if t != 1 else 0)
+        elif n == 1:
+            out.append(0)
+        else:
+            raise ValueError(f"{name} of shape {shape} does not broadcast to the {what} {tuple(target)}")
+    return tuple(out)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _device_array(obj, name):
+    """``obj`` as an _Array; TypeError for host arrays and other objects."""
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(obj, cp.ndarray):
+        return _Array(obj.data.ptr, obj.shape, _element_strides(obj.strides, obj.dtype, name),
+                      obj.dtype, obj, on_cupy=True)
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None:
+        return _from_cai(cai, obj, name)
+    if is_device_array(obj):
+        arr = _cupy().from_dlpack(obj)
+        return _device_array(arr, name)
+    raise TypeError(
+        f"{name} must be a CUDA array (a CuPy array, or an object with "
+        f"__cuda_array_interface__ or a CUDA __dlpack__), got {type(obj).__name__}; "
+        "use cupy.asarray() to move host data to the GPU"
+    )
+
+
+def _element_strides(byte_strides, dtype, name):
+    itemsize = np.dtype(dtype).itemsize
+    if any(s % itemsize for s in byte_strides):
+        raise ValueError(f"{name} has strides {tuple(byte_strides)} that are not a multiple of its itemsize {itemsize}")
+    return tuple(s // itemsize for s in byte_strides)
+
+
+def _from_cai(cai, obj, name):
+    try:
+        shape = tuple(int(n) for n in cai["shape"])
+        dtype = np.dtype(cai["typestr"])
+        ptr, readonly = cai["data"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TypeError(f"{name} has a malformed __cuda_array_interface__: {exc}") from None
+    if cai.get("mask") is not None:
+        raise TypeError(f"{name}: masked __cuda_array_interface__ arrays are not supported")
+    if not dtype.isnative:
+        raise TypeError(f"{name} has non-native byte order {dtype.str}")
+    strides = cai.get("strides")
+    if strides is None:
+        estrides = _c_strides(shape)
+    else:
+        estrides = _element_strides(strides, dtype, name)
+    return _Array(ptr or 0, shape, estrides, dtype, obj, bool(readonly), cai.get("stream"))
+
+
+def _host_array(values, name):
+    """Host copy of small per-call data (lengths, slopes, positions, masks)
+    that may be given on the host or the device."""
+    if is_device_array(values):
+        _Runtime.require()
+        cp = _cupy()
+        arr = values if isinstance(values, cp.ndarray) else cp.asarray(values)
+        return cp.asnumpy(arr)
+    return np.asarray(values)
+
+
+def _compute_dtype(arr, name):
+    return compute_dtype(arr.dtype, name)
+
+
+# ---- the per-call runtime state ----------------------------------------------------------
+
+_local = threading.local()
+
+
+class _Runtime:
+    """What a call needs once its arguments are valid: the extension, CuPy,
+    the current device and stream, and this thread's cuBLAS handle."""
+
+    def __init__(self):
+        self.require()
+        self.lib = _extension()
+        self.cp = _cupy()
+        self.device = self.cp.cuda.Device().id
+        # CuPy may carry its own copy of the CUDA runtime: make its current
+        # device ours too.
+        self.lib.set_device(self.device)
+        self.stream = self.cp.cuda.get_current_stream().ptr
+
+    @staticmethod
+    def require():
+        ok, reason = _availability()
+        if not ok:
+            raise CudaUnavailableError(f"fastattn.cuda is not available: {reason}")
+
+    def blas(self):
+        handles = getattr(_local, "blas", None)
+        if handles is None:
+            handles = _local.blas = {}
+        handle = handles.get(self.device)
+        if handle is None:
+            handle = handles[self.device] = self.lib.BlasHandle()
+        return handle
+
+    def attach(self, arr, name):
+        """Check that ``arr`` lives on the current device and order this
+        call's stream after the producer's (``__cuda_array_interface__``
+        v3 ``stream``)."""
+        if arr.size == 0:
+            return arr
+        if arr.on_cupy:
+            dev = arr.obj.device.id
+        else:
+            dev = self.lib.pointer_device(arr.ptr)
+        if dev != self.device:
+            raise ValueError(f"{name} is on CUDA device {dev} but the current device is {self.device}; "
+                             "use `with cupy.cuda.Device(...)`")
+        if arr.stream is not None and int(arr.stream) != self.stream:
+            self.lib.stream_wait(self.stream, int(arr.stream))
+        return arr
+
+    def empty(self, shape, dtype):
+        a = self.cp.empty(shape, dtype=dtype)
+        return _Array(a.data.ptr, a.shape, _element_strides(a.strides, a.dtype, "buffer"), a.dtype, a,
+                      on_cupy=True)
+
+    def upload(self, host, dtype=None):
+        """A small host array on the device (a plain host-to-device copy)."""
+        a = self.cp.asarray(np.ascontiguousarray(host, dtype=dtype))
+        return _Array(a.data.ptr, a.shape, _element_strides(a.strides, a.dtype, "buffer"), a.dtype, a,
+                      on_cupy=True)
+
+    # -- kernels on _Arrays --
+
+    def copy(self, src, dst):
+        """dst[...] = src (same shape), converting src's dtype to dst's."""
+        if src.shape != dst.shape:
+            raise AssertionError(f"copy of {src.shape} into {dst.shape}")
+        if src.size == 0:
+            return
+        shape, s_str, d_str = _collapse(src.shape, src.strides, dst.strides)
+        while len(shape) < 4:
+            shape, s_str, d_str = (1,) + shape, (0,) + s_str, (0,) + d_str
+        lead = shape[:-4]
+        for index in np.ndindex(*lead) if lead else [()]:
+            s_off = sum(i * s for i, s in zip(index, s_str))
+            d_off = sum(i * s for i, s in zip(index, d_str))
+            self.lib.copy(_DTYPE_CODES[dst.dtype], _DTYPE_CODES[src.dtype],
+                          src.ptr + s_off * src.itemsize, s_str[-4:],
+                          dst.ptr + d_off * dst.itemsize, d_str[-4:], shape[-4:], self.stream)
+
+    def append_rows(self, src, dst, dst_row, rows):
+        """dst[b, m, dst_row[b] + i] = src[b, m, i] for i < rows[b]: src
+        (B, M, L, C) and dst (B, M, Ldst, C) views of one dtype, dst_row
+        and rows device int64 (B,) views (the KV-cache append)."""
+        if src.dtype != dst.dtype or src.shape[:2] + src.shape[3:] != dst.shape[:2] + dst.shape[3:]:
+            raise AssertionError(f"append of {src.shape} {src.dtype} rows into {dst.shape} {dst.dtype}")
+        self.lib.append_rows(_DTYPE_CODES[dst.dtype], src.ptr, src.strides, dst.ptr, dst.strides,
+                             src.shape, dst.shape[2], dst_row.ptr, rows.ptr, self.stream)
+
+    def contiguous(self, arr, dtype):
+        """``arr`` as a C-contiguous array of ``dtype`` (itself when it is one)."""
+        if arr.dtype == dtype and arr.is_c_contiguous():
+            return arr
+        out = self.empty(arr.shape, dtype)
+        self.copy(arr, out)
+        return out
+
+    def kernel_view(self, arr, dtype, shape):
+        """``arr`` in ``dtype`` viewed as ``shape``: a view when possible,
+        else a converted contiguous copy."""
+        if arr.dtype == dtype:
+            view = arr.reshaped(shape)
+            if view is not None:
+                return view
+        return self.contiguous(arr, dtype).reshaped(shape)
+
+
+def _collapse(shape, a, b):
+    """Drop size-1 axes and merge neighbours that both views walk as one."""
+    dims = [(n, sa, sb) for n, sa, sb in zip(shape, a, b) if n != 1]
+    merged = []
+    for n, sa, sb in dims:
+        if merged:
+            pn, psa, psb = merged[-1]
+            if psa == sa * n and psb == sb * n:
+                merged[-1] = (pn * n, sa, sb)
+                continue
+        merged.append((n, sa, sb))
+    if not merged:
+        merged = [(1, 0, 0)]
+    return (tuple(m[0] for m in merged), tuple(m[1] for m in merged), tuple(m[2] for m in merged))
+
+
+def _overlaps(a, b):
+    alo, ahi = a.byte_extent()
+    blo, bhi = b.byte_extent()
+    return alo < bhi and blo < ahi
+
+
+class _Output:
+    """Where a kernel writes: the user's ``out`` when the kernel can write it
+    directly, else a fresh buffer copied into ``out`` by :meth:`finish`
+    (mirrors fastattn._validation.OutputTarget)."""
+
+    def __init__(self, rt, out, shape, dtype, kernel_shape, inputs=(), inplace_ok=(),
+                 contiguous=False, unit_last_stride=False):
+        self.rt = rt
+        self.copy_back = None
+        shape = tuple(shape)
+        if out is None:
+            self.array = rt.empty(shape, dtype)
+            self.result = self.array.obj
+            self.kernel = self.array.reshaped(kernel_shape)
+            return
+        o = _device_array(out, "out")
+        if o.shape != shape:
+            raise ValueError(f"out must have shape {shape}, got {o.shape}")
+        if o.dtype != dtype:
+            raise TypeError(f"out must have dtype {dtype}, got {o.dtype}")
+        if o.readonly:
+            raise ValueError("out is read-only")
+        rt.attach(o, "out")
+        self.result = out
+        view = o.reshaped(kernel_shape)
+        overlaps = any(
+            _overlaps(o, x) and not (any(x is y for y in inplace_ok)
+                                     and x.ptr == view.ptr and x.strides == view.strides)
+            for x in inputs if x is not None and view is not None
+        )
+        bad_layout = view is None or (contiguous and not view.is_c_contiguous()) or (
+            unit_last_stride and view.shape[-1] > 1 and view.strides[-1] != 1)
+        if bad_layout or overlaps:
+            self.array = rt.empty(shape, dtype)
+            self.kernel = self.array.reshaped(kernel_shape)
+            self.copy_back = o
+        else:
+            self.kernel = view
+
+    def finish(self):
+        if self.copy_back is not None:
+            self.rt.copy(self.array, self.copy_back)
+        return self.result
+
+
+# ---- shared argument handling ----------------------------------------------------------------
+
+
+def _host_or_none(values, name):
+    return None if values is None else _host_array(values, name)
+
+
+def _contiguous_or_none(view):
+    return None if view is None else np.ascontiguousarray(view, dtype=np.int64)
+
+
+def _lengths(values, name, lead, B, M, axis_len, axis_name):
+    """Validated lengths as a host (B, M) int64 array, or None."""
+    if values is None:
+        return None
+    host = _host_array(values, name)
+    view = lengths_view(host, name, lead, B, M, axis_len, axis_name)
+    return np.ascontiguousarray(view, dtype=np.int64)
+
+
+class _MaskSpec:
+    """A validated ``attn_mask``: host NumPy or device _Array, its kind, and
+    whether it must be converted to the compute dtype."""
+
+    def __init__(self, attn_mask, full_shape, dtype):
+        self.kind = 0
+        self.host = None
+        self.device = None
+        self.full_shape = tuple(full_shape)
+        self.dtype = dtype
+        if attn_mask is None:
+            return
+        if is_device_array(attn_mask):
+            self.device = _device_array(attn_mask, "attn_mask")
+            mdtype, shape, strides = self.device.dtype, self.device.shape, self.device.strides
+        else:
+            self.host = np.asarray(attn_mask)
+            mdtype, shape = self.host.dtype, self.host.shape
+            strides = _c_strides(shape)
+        if mdtype == np.bool_:
+            self.kind = _MASK_BOOL
+        else:
+            compute_dtype(mdtype, "attn_mask")
+            self.kind = _MASK_ADD
+        # the same message as the CPU API
+        try:
+            _broadcast_strides(shape, strides, self.full_shape, "attn_mask", "scores shape")
+        except ValueError:
+            raise ValueError(
+                f"attn_mask of shape {tuple(shape)} does not broadcast to the scores shape {self.full_shape}"
+            ) from None
+
+    def realize(self, rt, kernel_shape):
+        """(pointer, kind, 4 strides, keep-alive) for the kernel."""
+        if self.kind == 0:
+            return None, 0, (0, 0, 0, 0), None
+        elem = np.dtype(np.uint8) if self.kind == _MASK_BOOL else self.dtype
+        if self.device is not None:
+            arr = rt.attach(self.device, "attn_mask")
+            if self.kind == _MASK_BOOL:  # the same bytes, read as 0/1
+                arr = _Array(arr.ptr, arr.shape, arr.strides, np.uint8, arr.obj, on_cupy=arr.on_cupy)
+            elif arr.dtype != elem:
+                arr = rt.contiguous(arr, elem)
+        else:
+            host = self.host.view(np.uint8) if self.kind == _MASK_BOOL else self.host.astype(elem, copy=False)
+            arr = rt.upload(host)
+        strides = _broadcast_strides(arr.shape, arr.strides, self.full_shape, "attn_mask", "scores shape")
+        full = _Array(arr.ptr, self.full_shape, strides, arr.dtype, arr.obj, stream=None, on_cupy=arr.on_cupy)
+        view = full.reshaped(kernel_shape)
+        if view is None:
+            # broadcast axes that cannot be merged into one: materialise once
+            dense = rt.empty(self.full_shape, arr.dtype)
+            rt.copy(full, dense)
+            view = dense.reshaped(kernel_shape)
+        return view.ptr, self.kind, view.strides, view
+
+
+def _causal_code(is_causal, causal_alignment):
+    """The C causal code, with the checks of the CPU API."""
+    is_causal = bool_flag(is_causal, "is_causal")
+    alignment = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
+    return alignment if is_causal else 0
+
+
+def _lengths_args(rt, host):
+    """(device pointer, (stride_b, stride_m), keep-alive) of host (B, M) lengths."""
+    if host is None:
+        return None, (0, 0), None
+    dev = rt.upload(host, dtype=np.int64)
+    return dev.ptr, (host.shape[1], 1), dev
+
+
+# ---- fused masked softmax ---------------------------------------------------------------------
+
+
+def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=None,
+                   is_causal=False, causal_alignment="top_left", scale=1.0, out=None,
+                   num_threads=None):
+    """GPU :func:`fastattn.masked_softmax`: the fused masked softmax over the
+    last axis of ``scores`` ``(..., Lq, Lk)``. ``num_threads`` is accepted
+    for API compatibility and ignored."""
+    x = _device_array(scores, "scores")
+    dtype = _compute_dtype(x, "scores")
+    kshape, causal, scale, kl, ql = softmax_args(
+        x.shape, _host_or_none(key_lengths, "key_lengths"), _host_or_none(query_lengths, "query_lengths"),
+        is_causal, causal_alignment, scale)
+    kl, ql = _contiguous_or_none(kl), _contiguous_or_none(ql)
+    mask = _MaskSpec(attn_mask, x.shape, dtype)
+
+    rt = _Runtime()
+    rt.attach(x, "scores")
+    x4 = rt.kernel_view(x, dtype, kshape)
+    mptr, mkind, mstrides, mkeep = mask.realize(rt, kshape)
+    klp, kls, klkeep = _lengths_args(rt, kl)
+    qlp, qls, qlkeep = _lengths_args(rt, ql)
+    target = _Output(rt, out, x.shape, dtype, kshape, inputs=(x4, mkeep), inplace_ok=(x4,))
+    y4 = target.kernel
+    rt.lib.masked_softmax(_DTYPE_CODES[dtype], x4.ptr, x4.strides, y4.ptr, y4.strides, kshape,
+                          scale, mptr, mkind, mstrides, klp, kls, qlp, qls, causal, rt.stream)
+    del mkeep, klkeep, qlkeep  # the queued kernel is ordered before any reuse
+    return target.finish()
+
+
+# ---- heads --------------------------------------------------------------------------------------
+
+
+def split_heads(x, num_heads, *, out=None, num_threads=None):
+    """GPU :func:`fastattn.split_heads`: ``(B, S, H*D)`` to a C-contiguous
+    ``(B, H, S, D)``, in one strided copy kernel."""
+    a = _device_array(x, "x")
+    dtype = _compute_dtype(a, "x")
+    B, S, H, D = _split_dims(a, num_heads)
+    rt = _Runtime()
+    rt.attach(a, "x")
+    s0, s1, s2 = a.strides
+    src = a.at(0, (B, H, S, D), (s0, s2 * D, s1, s2))
+    target = _Output(rt, out, (B, H, S, D), dtype, (B, H, S, D), inputs=(a,))
+    rt.copy(src, target.kernel)
+    return target.finish()
+
+
+def merge_heads(x, *, out=None, num_threads=None):
+    """GPU :func:`fastattn.merge_heads`: ``(B, H, S, D)`` to a C-contiguous
+    ``(B, S, H*D)``."""
+    a = _device_array(x, "x")
+    dtype = _compute_dtype(a, "x")
+    require_ndim(a, "x", 4, "(batch, heads, seq, head_dim)")
+    B, H, S, D = a.shape
+    rt = _Runtime()
+    rt.attach(a, "x")
+    s0, s1, s2, s3 = a.strides
+    src = a.at(0, (B, S, H, D), (s0, s2, s1, s3))
+    target = _Output(rt, out, (B, S, H * D), dtype, (B, S, H, D), inputs=(a,))
+    rt.copy(src, target.kernel)
+    return target.finish()
+
+
+# ---- positional encodings ------------------------------------------------------------------------
+
+
+def sinusoidal_position_encoding(length, channels, *, layout="concat", min_timescale=1.0,
+                                 max_timescale=1.0e4, start_index=0, dtype=np.float32,
+                                 out=None, num_threads=None):
+    """GPU :func:`fastattn.sinusoidal_position_encoding`: the ``(length,
+    channels)`` table, angles in double precision."""
+    L, C, code, lo, hi, start, dt = table_args(length, channels, layout, min_timescale,
+                                               max_timescale, start_index, dtype)
+    rt = _Runtime()
+    target = _Output(rt, out, (L, C), dt, (L, C), unit_last_stride=True)
+    t = target.kernel
+    rt.lib.position_encoding(_DTYPE_CODES[dt], t.ptr, t.strides[0], L, C, code, lo, hi, start,
+                             rt.stream)
+    return target.finish()
+
+
+def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.0,
+                          max_timescale=1.0e4, out=None, num_threads=None):
+    """GPU :func:`fastattn.add_position_encoding`: ``x + PE`` over
+    ``(..., length, channels)`` in one pass, without the table."""
+    a = _device_array(x, "x")
+    dtype = _compute_dtype(a, "x")
+    code, lo, hi, start, kshape = add_args(a.shape, layout, start_index, min_timescale, max_timescale)
+    rt = _Runtime()
+    rt.attach(a, "x")
+    x3 = rt.kernel_view(a, dtype, kshape)
+    target = _Output(rt, out, a.shape, dtype, kshape, inputs=(x3,), inplace_ok=(x3,))
+    y3 = target.kernel
+    rt.lib.add_position_encoding(_DTYPE_CODES[dtype], x3.ptr, x3.strides, y3.ptr, y3.strides,
+                                 kshape, code, lo, hi, start, rt.stream)
+    return target.finish()
+
+
+def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_threads=None):
+    """GPU :func:`fastattn.apply_rotary`: RoPE of ``x`` ``(..., L, D)``
+    at host or device ``positions``; ``out`` may be ``x``."""
+    a = _device_array(x, "x")
+    dtype = _compute_dtype(a, "x")
+    code, base, pos, kshape = rotary_args(a.shape, _host_array(positions, "positions"), layout, base)
+    N0, N1, L, D = kshape
+    rt = _Runtime()
+    rt.attach(a, "x")
+    x4 = rt.kernel_view(a, dtype, kshape)
+    pos_dev = rt.upload(pos.astype(np.int64, copy=False))
+    pstrides = _broadcast_strides(pos_dev.shape, pos_dev.strides, a.shape[:-1], "positions", "shape")
+    pview = _Array(pos_dev.ptr, a.shape[:-1], pstrides, np.int64, pos_dev.obj).reshaped((N0, N1, L))
+    if pview is None:
+        pos_dev = rt.upload(np.broadcast_to(pos, a.shape[:-1]).reshape(N0, N1, L))
+        pview = pos_dev
+    target = _Output(rt, out, a.shape, dtype, kshape, inputs=(x4,), inplace_ok=(x4,))
+    y4 = target.kernel
+    rt.lib.apply_rotary(_DTYPE_CODES[dtype], x4.ptr, x4.strides, y4.ptr, y4.strides, kshape,
+                        pview.ptr, pview.strides[:3], code, base, rt.stream)
+    return target.finish()
+
+
+# ---- scaled dot-product attention --------------------------------------------------------------
+
+
+def _key_extent(kl, ql, causal, B, Lq, Lk):
+    """Per batch item, how many leading keys any of its rows may attend
+    (host int64 (B,)), or None when every item needs all Lk keys."""
+    if kl is None and ql is None and causal != CAUSAL_ALIGNMENTS["top_left"]:
+        return None
+    ext = np.full(B, Lk, dtype=np.int64)
+    if kl is not None:
+        ext = np.minimum(ext, kl.max(axis=1))
+    qmax = ql.max(axis=1) if ql is not None else np.full(B, Lq, dtype=np.int64)
+    if causal == CAUSAL_ALIGNMENTS["top_left"]:
+        limit = qmax  # row i sees keys j <= i < qmax
+    elif causal == CAUSAL_ALIGNMENTS["bottom_right"]:
+        limit = qmax + (Lk - Lq)
+    else:
+        limit = np.where(qmax > 0, Lk, 0)
+    ext = np.clip(np.minimum(ext, limit), 0, Lk).astype(np.int64)
+    return None if np.all(ext == Lk) else np.ascontiguousarray(ext)
+
+
+def _attention(rt, q, k, v, dtype, *, mask, kl, ql, causal, alignment, scale, alibi,
+               weights_target, out_kernel):
+    """SDPA on contiguous (B, H, Lq, D) / (B, Hkv, Lk, D) / (B, Hkv, Lk, Dv)
+    device arrays of ``dtype``; writes ``out_kernel`` (contiguous
+    (B, H, Lq, Dv)) and, when given, ``weights_target`` (B, H, Lq, Lk)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    kshape = (B, H, Lq, Lk)
+    mptr, mkind, mstrides, mkeep = mask.realize(rt, kshape)
+    klp, kls, klkeep = _lengths_args(rt, kl)
+    qlp, qls, qlkeep = _lengths_args(rt, ql)
+    alibi_dev = rt.upload(alibi, dtype=dtype) if alibi is not None else None
+    alibi_offset = 0 if alignment == "top_left" else Lk - Lq
+    if weights_target is not None:
+        scores, scores_batch = weights_target, max(B, 1)
+    else:
+        per_item = H * Lq * Lk * dtype.itemsize
+        scores_batch = max(1, min(B, SCORES_WORKSPACE_BYTES // max(per_item, 1)))
+        scores = rt.empty((scores_batch, H, Lq, Lk), dtype)
+    extent = _key_extent(kl, ql, causal, B, Lq, Lk)
+    rt.lib.sdpa(rt.blas(), _DTYPE_CODES[dtype], (B, H, Hkv, Lq, Lk, D, Dv), q.ptr, k.ptr, v.ptr,
+                out_kernel.ptr, scores.ptr, scores_batch, scale, causal, mptr, mkind, mstrides,
+                klp, kls, qlp, qls, alibi_dev.ptr if alibi_dev is not None else None,
+                alibi_offset, extent, rt.stream)
+    del mkeep, klkeep, qlkeep, alibi_dev, scores
+
+
+def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
+                                 query_lengths=None, is_causal=False,
+                                 causal_alignment="top_left", scale=None, alibi_slopes=None,
+                                 return_weights=False, out=None, num_threads=None,
+                                 key_starts=None, window=None, softcap=None, sinks=None):
+    """GPU :func:`fastattn.scaled_dot_product_attention`: cuBLAS Q Kᵀ, the
+    fused masked softmax, cuBLAS P V.
+
+    ``q`` ``(B, H, Lq, D)``, ``k`` ``(B, Hkv, Lk, D)``, ``v`` ``(B, Hkv, Lk,
+    Dv)`` with ``H % Hkv == 0`` (query head h reads kv head ``h // (H //
+    Hkv)``), or all 3-D ``(B, L, D)`` for one head. Masks, lengths,
+    causality, ``scale`` (default ``1/sqrt(D)``) and ALiBi (``alibi_slopes``
+    ``(H,)`` adds ``-slope[h] * (i_pos - j)``, ``i_pos`` aligned like the
+    causal mask) mean what they mean on the CPU. Returns ``out``, or
+    ``(out, weights)`` with ``return_weights=True``.
+    """
+    for name, value in (("key_starts", key_starts), ("window", window),
+                        ("softcap", softcap), ("sinks", sinks)):
+        if value is not None:
+            raise NotImplementedError(f"{name} is not supported on the CUDA backend yet")
+    qa = _device_array(q, "q")
+    ka = _device_array(k, "k")
+    va = _device_array(v, "v")
+    dtype = np.dtype(np.result_type(_compute_dtype(qa, "q"), _compute_dtype(ka, "k"),
+                                    _compute_dtype(va, "v")))
+    three_d, (B, H, Lq, D), (Hkv, Lk, Dv) = attention_geometry(qa.shape, ka.shape, va.shape)
+    ndim = 3 if three_d else 4
+    if three_d:  # one head: (B, L, D) as (B, 1, L, D)
+        q4, k4, v4 = (a.at(0, (a.shape[0], 1) + a.shape[1:], (a.strides[0], 0) + a.strides[1:])
+                      for a in (qa, ka, va))
+    else:
+        q4, k4, v4 = qa, ka, va
+    causal = _causal_code(is_causal, causal_alignment)
+    alignment = choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)
+    scale = attention_scale(scale, D)
+    scores_shape = (B, H, Lq, Lk) if ndim == 4 else (B, Lq, Lk)
+    lead = scores_shape[:-2]
+    kl = _lengths(key_lengths, "key_lengths", lead, B, H, Lk, "key")
+    ql = _lengths(query_lengths, "query_lengths", lead, B, H, Lq, "query")
+    mask = _MaskSpec(attn_mask, scores_shape, dtype)
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = _host_array(alibi_slopes, "alibi_slopes")
+        compute_dtype(alibi.dtype, "alibi_slopes")
+        if alibi.shape != (H,):
+            raise ValueError(f"alibi_slopes must have shape ({H},) for {H} query heads, got {alibi.shape}")
+        alibi = alibi.astype(np.float64)
+    out_shape = (B, H, Lq, Dv) if ndim == 4 else (B, Lq, Dv)
+
+    rt = _Runtime()
+    for arr, name in ((qa, "q"), (ka, "k"), (va, "v")):
+        rt.attach(arr, name)
+    qc = rt.contiguous(q4, dtype)
+    kc = rt.contiguous(k4, dtype)
+    vc = rt.contiguous(v4, dtype)
+    target = _Output(rt, out, out_shape, dtype, (B, H, Lq, Dv), inputs=(qc, kc, vc), contiguous=True)
+    weights = rt.empty((B, H, Lq, Lk), dtype) if return_weights else None
+    _attention(rt, qc, kc, vc, dtype, mask=mask, kl=kl, ql=ql, causal=causal, alignment=alignment,
+               scale=scale, alibi=alibi, weights_target=weights, out_kernel=target.kernel)
+    result = target.finish()
+    if not return_weights:
+        return result
+    w = weights.obj if ndim == 4 else weights.obj.reshape(scores_shape)
+    return result, w
+
+
+# ---- what fastattn.KVCache needs on the device ----------------------------------------------
+
+
+def empty(shape, dtype):
+    """An uninitialised device array (an _Array) on the current device."""
+    return _Runtime().empty(shape, dtype)
+
+
+def upload(host, dtype):
+    """A host array copied to the current device (an _Array)."""
+    return _Runtime().upload(host, dtype)
+
+
+def download(arr):
+    """A device _Array copied to a host NumPy array (synchronises)."""
+    return _cupy().asnumpy(arr.obj)
+
+
+def host_array(values, name):
+    """Host copy of small data given on the host or the device."""
+    return _host_array(values, name)
+
+
+# ---- multi-head attention layer ---------------------------------------------------------------
+
+
+class DeviceLayer:
+    """The weights of a :class:`fastattn.MultiHeadAttention` on the current
+    CUDA device, and the layer's call there.
+
+    The projections are cuBLAS GEMMs (one fused QKV GEMM for
+    self-attention), heads are split (with RoPE fused in when the layer has
+    it) by fastattn kernels, and attention runs as in
+    :func:`scaled_dot_product_attention`. With ``cache=`` the new tokens'
+    keys and values (RoPE at positions ``lengths[b] + i``) are appended at
+    each sequence's length by one kernel, and the queries attend, causally
+    and bottom-right aligned per sequence, to everything the cache holds
+    (the cache's lengths are the key lengths, so nothing is masked into a
+    dense array). The arguments are checked by the layer's own helpers, so
+    every message is the CPU layer's.
+    """
+
+    def __init__(self, layer, state):
+        self.num_heads, self.num_kv_heads = layer.num_heads, layer.num_kv_heads
+        self.embed_dim, self.kdim, self.vdim = layer.embed_dim, layer.kdim, layer.vdim
+        self.head_dim = self.v_head_dim = layer.head_dim
+        self.rope, self.rope_base, self.dtype = layer.rope, layer.rope_base, layer.dtype
+        H, Hkv, E, D, dt = self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.dtype
+        w_q, w_k, w_v, w_o = (state[n] for n in ("w_q", "w_k", "w_v", "w_o"))
+        b_q, b_k, b_v, b_o = (state.get(n) for n in ("b_q", "b_k", "b_v", "b_o"))
+        rt = _Runtime()
+        widths = (H * D, Hkv * D, Hkv * D)
+        self._widths = widths
+        # one (E, H*D + 2*Hkv*D) weight: self-attention projects Q, K and V
+        # in one GEMM, cross-attention uses its column blocks
+        self._fused = self.kdim == E and self.vdim == E
+        if self._fused:
+            self._w_qkv = rt.upload(np.concatenate([w_q, w_k, w_v], axis=1), dtype=dt)
+        else:
+            self._w_qkv = None
+            self._w_sep = tuple(rt.upload(w, dtype=dt) for w in (w_q, w_k, w_v))
+        self._has_bias = b_q is not None
+        self._b_qkv = rt.upload(np.concatenate([b_q, b_k, b_v]), dtype=dt) if self._has_bias else None
+        self._w_o = rt.upload(w_o, dtype=dt)
+        self._b_o = rt.upload(b_o, dtype=dt) if b_o is not None else None
+
+    def state_dict(self):
+        """The weights downloaded to NumPy, as the layer's state_dict."""
+        nq, nk, _ = self._widths
+        if self._fused:
+            w = download(self._w_qkv)
+            state = {"w_q": w[:, :nq].copy(), "w_k": w[:, nq:nq + nk].copy(), "w_v": w[:, nq + nk:].copy()}
+        else:
+            state = {n: download(w) for n, w in zip(("w_q", "w_k", "w_v"), self._w_sep)}
+        state["w_o"] = download(self._w_o)
+        if self._has_bias:
+            b = download(self._b_qkv)
+            state.update(b_q=b[:nq].copy(), b_k=b[nq:nq + nk].copy(), b_v=b[nq + nk:].copy(),
+                         b_o=download(self._b_o))
+        else:
+            state.update(b_q=None, b_k=None, b_v=None, b_o=None)
+        return state
+
+    def _project(self, rt, x, rows, which):
+        """(rows, width) = x @ w_which + b_which for which in 0 (q), 1 (k), 2 (v)."""
+        dt = self.dtype
+        width = self._widths[which]
+        col0 = sum(self._widths[:which])
+        y = rt.empty((rows, width), dt)
+        if self._fused:
+            w_ptr = self._w_qkv.ptr + col0 * dt.itemsize
+            w_rs = sum(self._widths)
+        else:
+            w_ptr = self._w_sep[which].ptr
+            w_rs = width
+        bias = self._b_qkv.ptr + col0 * dt.itemsize if self._b_qkv is not None else None
+        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], x.ptr, x.shape[-1], w_ptr, w_rs, bias, y.ptr,
+                      width, rows, x.shape[-1], width, rt.stream)
+        return y
+
+    def _rotate(self, rt, src, dst, pos):
+        """dst = RoPE(src) over (B, heads, L, D) views (dst may be src), row
+        i of batch b at position pos[b, 0, i] (pos: an int64 view of
+        (B, 1, L) strides)."""
+        rt.lib.apply_rotary(_DTYPE_CODES[self.dtype], src.ptr, src.strides, dst.ptr, dst.strides,
+                            src.shape, pos.ptr, pos.strides, ROPE_LAYOUTS[self.rope], self.rope_base,
+                            rt.stream)
+
+    def _heads(self, rt, src, pos):
+        """Contiguous (B, heads, L, d) from a strided (B, heads, L, d) view
+        of the projection, rotated at ``pos`` unless that is None."""
+        dst = rt.empty(src.shape, self.dtype)
+        if pos is None:
+            rt.copy(src, dst)
+        else:
+            self._rotate(rt, src, dst, pos)
+        return dst
+
+    @staticmethod
+    def _input(x, name, dim):
+        """``x`` as a validated (B, L, dim) device _Array."""
+        xa = _device_array(x, name)
+        compute_dtype(xa.dtype, name)
+        check_input_shape(xa.shape, name, dim)
+        return xa
+
+    def _project_qkv(self, rt, qa):
+        """Self-attention's one GEMM: (B*L, H*D + Hkv*D + Hkv*Dv) = x @ W_qkv + b,
+        viewed as the strided (B, heads, L, d) q, k and v sources."""
+        H, Hkv, E, D, Dv = self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.v_head_dim
+        dt = self.dtype
+        B, L, _ = qa.shape
+        x = rt.contiguous(qa, dt).reshaped((B * L, E))
+        width = sum(self._widths)
+        proj = rt.empty((B * L, width), dt)
+        bias = self._b_qkv.ptr if self._b_qkv is not None else None
+        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], x.ptr, E, self._w_qkv.ptr, width, bias, proj.ptr,
+                      width, B * L, E, width, rt.stream)
+        wq, wk, _ = self._widths
+        return (proj.at(0, (B, H, L, D), (L * width, D, width, 1)),
+                proj.at(wq, (B, Hkv, L, D), (L * width, D, width, 1)),
+                proj.at(wq + wk, (B, Hkv, L, Dv), (L * width, Dv, width, 1)))
+
+    def _project_out(self, rt, attn, row_lengths):
+        """Heads merged, @ W_O + b_O: attn (B, H, L, Dv) -> (B, L, E); rows
+        l >= row_lengths[b] (host (B,), or None) are exactly 0."""
+        B, H, L, Dv = attn.shape
+        E, dt = self.embed_dim, self.dtype
+        merged = rt.empty((B, L, H, Dv), dt)
+        s0, s1, s2, s3 = attn.strides
+        rt.copy(attn.at(0, (B, L, H, Dv), (s0, s2, s1, s3)), merged)
+        y = rt.empty((B, L, E), dt)
+        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], merged.ptr, H * Dv, self._w_o.ptr, E,
+                      self._b_o.ptr if self._b_o is not None else None, y.ptr, E, B * L, H * Dv, E,
+                      rt.stream)
+        if row_lengths is not None:
+            # padded queries are 0 after the output projection too (not b_o)
+            rows = rt.upload(row_lengths, dtype=np.int64)
+            rt.lib.zero_padded_rows(_DTYPE_CODES[dt], y.ptr, (B, 1, L, E), rows.ptr, (1, 0), rt.stream)
+            del rows
+        return y
+
+    def __call__(self, layer, query, key=None, value=None, *, key_lengths=None, query_lengths=None,
+                 attn_mask=None, is_causal=False, return_weights=False, cache=None):
+        """``layer(...)`` on the device; the checks are the CPU layer's, in its order."""
+        H, Hkv, E, D, Dv = self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.v_head_dim
+        dt = self.dtype
+        qa = self._input(query, "query", E)
+        check_key_value(key, value)
+        if cache is not None:
+            return self._call_cached(layer, qa, key, key_lengths, query_lengths, attn_mask,
+                                     bool(return_weights), cache)
+        B, Lq, _ = qa.shape
+        self_attn = key is None
+        if self_attn:
+            check_self_attention(layer)
+            Lk = Lq
+        else:
+            ka = self._input(key, "key", self.kdim)
+            va = ka if value is key else self._input(value, "value", self.vdim)
+            check_key_value_shapes(qa.shape, ka.shape, va.shape)
+            Lk = ka.shape[1]
+        causal = CAUSAL_ALIGNMENTS["top_left"] if is_causal else 0
+        qv = None if query_lengths is None else _query_lengths(_host_array(query_lengths, "query_lengths"), B, Lq)
+        kl = _lengths(key_lengths, "key_lengths", (B, H), B, H, Lk, "key")
+        # (B,) as on the CPU layer: padded query rows are rows of the sequence
+        ql = None if qv is None else np.ascontiguousarray(np.broadcast_to(qv[:, None], (B, H)))
+        mask = _MaskSpec(attn_mask, (B, H, Lq, Lk), dt)
+
+        rt = _Runtime()
+        rt.attach(qa, "query")
+        if self_attn:  # kdim == vdim == E, so the weight is the fused one
+            q_src, k_src, v_src = self._project_qkv(rt, qa)
+        else:
+            wq, wk, wv = self._widths
+            x = rt.contiguous(qa, dt).reshaped((B * Lq, E))
+            rt.attach(ka, "key")
+            rt.attach(va, "value")
+            kx = rt.contiguous(ka, dt).reshaped((B * Lk, self.kdim))
+            vx = rt.contiguous(va, dt).reshaped((B * Lk, self.vdim))
+            qp = self._project(rt, x, B * Lq, 0)
+            kp = self._project(rt, kx, B * Lk, 1)
+            vp = self._project(rt, vx, B * Lk, 2)
+            q_src = qp.at(0, (B, H, Lq, D), (Lq * wq, D, wq, 1))
+            k_src = kp.at(0, (B, Hkv, Lk, D), (Lk * wk, D, wk, 1))
+            v_src = vp.at(0, (B, Hkv, Lk, Dv), (Lk * wv, Dv, wv, 1))
+        q_pos = k_pos = None
+        if self.rope is not None:  # positions 0 .. L-1 in every batch item
+            q_pos = rt.upload(np.arange(max(Lq, Lk), dtype=np.int64))
+            q_pos = k_pos = q_pos.at(0, (B, 1, max(Lq, Lk)), (0, 0, 1))
+        q4 = self._heads(rt, q_src, q_pos)
+        k4 = self._heads(rt, k_src, k_pos)
+        v4 = self._heads(rt, v_src, None)
+
+        attn = rt.empty((B, H, Lq, Dv), dt)
+        weights = rt.empty((B, H, Lq, Lk), dt) if return_weights else None
+        _attention(rt, q4, k4, v4, dt, mask=mask, kl=kl, ql=ql, causal=causal, alignment="top_left",
+                   scale=1.0 / math.sqrt(D) if D else 1.0, alibi=None, weights_target=weights,
+                   out_kernel=attn)
+        y = self._project_out(rt, attn, qv)
+        if return_weights:
+            return y.obj, weights.obj
+        return y.obj
+
+    def _call_cached(self, layer, qa, key, key_lengths, query_lengths, attn_mask, return_weights, cache):
+        """Self-attention decoding with a KVCache: the CPU layer's checks,
+        then the device work."""
+        _check_cache_call(layer, cache, key, key_lengths, attn_mask)
+        H, Hkv, D, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
+        B, L, _ = qa.shape
+        ql = None if query_lengths is None else _query_lengths(_host_array(query_lengths, "query_lengths"), B, L)
+        _check_cache_fits(cache, Hkv, D, self.dtype, qa.shape)
+        if cache.v_head_dim != Dv:
+            raise ValueError(f"cache holds values of dim {cache.v_head_dim}; this layer needs {Dv}")
+        new_tokens = np.full(B, L, np.int64) if ql is None else ql
+        old, new = cache.append_lengths(new_tokens)
+
+        dt = self.dtype
+        rt = _Runtime()
+        rt.attach(qa, "query")
+        rt.attach(cache._k, "cache.k")
+        rt.attach(cache._v, "cache.v")
+        q_src, k_src, v_src = self._project_qkv(rt, qa)
+        # one upload: RoPE positions old[b] + i (B, L), then the append's
+        # destination rows old (B,) and row counts new_tokens (B,)
+        host = np.concatenate([(old[:, None] + np.arange(L, dtype=np.int64)).ravel(), old, new_tokens])
+        idx = rt.upload(host, dtype=np.int64)
+        pos = idx.at(0, (B, 1, L), (L, 0, 1))
+        dst_row = idx.at(B * L, (B,), (1,))
+        rows = idx.at(B * L + B, (B,), (1,))
+        if self.rope is None:
+            q4 = self._heads(rt, q_src, None)
+        else:
+            q4 = self._heads(rt, q_src, pos)
+            self._rotate(rt, k_src, k_src, pos)  # in place in the projection
+        rt.append_rows(k_src, cache._k, dst_row, rows)
+        rt.append_rows(v_src, cache._v, dst_row, rows)
+        del idx  # the queued kernels are ordered before any reuse
+        cache._lengths[:] = new
+
+        # queries attend to the first new[b] cache rows; query i of sequence b
+        # sees keys j <= old[b] + i (bottom-right per sequence)
+        Lmax = cache.max_len
+        attn = rt.empty((B, H, L, Dv), dt)
+        weights = rt.empty((B, H, L, Lmax), dt) if return_weights else None
+        kl = np.ascontiguousarray(np.broadcast_to(new[:, None], (B, H)))
+        qlh = None if ql is None else np.ascontiguousarray(np.broadcast_to(ql[:, None], (B, H)))
+        _attention(rt, q4, cache._k, cache._v, dt, mask=_MaskSpec(None, (B, H, L, Lmax), dt), kl=kl,
+                   ql=qlh, causal=rt.lib.CAUSAL_LENGTHS, alignment="bottom_right", scale=1.0 / math.sqrt(D),
+                   alibi=None, weights_target=weights, out_kernel=attn)
+        y = self._project_out(rt, attn, ql)
+        if not return_weights:
+            return y.obj
+        Lk = int(new.max()) if B else 0
+        w = rt.empty((B, H, L, Lk), dt)
+        rt.copy(weights.at(0, w.shape, weights.strides), w)
+        return y.obj, w.obj
