@@ -43,7 +43,7 @@ def test_quick_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "masked_softmax" in proc.stdout and "split_heads" in proc.stdout
     assert "roofline:" in proc.stdout
-    assert "[1/4] roofline" in proc.stderr  # plain progress when stderr is not a terminal
+    assert "[1/5] roofline" in proc.stderr  # plain progress when stderr is not a terminal
 
     results = json.loads((out / "results.json").read_text())
     assert results["threads"] == 1 and results["dtype"] == "float32" and results["quick"]
@@ -51,7 +51,8 @@ def test_quick_run_end_to_end(tmp_path):
     assert results["machine"]["cpu"]
     assert results["roofline"]["matmul_gflops"] > 0 and results["roofline"]["read_gbs"] > 0
     assert results["failed"] == []
-    assert [r["label"] for r in results["rows"]] == ["masked_softmax", "split_heads", "merge_heads"]
+    assert [r["label"] for r in results["rows"]] == ["masked_softmax", "masked_softmax out=",
+                                                     "split_heads", "merge_heads"]
     for row in results["rows"]:
         assert row["status"] == "ok" and row["unit"] == "byte"
         fa, ref = row["impls"]["fastattn"], row["impls"]["numpy"]

@@ -24,7 +24,7 @@ import numpy as np
 
 import fastattn
 from fastattn.bench import cases as _cases
-from fastattn.bench.peers import PEERS, NotApplicable, identity
+from fastattn.bench.peers import PEERS, NotApplicable
 from fastattn.bench.roofline import BUSY_FRACTION, RooflineProbe, disagreement
 from fastattn.bench.timing import TimingPolicy, call_seconds, measure_interleaved
 
@@ -207,10 +207,10 @@ def apply_roofline(row, roof):
             impl.share = roof.share(row.unit, impl.rate)
     fa = row.impls.get("fastattn")
     if fa is not None and fa.share is not None and fa.share > 1.0:
+        reason = (f"{100 * fa.share:.0f}% of the best roofline probe: the probes never saw "
+                  "the machine as free as this row did (or the row's data stays in cache)")
+        row.busy_reason = f"{row.busy_reason}; {reason}" if row.busy else reason
         row.busy = True
-        row.busy_reason = (f"{100 * fa.share:.0f}% of the best roofline probe: the probes "
-                           "never saw the machine as free as this row did (or the row's data "
-                           "stays in cache)")
 
 
 def mark_busy(row, before, after):
