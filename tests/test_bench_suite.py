@@ -10,6 +10,8 @@ import runpy
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -119,14 +121,23 @@ def test_measure_calls_sync_inside_the_timed_span():
     assert len(synced) == 4
 
 
-def test_concurrency_ratio_of_a_gil_holding_call_is_about_two():
-    def hold_gil():  # pure Python: holds the GIL throughout
-        s = 0
-        for i in range(20000):
-            s += i
-    t1, t2, ratio = timing.concurrency_ratio(hold_gil, seconds=0.05, repeat=2)
+def test_concurrency_ratio_tells_a_serialised_call_from_a_concurrent_one():
+    # Sleeping needs no core, so the figures hold on a busy machine too: a
+    # call that holds a lock while it sleeps (as a kernel holding the GIL
+    # would) takes twice as long from two threads; one that does not, as long.
+    lock = threading.Lock()
+
+    def serialised():
+        with lock:
+            time.sleep(0.002)
+
+    def concurrent():
+        time.sleep(0.002)
+
+    t1, t2, ratio = timing.concurrency_ratio(serialised, seconds=0.05, repeat=2)
     assert t1 > 0 and t2 > 0 and ratio == pytest.approx(t2 / t1)
-    assert ratio > 1.5
+    assert 1.6 < ratio < 2.4
+    assert 0.7 < timing.concurrency_ratio(concurrent, seconds=0.05, repeat=2)[2] < 1.4
 
 
 def test_roofline_is_the_best_probe():

@@ -202,24 +202,13 @@ class ParallelCopy(_Threaded):
         list(self.pool.map(lambda p: np.copyto(p[1], p[0]), self.pairs))
 
 
-def _threaded_baseline(problem, baseline):
-    problem._closers = getattr(problem, "_closers", []) + [baseline.close]
-    return baseline, baseline.moved
-
-
-def _close_baselines(problem):
-    for close in getattr(problem, "_closers", []):
-        close()
-    problem._closers = []
-
-
-
 class Problem:
     """One row of the suite: inputs, the fastattn call and the oracle.
 
     Subclasses set ``kind`` (what peers dispatch on), ``unit`` (``"flop"``
-    or ``"byte"``), ``work`` (useful flops or bytes per call), ``dims`` (a
-    short description) and ``unavailable`` (a reason, or None).
+    or ``"byte"``, a share of the roofline, or ``"call"``, which is not),
+    ``work`` (useful flops or bytes per call), ``dims`` (a short
+    description) and ``unavailable`` (a reason, or None).
     """
 
     kind = ""
@@ -233,6 +222,13 @@ class Problem:
         self.label = label
         self.shape = shape
         self.dtype = np.dtype(dtype)
+        self._threaded = []
+
+    def threaded_baseline(self, baseline):
+        """``(baseline, bytes it moves)`` for :meth:`baselines`, its thread
+        pool shut down by :meth:`release`."""
+        self._threaded.append(baseline)
+        return baseline, baseline.moved
 
     def fastattn_fn(self):
         """A no-argument callable running fastattn on the inputs."""
@@ -262,7 +258,10 @@ class Problem:
         return {}
 
     def release(self):
-        """Drop the inputs once the row is done."""
+        """Drop the inputs (and stop the baselines' threads) once the row is done."""
+        for baseline in self._threaded:
+            baseline.close()
+        self._threaded = []
         self.__dict__.update({k: None for k, v in vars(self).items() if isinstance(v, np.ndarray)})
 
 
@@ -311,11 +310,7 @@ class AttentionProblem(Problem):
         if self.unit != "byte":
             return {}
         read = ParallelRead((self.k, self.v), fastattn.get_num_threads())
-        return {"read K,V": _threaded_baseline(self, read)}
-
-    def release(self):
-        _close_baselines(self)
-        super().release()
+        return {"read K,V": self.threaded_baseline(read)}
 
 
 def mha_oracle(x, weights, num_heads, key_lengths=None):
@@ -429,12 +424,8 @@ class SoftmaxProblem(Problem):
         return reference.masked_softmax(self.scores, **self._kwargs())
 
     def baselines(self):
-        return {"copy": _threaded_baseline(self, ParallelCopy(self.scores,
-                                                              fastattn.get_num_threads()))}
-
-    def release(self):
-        _close_baselines(self)
-        super().release()
+        return {"copy": self.threaded_baseline(ParallelCopy(self.scores,
+                                                            fastattn.get_num_threads()))}
 
 
 class HeadsProblem(Problem):
@@ -646,6 +637,7 @@ class GilProblem(Problem):
                    f"target <= {GIL_TARGET}){verdict}")}
 
     def release(self):
+        super().release()
         self.call = self._oracle = None
         _gil_local.__dict__.pop("bufs", None)
 
