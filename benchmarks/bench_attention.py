@@ -3,7 +3,8 @@ padded, decode (share of the read bandwidth) and the per-call cost.
 
     python benchmarks/bench_attention.py [--threads 2] [--quick] [--out DIR]
 
-A case list on the benchmark suite; the same as
+With fastattn installed (pip install -e .), or with PYTHONPATH=. after an
+in-place build. A case list on the benchmark suite; the same as
 ``python -m fastattn.bench --cases sdpa,causal,padded,decode,overhead``.
 """
 

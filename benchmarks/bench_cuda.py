@@ -5,7 +5,8 @@ with the reason when no GPU path is available.
 
     python benchmarks/bench_cuda.py [--quick] [--dtype float64] [--out DIR]
 
-A case list on the benchmark suite; the same as
+With fastattn installed (pip install -e .), or with PYTHONPATH=. after an
+in-place build. A case list on the benchmark suite; the same as
 ``python -m fastattn.bench --cases cuda --peers numpy``.
 """
 

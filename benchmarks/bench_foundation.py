@@ -4,7 +4,8 @@ masked softmax (share of a copy of the scores), split and merge heads
 
     python benchmarks/bench_foundation.py [--threads 2] [--quick] [--out DIR]
 
-A case list on the benchmark suite; the same as
+With fastattn installed (pip install -e .), or with PYTHONPATH=. after an
+in-place build. A case list on the benchmark suite; the same as
 ``python -m fastattn.bench --cases softmax,heads,pe``.
 """
 

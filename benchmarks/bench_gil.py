@@ -7,7 +7,8 @@ machine with two free cores.
 
     python benchmarks/bench_gil.py [--quick] [--out DIR]
 
-A case list on the benchmark suite; the same as
+With fastattn installed (pip install -e .), or with PYTHONPATH=. after an
+in-place build. A case list on the benchmark suite; the same as
 ``python -m fastattn.bench --cases gil --peers numpy``. A new kernel is one
 entry in ``fastattn.bench.cases._gil_kernels``.
 """

@@ -4,7 +4,8 @@ floor), and one decode step over a KVCache.
 
     python benchmarks/bench_mha.py [--threads 2] [--quick] [--out DIR]
 
-A case list on the benchmark suite; the same as
+With fastattn installed (pip install -e .), or with PYTHONPATH=. after an
+in-place build. A case list on the benchmark suite; the same as
 ``python -m fastattn.bench --cases mha,mha_decode``.
 """
 
