@@ -362,3 +362,21 @@ def test_custom_op_passes_opcheck():
         torch.library.opcheck(torch.ops.fastattn.sdpa.default, (q, k, v),
                               {"key_lengths": torch.tensor([4, 2]), "is_causal": True},
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def test_registered_function_compiles_fullgraph_through_the_op():
+    """Under torch.compile the attention function hands the mask's lengths
+    to the custom op: one graph, the same output as eager."""
+    q, k, v = _qkv(Lq=6, Lk=6, seed=5)
+    lengths = np.array([6, 4])
+    mask = fa_tf.FastattnMask(6, 6, key_lengths=lengths, query_lengths=lengths)
+    module = _Module()
+
+    def layer(q, k, v):
+        return fa_tf.attention_forward(module, q, k, v, mask, scaling=0.5)[0] * 2.0
+
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(q, k, v)
+    want = layer(q, k, v)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert (got[1, 4:] == 0).all()  # padded query rows
