@@ -51,7 +51,8 @@ def bf16_view(t):
 
 
 def attention(query, key, value, *, attn_mask=None, key_lengths=None, query_lengths=None,
-              key_starts=None, is_causal=False, scale=None, return_weights=False):
+              key_starts=None, window=None, softcap=None, sinks=None, is_causal=False,
+              scale=None, return_weights=False):
     """fastattn's SDPA on torch tensors, the output in transformers' layout.
 
     query (B, H, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv): any
@@ -71,7 +72,8 @@ def attention(query, key, value, *, attn_mask=None, key_lengths=None, query_leng
     out = torch.empty((B, Lq, H, Dv), dtype=compute)
     result = fastattn.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
-        key_starts=key_starts, is_causal=is_causal, causal_alignment="bottom_right",
+        key_starts=key_starts, window=window, softcap=softcap, sinks=sinks,
+        is_causal=is_causal, causal_alignment="bottom_right",
         scale=None if scale is None else float(scale), return_weights=return_weights,
         out=out.numpy().transpose(0, 2, 1, 3))
     weights = torch.from_numpy(result[1]) if return_weights else None
@@ -89,7 +91,9 @@ def _optional_numpy(t):
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
          attn_mask: torch.Tensor | None = None, key_lengths: torch.Tensor | None = None,
          query_lengths: torch.Tensor | None = None, key_starts: torch.Tensor | None = None,
-         is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+         sinks: torch.Tensor | None = None, window: list[int] | None = None,
+         softcap: float | None = None, is_causal: bool = False,
+         scale: float | None = None) -> torch.Tensor:
     """``torch.ops.fastattn.sdpa``: fastattn's attention as one opaque torch
     op, so that ``torch.compile`` keeps it whole instead of breaking the
     graph at the NumPy crossing.
@@ -103,14 +107,16 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out, _ = attention(query, key, value, attn_mask=_optional_numpy(attn_mask),
                        key_lengths=_optional_numpy(key_lengths),
                        query_lengths=_optional_numpy(query_lengths),
-                       key_starts=_optional_numpy(key_starts),
+                       key_starts=_optional_numpy(key_starts), sinks=_optional_numpy(sinks),
+                       window=None if window is None else tuple(window), softcap=softcap,
                        is_causal=is_causal, scale=scale)
     return out
 
 
 @sdpa.register_fake
 def _sdpa_fake(query, key, value, attn_mask=None, key_lengths=None, query_lengths=None,
-               key_starts=None, is_causal=False, scale=None):
+               key_starts=None, sinks=None, window=None, softcap=None, is_causal=False,
+               scale=None):
     B, H, Lq, _ = query.shape
     return query.new_empty((B, Lq, H, value.shape[3]))
 

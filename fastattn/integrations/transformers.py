@@ -27,14 +27,34 @@ __all__ = ["FastattnBertAttention", "FastattnMask", "attention_forward", "bf16_v
            "register"]
 
 # transformers' keyword arguments that change what attention computes and
-# that the kernel does not implement yet: refusing them beats a silently
-# wrong answer
+# that the kernel does not implement: refusing them beats a silently wrong
+# answer
 _UNSUPPORTED = {
-    "sliding_window": "sliding-window attention",
-    "softcap": "logit soft-capping",
-    "s_aux": "attention sinks",
     "position_bias": "an additive position bias (T5-style)",
 }
+
+
+def feature_arguments(sliding_window, softcap, s_aux, dtype):
+    """The kernel's ``window``, ``softcap`` and ``sinks`` for transformers'
+    ``sliding_window``, ``softcap`` and ``s_aux``.
+
+    transformers' sliding window of size W lets query position i see keys
+    j > i - W (``masking_utils.sliding_window_overlay``), and its flash
+    backend passes ``window_size=(W - 1, W - 1)``: the same pair here, whose
+    right side the causal mask makes moot in decoders. ``s_aux`` is one
+    logit per query head (gpt-oss), exactly the kernel's sinks.
+    """
+    args = {}
+    if sliding_window is not None:
+        w = int(sliding_window)
+        if w < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window!r}")
+        args["window"] = (w - 1, w - 1)
+    if softcap is not None:
+        args["softcap"] = float(softcap)
+    if s_aux is not None:
+        args["sinks"] = s_aux.detach().to(dtype).numpy()
+    return args
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -49,21 +69,23 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     Right padding runs as key/query lengths (padded keys and query rows are
     skipped; a padded query row's output is 0, where sdpa attends from it
     anyway: those rows are padding for every pooling and loss). Raises
-    ValueError for ``dropout > 0`` (this is an inference kernel) and
-    NotImplementedError for features the kernel does not have yet.
+    ``sliding_window``, ``softcap`` and ``s_aux`` run as the kernel's
+    ``window``, ``softcap`` and ``sinks``. Raises ValueError for
+    ``dropout > 0`` (this is an inference kernel) and NotImplementedError
+    for a T5-style ``position_bias``.
     """
     if dropout:
         raise ValueError(f"fastattn attention is inference-only: dropout must be 0, got {dropout} "
                          f"(call model.eval())")
     for name, feature in _UNSUPPORTED.items():
-        given = {"sliding_window": sliding_window, "softcap": softcap, "s_aux": s_aux}.get(
-            name, kwargs.get(name))
-        if given is not None:
+        if kwargs.get(name) is not None:
             raise NotImplementedError(
                 f"fastattn attention does not support {name} ({feature}) yet; use "
                 f"attn_implementation='sdpa' for this model")
     args = mask_arguments(module, attention_mask, query.shape[2], key.shape[2], query.dtype,
                           kwargs.get("is_causal"))
+    args.update(feature_arguments(sliding_window, softcap, s_aux,
+                                  _torch_bridge.kernel_dtype(query.dtype)))
     want_weights = bool(kwargs.get("output_attentions", False))
     if torch.compiler.is_compiling():
         if want_weights:
@@ -74,6 +96,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             key_lengths=_torch_bridge.from_numpy_or_none(args.get("key_lengths")),
             query_lengths=_torch_bridge.from_numpy_or_none(args.get("query_lengths")),
             key_starts=_torch_bridge.from_numpy_or_none(args.get("key_starts")),
+            sinks=_torch_bridge.from_numpy_or_none(args.get("sinks")),
+            window=args.get("window"), softcap=args.get("softcap"),
             is_causal=args.get("is_causal", False), scale=scaling)
         return out, None
     return _torch_bridge.attention(query, key, value, scale=scaling, return_weights=want_weights, **args)
