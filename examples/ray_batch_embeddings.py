@@ -220,14 +220,14 @@ def read_corpus(path, *, num_blocks=None):
 
 
 def embed_dataset(ds, model_dir, *, actors, cpus_per_actor, batch_size=64, with_stats=False,
-                  actor_class=EmbedBatch):
+                  actor_class=EmbedBatch, **actor_kwargs):
     """The embedding step: ``actors`` actors of ``cpus_per_actor`` CPUs each,
     every one with as many fastattn threads."""
     import ray.data
     return ds.map_batches(
         actor_class,
         fn_constructor_kwargs={"model_dir": os.fspath(model_dir), "num_threads": cpus_per_actor,
-                               "with_stats": with_stats},
+                               "with_stats": with_stats, **actor_kwargs},
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=cpus_per_actor,
