@@ -127,8 +127,9 @@ class EmbedBatch:
     the encoder once, then embeds batches of ``{"id", "text"}``.
 
     ``num_threads`` should equal the actor's ``num_cpus``. With
-    ``with_stats``, each output row also carries the actor's pid and the
-    wall and CPU seconds of its batch (for measuring oversubscription).
+    ``with_stats``, each output row also carries the actor's pid, the wall
+    and CPU seconds of its batch and the batch's end (Unix time), for
+    measuring throughput and oversubscription.
     """
 
     def __init__(self, model_dir, num_threads=1, with_stats=False):
@@ -145,6 +146,7 @@ class EmbedBatch:
             out["pid"] = np.full(n, os.getpid(), dtype=np.int64)
             out["batch_wall_s"] = np.full(n, time.perf_counter() - wall0)
             out["batch_cpu_s"] = np.full(n, _cpu_seconds() - cpu0)
+            out["batch_end"] = np.full(n, time.time())
         return out
 
 
