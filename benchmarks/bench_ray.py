@@ -44,18 +44,20 @@ LAYOUTS = ((1, 1), (1, 2), (2, 1))  # (actors, threads per actor)
 
 
 def encoder_alone(model_dir, texts, batch_size):
-    """Rows/s of the encoder in this process on one thread."""
+    """Rows/s of the encoder, and of its tokeniser alone, in this process
+    on one thread."""
     enc = rbe.load_encoder(model_dir)
     batch = texts[:batch_size]
     fastattn.set_num_threads(1)
     limits = rbe.pin_threads(1)
     try:
         t = measure(lambda: enc.embed(batch), TimingPolicy.quick())
+        tok = measure(lambda: enc.tokenize(batch), TimingPolicy.quick())
     finally:
         fastattn.set_num_threads(None)
         if limits is not None:
             limits.restore_original_limits()
-    return len(batch) / t.median
+    return len(batch) / t.median, len(batch) / tok.median
 
 
 def run_layout(ds, model_dir, actors, threads, batch_size):
@@ -100,7 +102,7 @@ def main(argv=None):
         corpus = rbe.make_corpus(tmp / "corpus.parquet", args.rows, max_words=dims["max_tokens"])
         import pyarrow.parquet as pq
         texts = pq.read_table(corpus)["text"].to_pylist()
-        alone = encoder_alone(model_dir, texts, args.batch_size)
+        alone, tokenizer = encoder_alone(model_dir, texts, args.batch_size)
         text_bytes = sum(len(t.encode()) for t in texts) / len(texts)
 
         # the workers import the example module (and fastattn, maybe built in place)
@@ -115,7 +117,8 @@ def main(argv=None):
 
     print(f"\nencoder: {dims}; {args.rows} rows, batch {args.batch_size}; "
           f"{os.cpu_count()} CPUs seen, shared machine: compare within this run only")
-    print(f"encoder alone, this process, 1 thread: {alone:.1f} rows/s")
+    print(f"encoder alone, this process, 1 thread: {alone:.1f} rows/s "
+          f"(its tokeniser alone: {tokenizer:.0f} rows/s)")
     print(f"bytes per row moved: {text_bytes + 8:.0f} in (text + id), "
           f"{4 * dims['embed_dim'] + 8} out (float32 embedding + id)\n")
     header = ("layout", "steady rows/s", "whole-stage rows/s", "batch p50 ms", "batch p99 ms",
