@@ -4,6 +4,7 @@ The corpus is a Ray Dataset read from Parquet or JSONL (``--make-corpus``
 writes a small one); ``map_batches`` runs a pool of stateful actors, each of
 which loads the encoder once and pins fastattn's OpenMP threads and the BLAS
 threads to the CPUs Ray gave it; the embeddings go back out as Parquet.
+Ray Data's progress display shows each stage as it runs.
 
     python examples/ray_batch_embeddings.py --smoke
     python examples/ray_batch_embeddings.py --corpus texts.parquet --out emb/ \\
@@ -215,9 +216,9 @@ def read_corpus(path, *, num_blocks=None):
     import ray.data
     path = os.fspath(path)
     if path.endswith(".jsonl"):
-        ds = ray.data.read_json(path, lines=True, ray_remote_args=IO_TASK_ARGS)
+        ds = ray.data.read_json(path, lines=True)
     else:
-        ds = ray.data.read_parquet(path, ray_remote_args=IO_TASK_ARGS)
+        ds = ray.data.read_parquet(path)
     return (ds.repartition(num_blocks) if num_blocks else ds).materialize()
 
 
@@ -273,14 +274,14 @@ def main(argv=None):
             ray.shutdown()
         import pyarrow.parquet as pq
         ids = pq.read_table(out, columns=["id"])["id"].to_numpy()
-        expected = ds_rows(corpus)
+        expected = corpus_rows(corpus)
         print(f"embedded {len(ids)} rows in {seconds:.1f} s ({len(ids) / seconds:.0f} rows/s) -> {out}")
         if len(ids) != expected or len(np.unique(ids)) != expected:
             raise SystemExit(f"{len(ids)} output rows ({len(np.unique(ids))} distinct ids) "
                              f"for {expected} input rows")
 
 
-def ds_rows(path):
+def corpus_rows(path):
     """Rows in a corpus file (without Ray)."""
     path = os.fspath(path)
     if path.endswith(".jsonl"):
