@@ -31,6 +31,13 @@ import numpy as np
 
 import fastattn
 
+# These examples start a one-node Ray cluster on the loopback interface only.
+# Ray swaps a loopback node address for the machine's routable one (and then
+# listens on every interface) unless multi-node clustering is off; it reads
+# that switch when ray is first imported, so it is set here, before anything
+# imports ray. On a real cluster, drop it and ray.init(address="auto").
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 LAYER_FILE = "layer{}.npz"
 TABLE_FILE = "token_embedding.npy"
 CONFIG_FILE = "encoder.json"
@@ -183,18 +190,24 @@ def make_corpus(path, num_rows, *, seed=0, max_words=120):
 
 
 def start_local_cluster(num_cpus):
-    """A one-node Ray cluster on the loopback interface only.
-
-    ``_node_ip_address="127.0.0.1"`` alone is not enough: Ray replaces a
-    loopback address by the machine's routable one unless multi-node
-    clustering is switched off, which the environment variable below does
-    (it must be set before ``ray`` is first imported). For a real cluster,
-    ``ray.init(address="auto")`` instead.
-    """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """A one-node Ray cluster on the loopback interface only (see the
+    switch at the top of this module); returns the ``ray`` module."""
     import ray
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False)
+    try:
+        check_loopback(ray)
+    except RuntimeError:
+        ray.shutdown()
+        raise
     return ray
+
+
+def check_loopback(ray):
+    """RuntimeError unless every node of the cluster is 127.0.0.1."""
+    addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
+    if addresses != {"127.0.0.1"}:
+        raise RuntimeError(f"the cluster is not on the loopback interface only: {sorted(addresses)} "
+                           "(was ray imported before this module?)")
 
 
 # Writing Parquet is light next to the encoder; at 0 CPUs the write tasks

@@ -28,6 +28,13 @@ import numpy as np
 
 import fastattn
 
+# These examples start a one-node Ray cluster on the loopback interface only.
+# Ray swaps a loopback node address for the machine's routable one (and then
+# listens on every interface) unless multi-node clustering is off; it reads
+# that switch when ray is first imported, so it is set here, before anything
+# imports ray. On a real cluster, drop it and ray.init(address="auto").
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 ROUTE = "/attend"
 
 
@@ -55,6 +62,7 @@ def build_app(*, embed_dim=64, num_heads=4, seed=0, num_cpus=1, max_batch_size=1
     @serve.deployment(ray_actor_options={"num_cpus": num_cpus})
     class Attention:
         def __init__(self):
+            keep_replica_grpc_on_loopback()
             fastattn.set_num_threads(num_cpus)
             self.layer = make_layer(embed_dim, num_heads, seed)
 
@@ -75,6 +83,43 @@ def build_app(*, embed_dim=64, num_heads=4, seed=0, num_cpus=1, max_batch_size=1
     return Attention.bind()
 
 
+def check_loopback(ray):
+    """RuntimeError unless every node of the cluster is 127.0.0.1."""
+    addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
+    if addresses != {"127.0.0.1"}:
+        raise RuntimeError(f"the cluster is not on the loopback interface only: {sorted(addresses)} "
+                           "(was ray imported before this module?)")
+
+
+def keep_replica_grpc_on_loopback():
+    """Bind this replica's inter-deployment gRPC port to 127.0.0.1.
+
+    Ray Serve opens that port on every interface (``[::]:0``, with no
+    option to change it) right after the deployment's constructor returns.
+    On a loopback-only cluster every peer reaches the replica at the node
+    address, 127.0.0.1, so binding there loses nothing and exposes nothing.
+    Does nothing on another cluster, or on a Ray without that internal hook.
+    """
+    import ray
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "loopback_only", False):
+        return
+
+    def bind_loopback(server, address):
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address[len("[::]:"):]
+        return bind(server, address)
+
+    bind_loopback.loopback_only = True
+    replica.add_port_to_grpc_server = bind_loopback
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,11 +129,11 @@ def free_port():
 def start(app, *, port, num_cpus=2):
     """A loopback-only Ray cluster and Serve proxy, with ``app`` at
     :data:`ROUTE`; returns the URL."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # see ray_batch_embeddings.py
     import ray
     from ray import serve
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False)
+    check_loopback(ray)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="attention", route_prefix=ROUTE)
     return f"http://127.0.0.1:{port}{ROUTE}"
@@ -154,9 +199,9 @@ def main(argv=None):
 
     import ray
     from ray import serve
-    url = start(build_app(embed_dim=args.embed_dim, num_heads=args.num_heads),
-                port=args.port or free_port())
     try:
+        url = start(build_app(embed_dim=args.embed_dim, num_heads=args.num_heads),
+                    port=args.port or free_port())
         if args.smoke:  # the service's answer is the layer's own
             layer = make_layer(args.embed_dim, args.num_heads)
             x = np.random.default_rng(1).standard_normal((5, args.embed_dim), dtype=np.float32)
