@@ -14,7 +14,11 @@
 #include <string.h>
 
 #include "fa_math.h"
-#include "internal.h"
+#include "checked_size.h"
+#include "kernel_table.h"
+#include "scratch.h"
+#include "threads.h"
+#include "valid_lengths.h"
 
 /* Decode shapes (fewer than FA_ATTN_ROW_PATH queries) with fewer than
  * FA_SPLIT_MIN_ITEMS (batch, head) items leave cores idle, so their keys are
@@ -24,12 +28,6 @@
 #define FA_SPLIT_MIN_ITEMS 16
 #define FA_SPLIT_CHUNK 512
 #define FA_SPLIT_MAX 16
-
-static int64_t length_at(const fa_lengths_view *lv, int64_t b, int64_t h, int64_t full) {
-    if (lv->data == NULL) return full;
-    int64_t n = lv->data[b * lv->stride_b + h * lv->stride_m];
-    return n < 0 ? 0 : n > full ? full : n;
-}
 
 /* Zero out rows [r0, r1) of head (b, h), and their weights. */
 static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, int64_t r1,
@@ -91,7 +89,7 @@ static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
     const int64_t qb = it % nqb, bh = it / nqb, h = bh % job->H, b = bh / job->H;
     const int64_t q0 = qb * FA_ATTN_MQ;
     const int64_t q1 = q0 + FA_ATTN_MQ < Lq ? q0 + FA_ATTN_MQ : Lq;
-    const int64_t qlen = length_at(ql, b, h, Lq), klen = length_at(&job->key_len, b, h, job->Lk);
+    const int64_t qlen = fa_length_at(ql, b, h, Lq), klen = fa_length_at(&job->key_len, b, h, job->Lk);
     const int64_t qv1 = q1 < qlen ? q1 : qlen;
     if (q0 < qv1) run_block(job, b, h, q0, qv1, 0, klen, NULL, NULL, scratch);
     zero_rows(job, b, h, q0 > qv1 ? q0 : qv1, q1, es);
@@ -103,7 +101,7 @@ static void split_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
                        int64_t chunk, char *part, char *part_ml, int64_t it, void *scratch) {
     const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
     const int64_t s = it % nsplit, bh = it / nsplit, h = bh % job->H, b = bh / job->H;
-    const int64_t qv1 = length_at(ql, b, h, Lq), klen = length_at(&job->key_len, b, h, job->Lk);
+    const int64_t qv1 = fa_length_at(ql, b, h, Lq), klen = fa_length_at(&job->key_len, b, h, job->Lk);
     const int64_t k0 = s * chunk < klen ? s * chunk : klen;
     const int64_t k1 = k0 + chunk < klen ? k0 + chunk : klen;
     if (qv1 > 0)
@@ -116,7 +114,7 @@ static void merge_head(const fa_attn_job *job, const fa_lengths_view *ql, int64_
                        const char *part, const char *part_ml, int64_t bh) {
     const int64_t Lq = job->Lq, Dv = job->Dv, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
     const int64_t h = bh % job->H, b = bh / job->H;
-    const int64_t qv1 = length_at(ql, b, h, Lq);
+    const int64_t qv1 = fa_length_at(ql, b, h, Lq);
     const int64_t first = bh * nsplit;
     for (int64_t i = 0; i < qv1; ++i) {
         char *orow = job->out + (b * job->os[0] + h * job->os[1] + i * job->os[2]) * es;

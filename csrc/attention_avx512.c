@@ -3,7 +3,7 @@
  * double. Exports fa_attention_block_f32_avx512 and fa_attention_block_f64_avx512. */
 #include <string.h>
 
-#include "internal.h"
+#include "kernel_table.h"
 #define FA_ISA_LEVEL 2
 #include "simd_map.h"
 

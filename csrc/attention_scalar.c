@@ -3,7 +3,7 @@
  * double. Exports fa_attention_block_f32_scalar and fa_attention_block_f64_scalar. */
 #include <string.h>
 
-#include "internal.h"
+#include "kernel_table.h"
 #define FA_ISA_LEVEL 0
 #include "simd_map.h"
 

@@ -5,7 +5,9 @@
  * OS saves on a context switch. Both are needed: running AVX code where the
  * OS does not save the YMM/ZMM state corrupts registers at random.
  */
-#include "internal.h"
+#include <stddef.h>
+
+#include "fastattn.h"
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <cpuid.h>

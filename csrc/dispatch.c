@@ -1,10 +1,10 @@
 /*
- * dispatch.c: the kernel table of the selected ISA, the thread policy and
- * the small utilities every driver uses. Compiled with baseline flags only.
+ * dispatch.c: the kernel table of each compiled ISA, the selected one, and
+ * the build description. Compiled with baseline flags only.
  */
-#include <stdlib.h>
+#include <stddef.h>
 
-#include "internal.h"
+#include "kernel_table.h"
 
 /* setup.py writes fa_build_config.h into the build directory; a build
  * without it (a hand-made one) reports "unknown". */
@@ -83,77 +83,3 @@ const char *fa_isa_name(int isa) {
         default: return "unknown";
     }
 }
-
-int fa_openmp_enabled(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-int fa_default_num_threads(void) {
-    if (fa_fork_child_serial()) return 1; /* see fork_safety.c */
-#ifdef _OPENMP
-    /* nthreads-var: OMP_NUM_THREADS, else the CPUs in the affinity mask;
-     * threadpoolctl lowers it through omp_set_num_threads. */
-    int n = omp_get_max_threads();
-    return n > 0 ? n : 1;
-#else
-    return 1;
-#endif
-}
-
-int fa_resolve_threads(int requested, int64_t work_items, int64_t total_elems) {
-    int n = requested > 0 ? requested : fa_default_num_threads();
-#ifndef _OPENMP
-    n = 1;
-#endif
-    if (fa_fork_child_serial()) n = 1; /* see fork_safety.c */
-    if (total_elems < FA_MIN_PARALLEL_ELEMS) n = 1;
-    if (work_items < n) n = work_items > 0 ? (int)work_items : 1;
-    return n < 1 ? 1 : n;
-}
-
-void fa_run_team(int nthreads, fa_team_fn fn, void *ctx) {
-    if (nthreads <= 1) {
-        fn(ctx, 0, 1);
-        return;
-    }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads)
-    fn(ctx, omp_get_thread_num(), omp_get_num_threads());
-#else
-    for (int t = 0; t < nthreads; ++t) fn(ctx, t, nthreads);
-#endif
-}
-
-int fa_view_ok(const int64_t *dims, const int64_t *strides, int n,
-               int64_t elem_size) {
-    int64_t reach = 0;
-    for (int i = 0; i < n; ++i) {
-        if (dims[i] < 0) return 0;
-        if (dims[i] == 0) return 1; /* empty: nothing is ever addressed */
-        int64_t s = strides[i] < 0 ? -strides[i] : strides[i];
-        if (strides[i] == INT64_MIN) return 0;
-        int64_t span;
-        if (!fa_mul_ok(dims[i] - 1, s, &span)) return 0;
-        if (reach > INT64_MAX - span) return 0;
-        reach += span;
-    }
-    int64_t bytes;
-    return fa_mul_ok(reach + 1, elem_size, &bytes) && (uint64_t)bytes <= SIZE_MAX;
-}
-
-void *fa_scratch_alloc(int64_t count, int64_t elem_size) {
-    int64_t bytes;
-    if (!fa_mul_ok(count, elem_size, &bytes)) return NULL;
-    /* round up to the alignment, as aligned_alloc requires */
-    if (bytes > INT64_MAX - 63) return NULL;
-    bytes = (bytes + 63) & ~(int64_t)63;
-    if (bytes == 0) bytes = 64;
-    if ((uint64_t)bytes > SIZE_MAX) return NULL;
-    return aligned_alloc(64, (size_t)bytes);
-}
-
-void fa_scratch_free(void *p) { free(p); }

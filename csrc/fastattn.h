@@ -174,8 +174,8 @@ int fa_add_position_encoding(int dtype, fa_view4 x, fa_view4 y,
  * the parent and in threads the child starts later. */
 int fa_fork_child_serial(void);
 
-/* ==== rotary position embedding (RoPE); owned by the multi-head attention
- * layer (issue 4), see rope.c ============================================== */
+/* ==== rotary position embedding (RoPE) of the multi-head attention layer;
+ * see rope.c (table, driver) and rope_impl.h (row kernel) ================= */
 
 typedef enum { FA_ROPE_NONE = 0, FA_ROPE_NEOX = 1, FA_ROPE_GPTJ = 2 } fa_rope_layout;
 

@@ -16,7 +16,7 @@
  * forking thread's kernels run serially (a multiprocessing worker or a
  * gunicorn --preload worker usually wants that anyway).
  */
-#include "internal.h"
+#include "fastattn.h"
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>

@@ -8,7 +8,9 @@
  */
 #include <string.h>
 
-#include "internal.h"
+#include "checked_size.h"
+#include "fastattn.h"
+#include "threads.h"
 
 static void move_vec(char *dst, const char *src, int64_t src_stride, int64_t D,
                      int64_t es) {

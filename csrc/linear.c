@@ -28,7 +28,9 @@
 #include <stdatomic.h>
 #include <string.h>
 
-#include "internal.h"
+#include "checked_size.h"
+#include "fastattn.h"
+#include "threads.h"
 
 /* A product with at most this many rows goes through GEMV, one row at a
  * time: GEMM packs the whole weight matrix into its panel layout first. For

@@ -2,25 +2,17 @@
  * position_encoding.c: sinusoidal position-encoding tables, and their fused
  * addition to an input, without materialising the table.
  *
- * Accuracy: the angle pos * inv_timescale reaches 1e6 rad and more, where a
- * float angle is off by ~0.06 rad. Everything is carried in double: each
- * block of positions starts from an exact libm sin/cos of the
- * angle, and the following positions rotate (sin, cos) by the per-column
- * step angle (sin w, cos w). A rotation costs 4 multiplies and 2 adds instead
- * of two libm calls, and loses about one double ulp per step.
+ * Accuracy: angles in double, each block of positions from an exact libm
+ * value and rotated from there (sincos_steps.h).
  */
 #include <math.h>
 #include <string.h>
 
-#include "internal.h"
-
-/* Positions per exact restart for float tables: 16 rotation steps cost
- * < 1e-14 absolute error (float's own rounding is 6e-8) while cutting libm
- * calls 16-fold. Double tables restart at every position (block 1): past
- * position ~1e4 the rounding of the double angle pos*inv itself exceeds
- * 1e-12, so a double table is only reproducible as sin(fl(pos * inv)). */
-#define FA_PE_BLOCK_F32 16
-#define FA_PE_BLOCK_F64 1
+#include "checked_size.h"
+#include "fastattn.h"
+#include "scratch.h"
+#include "sincos_steps.h"
+#include "threads.h"
 
 typedef struct {
     int64_t channels, nfreq;   /* nfreq = number of sin columns */
@@ -60,12 +52,7 @@ static void pe_frequencies(const fa_pe_params *p, int64_t channels, int64_t n,
         const int64_t n = pl->nfreq, C = pl->channels;                              \
         for (int64_t b0 = p0; b0 < p1; b0 += pl->block) {                            \
             const int64_t b1 = b0 + pl->block < p1 ? b0 + pl->block : p1;            \
-            const double pos0 = (double)(pl->start + b0);                            \
-            for (int64_t i = 0; i < n; ++i) {                                        \
-                const double a = pos0 * pl->inv[i];                                  \
-                s[i] = sin(a);                                                       \
-                c[i] = cos(a);                                                       \
-            }                                                                        \
+            fa_sincos_exact(s, c, (double)(pl->start + b0), pl->inv, n);           \
             for (int64_t q = b0; q < b1; ++q) {                                      \
                 if (pl->layout == 0) {                                               \
                     for (int64_t i = 0; i < n; ++i) {                                \
@@ -81,11 +68,7 @@ static void pe_frequencies(const fa_pe_params *p, int64_t channels, int64_t n,
                 }                                                                    \
                 emit(row, q, ctx);                                                   \
                 if (q + 1 == b1) break;                                              \
-                for (int64_t i = 0; i < n; ++i) {                                    \
-                    const double sn = s[i] * pl->cos_step[i] + c[i] * pl->sin_step[i]; \
-                    c[i] = c[i] * pl->cos_step[i] - s[i] * pl->sin_step[i];          \
-                    s[i] = sn;                                                       \
-                }                                                                    \
+                fa_sincos_step(s, c, pl->sin_step, pl->cos_step, n);                 \
             }                                                                        \
         }                                                                            \
     }
@@ -170,11 +153,8 @@ static int pe_run(int dtype, int64_t length, int64_t channels, const fa_pe_param
     if (freq == NULL) return FA_ERR_NOMEM;
     double *sstep = freq + n, *cstep = freq + 2 * n;
     pe_frequencies(p, channels, n, freq);
-    for (int64_t i = 0; i < n; ++i) {
-        sstep[i] = sin(freq[i]);
-        cstep[i] = cos(freq[i]);
-    }
-    const int64_t block = dtype == FA_DTYPE_F32 ? FA_PE_BLOCK_F32 : FA_PE_BLOCK_F64;
+    fa_sincos_exact(sstep, cstep, 1.0, freq, n); /* the step: one position */
+    const int64_t block = dtype == FA_DTYPE_F32 ? FA_SINCOS_BLOCK_F32 : FA_SINCOS_BLOCK_F64;
     const pe_plan plan = {channels, n, block, p->layout, freq, sstep, cstep, p->start_index};
 
     const int64_t blocks = length / block + (length % block != 0);

@@ -18,59 +18,61 @@
  * libm calls from the B*H*L rows to the B*L (or L) positions.
  *
  * Accuracy: angles are formed and evaluated in double and rounded once to
- * the dtype. For float tables a run of consecutive positions advances each
- * column by one rotation (4 multiplies, 2 adds) from an exact libm value
- * restarted every FA_ROPE_BLOCK_F32 positions, which stays within 1e-14 of
- * libm (float rounding is 6e-8). Double tables call libm at every position:
- * beyond ~1e4 positions the rounding of fl(pos * inv) itself exceeds 1e-12,
- * so a double table is only reproducible as sin(fl(pos * inv)).
+ * the dtype. A run of consecutive positions advances each column by one
+ * rotation from an exact libm value restarted every FA_SINCOS_BLOCK_F32
+ * (float) or FA_SINCOS_BLOCK_F64 (double) positions (sincos_steps.h).
  *
- * The apply loop is plain C: per pair it does 2 loads, 4 multiplies, 2 adds
- * and 2 stores, so it is memory-bound; gcc vectorises the contiguous (NEOX)
- * form with the baseline flags.
+ * The table is libm-bound (sin and cos in double), so it is computed here,
+ * with baseline flags, the same way at every ISA level. The rotation of a
+ * row is the selected ISA's kernel (rope_impl.h, through fa_kernels()).
  */
 #include <math.h>
 #include <string.h>
 
-#include "internal.h"
-
-#define FA_ROPE_BLOCK_F32 16
+#include "checked_size.h"
+#include "fastattn.h"
+#include "kernel_table.h"
+#include "scratch.h"
+#include "sincos_steps.h"
+#include "threads.h"
 
 /* ---- the cos / sin table ------------------------------------------------- */
 
-/* inv (half), then per thread: s, c (half each) and the step ws, wc (half each) */
-#define FA_DEFINE_ROPE_TABLE(T, BLOCK)                                                  \
-    static void rope_table_##T(T *cs, T *sn, int64_t half, const int64_t *pos,          \
-                               int64_t start, const double *inv, double *s, double *c,  \
-                               const double *ws, const double *wc, int64_t p0,          \
-                               int64_t p1) {                                            \
-        int64_t prev = 0, since = BLOCK;                                                \
-        for (int64_t p = p0; p < p1; ++p) {                                             \
-            const int64_t q = pos ? pos[p] : start + p;                                 \
-            if (since < BLOCK && q - 1 == prev) {                                       \
-                for (int64_t j = 0; j < half; ++j) {                                    \
-                    const double ns = s[j] * wc[j] + c[j] * ws[j];                      \
-                    const double nc = c[j] * wc[j] - s[j] * ws[j];                      \
-                    s[j] = ns, c[j] = nc;                                               \
-                }                                                                       \
-                ++since;                                                                \
-            } else {                                                                    \
-                for (int64_t j = 0; j < half; ++j) {                                    \
-                    const double a = (double)q * inv[j];                                \
-                    s[j] = sin(a);                                                      \
-                    c[j] = cos(a);                                                      \
-                }                                                                       \
-                since = 1;                                                              \
-            }                                                                           \
-            prev = q;                                                                   \
-            for (int64_t j = 0; j < half; ++j) {                                        \
-                cs[p * half + j] = (T)c[j];                                             \
-                sn[p * half + j] = (T)s[j];                                             \
-            }                                                                           \
-        }                                                                               \
+/* Positions [p0, p1) of the table, stored as float or double. s, c: (half)
+ * the running sin / cos of this thread; ws, wc: (half) sin / cos of one
+ * step of each column. Only runs of consecutive positions are stepped;
+ * any other position restarts from libm. */
+static void rope_table_rows(int dtype, void *cos_out, void *sin_out, int64_t half,
+                            const int64_t *pos, int64_t start, const double *inv, double *s,
+                            double *c, const double *ws, const double *wc, int64_t p0,
+                            int64_t p1) {
+    const int64_t block = dtype == FA_DTYPE_F32 ? FA_SINCOS_BLOCK_F32 : FA_SINCOS_BLOCK_F64;
+    int64_t prev = 0, since = block;
+    for (int64_t p = p0; p < p1; ++p) {
+        const int64_t q = pos ? pos[p] : start + p;
+        if (since < block && q - 1 == prev) {
+            fa_sincos_step(s, c, ws, wc, half);
+            ++since;
+        } else {
+            fa_sincos_exact(s, c, (double)q, inv, half);
+            since = 1;
+        }
+        prev = q;
+        if (dtype == FA_DTYPE_F32) {
+            float *cs = (float *)cos_out + p * half, *sn = (float *)sin_out + p * half;
+            for (int64_t j = 0; j < half; ++j) {
+                cs[j] = (float)c[j];
+                sn[j] = (float)s[j];
+            }
+        } else {
+            double *cs = (double *)cos_out + p * half, *sn = (double *)sin_out + p * half;
+            for (int64_t j = 0; j < half; ++j) {
+                cs[j] = c[j];
+                sn[j] = s[j];
+            }
+        }
     }
-FA_DEFINE_ROPE_TABLE(float, FA_ROPE_BLOCK_F32)
-FA_DEFINE_ROPE_TABLE(double, 1)
+}
 
 typedef struct {
     int dtype;
@@ -88,18 +90,11 @@ static void rope_table_part(void *ctx, int t, int nthreads) {
     const int64_t half = j->half;
     double *s = j->inv + half + (int64_t)t * j->per_thread, *c = s + half;
     double *ws = c + half, *wc = ws + half;
-    for (int64_t k = 0; k < half; ++k) {
-        ws[k] = sin(j->inv[k]);
-        wc[k] = cos(j->inv[k]);
-    }
+    fa_sincos_exact(ws, wc, 1.0, j->inv, half); /* the step: one position */
     int64_t p0, p1;
     fa_partition(j->n, nthreads, t, &p0, &p1);
-    if (j->dtype == FA_DTYPE_F32)
-        rope_table_float(j->cos_out, j->sin_out, half, j->positions, j->start, j->inv, s, c, ws,
-                         wc, p0, p1);
-    else
-        rope_table_double(j->cos_out, j->sin_out, half, j->positions, j->start, j->inv, s, c, ws,
-                          wc, p0, p1);
+    rope_table_rows(j->dtype, j->cos_out, j->sin_out, half, j->positions, j->start, j->inv, s,
+                    c, ws, wc, p0, p1);
 }
 
 int fa_rope_table(int dtype, void *cos_out, void *sin_out, int64_t n, int64_t half,
@@ -132,45 +127,6 @@ int fa_rope_table(int dtype, void *cos_out, void *sin_out, int64_t n, int64_t ha
 
 /* ---- applying it ----------------------------------------------------------- */
 
-#define FA_DEFINE_ROPE_ROW(T)                                                           \
-    /* out of place: y and x never overlap */                                           \
-    static void rope_row_##T(const T *restrict x, T *restrict y, const T *restrict cs,  \
-                             const T *restrict sn, int64_t half, int layout) {          \
-        if (layout == FA_ROPE_NEOX) {                                                   \
-            for (int64_t j = 0; j < half; ++j) {                                        \
-                const T a = x[j], b = x[j + half];                                      \
-                y[j] = a * cs[j] - b * sn[j];                                           \
-                y[j + half] = b * cs[j] + a * sn[j];                                    \
-            }                                                                           \
-        } else {                                                                        \
-            for (int64_t j = 0; j < half; ++j) {                                        \
-                const T a = x[2 * j], b = x[2 * j + 1];                                 \
-                y[2 * j] = a * cs[j] - b * sn[j];                                       \
-                y[2 * j + 1] = b * cs[j] + a * sn[j];                                   \
-            }                                                                           \
-        }                                                                               \
-    }                                                                                   \
-    /* in place: each pair is read before it is written */                              \
-    static void rope_row_inplace_##T(T *p, const T *restrict cs, const T *restrict sn,  \
-                                     int64_t half, int layout) {                        \
-        if (layout == FA_ROPE_NEOX) {                                                   \
-            T *restrict lo = p, *restrict hi = p + half;                                \
-            for (int64_t j = 0; j < half; ++j) {                                        \
-                const T a = lo[j], b = hi[j];                                           \
-                lo[j] = a * cs[j] - b * sn[j];                                          \
-                hi[j] = b * cs[j] + a * sn[j];                                          \
-            }                                                                           \
-        } else {                                                                        \
-            for (int64_t j = 0; j < half; ++j) {                                        \
-                const T a = p[2 * j], b = p[2 * j + 1];                                 \
-                p[2 * j] = a * cs[j] - b * sn[j];                                       \
-                p[2 * j + 1] = b * cs[j] + a * sn[j];                                   \
-            }                                                                           \
-        }                                                                               \
-    }
-FA_DEFINE_ROPE_ROW(float)
-FA_DEFINE_ROPE_ROW(double)
-
 typedef struct {
     const fa_rope_args *a;
     int dtype, rotate;
@@ -182,6 +138,7 @@ static void rope_apply_rows(void *ctx, int t, int nthreads) {
     const rope_apply_job *j = ctx;
     const fa_rope_args *a = j->a;
     const int64_t es = j->es, half = j->half, L = j->L, N1 = j->N1;
+    const fa_kernel_table *k = fa_kernels();
     const char *xb = a->x.data;
     char *yb = a->y.data;
     int64_t lo, hi;
@@ -198,20 +155,12 @@ static void rope_apply_rows(void *ctx, int t, int nthreads) {
         }
         const int64_t ti =
             a->index[n0 * a->index_stride[0] + n1 * a->index_stride[1] + l * a->index_stride[2]];
-        if (j->dtype == FA_DTYPE_F32) {
-            const float *cs = (const float *)a->cos + ti * half, *sn = (const float *)a->sin + ti * half;
-            if (xr == yr)
-                rope_row_inplace_float((float *)yr, cs, sn, half, a->layout);
-            else
-                rope_row_float((const float *)xr, (float *)yr, cs, sn, half, a->layout);
-        } else {
-            const double *cs = (const double *)a->cos + ti * half,
-                         *sn = (const double *)a->sin + ti * half;
-            if (xr == yr)
-                rope_row_inplace_double((double *)yr, cs, sn, half, a->layout);
-            else
-                rope_row_double((const double *)xr, (double *)yr, cs, sn, half, a->layout);
-        }
+        if (j->dtype == FA_DTYPE_F32)
+            k->rope_row_f32((const float *)xr, (float *)yr, (const float *)a->cos + ti * half,
+                            (const float *)a->sin + ti * half, half, a->layout);
+        else
+            k->rope_row_f64((const double *)xr, (double *)yr, (const double *)a->cos + ti * half,
+                            (const double *)a->sin + ti * half, half, a->layout);
     }
 }
 

@@ -6,7 +6,9 @@
  */
 #include <string.h>
 
-#include "internal.h"
+#include "checked_size.h"
+#include "fastattn.h"
+#include "threads.h"
 
 /* The "add" mode's penalty: large enough that exp(score - 1e12) is 0 in
  * float and double, as in the classic formula x - (1 - mask) * 1e12. */

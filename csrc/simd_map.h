@@ -24,7 +24,7 @@
  *   tails; they never touch memory past p + n;
  *   stream(p, v): a non-temporal store to a vector-aligned p, which skips
  *   the read-for-ownership of the destination line (fa_store_fence() in
- *   internal.h orders such stores before later ones).
+ *   cache_hints.h orders such stores before later ones).
  */
 #ifndef FASTATTN_SIMD_MAP_H
 #define FASTATTN_SIMD_MAP_H
@@ -397,8 +397,5 @@ static inline __m512d vf64_keep(__m512d v, const uint8_t *m) {
 #define FA_CAT4_(a, b, c, d) a##_##b##_##c##_##d
 #define FA_CAT4(a, b, c, d) FA_CAT4_(a, b, c, d)
 #define FA_KNAME(name, dt) FA_CAT4(fa, name, dt, FA_ISA_SUFFIX)
-#define FA_CAT3_(a, b, c) a##_##b##_##c
-#define FA_CAT3(a, b, c) FA_CAT3_(a, b, c)
-#define FA_TABLE_NAME FA_CAT3(fa, kernels, FA_ISA_SUFFIX)
 
 #endif /* FASTATTN_SIMD_MAP_H */

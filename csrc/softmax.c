@@ -6,7 +6,12 @@
  */
 #include <string.h>
 
-#include "internal.h"
+#include "cache_hints.h"
+#include "checked_size.h"
+#include "kernel_table.h"
+#include "scratch.h"
+#include "threads.h"
+#include "valid_lengths.h"
 
 /* Outputs at least this large are written with non-temporal stores: 16 MiB
  * is past the L2s and most of a shared L3, so the rows will not be read
@@ -30,12 +35,6 @@ static int64_t valid_keys(int64_t i, int64_t Lq, int64_t Lk, int64_t key_len,
     else if (causal == FA_CAUSAL_BOTTOM_RIGHT) limit = i + 1 + (Lk - Lq);
     if (limit < n) n = limit;
     return n < 0 ? 0 : n;
-}
-
-static int64_t length_at(const fa_lengths_view *lv, int64_t b, int64_t m,
-                         int64_t full) {
-    if (lv == NULL || lv->data == NULL) return full;
-    return lv->data[b * lv->stride_b + m * lv->stride_m];
 }
 
 /* Copy n elements of esize bytes at element stride s into contiguous dst and
@@ -81,8 +80,8 @@ static void pos_step(const softmax_job *job, row_pos *p) {
 static int64_t row_valid(const softmax_job *job, row_pos p, const char **xrow) {
     *xrow = (const char *)job->x.data +
             (p.b * job->x.stride[0] + p.m * job->x.stride[1] + p.i * job->x.stride[2]) * job->esize;
-    if (p.i >= length_at(job->query_len, p.b, p.m, job->Lq)) return 0;
-    return valid_keys(p.i, job->Lq, job->Lk, length_at(job->key_len, p.b, p.m, job->Lk), job->causal);
+    if (p.i >= fa_length_at(job->query_len, p.b, p.m, job->Lq)) return 0;
+    return valid_keys(p.i, job->Lq, job->Lk, fa_length_at(job->key_len, p.b, p.m, job->Lk), job->causal);
 }
 
 /* Rows [lo, hi) of the flattened (B, M, Lq) row index. scratch holds an x

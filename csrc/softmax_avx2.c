@@ -2,7 +2,7 @@
  * (FA_ISA_LEVEL 1), instantiated from softmax_impl.h for float and double.
  * Exports fa_softmax_row_f32_avx2 and fa_softmax_row_f64_avx2; dispatch.c
  * puts them in the avx2 kernel table. */
-#include "internal.h"
+#include "kernel_table.h"
 #define FA_ISA_LEVEL 1
 #include "simd_map.h"
 

@@ -2,7 +2,7 @@
  * (FA_ISA_LEVEL 2), instantiated from softmax_impl.h for float and double.
  * Exports fa_softmax_row_f32_avx512 and fa_softmax_row_f64_avx512; dispatch.c
  * puts them in the avx512 kernel table. */
-#include "internal.h"
+#include "kernel_table.h"
 #define FA_ISA_LEVEL 2
 #include "simd_map.h"
 

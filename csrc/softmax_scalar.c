@@ -2,7 +2,7 @@
  * (FA_ISA_LEVEL 0), instantiated from softmax_impl.h for float and double.
  * Exports fa_softmax_row_f32_scalar and fa_softmax_row_f64_scalar; dispatch.c
  * puts them in the scalar kernel table. */
-#include "internal.h"
+#include "kernel_table.h"
 #define FA_ISA_LEVEL 0
 #include "simd_map.h"
 

@@ -82,6 +82,21 @@ def index_value(value, name):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
 
 
+def real_number(value, name, what="a real number"):
+    """``value`` as a Python float: a real number (bools, strings, arrays and
+    complex numbers refused) that a float64 can hold, so an int too large
+    for a float is a ValueError naming the argument, not an OverflowError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} must fit in a float64, got an integer of {int(value).bit_length()} bits"
+        ) from None
+
+
 def check_result_size(shape, dtype, what):
     """Reject a result whose byte size overflows the address space before
     NumPy or C computes it; ``what`` names the arguments that set the shape."""
@@ -166,6 +181,14 @@ def check_out(out, shape, dtype, name="out"):
 
 def reshaped_view(arr, shape):
     """A view of ``arr`` with ``shape``, or None when that needs a copy."""
+    try:
+        # NumPy >= 2.1 refuses to copy with ValueError; assigning .shape, the
+        # older way, is deprecated from NumPy 2.5
+        return np.reshape(arr, shape, copy=False)
+    except ValueError:
+        return None
+    except TypeError:  # NumPy < 2.1: no copy= argument
+        pass
     view = arr.view()
     try:
         view.shape = shape

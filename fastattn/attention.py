@@ -14,6 +14,7 @@ from fastattn._validation import (
     compute_dtype,
     float_array,
     lengths_view,
+    real_number,
 )
 from fastattn.masks import CAUSAL_ALIGNMENTS, prepare_mask
 
@@ -57,9 +58,7 @@ def attention_scale(scale, D):
     """The score scale as a float: ``1 / sqrt(D)`` by default (1 for D = 0)."""
     if scale is None:
         return 1.0 / math.sqrt(D) if D else 1.0
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scale must be a real number or None, got {scale!r}")
-    return float(scale)
+    return real_number(scale, "scale", "a real number or None")
 
 
 def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
@@ -122,7 +121,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     # stride, no masks or out): the same checks as below, without the general
     # machinery, so that tiny decode calls cost a few microseconds.
     if (attn_mask is None and key_lengths is None and query_lengths is None
-            and alibi_slopes is None and out is None and not return_weights
+            and alibi_slopes is None and out is None and return_weights is False
             and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         dt = q.dtype
         if ((dt is _F32 or dt is _F64) and k.dtype is dt and v.dtype is dt
@@ -134,7 +133,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
             item = dt.itemsize
             if (Bk == B and Bv == B and Dk == D and Hv == Hkv and Lv == Lk and Hkv
                     and H % Hkv == 0 and q.strides[3] == item and k.strides[3] == item
-                    and v.strides[3] == item and causal_alignment in CAUSAL_ALIGNMENTS
+                    and v.strides[3] == item and type(causal_alignment) is str
+                    and causal_alignment in CAUSAL_ALIGNMENTS
                     and type(is_causal) is bool and (scale is None or type(scale) is float)):
                 result = np.empty((B, H, Lq, Dv), dtype=dt)
                 _kernels.scaled_dot_product_attention(

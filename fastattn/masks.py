@@ -25,6 +25,7 @@ from fastattn._validation import (
     int_array,
     kernel_addressable,
     lengths_view,
+    real_number,
 )
 
 CAUSAL_ALIGNMENTS = _kernels.CAUSAL_ALIGNMENTS
@@ -245,6 +246,4 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
 
 
 def _real_scalar(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
+    return real_number(value, name)

@@ -12,15 +12,14 @@ from fastattn._validation import (
     choice,
     float_array,
     index_value,
+    real_number,
 )
 
 LAYOUTS = _kernels.PE_LAYOUTS
 
 
 def _real(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
+    return real_number(value, name)
 
 
 def _start_index(value, length):
@@ -42,6 +41,15 @@ def _timescales(min_timescale, max_timescale):
         raise ValueError(f"min_timescale must be positive and finite, got {min_timescale!r}")
     if not (math.isfinite(hi) and hi > 0):
         raise ValueError(f"max_timescale must be positive and finite, got {max_timescale!r}")
+    # The names promise an order, and a reversed pair is almost always two
+    # swapped arguments: it would give frequencies that grow along the
+    # channels instead of falling, a table no reference implementation
+    # means. Equal timescales (one frequency) are allowed.
+    if lo > hi:
+        raise ValueError(
+            f"min_timescale must be <= max_timescale, got min_timescale={min_timescale!r} "
+            f"and max_timescale={max_timescale!r}"
+        )
     return lo, hi
 
 
@@ -83,6 +91,9 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
     ``PE[pos, 2i] = sin(pos * inv[i])``, ``PE[pos, 2i + 1] = cos(pos * inv[i])``
     with ``inv[i] = min_timescale * (max_timescale / min_timescale) ** (-2i / channels)``,
     which is ``1 / 10000 ** (2i / channels)`` at the defaults.
+
+    ``0 < min_timescale <= max_timescale`` (a reversed pair raises
+    ValueError); equal timescales give one frequency for every column pair.
 
     Positions are ``start_index + arange(length)``; angles are carried in
     double precision, so the table extrapolates to long sequences (1e6

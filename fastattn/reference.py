@@ -161,6 +161,11 @@ def merge_heads(x, *, out=None, num_threads=None):
 
 
 def _inverse_timescales(channels, layout, min_timescale, max_timescale):
+    if min_timescale > max_timescale:  # as fastattn: a reversed pair is refused
+        raise ValueError(
+            f"min_timescale must be <= max_timescale, got min_timescale={min_timescale!r} "
+            f"and max_timescale={max_timescale!r}"
+        )
     if layout == "concat":
         n = channels // 2
         increment = math.log(max_timescale / min_timescale) / max(n - 1, 1)

@@ -7,16 +7,22 @@ import numpy as np
 
 from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
-from fastattn._validation import OutputTarget, choice, float_array, index_value
+from fastattn._validation import (
+    OutputTarget,
+    as_array,
+    check_result_size,
+    choice,
+    float_array,
+    index_value,
+    real_number,
+)
 
 ROPE_LAYOUTS = _kernels.ROPE_LAYOUTS
 ROPE_NONE = _kernels.ROPE_NONE
 
 
 def _check_base(base):
-    if isinstance(base, (bool, np.bool_)) or not isinstance(base, (int, float, np.integer, np.floating)):
-        raise TypeError(f"base must be a real number, got {base!r}")
-    b = float(base)
+    b = real_number(base, "base")
     if not (math.isfinite(b) and b > 0):
         raise ValueError(f"base must be positive and finite, got {base!r}")
     return b
@@ -134,12 +140,23 @@ def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_thr
 
 def positions_array(values, name="positions"):
     """Integer positions (negative ones allowed) as int64."""
-    arr = values if type(values) is np.ndarray else np.asarray(values)
+    arr = as_array(values, name)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} is too large for int64")
     return arr.astype(np.int64, copy=False)
+
+
+# The largest head count alibi_slopes accepts. For n heads the slopes are
+# steps of the geometric sequence 2 ** (-8 k / 2p), p = 2 ** floor(log2 n),
+# whose ratio 2 ** (-4 / p) is 1 - 2.77 / p: while p <= 2**24 that exceeds
+# float32's largest relative spacing (2**-23), so every head gets its own
+# slope; at p = 2**25 millions of them coincide (measured), and ALiBi's point,
+# one distance scale per head, is lost. The cap also bounds the work and
+# memory (33 M slopes, about 7 s and 270 MB); the Python pow per slope keeps
+# the values bit-identical to the paper's reference code.
+MAX_ALIBI_HEADS = 2**25 - 1
 
 
 def alibi_slopes(num_heads, *, dtype=np.float64):
@@ -150,6 +167,8 @@ def alibi_slopes(num_heads, *, dtype=np.float64):
     of the nearest lower power of two are followed by every other slope of
     the sequence for twice that power, as in the paper's reference code.
     Pass them to ``scaled_dot_product_attention(alibi_slopes=...)``.
+    ``num_heads`` is at most ``2**25 - 1``, the largest count whose slopes
+    are all distinct in float32 (see ``MAX_ALIBI_HEADS``).
 
     Examples
     --------
@@ -162,9 +181,18 @@ def alibi_slopes(num_heads, *, dtype=np.float64):
     n = index_value(num_heads, "num_heads")
     if n < 1:
         raise ValueError(f"num_heads must be >= 1, got {n}")
-    dt = np.dtype(dtype)
+    if n > MAX_ALIBI_HEADS:
+        raise ValueError(
+            f"num_heads must be <= {MAX_ALIBI_HEADS} (2**25 - 1): beyond it adjacent "
+            f"heads' slopes are no longer distinct in float32, got {n}"
+        )
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    check_result_size((n,), dt, f"num_heads={n}")
     p = 1 << (n.bit_length() - 1)  # the largest power of two <= n
     slopes = [2.0 ** (-8.0 * (h + 1) / p) for h in range(p)]
     # the remainder: odd-numbered slopes of the 2p sequence, 2 ** (-8 (2i + 1) / 2p)

@@ -146,3 +146,172 @@ def test_masked_softmax_causal_arguments():
         fastattn.masked_softmax(x, is_causal=np.array([True, False]))
     with pytest.raises(TypeError, match="^is_causal must be a bool, got str"):
         fastattn.masked_softmax(x, is_causal="yes")
+
+
+# ---- the barrage: every argument of every public function, every kind of
+# wrong value ------------------------------------------------------------------
+# Each public function has one valid call; the barrage replaces one argument
+# at a time with each bad value of that argument's kind and expects a
+# ValueError or TypeError whose message names the argument, within a time
+# limit (a hang fails), and the valid call still working afterwards (nothing
+# half-changed). The table above pins exact messages; this pins that nothing
+# leaks (OverflowError, AttributeError, NumPy's own messages) for any argument.
+
+HUGE = 10**400          # a Python int too large for a float or a C integer
+BIG = 2**63             # one past int64
+UNSIZED = 10**9         # a count whose result does not fit
+
+ARRAY = "array"          # a float array argument
+OPT_ARRAY = "opt_array"  # an optional array (None is valid)
+LENGTHS = "lengths"      # an integer array argument
+REAL = "real"            # a real scalar
+OPT_REAL = "opt_real"    # a real scalar or None
+COUNT = "count"          # a non-negative int that sizes a result
+INDEX = "index"          # any int (an offset)
+THREADS = "threads"
+CHOICE = "choice"
+FLAG = "flag"
+DTYPE = "dtype"
+OUT = "out"
+
+BAD = {
+    ARRAY: [3.0, "abc", None, object(), [[1.0], [1.0, 2.0]], np.zeros((2, 3), complex),
+            np.array(["a", "b"])],
+    OPT_ARRAY: ["abc", object(), [[1.0], [1.0, 2.0]], np.zeros((2, 3), complex),
+                np.array(["a", "b"])],
+    LENGTHS: [3.0, "abc", object(), [1.5, 2.0], [-1, 2], np.array([HUGE], dtype=object),
+              [[1], [1, 2]], [True, False], np.array([2**64 - 1], np.uint64)],
+    REAL: [HUGE, -HUGE, "abc", 1j, None, [1.0], np.ones(2), True],
+    OPT_REAL: [HUGE, "abc", 1j, [1.0], np.ones(2), True],
+    COUNT: [HUGE, BIG, UNSIZED * UNSIZED, -1, 2.5, "3", None, True, np.float64(2.0), [2]],
+    INDEX: [HUGE, -HUGE, BIG, 2.5, "3", None, True, [0]],
+    THREADS: [HUGE, BIG, 0, -1, 2.5, "2", True, [2]],
+    CHOICE: ["bogus", 3, None, ["x"], b"neox"],
+    FLAG: ["False", "no", 2.5, None, np.array([True, False]), [True]],
+    DTYPE: ["foo", np.int32, 3, object, np.complex64],
+    OUT: [[0.0], 3.0, np.zeros(1), np.zeros((1, 1, 1, 1, 1), np.float64)],
+}
+# values of a kind that are valid for one particular argument
+ACCEPTED = {
+    # any NumPy dtype is a valid output dtype of a mask
+    ("sequence_mask", "dtype"): (np.int32, object, np.complex64),
+    ("sequence_mask", "maxlen"): (None,),  # the longest length
+}
+# a size that fits the address space but not the memory: MemoryError, as for
+# every result NumPy cannot allocate (tests/test_memory.py), before any work
+MEMORY_ERROR_OK = {UNSIZED * UNSIZED}
+# set_isa's argument is called name; its messages call it the isa
+MESSAGE_NAME = {("set_isa", "name"): "isa"}
+
+
+def _valid_calls():
+    z3 = np.zeros((2, 3, 4))
+    q = np.zeros((1, 2, 3, 4), np.float32)
+    return {
+        "masked_softmax": ((z3,), dict(
+            scores=ARRAY, attn_mask=OPT_ARRAY, key_lengths=LENGTHS, query_lengths=LENGTHS,
+            is_causal=FLAG, causal_alignment=CHOICE, scale=REAL, out=OUT, num_threads=THREADS)),
+        "sequence_mask": (([1, 2],), dict(lengths=LENGTHS, maxlen=COUNT, dtype=DTYPE)),
+        "apply_sequence_mask": ((z3, [1, 2]), dict(
+            x=ARRAY, lengths=LENGTHS, mode=CHOICE, axis=INDEX, out=OUT, num_threads=THREADS)),
+        "split_heads": ((z3, 2), dict(x=ARRAY, num_heads=COUNT, out=OUT, num_threads=THREADS)),
+        "merge_heads": ((np.zeros((2, 2, 3, 4)),), dict(x=ARRAY, out=OUT, num_threads=THREADS)),
+        "sinusoidal_position_encoding": ((3, 4), dict(
+            length=COUNT, channels=COUNT, layout=CHOICE, min_timescale=REAL, max_timescale=REAL,
+            start_index=INDEX, dtype=DTYPE, out=OUT, num_threads=THREADS)),
+        "add_position_encoding": ((z3,), dict(
+            x=ARRAY, layout=CHOICE, start_index=INDEX, min_timescale=REAL, max_timescale=REAL,
+            out=OUT, num_threads=THREADS)),
+        "scaled_dot_product_attention": ((q, q, q), dict(
+            q=ARRAY, k=ARRAY, v=ARRAY, attn_mask=OPT_ARRAY, key_lengths=LENGTHS,
+            query_lengths=LENGTHS, is_causal=FLAG, causal_alignment=CHOICE, scale=OPT_REAL,
+            alibi_slopes=OPT_ARRAY, return_weights=FLAG, out=OUT, num_threads=THREADS)),
+        "apply_rotary": ((np.zeros((2, 3, 4)), np.arange(3)), dict(
+            x=ARRAY, positions=LENGTHS, layout=CHOICE, base=REAL, out=OUT, num_threads=THREADS)),
+        "alibi_slopes": ((4,), dict(num_heads=COUNT, dtype=DTYPE)),
+        "set_num_threads": ((1,), dict(n=THREADS)),
+        "set_isa": (("scalar",), dict(name=CHOICE)),
+    }
+
+
+VALID = _valid_calls()
+
+
+def _barrage_cases():
+    import inspect
+    cases = []
+    for fname, (args, kinds) in VALID.items():
+        params = list(inspect.signature(getattr(fastattn, fname)).parameters)
+        for arg, kind in kinds.items():
+            for i, value in enumerate(BAD[kind]):
+                if any(value is ok for ok in ACCEPTED.get((fname, arg), ())):
+                    continue
+                cases.append(pytest.param(fname, arg, params.index(arg), value,
+                                          id=f"{fname}-{arg}-{kind}{i}"))
+    return cases
+
+
+def test_barrage_covers_every_public_function_and_argument():
+    import inspect
+    for name in fastattn.__all__:
+        fn = getattr(fastattn, name)
+        if not callable(fn) or inspect.isclass(fn) or name in ("get_isa", "get_num_threads", "available_isas",
+                                          "show_config"):
+            continue
+        assert name in VALID, f"no barrage entry for {name}"
+        params = set(inspect.signature(fn).parameters)
+        assert params == set(VALID[name][1]), f"{name}: arguments {params} != barrage"
+
+
+@pytest.fixture
+def time_limit():
+    """Fail instead of hanging: SIGALRM after 20 s."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError("the call ran for more than 20 s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(20)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _call_with(fname, arg, position, value):
+    args, _ = VALID[fname]
+    args = list(args)
+    kwargs = {}
+    if position < len(args):
+        args[position] = value
+    else:
+        kwargs[arg] = value
+    return getattr(fastattn, fname)(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fname,arg,position,value", _barrage_cases())
+def test_barrage(fname, arg, position, value, time_limit):
+    saved = (fastattn.get_isa(), fastattn._config._num_threads)
+    try:
+        try:
+            _call_with(fname, arg, position, value)
+        except MemoryError:
+            assert type(value) is int and value in MEMORY_ERROR_OK, f"{fname}({arg}={value!r}): MemoryError"
+        except (ValueError, TypeError) as exc:
+            msg = str(exc)
+            named = MESSAGE_NAME.get((fname, arg), arg)
+            assert re.search(rf"(?<![A-Za-z_]){re.escape(named)}(?![A-Za-z_])", msg), (
+                f"{fname}({arg}={value!r}): the message does not name {named!r}: "
+                f"{type(exc).__name__}: {msg}")
+        except Exception as exc:  # noqa: BLE001 - any other type is the defect
+            pytest.fail(f"{fname}({arg}={value!r}) raised {type(exc).__name__}: {exc}")
+        else:
+            pytest.fail(f"{fname}({arg}={value!r}) was accepted")
+        args, _ = VALID[fname]
+        getattr(fastattn, fname)(*args)  # still works: nothing was left half-changed
+    finally:
+        # set_isa and set_num_threads change global state: restore it
+        fastattn.set_isa(saved[0])
+        fastattn.set_num_threads(saved[1])

@@ -318,7 +318,7 @@ def test_markdown_and_plain_table_from_a_run(tmp_path):
 
 
 class FakeLayer:
-    """Stands in for fastattn.MultiHeadAttention (issue 4's API) to exercise
+    """Stands in for fastattn.MultiHeadAttention (its constructors and call) to exercise
     the suite's layer rows in a build that lacks the layer."""
 
     def __init__(self, weights, num_heads):
@@ -351,7 +351,7 @@ class FakeMHAFromTorch(FakeLayer):
 
 @pytest.mark.parametrize("fake", [FakeMHA, FakeMHAFromTorch])
 @pytest.mark.parametrize("padded", [False, True])
-def test_layer_rows_run_through_the_issue4_api(monkeypatch, fake, padded):
+def test_layer_rows_run_through_the_layer_api(monkeypatch, fake, padded):
     names = ["numpy"]
     if importlib.util.find_spec("torch") is not None:
         names.append("torch")

@@ -6,7 +6,8 @@ import pytest
 
 import fastattn
 from fastattn import reference as ref
-from conftest import LAYOUTS, assert_close, strided_copy
+from conftest import (LAYOUTS, angle_atol, assert_close, assert_close_angles, position_angles,
+                      strided_copy)
 
 
 @pytest.mark.parametrize("layout", ["concat", "interleaved"])
@@ -15,7 +16,44 @@ def test_table(isa, threads, dtype, layout, length, channels):
     got = fastattn.sinusoidal_position_encoding(length, channels, layout=layout, dtype=dtype,
                                                 num_threads=threads)
     want = ref.sinusoidal_position_encoding(length, channels, layout=layout, dtype=np.float64)
-    assert_close(got, want.astype(dtype) if dtype == np.float64 else want, dtype)
+    assert_close_angles(got, want.astype(dtype) if dtype == np.float64 else want,
+                        position_angles(length, channels, layout), dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["concat", "interleaved"])
+def test_large_angles_need_the_angle_bound(layout):
+    # positions near 1e5 reach |angle| = 1e5 rad, whose float64 rounding
+    # (ulp 1.5e-11) is far above a flat 1e-12, and libm's exp/pow and
+    # NumPy's may round the inverse timescales an ulp apart: fastattn and the
+    # oracle differ by up to 2 ulp of the angle. The angle bound allows that
+    # and no more: an error twice the bound is still caught.
+    kw = dict(layout=layout, start_index=100_000)
+    got = fastattn.sinusoidal_position_encoding(64, 256, dtype=np.float64, **kw)
+    want = ref.sinusoidal_position_encoding(64, 256, dtype=np.float64, **kw)
+    theta = position_angles(64, 256, **kw)
+    with pytest.raises(AssertionError):
+        assert_close(got, want)
+    assert_close_angles(got, want, theta)
+    worse = got.copy()
+    worse[-1, 1] += 2 * angle_atol(theta[-1, 1])
+    with pytest.raises(AssertionError, match="beyond the angle bound"):
+        assert_close_angles(worse, want, theta)
+
+
+def test_reversed_timescales_are_refused():
+    # min_timescale > max_timescale is almost always two swapped arguments
+    msg = "^min_timescale must be <= max_timescale, got min_timescale=3 and max_timescale=1.0$"
+    for fn in (fastattn.sinusoidal_position_encoding, ref.sinusoidal_position_encoding):
+        with pytest.raises(ValueError, match=msg):
+            fn(4, 8, min_timescale=3, max_timescale=1.0)
+    for fn in (fastattn.add_position_encoding, ref.add_position_encoding):
+        with pytest.raises(ValueError, match=msg):
+            fn(np.zeros((4, 8)), min_timescale=3, max_timescale=1.0)
+    # equal timescales: one frequency for every column pair
+    t = fastattn.sinusoidal_position_encoding(3, 6, min_timescale=2.0, max_timescale=2.0,
+                                              dtype=np.float64)
+    angle = 2.0 * np.arange(3)[:, None] * np.ones(3)  # tensor2tensor: inv = min_timescale
+    assert_close(t, np.concatenate([np.sin(angle), np.cos(angle)], axis=1))
 
 
 def test_concat_is_tensor2tensor_layout():
@@ -50,7 +88,8 @@ def test_add_position_encoding(isa, threads, dtype, rng, layout):
     xs = strided_copy(x, layout)
     for pe_layout in ("concat", "interleaved"):
         got = fastattn.add_position_encoding(xs, layout=pe_layout, start_index=5, num_threads=threads)
-        assert_close(got, ref.add_position_encoding(x, layout=pe_layout, start_index=5))
+        assert_close_angles(got, ref.add_position_encoding(x, layout=pe_layout, start_index=5),
+                            position_angles(19, 10, pe_layout, start_index=5))
 
 
 def test_add_in_place_and_timescales(rng):

@@ -5,14 +5,15 @@ Each entry of ``CASES`` names a public function (the same name in
 that draws whole calls: shapes, dtypes, layouts, masks, lengths, ``out=``,
 ISA level and thread count. The test runs the call on fastattn and on the
 oracle and compares within the foundation tolerances (float32 1e-5,
-float64 1e-12, see conftest.assert_close); integer and bool outputs must be
-equal. It also checks that ``out=`` is returned and that inputs are left
+float64 1e-12, see conftest.assert_close), widened for functions of an angle
+by the rounding of that angle (conftest.assert_close_angles); integer and
+bool outputs must be equal. It also checks that ``out=`` is returned and that inputs are left
 untouched unless written in place.
 
 A new public function is one entry in ``CASES``. Example counts come from
-the hypothesis profile (conftest.py): ``ci`` (the default, 500 per
-function), ``long`` (5,000) or ``sanitize`` (200), chosen with
-``HYPOTHESIS_PROFILE``.
+the hypothesis profile (conftest.py): ``ci`` (the default: 500 per
+function, derandomized), ``nightly`` (5,000, random) or ``sanitize`` (200),
+chosen with ``HYPOTHESIS_PROFILE``.
 """
 
 import numpy as np
@@ -24,7 +25,8 @@ import fastattn
 from fastattn import reference
 
 import strategies as S
-from conftest import assert_close
+from conftest import (assert_close, assert_close_angles, position_angles,
+                      rotary_bound_terms)
 
 
 def assert_exact(got, ref):
@@ -33,8 +35,40 @@ def assert_exact(got, ref):
     np.testing.assert_array_equal(got, ref)
 
 
+def close(got, ref, args, kwargs):
+    assert_close(got, ref)
+
+
+def exact(got, ref, args, kwargs):
+    assert_exact(got, ref)
+
+
+_PE_KEYS = ("layout", "min_timescale", "max_timescale", "start_index")
+
+
+def table_angles_close(got, ref, args, kwargs):
+    """A position-encoding table: the rounding of each angle allowed for."""
+    length, channels = args
+    kw = {k: v for k, v in kwargs.items() if k in _PE_KEYS}
+    assert_close_angles(got, ref, position_angles(length, channels, **kw))
+
+
+def added_angles_close(got, ref, args, kwargs):
+    """x + table: the table's angle bound, broadcast over x's leading axes."""
+    length, channels = np.shape(args[0])[-2:]
+    kw = {k: v for k, v in kwargs.items() if k in _PE_KEYS}
+    assert_close_angles(got, ref, position_angles(length, channels, **kw))
+
+
+def rotary_angles_close(got, ref, args, kwargs):
+    """A rotated pair: the angle bound times |x_a| + |x_b|."""
+    kw = {k: v for k, v in kwargs.items() if k in ("layout", "base")}
+    theta, pair = rotary_bound_terms(*args, **kw)
+    assert_close_angles(got, ref, theta, pair)
+
+
 class Case:
-    def __init__(self, name, strategy, compare=assert_close):
+    def __init__(self, name, strategy, compare=close):
         self.name = name
         self.strategy = strategy
         self.compare = compare
@@ -45,14 +79,15 @@ class Case:
 
 CASES = [
     Case("masked_softmax", S.masked_softmax_calls()),
-    Case("sequence_mask", S.sequence_mask_calls(), compare=assert_exact),
+    Case("sequence_mask", S.sequence_mask_calls(), compare=exact),
     Case("apply_sequence_mask", S.apply_sequence_mask_calls()),
     Case("split_heads", S.split_heads_calls()),
     Case("merge_heads", S.merge_heads_calls()),
-    Case("sinusoidal_position_encoding", S.sinusoidal_position_encoding_calls()),
-    Case("add_position_encoding", S.add_position_encoding_calls()),
+    Case("sinusoidal_position_encoding", S.sinusoidal_position_encoding_calls(),
+         compare=table_angles_close),
+    Case("add_position_encoding", S.add_position_encoding_calls(), compare=added_angles_close),
     Case("scaled_dot_product_attention", S.scaled_dot_product_attention_calls()),
-    Case("apply_rotary", S.apply_rotary_calls()),
+    Case("apply_rotary", S.apply_rotary_calls(), compare=rotary_angles_close),
     Case("alibi_slopes", S.alibi_slopes_calls()),
 ]
 
@@ -89,7 +124,8 @@ def run_call(case, call):
         for a, b in zip(call.args, before):
             if isinstance(a, np.ndarray):
                 np.testing.assert_array_equal(a, b, err_msg="an input was modified")
-    case.compare(got, expected)
+    # the inputs as they were before the call (an in-place call overwrites x)
+    case.compare(got, expected, ref_args, ref_kwargs)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)

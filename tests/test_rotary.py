@@ -6,7 +6,8 @@ import pytest
 import fastattn
 from fastattn import _kernels
 from fastattn import reference as ref
-from conftest import LAYOUTS, assert_close, strided_copy
+from conftest import (LAYOUTS, angle_atol, assert_close, assert_close_angles, rotary_bound_terms,
+                      strided_copy)
 
 # (x shape, positions shape): one table for all heads, per-sequence tables,
 # a table per row, 2-D and 5-D inputs, awkward D
@@ -26,7 +27,8 @@ def test_against_oracle(isa, threads, dtype, rng, shape, pshape, layout):
     x = rng.standard_normal(shape).astype(dtype)
     pos = rng.integers(-50, 5000, size=pshape)
     got = fastattn.apply_rotary(x, pos, layout=layout, num_threads=threads)
-    assert_close(got, ref.apply_rotary(x, pos, layout=layout))
+    assert_close_angles(got, ref.apply_rotary(x, pos, layout=layout),
+                        *rotary_bound_terms(x, pos, layout))
 
 
 @pytest.mark.parametrize("layout", ["neox", "gptj"])
@@ -37,8 +39,27 @@ def test_long_consecutive_positions(dtype, layout):
     x = rng.standard_normal((2, 3000, 64)).astype(dtype)
     for start in (0, 10**6):
         pos = start + np.arange(3000)
-        assert_close(fastattn.apply_rotary(x, pos, layout=layout, base=500000.0),
-                     ref.apply_rotary(x, pos, layout=layout, base=500000.0))
+        assert_close_angles(fastattn.apply_rotary(x, pos, layout=layout, base=500000.0),
+                            ref.apply_rotary(x, pos, layout=layout, base=500000.0),
+                            *rotary_bound_terms(x, pos, layout, 500000.0))
+
+
+def test_far_positions_need_the_angle_bound():
+    # at position 3e6 the float64 angle itself carries ~|angle| * eps = 7e-10
+    # of rounding, which libm's pow and NumPy's may split differently: a flat
+    # 1e-12 fails there while the angle bound holds, and the angle bound
+    # still catches an error a few times larger than that rounding
+    x = np.ones((1, 64))
+    pos = np.array([3_000_000])
+    got, want = fastattn.apply_rotary(x, pos), ref.apply_rotary(x, pos)
+    theta, pair = rotary_bound_terms(x, pos)
+    with pytest.raises(AssertionError):
+        assert_close(got, want)
+    assert_close_angles(got, want, theta, pair)
+    worse = got.copy()
+    worse[0, 1] += 2 * (angle_atol(theta) * pair)[0, 1]
+    with pytest.raises(AssertionError, match="beyond the angle bound"):
+        assert_close_angles(worse, want, theta, pair)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -146,3 +167,19 @@ def test_alibi_slopes_feed_sdpa(rng):
     kw = dict(alibi_slopes=s, is_causal=True)
     assert_close(fastattn.scaled_dot_product_attention(q, k, v, **kw),
                  ref.scaled_dot_product_attention(q, k, v, **kw))
+
+
+def test_alibi_head_count_bound():
+    # above 2**25 - 1 heads adjacent slopes coincide in float32; an absurd
+    # count is refused at once instead of building a list of 10**9 floats
+    import time
+    from fastattn.rotary import MAX_ALIBI_HEADS
+    assert MAX_ALIBI_HEADS == 2**25 - 1
+    t0 = time.perf_counter()
+    for n in (MAX_ALIBI_HEADS + 1, 10**9, 2**63, 10**400):
+        with pytest.raises(ValueError, match=f"^num_heads must be <= {MAX_ALIBI_HEADS}"):
+            fastattn.alibi_slopes(n)
+    assert time.perf_counter() - t0 < 1.0
+    # below the bound every head keeps its own float32 slope
+    s = fastattn.alibi_slopes(2**20 + 3, dtype=np.float32)
+    assert np.unique(s).size == s.size

@@ -18,9 +18,14 @@
  *              causal, scale 0, +-1e30/-inf/NaN inputs, and a few rows long
  *              enough (>= 16 MiB) to take the streaming-store path;
  *   nan-rows   directed softmax rows, n = 1..70: all -inf, one NaN among
- *              -inf, one finite among -inf, one NaN among finite values.
+ *              -inf, one finite among -inf, one NaN among finite values;
+ *   rope       fa_rope_apply rows, float and double, NEOX and GPTJ, in place
+ *              and out of place, D = 2..80: every level must give the
+ *              scalar level's bits exactly (the row kernels are elementwise,
+ *              so only a fused multiply-add the compiler slipped in, or a
+ *              mishandled tail, can change a bit).
  *
- * Outputs must agree within 2e-5 (float) / 1e-11 (double) relative, with
+ * Outputs other than rope's must agree within 2e-5 (float) / 1e-11 (double) relative, with
  * NaN matching NaN and infinities equal; the returned status must match.
  * Output buffers are prefilled with 0x7f bytes, so a lane never written
  * shows up as a mismatch. Buffers are exactly sized heap blocks, so ASan
@@ -358,6 +363,54 @@ static int run_nan_row(int f64, int n, int pos, int kind) {
     return bad;
 }
 
+/* ------------------------------------------------------------------ rope */
+/* Three rows of D = 2 * half values rotated by random table rows; levels 1
+ * and 2 must match level 0 bit for bit. */
+static int run_rope(int f64, int64_t half, int layout, int inplace) {
+    const size_t es = f64 ? 8 : 4, L = 3, D = (size_t)(2 * half), n = L * D;
+    const int64_t table_len = 5;
+    char *x = malloc(n * es + 1), *cs = malloc((size_t)(table_len * half) * es + 1);
+    char *sn = malloc((size_t)(table_len * half) * es + 1), *y[3];
+    for (size_t i = 0; i < n; ++i) put(x, i, f64, rf() * 4);
+    for (int64_t i = 0; i < table_len * half; ++i) {
+        const double a = rf() * 3.2;
+        put(cs, (size_t)i, f64, cos(a));
+        put(sn, (size_t)i, f64, sin(a));
+    }
+    int64_t index[3];
+    for (size_t l = 0; l < L; ++l) index[l] = ri(0, table_len - 1);
+    int st[3];
+    for (int isa = 0; isa < 3; ++isa) {
+        y[isa] = malloc(n * es + 1);
+        if (inplace) memcpy(y[isa], x, n * es);
+        else memset(y[isa], 0x7f, n * es);
+        fa_rope_args a;
+        memset(&a, 0, sizeof a);
+        a.N0 = 1, a.N1 = 1, a.L = (int64_t)L, a.D = (int64_t)D;
+        a.x.data = inplace ? y[isa] : x;
+        a.x.stride[0] = a.x.stride[1] = (int64_t)n, a.x.stride[2] = (int64_t)D, a.x.stride[3] = 1;
+        a.y = a.x;
+        a.y.data = y[isa];
+        a.index = index;
+        a.index_stride[2] = 1;
+        a.cos = cs, a.sin = sn, a.table_len = table_len, a.layout = layout;
+        set_level(isa);
+        st[isa] = fa_rope_apply(f64 ? FA_DTYPE_F64 : FA_DTYPE_F32, &a, 1);
+    }
+    int bad = 0;
+    for (int isa = 1; isa < 3; ++isa) {
+        if (st[isa] != st[0] || memcmp(y[isa], y[0], n * es) != 0) {
+            bad = 1;
+            REPORT("rope %s vs scalar: f64=%d D=%zu layout=%d inplace=%d: status %d vs %d, "
+                   "bits differ\n",
+                   level_name[isa], f64, D, layout, inplace, st[isa], st[0]);
+        }
+    }
+    for (int isa = 0; isa < 3; ++isa) free(y[isa]);
+    free(x), free(cs), free(sn);
+    return bad;
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: %s CASES SEED\n", argv[0]);
@@ -385,8 +438,16 @@ int main(int argc, char **argv) {
             for (int pos = 0; pos < n; ++pos)
                 for (int kind = 0; kind < 4; ++kind, ++nan_n) nan_bad += run_nan_row(f64, n, pos, kind);
 
+    int rope_bad = 0, rope_n = 0;
+    for (int f64 = 0; f64 < 2; ++f64)
+        for (int64_t half = 1; half <= 40; ++half)
+            for (int layout = FA_ROPE_NEOX; layout <= FA_ROPE_GPTJ; ++layout)
+                for (int inplace = 0; inplace < 2; ++inplace, ++rope_n)
+                    rope_bad += run_rope(f64, half, layout, inplace);
+
     printf("attention: %d random cases (seed %" PRIu64 "), %d mismatching\n", cases, seed, attn_bad);
     printf("softmax: %d random cases (4 streaming), %d mismatching\n", sm_n, sm_bad);
     printf("nan-rows: %d directed softmax rows, %d mismatching\n", nan_n, nan_bad);
-    return (attn_bad || sm_bad || nan_bad) ? 1 : 0;
+    printf("rope: %d directed row sets, %d not bit-identical\n", rope_n, rope_bad);
+    return (attn_bad || sm_bad || nan_bad || rope_bad) ? 1 : 0;
 }

@@ -7,7 +7,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "internal.h"
 #include "simd_map.h"
 
 #define H_CAT_(a, b) a##_##b

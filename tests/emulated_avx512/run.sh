@@ -10,7 +10,8 @@
 #                 bit-identical, hmax/hsum, keep, loadn/storen for every n)
 #   differential  fa_scaled_dot_product_attention and fa_masked_softmax at
 #                 level 2 and level 1 against level 0, random cases from a
-#                 fixed seed, plus directed NaN/-inf softmax rows
+#                 fixed seed, plus directed NaN/-inf softmax rows, and
+#                 fa_rope_apply rows that must match level 0 bit for bit
 #
 # Then a planted bug (the float keep mask shifted by one lane) must make
 # the differential test fail. Any mismatch, sanitizer report, or a patch
@@ -103,7 +104,10 @@ wait_compiles() {
 mkdir -p "$WORK/obj"
 S="$WORK/csrc"
 objs=()
-for src in "$S"/attention.c "$S"/softmax.c "$S"/dispatch.c "$S"/fork_safety.c "$S"/*_scalar.c; do
+# the drivers the differential test calls, the kernel table and what they
+# share (threads, checked sizes, scratch), and every scalar kernel file
+for src in "$S"/attention.c "$S"/softmax.c "$S"/rope.c "$S"/dispatch.c "$S"/fork_safety.c "$S"/threads.c \
+    "$S"/checked_size.c "$S"/scratch.c "$S"/*_scalar.c; do
     o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" &
 done
 for src in "$S"/*_avx2.c "$S"/*_avx512.c; do
@@ -148,7 +152,7 @@ for name in "${names[@]}"; do
         echo "== FAIL: $name (exit status $rc)"
         failed=1
     else
-        sed "s/^/   $name: /" "$WORK/$name.log" | grep -E 'cases|rows|inputs|checks'
+        sed "s/^/   $name: /" "$WORK/$name.log" | grep -E 'cases|rows|inputs|checks|row sets'
     fi
 done
 [ "$failed" -eq 0 ] || die "mismatches or sanitizer reports above"
