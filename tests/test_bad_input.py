@@ -173,6 +173,7 @@ CHOICE = "choice"
 FLAG = "flag"
 DTYPE = "dtype"
 OUT = "out"
+DEVICE = "device"
 
 BAD = {
     ARRAY: [3.0, "abc", None, object(), [[1.0], [1.0, 2.0]], np.zeros((2, 3), complex),
@@ -190,6 +191,7 @@ BAD = {
     FLAG: ["False", "no", 2.5, None, np.array([True, False]), [True]],
     DTYPE: ["foo", np.int32, 3, object, np.complex64],
     OUT: [[0.0], 3.0, np.zeros(1), np.zeros((1, 1, 1, 1, 1), np.float64)],
+    DEVICE: ["gpu", "cuda:0", 3, None, ["cpu"], b"cpu", np.array(["cpu", "cpu"])],
 }
 # values of a kind that are valid for one particular argument
 ACCEPTED = {
@@ -218,7 +220,7 @@ def _valid_calls():
         "merge_heads": ((np.zeros((2, 2, 3, 4)),), dict(x=ARRAY, out=OUT, num_threads=THREADS)),
         "sinusoidal_position_encoding": ((3, 4), dict(
             length=COUNT, channels=COUNT, layout=CHOICE, min_timescale=REAL, max_timescale=REAL,
-            start_index=INDEX, dtype=DTYPE, out=OUT, num_threads=THREADS)),
+            start_index=INDEX, dtype=DTYPE, out=OUT, num_threads=THREADS, device=DEVICE)),
         "add_position_encoding": ((z3,), dict(
             x=ARRAY, layout=CHOICE, start_index=INDEX, min_timescale=REAL, max_timescale=REAL,
             out=OUT, num_threads=THREADS)),
