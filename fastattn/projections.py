@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from fastattn import _kernels
-from fastattn._validation import compute_dtype
+from fastattn._validation import compute_dtype, reshaped_view
 
 
 class BlasThreads:
@@ -198,8 +198,10 @@ def as_input(a, name, dim, dtype):
 def head_view(cols, heads, D):
     """(B, L, heads * D) column block -> (B, heads, L, D) view, never a copy."""
     B, L, _ = cols.shape
-    v = cols.view()
-    v.shape = (B, L, heads, D)  # raises rather than copy
+    v = reshaped_view(cols, (B, L, heads, D))
+    if v is None:  # the layer's buffers always split; a copy would lose the writes
+        raise ValueError(f"head_view: a {cols.shape} array with strides {cols.strides} does not "
+                         f"split into {heads} heads of {D} without a copy")
     return v.transpose(0, 2, 1, 3)
 
 
