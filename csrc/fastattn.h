@@ -252,7 +252,11 @@ typedef struct {
  * bias: NULL or (N,) contiguous. M, N, K and the row strides must fit the
  * 32-bit BLAS (FA_ERR_OVERFLOW otherwise). The columns are split over up to
  * num_threads threads; an epilogue failure (a bad index) is reported after
- * the products were written. */
+ * the products were written.
+ * deterministic != 0: the columns are cut into blocks that depend on M, N and
+ * K only, one BLAS call each, so c is bitwise the same for every num_threads
+ * (given a BLAS that is deterministic for one call). 0: one block per thread,
+ * fewer BLAS calls, but the bits may change with num_threads. */
 typedef struct {
     int64_t B, M, K, N;
     const void *a;
@@ -264,6 +268,7 @@ typedef struct {
     const void *bias;
     const int64_t *row_start, *row_stop; /* NULL or (B,) */
     double alpha;
+    int deterministic;
     fa_linear_rope rope;
 } fa_linear_args;
 

@@ -17,12 +17,20 @@
  * beta = 1: BLAS would otherwise zero C first (beta = 0), so the bias costs
  * nothing extra.
  *
- * Threads: the output columns are split into one block per OpenMP thread
- * (fa_run_team; BLAS must then be single-threaded, which fastattn.mha
- * arranges), in whole 64-byte lines, and whole heads when the RoPE
- * epilogue is on. The epilogue rotates the heads of each block on the
- * thread that computed it, right after its GEMM, while the block is still
- * in that core's caches (fa_rope_apply, single-threaded).
+ * Threads: the output columns are split into blocks, in whole 64-byte
+ * lines and whole heads when the RoPE epilogue is on, and the blocks over
+ * the OpenMP threads (fa_run_team; BLAS must then be single-threaded, which
+ * fastattn.projections arranges). The epilogue rotates the heads of each
+ * block on the thread that computed it, right after its GEMM, while the
+ * block is still in that core's caches (fa_rope_apply, single-threaded).
+ *
+ * Determinism: a BLAS gives a column bits that depend on where the column
+ * falls in the call (edge micro-kernels, small-matrix paths and GEMV tails
+ * sum in other orders), so one block per thread makes the result change
+ * with the thread count (by up to a few ulps). The deterministic partition
+ * cuts the columns into blocks fixed by M, N and K alone, one BLAS call
+ * each, and gives threads whole runs of blocks: the same calls, the same
+ * bits, for every thread count.
  */
 #include <limits.h>
 #include <stdatomic.h>
@@ -40,6 +48,14 @@
 /* Below this many multiply-adds a product stays on one thread: an OpenMP
  * fork/join costs a few microseconds, ~2^18 multiply-adds on one core. */
 #define PARALLEL_MIN_FLOPS 262144
+/* The deterministic partition's blocks: at most this many, so that 1, 2, 3,
+ * 4, 6, 8, 12 and 24 threads get equal shares of a wide product. Each block
+ * is a BLAS call that packs the activations again, so more blocks cost more
+ * than they balance. */
+#define DETERMINISTIC_MAX_BLOCKS 24
+/* ... and at least this many columns each (wider blocks when N is small):
+ * narrower GEMM calls spend more of their time packing than multiplying. */
+#define DETERMINISTIC_MIN_COLS 128
 /* Reference BLAS takes 32-bit ints for sizes and leading dimensions. */
 #define BLAS_INT_MAX INT_MAX
 
@@ -57,6 +73,8 @@ typedef struct {
     char *c;
     int64_t lda, ldw, ldc, cbs;
     int64_t M, nbatch, b0, r0;
+    int64_t block_cols; /* > 0: the deterministic blocks' width; 0: one block per thread */
+    int64_t nblocks;
     atomic_int status; /* the epilogue's first failure, FA_OK otherwise */
 } linear_job;
 
@@ -131,14 +149,8 @@ static int rope_block(const linear_job *j, int64_t n0, int64_t n1) {
     return fa_rope_apply(j->dtype, &r, 1);
 }
 
-/* Thread t's column block: ceil(N / nthreads) columns rounded up to whole
- * blocks of align, then its epilogue. */
-static void linear_part(void *ctx, int t, int nthreads) {
-    linear_job *j = ctx;
-    const int64_t N = j->args->N;
-    int64_t per = (N + nthreads - 1) / nthreads;
-    per = (per + j->align - 1) / j->align * j->align;
-    const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+/* Columns [n0, n1) of the job: the product, then its epilogue. */
+static void linear_block(linear_job *j, int64_t n0, int64_t n1) {
     if (n1 <= n0) return;
     product(j, n0, n1);
     if (j->args->rope.enabled) {
@@ -148,12 +160,49 @@ static void linear_part(void *ctx, int t, int nthreads) {
     }
 }
 
+/* Thread t's share. Deterministic: blocks [t nblocks / T, (t+1) nblocks / T)
+ * of the fixed partition, one call each. Otherwise ceil(N / T) columns
+ * rounded up to whole align units, as one call. */
+static void linear_part(void *ctx, int t, int nthreads) {
+    linear_job *j = ctx;
+    const int64_t N = j->args->N;
+    if (j->block_cols > 0) {
+        const int64_t b0 = j->nblocks * t / nthreads, b1 = j->nblocks * (t + 1) / nthreads;
+        for (int64_t b = b0; b < b1; ++b) {
+            const int64_t n0 = b * j->block_cols, n1 = n0 + j->block_cols < N ? n0 + j->block_cols : N;
+            linear_block(j, n0, n1);
+        }
+        return;
+    }
+    int64_t per = (N + nthreads - 1) / nthreads;
+    per = (per + j->align - 1) / j->align * j->align;
+    const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+    linear_block(j, n0, n1);
+}
+
 /* The job's product, its columns over up to num_threads threads. */
 static int run_product(linear_job *j, int num_threads) {
     const int64_t N = j->args->N;
     int64_t flops;
     if (!fa_mul_ok(j->M, N, &flops) || !fa_mul_ok(flops, j->args->K, &flops)) flops = INT64_MAX;
-    int nthreads = fa_resolve_threads(num_threads, N / j->align, flops);
+    int64_t work = N / j->align;
+    j->block_cols = 0;
+    j->nblocks = 1;
+    if (j->args->deterministic) {
+        /* The partition depends on the sizes only; a product too small to
+         * split is one block on any thread count. */
+        int64_t cols = N;
+        if (flops >= PARALLEL_MIN_FLOPS) {
+            cols = (N + DETERMINISTIC_MAX_BLOCKS - 1) / DETERMINISTIC_MAX_BLOCKS;
+            if (cols < DETERMINISTIC_MIN_COLS) cols = DETERMINISTIC_MIN_COLS;
+            cols = (cols + j->align - 1) / j->align * j->align;
+        }
+        if (cols < 1) cols = 1;
+        j->block_cols = cols;
+        j->nblocks = (N + cols - 1) / cols;
+        work = j->nblocks;
+    }
+    int nthreads = fa_resolve_threads(num_threads, work, flops);
     if (flops < PARALLEL_MIN_FLOPS) nthreads = 1;
     atomic_init(&j->status, FA_OK);
     fa_run_team(nthreads, linear_part, j);

@@ -25,6 +25,7 @@ the weights and the compute live in :mod:`fastattn._backend.cuda`
 cache append and attention.
 """
 
+import functools
 import math
 import os
 import sys
@@ -183,12 +184,14 @@ class MultiHeadAttention:
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
-                 bias=True, rope=None, rope_base=10000.0, dtype=np.float32, seed=None):
+                 bias=True, rope=None, rope_base=10000.0, dtype=np.float32, seed=None,
+                 deterministic=True):
         E = positive(embed_dim, "embed_dim")
         H = positive(num_heads, "num_heads")
         if E % H:
             raise ValueError(f"embed_dim ({E}) must be divisible by num_heads ({H})")
         bias = bool_flag(bias, "bias")
+        deterministic = bool_flag(deterministic, "deterministic")
         dtype = float_dtype(dtype)
         if isinstance(seed, (bool, np.bool_, float, np.floating)):
             raise TypeError(f"seed must be None, an int or a numpy.random.Generator, got {seed!r}")
@@ -198,6 +201,7 @@ class MultiHeadAttention:
             raise TypeError(f"seed must be None, an int or a numpy.random.Generator, got "
                             f"{type(seed).__name__} {seed!r}: {exc}") from None
         self._configure(E, H, num_kv_heads, E // H, E // H, kdim, vdim, bias, rope, rope_base, dtype)
+        self.deterministic = deterministic
         self._init_weights(rng)
 
     # ---- construction -------------------------------------------------------
@@ -230,6 +234,7 @@ class MultiHeadAttention:
         self.rope = rope
         self.rope_base = rope_base
         self._rope_cache = None
+        self.deterministic = True
         self._has_bias = bias
         self.device = "cpu"
         self._device_layer = None  # the weights on "cuda" (fastattn._backend.cuda.DeviceLayer)
@@ -620,7 +625,7 @@ class MultiHeadAttention:
         H, Hkv, D, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
         nq, nk, nv = self._widths()
         full = (B, H, Lq, Lk)
-        mm = linear
+        mm = functools.partial(linear, deterministic=self.deterministic)
         # rows that need projecting: queries up to their length, keys and
         # values up to the longest key length of any head
         q_need = ql
@@ -685,7 +690,7 @@ class MultiHeadAttention:
         B, Lq, _ = attn.shape
         alloc = np.empty if ql is None else np.zeros
         out = alloc((B, Lq, self.embed_dim), dtype=self.dtype)
-        linear(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt)
+        linear(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt, None, self.deterministic)
         return out
 
     def _call_cached(self, x, cache, ql, return_weights, nt, gt):
@@ -701,7 +706,7 @@ class MultiHeadAttention:
             # positions continue each sequence; padded rows are never rotated
             pos = np.minimum(old[:, None] + np.arange(L, dtype=np.int64), max(cache.max_len - 1, 0))
             rope = self._rope_spec(B, H + Hkv, L, pos)
-        linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope)
+        linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope, self.deterministic)
         q4 = head_view(buf[:, :, :nq], H, D)
         k4 = head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = head_view(buf[:, :, nq + nk:], Hkv, Dv)

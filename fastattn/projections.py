@@ -101,7 +101,8 @@ BLAS_THREADS = BlasThreads()
 _BLAS_INT_MAX = 2**31 - 1  # BLAS sizes and leading dimensions are 32-bit ints
 
 
-def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_threads=1, rope=None):
+def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_threads=1, rope=None,
+           deterministic=True):
     """``c[b, r0:r1] = alpha * a[b, r0:r1] @ w (+ bias)`` for every b, with
     ``r0 = row_start[b]`` (default 0) and ``r1 = row_stop[b]`` (default M),
     then RoPE on the first heads of those rows (csrc/linear.c, fa_linear).
@@ -115,7 +116,10 @@ def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_thr
     None or ``(layout, heads, D, index, cos, sin)``: rotate columns
     ``[0, heads * D)`` of the computed rows as ``heads`` heads of dim D, row
     ``(b, h, i)`` by table row ``index[b, h, i]`` (an int64 (B, heads, M)
-    view; cos, sin contiguous (n, D/2) tables of c's dtype).
+    view; cos, sin contiguous (n, D/2) tables of c's dtype). deterministic:
+    split the columns into blocks fixed by the sizes alone, so that c is
+    bitwise the same for every num_threads; False: one block per thread
+    (fewer BLAS calls; the last bits may change with num_threads).
     """
     if a.ndim != 3 or c.ndim != 3:
         raise ValueError(f"linear: a and c must be 3-D, got a {a.shape} and c {c.shape}")
@@ -158,7 +162,7 @@ def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_thr
     if bias is not None and not (isinstance(bias, np.ndarray) and bias.shape == (N,) and bias.dtype == a.dtype
                                  and bias.flags.c_contiguous):
         raise ValueError(f"linear: bias must be a contiguous ({N},) {a.dtype} array")
-    _kernels.linear(a, w, c, bias, row_start, row_stop, alpha, num_threads, rope)
+    _kernels.linear(a, w, c, bias, row_start, row_stop, alpha, num_threads, rope, deterministic)
 
 
 def _check_rope_epilogue(rope, c):
