@@ -9,7 +9,10 @@ from fastattn._validation import index_value, int_array
 
 
 def float_dtype(dtype, name="dtype"):
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"{name} must be float32 or float64, got {dt}")
     return dt
@@ -122,6 +125,9 @@ class KVCache:
     def append_lengths(self, new_tokens):
         """(old, new) lengths once ``new_tokens[b]`` tokens are appended to
         each sequence b; ValueError, with nothing changed, on overflow."""
+        new_tokens = int_array(new_tokens, "new_tokens")
+        if new_tokens.shape != (self.batch_size,):
+            raise ValueError(f"new_tokens must have shape ({self.batch_size},), got {new_tokens.shape}")
         old = self._lengths.copy()
         new = old + new_tokens
         if self.batch_size and (new > self.max_len).any():

@@ -379,7 +379,7 @@ class MultiHeadAttention:
         except ImportError as exc:  # pragma: no cover - exercised without torch
             raise ImportError("MultiHeadAttention.from_torch needs torch (pip install torch)") from exc
         if not isinstance(module, torch.nn.MultiheadAttention):
-            raise TypeError(f"from_torch expects a torch.nn.MultiheadAttention, got {type(module).__name__}")
+            raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
         if module.bias_k is not None or module.bias_v is not None:
             raise ValueError("from_torch: add_bias_kv=True is not supported")
         if module.add_zero_attn:

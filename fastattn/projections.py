@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from fastattn import _kernels
-from fastattn._validation import compute_dtype, reshaped_view
+from fastattn._validation import as_array, compute_dtype, reshaped_view
 
 
 class BlasThreads:
@@ -186,7 +186,7 @@ def check_input_shape(shape, name, dim):
 
 def as_input(a, name, dim, dtype):
     """``a`` as a (B, L, dim) array of ``dtype`` whose rows BLAS can read."""
-    arr = a if type(a) is np.ndarray else np.asarray(a)
+    arr = as_array(a, name)
     if arr.dtype != dtype:
         compute_dtype(arr.dtype, name)  # rejects complex, object, ...
     check_input_shape(arr.shape, name, dim)
