@@ -164,14 +164,24 @@ class MultiHeadAttention:
         embed_dim``, else each on its own), the output projection
         ``U(-1/√(H·D), 1/√(H·D))`` (torch's ``Linear`` default) and zero
         biases.
+    deterministic : bool, default True
+        Bitwise the same result for every thread count: the projections cut
+        their columns into blocks fixed by the sizes alone, one BLAS call
+        each. False gives each thread one block (fewer BLAS calls, a few
+        percent faster on decode-sized calls; the last bits may then change
+        with the thread count). An attribute too, settable later.
 
     Weights are stored in the ``(in, out)`` layout, so ``x @ w_q`` is the
     query projection; :meth:`state_dict` returns them.
 
-    A call runs on :func:`fastattn.get_num_threads` OpenMP threads: the
-    projections split their columns over them, each block a
-    single-threaded BLAS call, so scipy's BLAS is held at one thread for
-    the duration of a call (through threadpoolctl; restored afterwards).
+    A call runs on ``num_threads`` (default :func:`fastattn.get_num_threads`)
+    OpenMP threads: the projections split their column blocks over them,
+    each block a single-threaded BLAS call, so scipy's BLAS is held at one
+    thread for the duration of a call (through threadpoolctl; restored
+    afterwards).
+
+    A layer pickles and copies (``copy.deepcopy``) with its weights; the
+    copy is independent of the original.
 
     Examples
     --------
