@@ -15,6 +15,7 @@ from fastattn import _kernels
 from fastattn import reference as ref
 from fastattn.projections import linear as _linear
 from conftest import N_THREADS, assert_close
+from test_cuda import backend  # noqa: F401 - the emulated (or real) CUDA backend fixture
 
 # (E, H, Hkv, kdim, vdim, bias, rope): awkward head dims (5, 3, 6), GQA,
 # MQA, separate kdim/vdim, no bias, both RoPE layouts
@@ -960,3 +961,30 @@ def test_num_threads_per_call(rng):
     for bad, exc in ((0, ValueError), (10**6, ValueError), (2.5, TypeError), ("2", TypeError)):
         with pytest.raises(exc, match="num_threads"):
             m(x, num_threads=bad)
+
+
+def test_value_head_dim_on_the_device_layer(rng, backend):
+    # the CUDA layer (emulated without a GPU, on the GPU where there is one)
+    # takes the value head dim from the layer it moves
+    import copy
+
+    from test_cuda import _rand
+    dt = np.dtype(np.float32)
+    H, Hkv, D, Dv, E = 4, 2, 6, 5, 16
+    w = dict(w_q=rng.standard_normal((E, H * D)), w_k=rng.standard_normal((E, Hkv * D)),
+             w_v=rng.standard_normal((E, Hkv * Dv)), w_o=rng.standard_normal((H * Dv, E)),
+             b_q=rng.standard_normal(H * D), b_k=rng.standard_normal(Hkv * D),
+             b_v=rng.standard_normal(Hkv * Dv), b_o=rng.standard_normal(E))
+    w = {n: (a * 0.3).astype(dt) for n, a in w.items()}
+    cpu = fastattn.MultiHeadAttention.from_weights(**w, num_heads=H, num_kv_heads=Hkv, rope="neox")
+    x = _rand(rng, (2, 5, E), dt)
+    want = ref.multi_head_attention(w, x, num_heads=H, num_kv_heads=Hkv, rope="neox", is_causal=True)
+    gpu = copy.deepcopy(cpu).to("cuda")
+    assert_close(backend.to_host(gpu(backend.to_device(x), is_causal=True)), want)
+    cache = gpu.new_cache(2, 5)
+    steps = [gpu(backend.to_device(x[:, :3]), cache=cache)]
+    steps += [gpu(backend.to_device(x[:, t:t + 1]), cache=cache) for t in (3, 4)]
+    assert_close(np.concatenate([backend.to_host(s) for s in steps], axis=1), want)
+    back = gpu.to("cpu")
+    assert back.v_head_dim == Dv
+    assert_close(back(x, is_causal=True), want)
