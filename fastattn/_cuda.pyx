@@ -2,7 +2,7 @@
 """Thin bindings to csrc/cuda/fastattn_cuda.h (built only with FASTATTN_CUDA=1).
 
 Device pointers, element strides and stream handles arrive as Python ints
-from :mod:`fastattn.cuda`, which has already validated shapes and dtypes.
+from :mod:`fastattn._backend.cuda`, which has already validated shapes and dtypes.
 This module only packs them into the C views, releases the GIL around each
 call (the calls queue work and return) and turns status codes into
 exceptions carrying the C side's description of the failing call.

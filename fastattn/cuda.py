@@ -12,14 +12,6 @@ Importing it imports neither CuPy nor the CUDA extension.
 """
 
 from fastattn._backend import CudaUnavailableError
-# the public API, importable from here as before (the same objects as in fastattn)
-from fastattn.attention import scaled_dot_product_attention  # noqa: F401
-from fastattn.heads import merge_heads, split_heads  # noqa: F401
-from fastattn.kv_cache import KVCache  # noqa: F401
-from fastattn.layer import MultiHeadAttention  # noqa: F401
-from fastattn.masks import masked_softmax  # noqa: F401
-from fastattn.position import add_position_encoding, sinusoidal_position_encoding  # noqa: F401
-from fastattn.rotary import apply_rotary  # noqa: F401
 
 # the public functions and classes are documented in fastattn; listed here
 # is what only this module has
@@ -39,3 +31,16 @@ def unavailable_reason():
     from fastattn._backend import cuda
 
     return cuda.unavailable_reason()
+
+
+# the public API, importable from here as before: the same objects as in fastattn
+_PUBLIC = ("KVCache", "MultiHeadAttention", "add_position_encoding", "apply_rotary", "masked_softmax",
+           "merge_heads", "scaled_dot_product_attention", "sinusoidal_position_encoding", "split_heads")
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        import fastattn
+
+        return getattr(fastattn, name)
+    raise AttributeError(f"module 'fastattn.cuda' has no attribute {name!r}")

@@ -68,10 +68,13 @@ class BlasThreads:
             self._depth += 1
             if self._depth == 1 and self._controller:
                 try:
-                    self._limiter = self._controller.limit(limits=1)
-                    # a no-op when another thread controls the BLAS thread count
-                    self._pinned = all(lib.get_num_threads() == 1
-                                       for lib in self._controller.lib_controllers)
+                    libs = self._controller.lib_controllers
+                    # already at one thread (OPENBLAS_NUM_THREADS=1, say):
+                    # nothing to limit or to restore
+                    if not all(lib.get_num_threads() == 1 for lib in libs):
+                        # a no-op when another thread controls the BLAS thread count
+                        self._limiter = self._controller.limit(limits=1)
+                    self._pinned = all(lib.get_num_threads() == 1 for lib in libs)
                 except Exception:
                     self._limiter, self._pinned = None, False
             return self._pinned

@@ -955,6 +955,12 @@ def test_layer_and_cache_move_between_devices(backend, dt, rng):
     assert_close(backend.to_host(layer(backend.to_device(x), is_causal=True)), want, dt)
     for n, a in layer.state_dict().items():  # downloaded from the device
         assert (a is None and st[n] is None) or np.array_equal(a, st[n]), n
+    # loading weights on the device replaces the device weights
+    layer.load_state_dict({n: None if a is None else a * 2 for n, a in st.items()})
+    assert np.array_equal(layer.state_dict()["w_o"], st["w_o"] * 2)
+    layer.load_state_dict(st)
+    with pytest.raises(ValueError, match="w_q must have shape"):
+        layer.load_state_dict({**st, "w_q": st["w_q"][:, :4]})
     cache = layer.new_cache(2, 5)
     assert cache.device == "cuda"
     layer(backend.to_device(x[:, :3]), cache=cache)

@@ -22,6 +22,7 @@ allocator: no result is computed by a CuPy kernel. Importing this module
 imports neither CuPy nor the extension; both are loaded on first use.
 """
 
+import importlib
 import math
 import sys
 import threading
@@ -86,7 +87,7 @@ def _probe():
             f"(rebuild with FASTATTN_CUDA=1, see docs/gpu.md): {exc}"
         )
     try:
-        import cupy  # noqa: F401
+        importlib.import_module("cupy")
     except ImportError as exc:
         return False, f"CuPy is not installed (pip install 'fastattn[cuda]'): {exc}"
     try:
