@@ -988,3 +988,23 @@ def test_value_head_dim_on_the_device_layer(rng, backend):
     back = gpu.to("cpu")
     assert back.v_head_dim == Dv
     assert_close(back(x, is_causal=True), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias,rope", [(True, "neox"), (False, None), (True, "gptj")])
+def test_decode_step_is_bitwise_identical_for_every_thread_count(dtype, rng, bias, rope):
+    # decode-sized projections (a few rows, K large enough) are cut along K
+    # into GEMVs whose partial sums are added in block order: the RoPE
+    # epilogue and the bias run after that sum
+    m = _layer((256, 4, 2, None, None, bias, rope), dtype)
+    x = rng.standard_normal((2, 9, 256)).astype(dtype)
+    want = _oracle(m, x, is_causal=True)
+    outs = []
+    for threads in (1, 2, 3, 4):
+        cache = m.new_cache(2, 9)
+        steps = [m(x[:, :6], cache=cache, num_threads=threads)]
+        steps += [m(x[:, t:t + 1], cache=cache, num_threads=threads) for t in range(6, 9)]
+        outs.append(np.concatenate(steps, axis=1))
+    assert_close(outs[0], want)
+    for got in outs[1:]:
+        np.testing.assert_array_equal(got, outs[0])
