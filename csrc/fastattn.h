@@ -253,9 +253,10 @@ typedef struct {
  * 32-bit BLAS (FA_ERR_OVERFLOW otherwise). The columns are split over up to
  * num_threads threads; an epilogue failure (a bad index) is reported after
  * the products were written.
- * deterministic != 0: the columns are cut into blocks that depend on M, N and
- * K only, one BLAS call each, so c is bitwise the same for every num_threads
- * (given a BLAS that is deterministic for one call). 0: one block per thread,
+ * deterministic != 0: the columns (or, for at most a few rows, K) are cut
+ * into blocks that depend on M, N and K only, one BLAS call each, summed in a
+ * fixed order, so c is bitwise the same for every num_threads (given a BLAS
+ * that is deterministic for one call). 0: one block per thread,
  * fewer BLAS calls, but the bits may change with num_threads. */
 typedef struct {
     int64_t B, M, K, N;
