@@ -299,7 +299,12 @@ typedef struct {
  * bias: NULL or (N,) contiguous. M, N, K and the row strides must fit the
  * 32-bit BLAS (FA_ERR_OVERFLOW otherwise). The columns are split over up to
  * num_threads threads; an epilogue failure (a bad index) is reported after
- * the products were written. */
+ * the products were written.
+ * deterministic != 0: the columns (or, for at most a few rows, K) are cut
+ * into blocks that depend on M, N and K only, one BLAS call each, summed in a
+ * fixed order, so c is bitwise the same for every num_threads (given a BLAS
+ * that is deterministic for one call). 0: one block per thread,
+ * fewer BLAS calls, but the bits may change with num_threads. */
 typedef struct {
     int64_t B, M, K, N;
     const void *a;
@@ -311,6 +316,7 @@ typedef struct {
     const void *bias;
     const int64_t *row_start, *row_stop; /* NULL or (B,) */
     double alpha;
+    int deterministic;
     fa_linear_rope rope;
 } fa_linear_args;
 

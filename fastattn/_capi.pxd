@@ -184,6 +184,7 @@ cdef extern from "fastattn.h" nogil:
         const int64_t *row_start
         const int64_t *row_stop
         double alpha
+        int deterministic
         fa_linear_rope rope
 
     int fa_linear(int dtype, const fa_linear_args *args, const fa_blas *blas, int num_threads)

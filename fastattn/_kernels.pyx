@@ -481,10 +481,11 @@ cdef inline const int64_t *int64_data(object a):
 
 
 def linear(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias, object row_start,
-           object row_stop, double alpha, int num_threads, object rope):
+           object row_stop, double alpha, int num_threads, object rope, bint deterministic=True):
     """a (B, M, K), w (K, N), c (B, M, N) of one dtype; bias None or (N,);
     row_start, row_stop None or contiguous (B,) int64; rope None or
-    (layout, heads, D, index (B, heads, M) int64 view, cos, sin)."""
+    (layout, heads, D, index (B, heads, M) int64 view, cos, sin);
+    deterministic: thread-count-independent column blocks."""
     cdef int dt = dtype_code(a)
     cdef fa_linear_args p
     cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
@@ -503,6 +504,7 @@ def linear(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias, object row_
     p.row_start = int64_data(row_start)
     p.row_stop = int64_data(row_stop)
     p.alpha = alpha
+    p.deterministic = deterministic
     p.rope.enabled = rope is not None
     if rope is None:
         p.rope.layout = FA_ROPE_NONE

@@ -109,7 +109,8 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
     array([[0.   , 0.   , 1.   , 1.   ],
            [0.841, 0.   , 0.54 , 1.   ]])
     """
-    if device != "cpu" or (out is not None and type(out) is not np.ndarray):
+    # "is not str" first: an array compared with "cpu" has no truth value
+    if type(device) is not str or device != "cpu" or (out is not None and type(out) is not np.ndarray):
         on_cuda = _backend.check_device(device) == "cuda" or _backend.is_device_array(out)
         if on_cuda:
             return _backend.cuda_backend().sinusoidal_position_encoding(

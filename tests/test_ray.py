@@ -200,9 +200,6 @@ def test_reloaded_state_dict_takes_effect_in_an_actor_built_from_a_file(cluster,
     ray.kill(actor)
 
 
-@pytest.mark.xfail(strict=True, reason="a pickled MultiHeadAttention keeps the old weights after "
-                   "load_state_dict: its fused QKV buffer and the w_q/w_k/w_v views come apart "
-                   "in the copy (known bug, to be fixed in fastattn/mha.py)")
 def test_reloaded_state_dict_takes_effect_in_an_actor_given_a_pickled_layer(cluster):
     old = fastattn.MultiHeadAttention(32, 4, seed=10)
     new_state = fastattn.MultiHeadAttention(32, 4, seed=11).state_dict()
