@@ -23,6 +23,7 @@ from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
 from fastattn.mha import KVCache, MultiHeadAttention
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
 from fastattn.rotary import alibi_slopes, apply_rotary
+from fastattn.paged import PagedKVCache, paged_attention
 from fastattn.varlen import varlen_attention
 
 _apply_isa_env()
@@ -44,6 +45,7 @@ __all__ = [
     "__version__",
     "KVCache",
     "MultiHeadAttention",
+    "PagedKVCache",
     "add_position_encoding",
     "alibi_slopes",
     "apply_rotary",
@@ -53,6 +55,7 @@ __all__ = [
     "get_num_threads",
     "masked_softmax",
     "merge_heads",
+    "paged_attention",
     "reference",
     "scaled_dot_product_attention",
     "sequence_mask",
