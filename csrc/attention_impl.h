@@ -208,6 +208,30 @@ static void FA_KNAME(apply_explicit_mask, DT)(const fa_attn_job *job, int64_t b,
     }
 }
 
+/* Row of key kb of head (b, hk) in K (base = job->k, st = job->ks) or V:
+ * padded and packed batches hold a head's keys at one row stride; a paged
+ * cache holds them in blocks of block_size rows, found through the block
+ * table (entries checked by the driver before any kernel runs). */
+static inline const T *FA_KNAME(kv_row, DT)(const fa_attn_job *job, const char *base,
+                                            const int64_t *st, int64_t b, int64_t hk,
+                                            int64_t kb) {
+    if (job->block_table) {
+        const int64_t blk = job->block_table[b * job->bt_stride + kb / job->block_size];
+        return (const T *)base + blk * st[0] + (kb % job->block_size) * st[2] + hk * st[1];
+    }
+    return (const T *)base + b * st[0] + hk * st[1] + (fa_attn_k_row0(job, b) + kb) * st[2];
+}
+
+/* Keys of a tile from kb: at most n, and in a paged cache never past the
+ * end of kb's block, so that a tile's rows share one stride. */
+static inline int64_t FA_KNAME(tile_keys, DT)(const fa_attn_job *job, int64_t kb, int64_t n) {
+    if (job->block_table) {
+        const int64_t left_in_block = job->block_size - kb % job->block_size;
+        return n < left_in_block ? n : left_in_block;
+    }
+    return n;
+}
+
 /* The ALiBi reference key of a row: fa_attn_alibi_ref in attention_job.h. */
 static inline int64_t FA_KNAME(alibi_ref, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                               int64_t ipos, T slope) {
@@ -278,8 +302,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     const int64_t cols = FA_ALIGN_UP(rows, NC), rows_mr = FA_ALIGN_UP(rows, FA_MR);
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
     const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + (qr0 + q0) * job->qs[2];
-    const T *kbase = (const T *)job->k + b * job->ks[0] + hk * job->ks[1] + kr0 * job->ks[2];
-    const T *vbase = (const T *)job->v + b * job->vs[0] + hk * job->vs[1] + kr0 * job->vs[2];
+    (void)kr0;
     const int64_t kst = job->ks[2], vst = job->vs[2];
     const T scale = (T)job->scale;
     /* row i sees keys [i + off - left, i + off + right] (a side only when
@@ -322,8 +345,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         for (int64_t i = 0; i < rows; ++i)
             memset(w + (q0 + i) * job->ws[2], 0, (size_t)job->Lk * sizeof(T));
 
-    for (int64_t kb = kbeg; kb < kend; kb += NK) {
-        const int64_t nk = kend - kb < NK ? kend - kb : NK;
+    for (int64_t kb = kbeg, nk; kb < kend; kb += nk) {
+        nk = FA_KNAME(tile_keys, DT)(job, kb, kend - kb < NK ? kend - kb : NK);
         T *st = sc->st;
         /* With causality, rows [0, live) see no key of this tile (row i sees
          * keys up to q0 + i + off < kb): their scores, softmax update and
@@ -342,7 +365,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             }
         }
         /* 2. scores */
-        FA_KNAME(scores_tile, DT)(sc->qt, kbase + kb * kst, kst, D, nk, ic0, cols, st);
+        FA_KNAME(scores_tile, DT)(sc->qt, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
+                                  kst, D, nk, ic0, cols, st);
         /* 2b. soft-capping, on the scaled scores before any mask */
         if (cap > (T)0)
             for (int64_t j = 0; j < nk; ++j)
@@ -405,7 +429,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             V_STOREU(sc->alpha + ic, alpha);
         }
         /* 4. acc = alpha * acc + P^T V */
-        FA_KNAME(pv_tile, DT)(st, vbase + kb * vst, vst, nk, Dv, r0, rows_mr, sc->alpha,
+        FA_KNAME(pv_tile, DT)(st, FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
+                              Dv, r0, rows_mr, sc->alpha,
                               sc->acc, sc->ldacc);
     }
 
@@ -505,8 +530,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                                          T *part, T *part_ml, FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t D = job->D, Dv = job->Dv, hk = h / job->group;
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
-    const T *kbase = (const T *)job->k + b * job->ks[0] + hk * job->ks[1] + kr0 * job->ks[2];
-    const T *vbase = (const T *)job->v + b * job->vs[0] + hk * job->vs[1] + kr0 * job->vs[2];
+    (void)kr0;
     const int64_t kst = job->ks[2], vst = job->vs[2];
     const T scale = (T)job->scale;
     const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
@@ -530,11 +554,17 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
         const T ref = slope != (T)0
                           ? (T)FA_KNAME(alibi_ref, DT)(job, b, h, i + off, slope)
                           : (T)0;
-        for (int64_t kb = kbeg; kb < kend; kb += NK) {
-            const int64_t nk = kend - kb < NK ? kend - kb : NK;
-            const int64_t nk_next = kend - kb - nk < NK ? kend - kb - nk : NK;
-            FA_KNAME(row_scores, DT)(qs, kbase + kb * kst, kst, D, nk, s,
-                                     kbase + (kb + nk) * kst, nk_next, vbase + kb * vst, vst, Dv);
+        for (int64_t kb = kbeg, nk; kb < kend; kb += nk) {
+            nk = FA_KNAME(tile_keys, DT)(job, kb, kend - kb < NK ? kend - kb : NK);
+            const int64_t kn = kb + nk; /* the next tile, prefetched */
+            const int64_t nk_next =
+                kn < kend ? FA_KNAME(tile_keys, DT)(job, kn, kend - kn < NK ? kend - kn : NK) : 0;
+            const T *vt = FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb);
+            FA_KNAME(row_scores, DT)(qs, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb), kst,
+                                     D, nk, s,
+                                     nk_next ? FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kn)
+                                             : NULL,
+                                     nk_next, vt, vst, Dv);
             if (cap > (T)0) FA_KNAME(softcap_run, DT)(s, nk, cap);
             if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, h, i, 1, kb, nk, s, 1, 0);
             T mb = (T)-INFINITY;
@@ -562,7 +592,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
             }
             l = l * alpha + sum;
             m = mnew;
-            FA_KNAME(row_pv, DT)(s, vbase + kb * vst, vst, nk, Dv, alpha, o);
+            FA_KNAME(row_pv, DT)(s, vt, vst, nk, Dv, alpha, o);
         }
         if (part) {
             memcpy(part + (i - q0) * Dv, o, (size_t)Dv * sizeof(T));

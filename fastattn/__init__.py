@@ -46,6 +46,7 @@ from fastattn.kv_cache import KVCache
 from fastattn.layer import MultiHeadAttention
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
 from fastattn.rotary import alibi_slopes, apply_rotary
+from fastattn.paged import PagedKVCache, paged_attention
 from fastattn.varlen import varlen_attention
 
 _apply_isa_env()
@@ -67,6 +68,7 @@ __all__ = [
     "__version__",
     "KVCache",
     "MultiHeadAttention",
+    "PagedKVCache",
     "add_position_encoding",
     "alibi_slopes",
     "apply_rotary",
@@ -76,6 +78,7 @@ __all__ = [
     "get_num_threads",
     "masked_softmax",
     "merge_heads",
+    "paged_attention",
     "reference",
     "scaled_dot_product_attention",
     "sequence_mask",

@@ -240,6 +240,11 @@ def _valid_calls():
             is_causal=FLAG, causal_alignment=CHOICE, window=WINDOW, softcap=POSITIVE,
             sinks=OPT_ARRAY, scale=OPT_REAL, alibi_slopes=OPT_ARRAY, out=OUT,
             num_threads=THREADS)),
+        "paged_attention": ((q, np.zeros((3, 4, 2, 4), np.float32), np.zeros((3, 4, 2, 4), np.float32),
+                             [[0, 1]], [6]), dict(
+            q=ARRAY, key_cache=ARRAY, value_cache=ARRAY, block_tables=LENGTHS, seq_lens=LENGTHS,
+            is_causal=FLAG, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY, scale=OPT_REAL,
+            alibi_slopes=OPT_ARRAY, out=OUT, num_threads=THREADS)),
         "apply_rotary": ((np.zeros((2, 3, 4)), np.arange(3)), dict(
             x=ARRAY, positions=LENGTHS, layout=CHOICE, base=REAL, out=OUT, num_threads=THREADS)),
         "alibi_slopes": ((4,), dict(num_heads=COUNT, dtype=DTYPE)),
@@ -395,6 +400,16 @@ def _class_calls():
     def cache_state(c):
         return {"lengths": c.lengths, "k": c.k.copy(), "v": c.v.copy(), "device": c.device}
 
+    def paged():
+        c = fastattn.PagedKVCache(4, 2, 2, 4)
+        c.add_sequence()
+        c.append(0, np.ones((3, 2, 4), np.float32), np.ones((3, 2, 4), np.float32))
+        return c
+
+    def paged_state(c):
+        return {"k": c.key_cache.copy(), "v": c.value_cache.copy(), "free": c.num_free_blocks,
+                "len": c.seq_len(0)}
+
     def torch_module():
         torch = pytest.importorskip("torch")
         return torch.nn.MultiheadAttention(E, H)
@@ -432,6 +447,17 @@ def _class_calls():
         "KVCache.to": (method(cache, "to", cache_state), ("cpu",), {}, dict(device=DEVICE)),
         "KVCache.append_lengths": (method(cache, "append_lengths", cache_state),
                                    (np.array([1, 2]),), {}, dict(new_tokens=LENGTHS)),
+        "PagedKVCache": (constructor(fastattn.PagedKVCache), (4, 2, 2, 4), {}, dict(
+            num_blocks=COUNT, block_size=COUNT, num_kv_heads=COUNT, head_dim=COUNT,
+            value_dim=OPT_COUNT, dtype=DTYPE, rope=OPT_CHOICE, rope_base=REAL)),
+        "PagedKVCache.append": (method(paged, "append", paged_state),
+                                (0, np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 4), np.float32)),
+                                {}, dict(seq=INDEX, key=ARRAY, value=ARRAY)),
+        "PagedKVCache.seq_len": (method(paged, "seq_len", paged_state), (0,), {}, dict(seq=INDEX)),
+        "PagedKVCache.fork": (method(paged, "fork", paged_state), (0,), {}, dict(seq=INDEX)),
+        "PagedKVCache.free": (method(paged, "free", paged_state), (0,), {}, dict(seq=INDEX)),
+        "PagedKVCache.tables": (method(paged, "tables", paged_state), ([0],), {},
+                                dict(seqs=LENGTHS)),
     }
 
 
@@ -458,7 +484,7 @@ def _class_barrage_cases():
 
 def test_class_barrage_covers_every_constructor_and_method_argument():
     import inspect
-    for cls_name in ("MultiHeadAttention", "KVCache"):
+    for cls_name in ("MultiHeadAttention", "KVCache", "PagedKVCache"):
         cls = getattr(fastattn, cls_name)
         members = {"": cls}
         members.update({n: m for n, m in vars(cls).items()

@@ -89,6 +89,8 @@ CASES = [
     Case("scaled_dot_product_attention", S.scaled_dot_product_attention_calls()),
     Case("apply_rotary", S.apply_rotary_calls(), compare=rotary_angles_close),
     Case("alibi_slopes", S.alibi_slopes_calls()),
+    Case("varlen_attention", S.varlen_attention_calls()),
+    Case("paged_attention", S.paged_attention_calls()),
 ]
 
 
