@@ -6,7 +6,6 @@ sequence lists its blocks in a block table, as in vLLM's paged attention
 and flash-attn's ``flash_attn_with_kvcache(block_table=...)``.
 """
 
-
 import numpy as np
 
 from fastattn import _kernels
