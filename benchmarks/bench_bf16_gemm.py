@@ -14,9 +14,10 @@ or E, K = E = 768) and 2048^3, all on the same thread count:
 * NumPy float32 matmul (OpenBLAS sgemm), the float32 baseline.
 
 The peers are timed in alternating rounds (fastattn.bench.timing.measure
-per peer and round); the table gives the median GF/s over rounds and the
-median of the per-round ratios, which is what a shared, noisy machine can
-still compare.
+per peer and round). Two tables: from each round's median call time, and
+from each round's fastest call (on a shared machine the one least disturbed
+by other load); each gives the median GF/s over rounds and the median of
+the same-round ratios.
 """
 
 import argparse
@@ -95,33 +96,37 @@ def main():
     print(f"# {machine_line()}; {args.threads} threads; fastattn ISA levels "
           f"{fastattn.available_isas()}; {rounds} alternating rounds")
     rng = np.random.default_rng(0)
-    rows = []
+    tables = {"median": [], "best": []}
     headers = None
     with blas_limit(args.threads):
         for M, N, K in LAYER_SHAPES + [BIG]:
             peers = _peers(M, N, K, args.threads, rng)
             flops = 2.0 * M * N * K
-            times = {name: [] for name in peers}
+            times = {stat: {name: [] for name in peers} for stat in tables}
             for _ in range(rounds):
                 for name, fn in peers.items():
-                    times[name].append(measure(fn, policy).median)
+                    t = measure(fn, policy)
+                    times["median"][name].append(t.median)
+                    times["best"][name].append(t.best)
             fastattn.set_isa(isa_before)
             names = list(peers)
             ours = names[0]
-            row = [f"{M}x{N}x{K}"]
-            row += [f"{flops / statistics.median(times[n]) / 1e9:.0f}" for n in names]
-            for peer in ("torch bf16", "numpy fp32"):
-                if peer in times:
-                    ratio = statistics.median(p / o for o, p in zip(times[ours], times[peer]))
-                    row.append(f"{ratio:.2f}")
+            others = [p for p in ("torch bf16", "numpy fp32") if p in peers]
             headers = ["M x N x K"] + [f"{n} GF/s" for n in names]
-            headers += [f"{ours.split(' (')[0]} / {p} speed" for p in ("torch bf16", "numpy fp32")
-                        if p in times]
-            rows.append(row)
-            print("  ".join(row), flush=True)
-    print()
-    print_table(headers, rows)
-
+            headers += [f"{ours.split(' (')[0]} / {p} speed" for p in others]
+            for stat, table in tables.items():
+                # GF/s: the median over rounds of each round's statistic; the
+                # ratio: the median over rounds of the same-round ratios
+                row = [f"{M}x{N}x{K}"]
+                row += [f"{flops / statistics.median(times[stat][n]) / 1e9:.0f}" for n in names]
+                row += [f"{statistics.median(p / o for o, p in zip(times[stat][ours], times[stat][peer])):.2f}"
+                        for peer in others]
+                table.append(row)
+            print("  ".join(tables["median"][-1]), flush=True)
+    for stat, table in tables.items():
+        print(f"\n## per round: the {stat} call time", "(the fastest call: the least disturbed by other load)"
+              if stat == "best" else "")
+        print_table(headers, table)
 
 if __name__ == "__main__":
     main()

@@ -22,23 +22,19 @@
 
 #include "gemm_bf16.h"
 
-#if FA_G16_LEVEL >= 1
-#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
-#error "FA_G16_LEVEL >= 1 needs -mavx2 -mfma -mf16c"
-#endif
-#endif
 #if FA_G16_LEVEL >= 2
+
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
-    !defined(__AVX512DQ__)
-#error "FA_G16_LEVEL >= 2 needs -mavx512f -mavx512bw -mavx512vl -mavx512dq"
+    !defined(__AVX512DQ__) || !defined(__FMA__) || !defined(__F16C__) || \
+    (FA_G16_LEVEL >= 3 && !defined(__AVX512BF16__))
+#error "FA_G16_LEVEL 2 needs -mavx512f -mavx512dq -mavx512bw -mavx512vl -mfma -mf16c, 3 also -mavx512bf16"
 #endif
+#include <immintrin.h>
+
+#elif FA_G16_LEVEL == 1
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "FA_G16_LEVEL 1 needs -mavx2 -mfma -mf16c"
 #endif
-#if FA_G16_LEVEL >= 3
-#if !defined(__AVX512BF16__)
-#error "FA_G16_LEVEL 3 needs -mavx512bf16"
-#endif
-#endif
-#if FA_G16_LEVEL >= 1
 #include <immintrin.h>
 #endif
 

@@ -188,10 +188,10 @@ def test_bias_in_16_bits_and_k_zero_and_empty():
 
 @needs_bf16
 def test_larger_k_stays_within_the_bound():
-    """K = 1000 spans several k chunks (128 pairs each) with an odd tail;
-    the float32 sums carried between chunks change no bit."""
+    """K = 2501 spans three k chunks (512 pairs each) with an odd tail; the
+    float32 sums carried between chunks change no bit."""
     rng = np.random.default_rng(3)
-    a, w = _rand(rng, (50, 1001), BF16), _rand(rng, (40, 1001), BF16)
+    a, w = _rand(rng, (50, 2501), BF16), _rand(rng, (40, 2501), BF16)
     packed = bf16_gemm.PackedWeight(w)
     c = bf16_gemm.matmul(a, packed, out_dtype=np.float32, num_threads=2)
     _check_bound(c, a, w)
