@@ -121,10 +121,20 @@ static const fa_g16_kernels *pick_kernels(int dtype) {
 typedef struct {
     const fa_gemm16_args *args;
     const fa_g16_kernels *ks;
-    int64_t K2, mc, nc, row_blocks, col_blocks;
+    int64_t K2;
+    int64_t tiles, row_blocks;  /* row tiles of mr rows, split into blocks of whole tiles */
+    int64_t panels, col_blocks; /* 32-column panels, split into blocks of whole panels */
+    int64_t mc, nc;             /* the most rows / columns of a block */
     int64_t a_bytes, sums_elems; /* per-thread scratch parts (64-byte multiples) */
     char *scratch;
 } gemm_job;
+
+/* Start of part i of n items split into `parts` parts that differ by at
+ * most one item (the first n % parts parts get the extra one). */
+static inline int64_t even_split(int64_t n, int64_t parts, int64_t i) {
+    const int64_t base = n / parts, extra = n % parts;
+    return i * base + (i < extra ? i : extra);
+}
 
 static void gemm_tasks(void *ctx, int t, int nthreads) {
     const gemm_job *j = (const gemm_job *)ctx;
@@ -140,9 +150,14 @@ static void gemm_tasks(void *ctx, int t, int nthreads) {
     fa_partition(j->row_blocks * j->col_blocks, nthreads, t, &lo, &hi);
     for (int64_t task = lo; task < hi; ++task) {
         const int64_t rb = task / j->col_blocks, cb = task % j->col_blocks;
-        const int64_t r0 = rb * j->mc, c0 = cb * j->nc;
-        const int64_t rows = g->M - r0 < j->mc ? g->M - r0 : j->mc;
-        const int64_t cols = g->N - c0 < j->nc ? g->N - c0 : j->nc;
+        /* block rb: tiles [rb T / nb, (rb + 1) T / nb), so blocks differ by
+         * at most one tile; the same for the panels of column block cb */
+        const int64_t r0 = even_split(j->tiles, j->row_blocks, rb) * mr;
+        const int64_t r1 = even_split(j->tiles, j->row_blocks, rb + 1) * mr;
+        const int64_t c0 = even_split(j->panels, j->col_blocks, cb) * FA_G16_NR;
+        const int64_t c1 = even_split(j->panels, j->col_blocks, cb + 1) * FA_G16_NR;
+        const int64_t rows = (r1 < g->M ? r1 : g->M) - r0;
+        const int64_t cols = (c1 < g->N ? c1 : g->N) - c0;
         if (rb != packed_block) {
             ks->pack_a((const uint16_t *)g->a + r0 * g->a_row_stride, g->a_row_stride, rows,
                        g->K, apack);
@@ -189,14 +204,15 @@ int fa_gemm16(const fa_gemm16_args *g, int num_threads) {
     job.ks = pick_kernels(g->dtype);
     const int64_t mr = job.ks->mr;
     job.K2 = g->K / 2 + (g->K & 1);
-    /* Even blocks: a 200-row input is 2 blocks of 100 (rounded up to whole
-     * row tiles), not 192 + 8, so the tasks are of similar size. */
-    int64_t nb = (g->M + FA_G16_MC_MAX - 1) / FA_G16_MC_MAX;
-    job.mc = round_up((g->M + nb - 1) / nb, mr);
-    job.row_blocks = (g->M + job.mc - 1) / job.mc;
-    nb = (g->N + FA_G16_NC_MAX - 1) / FA_G16_NC_MAX;
-    job.nc = round_up((g->N + nb - 1) / nb, FA_G16_NR);
-    job.col_blocks = (g->N + job.nc - 1) / job.nc;
+    /* Even blocks of whole tiles and panels: 512 rows are 43 tiles of 12,
+     * split 14 + 14 + 15 rather than 16 + 16 + 11, so the tasks the threads
+     * share are of similar size. */
+    job.tiles = (g->M + mr - 1) / mr;
+    job.row_blocks = (job.tiles + FA_G16_MC_MAX / mr - 1) / (FA_G16_MC_MAX / mr);
+    job.mc = (job.tiles + job.row_blocks - 1) / job.row_blocks * mr;
+    job.panels = g->N / FA_G16_NR + (g->N % FA_G16_NR != 0);
+    job.col_blocks = (job.panels + FA_G16_NC_MAX / FA_G16_NR - 1) / (FA_G16_NC_MAX / FA_G16_NR);
+    job.nc = (job.panels + job.col_blocks - 1) / job.col_blocks * FA_G16_NR;
 
     /* per thread: the packed row block (mc x K2 pairs, 4 or 8 bytes per
      * row and pair) and the float32 sums (mc x nc); both 64-byte multiples */
