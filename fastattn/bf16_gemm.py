@@ -9,9 +9,17 @@ bfloat16 path runs on ``vdpbf16ps``.
 
 bfloat16 arrays are NumPy's ``ml_dtypes.bfloat16`` (the optional
 ``fastattn[bf16]`` extra); float16 needs nothing beyond NumPy.
+
+>>> import numpy as np
+>>> from fastattn import bf16_gemm
+>>> w = np.arange(12, dtype=np.float16).reshape(3, 4)   # (N, K)
+>>> packed = bf16_gemm.PackedWeight(w)
+>>> bf16_gemm.matmul(np.ones((2, 4), np.float16), packed, bias=[0.5, 0, 0])
+array([[ 6.5, 22. , 38. ],
+       [ 6.5, 22. , 38. ]], dtype=float16)
 """
 
-import operator
+import numbers
 
 import numpy as np
 
@@ -45,6 +53,11 @@ def _dtype_code(dtype, name):
     raise TypeError(f"{name} must be bfloat16 (ml_dtypes) or float16, got {dtype}")
 
 
+def _native(x):
+    """x in native byte order (a big-endian float16 is converted)."""
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+
+
 class PackedWeight:
     """A ``(N, K)`` bfloat16 or float16 weight, packed once for :func:`matmul`.
 
@@ -65,7 +78,7 @@ class PackedWeight:
     """
 
     def __init__(self, w, *, num_threads=None):
-        w = np.asarray(w)
+        w = _native(np.asarray(w))
         self._code = _dtype_code(w.dtype, "w")
         if w.ndim != 2:
             raise ValueError(f"w must have shape (N, K), got shape {w.shape}")
@@ -114,7 +127,7 @@ def matmul(a, packed, *, out=None, out_dtype=None, bias=None, alpha=1.0, num_thr
     if not isinstance(packed, PackedWeight):
         raise TypeError(f"packed must be a PackedWeight, got {type(packed).__name__}")
     N, K = packed.shape
-    a = np.asarray(a)
+    a = _native(np.asarray(a))
     if a.dtype != packed.dtype:
         _dtype_code(a.dtype, "a")  # names a missing ml_dtypes or a wrong dtype family
         raise TypeError(f"a has dtype {a.dtype} but the packed weight is {packed.dtype}")
@@ -147,11 +160,13 @@ def matmul(a, packed, *, out=None, out_dtype=None, bias=None, alpha=1.0, num_thr
         if bias.shape != (N,):
             raise ValueError(f"bias must have shape ({N},), got shape {bias.shape}")
         if bias.dtype != np.float32:
-            if not (np.issubdtype(bias.dtype, np.floating) or bias.dtype == packed.dtype):
+            if not (np.issubdtype(bias.dtype, np.floating) or bias.dtype.name == "bfloat16"):
                 raise TypeError(f"bias must be a floating-point array, got {bias.dtype}")
-            bias = bias.astype(np.float32)
+            bias = bias.astype(np.float32)  # exact from 16 bits; float64 rounds once
         bias = np.ascontiguousarray(bias)
-    alpha = float(operator.index(alpha) if isinstance(alpha, (int, np.integer)) else alpha)
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number, got {alpha!r}")
+    alpha = float(alpha)
     if M == 0 or N == 0:
         return out
     a_bits = a.view(np.uint16)

@@ -222,3 +222,16 @@ def test_validation_names_the_argument():
         bf16_gemm.matmul(np.ones((2, 6), BF16), packed, bias=np.ones(7, np.float32))
     with pytest.raises(TypeError, match="packed must be a PackedWeight"):
         bf16_gemm.matmul(np.ones((2, 6), BF16), w)
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        bf16_gemm.matmul(np.ones((2, 6), BF16), packed, alpha="2")
+    with pytest.raises(TypeError, match="bias must be a floating-point array"):
+        bf16_gemm.matmul(np.ones((2, 6), BF16), packed, bias=np.ones(8, np.int32))
+
+
+def test_big_endian_float16_is_accepted():
+    rng = np.random.default_rng(6)
+    a, w = _rand(rng, (5, 7), F16), _rand(rng, (3, 7), F16)
+    want = bf16_gemm.matmul(a, bf16_gemm.PackedWeight(w), out_dtype=np.float32)
+    got = bf16_gemm.matmul(a.astype(">f2"), bf16_gemm.PackedWeight(w.astype(">f2")),
+                           out_dtype=np.float32)
+    assert np.array_equal(got, want)
