@@ -40,14 +40,17 @@
 
 /* MR: rows of the register tile. Level 2/3: 12 rows x 2 vectors = 24
  * accumulators + 2 weight vectors (dpbf16) or 4 widened ones (fp32 path)
- * + 1 broadcast <= 29 of 32 zmm. Level 1: each 16-column half of the panel
- * as 6 rows x 2 vectors = 12 accumulators + 2 weights + 1 broadcast = 15
- * of 16 ymm. Scalar: 4 rows x 32 columns in memory the compiler keeps
- * close. Rows per tile also set the padding waste: 12 wastes 3% at M = 128. */
+ * + 1 broadcast <= 29 of 32 zmm (12 and 14 rows ran at the same speed).
+ * Level 1: each 16-column half of the panel as 5 rows x 2 vectors = 10
+ * accumulators + 2 weights + 1 broadcast + the bf16 high-half mask = 14 of
+ * 16 ymm; 6 rows spilled an accumulator to the stack (88 GF/s on a Zen 5
+ * core against 120 for 5 rows, 106 for 4). Scalar: 4 rows x 32 columns in
+ * memory the compiler keeps close. Rows per tile also set the padding
+ * waste: 12 wastes 3% at M = 128. */
 #if FA_G16_LEVEL >= 2
 #define G16_MR 12
 #elif FA_G16_LEVEL == 1
-#define G16_MR 6
+#define G16_MR 5
 #else
 #define G16_MR 4
 #endif
@@ -209,13 +212,13 @@ G16_MICRO_SCALAR(g16_micro_f16, g16_widen_pair_f16)
             for (int64_t q = 0; q < npairs; ++q, w += FA_G16_PAIR_ELEMS, a += 2 * G16_MR) { \
                 __m256 w0, w1;                                                            \
                 ODD(w, h, w0, w1);                                                        \
-                _Pragma("GCC unroll 6") for (int r = 0; r < G16_MR; ++r) {                \
+                _Pragma("GCC unroll 5") for (int r = 0; r < G16_MR; ++r) {                \
                     const __m256 x = _mm256_broadcast_ss(a + 2 * r + 1);                  \
                     acc0[r] = _mm256_fmadd_ps(x, w0, acc0[r]);                            \
                     acc1[r] = _mm256_fmadd_ps(x, w1, acc1[r]);                            \
                 }                                                                         \
                 EVEN(w, h, w0, w1);                                                       \
-                _Pragma("GCC unroll 6") for (int r = 0; r < G16_MR; ++r) {                \
+                _Pragma("GCC unroll 5") for (int r = 0; r < G16_MR; ++r) {                \
                     const __m256 x = _mm256_broadcast_ss(a + 2 * r);                      \
                     acc0[r] = _mm256_fmadd_ps(x, w0, acc0[r]);                            \
                     acc1[r] = _mm256_fmadd_ps(x, w1, acc1[r]);                            \
