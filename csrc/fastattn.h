@@ -305,6 +305,7 @@ typedef struct {
     const void *a;        /* (M, K), row i at a + i * a_row_stride */
     int64_t a_row_stride;
     const void *packed_w; /* fa_gemm16_pack_weight of (N, K) in dtype */
+    int64_t packed_elems; /* its length (uint16), checked against N and K */
     void *c;              /* (M, N), row i at c + i * c_row_stride */
     int64_t c_row_stride;
     const float *bias;    /* NULL or (N,) float32 */

@@ -195,9 +195,11 @@ int fa_gemm16(const fa_gemm16_args *g, int num_threads) {
     const int64_t out_size = g->out_dtype == FA_DTYPE_F32 ? 4 : 2;
     const int64_t a_dims[2] = {g->M, g->K}, a_str[2] = {g->a_row_stride, 1};
     const int64_t c_dims[2] = {g->M, g->N}, c_str[2] = {g->c_row_stride, 1};
-    if (fa_gemm16_packed_elems(g->N, g->K) < 0 || !fa_view_ok(a_dims, a_str, 2, 2) ||
+    const int64_t packed_need = fa_gemm16_packed_elems(g->N, g->K);
+    if (packed_need < 0 || !fa_view_ok(a_dims, a_str, 2, 2) ||
         !fa_view_ok(c_dims, c_str, 2, out_size))
         return FA_ERR_OVERFLOW;
+    if (g->packed_elems < packed_need) return FA_ERR_INVALID;
 
     gemm_job job;
     job.args = g;

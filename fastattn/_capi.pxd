@@ -160,6 +160,7 @@ cdef extern from "fastattn.h" nogil:
         const void *a
         int64_t a_row_stride
         const void *packed_w
+        int64_t packed_elems
         void *c
         int64_t c_row_stride
         const float *bias

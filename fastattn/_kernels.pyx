@@ -473,6 +473,7 @@ def gemm16(int dtype, cnp.ndarray a, cnp.ndarray packed, int64_t N, cnp.ndarray 
     g.a = cnp.PyArray_DATA(a)
     g.a_row_stride = elem_stride(cnp.PyArray_STRIDES(a)[0], cnp.PyArray_ITEMSIZE(a))
     g.packed_w = cnp.PyArray_DATA(packed)
+    g.packed_elems = packed.shape[0]
     g.c = cnp.PyArray_DATA(c)
     g.c_row_stride = elem_stride(cnp.PyArray_STRIDES(c)[0], cnp.PyArray_ITEMSIZE(c))
     g.bias = NULL
