@@ -41,11 +41,10 @@ static int detect_best_isa(void) {
     if (!has_avx2) return FA_ISA_SCALAR;
     if (os_zmm && has_avx512f && has_avx512dq && has_avx512bw && has_avx512vl) {
         /* AVX512_BF16 is leaf 7 subleaf 1, EAX bit 5; subleaf 1 exists when
-         * subleaf 0 reports a maximum subleaf >= 1 in EAX. It uses the ZMM
-         * state checked above and nothing more. */
-        unsigned int max_sub = 0, a1 = 0, b1, c1, d1;
-        __cpuid_count(7, 0, max_sub, b1, c1, d1);
-        if (max_sub >= 1) __cpuid_count(7, 1, a1, b1, c1, d1);
+         * subleaf 0 reports a maximum subleaf >= 1 in its EAX (a, above).
+         * It needs the ZMM state checked above and nothing more. */
+        unsigned int a1 = 0, b1, c1, d1;
+        if (a >= 1) __cpuid_count(7, 1, a1, b1, c1, d1);
         if ((a1 >> 5) & 1) return FA_ISA_AVX512BF16;
         return FA_ISA_AVX512;
     }
