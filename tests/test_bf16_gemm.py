@@ -40,9 +40,10 @@ U_OUT = {BF16: 2.0 ** -8, F16: 2.0 ** -11, np.dtype(np.float32): 0.0}
 SIZES = [1, 3, 17, 33, 65, 127]
 # (M, N, K): every size on every axis at least once, odd K for the pair tail,
 # N across several 32-column panels and a partial one, M across row tiles of
-# every level (4, 5, 12) and two row blocks (> 192)
+# every level (4, 5, 12) and two row blocks (> 192); the last two split into
+# enough row x column blocks (4 and 15 tasks) that 2 threads share them
 SHAPES = [(1, 1, 1), (3, 17, 33), (17, 65, 127), (33, 127, 3), (65, 3, 17), (127, 33, 65),
-          (1, 127, 65), (200, 161, 40), (17, 300, 1)]
+          (1, 127, 65), (17, 300, 1), (200, 161, 40), (389, 515, 33)]
 
 
 @pytest.fixture(autouse=True)
