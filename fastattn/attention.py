@@ -158,11 +158,10 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                     and type(is_causal) is bool and (scale is None or type(scale) is float)):
                 result = np.empty((B, H, Lq, Dv), dtype=dt)
                 _kernels.scaled_dot_product_attention(
-                    q, k, v, result, None,
-                    (1.0 / math.sqrt(D) if D else 1.0) if scale is None else scale,
-                    None, 0, None, None, is_causal,
-                    CAUSAL_ALIGNMENTS[causal_alignment],
-                    None, resolve_num_threads(num_threads))
+                    q, k, v, result,
+                    scale=(1.0 / math.sqrt(D) if D else 1.0) if scale is None else scale,
+                    is_causal=is_causal, alignment=CAUSAL_ALIGNMENTS[causal_alignment],
+                    num_threads=resolve_num_threads(num_threads))
                 return result
 
     backend = _backend.cuda_for((q, k, v), ("q", "k", "v"))
@@ -206,10 +205,12 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     target = OutputTarget(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)
     weights = np.empty(full, dtype=dtype) if return_weights else None
+    left, right = (None, None) if window is None else window
     _kernels.scaled_dot_product_attention(
-        qa, ka, va, target.kernel_view, weights, float(scale), mask4, kind, kl, ql,
-        bool(is_causal), align, slopes, resolve_num_threads(num_threads), ks, window, cap,
-        sinks)
+        qa, ka, va, target.kernel_view, weights=weights, scale=float(scale), mask=mask4,
+        mask_kind=kind, key_len=kl, query_len=ql, is_causal=bool(is_causal), alignment=align,
+        alibi_slopes=slopes, key_start=ks, window_left=left, window_right=right, softcap=cap,
+        sinks=sinks, num_threads=resolve_num_threads(num_threads))
     result = target.finish()
     if return_weights:
         return result, weights[:, 0] if three_d else weights

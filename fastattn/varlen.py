@@ -124,7 +124,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     inputs = tuple(x for x in (qa, ka, va, slopes, sinks) if x is not None)
     target = OutputTarget(out, (total_q, H, Dv), (total_q, H, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)
-    _kernels.varlen_attention(qa, ka, va, target.kernel_view, cu_q, cu_k, float(scale),
-                              is_causal, align, slopes, window, cap, sinks,
-                              resolve_num_threads(num_threads))
+    left, right = (None, None) if window is None else window
+    _kernels.varlen_attention(qa, ka, va, target.kernel_view, cu_q=cu_q, cu_k=cu_k,
+                              scale=float(scale), is_causal=is_causal, alignment=align,
+                              alibi_slopes=slopes, window_left=left, window_right=right,
+                              softcap=cap, sinks=sinks, num_threads=resolve_num_threads(num_threads))
     return target.finish()

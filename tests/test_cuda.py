@@ -480,8 +480,9 @@ class FakeExtension:
             r = r + _host_view(bias, dt, (nout,), (1,))
         _host_view(y, dt, (rows, nout), (yrs, 1))[...] = r
 
-    def sdpa(self, handle, dtype, shape, q, k, v, out, scores, scores_batch, scale, causal, mask, kind, mstr,
-             kl, kls, ql, qls, alibi, alibi_offset, key_extent, stream):
+    def sdpa(self, handle, q, k, v, out, *, dtype, shape, scale, causal, mask=None, mask_kind=0,
+             mask_strides=(), key_len=None, key_len_strides=(), query_len=None, query_len_strides=(),
+             alibi_slopes=None, alibi_offset=0, key_extent=None, scores, scores_batch, stream):
         """The C driver's algorithm: per (b, kv head) one folded GEMM over
         the G query heads, keys limited to key_extent[b]."""
         self.calls.append("sdpa")
@@ -498,16 +499,16 @@ class FakeExtension:
             for g in range(Hkv):
                 qg = qv[b, g * G:(g + 1) * G].reshape(G * Lq, D)
                 s[b, g * G:(g + 1) * G, :, :ext] = (qg @ kv[b, g, :ext].T * scale).reshape(G, Lq, ext)
-        if alibi:
-            slopes = _host_view(alibi, dt, (H,), (1,)).astype(np.float64)
+        if alibi_slopes:
+            slopes = _host_view(alibi_slopes, dt, (H,), (1,)).astype(np.float64)
             i = np.arange(Lq)[:, None] + alibi_offset
             s = s - slopes[:, None, None] * (i - np.arange(Lk)[None, :])
-        m = self._mask(dtype, (B, H, Lq, Lk), mask, kind, mstr)
+        m = self._mask(dtype, (B, H, Lq, Lk), mask, mask_kind, mask_strides)
         if m is not None and m.dtype != bool:
             s = s + m
             m = None
-        kl_v = _host_view(kl, np.int64, (B, H), kls) if kl else None
-        ql_v = _host_view(ql, np.int64, (B, H), qls) if ql else None
+        kl_v = _host_view(key_len, np.int64, (B, H), key_len_strides) if key_len else None
+        ql_v = _host_view(query_len, np.int64, (B, H), query_len_strides) if query_len else None
         p = self._softmax(s, m, kl_v, ql_v, causal)
         for b in range(B):
             ext = Lk if key_extent is None else int(key_extent[b])

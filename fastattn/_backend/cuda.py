@@ -740,10 +740,13 @@ def _attention(rt, q, k, v, dtype, *, mask, kl, ql, causal, alignment, scale, al
         scores_batch = max(1, min(B, SCORES_WORKSPACE_BYTES // max(per_item, 1)))
         scores = rt.empty((scores_batch, H, Lq, Lk), dtype)
     extent = _key_extent(kl, ql, causal, B, Lq, Lk)
-    rt.lib.sdpa(rt.blas(), _DTYPE_CODES[dtype], (B, H, Hkv, Lq, Lk, D, Dv), q.ptr, k.ptr, v.ptr,
-                out_kernel.ptr, scores.ptr, scores_batch, scale, causal, mptr, mkind, mstrides,
-                klp, kls, qlp, qls, alibi_dev.ptr if alibi_dev is not None else None,
-                alibi_offset, extent, rt.stream)
+    rt.lib.sdpa(rt.blas(), q.ptr, k.ptr, v.ptr, out_kernel.ptr, dtype=_DTYPE_CODES[dtype],
+                shape=(B, H, Hkv, Lq, Lk, D, Dv), scale=scale, causal=causal, mask=mptr,
+                mask_kind=mkind, mask_strides=mstrides, key_len=klp, key_len_strides=kls,
+                query_len=qlp, query_len_strides=qls,
+                alibi_slopes=alibi_dev.ptr if alibi_dev is not None else None,
+                alibi_offset=alibi_offset, key_extent=extent, scores=scores.ptr,
+                scores_batch=scores_batch, stream=rt.stream)
     del mkeep, klkeep, qlkeep, alibi_dev, scores
 
 
