@@ -67,6 +67,13 @@ def float_array(x, name, dtype=None):
     return arr
 
 
+def unit_last_axis(a):
+    """``a`` with a contiguous last axis (the attention kernels stream whole rows)."""
+    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+        return np.ascontiguousarray(a)
+    return a
+
+
 def require_ndim(arr, name, ndim, layout):
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {arr.shape}")

@@ -13,8 +13,9 @@ from fastattn._validation import (
     choice,
     compute_dtype,
     float_array,
+    unit_last_axis,
 )
-from fastattn.attention import _unit_last_axis, attention_scale
+from fastattn.attention import attention_scale
 from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
@@ -120,7 +121,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
         if slopes.shape != (H,):
             raise ValueError(
                 f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
-    qa, ka, va = _unit_last_axis(qa), _unit_last_axis(ka), _unit_last_axis(va)
+    qa, ka, va = unit_last_axis(qa), unit_last_axis(ka), unit_last_axis(va)
     inputs = tuple(x for x in (qa, ka, va, slopes, sinks) if x is not None)
     target = OutputTarget(out, (total_q, H, Dv), (total_q, H, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)

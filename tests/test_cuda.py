@@ -1020,12 +1020,43 @@ def test_mha_query_lengths_are_per_sequence(backend, rng):
             gpu(xd, query_lengths=bad)
 
 
-@pytest.mark.parametrize("name", ["masked_softmax", "split_heads", "merge_heads", "sinusoidal_position_encoding",
-                                  "add_position_encoding", "apply_rotary", "scaled_dot_product_attention"])
+@pytest.mark.parametrize("name", ["split_heads", "merge_heads", "sinusoidal_position_encoding",
+                                  "add_position_encoding", "apply_rotary"])
 def test_backend_functions_take_the_public_arguments(name):
-    """Each public function hands its arguments to the CUDA backend's function
-    of the same name: their parameters must stay the same (``device`` only
-    chooses the backend)."""
+    """The public functions not yet on the kernel table hand their arguments
+    to the CUDA backend's function of the same name: their parameters must
+    stay the same (``device`` only chooses the backend)."""
     import inspect
     public = [p for p in inspect.signature(getattr(fastattn, name)).parameters if p != "device"]
     assert list(inspect.signature(getattr(fbk, name)).parameters) == public
+
+
+def test_backends_expose_one_kernel_table():
+    """Every backend has the same kernels with identical signatures (names,
+    kinds, defaults), so the neutral code calls each the same way."""
+    import inspect
+
+    from fastattn._backend import cpu
+
+    assert cpu.KERNELS == fbk.KERNELS
+    for name in cpu.KERNELS:
+        want = inspect.signature(getattr(cpu, name))
+        got = inspect.signature(getattr(fbk, name))
+        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == \
+            [(p.name, p.kind, p.default) for p in want.parameters.values()], name
+    helpers = ("asarray", "host", "operand", "kernel_input", "unit_head_axis", "attention_mask",
+               "empty", "output", "result")
+    for name in helpers:
+        assert callable(getattr(cpu, name)) and callable(getattr(fbk, name)), name
+
+
+@pytest.mark.parametrize("arg, value", [("key_starts", [0, 1]), ("window", (2, None)),
+                                        ("softcap", 30.0), ("sinks", [0.5, 0.5])])
+def test_model_features_are_cpu_only_for_now(backend, rng, arg, value):
+    """The CUDA attention kernel names the argument it cannot honour yet,
+    after the shared checks passed."""
+    if backend.name != "emulated":
+        pytest.skip("the message of the emulated backend is the GPU's")
+    q = backend.to_device(_rand(rng, (2, 2, 3, 4), np.float32))
+    with pytest.raises(NotImplementedError, match=f"{arg} is not supported on the CUDA backend"):
+        fastattn.scaled_dot_product_attention(q, q, q, **{arg: value})

@@ -30,8 +30,8 @@ import threading
 import numpy as np
 
 from fastattn._backend import CudaUnavailableError, is_device_array
+from fastattn._kernels import MASK_NONE as _MASK_NONE
 from fastattn._validation import bool_flag, choice, compute_dtype, lengths_view, require_ndim
-from fastattn.attention import attention_geometry, attention_scale
 from fastattn.heads import _split_dims
 from fastattn.layer import (
     _check_cache_call,
@@ -63,6 +63,8 @@ _DTYPE_CODES = _DtypeCodes()
 # 1 GiB still hands cuBLAS hundreds of (Lq x Lk) products per call (enough to
 # fill the GPU) while bounding the temporary memory of long sequences.
 SCORES_WORKSPACE_BYTES = 1 << 30
+
+_TOP_LEFT = CAUSAL_ALIGNMENTS["top_left"]
 
 
 # ---- availability ----------------------------------------------------------------
@@ -477,6 +479,10 @@ class _Output:
         else:
             self.kernel = view
 
+    @property
+    def kernel_view(self):
+        return self.kernel
+
     def finish(self):
         if self.copy_back is not None:
             self.rt.copy(self.array, self.copy_back)
@@ -578,32 +584,17 @@ def _lengths_args(rt, host):
 # ---- fused masked softmax ---------------------------------------------------------------------
 
 
-def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=None,
-                   is_causal=False, causal_alignment="top_left", scale=1.0, out=None,
-                   num_threads=None):
-    """GPU :func:`fastattn.masked_softmax`: the fused masked softmax over the
-    last axis of ``scores`` ``(..., Lq, Lk)``. ``num_threads`` is accepted
-    for API compatibility and ignored."""
-    x = _device_array(scores, "scores")
-    dtype = _compute_dtype(x, "scores")
-    kshape, causal, scale, kl, ql = softmax_args(
-        x.shape, _host_or_none(key_lengths, "key_lengths"), _host_or_none(query_lengths, "query_lengths"),
-        is_causal, causal_alignment, scale)
-    kl, ql = _contiguous_or_none(kl), _contiguous_or_none(ql)
-    mask = _MaskSpec(attn_mask, x.shape, dtype)
-
+def masked_softmax(x, y, *, scale, mask=None, mask_kind=_MASK_NONE, key_len=None,
+                   query_len=None, causal, num_threads):
+    """The CPU backend's ``masked_softmax`` kernel on device arrays: x, y
+    (B, M, Lq, Lk) device views; ``num_threads`` is ignored."""
     rt = _Runtime()
-    rt.attach(x, "scores")
-    x4 = rt.kernel_view(x, dtype, kshape)
-    mptr, mkind, mstrides, mkeep = mask.realize(rt, kshape)
-    klp, kls, klkeep = _lengths_args(rt, kl)
-    qlp, qls, qlkeep = _lengths_args(rt, ql)
-    target = _Output(rt, out, x.shape, dtype, kshape, inputs=(x4, mkeep), inplace_ok=(x4,))
-    y4 = target.kernel
-    rt.lib.masked_softmax(_DTYPE_CODES[dtype], x4.ptr, x4.strides, y4.ptr, y4.strides, kshape,
+    mptr, mkind, mstrides, mkeep = _PreparedMask(mask_kind, mask).realize(rt, x.shape)
+    klp, kls, klkeep = _lengths_args(rt, _contiguous_or_none(key_len))
+    qlp, qls, qlkeep = _lengths_args(rt, _contiguous_or_none(query_len))
+    rt.lib.masked_softmax(_DTYPE_CODES[x.dtype], x.ptr, x.strides, y.ptr, y.strides, x.shape,
                           scale, mptr, mkind, mstrides, klp, kls, qlp, qls, causal, rt.stream)
     del mkeep, klkeep, qlkeep  # the queued kernel is ordered before any reuse
-    return target.finish()
 
 
 # ---- heads --------------------------------------------------------------------------------------
@@ -750,70 +741,105 @@ def _attention(rt, q, k, v, dtype, *, mask, kl, ql, causal, alignment, scale, al
     del mkeep, klkeep, qlkeep, alibi_dev, scores
 
 
-def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
-                                 query_lengths=None, is_causal=False,
-                                 causal_alignment="top_left", scale=None, alibi_slopes=None,
-                                 return_weights=False, out=None, num_threads=None,
-                                 key_starts=None, window=None, softcap=None, sinks=None):
-    """GPU :func:`fastattn.scaled_dot_product_attention`: cuBLAS Q Kᵀ, the
-    fused masked softmax, cuBLAS P V.
+class _PreparedMask:
+    """A mask the neutral code already laid out for the kernel (kind and a
+    device view of the kernel's shape), in the form :func:`_attention` takes."""
 
-    ``q`` ``(B, H, Lq, D)``, ``k`` ``(B, Hkv, Lk, D)``, ``v`` ``(B, Hkv, Lk,
-    Dv)`` with ``H % Hkv == 0`` (query head h reads kv head ``h // (H //
-    Hkv)``), or all 3-D ``(B, L, D)`` for one head. Masks, lengths,
-    causality, ``scale`` (default ``1/sqrt(D)``) and ALiBi (``alibi_slopes``
-    ``(H,)`` adds ``-slope[h] * (i_pos - j)``, ``i_pos`` aligned like the
-    causal mask) mean what they mean on the CPU. Returns ``out``, or
-    ``(out, weights)`` with ``return_weights=True``.
-    """
-    for name, value in (("key_starts", key_starts), ("window", window),
-                        ("softcap", softcap), ("sinks", sinks)):
-        if value is not None:
-            raise NotImplementedError(f"{name} is not supported on the CUDA backend yet")
-    qa = _device_array(q, "q")
-    ka = _device_array(k, "k")
-    va = _device_array(v, "v")
-    dtype = np.dtype(np.result_type(_compute_dtype(qa, "q"), _compute_dtype(ka, "k"),
-                                    _compute_dtype(va, "v")))
-    three_d, (B, H, Lq, D), (Hkv, Lk, Dv) = attention_geometry(qa.shape, ka.shape, va.shape)
-    ndim = 3 if three_d else 4
-    if three_d:  # one head: (B, L, D) as (B, 1, L, D)
-        q4, k4, v4 = (a.at(0, (a.shape[0], 1) + a.shape[1:], (a.strides[0], 0) + a.strides[1:])
-                      for a in (qa, ka, va))
-    else:
-        q4, k4, v4 = qa, ka, va
-    causal = _causal_code(is_causal, causal_alignment)
-    alignment = choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)
-    scale = attention_scale(scale, D)
-    scores_shape = (B, H, Lq, Lk) if ndim == 4 else (B, Lq, Lk)
-    lead = scores_shape[:-2]
-    kl = _lengths(key_lengths, "key_lengths", lead, B, H, Lk, "key")
-    ql = _lengths(query_lengths, "query_lengths", lead, B, H, Lq, "query")
-    mask = _MaskSpec(attn_mask, scores_shape, dtype)
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = _host_array(alibi_slopes, "alibi_slopes")
-        compute_dtype(alibi.dtype, "alibi_slopes")
-        if alibi.shape != (H,):
-            raise ValueError(f"alibi_slopes must have shape ({H},) for {H} query heads, got {alibi.shape}")
-        alibi = alibi.astype(np.float64)
-    out_shape = (B, H, Lq, Dv) if ndim == 4 else (B, Lq, Dv)
+    def __init__(self, kind, view):
+        self.kind, self.view = kind, view
 
+    def realize(self, rt, kernel_shape):
+        if self.view is None:
+            return None, 0, (0, 0, 0, 0), None
+        return self.view.ptr, self.kind, self.view.strides, self.view
+
+
+def attention(q, k, v, out, *, weights=None, scale, mask=None, mask_kind=_MASK_NONE,
+              key_len=None, query_len=None, is_causal=False, alignment=_TOP_LEFT,
+              alibi_slopes=None, key_start=None, window_left=None, window_right=None,
+              softcap=0.0, sinks=None, num_threads):
+    """The CPU backend's ``attention`` kernel on device arrays: cuBLAS Q Kᵀ,
+    the fused masked softmax, cuBLAS P V. ``num_threads`` is ignored; the
+    model-feature arguments are not implemented here yet."""
+    for public, unset in (("key_starts", key_start is None),
+                          ("window", window_left is None and window_right is None),
+                          ("softcap", softcap == 0.0), ("sinks", sinks is None)):
+        if not unset:
+            raise NotImplementedError(f"{public} is not supported on the CUDA backend yet")
     rt = _Runtime()
-    for arr, name in ((qa, "q"), (ka, "k"), (va, "v")):
-        rt.attach(arr, name)
-    qc = rt.contiguous(q4, dtype)
-    kc = rt.contiguous(k4, dtype)
-    vc = rt.contiguous(v4, dtype)
-    target = _Output(rt, out, out_shape, dtype, (B, H, Lq, Dv), inputs=(qc, kc, vc), contiguous=True)
-    weights = rt.empty((B, H, Lq, Lk), dtype) if return_weights else None
-    _attention(rt, qc, kc, vc, dtype, mask=mask, kl=kl, ql=ql, causal=causal, alignment=alignment,
-               scale=scale, alibi=alibi, weights_target=weights, out_kernel=target.kernel)
-    result = target.finish()
-    if not return_weights:
-        return result
-    w = weights.obj if ndim == 4 else weights.obj.reshape(scores_shape)
-    return result, w
+    dtype = q.dtype
+    q, k, v = (rt.contiguous(a, dtype) for a in (q, k, v))
+    target = out if out.is_c_contiguous() else rt.empty(out.shape, dtype)
+    _attention(rt, q, k, v, dtype, mask=_PreparedMask(mask_kind, mask),
+               kl=_contiguous_or_none(key_len), ql=_contiguous_or_none(query_len),
+               causal=alignment if is_causal else 0,
+               alignment="top_left" if alignment == _TOP_LEFT else "bottom_right", scale=scale,
+               alibi=alibi_slopes, weights_target=weights, out_kernel=target)
+    if target is not out:
+        rt.copy(target, out)
+
+
+KERNELS = ("attention", "masked_softmax")
+
+
+# ---- array helpers: what the neutral code needs on device arrays ------------------------------
+
+
+def asarray(x, name):
+    """``x`` as an _Array (TypeError for host arrays and other objects)."""
+    return _device_array(x, name)
+
+
+def host(values, name):
+    """Small per-call data (lengths, slopes, sinks) on the host: device
+    arrays are copied down, anything else is returned as it is."""
+    if values is not None and is_device_array(values):
+        return _host_array(values, name)
+    return values
+
+
+def operand(a, name, dtype):
+    """``a`` on the current device as a C-contiguous array of ``dtype``."""
+    rt = _Runtime()
+    rt.attach(a, name)
+    return rt.contiguous(a, dtype)
+
+
+def kernel_input(x, name, dtype, kernel_shape):
+    """``(x, its view of kernel_shape in dtype)`` on the current device; a
+    converted contiguous copy when the dtype differs or no view exists."""
+    rt = _Runtime()
+    rt.attach(x, name)
+    view = rt.kernel_view(x, dtype, kernel_shape)
+    return view, view
+
+
+def unit_head_axis(a):
+    """A 3-D ``(B, L, D)`` array as the ``(B, 1, L, D)`` view of one head."""
+    return a.at(0, (a.shape[0], 1) + a.shape[1:], (a.strides[0], 0) + a.strides[1:])
+
+
+def attention_mask(attn_mask, user_shape, kernel_shape, dtype):
+    """``(kind, device view of kernel_shape)`` of a user ``attn_mask`` that
+    broadcasts to ``user_shape``; ``(0, None)`` without one."""
+    spec = _MaskSpec(attn_mask, user_shape, dtype)
+    if spec.kind == 0:
+        return 0, None
+    _, kind, _, view = spec.realize(_Runtime(), kernel_shape)
+    return kind, view
+
+
+def output(out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(), unit_last_axis=False):
+    """Where a kernel writes: ``.kernel_view`` (``kernel_shape``), then
+    ``.finish()`` returns ``out`` or a new CuPy array of ``shape``."""
+    return _Output(_Runtime(), out, shape, dtype, kernel_shape,
+                   inputs=tuple(x for x in inputs if isinstance(x, _Array)),
+                   inplace_ok=inplace_ok, unit_last_stride=unit_last_axis)
+
+
+def result(a):
+    """A buffer made by :func:`empty` as the array returned to the user."""
+    return a.obj
 
 
 # ---- what fastattn.KVCache needs on the device ----------------------------------------------

@@ -1,0 +1,89 @@
+"""The CPU backend: the kernel table over fastattn._kernels on NumPy arrays.
+
+Every backend module exposes the same kernels with the same signatures
+(tests/test_cuda.py compares them); the public functions validate their
+arguments once, in backend-neutral code, and then call these. A kernel here
+receives arrays that are already checked and laid out as it needs them
+(see each docstring) and only hands them to C.
+
+The array helpers below (``asarray``, ``operand``, ``empty``, ``output``,
+...) are what the neutral code needs to bring user arrays into that form on
+this backend.
+"""
+
+import numpy as np
+
+from fastattn import _kernels
+from fastattn._validation import OutputTarget, as_array, float_array, unit_last_axis
+from fastattn.masks import prepare_mask
+
+name = "cpu"
+
+# ---- kernels ------------------------------------------------------------------------
+
+# q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), out (B, H, Lq, Dv) with
+# unit last-axis strides; the keywords are the fields of fa_attention_args.
+attention = _kernels.scaled_dot_product_attention
+
+
+def masked_softmax(x, y, *, scale, mask=None, mask_kind=_kernels.MASK_NONE, key_len=None,
+                   query_len=None, causal, num_threads):
+    """x, y (B, M, Lq, Lk); mask a (B, M, Lq, Lk) broadcast view of kind
+    ``mask_kind``; key_len, query_len host (B, M) int64 views; causal the
+    C causal code (0: none)."""
+    _kernels.masked_softmax(x, y, scale, mask, mask_kind, key_len, query_len, causal, num_threads)
+
+
+KERNELS = ("attention", "masked_softmax")
+
+# ---- array helpers ------------------------------------------------------------------
+
+
+def asarray(x, name):
+    """``x`` as this backend's array (no copy when it already is one)."""
+    return as_array(x, name)
+
+
+def host(values, name):
+    """Small per-call data (lengths, slopes, sinks) as the host sees it."""
+    return values
+
+
+def operand(a, name, dtype):
+    """``a`` in ``dtype`` with a contiguous last axis, as the attention
+    kernel reads it."""
+    return unit_last_axis(float_array(a, name, dtype))
+
+
+def kernel_input(x, name, dtype, kernel_shape):
+    """``(x in dtype, its view of kernel_shape)``; copies only when the dtype
+    changes or the view needs one."""
+    x = float_array(x, name, dtype)
+    return x, x.reshape(kernel_shape)
+
+
+def unit_head_axis(a):
+    """A 3-D ``(B, L, D)`` array as the ``(B, 1, L, D)`` view of one head."""
+    return a[:, None]
+
+
+def attention_mask(attn_mask, user_shape, kernel_shape, dtype):
+    """``(kind, view)`` of a user ``attn_mask`` broadcast to ``user_shape``
+    and viewed as ``kernel_shape``: ``(0, None)`` without one."""
+    return prepare_mask(attn_mask, user_shape, kernel_shape, dtype)
+
+
+def empty(shape, dtype):
+    return np.empty(shape, dtype=dtype)
+
+
+def output(out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(), unit_last_axis=False):
+    """Where a kernel writes: ``.kernel_view`` (``kernel_shape``), then
+    ``.finish()`` returns ``out`` or a new array of ``shape``."""
+    return OutputTarget(out, shape, kernel_shape, dtype, inputs=inputs, inplace_ok=inplace_ok,
+                        unit_last_axis=unit_last_axis)
+
+
+def result(a):
+    """A buffer made by :func:`empty` as the array returned to the user."""
+    return a
