@@ -1020,17 +1020,6 @@ def test_mha_query_lengths_are_per_sequence(backend, rng):
             gpu(xd, query_lengths=bad)
 
 
-@pytest.mark.parametrize("name", ["split_heads", "merge_heads", "sinusoidal_position_encoding",
-                                  "add_position_encoding", "apply_rotary"])
-def test_backend_functions_take_the_public_arguments(name):
-    """The public functions not yet on the kernel table hand their arguments
-    to the CUDA backend's function of the same name: their parameters must
-    stay the same (``device`` only chooses the backend)."""
-    import inspect
-    public = [p for p in inspect.signature(getattr(fastattn, name)).parameters if p != "device"]
-    assert list(inspect.signature(getattr(fbk, name)).parameters) == public
-
-
 def test_backends_expose_one_kernel_table():
     """Every backend has the same kernels with identical signatures (names,
     kinds, defaults), so the neutral code calls each the same way."""

@@ -14,8 +14,15 @@ this backend.
 import numpy as np
 
 from fastattn import _kernels
-from fastattn._validation import OutputTarget, as_array, float_array, unit_last_axis
+from fastattn._validation import (
+    OutputTarget,
+    as_array,
+    broadcast_source,
+    float_array,
+    unit_last_axis,
+)
 from fastattn.masks import prepare_mask
+from fastattn.rotary import rope_tables
 
 name = "cpu"
 
@@ -34,7 +41,45 @@ def masked_softmax(x, y, *, scale, mask=None, mask_kind=_kernels.MASK_NONE, key_
     _kernels.masked_softmax(x, y, scale, mask, mask_kind, key_len, query_len, causal, num_threads)
 
 
-KERNELS = ("attention", "masked_softmax")
+def split_heads(x, y, *, num_threads):
+    """x (B, S, H, D) any strides; y C-contiguous (B, H, S, D)."""
+    _kernels.split_heads(x, y, num_threads)
+
+
+def merge_heads(x, y, *, num_threads):
+    """x (B, H, S, D) any strides; y C-contiguous (B, S, H*D)."""
+    _kernels.merge_heads(x, y, num_threads)
+
+
+def position_table(out, *, layout, min_timescale, max_timescale, start_index, num_threads):
+    """out (length, channels) with a unit column stride; layout a PE code."""
+    _kernels.position_encoding(out, layout, min_timescale, max_timescale, start_index, num_threads)
+
+
+def add_position(x, y, *, layout, min_timescale, max_timescale, start_index, num_threads):
+    """x, y (B, length, channels) views."""
+    _kernels.add_position_encoding(x, y, layout, min_timescale, max_timescale, start_index,
+                                   num_threads)
+
+
+def rotary(x, y, *, positions, layout, base, num_threads):
+    """x, y (N0, N1, L, D) views, y with a unit last stride; positions a host
+    int64 (N0, N1, L) view, zero strides where broadcast; layout a RoPE code."""
+    if y.size == 0:
+        return
+    if x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+        x = np.ascontiguousarray(x)
+    # one table row per distinct position; elements that share a position
+    # share its row through zero strides in the index
+    source = broadcast_source(positions)
+    cos, sin = rope_tables(source, x.shape[-1] // 2, base, x.dtype, num_threads)
+    index = np.arange(source.size, dtype=np.int64).reshape(source.shape)
+    _kernels.rope_apply(x, y, np.broadcast_to(index, positions.shape), cos, sin, layout, None,
+                        None, num_threads)
+
+
+KERNELS = ("attention", "masked_softmax", "split_heads", "merge_heads", "position_table",
+           "add_position", "rotary")
 
 # ---- array helpers ------------------------------------------------------------------
 
@@ -77,11 +122,13 @@ def empty(shape, dtype):
     return np.empty(shape, dtype=dtype)
 
 
-def output(out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(), unit_last_axis=False):
-    """Where a kernel writes: ``.kernel_view`` (``kernel_shape``), then
-    ``.finish()`` returns ``out`` or a new array of ``shape``."""
+def output(out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(), contiguous=False,
+           unit_last_axis=False):
+    """Where a kernel writes: ``.kernel_view`` (``kernel_shape``, C-contiguous
+    or with a unit last stride when asked), then ``.finish()`` returns
+    ``out`` or a new array of ``shape``."""
     return OutputTarget(out, shape, kernel_shape, dtype, inputs=inputs, inplace_ok=inplace_ok,
-                        unit_last_axis=unit_last_axis)
+                        contiguous=contiguous, unit_last_axis=unit_last_axis)
 
 
 def result(a):

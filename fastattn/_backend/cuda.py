@@ -31,8 +31,7 @@ import numpy as np
 
 from fastattn._backend import CudaUnavailableError, is_device_array
 from fastattn._kernels import MASK_NONE as _MASK_NONE
-from fastattn._validation import bool_flag, choice, compute_dtype, lengths_view, require_ndim
-from fastattn.heads import _split_dims
+from fastattn._validation import bool_flag, broadcast_source, choice, compute_dtype, lengths_view
 from fastattn.layer import (
     _check_cache_call,
     _check_cache_fits,
@@ -41,10 +40,9 @@ from fastattn.layer import (
     check_key_value_shapes,
     check_self_attention,
 )
-from fastattn.masks import _MASK_ADD, _MASK_BOOL, CAUSAL_ALIGNMENTS, softmax_args
-from fastattn.position import add_args, table_args
+from fastattn.masks import _MASK_ADD, _MASK_BOOL, CAUSAL_ALIGNMENTS
 from fastattn.projections import check_input_shape
-from fastattn.rotary import ROPE_LAYOUTS, rotary_args
+from fastattn.rotary import ROPE_LAYOUTS
 
 
 class _DtypeCodes(dict):
@@ -597,99 +595,54 @@ def masked_softmax(x, y, *, scale, mask=None, mask_kind=_MASK_NONE, key_len=None
     del mkeep, klkeep, qlkeep  # the queued kernel is ordered before any reuse
 
 
-# ---- heads --------------------------------------------------------------------------------------
+# ---- heads ----------------------------------------------------------------------------------
 
 
-def split_heads(x, num_heads, *, out=None, num_threads=None):
-    """GPU :func:`fastattn.split_heads`: ``(B, S, H*D)`` to a C-contiguous
-    ``(B, H, S, D)``, in one strided copy kernel."""
-    a = _device_array(x, "x")
-    dtype = _compute_dtype(a, "x")
-    B, S, H, D = _split_dims(a, num_heads)
-    rt = _Runtime()
-    rt.attach(a, "x")
-    s0, s1, s2 = a.strides
-    src = a.at(0, (B, H, S, D), (s0, s2 * D, s1, s2))
-    target = _Output(rt, out, (B, H, S, D), dtype, (B, H, S, D), inputs=(a,))
-    rt.copy(src, target.kernel)
-    return target.finish()
+def split_heads(x, y, *, num_threads):
+    """x (B, S, H, D) any strides; y C-contiguous (B, H, S, D): one strided
+    copy kernel."""
+    B, S, H, D = x.shape
+    s0, s1, s2, s3 = x.strides
+    _Runtime().copy(x.at(0, (B, H, S, D), (s0, s2, s1, s3)), y)
 
 
-def merge_heads(x, *, out=None, num_threads=None):
-    """GPU :func:`fastattn.merge_heads`: ``(B, H, S, D)`` to a C-contiguous
-    ``(B, S, H*D)``."""
-    a = _device_array(x, "x")
-    dtype = _compute_dtype(a, "x")
-    require_ndim(a, "x", 4, "(batch, heads, seq, head_dim)")
-    B, H, S, D = a.shape
-    rt = _Runtime()
-    rt.attach(a, "x")
-    s0, s1, s2, s3 = a.strides
-    src = a.at(0, (B, S, H, D), (s0, s2, s1, s3))
-    target = _Output(rt, out, (B, S, H * D), dtype, (B, S, H, D), inputs=(a,))
-    rt.copy(src, target.kernel)
-    return target.finish()
+def merge_heads(x, y, *, num_threads):
+    """x (B, H, S, D) any strides; y C-contiguous (B, S, H*D)."""
+    B, H, S, D = x.shape
+    s0, s1, s2, s3 = x.strides
+    _Runtime().copy(x.at(0, (B, S, H, D), (s0, s2, s1, s3)), y.reshaped((B, S, H, D)))
 
 
 # ---- positional encodings ------------------------------------------------------------------------
 
 
-def sinusoidal_position_encoding(length, channels, *, layout="concat", min_timescale=1.0,
-                                 max_timescale=1.0e4, start_index=0, dtype=np.float32,
-                                 out=None, num_threads=None):
-    """GPU :func:`fastattn.sinusoidal_position_encoding`: the ``(length,
-    channels)`` table, angles in double precision."""
-    L, C, code, lo, hi, start, dt = table_args(length, channels, layout, min_timescale,
-                                               max_timescale, start_index, dtype)
+def position_table(out, *, layout, min_timescale, max_timescale, start_index, num_threads):
+    """out (length, channels) with a unit column stride; angles in double
+    precision."""
     rt = _Runtime()
-    target = _Output(rt, out, (L, C), dt, (L, C), unit_last_stride=True)
-    t = target.kernel
-    rt.lib.position_encoding(_DTYPE_CODES[dt], t.ptr, t.strides[0], L, C, code, lo, hi, start,
-                             rt.stream)
-    return target.finish()
+    L, C = out.shape
+    rt.lib.position_encoding(_DTYPE_CODES[out.dtype], out.ptr, out.strides[0], L, C, layout,
+                             min_timescale, max_timescale, start_index, rt.stream)
 
 
-def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.0,
-                          max_timescale=1.0e4, out=None, num_threads=None):
-    """GPU :func:`fastattn.add_position_encoding`: ``x + PE`` over
-    ``(..., length, channels)`` in one pass, without the table."""
-    a = _device_array(x, "x")
-    dtype = _compute_dtype(a, "x")
-    code, lo, hi, start, kshape = add_args(a.shape, layout, start_index, min_timescale, max_timescale)
+def add_position(x, y, *, layout, min_timescale, max_timescale, start_index, num_threads):
+    """x, y (B, length, channels) views: ``x + PE`` in one pass."""
     rt = _Runtime()
-    rt.attach(a, "x")
-    x3 = rt.kernel_view(a, dtype, kshape)
-    target = _Output(rt, out, a.shape, dtype, kshape, inputs=(x3,), inplace_ok=(x3,))
-    y3 = target.kernel
-    rt.lib.add_position_encoding(_DTYPE_CODES[dtype], x3.ptr, x3.strides, y3.ptr, y3.strides,
-                                 kshape, code, lo, hi, start, rt.stream)
-    return target.finish()
+    rt.lib.add_position_encoding(_DTYPE_CODES[x.dtype], x.ptr, x.strides, y.ptr, y.strides,
+                                 x.shape, layout, min_timescale, max_timescale, start_index,
+                                 rt.stream)
 
 
-def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_threads=None):
-    """GPU :func:`fastattn.apply_rotary`: RoPE of ``x`` ``(..., L, D)``
-    at host or device ``positions``; ``out`` may be ``x``."""
-    a = _device_array(x, "x")
-    dtype = _compute_dtype(a, "x")
-    code, base, pos, kshape = rotary_args(a.shape, _host_array(positions, "positions"), layout, base)
-    N0, N1, L, D = kshape
+def rotary(x, y, *, positions, layout, base, num_threads):
+    """x, y (N0, N1, L, D) views; positions a host int64 (N0, N1, L) view
+    (zero strides where broadcast), uploaded once per distinct element."""
     rt = _Runtime()
-    rt.attach(a, "x")
-    x4 = rt.kernel_view(a, dtype, kshape)
-    pos_dev = rt.upload(pos.astype(np.int64, copy=False))
-    pstrides = _broadcast_strides(pos_dev.shape, pos_dev.strides, a.shape[:-1], "positions", "shape")
-    pview = _Array(pos_dev.ptr, a.shape[:-1], pstrides, np.int64, pos_dev.obj).reshaped((N0, N1, L))
-    if pview is None:
-        pos_dev = rt.upload(np.broadcast_to(pos, a.shape[:-1]).reshape(N0, N1, L))
-        pview = pos_dev
-    target = _Output(rt, out, a.shape, dtype, kshape, inputs=(x4,), inplace_ok=(x4,))
-    y4 = target.kernel
-    rt.lib.apply_rotary(_DTYPE_CODES[dtype], x4.ptr, x4.strides, y4.ptr, y4.strides, kshape,
-                        pview.ptr, pview.strides[:3], code, base, rt.stream)
-    return target.finish()
-
-
-# ---- scaled dot-product attention --------------------------------------------------------------
+    source = rt.upload(broadcast_source(positions), dtype=np.int64)
+    strides = _broadcast_strides(source.shape, source.strides, positions.shape, "positions",
+                                 "shape")
+    rt.lib.apply_rotary(_DTYPE_CODES[x.dtype], x.ptr, x.strides, y.ptr, y.strides, x.shape,
+                        source.ptr, strides, layout, base, rt.stream)
+    del source  # the queued kernel is ordered before any reuse
 
 
 def _key_extent(kl, ql, causal, B, Lq, Lk):
@@ -779,7 +732,8 @@ def attention(q, k, v, out, *, weights=None, scale, mask=None, mask_kind=_MASK_N
         rt.copy(target, out)
 
 
-KERNELS = ("attention", "masked_softmax")
+KERNELS = ("attention", "masked_softmax", "split_heads", "merge_heads", "position_table",
+           "add_position", "rotary")
 
 
 # ---- array helpers: what the neutral code needs on device arrays ------------------------------
@@ -829,12 +783,13 @@ def attention_mask(attn_mask, user_shape, kernel_shape, dtype):
     return kind, view
 
 
-def output(out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(), unit_last_axis=False):
+def output(out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(), contiguous=False,
+           unit_last_axis=False):
     """Where a kernel writes: ``.kernel_view`` (``kernel_shape``), then
     ``.finish()`` returns ``out`` or a new CuPy array of ``shape``."""
     return _Output(_Runtime(), out, shape, dtype, kernel_shape,
                    inputs=tuple(x for x in inputs if isinstance(x, _Array)),
-                   inplace_ok=inplace_ok, unit_last_stride=unit_last_axis)
+                   inplace_ok=inplace_ok, contiguous=contiguous, unit_last_stride=unit_last_axis)
 
 
 def result(a):
