@@ -36,7 +36,7 @@ from fastattn._validation import float_array, int_array, lengths_view
 from fastattn.kv_cache import KVCache, float_dtype, positive
 from fastattn.masks import prepare_mask
 from fastattn.projections import BLAS_THREADS, as_input, head_view, linear, row_buffer
-from fastattn.rotary import ROPE_LAYOUTS, ROPE_NONE, _check_base, rope_tables
+from fastattn.rotary import ROPE_LAYOUTS, _check_base, rope_tables
 
 _TOP_LEFT = _kernels.CAUSAL_ALIGNMENTS["top_left"]
 _BOTTOM_RIGHT = _kernels.CAUSAL_ALIGNMENTS["bottom_right"]
@@ -594,8 +594,9 @@ class MultiHeadAttention:
         k4 = head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = head_view(buf[:, :, nq + nk:], Hkv, D)
         # append: row i of sequence b goes to cache row old[b] + i, i < new_tokens[b]
-        _kernels.rope_apply(k4, cache.k, None, None, None, ROPE_NONE, old, new_tokens, nt)
-        _kernels.rope_apply(v4, cache.v, None, None, None, ROPE_NONE, old, new_tokens, nt)
+        backend = _backend.cpu_backend()
+        backend.cache_append(k4, cache.k, start=old, rows=new_tokens, num_threads=nt)
+        backend.cache_append(v4, cache.v, start=old, rows=new_tokens, num_threads=nt)
         cache._lengths[:] = new
 
         Lk = int(new.max()) if B else 0

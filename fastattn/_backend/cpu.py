@@ -78,8 +78,16 @@ def rotary(x, y, *, positions, layout, base, num_threads):
                         None, num_threads)
 
 
+def cache_append(src, cache, *, start, rows, num_threads):
+    """src (B, M, L, C) with a unit last stride; cache (B, M, max_len, C) of
+    its dtype; start, rows contiguous host int64 (B,): row i < rows[b] of
+    src[b] becomes cache row start[b] + i (rows past max_len are dropped
+    by the caller's checks)."""
+    _kernels.rope_apply(src, cache, None, None, None, _kernels.ROPE_NONE, start, rows, num_threads)
+
+
 KERNELS = ("attention", "masked_softmax", "split_heads", "merge_heads", "position_table",
-           "add_position", "rotary")
+           "add_position", "rotary", "cache_append")
 
 # ---- array helpers ------------------------------------------------------------------
 

@@ -732,8 +732,19 @@ def attention(q, k, v, out, *, weights=None, scale, mask=None, mask_kind=_MASK_N
         rt.copy(target, out)
 
 
+def cache_append(src, cache, *, start, rows, num_threads):
+    """src (B, M, L, C) and cache (B, M, max_len, C) device views of one
+    dtype; start, rows host int64 (B,): row i < rows[b] of src[b] becomes
+    cache row start[b] + i."""
+    rt = _Runtime()
+    B = len(start)
+    index = rt.upload(np.concatenate([start, rows]), dtype=np.int64)
+    rt.append_rows(src, cache, index.at(0, (B,), (1,)), index.at(B, (B,), (1,)))
+    del index  # the queued kernel is ordered before any reuse
+
+
 KERNELS = ("attention", "masked_softmax", "split_heads", "merge_heads", "position_table",
-           "add_position", "rotary")
+           "add_position", "rotary", "cache_append")
 
 
 # ---- array helpers: what the neutral code needs on device arrays ------------------------------
@@ -1040,21 +1051,16 @@ class DeviceLayer:
         rt.attach(cache._k, "cache.k")
         rt.attach(cache._v, "cache.v")
         q_src, k_src, v_src = self._project_qkv(rt, qa)
-        # one upload: RoPE positions old[b] + i (B, L), then the append's
-        # destination rows old (B,) and row counts new_tokens (B,)
-        host = np.concatenate([(old[:, None] + np.arange(L, dtype=np.int64)).ravel(), old, new_tokens])
-        idx = rt.upload(host, dtype=np.int64)
-        pos = idx.at(0, (B, 1, L), (L, 0, 1))
-        dst_row = idx.at(B * L, (B,), (1,))
-        rows = idx.at(B * L + B, (B,), (1,))
+        # RoPE positions old[b] + i, one row per sequence shared by its heads
+        pos = rt.upload(old[:, None] + np.arange(L, dtype=np.int64)).at(0, (B, 1, L), (L, 0, 1))
         if self.rope is None:
             q4 = self._heads(rt, q_src, None)
         else:
             q4 = self._heads(rt, q_src, pos)
             self._rotate(rt, k_src, k_src, pos)  # in place in the projection
-        rt.append_rows(k_src, cache._k, dst_row, rows)
-        rt.append_rows(v_src, cache._v, dst_row, rows)
-        del idx  # the queued kernels are ordered before any reuse
+        cache_append(k_src, cache._k, start=old, rows=new_tokens, num_threads=None)
+        cache_append(v_src, cache._v, start=old, rows=new_tokens, num_threads=None)
+        del pos  # the queued kernels are ordered before any reuse
         cache._lengths[:] = new
 
         # queries attend to the first new[b] cache rows; query i of sequence b
