@@ -86,8 +86,17 @@ def cache_append(src, cache, *, start, rows, num_threads):
     _kernels.rope_apply(src, cache, None, None, None, _kernels.ROPE_NONE, start, rows, num_threads)
 
 
+def linear(a, w, c, *, bias=None, row_start=None, row_stop=None, alpha=1.0, rope=None,
+           num_threads):
+    """c = alpha * a @ w + bias: a (B, M, K), w (K, N), c (B, M, N) of one
+    dtype with unit last strides; bias None or (N,); row_start, row_stop
+    None or contiguous host int64 (B,) (rows outside them are not written);
+    rope None or the RoPE epilogue (layout, heads, D, index, cos, sin)."""
+    _kernels.linear(a, w, c, bias, row_start, row_stop, alpha, num_threads, rope)
+
+
 KERNELS = ("attention", "masked_softmax", "split_heads", "merge_heads", "position_table",
-           "add_position", "rotary", "cache_append")
+           "add_position", "rotary", "cache_append", "linear")
 
 # ---- array helpers ------------------------------------------------------------------
 

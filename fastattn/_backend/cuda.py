@@ -743,8 +743,32 @@ def cache_append(src, cache, *, start, rows, num_threads):
     del index  # the queued kernel is ordered before any reuse
 
 
+def linear(a, w, c, *, bias=None, row_start=None, row_stop=None, alpha=1.0, rope=None,
+           num_threads):
+    """c = a @ w + bias through cuBLAS: a (B, M, K), w (K, N), c (B, M, N)
+    device views of one dtype with unit last strides; bias None or a (N,)
+    device view. Row ranges, alpha and the RoPE epilogue are CPU-only for
+    now (the device layer rotates with the rotary kernel instead)."""
+    for public, unset in (("row_start", row_start is None), ("row_stop", row_stop is None),
+                          ("alpha", alpha == 1.0), ("rope", rope is None)):
+        if not unset:
+            raise NotImplementedError(f"linear: {public} is not supported on the CUDA backend yet")
+    rt = _Runtime()
+    B, M, K = a.shape
+    N = w.shape[1]
+    # one GEMM over all B * M rows when both a and c step through them evenly
+    a2, c2 = a.reshaped((B * M, K)), c.reshaped((B * M, N))
+    pairs = [(a2, c2)] if a2 is not None and c2 is not None else [
+        (a.at(b * a.strides[0], (M, K), a.strides[1:]), c.at(b * c.strides[0], (M, N), c.strides[1:]))
+        for b in range(B)]
+    for x, y in pairs:
+        rt.lib.linear(rt.blas(), _DTYPE_CODES[a.dtype], x.ptr, x.strides[0], w.ptr, w.strides[0],
+                      None if bias is None else bias.ptr, y.ptr, y.strides[0], x.shape[0], K, N,
+                      rt.stream)
+
+
 KERNELS = ("attention", "masked_softmax", "split_heads", "merge_heads", "position_table",
-           "add_position", "rotary", "cache_append")
+           "add_position", "rotary", "cache_append", "linear")
 
 
 # ---- array helpers: what the neutral code needs on device arrays ------------------------------
@@ -903,9 +927,11 @@ class DeviceLayer:
         else:
             w_ptr = self._w_sep[which].ptr
             w_rs = width
-        bias = self._b_qkv.ptr + col0 * dt.itemsize if self._b_qkv is not None else None
-        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], x.ptr, x.shape[-1], w_ptr, w_rs, bias, y.ptr,
-                      width, rows, x.shape[-1], width, rt.stream)
+        keep = self._w_qkv if self._fused else self._w_sep[which]
+        w = _Array(w_ptr, (x.shape[-1], width), (w_rs, 1), dt, keep)
+        bias = None if self._b_qkv is None else self._b_qkv.at(col0, (width,), (1,))
+        linear(x.reshaped((1, rows, x.shape[-1])), w, y.reshaped((1, rows, width)), bias=bias,
+               num_threads=None)
         return y
 
     def _rotate(self, rt, src, dst, pos):
@@ -960,9 +986,7 @@ class DeviceLayer:
         s0, s1, s2, s3 = attn.strides
         rt.copy(attn.at(0, (B, L, H, Dv), (s0, s2, s1, s3)), merged)
         y = rt.empty((B, L, E), dt)
-        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], merged.ptr, H * Dv, self._w_o.ptr, E,
-                      self._b_o.ptr if self._b_o is not None else None, y.ptr, E, B * L, H * Dv, E,
-                      rt.stream)
+        linear(merged.reshaped((B, L, H * Dv)), self._w_o, y, bias=self._b_o, num_threads=None)
         if row_lengths is not None:
             # padded queries are 0 after the output projection too (not b_o)
             rows = rt.upload(row_lengths, dtype=np.int64)
