@@ -1,19 +1,21 @@
 """The CUDA backend: fastattn's CUDA kernels and cuBLAS on CUDA arrays.
 
-The public functions of :mod:`fastattn` send a call here when its arrays are
-CUDA arrays (see :mod:`fastattn._backend`); each function below takes the
-public function's arguments, runs the same checks (the shared helpers of
-:mod:`fastattn._validation`, :mod:`fastattn.masks`, :mod:`fastattn.attention`
-and :mod:`fastattn.layer`) and queues the kernels. Arrays come in as CuPy
-arrays or any object exposing ``__cuda_array_interface__`` or CUDA
-``__dlpack__`` (for example torch CUDA tensors); results are CuPy arrays on
-the current CuPy device and stream. Small per-call data (lengths, masks,
-slopes, positions) may be host or device arrays.
+The public functions of :mod:`fastattn` validate their arguments once and
+then call the kernels of the backend their arrays live on (see
+:mod:`fastattn._backend`). This module is that backend for CUDA arrays: the
+same kernel table as :mod:`fastattn._backend.cpu` (``KERNELS``, identical
+signatures; tests/test_cuda.py compares them) and the same array helpers
+(``asarray``, ``host``, ``operand``, ``kernel_input``, ``attention_mask``,
+``output``, ...). Arrays come in as CuPy arrays or any object exposing
+``__cuda_array_interface__`` or CUDA ``__dlpack__`` (for example torch CUDA
+tensors); results are CuPy arrays on the current CuPy device and stream.
+Small per-call data (lengths, masks, slopes, positions) may be host or device
+arrays.
 
 What is CUDA-specific lives here and nowhere else: the device-array adapter
 (:class:`_Array`: pointer, shape, element strides), the per-call runtime
-(:class:`_Runtime`: device, stream, cuBLAS handle, allocation), the kernel
-calls, and :class:`DeviceLayer`, the weights of a
+(:class:`_Runtime`: device, stream, cuBLAS handle, allocation), the kernels,
+and :class:`DeviceLayer`, the weights of a
 :class:`fastattn.MultiHeadAttention` moved to the GPU.
 
 The work is done by fastattn's own CUDA kernels and cuBLAS (built only with
@@ -31,7 +33,14 @@ import numpy as np
 
 from fastattn._backend import CudaUnavailableError, is_device_array
 from fastattn._kernels import MASK_NONE as _MASK_NONE
-from fastattn._validation import bool_flag, broadcast_source, choice, compute_dtype, lengths_view
+from fastattn._validation import (
+    as_array,
+    bool_flag,
+    broadcast_source,
+    choice,
+    compute_dtype,
+    lengths_view,
+)
 from fastattn.layer import (
     _check_cache_call,
     _check_cache_fits,
@@ -40,7 +49,7 @@ from fastattn.layer import (
     check_key_value_shapes,
     check_self_attention,
 )
-from fastattn.masks import _MASK_ADD, _MASK_BOOL, CAUSAL_ALIGNMENTS
+from fastattn.masks import _MASK_BOOL, CAUSAL_ALIGNMENTS, mask_kind
 from fastattn.projections import check_input_shape
 from fastattn.rotary import ROPE_LAYOUTS
 
@@ -521,23 +530,11 @@ class _MaskSpec:
             return
         if is_device_array(attn_mask):
             self.device = _device_array(attn_mask, "attn_mask")
-            mdtype, shape, strides = self.device.dtype, self.device.shape, self.device.strides
+            mdtype, shape = self.device.dtype, self.device.shape
         else:
-            self.host = np.asarray(attn_mask)
+            self.host = as_array(attn_mask, "attn_mask")
             mdtype, shape = self.host.dtype, self.host.shape
-            strides = _c_strides(shape)
-        if mdtype == np.bool_:
-            self.kind = _MASK_BOOL
-        else:
-            compute_dtype(mdtype, "attn_mask")
-            self.kind = _MASK_ADD
-        # the same message as the CPU API
-        try:
-            _broadcast_strides(shape, strides, self.full_shape, "attn_mask", "scores shape")
-        except ValueError:
-            raise ValueError(
-                f"attn_mask of shape {tuple(shape)} does not broadcast to the scores shape {self.full_shape}"
-            ) from None
+        self.kind = mask_kind(mdtype, shape, self.full_shape)
 
     def realize(self, rt, kernel_shape):
         """(pointer, kind, 4 strides, keep-alive) for the kernel."""
