@@ -24,8 +24,6 @@ from fastattn._validation import (
 from fastattn.masks import prepare_mask
 from fastattn.rotary import rope_tables
 
-name = "cpu"
-
 # ---- kernels ------------------------------------------------------------------------
 
 # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), out (B, H, Lq, Dv) with

@@ -35,9 +35,7 @@ from fastattn._backend import CudaUnavailableError, is_device_array
 from fastattn._kernels import MASK_NONE as _MASK_NONE
 from fastattn._validation import (
     as_array,
-    bool_flag,
     broadcast_source,
-    choice,
     compute_dtype,
     lengths_view,
 )
@@ -499,10 +497,6 @@ class _Output:
 # ---- shared argument handling ----------------------------------------------------------------
 
 
-def _host_or_none(values, name):
-    return None if values is None else _host_array(values, name)
-
-
 def _contiguous_or_none(view):
     return None if view is None else np.ascontiguousarray(view, dtype=np.int64)
 
@@ -559,13 +553,6 @@ class _MaskSpec:
             rt.copy(full, dense)
             view = dense.reshaped(kernel_shape)
         return view.ptr, self.kind, view.strides, view
-
-
-def _causal_code(is_causal, causal_alignment):
-    """The C causal code, with the checks of the CPU API."""
-    is_causal = bool_flag(is_causal, "is_causal")
-    alignment = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
-    return alignment if is_causal else 0
 
 
 def _lengths_args(rt, host):
