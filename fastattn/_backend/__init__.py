@@ -115,15 +115,24 @@ def cuda_backend():
     return module
 
 
+_cpu_module = None
+
+
 def cpu_backend():
     """The CPU backend module (imported on first use: it imports the public
     modules whose helpers it shares)."""
-    from fastattn._backend import cpu as module
+    global _cpu_module
+    if _cpu_module is None:
+        from fastattn._backend import cpu as module
 
-    return module
+        _cpu_module = module
+    return _cpu_module
 
 
 def backend_for(arrays, names):
     """The backend module that runs a call on ``arrays`` (TypeError when they
-    mix host and CUDA arrays)."""
-    return cuda_backend() if device_of(*arrays, names=names) == "cuda" else cpu_backend()
+    mix host and CUDA arrays). NumPy arrays alone cost one type check each."""
+    for a in arrays:
+        if type(a) is not np.ndarray:
+            return cuda_backend() if device_of(*arrays, names=names) == "cuda" else cpu_backend()
+    return _cpu_module or cpu_backend()
