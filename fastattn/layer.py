@@ -40,7 +40,7 @@ from fastattn._validation import (bool_flag, float_array, int_array,
 from fastattn.kv_cache import KVCache, float_dtype, positive
 from fastattn.masks import prepare_mask
 from fastattn.projections import BLAS_THREADS, as_input, head_view, linear, row_buffer
-from fastattn.rotary import ROPE_LAYOUTS, ROPE_NONE, rope_tables
+from fastattn.rotary import ROPE_LAYOUTS, rope_tables
 
 _TOP_LEFT = _kernels.CAUSAL_ALIGNMENTS["top_left"]
 _BOTTOM_RIGHT = _kernels.CAUSAL_ALIGNMENTS["bottom_right"]
@@ -678,8 +678,9 @@ class MultiHeadAttention:
         qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
         _kernels.scaled_dot_product_attention(
             head_view(qcols, H, D), head_view(kcols, Hkv, D), head_view(vcols, Hkv, Dv),
-            head_view(attn, H, Dv), weights, 1.0 / math.sqrt(D), mask4, kind, kl, qlv,
-            is_causal, _TOP_LEFT, None, nt)
+            head_view(attn, H, Dv), weights=weights, scale=1.0 / math.sqrt(D), mask=mask4,
+            mask_kind=kind, key_len=kl, query_len=qlv, is_causal=is_causal, alignment=_TOP_LEFT,
+            num_threads=nt)
         out = self._project_out(attn, ql, gt)
         return (out, weights) if return_weights else out
 
@@ -723,8 +724,9 @@ class MultiHeadAttention:
         k4 = head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = head_view(buf[:, :, nq + nk:], Hkv, Dv)
         # append: row i of sequence b goes to cache row old[b] + i, i < new_tokens[b]
-        _kernels.rope_apply(k4, cache.k, None, None, None, ROPE_NONE, old, new_tokens, nt)
-        _kernels.rope_apply(v4, cache.v, None, None, None, ROPE_NONE, old, new_tokens, nt)
+        backend = _backend.cpu_backend()
+        backend.cache_append(k4, cache.k, start=old, rows=new_tokens, num_threads=nt)
+        backend.cache_append(v4, cache.v, start=old, rows=new_tokens, num_threads=nt)
         cache._lengths[:] = new
 
         Lk = int(new.max()) if B else 0
@@ -738,8 +740,9 @@ class MultiHeadAttention:
             # (key_lengths), and equal lengths align bottom-right for all
             kl = np.broadcast_to(new[:, None], (B, H)) if L == 1 else None
             qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
-            _kernels.scaled_dot_product_attention(q4, ck, cv, out4, weights, scale, None, 0, kl, qlv,
-                                                  L > 1, _BOTTOM_RIGHT, None, nt)
+            _kernels.scaled_dot_product_attention(q4, ck, cv, out4, weights=weights, scale=scale,
+                                                  key_len=kl, query_len=qlv, is_causal=L > 1,
+                                                  alignment=_BOTTOM_RIGHT, num_threads=nt)
         else:
             # ragged: bottom-right alignment differs per sequence
             for b in range(B):
@@ -748,7 +751,7 @@ class MultiHeadAttention:
                     continue
                 _kernels.scaled_dot_product_attention(
                     q4[b:b + 1, :, :t], ck[b:b + 1, :, :n], cv[b:b + 1, :, :n], out4[b:b + 1, :, :t],
-                    None if weights is None else weights[b:b + 1, :, :t, :n], scale, None, 0, None, None,
-                    True, _BOTTOM_RIGHT, None, nt)
+                    weights=None if weights is None else weights[b:b + 1, :, :t, :n], scale=scale,
+                    is_causal=True, alignment=_BOTTOM_RIGHT, num_threads=nt)
         out = self._project_out(attn, ql, gt)
         return (out, weights) if return_weights else out

@@ -137,25 +137,36 @@ def apply_sequence_mask(x, lengths, *, mode="mul", axis=1, out=None, num_threads
     return target.finish()
 
 
+def mask_kind(dtype, shape, full_shape):
+    """The kernel mask kind of an ``attn_mask`` of ``dtype`` and ``shape``
+    for scores of ``full_shape``, with every backend's checks: bool masks
+    select, real ones add; it must broadcast (NumPy rules) to the scores."""
+    if dtype == np.bool_:
+        kind = _MASK_BOOL
+    else:
+        compute_dtype(dtype, "attn_mask")
+        kind = _MASK_ADD
+    shape, full_shape = tuple(shape), tuple(full_shape)
+    pad = len(full_shape) - len(shape)
+    if pad < 0 or any(n not in (1, t) for n, t in zip(shape, full_shape[pad:])):
+        raise ValueError(
+            f"attn_mask of shape {shape} does not broadcast to the scores shape {full_shape}")
+    return kind
+
+
 def prepare_mask(attn_mask, full_shape, kernel_shape, dtype):
     """A user attn_mask as (kind, 4-D broadcast view of ``kernel_shape``)."""
     if attn_mask is None:
         return 0, None
     m = as_array(attn_mask, "attn_mask")
-    if m.dtype == np.bool_:
-        kind, m = _MASK_BOOL, m.view(np.uint8)
+    kind = mask_kind(m.dtype, m.shape, full_shape)
+    if kind == _MASK_BOOL:
+        m = m.view(np.uint8)
     else:
-        compute_dtype(m.dtype, "attn_mask")
-        kind, m = _MASK_ADD, m.astype(dtype, copy=False)
+        m = m.astype(dtype, copy=False)
         if not kernel_addressable(m):
             m = m.copy()
-    try:
-        mb = np.broadcast_to(m, full_shape)
-    except ValueError:
-        raise ValueError(
-            f"attn_mask of shape {np.shape(attn_mask)} does not broadcast to the scores shape {tuple(full_shape)}"
-        ) from None
-    return kind, mb.reshape(kernel_shape)
+    return kind, np.broadcast_to(m, full_shape).reshape(kernel_shape)
 
 
 def scores_geometry(shape):
@@ -227,21 +238,20 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     array([[0.5, 0.5, 0. , 0. ],
            [0.5, 0.5, 0. , 0. ]])
     """
-    if type(scores) is not np.ndarray:
-        backend = _backend.cuda_for((scores,), ("scores",))
-        if backend is not None:
-            return backend.masked_softmax(
-                scores, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
-                is_causal=is_causal, causal_alignment=causal_alignment, scale=scale, out=out)
-    x = float_array(scores, "scores")
-    kshape, causal, scale, kl, ql = softmax_args(x.shape, key_lengths, query_lengths, is_causal,
-                                                 causal_alignment, scale)
-    kind, mask4 = prepare_mask(attn_mask, x.shape, kshape, x.dtype)
-    x4 = x.reshape(kshape)
+    backend = _backend.backend_for((scores,), ("scores",))
+    x = backend.asarray(scores, "scores")
+    dtype = compute_dtype(x.dtype, "scores")
+    kshape, causal, scale, kl, ql = softmax_args(
+        x.shape, backend.host(key_lengths, "key_lengths"), backend.host(query_lengths, "query_lengths"),
+        is_causal, causal_alignment, scale)
+    kind, mask4 = backend.attention_mask(attn_mask, x.shape, kshape, dtype)
+    shape = x.shape
+    x, x4 = backend.kernel_input(x, "scores", dtype, kshape)
     inputs = (x,) if mask4 is None else (x, mask4)
-    target = OutputTarget(out, x.shape, kshape, x.dtype, inputs=inputs, inplace_ok=(x,))
-    _kernels.masked_softmax(x4, target.kernel_view, scale, mask4, kind, kl, ql, causal,
-                            resolve_num_threads(num_threads))
+    target = backend.output(out, shape, kshape, dtype, inputs=inputs, inplace_ok=(x,))
+    backend.masked_softmax(x4, target.kernel_view, scale=scale, mask=mask4, mask_kind=kind,
+                           key_len=kl, query_len=ql, causal=causal,
+                           num_threads=resolve_num_threads(num_threads))
     return target.finish()
 
 

@@ -20,8 +20,9 @@ from fastattn._validation import (
     compute_dtype,
     float_array,
     index_value,
+    unit_last_axis,
 )
-from fastattn.attention import _unit_last_axis, attention_scale
+from fastattn.attention import attention_scale
 from fastattn.kv_cache import float_dtype
 from fastattn.rotary import ROPE_LAYOUTS, _check_base
 
@@ -140,7 +141,7 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
         if slopes.shape != (H,):
             raise ValueError(
                 f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
-    qa, ka, va = _unit_last_axis(qa), _unit_last_axis(ka), _unit_last_axis(va)
+    qa, ka, va = unit_last_axis(qa), unit_last_axis(ka), unit_last_axis(va)
     inputs = tuple(x for x in (qa, ka, va, slopes, sinks) if x is not None)
     target = OutputTarget(out, (B, H, Lq, Dv), (B, H, Lq, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)

@@ -3,10 +3,13 @@
 Every public function takes its arrays from any library; the library of its
 main arrays picks the backend, as scikit-learn's and SciPy's array-API
 support does. NumPy arrays, Python sequences and other host arrays run the
-C kernels (``"cpu"``); CuPy arrays and other CUDA arrays
-(``__cuda_array_interface__`` or a CUDA ``__dlpack__``) run the CUDA kernels
-(``"cuda"``, :mod:`fastattn._backend.cuda`, imported only then). Arrays of
-both kinds in one call are an error that names both libraries.
+C kernels (``"cpu"``, :mod:`fastattn._backend.cpu`); CuPy arrays and other
+CUDA arrays (``__cuda_array_interface__`` or a CUDA ``__dlpack__``) run the
+CUDA kernels (``"cuda"``, :mod:`fastattn._backend.cuda`, imported only then).
+Arrays of both kinds in one call are an error that names both libraries.
+Both backend modules expose one kernel table with identical signatures
+(their ``KERNELS``) and the same array helpers; :func:`backend_for` returns
+the module a call runs on.
 
 NumPy arrays are recognised by type before anything else, so the common call
 costs one ``type(x) is np.ndarray`` per array; array_api_compat (which names
@@ -112,7 +115,24 @@ def cuda_backend():
     return module
 
 
-def cuda_for(arrays, names):
-    """The CUDA backend module when ``arrays`` are CUDA arrays, None when
-    they are host arrays (TypeError when they mix both)."""
-    return cuda_backend() if device_of(*arrays, names=names) == "cuda" else None
+_cpu_module = None
+
+
+def cpu_backend():
+    """The CPU backend module (imported on first use: it imports the public
+    modules whose helpers it shares)."""
+    global _cpu_module
+    if _cpu_module is None:
+        from fastattn._backend import cpu as module
+
+        _cpu_module = module
+    return _cpu_module
+
+
+def backend_for(arrays, names):
+    """The backend module that runs a call on ``arrays`` (TypeError when they
+    mix host and CUDA arrays). NumPy arrays alone cost one type check each."""
+    for a in arrays:
+        if type(a) is not np.ndarray:
+            return cuda_backend() if device_of(*arrays, names=names) == "cuda" else cpu_backend()
+    return _cpu_module or cpu_backend()
