@@ -450,6 +450,11 @@ class MultiHeadAttention:
             state.update(arrays)
             self._device_layer = _backend.cuda_backend().DeviceLayer(self, state)
             return
+        # Storage unpickled zero-copy (Ray's object store, pickle protocol 5
+        # out-of-band buffers) is read-only and may be shared with other
+        # processes: take a private copy before writing, as copy-on-write
+        self._storage = {k: a if a.flags.writeable else a.copy()
+                         for k, a in self._storage.items()}
         targets = self._targets()
         for n, a in arrays.items():  # all checked: now copy
             targets[n][...] = a
