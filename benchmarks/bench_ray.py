@@ -32,12 +32,11 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from fastattn.bench.timing import TimingPolicy, measure
+from fastattn.bench.timing import TimingPolicy, call_seconds, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -62,13 +61,15 @@ def encoder_alone(model_dir, texts, batch_size):
 
 
 def run_layout(ds, model_dir, actors, threads, batch_size):
-    t0 = time.time()
-    table = rbe.embed_dataset(ds, model_dir, actors=actors, cpus_per_actor=threads,
-                              batch_size=batch_size, with_stats=True).to_arrow_refs()
     import pyarrow as pa
     import ray
-    table = pa.concat_tables(ray.get(table))
-    whole = time.time() - t0
+
+    def run():
+        refs = rbe.embed_dataset(ds, model_dir, actors=actors, cpus_per_actor=threads,
+                                 batch_size=batch_size, with_stats=True).to_arrow_refs()
+        return pa.concat_tables(ray.get(refs))
+
+    whole, table = call_seconds(run)
     rows = table.num_rows
     # one record per batch: its rows carry the same (pid, wall, cpu, end)
     batches = {(p, w, c, e) for p, w, c, e in zip(*(table[n].to_pylist() for n in
