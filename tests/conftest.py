@@ -92,6 +92,17 @@ def strided_copy(a, kind):
 LAYOUTS = ["C", "F", "strided", "reversed"]
 
 
+def random_qkv(rng, shape, dtype):
+    """Standard-normal q ``(B, H, Lq, D)``, k ``(B, Hkv, Lk, D)`` and v
+    ``(B, Hkv, Lk, Dv)`` in ``dtype`` for a ``(B, H, Hkv, Lq, Lk, D, Dv)``
+    case of the attention tests."""
+    B, H, Hkv, Lq, Lk, D, Dv = shape
+    q = rng.standard_normal((B, H, Lq, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Lk, Dv)).astype(dtype)
+    return q, k, v
+
+
 # ---- tolerance of functions of an angle ---------------------------------------
 # sinusoidal_position_encoding, add_position_encoding and apply_rotary
 # evaluate sin and cos of theta = fl(position * inv_timescale) in float64,
