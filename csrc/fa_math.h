@@ -189,28 +189,24 @@ static inline double fa_scalar_fma_(double a, double b, double c) { return a * b
 static inline double fa_scalar_mul_(double a, double b) { return a * b; }
 static inline double fa_scalar_set_(double a) { return a; }
 
-static inline float fa_tanhf(float x) {
-    const float a = x < 0.0f ? -x : x;
-    if (a < FA_TANHF_SPLIT) {
-        const float z = x * x;
-        const float p = FA_TANHF_POLY(fa_scalar_fmaf_, fa_scalar_mulf_, fa_scalar_setf_, z);
-        return (x * z) * p + x;
+/* fa_tanhf / fa_tanh: one body for both types, as FA_DEFINE_VTANH in
+ * simd_map.h is for the vectors; the constants (T)0, (T)1 and (T)-2 are
+ * exact in either type. EXP is the type's exp of a non-positive argument. */
+#define FA_DEFINE_TANH(T, NAME, SPLIT, POLY, FMA, MUL, SET, EXP) \
+    static inline T NAME(T x) {                                  \
+        const T a = x < (T)0 ? -x : x;                           \
+        if (a < SPLIT) {                                         \
+            const T z = x * x;                                   \
+            const T p = POLY(FMA, MUL, SET, z);                  \
+            return (x * z) * p + x;                              \
+        }                                                        \
+        const T e = EXP((T)-2 * a); /* NaN stays NaN */          \
+        const T t = ((T)1 - e) / ((T)1 + e);                     \
+        return x < (T)0 ? -t : t;                                \
     }
-    const float e = fa_expf_nonpos(-2.0f * a); /* NaN stays NaN */
-    const float t = (1.0f - e) / (1.0f + e);
-    return x < 0.0f ? -t : t;
-}
-
-static inline double fa_tanh(double x) {
-    const double a = x < 0.0 ? -x : x;
-    if (a < FA_TANH_SPLIT) {
-        const double z = x * x;
-        const double p = FA_TANH_POLY(fa_scalar_fma_, fa_scalar_mul_, fa_scalar_set_, z);
-        return (x * z) * p + x;
-    }
-    const double e = fa_exp(-2.0 * a);
-    const double t = (1.0 - e) / (1.0 + e);
-    return x < 0.0 ? -t : t;
-}
+FA_DEFINE_TANH(float, fa_tanhf, FA_TANHF_SPLIT, FA_TANHF_POLY, fa_scalar_fmaf_, fa_scalar_mulf_,
+               fa_scalar_setf_, fa_expf_nonpos)
+FA_DEFINE_TANH(double, fa_tanh, FA_TANH_SPLIT, FA_TANH_POLY, fa_scalar_fma_, fa_scalar_mul_,
+               fa_scalar_set_, fa_exp)
 
 #endif /* FASTATTN_MATH_H */

@@ -1,9 +1,11 @@
 """Validation of the model-feature arguments shared by the attention entry
 points (:func:`~fastattn.scaled_dot_product_attention`,
 :func:`~fastattn.varlen_attention`, :func:`~fastattn.paged_attention`):
-sliding ``window``, logit ``softcap`` and attention ``sinks``."""
+sliding ``window``, logit ``softcap``, attention ``sinks`` and ALiBi
+``alibi_slopes``, one by one or all at once with :func:`kernel_features`."""
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,15 +44,44 @@ def softcap_value(softcap, name="softcap"):
     return value
 
 
-def sinks_array(sinks, num_heads, dtype, name="sinks"):
-    """``(H,)`` contiguous in ``dtype``; -inf (no sink) allowed, NaN and +inf
-    are not."""
-    if sinks is None:
+def _per_head_array(values, num_heads, dtype, name):
+    """``values`` as a contiguous ``(num_heads,)`` array in ``dtype``, or None."""
+    if values is None:
         return None
-    arr = np.ascontiguousarray(float_array(sinks, name, dtype))
+    arr = np.ascontiguousarray(float_array(values, name, dtype))
     if arr.shape != (num_heads,):
         raise ValueError(
             f"{name} must have shape ({num_heads},) for {num_heads} query heads, got {arr.shape}")
-    if arr.size and (np.isnan(arr).any() or (arr == np.inf).any()):
+    return arr
+
+
+def sinks_array(sinks, num_heads, dtype, name="sinks"):
+    """``(H,)`` contiguous in ``dtype``; -inf (no sink) allowed, NaN and +inf
+    are not."""
+    arr = _per_head_array(sinks, num_heads, dtype, name)
+    if arr is not None and arr.size and (np.isnan(arr).any() or (arr == np.inf).any()):
         raise ValueError(f"{name} must not contain NaN or +inf")
     return arr
+
+
+def alibi_slopes_array(alibi_slopes, num_heads, dtype, name="alibi_slopes"):
+    """``(H,)`` contiguous in ``dtype``, or None."""
+    return _per_head_array(alibi_slopes, num_heads, dtype, name)
+
+
+class KernelFeatures(NamedTuple):
+    """The model-feature arguments checked, in the form the kernels take."""
+
+    window: tuple | None
+    softcap: float
+    sinks: np.ndarray | None
+    alibi_slopes: np.ndarray | None
+
+
+def kernel_features(window, softcap, sinks, alibi_slopes, num_heads, dtype):
+    """``window``, ``softcap``, ``sinks`` and ``alibi_slopes`` checked in
+    that order (the first bad one raises), for ``num_heads`` query heads and
+    arrays in ``dtype``."""
+    return KernelFeatures(window_pair(window), softcap_value(softcap),
+                          sinks_array(sinks, num_heads, dtype),
+                          alibi_slopes_array(alibi_slopes, num_heads, dtype))

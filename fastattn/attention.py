@@ -6,7 +6,7 @@ import numpy as np
 
 from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
-from fastattn._features import sinks_array, softcap_value, window_pair
+from fastattn._features import alibi_slopes_array, sinks_array, softcap_value, window_pair
 from fastattn._validation import (
     bool_flag,
     choice,
@@ -176,12 +176,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     full = (B, H, Lq, Lk)
     user_full = full[:1] + full[2:] if three_d else full
     kind, mask4 = backend.attention_mask(attn_mask, user_full, full, dtype)
-    slopes = None
-    if alibi_slopes is not None:
-        slopes = np.ascontiguousarray(
-            float_array(backend.host(alibi_slopes, "alibi_slopes"), "alibi_slopes", dtype))
-        if slopes.shape != (H,):
-            raise ValueError(f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
+    slopes = None if alibi_slopes is None else alibi_slopes_array(
+        backend.host(alibi_slopes, "alibi_slopes"), H, dtype)
     qa, ka, va = (backend.operand(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
     if three_d:
         qa, ka, va = (backend.unit_head_axis(x) for x in (qa, ka, va))

@@ -10,7 +10,7 @@ import numpy as np
 
 from fastattn import _kernels
 from fastattn._config import resolve_num_threads
-from fastattn._features import sinks_array, softcap_value, window_pair
+from fastattn._features import kernel_features
 from fastattn._validation import (
     OutputTarget,
     as_array,
@@ -132,22 +132,15 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
                          f"(num_blocks = {num_blocks})")
     is_causal = bool_flag(is_causal, "is_causal")
     scale = attention_scale(scale, D)
-    window = window_pair(window)
-    cap = softcap_value(softcap)
-    sinks = sinks_array(sinks, H, dtype)
-    slopes = None
-    if alibi_slopes is not None:
-        slopes = np.ascontiguousarray(float_array(alibi_slopes, "alibi_slopes", dtype))
-        if slopes.shape != (H,):
-            raise ValueError(
-                f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
+    features = kernel_features(window, softcap, sinks, alibi_slopes, H, dtype)
     qa, ka, va = unit_last_axis(qa), unit_last_axis(ka), unit_last_axis(va)
-    inputs = tuple(x for x in (qa, ka, va, slopes, sinks) if x is not None)
+    inputs = tuple(x for x in (qa, ka, va, features.alibi_slopes, features.sinks)
+                   if x is not None)
     target = OutputTarget(out, (B, H, Lq, Dv), (B, H, Lq, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)
     _kernels.paged_attention(qa, ka, va, target.kernel_view, tables, lens, float(scale),
-                             is_causal, slopes, window, cap, sinks,
-                             resolve_num_threads(num_threads))
+                             is_causal, features.alibi_slopes, features.window,
+                             features.softcap, features.sinks, resolve_num_threads(num_threads))
     return target.finish()
 
 

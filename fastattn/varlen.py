@@ -5,7 +5,7 @@ import numpy as np
 
 from fastattn import _kernels
 from fastattn._config import resolve_num_threads
-from fastattn._features import sinks_array, softcap_value, window_pair
+from fastattn._features import kernel_features
 from fastattn._validation import (
     OutputTarget,
     as_array,
@@ -112,22 +112,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     is_causal = bool_flag(is_causal, "is_causal")
     align = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
     scale = attention_scale(scale, D)
-    window = window_pair(window)
-    cap = softcap_value(softcap)
-    sinks = sinks_array(sinks, H, dtype)
-    slopes = None
-    if alibi_slopes is not None:
-        slopes = np.ascontiguousarray(float_array(alibi_slopes, "alibi_slopes", dtype))
-        if slopes.shape != (H,):
-            raise ValueError(
-                f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
+    features = kernel_features(window, softcap, sinks, alibi_slopes, H, dtype)
     qa, ka, va = unit_last_axis(qa), unit_last_axis(ka), unit_last_axis(va)
-    inputs = tuple(x for x in (qa, ka, va, slopes, sinks) if x is not None)
+    inputs = tuple(x for x in (qa, ka, va, features.alibi_slopes, features.sinks)
+                   if x is not None)
     target = OutputTarget(out, (total_q, H, Dv), (total_q, H, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)
-    left, right = (None, None) if window is None else window
+    left, right = (None, None) if features.window is None else features.window
     _kernels.varlen_attention(qa, ka, va, target.kernel_view, cu_q=cu_q, cu_k=cu_k,
                               scale=float(scale), is_causal=is_causal, alignment=align,
-                              alibi_slopes=slopes, window_left=left, window_right=right,
-                              softcap=cap, sinks=sinks, num_threads=resolve_num_threads(num_threads))
+                              alibi_slopes=features.alibi_slopes, window_left=left,
+                              window_right=right, softcap=features.softcap, sinks=features.sinks,
+                              num_threads=resolve_num_threads(num_threads))
     return target.finish()

@@ -18,15 +18,22 @@ from fastattn import reference
 RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 
-def assert_close(got, ref, dtype=None):
+def _oracle_terms(got, ref, dtype):
+    """``(got, ref64, rtol, scale)`` after checking that ``got`` has the
+    oracle's shape and the expected dtype: ``ref`` in float64, the dtype's
+    relative tolerance and the largest |ref| ignoring NaN (0 when none)."""
     got = np.asarray(got)
     ref = np.asarray(ref)
     dtype = np.dtype(dtype or got.dtype)
     assert got.shape == ref.shape, f"shape {got.shape} != oracle {ref.shape}"
     assert got.dtype == dtype, f"dtype {got.dtype} != expected {dtype}"
-    rtol = RTOL[dtype]
     ref64 = ref.astype(np.float64)
     scale = np.nanmax(np.abs(ref64)) if ref64.size and not np.all(np.isnan(ref64)) else 0.0
+    return got, ref64, RTOL[dtype], scale
+
+
+def assert_close(got, ref, dtype=None):
+    got, ref64, rtol, scale = _oracle_terms(got, ref, dtype)
     np.testing.assert_allclose(got.astype(np.float64), ref64, rtol=rtol,
                                atol=rtol * max(scale, 1e-30), equal_nan=True)
 
@@ -85,6 +92,17 @@ def strided_copy(a, kind):
 LAYOUTS = ["C", "F", "strided", "reversed"]
 
 
+def random_qkv(rng, shape, dtype):
+    """Standard-normal q ``(B, H, Lq, D)``, k ``(B, Hkv, Lk, D)`` and v
+    ``(B, Hkv, Lk, Dv)`` in ``dtype`` for a ``(B, H, Hkv, Lq, Lk, D, Dv)``
+    case of the attention tests."""
+    B, H, Hkv, Lq, Lk, D, Dv = shape
+    q = rng.standard_normal((B, H, Lq, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Lk, Dv)).astype(dtype)
+    return q, k, v
+
+
 # ---- tolerance of functions of an angle ---------------------------------------
 # sinusoidal_position_encoding, add_position_encoding and apply_rotary
 # evaluate sin and cos of theta = fl(position * inv_timescale) in float64,
@@ -114,15 +132,8 @@ def assert_close_angles(got, ref, theta, magnitude=1.0, dtype=None):
     ``angle_atol(theta) * magnitude``: the rounding of its angle times the
     size of what the sin/cos multiply (1 for a table, |x_a| + |x_b| for a
     rotated pair). ``theta`` and ``magnitude`` broadcast to ``ref``."""
-    got = np.asarray(got)
-    ref = np.asarray(ref)
-    dtype = np.dtype(dtype or got.dtype)
-    assert got.shape == ref.shape, f"shape {got.shape} != oracle {ref.shape}"
-    assert got.dtype == dtype, f"dtype {got.dtype} != expected {dtype}"
-    rtol = RTOL[dtype]
-    ref64 = ref.astype(np.float64)
+    got, ref64, rtol, scale = _oracle_terms(got, ref, dtype)
     got64 = got.astype(np.float64)
-    scale = np.nanmax(np.abs(ref64)) if ref64.size and not np.all(np.isnan(ref64)) else 0.0
     bound = rtol * np.abs(ref64) + rtol * max(scale, 1e-30) + angle_atol(theta) * magnitude
     bad = ~((np.abs(got64 - ref64) <= bound) | (np.isnan(got64) & np.isnan(ref64)))
     if bad.any():

@@ -7,7 +7,7 @@ import pytest
 
 import fastattn
 from fastattn import reference as ref
-from conftest import LAYOUTS, N_THREADS, assert_close, strided_copy
+from conftest import LAYOUTS, N_THREADS, assert_close, random_qkv, strided_copy
 
 # (B, H, Hkv, Lq, Lk, D, Dv): sizes around the 96-query / 48-key tiles, the
 # 6- and 12-row register tiles and the vector widths; decode rows (Lq < 4)
@@ -21,14 +21,6 @@ SHAPES = [
     (1, 1, 1, 2, 1100, 16, 24),
     (1, 4, 1, 1, 2051, 128, 128),
 ]
-
-
-def _qkv(rng, shape, dtype):
-    B, H, Hkv, Lq, Lk, D, Dv = shape
-    q = rng.standard_normal((B, H, Lq, D)).astype(dtype)
-    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
-    v = rng.standard_normal((B, Hkv, Lk, Dv)).astype(dtype)
-    return q, k, v
 
 
 def _mask_kwargs(rng, shape, kind):
@@ -63,7 +55,7 @@ MASKS = ["none", "causal", "causal_br", "lengths", "bool", "additive", "alibi", 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("masks", MASKS)
 def test_against_oracle(isa, threads, dtype, rng, shape, masks):
-    q, k, v = _qkv(rng, shape, dtype)
+    q, k, v = random_qkv(rng, shape, dtype)
     kw = _mask_kwargs(rng, shape, masks)
     if "attn_mask" in kw and kw["attn_mask"].dtype != bool:
         kw["attn_mask"] = kw["attn_mask"].astype(dtype)
@@ -75,7 +67,7 @@ def test_against_oracle(isa, threads, dtype, rng, shape, masks):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_inputs(isa, threads, dtype, rng, layout):
     shape = (2, 4, 2, 11, 50, 16, 8)
-    q, k, v = _qkv(rng, shape, dtype)
+    q, k, v = random_qkv(rng, shape, dtype)
     qs, ks, vs = (strided_copy(x, layout) for x in (q, k, v))
     kw = dict(key_lengths=[50, 20], is_causal=True)
     assert_close(fastattn.scaled_dot_product_attention(qs, ks, vs, num_threads=threads, **kw),
@@ -92,7 +84,7 @@ def test_three_d_inputs_are_one_head(rng, dtype):
 
 @pytest.mark.parametrize("shape", [(2, 4, 2, 100, 70, 16, 16), (1, 2, 1, 2, 1500, 8, 8)], ids=str)
 def test_return_weights(isa, dtype, rng, shape):
-    q, k, v = _qkv(rng, shape, dtype)
+    q, k, v = random_qkv(rng, shape, dtype)
     kw = dict(key_lengths=[shape[4] - 3] * shape[0], is_causal=True, causal_alignment="bottom_right",
               alibi_slopes=rng.random(shape[1]))
     out, w = fastattn.scaled_dot_product_attention(q, k, v, return_weights=True, **kw)
@@ -106,7 +98,7 @@ def test_return_weights(isa, dtype, rng, shape):
 
 def test_fully_masked_rows_are_zero_in_out_and_weights(dtype):
     rng = np.random.default_rng(3)
-    q, k, v = _qkv(rng, (2, 2, 2, 6, 5, 4, 4), dtype)
+    q, k, v = random_qkv(rng, (2, 2, 2, 6, 5, 4, 4), dtype)
     mask = np.ones((6, 5), bool)
     mask[2] = False
     out, w = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, key_lengths=[5, 0],
@@ -120,7 +112,7 @@ def test_fully_masked_rows_are_zero_in_out_and_weights(dtype):
 @pytest.mark.parametrize("shape", [(2, 8, 4, 200, 300, 64, 64), (1, 2, 1, 1, 4000, 64, 64)], ids=str)
 def test_bitwise_identical_across_threads_and_runs(shape):
     rng = np.random.default_rng(7)
-    q, k, v = _qkv(rng, shape, np.float32)
+    q, k, v = random_qkv(rng, shape, np.float32)
     kw = dict(key_lengths=[shape[4] - 7] * shape[0], is_causal=True, causal_alignment="bottom_right")
     first = fastattn.scaled_dot_product_attention(q, k, v, num_threads=1, **kw)
     for n in range(1, N_THREADS + 3):
@@ -130,7 +122,7 @@ def test_bitwise_identical_across_threads_and_runs(shape):
 
 
 def test_out_argument_and_scale(rng):
-    q, k, v = _qkv(rng, (1, 2, 2, 7, 9, 8, 8), np.float32)
+    q, k, v = random_qkv(rng, (1, 2, 2, 7, 9, 8, 8), np.float32)
     out = np.empty((1, 2, 7, 8), np.float32)
     assert fastattn.scaled_dot_product_attention(q, k, v, out=out, scale=0.25) is out
     assert_close(out, ref.scaled_dot_product_attention(q, k, v, scale=0.25))
@@ -142,7 +134,7 @@ def test_out_argument_and_scale(rng):
 def test_out_in_merged_head_layout_is_written_in_place(rng):
     """out may be any view with a unit last-axis stride: a (B, Lq, H, Dv)
     buffer seen as (B, H, Lq, Dv) receives the merged-head layout directly."""
-    q, k, v = _qkv(rng, (2, 4, 2, 9, 11, 8, 8), np.float32)
+    q, k, v = random_qkv(rng, (2, 4, 2, 9, 11, 8, 8), np.float32)
     buf = np.zeros((2, 9, 4, 8), np.float32)
     view = buf.transpose(0, 2, 1, 3)
     got = fastattn.scaled_dot_product_attention(q, k, v, out=view)

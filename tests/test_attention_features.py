@@ -9,7 +9,7 @@ import pytest
 
 import fastattn
 from fastattn import reference as ref
-from conftest import LAYOUTS, N_THREADS, assert_close, strided_copy
+from conftest import LAYOUTS, N_THREADS, assert_close, random_qkv, strided_copy
 
 # (B, H, Hkv, Lq, Lk, D, Dv): odd sizes around the 96-query / 48-key tiles
 # and vector widths; decode rows with the split-KV path (Lk >= 1024, few heads).
@@ -22,14 +22,6 @@ SHAPES = [
     (1, 4, 2, 1, 2051, 64, 40),
     (1, 2, 1, 2, 1100, 17, 8),
 ]
-
-
-def _qkv(rng, shape, dtype):
-    B, H, Hkv, Lq, Lk, D, Dv = shape
-    q = rng.standard_normal((B, H, Lq, D)).astype(dtype)
-    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
-    v = rng.standard_normal((B, Hkv, Lk, Dv)).astype(dtype)
-    return q, k, v
 
 
 def _features(rng, shape, kind):
@@ -78,7 +70,7 @@ def _oracle(q, k, v, **kw):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", KINDS)
 def test_against_oracle(isa, threads, dtype, rng, shape, kind):
-    q, k, v = _qkv(rng, shape, dtype)
+    q, k, v = random_qkv(rng, shape, dtype)
     kw = _features(rng, shape, kind)
     got = fastattn.scaled_dot_product_attention(q, k, v, num_threads=threads, **kw)
     assert_close(got, _oracle(q, k, v, **kw).astype(dtype), dtype)
@@ -88,7 +80,7 @@ def test_against_oracle(isa, threads, dtype, rng, shape, kind):
                                    (1, 2, 2, 3, 333, 16, 24)], ids=str)
 @pytest.mark.parametrize("kind", ["window", "sinks", "everything", "key_starts"])
 def test_weights(isa, dtype, rng, shape, kind):
-    q, k, v = _qkv(rng, shape, dtype)
+    q, k, v = random_qkv(rng, shape, dtype)
     kw = _features(rng, shape, kind)
     got, w = fastattn.scaled_dot_product_attention(q, k, v, return_weights=True, **kw)
     want, w_want = _oracle(q, k, v, return_weights=True, **kw)
@@ -110,7 +102,7 @@ def test_sinks_take_their_share_exactly(dtype):
 
 
 def test_row_without_keys_is_zero_with_sinks(isa, dtype, rng):
-    q, k, v = _qkv(rng, (2, 2, 2, 4, 3000, 16, 8), dtype)  # decode-like split path too
+    q, k, v = random_qkv(rng, (2, 2, 2, 4, 3000, 16, 8), dtype)  # decode-like split path too
     for Lq in (4, 1):
         out = fastattn.scaled_dot_product_attention(q[:, :, :Lq], k, v, key_lengths=[0, 5],
                                                     key_starts=[0, 5], sinks=[1.0, -2.0])
@@ -120,7 +112,7 @@ def test_row_without_keys_is_zero_with_sinks(isa, dtype, rng):
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1, 4100, 32, 32), (1, 1, 1, 2, 2600, 16, 8)], ids=str)
 def test_split_kv_matches_oracle_with_sinks_and_window(isa, dtype, rng, shape):
     """Decode shapes take the split-KV path; the merge adds the sink once."""
-    q, k, v = _qkv(rng, shape, dtype)
+    q, k, v = random_qkv(rng, shape, dtype)
     H, Lk = shape[1], shape[4]
     for kw in (dict(sinks=rng.standard_normal(H) + 3), dict(window=(1500, 0), is_causal=True,
                causal_alignment="bottom_right", sinks=rng.standard_normal(H),
@@ -132,7 +124,7 @@ def test_split_kv_matches_oracle_with_sinks_and_window(isa, dtype, rng, shape):
 @pytest.mark.parametrize("shape", [(2, 4, 2, 130, 211, 33, 17), (1, 4, 2, 1, 2051, 64, 40)],
                          ids=str)
 def test_deterministic_across_threads(isa, dtype, rng, shape):
-    q, k, v = _qkv(rng, shape, dtype)
+    q, k, v = random_qkv(rng, shape, dtype)
     kw = _features(rng, shape, "everything")
     one = fastattn.scaled_dot_product_attention(q, k, v, num_threads=1, **kw)
     many = fastattn.scaled_dot_product_attention(q, k, v, num_threads=N_THREADS, **kw)
@@ -142,14 +134,14 @@ def test_deterministic_across_threads(isa, dtype, rng, shape):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_inputs(isa, dtype, rng, layout):
     shape = (2, 4, 2, 37, 61, 24, 16)
-    q, k, v = _qkv(rng, shape, dtype)
+    q, k, v = random_qkv(rng, shape, dtype)
     kw = _features(rng, shape, "everything")
     got = fastattn.scaled_dot_product_attention(*(strided_copy(x, layout) for x in (q, k, v)), **kw)
     assert_close(got, _oracle(q, k, v, **kw).astype(dtype), dtype)
 
 
 def test_window_beyond_every_key_changes_nothing(dtype, rng):
-    q, k, v = _qkv(rng, (1, 2, 2, 9, 11, 8, 8), dtype)
+    q, k, v = random_qkv(rng, (1, 2, 2, 9, 11, 8, 8), dtype)
     plain = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
     wide = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                  window=(10**15, 10**15))
@@ -169,7 +161,7 @@ def test_window_skips_keys_outside():
     """Keys outside the window are never computed: a NaN there cannot leak,
     which it would if the key were scored and then masked."""
     rng = np.random.default_rng(1)
-    q, k, v = _qkv(rng, (1, 1, 1, 200, 200, 16, 8), np.float32)
+    q, k, v = random_qkv(rng, (1, 1, 1, 200, 200, 16, 8), np.float32)
     k[0, 0, :50] = np.nan
     v[0, 0, :50] = np.nan
     out = fastattn.scaled_dot_product_attention(q[:, :, 150:], k, v, window=(90, 0), is_causal=True,
@@ -180,7 +172,7 @@ def test_window_skips_keys_outside():
 # ---- argument checks ----------------------------------------------------------
 
 def _small(rng):
-    return _qkv(rng, (1, 2, 2, 3, 4, 8, 8), np.float32)
+    return random_qkv(rng, (1, 2, 2, 3, 4, 8, 8), np.float32)
 
 
 @pytest.mark.parametrize("window, exc", [

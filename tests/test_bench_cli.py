@@ -11,24 +11,9 @@ import pytest
 
 import fastattn
 from fastattn.bench import cases, cli, peers, report, runner, timing
-from fastattn.bench.roofline import Roofline
+from bench_helpers import FAST, ROOF, Recorder
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
-ROOF = Roofline(matmul_gflops=100.0, read_gbs=10.0, matmul_size=8, read_bytes=8, dtype="float32")
-FAST = timing.TimingPolicy(min_time=0.0, max_time=0.05, min_repeats=2, warmup=1)
-
-
-class Recorder:
-    """A Reporter stand-in that keeps what it was told."""
-
-    def __init__(self):
-        self.notes, self.alarms = [], []
-
-    def note(self, text):
-        self.notes.append(text)
-
-    def alarm(self, text):
-        self.alarms.append(text)
 
 
 def bench(*args, timeout=120):

@@ -18,22 +18,9 @@ import pytest
 
 import fastattn
 from fastattn.bench import cases, cli, report, roofline, runner, timing
+from bench_helpers import FAST, ROOF, Recorder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FAST = timing.TimingPolicy(min_time=0.0, max_time=0.05, min_repeats=2, warmup=1)
-ROOF = roofline.Roofline(matmul_gflops=100.0, read_gbs=10.0, matmul_size=8, read_bytes=8,
-                         dtype="float32")
-
-
-class Recorder:
-    def __init__(self):
-        self.notes, self.alarms = [], []
-
-    def note(self, text):
-        self.notes.append(text)
-
-    def alarm(self, text):
-        self.alarms.append(text)
 
 
 @pytest.fixture

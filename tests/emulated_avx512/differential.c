@@ -40,6 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "case_random.h"
 #include "fastattn.h"
 
 /* The test replaces csrc/cpu_features.c (not linked): level 2 is "available"
@@ -50,15 +51,6 @@ int fa_compiled_max_isa(void) { return FA_ISA_AVX512; }
 
 static const char *const level_name[3] = {"scalar", "avx2", "avx512(emulated)"};
 
-/* xorshift64, seeded from the command line */
-static uint64_t rs = 88172645463325252ull;
-static uint64_t rnd(void) {
-    rs ^= rs << 13;
-    rs ^= rs >> 7;
-    rs ^= rs << 17;
-    return rs;
-}
-static int64_t ri(int64_t lo, int64_t hi) { return lo + (int64_t)(rnd() % (uint64_t)(hi - lo + 1)); }
 static double rf(void) { return (double)(rnd() >> 11) / 9007199254740992.0 * 2 - 1; } /* [-1, 1) */
 
 static int reported = 0; /* mismatch lines printed (capped) */
@@ -440,8 +432,7 @@ int main(int argc, char **argv) {
     }
     int cases = atoi(argv[1]);
     uint64_t seed = (uint64_t)strtoull(argv[2], NULL, 10);
-    rs ^= seed * 0x9E3779B97F4A7C15ull;
-    if (rs == 0) rs = 1;
+    seed_cases(seed);
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
         printf("FAIL: this CPU lacks AVX2 or FMA; the level-1 kernels run natively here\n");

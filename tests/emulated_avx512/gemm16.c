@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "case_random.h"
 #include "fastattn.h"
 
 /* cpu_features.c is not linked: every level is "available" here, level 2
@@ -27,15 +28,6 @@
 int fa_cpu_best_isa(void) { return FA_ISA_AVX512BF16; }
 int fa_compiled_max_isa(void) { return FA_ISA_AVX512BF16; }
 int fa_cpu_has_f16c(void) { return 1; }
-
-static uint64_t rs = 88172645463325252ull;
-static uint64_t rnd(void) {
-    rs ^= rs << 13;
-    rs ^= rs >> 7;
-    rs ^= rs << 17;
-    return rs;
-}
-static int64_t ri(int64_t lo, int64_t hi) { return lo + (int64_t)(rnd() % (uint64_t)(hi - lo + 1)); }
 
 /* a normal bf16 / fp16 of magnitude in [2^-4, 2^4): products in [2^-8, 2^8),
  * sums of up to 1100 of them far from the subnormal range */
@@ -112,7 +104,7 @@ static int run_case(int case_no) {
 
 int main(int argc, char **argv) {
     const int cases = argc > 1 ? atoi(argv[1]) : 300;
-    rs ^= (uint64_t)(argc > 2 ? atoll(argv[2]) : 1) * 0x9e3779b97f4a7c15ull;
+    seed_cases((uint64_t)(argc > 2 ? atoll(argv[2]) : 1));
     int bad_cases = 0;
     for (int i = 0; i < cases; ++i) bad_cases += run_case(i);
     printf("gemm16: %d cases, %d mismatching\n", cases, bad_cases);
