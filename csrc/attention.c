@@ -50,10 +50,15 @@ static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, 
 static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, int64_t q1,
                       int64_t k0, int64_t k1, void *part, void *part_ml, void *scratch) {
     const fa_kernel_table *kt = fa_kernels();
-    if (job->dtype == FA_DTYPE_F32)
-        kt->attention_block_f32(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
-    else
+    if (job->dtype == FA_DTYPE_F64) {
         kt->attention_block_f64(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
+        return;
+    }
+    fa_attention_block_f32_fn *fn = job->kv_dtype == FA_KV_BF16  ? kt->attention_block_f32_bf16
+                                    : job->kv_dtype == FA_KV_F16 ? kt->attention_block_f32_f16
+                                    : job->kv_dtype == FA_KV_I8  ? kt->attention_block_f32_i8
+                                                                 : kt->attention_block_f32;
+    fn(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
 }
 
 /* out row = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, in split order;
@@ -186,10 +191,21 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
         return FA_ERR_INVALID;
     if (!(a->softcap >= 0.0) || a->softcap > 1e300) return FA_ERR_INVALID; /* NaN, inf */
     const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
+    /* narrow K/V: float queries only; int8 needs both scale views */
+    const int kvd = a->kv_dtype;
+    if (kvd != FA_KV_SAME && (dtype != FA_DTYPE_F32 || kvd < FA_KV_BF16 || kvd > FA_KV_I8))
+        return FA_ERR_INVALID;
+    const int64_t kv_es = kvd == FA_KV_SAME ? es : kvd == FA_KV_I8 ? 1 : 2;
     int st;
     if ((st = check_view(&a->q, B, H, Lq, D, es)) != FA_OK) return st;
-    if ((st = check_view(&a->k, B, Hkv, Lk, D, es)) != FA_OK) return st;
-    if ((st = check_view(&a->v, B, Hkv, Lk, Dv, es)) != FA_OK) return st;
+    if ((st = check_view(&a->k, B, Hkv, Lk, D, kv_es)) != FA_OK) return st;
+    if ((st = check_view(&a->v, B, Hkv, Lk, Dv, kv_es)) != FA_OK) return st;
+    if (kvd == FA_KV_I8) {
+        if ((st = check_view(&a->k_scale, B, Hkv, Lk, 1, 4)) != FA_OK) return st;
+        if ((st = check_view(&a->v_scale, B, Hkv, Lk, 1, 4)) != FA_OK) return st;
+        if (Lk > 1 && (a->k_scale.stride[2] != 1 || a->v_scale.stride[2] != 1))
+            return FA_ERR_INVALID;
+    }
     if ((st = check_view(&a->out, B, H, Lq, Dv, es)) != FA_OK) return st;
     if (a->weights.data && (st = check_view(&a->weights, B, H, Lq, Lk, es)) != FA_OK) return st;
     if (a->mask.data) {
@@ -227,6 +243,13 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     job.key_start = a->key_start;
     job.softcap = a->softcap;
     job.sinks = a->sinks;
+    job.kv_dtype = kvd;
+    if (kvd == FA_KV_I8) {
+        job.k_scale = (const float *)a->k_scale.data;
+        job.v_scale = (const float *)a->v_scale.data;
+        job.kss[0] = a->k_scale.stride[0], job.kss[1] = a->k_scale.stride[1];
+        job.vss[0] = a->v_scale.stride[0], job.vss[1] = a->v_scale.stride[1];
+    }
     /* windows beyond the key axis in either direction change nothing: clamping
      * them to Lk + Lq keeps i_pos +- window inside int64 */
     const int64_t reach = Lk + Lq;

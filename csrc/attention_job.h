@@ -56,6 +56,11 @@ typedef struct {
      * NULL for padded batches. */
     const int64_t *cu_q, *cu_k;
     int alignment;
+    /* K/V storage (fa_kv_dtype; FA_KV_SAME = the dtype) and, for int8, the
+     * per-row scales (B, Hkv, Lk): b and kv-head strides, unit key stride. */
+    int kv_dtype;
+    const float *k_scale, *v_scale;
+    int64_t kss[2], vss[2];
 } fa_attn_job;
 
 /* i_pos - i for sequence b: the causal / ALiBi / window diagonal offset. */

@@ -127,6 +127,7 @@ CAUSAL_NONE = FA_CAUSAL_NONE
 CAUSAL_ALIGNMENTS = {"top_left": FA_CAUSAL_TOP_LEFT, "bottom_right": FA_CAUSAL_BOTTOM_RIGHT}
 SEQUENCE_MASK_MODES = {"mul": FA_SEQMASK_MUL, "add": FA_SEQMASK_ADD}
 PE_LAYOUTS = {"concat": FA_PE_CONCAT, "interleaved": FA_PE_INTERLEAVED}
+KV_DTYPE_CODES = {"bfloat16": FA_KV_BF16, "float16": FA_KV_F16, "int8": FA_KV_I8}
 ROPE_NONE = FA_ROPE_NONE
 ROPE_LAYOUTS = {"neox": FA_ROPE_NEOX, "gptj": FA_ROPE_GPTJ}
 
@@ -207,11 +208,15 @@ def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
                                  object mask, int mask_kind, object key_len,
                                  object query_len, bint is_causal, int alignment,
                                  object alibi, int num_threads, object key_start=None,
-                                 object window=None, double softcap=0.0, object sinks=None):
+                                 object window=None, double softcap=0.0, object sinks=None,
+                                 int kv_dtype=0, object k_scale=None, object v_scale=None):
     """q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), out (B,H,Lq,Dv),
     weights None or (B,H,Lq,Lk); all with a unit last-axis stride.
     key_start: None or a (B, H) int64 view; window: None or (left, right),
-    each an int >= 0 or None; sinks: None or (H,) contiguous in the dtype."""
+    each an int >= 0 or None; sinks: None or (H,) contiguous in the dtype.
+    kv_dtype: 0 (k, v in q's dtype) or a KV_DTYPE_CODES value, with k and v
+    in that storage; int8 takes k_scale, v_scale (B, Hkv, Lk) float32 with a
+    unit last stride."""
     cdef int dt = dtype_code(q)
     cdef fa_attention_args a
     cdef int st
@@ -239,8 +244,34 @@ def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
     a.scale = scale
     a.alibi_slopes = NULL if alibi is None else cnp.PyArray_DATA(<cnp.ndarray>alibi)
     set_features(&a, key_start, window, softcap, sinks)
+    a.kv_dtype = kv_dtype
+    a.k_scale.data = a.v_scale.data = NULL
+    if k_scale is not None:
+        a.k_scale = view3(<cnp.ndarray>k_scale)
+        a.v_scale = view3(<cnp.ndarray>v_scale)
     with nogil:
         st = fa_scaled_dot_product_attention(dt, &a, num_threads)
+    check(st)
+
+
+def quantize_kv(cnp.ndarray x, cnp.ndarray values, cnp.ndarray scales, int num_threads):
+    """x (B,H,L,D) float32 -> values (B,H,L,D) int8, scales (B,H,L) float32;
+    x and values with a unit last stride."""
+    cdef fa_view4 xv = view4(x), qv = view4(values), sv = view3(scales)
+    cdef int64_t B = x.shape[0], H = x.shape[1], L = x.shape[2], D = x.shape[3]
+    cdef int st
+    with nogil:
+        st = fa_quantize_kv(xv, qv, sv, B, H, L, D, num_threads)
+    check(st)
+
+
+def dequantize_kv(cnp.ndarray values, cnp.ndarray scales, cnp.ndarray y, int num_threads):
+    """values (B,H,L,D) int8, scales (B,H,L) float32 -> y (B,H,L,D) float32."""
+    cdef fa_view4 qv = view4(values), sv = view3(scales), yv = view4(y)
+    cdef int64_t B = y.shape[0], H = y.shape[1], L = y.shape[2], D = y.shape[3]
+    cdef int st
+    with nogil:
+        st = fa_dequantize_kv(qv, sv, yv, B, H, L, D, num_threads)
     check(st)
 
 

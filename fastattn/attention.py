@@ -14,9 +14,11 @@ from fastattn._validation import (
     choice,
     compute_dtype,
     float_array,
+    kernel_addressable,
     lengths_view,
     real_number,
 )
+from fastattn.kv_quant import kv_scale_array, narrow_kv
 from fastattn.masks import CAUSAL_ALIGNMENTS, prepare_mask
 
 
@@ -66,7 +68,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                                  query_lengths=None, is_causal=False,
                                  causal_alignment="top_left", scale=None, alibi_slopes=None,
                                  return_weights=False, out=None, num_threads=None,
-                                 key_starts=None, window=None, softcap=None, sinks=None):
+                                 key_starts=None, window=None, softcap=None, sinks=None,
+                                 k_scale=None, v_scale=None):
     """``softmax(q kᵀ · scale + masks) v`` in one fused, flash-style pass.
 
     The score matrix is never materialised beyond one tile; keys past
@@ -118,6 +121,13 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
         value: ``out_i = Σ_j e^(s_ij - m) v_j / (e^(sink - m) + Σ_j e^(s_ij - m))``,
         ``m`` the max over the row's scores and the sink. The weights then sum
         to less than 1; a row with no visible key is still 0.
+    k_scale, v_scale : array_like, shape ``(B, Hkv, Lk)`` (``(B, Lk)`` for 3-D), optional
+        With int8 ``k`` and ``v`` (from :func:`quantize_kv`): key ``j`` of a
+        kv head is ``k[..., j, :] * k_scale[..., j]``, likewise for v.
+
+    K/V storage: ``k`` and ``v`` may be narrower than ``q``: bfloat16 or
+    float16 (with float32 queries), or int8 with ``k_scale`` and ``v_scale``.
+    The kernel widens them in registers; no float32 copy of K/V is made.
 
     Returns
     -------
@@ -142,7 +152,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     if (attn_mask is None and key_lengths is None and query_lengths is None
             and alibi_slopes is None and out is None and return_weights is False
             and key_starts is None and window is None and softcap is None and sinks is None
-            and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
+            and k_scale is None and v_scale is None and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         dt = q.dtype
         if ((dt is _F32 or dt is _F64) and k.dtype is dt and v.dtype is dt
                 and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
@@ -167,18 +177,32 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
 
     backend = _backend.cuda_for((q, k, v), ("q", "k", "v"))
     if backend is not None:
+        if k_scale is not None or v_scale is not None:
+            raise TypeError("k_scale and v_scale (int8 K/V) are not supported for CUDA arrays")
         return backend.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
             is_causal=is_causal, causal_alignment=causal_alignment, scale=scale,
             alibi_slopes=alibi_slopes, return_weights=return_weights, out=out,
             key_starts=key_starts, window=window, softcap=softcap, sinks=sinks)
     qa, ka, va = (as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    dtype = np.promote_types(
-        np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
-        compute_dtype(va.dtype, "v"))
-    qa, ka, va = (float_array(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+    # narrow K/V (bfloat16, float16, int8 + scales) stay as they are: the
+    # kernel widens them in registers
+    kv_code = narrow_kv(qa, ka, va, k_scale, v_scale)
+    if kv_code is None:
+        dtype = np.promote_types(
+            np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
+            compute_dtype(va.dtype, "v"))
+        qa, ka, va = (float_array(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+    else:
+        dtype = _F32
+        qa = qa.astype(dtype) if qa.dtype.name == "bfloat16" else float_array(qa, "q", dtype)
+        ka, va = (x if kernel_addressable(x) else x.copy() for x in (ka, va))
     three_d, (B, H, Lq, D), (Hkv, Lk, Dv) = attention_geometry(qa.shape, ka.shape, va.shape)
     user_q_shape = qa.shape
+    ksa = vsa = None
+    if k_scale is not None:
+        ksa = kv_scale_array(k_scale, "k_scale", (B, Hkv, Lk), three_d)
+        vsa = kv_scale_array(v_scale, "v_scale", (B, Hkv, Lk), three_d)
     if three_d:
         qa, ka, va = qa[:, None], ka[:, None], va[:, None]
     is_causal = bool_flag(is_causal, "is_causal")
@@ -202,14 +226,14 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
             raise ValueError(f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
     qa, ka, va = _unit_last_axis(qa), _unit_last_axis(ka), _unit_last_axis(va)
     out_shape = (B, Lq, Dv) if three_d else (B, H, Lq, Dv)
-    inputs = tuple(x for x in (qa, ka, va, mask4, slopes, sinks) if x is not None)
+    inputs = tuple(x for x in (qa, ka, va, mask4, slopes, sinks, ksa, vsa) if x is not None)
     target = OutputTarget(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)
     weights = np.empty(full, dtype=dtype) if return_weights else None
     _kernels.scaled_dot_product_attention(
         qa, ka, va, target.kernel_view, weights, float(scale), mask4, kind, kl, ql,
         bool(is_causal), align, slopes, resolve_num_threads(num_threads), ks, window, cap,
-        sinks)
+        sinks, kv_code or 0, ksa, vsa)
     result = target.finish()
     if return_weights:
         return result, weights[:, 0] if three_d else weights

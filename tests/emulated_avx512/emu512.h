@@ -30,7 +30,10 @@
  *   - VMOVNTPS/VMOVNTPD with a zmm operand: #GP unless the address is
  *     64-byte aligned; emulated as an abort with a message;
  *   - VPSLLD/VPSLLQ: a count above the element width gives 0;
- *   - VPTESTMB: bit i is set when (a & b) byte i is nonzero.
+ *   - VPTESTMB: bit i is set when (a & b) byte i is nonzero;
+ *   - VPMOVSXBD / VPMOVZXWD: sign- / zero-extension to 32 bits;
+ *     VCVTDQ2PS: rounded with the MXCSR mode; VCVTPH2PS: exact, denormal
+ *     halves included, NaNs quieted with their payload kept.
  * Arithmetic is IEEE per lane in the same precision (fmaf/fma for the
  * fused operations, no contraction with -ffp-contract=off). The emulation is
  * only as faithful as this reading of the SDM; it says nothing about speed,
@@ -234,6 +237,55 @@ static inline __m512i emu_mm512_cvtepi32_epi64(__m256i v) {
     for (int i = 0; i < 8; ++i) r.q[i] = a.i[i];
     return r.v;
 }
+/* VPMOVSXBD: sign-extend 16 int8 to int32 */
+static inline __m512i emu_mm512_cvtepi8_epi32(__m128i v) {
+    emu_si128 a;
+    emu_si r;
+    a.v = v;
+    for (int i = 0; i < 16; ++i) r.i[i] = (int8_t)a.b[i];
+    return r.v;
+}
+/* VPMOVZXWD: zero-extend 16 uint16 to int32 */
+static inline __m512i emu_mm512_cvtepu16_epi32(__m256i v) {
+    uint16_t a[16];
+    emu_si r;
+    memcpy(a, &v, 32);
+    for (int i = 0; i < 16; ++i) r.u[i] = a[i];
+    return r.v;
+}
+/* VCVTDQ2PS: int32 to float, rounded with the MXCSR mode (nearest-even) */
+static inline __m512 emu_mm512_cvtepi32_ps(__m512i v) {
+    emu_si a;
+    emu_ps r;
+    a.v = v;
+    for (int i = 0; i < 16; ++i) r.f[i] = (float)a.i[i];
+    return r.v;
+}
+/* VCVTPH2PS: 16 IEEE halves to float, exactly (denormal halves become
+ * normal floats, MXCSR.DAZ does not apply); a NaN keeps its payload in the
+ * top mantissa bits and is quieted (bit 22 set); the sign is kept. */
+static inline __m512 emu_mm512_cvtph_ps(__m256i v) {
+    uint16_t a[16];
+    emu_ps r;
+    memcpy(a, &v, 32);
+    for (int i = 0; i < 16; ++i) {
+        const uint32_t sign = (uint32_t)(a[i] & 0x8000u) << 16;
+        const int e = (a[i] >> 10) & 0x1f;
+        const uint32_t m = a[i] & 0x3ffu;
+        uint32_t u;
+        if (e == 0x1f) {
+            u = 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u);
+        } else if (e == 0) { /* zero or denormal: m * 2^-24, exact in float */
+            const float f = ldexpf((float)m, -24);
+            memcpy(&u, &f, 4);
+        } else {
+            u = ((uint32_t)(e - 15 + 127) << 23) | (m << 13);
+        }
+        u |= sign;
+        memcpy(&r.f[i], &u, 4);
+    }
+    return r.v;
+}
 /* VRNDSCALE lane: imm bits 7:4 = M (only 0 is emulated), bit 2 = use the
  * MXCSR mode (nearest-even by default), bits 1:0 = nearest/floor/ceil/trunc;
  * bit 3 (suppress precision exception) does not change the value */
@@ -385,6 +437,10 @@ static inline __mmask16 emu_mm_test_epi8_mask(__m128i a_, __m128i b_) {
 #define _mm512_cvtps_epi32 emu_mm512_cvtps_epi32
 #define _mm512_cvtpd_epi32 emu_mm512_cvtpd_epi32
 #define _mm512_cvtepi32_epi64 emu_mm512_cvtepi32_epi64
+#define _mm512_cvtepi8_epi32 emu_mm512_cvtepi8_epi32
+#define _mm512_cvtepu16_epi32 emu_mm512_cvtepu16_epi32
+#define _mm512_cvtepi32_ps emu_mm512_cvtepi32_ps
+#define _mm512_cvtph_ps emu_mm512_cvtph_ps
 #define _mm512_roundscale_ps emu_mm512_roundscale_ps
 #define _mm512_roundscale_pd emu_mm512_roundscale_pd
 #define _mm512_slli_epi32 emu_mm512_slli_epi32

@@ -1,0 +1,202 @@
+"""Narrow K/V caches: quantize_kv / dequantize_kv against the oracle, and
+attention reading bfloat16, float16 and int8 K/V directly, against the
+float64 oracle on the exact (rounded or dequantized) K/V values."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import reference
+from conftest import assert_close, strided_copy
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+KV_DTYPES = ["bfloat16", "float16", "int8"]
+
+
+def _store(k, v, kv_dtype):
+    """k, v in the storage kv_dtype, plus the attention keyword arguments."""
+    if kv_dtype == "int8":
+        kq, ks = fastattn.quantize_kv(k)
+        vq, vs = fastattn.quantize_kv(v)
+        return kq, vq, {"k_scale": ks, "v_scale": vs}
+    dt = BF16 if kv_dtype == "bfloat16" else np.dtype(np.float16)
+    return k.astype(dt), v.astype(dt), {}
+
+
+def _qkv(rng, B, H, Hkv, Lq, Lk, D, Dv):
+    q = rng.standard_normal((B, H, Lq, D), dtype=np.float32)
+    k = rng.standard_normal((B, Hkv, Lk, D), dtype=np.float32)
+    v = rng.standard_normal((B, Hkv, Lk, Dv), dtype=np.float32)
+    return q, k, v
+
+
+# ---- quantize_kv / dequantize_kv ---------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 33), (2, 3, 4, 128), (4, 0), (0, 8)])
+def test_quantize_matches_oracle(rng, threads, shape):
+    x = (rng.standard_normal(shape) * rng.uniform(0.01, 100)).astype(np.float32)
+    values, scales = fastattn.quantize_kv(x, num_threads=threads)
+    rv, rs = reference.quantize_kv(x)
+    assert values.dtype == np.int8 and scales.dtype == np.float32
+    assert values.shape == x.shape and scales.shape == x.shape[:-1]
+    np.testing.assert_array_equal(values, rv)
+    np.testing.assert_array_equal(scales, rs)
+    back = fastattn.dequantize_kv(values, scales, num_threads=threads)
+    np.testing.assert_array_equal(back, reference.dequantize_kv(rv, rs))
+    # rounding error at most half a step, the largest element exact in magnitude
+    assert np.all(np.abs(back - x) <= scales[..., None] * 0.5000001 + 1e-30)
+    if x.size:
+        assert np.abs(values).max() == 127
+
+
+def test_quantize_independent_of_the_oracle():
+    values, scales = fastattn.quantize_kv(np.array([[1.0, -2.0, 0.5, 0.25], [0, 0, 0, 0]]))
+    s = np.float32(2.0) / np.float32(127)
+    assert scales[0] == s and scales[1] == 0
+    assert values.tolist() == [[64, -127, 32, 16], [0, 0, 0, 0]]  # 31.75 -> 32, 15.875 -> 16
+
+
+def test_quantize_special_rows():
+    x = np.array([[0.0, 0.0], [np.nan, 1.0], [np.inf, 1.0], [-0.0, 3.0]], np.float32)
+    values, scales = fastattn.quantize_kv(x)
+    assert scales[0] == 0 and np.isnan(scales[1]) and np.isinf(scales[2])
+    assert values[:3].tolist() == [[0, 0], [0, 0], [0, 0]]
+    assert values[3].tolist() == [0, 127]
+    np.testing.assert_array_equal(values, reference.quantize_kv(x)[0])
+    np.testing.assert_array_equal(fastattn.dequantize_kv(values, scales)[0], [0, 0])
+
+
+@pytest.mark.parametrize("layout", ["F", "strided", "reversed"])
+def test_quantize_strided_and_other_dtypes(rng, layout):
+    x = rng.standard_normal((3, 4, 19))
+    for src in (x, x.astype(np.float16), x.astype(BF16)):
+        got = fastattn.quantize_kv(strided_copy(src, layout))
+        ref = reference.quantize_kv(src)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
+# ---- attention on narrow K/V ------------------------------------------------------
+
+SHAPES = [
+    # B, H, Hkv, Lq, Lk, D, Dv
+    (1, 1, 1, 1, 1, 1, 1),
+    (2, 4, 2, 1, 1100, 37, 29),  # decode with split-KV and GQA, odd sizes
+    (1, 8, 1, 1, 300, 128, 128),  # multi-query decode
+    (2, 3, 3, 3, 77, 16, 17),    # row path, several queries
+    (1, 4, 2, 37, 130, 40, 24),  # tiled path
+    (1, 2, 1, 100, 101, 9, 33),  # two query blocks
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_narrow_kv_against_oracle(isa, threads, rng, shape, kv_dtype):
+    B, H, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = _qkv(rng, *shape)
+    ks, vs, kw = _store(k, v, kv_dtype)
+    got = fastattn.scaled_dot_product_attention(q, ks, vs, num_threads=threads, **kw)
+    assert_close(got, reference.scaled_dot_product_attention(q, ks, vs, **kw), np.float32)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_narrow_kv_with_features(isa, rng, kv_dtype):
+    B, H, Hkv, Lq, Lk, D, Dv = 2, 4, 2, 6, 90, 24, 24
+    q, k, v = _qkv(rng, B, H, Hkv, Lq, Lk, D, Dv)
+    ks, vs, kw = _store(k, v, kv_dtype)
+    feats = dict(key_lengths=[90, 41], is_causal=True, causal_alignment="bottom_right",
+                 alibi_slopes=np.array([0.5, 0.25, 0.1, 0.05], np.float32), softcap=20.0,
+                 window=(30, None), sinks=np.array([0.1, -1, 2, 0], np.float32))
+    got, w = fastattn.scaled_dot_product_attention(q, ks, vs, return_weights=True, **feats, **kw)
+    ref, rw = reference.scaled_dot_product_attention(q, ks, vs, return_weights=True, **feats, **kw)
+    assert_close(got, ref, np.float32)
+    assert_close(w, rw, np.float32)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("layout", ["strided", "reversed"])
+def test_narrow_kv_strided(rng, kv_dtype, layout):
+    q, k, v = _qkv(rng, 2, 4, 2, 1, 1100, 20, 20)
+    ks, vs, kw = _store(k, v, kv_dtype)
+    ref = reference.scaled_dot_product_attention(q, ks, vs, **kw)
+    kw2 = {n: strided_copy(a, layout) for n, a in kw.items()}
+    got = fastattn.scaled_dot_product_attention(strided_copy(q, layout), strided_copy(ks, layout),
+                                                strided_copy(vs, layout), **kw2)
+    assert_close(got, ref, np.float32)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_narrow_kv_three_d(rng, kv_dtype):
+    q, k, v = _qkv(rng, 2, 1, 1, 2, 600, 16, 8)
+    ks, vs, kw = _store(k[:, 0], v[:, 0], kv_dtype)
+    got = fastattn.scaled_dot_product_attention(q[:, 0], ks, vs, **kw)
+    assert got.shape == (2, 2, 8)
+    assert_close(got, reference.scaled_dot_product_attention(q[:, 0], ks, vs, **kw), np.float32)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8, 2, 1, 4099, 64, 64), (3, 4, 4, 2, 1500, 33, 33),
+                                   (1, 2, 2, 40, 700, 32, 32)])
+def test_narrow_kv_bitwise_across_threads(isa, rng, kv_dtype, shape):
+    q, k, v = _qkv(rng, *shape)
+    ks, vs, kw = _store(k, v, kv_dtype)
+    outs = [fastattn.scaled_dot_product_attention(q, ks, vs, num_threads=n, **kw) for n in (1, 2, 3)]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+@pytest.mark.parametrize("kv_dtype,floor", [("bfloat16", 0.99999), ("int8", 0.9999),
+                                            ("float16", 0.999999)])
+def test_cosine_against_the_fp32_cache(rng, kv_dtype, floor):
+    # the target accuracy of a narrow cache against the float32 one, at
+    # the decode shape of a 7B model's layer (keys of unit variance)
+    q, k, v = _qkv(rng, 1, 32, 8, 1, 2048, 128, 128)
+    full = fastattn.scaled_dot_product_attention(q, k, v).ravel().astype(np.float64)
+    ks, vs, kw = _store(k, v, kv_dtype)
+    got = fastattn.scaled_dot_product_attention(q, ks, vs, **kw).ravel().astype(np.float64)
+    cos = got @ full / np.linalg.norm(got) / np.linalg.norm(full)
+    assert cos >= floor, cos
+
+
+def test_half_conversion_is_exact_on_every_isa(isa):
+    # every finite half and bfloat16 bit pattern, read as one key row of
+    # length 1 against q = 1 and a single value: the output is the value
+    bits = np.arange(0, 1 << 16, dtype=np.uint16)
+    for dt in (np.dtype(np.float16), BF16):
+        vals = bits.view(dt)
+        finite = np.isfinite(vals.astype(np.float32))
+        vals = vals[finite][:4096 * 3]
+        n = vals.size
+        v = vals.reshape(1, n, 1, 1)
+        k = np.zeros((1, n, 1, 1), dt)
+        q = np.ones((1, n, 1, 1), np.float32)
+        got = fastattn.scaled_dot_product_attention(q, k, v)
+        np.testing.assert_array_equal(got.ravel(), vals.astype(np.float32))
+
+
+# ---- bad mixes -----------------------------------------------------------------------
+
+def test_bad_kv_mixes(rng):
+    q, k, v = _qkv(rng, 1, 2, 2, 1, 5, 4, 4)
+    kq, ks = fastattn.quantize_kv(k)
+    vq, vs = fastattn.quantize_kv(v)
+    sdpa = fastattn.scaled_dot_product_attention
+    with pytest.raises(ValueError, match="k_scale and v_scale"):
+        sdpa(q, kq, vq)
+    with pytest.raises(ValueError, match="v_scale is required"):
+        sdpa(q, kq, vq, k_scale=ks)
+    with pytest.raises(ValueError, match="k_scale is only for int8"):
+        sdpa(q, k, v, k_scale=ks, v_scale=vs)
+    with pytest.raises(TypeError, match="share"):
+        sdpa(q, k.astype(BF16), v)
+    with pytest.raises(TypeError, match="share"):
+        sdpa(q, kq, v.astype(np.float16), k_scale=ks, v_scale=vs)
+    with pytest.raises(TypeError, match="float32 queries"):
+        sdpa(q.astype(np.float64), k.astype(BF16), v.astype(BF16))
+    with pytest.raises(ValueError, match=r"k_scale must have shape \(1, 2, 5\)"):
+        sdpa(q, kq, vq, k_scale=ks[:, :, :4], v_scale=vs)
+    with pytest.raises(TypeError, match="values must be int8"):
+        fastattn.dequantize_kv(k, ks)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        fastattn.dequantize_kv(kq, ks[..., :2])
