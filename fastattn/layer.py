@@ -36,7 +36,7 @@ from fastattn._validation import float_array, int_array, lengths_view
 from fastattn.kv_cache import KVCache, float_dtype, positive
 from fastattn.masks import prepare_mask
 from fastattn.projections import BLAS_THREADS, as_input, head_view, linear, row_buffer
-from fastattn.rotary import ROPE_LAYOUTS, ROPE_NONE, _check_base, rope_tables
+from fastattn.rotary import ROPE_LAYOUTS, _check_base, rope_tables
 
 _TOP_LEFT = _kernels.CAUSAL_ALIGNMENTS["top_left"]
 _BOTTOM_RIGHT = _kernels.CAUSAL_ALIGNMENTS["bottom_right"]
@@ -390,11 +390,13 @@ class MultiHeadAttention:
                                     num_kv_heads=int(f["num_kv_heads"]), rope=rope,
                                     rope_base=float(f["rope_base"]))
 
-    def new_cache(self, batch_size, max_len):
+    def new_cache(self, batch_size, max_len, *, kv_dtype=None):
         """A preallocated :class:`KVCache` for ``batch_size`` sequences of up
-        to ``max_len`` tokens each, on the layer's device."""
+        to ``max_len`` tokens each, on the layer's device. ``kv_dtype``
+        (float32 layers on the CPU): ``"float16"``, ``"bfloat16"`` or
+        ``"int8"`` storage, see :class:`KVCache`."""
         return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype,
-                       device=self.device)
+                       device=self.device, kv_dtype=kv_dtype)
 
     def __repr__(self):
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
@@ -593,8 +595,7 @@ class MultiHeadAttention:
         k4 = head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = head_view(buf[:, :, nq + nk:], Hkv, D)
         # append: row i of sequence b goes to cache row old[b] + i, i < new_tokens[b]
-        _kernels.rope_apply(k4, cache.k, None, None, None, ROPE_NONE, old, new_tokens, nt)
-        _kernels.rope_apply(v4, cache.v, None, None, None, ROPE_NONE, old, new_tokens, nt)
+        cache._write(k4, v4, old, new_tokens, nt)
         cache._lengths[:] = new
 
         Lk = int(new.max()) if B else 0
@@ -602,14 +603,15 @@ class MultiHeadAttention:
         out4 = head_view(attn, H, D)
         weights = np.zeros((B, H, L, Lk), dtype=dt) if return_weights else None
         scale = 1.0 / math.sqrt(D)
-        ck, cv = cache.k[:, :, :Lk], cache.v[:, :, :Lk]
+        ck, cv, kv_code, cks, cvs = cache._kernel_kv(Lk)
         if B == 0 or L == 1 or (ql is None and (old == old[0]).all()):
             # one call: a single new token sees every key its sequence holds
             # (key_lengths), and equal lengths align bottom-right for all
             kl = np.broadcast_to(new[:, None], (B, H)) if L == 1 else None
             qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
             _kernels.scaled_dot_product_attention(q4, ck, cv, out4, weights, scale, None, 0, kl, qlv,
-                                                  L > 1, _BOTTOM_RIGHT, None, nt)
+                                                  L > 1, _BOTTOM_RIGHT, None, nt,
+                                                  kv_dtype=kv_code, k_scale=cks, v_scale=cvs)
         else:
             # ragged: bottom-right alignment differs per sequence
             for b in range(B):
@@ -619,6 +621,8 @@ class MultiHeadAttention:
                 _kernels.scaled_dot_product_attention(
                     q4[b:b + 1, :, :t], ck[b:b + 1, :, :n], cv[b:b + 1, :, :n], out4[b:b + 1, :, :t],
                     None if weights is None else weights[b:b + 1, :, :t, :n], scale, None, 0, None, None,
-                    True, _BOTTOM_RIGHT, None, nt)
+                    True, _BOTTOM_RIGHT, None, nt, kv_dtype=kv_code,
+                    k_scale=None if cks is None else cks[b:b + 1, :, :n],
+                    v_scale=None if cvs is None else cvs[b:b + 1, :, :n])
         out = self._project_out(attn, ql, gt)
         return (out, weights) if return_weights else out

@@ -231,7 +231,11 @@ def _valid_calls():
             q=ARRAY, k=ARRAY, v=ARRAY, attn_mask=OPT_ARRAY, key_lengths=LENGTHS,
             query_lengths=LENGTHS, is_causal=FLAG, causal_alignment=CHOICE, scale=OPT_REAL,
             alibi_slopes=OPT_ARRAY, return_weights=FLAG, out=OUT, num_threads=THREADS,
-            key_starts=LENGTHS, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY)),
+            key_starts=LENGTHS, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY,
+            k_scale=OPT_ARRAY, v_scale=OPT_ARRAY)),
+        "quantize_kv": ((z3,), dict(x=ARRAY, num_threads=THREADS)),
+        "dequantize_kv": ((np.zeros((2, 3, 4), np.int8), np.ones((2, 3), np.float32)), dict(
+            values=ARRAY, scales=ARRAY, num_threads=THREADS)),
         "varlen_attention": ((q[0].transpose(1, 0, 2), q[0].transpose(1, 0, 2),
                               q[0].transpose(1, 0, 2), [0, 3], [0, 3]), dict(
             q=ARRAY, k=ARRAY, v=ARRAY, cu_seqlens_q=LENGTHS, cu_seqlens_k=LENGTHS,
