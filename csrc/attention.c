@@ -101,6 +101,14 @@ FA_DEFINE_MERGE(double, fa_exp)
 static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nqb,
                        int64_t it, void *scratch) {
     const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
+    if (job->group_rows) { /* item: (b, kv head), every query head of the group */
+        const int64_t hk = it % job->Hkv, b = it / job->Hkv, h0 = hk * job->group;
+        const int64_t qv1 = fa_length_at(ql, b, h0, Lq), klen = fa_length_at(&job->key_len, b, h0, job->Lk);
+        const int64_t kstart = start_at(&job->key_start, b, h0, klen);
+        if (qv1 > 0) run_block(job, b, h0, 0, qv1, kstart, klen, NULL, NULL, scratch);
+        for (int64_t h = h0; h < h0 + job->group; ++h) zero_rows(job, b, h, qv1, Lq, es);
+        return;
+    }
     const int64_t qb = it % nqb, bh = it / nqb, h = bh % job->H, b = bh / job->H;
     const int64_t q0 = qb * FA_ATTN_MQ;
     const int64_t q1 = q0 + FA_ATTN_MQ < Lq ? q0 + FA_ATTN_MQ : Lq;
@@ -119,7 +127,13 @@ static void split_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
                        int64_t span0, int64_t chunk, char *part, char *part_ml, int64_t it,
                        void *scratch) {
     const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
-    const int64_t s = it % nsplit, bh = it / nsplit, h = bh % job->H, b = bh / job->H;
+    const int64_t s = it % nsplit;
+    int64_t bh = it / nsplit, h = bh % job->H, b = bh / job->H;
+    if (job->group_rows) { /* item: (b, kv head, split); its slots are those of head h0 */
+        const int64_t bk = it / nsplit;
+        b = bk / job->Hkv, h = bk % job->Hkv * job->group, bh = b * job->H + h;
+        it = bh * nsplit + s;
+    }
     const int64_t qv1 = fa_length_at(ql, b, h, Lq), klen = fa_length_at(&job->key_len, b, h, job->Lk);
     const int64_t kstart = start_at(&job->key_start, b, h, klen);
     int64_t k0 = span0 + s * chunk, k1 = k0 + chunk;
@@ -243,6 +257,14 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     job.key_start = a->key_start;
     job.softcap = a->softcap;
     job.sinks = a->sinks;
+    /* GQA decode reads each kv head once for its whole group of query heads
+     * (attention_rows), when the group's rows fit one work item and share
+     * their lengths (per-batch lengths, not per-head ones) */
+    job.group_rows = Lq < FA_ATTN_ROW_PATH && job.group > 1 && job.group * Lq <= FA_ATTN_MQ &&
+                     !a->weights.data &&
+                     (!a->key_len.data || a->key_len.stride_m == 0) &&
+                     (!a->key_start.data || a->key_start.stride_m == 0) &&
+                     (!a->query_len.data || a->query_len.stride_m == 0);
     job.kv_dtype = kvd;
     if (kvd == FA_KV_I8) {
         job.k_scale = (const float *)a->k_scale.data;
@@ -266,13 +288,17 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     if (job.has_right && Lq - 1 + job.causal_offset + job.right + 1 < span1)
         span1 = Lq - 1 + job.causal_offset + job.right + 1;
     if (span1 < span0) span1 = span0;
+    /* work items before any split: query blocks of each head, or kv heads */
+    const int64_t units = job.group_rows ? B * Hkv : heads * nqb;
     int64_t nsplit = 1;
-    if (!job.weights && Lq < FA_ATTN_ROW_PATH && heads * nqb < FA_SPLIT_MIN_ITEMS &&
+    if (!job.weights && Lq < FA_ATTN_ROW_PATH && units < FA_SPLIT_MIN_ITEMS &&
         span1 - span0 >= 2 * FA_SPLIT_CHUNK) {
         nsplit = (span1 - span0) / FA_SPLIT_CHUNK;
         if (nsplit > FA_SPLIT_MAX) nsplit = FA_SPLIT_MAX;
     }
-    const int64_t items = heads * (nsplit > 1 ? nsplit : nqb);
+    const int64_t items = units * nsplit;
+    job.part_head_stride = nsplit * Lq * Dv;
+    job.part_ml_head_stride = nsplit * Lq * 2;
 
     /* work estimate for the thread decision: the score matrix size */
     int64_t work;

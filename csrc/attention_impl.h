@@ -534,10 +534,18 @@ static void FA_KNAME(row_pv, DT)(const T *p, const KT *vt, int64_t vst, int64_t 
     }
 }
 
+/* Queries [q0, q1) of `heads` consecutive query heads from h, all reading kv
+ * head h / group: one head, or every head of the group for GQA decode
+ * (job->group_rows). The key tiles are the outer loop and the R = heads *
+ * (q1 - q0) <= MQ rows the inner one, so each K and V tile comes from memory
+ * once for all the rows that share it; the other rows find it in L1 (a tile
+ * of 48 keys of D = 128 floats is 24 KiB). A row's tiles start at its own
+ * first visible key, so its arithmetic is exactly that of a lone row. */
 static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                          int64_t q0, int64_t q1, int64_t k0, int64_t k1,
                                          T *part, T *part_ml, FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t D = job->D, Dv = job->Dv, hk = h / job->group;
+    const int64_t heads = job->group_rows ? job->group : 1, nq = q1 - q0, R = heads * nq;
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
     const KT *kbase = (const KT *)job->k + b * job->ks[0] + hk * job->ks[1] + kr0 * job->ks[2];
     const KT *vbase = (const KT *)job->v + b * job->vs[0] + hk * job->vs[1] + kr0 * job->vs[2];
@@ -546,37 +554,53 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
     const T *vsc = FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
     (void)ksc, (void)vsc;
     const T scale = (T)job->scale;
-    const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
     const int64_t off = fa_attn_offset(job, b);
     const T cap = (T)job->softcap;
-    T *qs = sc->qt, *s = sc->st, *o = sc->acc;
-
-    for (int64_t i = q0; i < q1; ++i) {
-        const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + (qr0 + i) * job->qs[2];
+    /* per row r (head h + r / nq, query q0 + r % nq): its visible keys
+     * [kbeg, kend), and in scratch its scaled query (qt + r D), scores
+     * (st + r NK), accumulator (acc + r ldacc), m, l and ALiBi reference */
+    int64_t kbeg[FA_ATTN_MQ], kend[FA_ATTN_MQ], ntiles = 0;
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t hr = h + r / nq, i = q0 + r % nq;
+        const T *q = (const T *)job->q + b * job->qs[0] + hr * job->qs[1] + (qr0 + i) * job->qs[2];
+        T *qs = sc->qt + r * D;
         for (int64_t d = 0; d < D; ++d) qs[d] = q[d] * scale;
         /* the row's visible keys: [i + off - left, i + off + right] */
-        int64_t kbeg = k0, kend = k1;
-        if (job->has_left && i + off - job->left > kbeg) kbeg = i + off - job->left;
-        if (job->has_right && i + off + job->right + 1 < kend) kend = i + off + job->right + 1;
-        if (kend < kbeg) kend = kbeg;
-        T *w = job->weights ? (T *)job->weights + b * job->ws[0] + h * job->ws[1] + i * job->ws[2]
-                            : NULL;
-        if (w) memset(w, 0, (size_t)job->Lk * sizeof(T));
-        memset(o, 0, (size_t)Dv * sizeof(T));
-        T m = (T)-INFINITY, l = (T)0;
-        const T ref = slope != (T)0
-                          ? (T)FA_KNAME(alibi_ref, DT)(job, b, h, i + off, slope)
-                          : (T)0;
-        for (int64_t kb = kbeg; kb < kend; kb += NK) {
-            const int64_t nk = kend - kb < NK ? kend - kb : NK;
-            const int64_t nk_next = kend - kb - nk < NK ? kend - kb - nk : NK;
+        kbeg[r] = k0, kend[r] = k1;
+        if (job->has_left && i + off - job->left > kbeg[r]) kbeg[r] = i + off - job->left;
+        if (job->has_right && i + off + job->right + 1 < kend[r]) kend[r] = i + off + job->right + 1;
+        if (kend[r] < kbeg[r]) kend[r] = kbeg[r];
+        const int64_t nt = (kend[r] - kbeg[r] + NK - 1) / NK;
+        ntiles = nt > ntiles ? nt : ntiles;
+        if (job->weights)
+            memset((T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2], 0,
+                   (size_t)job->Lk * sizeof(T));
+        memset(sc->acc + r * sc->ldacc, 0, (size_t)Dv * sizeof(T));
+        sc->m[r] = (T)-INFINITY;
+        sc->l[r] = (T)0;
+        const T slope = job->alibi ? ((const T *)job->alibi)[hr] : (T)0;
+        sc->tmp[r] = slope != (T)0 ? (T)FA_KNAME(alibi_ref, DT)(job, b, hr, i + off, slope) : (T)0;
+    }
+
+    for (int64_t t = 0; t < ntiles; ++t) {
+        for (int64_t r = 0; r < R; ++r) {
+            const int64_t kb = kbeg[r] + t * NK;
+            if (kb >= kend[r]) continue;
+            const int64_t hr = h + r / nq, i = q0 + r % nq;
+            const T slope = job->alibi ? ((const T *)job->alibi)[hr] : (T)0, ref = sc->tmp[r];
+            T *qs = sc->qt + r * D, *s = sc->st + r * NK, *o = sc->acc + r * sc->ldacc;
+            T *w = job->weights ? (T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2]
+                                : NULL;
+            const int64_t nk = kend[r] - kb < NK ? kend[r] - kb : NK;
+            /* the first row of a tile brings it in and requests the next */
+            const int64_t nk_next = r > 0 ? 0 : kend[r] - kb - nk < NK ? kend[r] - kb - nk : NK;
             FA_KNAME(row_scores, DT)(qs, kbase + kb * kst, kst, D, nk, s,
                                      kbase + (kb + nk) * kst, nk_next, vbase + kb * vst, vst, Dv);
 #if KV_SCALED
             for (int64_t j = 0; j < nk; ++j) s[j] *= ksc[kb + j];
 #endif
             if (cap > (T)0) FA_KNAME(softcap_run, DT)(s, nk, cap);
-            if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, h, i, 1, kb, nk, s, 1, 0);
+            if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, hr, i, 1, kb, nk, s, 1, 0);
             T mb = (T)-INFINITY;
             for (int64_t j = 0; j < nk; ++j) {
                 if (slope != (T)0) s[j] += slope * ((T)(kb + j) - ref);
@@ -584,6 +608,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                 if (s[j] != s[j]) mb = s[j]; /* keep NaN: the row must become NaN */
             }
             if (w) memcpy(w + kb, s, (size_t)nk * sizeof(T));
+            const T m = sc->m[r];
             const T mnew = mb > m || mb != mb ? mb : m;
             const T msafe = mnew > -T_MAX || mnew != mnew ? mnew : -T_MAX;
             const T alpha = S_EXP_NONPOS(m - msafe);
@@ -600,20 +625,25 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                 s[j] = S_EXP_NONPOS(s[j] - msafe);
                 sum += s[j];
             }
-            l = l * alpha + sum;
-            m = mnew;
+            sc->l[r] = sc->l[r] * alpha + sum;
+            sc->m[r] = mnew;
 #if KV_SCALED
             /* int8 values: p_j (values_j * scale_j) = (p_j scale_j) values_j */
-            for (int64_t j = 0; j < nk; ++j) s[j] *= vsc[kb + j];
+            for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= vsc[kb + jj];
 #endif
             FA_KNAME(row_pv, DT)(s, vbase + kb * vst, vst, nk, Dv, alpha, o);
         }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t g = r / nq, i = q0 + r % nq;
+        const T *o = sc->acc + r * sc->ldacc;
         if (part) {
-            memcpy(part + (i - q0) * Dv, o, (size_t)Dv * sizeof(T));
-            part_ml[2 * (i - q0)] = m;
-            part_ml[2 * (i - q0) + 1] = l;
+            T *po = part + g * job->part_head_stride, *pml = part_ml + g * job->part_ml_head_stride;
+            memcpy(po + (i - q0) * Dv, o, (size_t)Dv * sizeof(T));
+            pml[2 * (i - q0)] = sc->m[r];
+            pml[2 * (i - q0) + 1] = sc->l[r];
         } else {
-            FA_KNAME(finish_row, DT)(job, b, h, i, o, m, l, kbeg, kend);
+            FA_KNAME(finish_row, DT)(job, b, h + g, i, o, sc->m[r], sc->l[r], kbeg[r], kend[r]);
         }
     }
 }

@@ -61,6 +61,12 @@ typedef struct {
     int kv_dtype;
     const float *k_scale, *v_scale;
     int64_t kss[2], vss[2];
+    /* GQA decode: a row-path work item covers every query head of its kv
+     * head (attention_rows), so the kv head is read once; the split-KV
+     * partial results of consecutive heads are then part_head_stride
+     * (part_ml_head_stride) elements apart. */
+    int group_rows;
+    int64_t part_head_stride, part_ml_head_stride;
 } fa_attn_job;
 
 /* i_pos - i for sequence b: the causal / ALiBi / window diagonal offset. */

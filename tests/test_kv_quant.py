@@ -305,3 +305,23 @@ def test_greedy_decode_int8_cache_agrees_with_fp32():
     assert len(set(ref)) > 50
     agree = np.mean(np.array(ref) == np.array(got))
     assert agree >= 0.99, agree
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32"] + KV_DTYPES)
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_gqa_decode_with_lengths(isa, threads, rng, kv_dtype, Lq):
+    # GQA decode reads a kv head once for its group; per-batch lengths keep
+    # that path, per-head (B, H) lengths take the per-head one: both match
+    B, H, Hkv, Lk, D = 3, 8, 2, 1500, 40
+    q, k, v = _qkv(rng, B, H, Hkv, Lq, Lk, D, D)
+    ks, vs, kw = (k, v, {}) if kv_dtype == "float32" else _store(k, v, kv_dtype)
+    kl, ql = np.array([1500, 700, 3]), np.array([Lq, 0, 1])
+    kl_h = np.repeat(kl[:, None], H, axis=1).copy()
+    ref = reference.scaled_dot_product_attention(q, ks, vs, key_lengths=kl, query_lengths=ql,
+                                                 is_causal=True, causal_alignment="bottom_right",
+                                                 **kw)
+    for lengths in (kl, kl_h):
+        got = fastattn.scaled_dot_product_attention(
+            q, ks, vs, key_lengths=lengths, query_lengths=ql, is_causal=True,
+            causal_alignment="bottom_right", num_threads=threads, **kw)
+        assert_close(got, ref, np.float32)

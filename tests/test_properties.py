@@ -43,6 +43,13 @@ def exact(got, ref, args, kwargs):
     assert_exact(got, ref)
 
 
+def exact_each(got, ref, args, kwargs):
+    """A tuple of results, each exactly the oracle's."""
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert_exact(g, r)
+
+
 _PE_KEYS = ("layout", "min_timescale", "max_timescale", "start_index")
 
 
@@ -89,6 +96,8 @@ CASES = [
     Case("scaled_dot_product_attention", S.scaled_dot_product_attention_calls()),
     Case("apply_rotary", S.apply_rotary_calls(), compare=rotary_angles_close),
     Case("alibi_slopes", S.alibi_slopes_calls()),
+    Case("quantize_kv", S.quantize_kv_calls(), compare=exact_each),
+    Case("dequantize_kv", S.dequantize_kv_calls(), compare=exact),
 ]
 
 
