@@ -351,12 +351,14 @@ def linear(BlasHandle handle, int dtype, object x, int64_t x_row_stride, object 
     check(status, "linear (cuBLAS GEMM)")
 
 
-def sdpa(BlasHandle handle, int dtype, tuple shape, object q, object k, object v, object out,
-         object scores, int64_t scores_batch, double scale, int causal, object mask,
-         int mask_kind, tuple mask_strides, object key_len, tuple key_len_strides,
-         object query_len, tuple query_len_strides, object alibi, int64_t alibi_offset,
-         const int64_t[::1] key_extent, object stream):
-    """shape = (B, H, Hkv, Lq, Lk, D, Dv); key_extent: host int64 (B,) or None."""
+def sdpa(BlasHandle handle, object q, object k, object v, object out, *, int dtype, tuple shape,
+         double scale, int causal, object mask=None, int mask_kind=0, tuple mask_strides=(),
+         object key_len=None, tuple key_len_strides=(), object query_len=None,
+         tuple query_len_strides=(), object alibi_slopes=None, int64_t alibi_offset=0,
+         const int64_t[::1] key_extent=None, object scores, int64_t scores_batch, object stream):
+    """fa_cuda_sdpa_args as keyword-only arguments named after its fields
+    (shape = (B, H, Hkv, Lq, Lk, D, Dv)); device pointers as ints, with the
+    element strides of each view; key_extent: host int64 (B,) or None."""
     cdef fa_cuda_sdpa_args a
     a.dtype = dtype
     a.B, a.H, a.Hkv, a.Lq, a.Lk, a.D, a.Dv = shape
@@ -365,7 +367,7 @@ def sdpa(BlasHandle handle, int dtype, tuple shape, object q, object k, object v
     a.mask = mask4(mask, mask_kind, mask_strides)
     a.key_len = lengths2(key_len, key_len_strides)
     a.query_len = lengths2(query_len, query_len_strides)
-    a.alibi_slopes = ptr(alibi)
+    a.alibi_slopes = ptr(alibi_slopes)
     a.alibi_offset = alibi_offset
     a.key_extent = NULL
     if key_extent is not None:

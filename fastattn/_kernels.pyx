@@ -186,51 +186,48 @@ def masked_softmax(cnp.ndarray x, cnp.ndarray y, double scale, object mask,
     check(st)
 
 
-cdef int set_features(fa_attention_args *a, object key_start, object window, double softcap,
-                      object sinks) except -1:
-    a.key_start = lengths2(key_start)
-    a.window = 0
-    a.window_left = a.window_right = 0
-    if window is not None:
-        if window[0] is not None:
-            a.window |= FA_WINDOW_LEFT
-            a.window_left = window[0]
-        if window[1] is not None:
-            a.window |= FA_WINDOW_RIGHT
-            a.window_right = window[1]
-    a.softcap = softcap
-    a.sinks = NULL if sinks is None else cnp.PyArray_DATA(<cnp.ndarray>sinks)
-    return 0
+cdef inline int window_side(object side, int flag, int64_t *bound) except -1:
+    """The window flag ``flag`` when ``side`` (None: unbounded, or an int >= 0)
+    bounds the window, and its bound in ``bound``."""
+    if side is None:
+        bound[0] = 0
+        return 0
+    bound[0] = side
+    return flag
 
 
-def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
-                                 cnp.ndarray out, object weights, double scale,
-                                 object mask, int mask_kind, object key_len,
-                                 object query_len, bint is_causal, int alignment,
-                                 object alibi, int num_threads, object key_start=None,
-                                 object window=None, double softcap=0.0, object sinks=None,
-                                 int kv_dtype=0, object k_scale=None, object v_scale=None):
+cdef inline const void *data_or_null(object a):
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+# The two attention entry points take fa_attention_args / fa_varlen_args as
+# keyword-only arguments named after the struct fields (csrc/fastattn.h), so a
+# new field is its .pxd line, one keyword here and one assignment; arrays become
+# views and pointers, nothing else is interpreted. Shapes come from the arrays.
+
+def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, *,
+                                 object weights=None, double scale, object mask=None,
+                                 int mask_kind=FA_MASK_NONE, object key_len=None,
+                                 object query_len=None, bint is_causal=False,
+                                 int alignment=FA_CAUSAL_TOP_LEFT, object alibi_slopes=None,
+                                 object key_start=None, object window_left=None,
+                                 object window_right=None, double softcap=0.0,
+                                 object sinks=None, int kv_dtype=FA_KV_SAME,
+                                 object k_scale=None, object v_scale=None, int num_threads):
     """q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), out (B,H,Lq,Dv),
-    weights None or (B,H,Lq,Lk); all with a unit last-axis stride.
-    key_start: None or a (B, H) int64 view; window: None or (left, right),
-    each an int >= 0 or None; sinks: None or (H,) contiguous in the dtype.
-    kv_dtype: 0 (k, v in q's dtype) or a KV_DTYPE_CODES value, with k and v
-    in that storage; int8 takes k_scale, v_scale (B, Hkv, Lk) float32 with a
-    unit last stride."""
+    weights None or (B,H,Lq,Lk); all with a unit last-axis stride. mask:
+    None or a 4-D broadcast view of kind mask_kind; key_len, query_len,
+    key_start: None or (B, H) int64 views; window_left/right: None
+    (unbounded) or an int >= 0; alibi_slopes, sinks: None or (H,)
+    contiguous in the dtype. kv_dtype: FA_KV_SAME (k, v in q's dtype) or a
+    KV_DTYPE_CODES value, k and v in that storage; int8 takes k_scale,
+    v_scale (B, Hkv, Lk) float32 views with a unit last stride."""
     cdef int dt = dtype_code(q)
     cdef fa_attention_args a
     cdef int st
-    a.B = q.shape[0]
-    a.H = q.shape[1]
-    a.Lq = q.shape[2]
-    a.D = q.shape[3]
-    a.Hkv = k.shape[1]
-    a.Lk = k.shape[2]
-    a.Dv = v.shape[3]
-    a.q = view4(q)
-    a.k = view4(k)
-    a.v = view4(v)
-    a.out = view4(out)
+    a.B, a.H, a.Lq, a.D = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
+    a.Hkv, a.Lk, a.Dv = k.shape[1], k.shape[2], v.shape[3]
+    a.q, a.k, a.v, a.out = view4(q), view4(k), view4(v), view4(out)
     if weights is None:
         a.weights.data = NULL
         a.weights.stride[0] = a.weights.stride[1] = a.weights.stride[2] = a.weights.stride[3] = 0
@@ -242,8 +239,12 @@ def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
     a.is_causal = is_causal
     a.alignment = alignment
     a.scale = scale
-    a.alibi_slopes = NULL if alibi is None else cnp.PyArray_DATA(<cnp.ndarray>alibi)
-    set_features(&a, key_start, window, softcap, sinks)
+    a.alibi_slopes = data_or_null(alibi_slopes)
+    a.key_start = lengths2(key_start)
+    a.window = (window_side(window_left, FA_WINDOW_LEFT, &a.window_left)
+                | window_side(window_right, FA_WINDOW_RIGHT, &a.window_right))
+    a.softcap = softcap
+    a.sinks = data_or_null(sinks)
     a.kv_dtype = kv_dtype
     a.k_scale.data = a.v_scale.data = NULL
     if k_scale is not None:
@@ -287,44 +288,32 @@ cdef fa_view4 packed_view(cnp.ndarray a) except *:
     return v
 
 
-def varlen_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out,
-                     cnp.ndarray cu_q, cnp.ndarray cu_k, double scale, bint is_causal,
-                     int alignment, object alibi, object window, double softcap,
-                     object sinks, int num_threads):
+def varlen_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, *,
+                     cnp.ndarray cu_q, cnp.ndarray cu_k, double scale, bint is_causal=False,
+                     int alignment=FA_CAUSAL_TOP_LEFT, object alibi_slopes=None,
+                     object window_left=None, object window_right=None, double softcap=0.0,
+                     object sinks=None, int num_threads):
     """q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv),
     out (total_q, H, Dv), unit last-axis strides; cu_q, cu_k (B+1,)
-    contiguous int64."""
+    contiguous int64; the rest as in scaled_dot_product_attention."""
     cdef int dt = dtype_code(q)
     cdef fa_varlen_args a
     cdef int st
     a.B = cu_q.shape[0] - 1
-    a.H = q.shape[1]
-    a.Hkv = k.shape[1]
-    a.total_q = q.shape[0]
-    a.total_k = k.shape[0]
-    a.D = q.shape[2]
-    a.Dv = v.shape[2]
+    a.H, a.Hkv = q.shape[1], k.shape[1]
+    a.total_q, a.total_k = q.shape[0], k.shape[0]
+    a.D, a.Dv = q.shape[2], v.shape[2]
     a.cu_q = <const int64_t *>cnp.PyArray_DATA(cu_q)
     a.cu_k = <const int64_t *>cnp.PyArray_DATA(cu_k)
-    a.q = packed_view(q)
-    a.k = packed_view(k)
-    a.v = packed_view(v)
-    a.out = packed_view(out)
+    a.q, a.k, a.v, a.out = packed_view(q), packed_view(k), packed_view(v), packed_view(out)
     a.is_causal = is_causal
     a.alignment = alignment
     a.scale = scale
-    a.alibi_slopes = NULL if alibi is None else cnp.PyArray_DATA(<cnp.ndarray>alibi)
-    a.window = 0
-    a.window_left = a.window_right = 0
-    if window is not None:
-        if window[0] is not None:
-            a.window |= FA_WINDOW_LEFT
-            a.window_left = window[0]
-        if window[1] is not None:
-            a.window |= FA_WINDOW_RIGHT
-            a.window_right = window[1]
+    a.alibi_slopes = data_or_null(alibi_slopes)
+    a.window = (window_side(window_left, FA_WINDOW_LEFT, &a.window_left)
+                | window_side(window_right, FA_WINDOW_RIGHT, &a.window_right))
     a.softcap = softcap
-    a.sinks = NULL if sinks is None else cnp.PyArray_DATA(<cnp.ndarray>sinks)
+    a.sinks = data_or_null(sinks)
     with nogil:
         st = fa_varlen_attention(dt, &a, num_threads)
     check(st)

@@ -67,6 +67,20 @@ def float_array(x, name, dtype=None):
     return arr
 
 
+def unit_last_axis(a):
+    """``a`` with a contiguous last axis (the attention kernels stream whole rows)."""
+    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+        return np.ascontiguousarray(a)
+    return a
+
+
+def broadcast_source(view):
+    """The smallest array that broadcasts to ``view``: its zero-stride axes
+    cut to length 1 (a view)."""
+    return view[tuple(slice(0, 1) if n > 1 and s == 0 else slice(None)
+                      for n, s in zip(view.shape, view.strides))]
+
+
 def require_ndim(arr, name, ndim, layout):
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {arr.shape}")

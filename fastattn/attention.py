@@ -8,8 +8,6 @@ from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._features import sinks_array, softcap_value, window_pair
 from fastattn._validation import (
-    OutputTarget,
-    as_array,
     bool_flag,
     choice,
     compute_dtype,
@@ -17,20 +15,14 @@ from fastattn._validation import (
     kernel_addressable,
     lengths_view,
     real_number,
+    unit_last_axis,
 )
 from fastattn.kv_quant import kv_scale_array, narrow_kv
-from fastattn.masks import CAUSAL_ALIGNMENTS, prepare_mask
+from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
-
-
-def _unit_last_axis(a):
-    """``a`` with a contiguous last axis (the kernels stream whole rows)."""
-    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
-        return np.ascontiguousarray(a)
-    return a
 
 
 def attention_geometry(q_shape, k_shape, v_shape):
@@ -168,73 +160,75 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                     and type(is_causal) is bool and (scale is None or type(scale) is float)):
                 result = np.empty((B, H, Lq, Dv), dtype=dt)
                 _kernels.scaled_dot_product_attention(
-                    q, k, v, result, None,
-                    (1.0 / math.sqrt(D) if D else 1.0) if scale is None else scale,
-                    None, 0, None, None, is_causal,
-                    CAUSAL_ALIGNMENTS[causal_alignment],
-                    None, resolve_num_threads(num_threads))
+                    q, k, v, result,
+                    scale=(1.0 / math.sqrt(D) if D else 1.0) if scale is None else scale,
+                    is_causal=is_causal, alignment=CAUSAL_ALIGNMENTS[causal_alignment],
+                    num_threads=resolve_num_threads(num_threads))
                 return result
 
-    backend = _backend.cuda_for((q, k, v), ("q", "k", "v"))
-    if backend is not None:
-        if k_scale is not None or v_scale is not None:
-            raise TypeError("k_scale and v_scale (int8 K/V) are not supported for CUDA arrays")
-        return backend.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
-            is_causal=is_causal, causal_alignment=causal_alignment, scale=scale,
-            alibi_slopes=alibi_slopes, return_weights=return_weights, out=out,
-            key_starts=key_starts, window=window, softcap=softcap, sinks=sinks)
-    qa, ka, va = (as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    # narrow K/V (bfloat16, float16, int8 + scales) stay as they are: the
-    # kernel widens them in registers
-    kv_code = narrow_kv(qa, ka, va, k_scale, v_scale)
+    backend = _backend.backend_for((q, k, v), ("q", "k", "v"))
+    qa, ka, va = (backend.asarray(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    # narrow K/V (bfloat16, float16, int8 + scales) stay as they are on the
+    # CPU: the kernel widens them in registers
+    kv_code = None
+    if backend is _backend.cpu_backend():
+        kv_code = narrow_kv(qa, ka, va, k_scale, v_scale)
+    elif k_scale is not None or v_scale is not None:
+        raise TypeError("k_scale and v_scale (int8 k and v) are read on the CPU only; "
+                        "got CUDA arrays for q, k, v")
     if kv_code is None:
         dtype = np.promote_types(
             np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
             compute_dtype(va.dtype, "v"))
-        qa, ka, va = (float_array(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
     else:
         dtype = _F32
-        qa = qa.astype(dtype) if qa.dtype.name == "bfloat16" else float_array(qa, "q", dtype)
-        ka, va = (x if kernel_addressable(x) else x.copy() for x in (ka, va))
     three_d, (B, H, Lq, D), (Hkv, Lk, Dv) = attention_geometry(qa.shape, ka.shape, va.shape)
-    user_q_shape = qa.shape
     ksa = vsa = None
     if k_scale is not None:
         ksa = kv_scale_array(k_scale, "k_scale", (B, Hkv, Lk), three_d)
         vsa = kv_scale_array(v_scale, "v_scale", (B, Hkv, Lk), three_d)
-    if three_d:
-        qa, ka, va = qa[:, None], ka[:, None], va[:, None]
     is_causal = bool_flag(is_causal, "is_causal")
     return_weights = bool_flag(return_weights, "return_weights")
     align = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
     scale = attention_scale(scale, D)
-    lead = user_q_shape[:-2]
-    kl = lengths_view(key_lengths, "key_lengths", lead, B, H, Lk, "key")
-    ks = lengths_view(key_starts, "key_starts", lead, B, H, Lk, "key")
+    lead = qa.shape[:-2]
+    kl = lengths_view(backend.host(key_lengths, "key_lengths"), "key_lengths", lead, B, H, Lk, "key")
+    ks = lengths_view(backend.host(key_starts, "key_starts"), "key_starts", lead, B, H, Lk, "key")
     window = window_pair(window)
     cap = softcap_value(softcap)
-    sinks = sinks_array(sinks, H, dtype)
-    ql = lengths_view(query_lengths, "query_lengths", lead, B, H, Lq, "query")
+    sinks = sinks_array(backend.host(sinks, "sinks"), H, dtype)
+    ql = lengths_view(backend.host(query_lengths, "query_lengths"), "query_lengths", lead, B, H,
+                      Lq, "query")
     full = (B, H, Lq, Lk)
     user_full = full[:1] + full[2:] if three_d else full
-    kind, mask4 = prepare_mask(attn_mask, user_full, full, dtype)
+    kind, mask4 = backend.attention_mask(attn_mask, user_full, full, dtype)
     slopes = None
     if alibi_slopes is not None:
-        slopes = np.ascontiguousarray(float_array(alibi_slopes, "alibi_slopes", dtype))
+        slopes = np.ascontiguousarray(
+            float_array(backend.host(alibi_slopes, "alibi_slopes"), "alibi_slopes", dtype))
         if slopes.shape != (H,):
             raise ValueError(f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
-    qa, ka, va = _unit_last_axis(qa), _unit_last_axis(ka), _unit_last_axis(va)
+    if kv_code is None:
+        qa, ka, va = (backend.operand(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+    else:
+        qa = backend.operand(qa.astype(dtype) if qa.dtype.name == "bfloat16" else qa, "q", dtype)
+        ka, va = (unit_last_axis(x if kernel_addressable(x) else x.copy()) for x in (ka, va))
+    if three_d:
+        qa, ka, va = (backend.unit_head_axis(x) for x in (qa, ka, va))
     out_shape = (B, Lq, Dv) if three_d else (B, H, Lq, Dv)
     inputs = tuple(x for x in (qa, ka, va, mask4, slopes, sinks, ksa, vsa) if x is not None)
-    target = OutputTarget(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
-                          unit_last_axis=True)
-    weights = np.empty(full, dtype=dtype) if return_weights else None
-    _kernels.scaled_dot_product_attention(
-        qa, ka, va, target.kernel_view, weights, float(scale), mask4, kind, kl, ql,
-        bool(is_causal), align, slopes, resolve_num_threads(num_threads), ks, window, cap,
-        sinks, kv_code or 0, ksa, vsa)
+    target = backend.output(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
+                            unit_last_axis=True)
+    weights = backend.empty(full, dtype) if return_weights else None
+    left, right = (None, None) if window is None else window
+    narrow = {} if kv_code is None else {"kv_dtype": kv_code, "k_scale": ksa, "v_scale": vsa}
+    backend.attention(
+        qa, ka, va, target.kernel_view, weights=weights, scale=float(scale), mask=mask4,
+        mask_kind=kind, key_len=kl, query_len=ql, is_causal=is_causal, alignment=align,
+        alibi_slopes=slopes, key_start=ks, window_left=left, window_right=right, softcap=cap,
+        sinks=sinks, num_threads=resolve_num_threads(num_threads), **narrow)
     result = target.finish()
     if return_weights:
+        weights = backend.result(weights)
         return result, weights[:, 0] if three_d else weights
     return result

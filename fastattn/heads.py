@@ -1,10 +1,8 @@
 """Splitting the model dimension into attention heads and merging them back."""
 
-import numpy as np
-
-from fastattn import _backend, _kernels
+from fastattn import _backend
 from fastattn._config import resolve_num_threads
-from fastattn._validation import OutputTarget, float_array, index_value, require_ndim
+from fastattn._validation import compute_dtype, index_value, require_ndim
 
 
 def _split_dims(x, num_heads):
@@ -41,16 +39,13 @@ def split_heads(x, num_heads, *, out=None, num_threads=None):
            [[2., 3.],
             [6., 7.]]])
     """
-    if type(x) is not np.ndarray:
-        backend = _backend.cuda_for((x,), ("x",))
-        if backend is not None:
-            return backend.split_heads(x, num_heads, out=out)
-    arr = float_array(x, "x")
+    backend = _backend.backend_for((x,), ("x",))
+    arr = backend.asarray(x, "x")
+    dtype = compute_dtype(arr.dtype, "x")
     B, S, H, D = _split_dims(arr, num_heads)
-    x4 = arr.reshape(B, S, H, D)  # splitting an axis is always a view
-    target = OutputTarget(out, (B, H, S, D), (B, H, S, D), arr.dtype, inputs=(arr,),
-                          contiguous=True)
-    _kernels.split_heads(x4, target.kernel_view, resolve_num_threads(num_threads))
+    arr, x4 = backend.kernel_input(arr, "x", dtype, (B, S, H, D))  # splitting an axis is a view
+    target = backend.output(out, (B, H, S, D), (B, H, S, D), dtype, inputs=(arr,), contiguous=True)
+    backend.split_heads(x4, target.kernel_view, num_threads=resolve_num_threads(num_threads))
     return target.finish()
 
 
@@ -74,14 +69,13 @@ def merge_heads(x, *, out=None, num_threads=None):
     >>> bool((fastattn.merge_heads(fastattn.split_heads(x, 3)) == x).all())
     True
     """
-    if type(x) is not np.ndarray:
-        backend = _backend.cuda_for((x,), ("x",))
-        if backend is not None:
-            return backend.merge_heads(x, out=out)
-    arr = float_array(x, "x")
+    backend = _backend.backend_for((x,), ("x",))
+    arr = backend.asarray(x, "x")
+    dtype = compute_dtype(arr.dtype, "x")
     require_ndim(arr, "x", 4, "(batch, heads, seq, head_dim)")
     B, H, S, D = arr.shape
+    arr, _ = backend.kernel_input(arr, "x", dtype, arr.shape)
     shape = (B, S, H * D)
-    target = OutputTarget(out, shape, shape, arr.dtype, inputs=(arr,), contiguous=True)
-    _kernels.merge_heads(arr, target.kernel_view, resolve_num_threads(num_threads))
+    target = backend.output(out, shape, shape, dtype, inputs=(arr,), contiguous=True)
+    backend.merge_heads(arr, target.kernel_view, num_threads=resolve_num_threads(num_threads))
     return target.finish()

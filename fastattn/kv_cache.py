@@ -130,10 +130,9 @@ class KVCache:
         copied, rounded to float16 / bfloat16, or quantised to int8 with
         its scales; nothing wider than the new rows is materialised."""
         if self.kv_dtype == self.dtype:
-            _kernels.rope_apply(k4, self._k, None, None, None, _kernels.ROPE_NONE, old, rows,
-                                num_threads)
-            _kernels.rope_apply(v4, self._v, None, None, None, _kernels.ROPE_NONE, old, rows,
-                                num_threads)
+            backend = _backend.cpu_backend()
+            backend.cache_append(k4, self._k, start=old, rows=rows, num_threads=num_threads)
+            backend.cache_append(v4, self._v, start=old, rows=rows, num_threads=num_threads)
             return
         B, L = k4.shape[0], k4.shape[2]
         # one call when every sequence appends the same rows at the same place

@@ -550,8 +550,9 @@ class MultiHeadAttention:
         qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
         _kernels.scaled_dot_product_attention(
             head_view(qcols, H, D), head_view(kcols, Hkv, D), head_view(vcols, Hkv, D),
-            head_view(attn, H, D), weights, 1.0 / math.sqrt(D), mask4, kind, kl, qlv,
-            is_causal, _TOP_LEFT, None, nt)
+            head_view(attn, H, D), weights=weights, scale=1.0 / math.sqrt(D), mask=mask4,
+            mask_kind=kind, key_len=kl, query_len=qlv, is_causal=is_causal, alignment=_TOP_LEFT,
+            num_threads=nt)
         out = self._project_out(attn, ql, gt)
         return (out, weights) if return_weights else out
 
@@ -609,8 +610,9 @@ class MultiHeadAttention:
             # (key_lengths), and equal lengths align bottom-right for all
             kl = np.broadcast_to(new[:, None], (B, H)) if L == 1 else None
             qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
-            _kernels.scaled_dot_product_attention(q4, ck, cv, out4, weights, scale, None, 0, kl, qlv,
-                                                  L > 1, _BOTTOM_RIGHT, None, nt,
+            _kernels.scaled_dot_product_attention(q4, ck, cv, out4, weights=weights, scale=scale,
+                                                  key_len=kl, query_len=qlv, is_causal=L > 1,
+                                                  alignment=_BOTTOM_RIGHT, num_threads=nt,
                                                   kv_dtype=kv_code, k_scale=cks, v_scale=cvs)
         else:
             # ragged: bottom-right alignment differs per sequence
@@ -620,8 +622,8 @@ class MultiHeadAttention:
                     continue
                 _kernels.scaled_dot_product_attention(
                     q4[b:b + 1, :, :t], ck[b:b + 1, :, :n], cv[b:b + 1, :, :n], out4[b:b + 1, :, :t],
-                    None if weights is None else weights[b:b + 1, :, :t, :n], scale, None, 0, None, None,
-                    True, _BOTTOM_RIGHT, None, nt, kv_dtype=kv_code,
+                    weights=None if weights is None else weights[b:b + 1, :, :t, :n], scale=scale,
+                    is_causal=True, alignment=_BOTTOM_RIGHT, num_threads=nt, kv_dtype=kv_code,
                     k_scale=None if cks is None else cks[b:b + 1, :, :n],
                     v_scale=None if cvs is None else cvs[b:b + 1, :, :n])
         out = self._project_out(attn, ql, gt)

@@ -227,21 +227,20 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     array([[0.5, 0.5, 0. , 0. ],
            [0.5, 0.5, 0. , 0. ]])
     """
-    if type(scores) is not np.ndarray:
-        backend = _backend.cuda_for((scores,), ("scores",))
-        if backend is not None:
-            return backend.masked_softmax(
-                scores, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
-                is_causal=is_causal, causal_alignment=causal_alignment, scale=scale, out=out)
-    x = float_array(scores, "scores")
-    kshape, causal, scale, kl, ql = softmax_args(x.shape, key_lengths, query_lengths, is_causal,
-                                                 causal_alignment, scale)
-    kind, mask4 = prepare_mask(attn_mask, x.shape, kshape, x.dtype)
-    x4 = x.reshape(kshape)
+    backend = _backend.backend_for((scores,), ("scores",))
+    x = backend.asarray(scores, "scores")
+    dtype = compute_dtype(x.dtype, "scores")
+    kshape, causal, scale, kl, ql = softmax_args(
+        x.shape, backend.host(key_lengths, "key_lengths"), backend.host(query_lengths, "query_lengths"),
+        is_causal, causal_alignment, scale)
+    kind, mask4 = backend.attention_mask(attn_mask, x.shape, kshape, dtype)
+    shape = x.shape
+    x, x4 = backend.kernel_input(x, "scores", dtype, kshape)
     inputs = (x,) if mask4 is None else (x, mask4)
-    target = OutputTarget(out, x.shape, kshape, x.dtype, inputs=inputs, inplace_ok=(x,))
-    _kernels.masked_softmax(x4, target.kernel_view, scale, mask4, kind, kl, ql, causal,
-                            resolve_num_threads(num_threads))
+    target = backend.output(out, shape, kshape, dtype, inputs=inputs, inplace_ok=(x,))
+    backend.masked_softmax(x4, target.kernel_view, scale=scale, mask=mask4, mask_kind=kind,
+                           key_len=kl, query_len=ql, causal=causal,
+                           num_threads=resolve_num_threads(num_threads))
     return target.finish()
 
 

@@ -7,10 +7,9 @@ import numpy as np
 from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import (
-    OutputTarget,
     check_result_size,
     choice,
-    float_array,
+    compute_dtype,
     index_value,
     real_number,
 )
@@ -109,18 +108,16 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
     array([[0.   , 0.   , 1.   , 1.   ],
            [0.841, 0.   , 0.54 , 1.   ]])
     """
-    if device != "cpu" or (out is not None and type(out) is not np.ndarray):
-        on_cuda = _backend.check_device(device) == "cuda" or _backend.is_device_array(out)
-        if on_cuda:
-            return _backend.cuda_backend().sinusoidal_position_encoding(
-                length, channels, layout=layout, min_timescale=min_timescale,
-                max_timescale=max_timescale, start_index=start_index, dtype=dtype, out=out)
+    on_cuda = device != "cpu" and _backend.check_device(device) == "cuda"
+    if out is not None and type(out) is not np.ndarray and _backend.is_device_array(out):
+        on_cuda = True
+    backend = _backend.cuda_backend() if on_cuda else _backend.cpu_backend()
     L, C, code, lo, hi, start, dt = table_args(length, channels, layout, min_timescale,
                                                max_timescale, start_index, dtype)
     # the kernel writes whole rows, so out needs a unit column stride
-    target = OutputTarget(out, (L, C), (L, C), dt, unit_last_axis=True)
-    _kernels.position_encoding(target.kernel_view, code, lo, hi, start,
-                               resolve_num_threads(num_threads))
+    target = backend.output(out, (L, C), (L, C), dt, unit_last_axis=True)
+    backend.position_table(target.kernel_view, layout=code, min_timescale=lo, max_timescale=hi,
+                           start_index=start, num_threads=resolve_num_threads(num_threads))
     return target.finish()
 
 
@@ -158,16 +155,13 @@ def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.
     >>> bool(np.allclose(y[1], fastattn.sinusoidal_position_encoding(3, 8)))
     True
     """
-    if type(x) is not np.ndarray:
-        backend = _backend.cuda_for((x,), ("x",))
-        if backend is not None:
-            return backend.add_position_encoding(
-                x, layout=layout, start_index=start_index, min_timescale=min_timescale,
-                max_timescale=max_timescale, out=out)
-    arr = float_array(x, "x")
-    code, lo, hi, start, kshape = add_args(arr.shape, layout, start_index, min_timescale, max_timescale)
-    x3 = arr.reshape(kshape)
-    target = OutputTarget(out, arr.shape, kshape, arr.dtype, inputs=(arr,), inplace_ok=(arr,))
-    _kernels.add_position_encoding(x3, target.kernel_view, code, lo, hi, start,
-                                   resolve_num_threads(num_threads))
+    backend = _backend.backend_for((x,), ("x",))
+    arr = backend.asarray(x, "x")
+    dtype = compute_dtype(arr.dtype, "x")
+    shape = arr.shape
+    code, lo, hi, start, kshape = add_args(shape, layout, start_index, min_timescale, max_timescale)
+    arr, x3 = backend.kernel_input(arr, "x", dtype, kshape)
+    target = backend.output(out, shape, kshape, dtype, inputs=(arr,), inplace_ok=(arr,))
+    backend.add_position(x3, target.kernel_view, layout=code, min_timescale=lo, max_timescale=hi,
+                         start_index=start, num_threads=resolve_num_threads(num_threads))
     return target.finish()

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from fastattn import _kernels
+from fastattn import _backend, _kernels
 from fastattn._validation import compute_dtype
 
 
@@ -161,7 +161,8 @@ def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_thr
     if bias is not None and not (isinstance(bias, np.ndarray) and bias.shape == (N,) and bias.dtype == a.dtype
                                  and bias.flags.c_contiguous):
         raise ValueError(f"linear: bias must be a contiguous ({N},) {a.dtype} array")
-    _kernels.linear(a, w, c, bias, row_start, row_stop, alpha, num_threads, rope)
+    _backend.cpu_backend().linear(a, w, c, bias=bias, row_start=row_start, row_stop=row_stop,
+                                  alpha=alpha, rope=rope, num_threads=num_threads)
 
 
 def _check_rope_epilogue(rope, c):

@@ -8,11 +8,10 @@ import numpy as np
 from fastattn import _backend, _kernels
 from fastattn._config import resolve_num_threads
 from fastattn._validation import (
-    OutputTarget,
     as_array,
     check_result_size,
     choice,
-    float_array,
+    compute_dtype,
     index_value,
     real_number,
 )
@@ -110,31 +109,21 @@ def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_thr
     array([[[ 1.   ,  1.   ,  1.   ,  1.   ],
             [-0.301,  0.99 ,  1.382,  1.01 ]]])
     """
-    if type(x) is not np.ndarray:
-        backend = _backend.cuda_for((x,), ("x",))
-        if backend is not None:
-            return backend.apply_rotary(x, positions, layout=layout, base=base, out=out)
-    arr = float_array(x, "x")
-    code, b, pos, kshape = rotary_args(arr.shape, positions, layout, base)
-    N0, N1, L, D = kshape
-    nt = resolve_num_threads(num_threads)
-    x4 = arr.reshape(kshape)
-    if D > 1 and x4.strides[-1] != x4.itemsize:
-        x4 = np.ascontiguousarray(x4)
-    # the kernel writes whole rows: an out with a strided last axis gets a
+    backend = _backend.backend_for((x,), ("x",))
+    arr = backend.asarray(x, "x")
+    dtype = compute_dtype(arr.dtype, "x")
+    shape = arr.shape
+    code, b, pos, kshape = rotary_args(shape, backend.host(positions, "positions"), layout, base)
+    arr, x4 = backend.kernel_input(arr, "x", dtype, kshape)
+    # one (N0, N1, L) view of the positions; axes they broadcast over keep a
+    # zero stride, so each backend computes each distinct position once
+    pos = np.broadcast_to(pos, shape[:-1]).reshape(kshape[:3])
+    # the kernels write whole rows: an out with a strided last axis gets a
     # buffer that is copied back
-    strided_out = isinstance(out, np.ndarray) and out.ndim and D > 1 and out.strides[-1] != out.itemsize
-    target = OutputTarget(out, arr.shape, kshape, arr.dtype, inputs=(arr,), inplace_ok=(arr,),
-                          contiguous=bool(strided_out))
-    y4 = target.kernel_view
-    if y4.size == 0:
-        return target.finish()
-    # one table row per element of positions; heads that share a position
-    # share the row through zero strides in the index
-    cos, sin = rope_tables(pos, D // 2, b, arr.dtype, nt)
-    index = np.arange(pos.size, dtype=np.int64).reshape(pos.shape)
-    index = np.broadcast_to(index, arr.shape[:-1]).reshape(N0, N1, L)
-    _kernels.rope_apply(x4, y4, index, cos, sin, code, None, None, nt)
+    target = backend.output(out, shape, kshape, dtype, inputs=(arr,), inplace_ok=(arr,),
+                            unit_last_axis=True)
+    backend.rotary(x4, target.kernel_view, positions=pos, layout=code, base=b,
+                   num_threads=resolve_num_threads(num_threads))
     return target.finish()
 
 

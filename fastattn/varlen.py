@@ -13,8 +13,9 @@ from fastattn._validation import (
     choice,
     compute_dtype,
     float_array,
+    unit_last_axis,
 )
-from fastattn.attention import _unit_last_axis, attention_scale
+from fastattn.attention import attention_scale
 from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
@@ -120,11 +121,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
         if slopes.shape != (H,):
             raise ValueError(
                 f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
-    qa, ka, va = _unit_last_axis(qa), _unit_last_axis(ka), _unit_last_axis(va)
+    qa, ka, va = unit_last_axis(qa), unit_last_axis(ka), unit_last_axis(va)
     inputs = tuple(x for x in (qa, ka, va, slopes, sinks) if x is not None)
     target = OutputTarget(out, (total_q, H, Dv), (total_q, H, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)
-    _kernels.varlen_attention(qa, ka, va, target.kernel_view, cu_q, cu_k, float(scale),
-                              is_causal, align, slopes, window, cap, sinks,
-                              resolve_num_threads(num_threads))
+    left, right = (None, None) if window is None else window
+    _kernels.varlen_attention(qa, ka, va, target.kernel_view, cu_q=cu_q, cu_k=cu_k,
+                              scale=float(scale), is_causal=is_causal, alignment=align,
+                              alibi_slopes=slopes, window_left=left, window_right=right,
+                              softcap=cap, sinks=sinks, num_threads=resolve_num_threads(num_threads))
     return target.finish()

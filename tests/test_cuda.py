@@ -480,8 +480,9 @@ class FakeExtension:
             r = r + _host_view(bias, dt, (nout,), (1,))
         _host_view(y, dt, (rows, nout), (yrs, 1))[...] = r
 
-    def sdpa(self, handle, dtype, shape, q, k, v, out, scores, scores_batch, scale, causal, mask, kind, mstr,
-             kl, kls, ql, qls, alibi, alibi_offset, key_extent, stream):
+    def sdpa(self, handle, q, k, v, out, *, dtype, shape, scale, causal, mask=None, mask_kind=0,
+             mask_strides=(), key_len=None, key_len_strides=(), query_len=None, query_len_strides=(),
+             alibi_slopes=None, alibi_offset=0, key_extent=None, scores, scores_batch, stream):
         """The C driver's algorithm: per (b, kv head) one folded GEMM over
         the G query heads, keys limited to key_extent[b]."""
         self.calls.append("sdpa")
@@ -498,16 +499,16 @@ class FakeExtension:
             for g in range(Hkv):
                 qg = qv[b, g * G:(g + 1) * G].reshape(G * Lq, D)
                 s[b, g * G:(g + 1) * G, :, :ext] = (qg @ kv[b, g, :ext].T * scale).reshape(G, Lq, ext)
-        if alibi:
-            slopes = _host_view(alibi, dt, (H,), (1,)).astype(np.float64)
+        if alibi_slopes:
+            slopes = _host_view(alibi_slopes, dt, (H,), (1,)).astype(np.float64)
             i = np.arange(Lq)[:, None] + alibi_offset
             s = s - slopes[:, None, None] * (i - np.arange(Lk)[None, :])
-        m = self._mask(dtype, (B, H, Lq, Lk), mask, kind, mstr)
+        m = self._mask(dtype, (B, H, Lq, Lk), mask, mask_kind, mask_strides)
         if m is not None and m.dtype != bool:
             s = s + m
             m = None
-        kl_v = _host_view(kl, np.int64, (B, H), kls) if kl else None
-        ql_v = _host_view(ql, np.int64, (B, H), qls) if ql else None
+        kl_v = _host_view(key_len, np.int64, (B, H), key_len_strides) if key_len else None
+        ql_v = _host_view(query_len, np.int64, (B, H), query_len_strides) if query_len else None
         p = self._softmax(s, m, kl_v, ql_v, causal)
         for b in range(B):
             ext = Lk if key_extent is None else int(key_extent[b])
@@ -1019,12 +1020,32 @@ def test_mha_query_lengths_are_per_sequence(backend, rng):
             gpu(xd, query_lengths=bad)
 
 
-@pytest.mark.parametrize("name", ["masked_softmax", "split_heads", "merge_heads", "sinusoidal_position_encoding",
-                                  "add_position_encoding", "apply_rotary", "scaled_dot_product_attention"])
-def test_backend_functions_take_the_public_arguments(name):
-    """Each public function hands its arguments to the CUDA backend's function
-    of the same name: their parameters must stay the same (``device`` only
-    chooses the backend)."""
+def test_backends_expose_one_kernel_table():
+    """Every backend has the same kernels with identical signatures (names,
+    kinds, defaults), so the neutral code calls each the same way."""
     import inspect
-    public = [p for p in inspect.signature(getattr(fastattn, name)).parameters if p != "device"]
-    assert list(inspect.signature(getattr(fbk, name)).parameters) == public
+
+    from fastattn._backend import cpu
+
+    assert cpu.KERNELS == fbk.KERNELS
+    for name in cpu.KERNELS:
+        want = inspect.signature(getattr(cpu, name))
+        got = inspect.signature(getattr(fbk, name))
+        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == \
+            [(p.name, p.kind, p.default) for p in want.parameters.values()], name
+    helpers = ("asarray", "host", "operand", "kernel_input", "unit_head_axis", "attention_mask",
+               "empty", "output", "result")
+    for name in helpers:
+        assert callable(getattr(cpu, name)) and callable(getattr(fbk, name)), name
+
+
+@pytest.mark.parametrize("arg, value", [("key_starts", [0, 1]), ("window", (2, None)),
+                                        ("softcap", 30.0), ("sinks", [0.5, 0.5])])
+def test_model_features_are_cpu_only_for_now(backend, rng, arg, value):
+    """The CUDA attention kernel names the argument it cannot honour yet,
+    after the shared checks passed."""
+    if backend.name != "emulated":
+        pytest.skip("the message of the emulated backend is the GPU's")
+    q = backend.to_device(_rand(rng, (2, 2, 3, 4), np.float32))
+    with pytest.raises(NotImplementedError, match=f"{arg} is not supported on the CUDA backend"):
+        fastattn.scaled_dot_product_attention(q, q, q, **{arg: value})

@@ -535,7 +535,8 @@ def test_head_views_are_views_and_sdpa_writes_the_merged_layout(rng):
     attn = np.zeros((B, L, H * D), np.float32)
     out4 = _head_view(attn, H, D)
     assert np.shares_memory(out4, attn) and not out4.flags.c_contiguous
-    _kernels.scaled_dot_product_attention(q, k, v, out4, None, 0.5, None, 0, None, None, True, 1, None, 1)
+    _kernels.scaled_dot_product_attention(q, k, v, out4, scale=0.5, is_causal=True,
+                                          alignment=_kernels.CAUSAL_ALIGNMENTS["top_left"], num_threads=1)
     want = ref.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5)
     assert_close(attn, want.transpose(0, 2, 1, 3).reshape(B, L, H * D))
 

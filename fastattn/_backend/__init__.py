@@ -112,6 +112,20 @@ def cuda_backend():
     return module
 
 
+def cpu_backend():
+    """The CPU backend module (imported on first use: it imports the public
+    modules whose helpers it shares)."""
+    from fastattn._backend import cpu as module
+
+    return module
+
+
+def backend_for(arrays, names):
+    """The backend module that runs a call on ``arrays`` (TypeError when they
+    mix host and CUDA arrays)."""
+    return cuda_backend() if device_of(*arrays, names=names) == "cuda" else cpu_backend()
+
+
 def cuda_for(arrays, names):
     """The CUDA backend module when ``arrays`` are CUDA arrays, None when
     they are host arrays (TypeError when they mix both)."""

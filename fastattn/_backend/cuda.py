@@ -30,9 +30,8 @@ import threading
 import numpy as np
 
 from fastattn._backend import CudaUnavailableError, is_device_array
-from fastattn._validation import bool_flag, choice, compute_dtype, lengths_view, require_ndim
-from fastattn.attention import attention_geometry, attention_scale
-from fastattn.heads import _split_dims
+from fastattn._kernels import MASK_NONE as _MASK_NONE
+from fastattn._validation import bool_flag, broadcast_source, choice, compute_dtype, lengths_view
 from fastattn.layer import (
     _check_cache_call,
     _check_cache_fits,
@@ -41,10 +40,9 @@ from fastattn.layer import (
     check_key_value_shapes,
     check_self_attention,
 )
-from fastattn.masks import _MASK_ADD, _MASK_BOOL, CAUSAL_ALIGNMENTS, softmax_args
-from fastattn.position import add_args, table_args
+from fastattn.masks import _MASK_ADD, _MASK_BOOL, CAUSAL_ALIGNMENTS
 from fastattn.projections import check_input_shape
-from fastattn.rotary import ROPE_LAYOUTS, rotary_args
+from fastattn.rotary import ROPE_LAYOUTS
 
 
 class _DtypeCodes(dict):
@@ -63,6 +61,8 @@ _DTYPE_CODES = _DtypeCodes()
 # 1 GiB still hands cuBLAS hundreds of (Lq x Lk) products per call (enough to
 # fill the GPU) while bounding the temporary memory of long sequences.
 SCORES_WORKSPACE_BYTES = 1 << 30
+
+_TOP_LEFT = CAUSAL_ALIGNMENTS["top_left"]
 
 
 # ---- availability ----------------------------------------------------------------
@@ -477,6 +477,10 @@ class _Output:
         else:
             self.kernel = view
 
+    @property
+    def kernel_view(self):
+        return self.kernel
+
     def finish(self):
         if self.copy_back is not None:
             self.rt.copy(self.array, self.copy_back)
@@ -578,127 +582,67 @@ def _lengths_args(rt, host):
 # ---- fused masked softmax ---------------------------------------------------------------------
 
 
-def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=None,
-                   is_causal=False, causal_alignment="top_left", scale=1.0, out=None,
-                   num_threads=None):
-    """GPU :func:`fastattn.masked_softmax`: the fused masked softmax over the
-    last axis of ``scores`` ``(..., Lq, Lk)``. ``num_threads`` is accepted
-    for API compatibility and ignored."""
-    x = _device_array(scores, "scores")
-    dtype = _compute_dtype(x, "scores")
-    kshape, causal, scale, kl, ql = softmax_args(
-        x.shape, _host_or_none(key_lengths, "key_lengths"), _host_or_none(query_lengths, "query_lengths"),
-        is_causal, causal_alignment, scale)
-    kl, ql = _contiguous_or_none(kl), _contiguous_or_none(ql)
-    mask = _MaskSpec(attn_mask, x.shape, dtype)
-
+def masked_softmax(x, y, *, scale, mask=None, mask_kind=_MASK_NONE, key_len=None,
+                   query_len=None, causal, num_threads):
+    """The CPU backend's ``masked_softmax`` kernel on device arrays: x, y
+    (B, M, Lq, Lk) device views; ``num_threads`` is ignored."""
     rt = _Runtime()
-    rt.attach(x, "scores")
-    x4 = rt.kernel_view(x, dtype, kshape)
-    mptr, mkind, mstrides, mkeep = mask.realize(rt, kshape)
-    klp, kls, klkeep = _lengths_args(rt, kl)
-    qlp, qls, qlkeep = _lengths_args(rt, ql)
-    target = _Output(rt, out, x.shape, dtype, kshape, inputs=(x4, mkeep), inplace_ok=(x4,))
-    y4 = target.kernel
-    rt.lib.masked_softmax(_DTYPE_CODES[dtype], x4.ptr, x4.strides, y4.ptr, y4.strides, kshape,
+    mptr, mkind, mstrides, mkeep = _PreparedMask(mask_kind, mask).realize(rt, x.shape)
+    klp, kls, klkeep = _lengths_args(rt, _contiguous_or_none(key_len))
+    qlp, qls, qlkeep = _lengths_args(rt, _contiguous_or_none(query_len))
+    rt.lib.masked_softmax(_DTYPE_CODES[x.dtype], x.ptr, x.strides, y.ptr, y.strides, x.shape,
                           scale, mptr, mkind, mstrides, klp, kls, qlp, qls, causal, rt.stream)
     del mkeep, klkeep, qlkeep  # the queued kernel is ordered before any reuse
-    return target.finish()
 
 
-# ---- heads --------------------------------------------------------------------------------------
+# ---- heads ----------------------------------------------------------------------------------
 
 
-def split_heads(x, num_heads, *, out=None, num_threads=None):
-    """GPU :func:`fastattn.split_heads`: ``(B, S, H*D)`` to a C-contiguous
-    ``(B, H, S, D)``, in one strided copy kernel."""
-    a = _device_array(x, "x")
-    dtype = _compute_dtype(a, "x")
-    B, S, H, D = _split_dims(a, num_heads)
-    rt = _Runtime()
-    rt.attach(a, "x")
-    s0, s1, s2 = a.strides
-    src = a.at(0, (B, H, S, D), (s0, s2 * D, s1, s2))
-    target = _Output(rt, out, (B, H, S, D), dtype, (B, H, S, D), inputs=(a,))
-    rt.copy(src, target.kernel)
-    return target.finish()
+def split_heads(x, y, *, num_threads):
+    """x (B, S, H, D) any strides; y C-contiguous (B, H, S, D): one strided
+    copy kernel."""
+    B, S, H, D = x.shape
+    s0, s1, s2, s3 = x.strides
+    _Runtime().copy(x.at(0, (B, H, S, D), (s0, s2, s1, s3)), y)
 
 
-def merge_heads(x, *, out=None, num_threads=None):
-    """GPU :func:`fastattn.merge_heads`: ``(B, H, S, D)`` to a C-contiguous
-    ``(B, S, H*D)``."""
-    a = _device_array(x, "x")
-    dtype = _compute_dtype(a, "x")
-    require_ndim(a, "x", 4, "(batch, heads, seq, head_dim)")
-    B, H, S, D = a.shape
-    rt = _Runtime()
-    rt.attach(a, "x")
-    s0, s1, s2, s3 = a.strides
-    src = a.at(0, (B, S, H, D), (s0, s2, s1, s3))
-    target = _Output(rt, out, (B, S, H * D), dtype, (B, S, H, D), inputs=(a,))
-    rt.copy(src, target.kernel)
-    return target.finish()
+def merge_heads(x, y, *, num_threads):
+    """x (B, H, S, D) any strides; y C-contiguous (B, S, H*D)."""
+    B, H, S, D = x.shape
+    s0, s1, s2, s3 = x.strides
+    _Runtime().copy(x.at(0, (B, S, H, D), (s0, s2, s1, s3)), y.reshaped((B, S, H, D)))
 
 
 # ---- positional encodings ------------------------------------------------------------------------
 
 
-def sinusoidal_position_encoding(length, channels, *, layout="concat", min_timescale=1.0,
-                                 max_timescale=1.0e4, start_index=0, dtype=np.float32,
-                                 out=None, num_threads=None):
-    """GPU :func:`fastattn.sinusoidal_position_encoding`: the ``(length,
-    channels)`` table, angles in double precision."""
-    L, C, code, lo, hi, start, dt = table_args(length, channels, layout, min_timescale,
-                                               max_timescale, start_index, dtype)
+def position_table(out, *, layout, min_timescale, max_timescale, start_index, num_threads):
+    """out (length, channels) with a unit column stride; angles in double
+    precision."""
     rt = _Runtime()
-    target = _Output(rt, out, (L, C), dt, (L, C), unit_last_stride=True)
-    t = target.kernel
-    rt.lib.position_encoding(_DTYPE_CODES[dt], t.ptr, t.strides[0], L, C, code, lo, hi, start,
-                             rt.stream)
-    return target.finish()
+    L, C = out.shape
+    rt.lib.position_encoding(_DTYPE_CODES[out.dtype], out.ptr, out.strides[0], L, C, layout,
+                             min_timescale, max_timescale, start_index, rt.stream)
 
 
-def add_position_encoding(x, *, layout="concat", start_index=0, min_timescale=1.0,
-                          max_timescale=1.0e4, out=None, num_threads=None):
-    """GPU :func:`fastattn.add_position_encoding`: ``x + PE`` over
-    ``(..., length, channels)`` in one pass, without the table."""
-    a = _device_array(x, "x")
-    dtype = _compute_dtype(a, "x")
-    code, lo, hi, start, kshape = add_args(a.shape, layout, start_index, min_timescale, max_timescale)
+def add_position(x, y, *, layout, min_timescale, max_timescale, start_index, num_threads):
+    """x, y (B, length, channels) views: ``x + PE`` in one pass."""
     rt = _Runtime()
-    rt.attach(a, "x")
-    x3 = rt.kernel_view(a, dtype, kshape)
-    target = _Output(rt, out, a.shape, dtype, kshape, inputs=(x3,), inplace_ok=(x3,))
-    y3 = target.kernel
-    rt.lib.add_position_encoding(_DTYPE_CODES[dtype], x3.ptr, x3.strides, y3.ptr, y3.strides,
-                                 kshape, code, lo, hi, start, rt.stream)
-    return target.finish()
+    rt.lib.add_position_encoding(_DTYPE_CODES[x.dtype], x.ptr, x.strides, y.ptr, y.strides,
+                                 x.shape, layout, min_timescale, max_timescale, start_index,
+                                 rt.stream)
 
 
-def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_threads=None):
-    """GPU :func:`fastattn.apply_rotary`: RoPE of ``x`` ``(..., L, D)``
-    at host or device ``positions``; ``out`` may be ``x``."""
-    a = _device_array(x, "x")
-    dtype = _compute_dtype(a, "x")
-    code, base, pos, kshape = rotary_args(a.shape, _host_array(positions, "positions"), layout, base)
-    N0, N1, L, D = kshape
+def rotary(x, y, *, positions, layout, base, num_threads):
+    """x, y (N0, N1, L, D) views; positions a host int64 (N0, N1, L) view
+    (zero strides where broadcast), uploaded once per distinct element."""
     rt = _Runtime()
-    rt.attach(a, "x")
-    x4 = rt.kernel_view(a, dtype, kshape)
-    pos_dev = rt.upload(pos.astype(np.int64, copy=False))
-    pstrides = _broadcast_strides(pos_dev.shape, pos_dev.strides, a.shape[:-1], "positions", "shape")
-    pview = _Array(pos_dev.ptr, a.shape[:-1], pstrides, np.int64, pos_dev.obj).reshaped((N0, N1, L))
-    if pview is None:
-        pos_dev = rt.upload(np.broadcast_to(pos, a.shape[:-1]).reshape(N0, N1, L))
-        pview = pos_dev
-    target = _Output(rt, out, a.shape, dtype, kshape, inputs=(x4,), inplace_ok=(x4,))
-    y4 = target.kernel
-    rt.lib.apply_rotary(_DTYPE_CODES[dtype], x4.ptr, x4.strides, y4.ptr, y4.strides, kshape,
-                        pview.ptr, pview.strides[:3], code, base, rt.stream)
-    return target.finish()
-
-
-# ---- scaled dot-product attention --------------------------------------------------------------
+    source = rt.upload(broadcast_source(positions), dtype=np.int64)
+    strides = _broadcast_strides(source.shape, source.strides, positions.shape, "positions",
+                                 "shape")
+    rt.lib.apply_rotary(_DTYPE_CODES[x.dtype], x.ptr, x.strides, y.ptr, y.strides, x.shape,
+                        source.ptr, strides, layout, base, rt.stream)
+    del source  # the queued kernel is ordered before any reuse
 
 
 def _key_extent(kl, ql, causal, B, Lq, Lk):
@@ -740,77 +684,153 @@ def _attention(rt, q, k, v, dtype, *, mask, kl, ql, causal, alignment, scale, al
         scores_batch = max(1, min(B, SCORES_WORKSPACE_BYTES // max(per_item, 1)))
         scores = rt.empty((scores_batch, H, Lq, Lk), dtype)
     extent = _key_extent(kl, ql, causal, B, Lq, Lk)
-    rt.lib.sdpa(rt.blas(), _DTYPE_CODES[dtype], (B, H, Hkv, Lq, Lk, D, Dv), q.ptr, k.ptr, v.ptr,
-                out_kernel.ptr, scores.ptr, scores_batch, scale, causal, mptr, mkind, mstrides,
-                klp, kls, qlp, qls, alibi_dev.ptr if alibi_dev is not None else None,
-                alibi_offset, extent, rt.stream)
+    rt.lib.sdpa(rt.blas(), q.ptr, k.ptr, v.ptr, out_kernel.ptr, dtype=_DTYPE_CODES[dtype],
+                shape=(B, H, Hkv, Lq, Lk, D, Dv), scale=scale, causal=causal, mask=mptr,
+                mask_kind=mkind, mask_strides=mstrides, key_len=klp, key_len_strides=kls,
+                query_len=qlp, query_len_strides=qls,
+                alibi_slopes=alibi_dev.ptr if alibi_dev is not None else None,
+                alibi_offset=alibi_offset, key_extent=extent, scores=scores.ptr,
+                scores_batch=scores_batch, stream=rt.stream)
     del mkeep, klkeep, qlkeep, alibi_dev, scores
 
 
-def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
-                                 query_lengths=None, is_causal=False,
-                                 causal_alignment="top_left", scale=None, alibi_slopes=None,
-                                 return_weights=False, out=None, num_threads=None,
-                                 key_starts=None, window=None, softcap=None, sinks=None):
-    """GPU :func:`fastattn.scaled_dot_product_attention`: cuBLAS Q Kᵀ, the
-    fused masked softmax, cuBLAS P V.
+class _PreparedMask:
+    """A mask the neutral code already laid out for the kernel (kind and a
+    device view of the kernel's shape), in the form :func:`_attention` takes."""
 
-    ``q`` ``(B, H, Lq, D)``, ``k`` ``(B, Hkv, Lk, D)``, ``v`` ``(B, Hkv, Lk,
-    Dv)`` with ``H % Hkv == 0`` (query head h reads kv head ``h // (H //
-    Hkv)``), or all 3-D ``(B, L, D)`` for one head. Masks, lengths,
-    causality, ``scale`` (default ``1/sqrt(D)``) and ALiBi (``alibi_slopes``
-    ``(H,)`` adds ``-slope[h] * (i_pos - j)``, ``i_pos`` aligned like the
-    causal mask) mean what they mean on the CPU. Returns ``out``, or
-    ``(out, weights)`` with ``return_weights=True``.
-    """
-    for name, value in (("key_starts", key_starts), ("window", window),
-                        ("softcap", softcap), ("sinks", sinks)):
-        if value is not None:
-            raise NotImplementedError(f"{name} is not supported on the CUDA backend yet")
-    qa = _device_array(q, "q")
-    ka = _device_array(k, "k")
-    va = _device_array(v, "v")
-    dtype = np.dtype(np.result_type(_compute_dtype(qa, "q"), _compute_dtype(ka, "k"),
-                                    _compute_dtype(va, "v")))
-    three_d, (B, H, Lq, D), (Hkv, Lk, Dv) = attention_geometry(qa.shape, ka.shape, va.shape)
-    ndim = 3 if three_d else 4
-    if three_d:  # one head: (B, L, D) as (B, 1, L, D)
-        q4, k4, v4 = (a.at(0, (a.shape[0], 1) + a.shape[1:], (a.strides[0], 0) + a.strides[1:])
-                      for a in (qa, ka, va))
-    else:
-        q4, k4, v4 = qa, ka, va
-    causal = _causal_code(is_causal, causal_alignment)
-    alignment = choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)
-    scale = attention_scale(scale, D)
-    scores_shape = (B, H, Lq, Lk) if ndim == 4 else (B, Lq, Lk)
-    lead = scores_shape[:-2]
-    kl = _lengths(key_lengths, "key_lengths", lead, B, H, Lk, "key")
-    ql = _lengths(query_lengths, "query_lengths", lead, B, H, Lq, "query")
-    mask = _MaskSpec(attn_mask, scores_shape, dtype)
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = _host_array(alibi_slopes, "alibi_slopes")
-        compute_dtype(alibi.dtype, "alibi_slopes")
-        if alibi.shape != (H,):
-            raise ValueError(f"alibi_slopes must have shape ({H},) for {H} query heads, got {alibi.shape}")
-        alibi = alibi.astype(np.float64)
-    out_shape = (B, H, Lq, Dv) if ndim == 4 else (B, Lq, Dv)
+    def __init__(self, kind, view):
+        self.kind, self.view = kind, view
 
+    def realize(self, rt, kernel_shape):
+        if self.view is None:
+            return None, 0, (0, 0, 0, 0), None
+        return self.view.ptr, self.kind, self.view.strides, self.view
+
+
+def attention(q, k, v, out, *, weights=None, scale, mask=None, mask_kind=_MASK_NONE,
+              key_len=None, query_len=None, is_causal=False, alignment=_TOP_LEFT,
+              alibi_slopes=None, key_start=None, window_left=None, window_right=None,
+              softcap=0.0, sinks=None, kv_dtype=0, k_scale=None, v_scale=None, num_threads):
+    """The CPU backend's ``attention`` kernel on device arrays: cuBLAS Q Kᵀ,
+    the fused masked softmax, cuBLAS P V. ``num_threads`` is ignored; the
+    model-feature arguments and narrow K/V are not implemented here yet."""
+    for public, unset in (("key_starts", key_start is None),
+                          ("k_scale", kv_dtype == 0 and k_scale is None and v_scale is None),
+                          ("window", window_left is None and window_right is None),
+                          ("softcap", softcap == 0.0), ("sinks", sinks is None)):
+        if not unset:
+            raise NotImplementedError(f"{public} is not supported on the CUDA backend yet")
     rt = _Runtime()
-    for arr, name in ((qa, "q"), (ka, "k"), (va, "v")):
-        rt.attach(arr, name)
-    qc = rt.contiguous(q4, dtype)
-    kc = rt.contiguous(k4, dtype)
-    vc = rt.contiguous(v4, dtype)
-    target = _Output(rt, out, out_shape, dtype, (B, H, Lq, Dv), inputs=(qc, kc, vc), contiguous=True)
-    weights = rt.empty((B, H, Lq, Lk), dtype) if return_weights else None
-    _attention(rt, qc, kc, vc, dtype, mask=mask, kl=kl, ql=ql, causal=causal, alignment=alignment,
-               scale=scale, alibi=alibi, weights_target=weights, out_kernel=target.kernel)
-    result = target.finish()
-    if not return_weights:
-        return result
-    w = weights.obj if ndim == 4 else weights.obj.reshape(scores_shape)
-    return result, w
+    dtype = q.dtype
+    q, k, v = (rt.contiguous(a, dtype) for a in (q, k, v))
+    target = out if out.is_c_contiguous() else rt.empty(out.shape, dtype)
+    _attention(rt, q, k, v, dtype, mask=_PreparedMask(mask_kind, mask),
+               kl=_contiguous_or_none(key_len), ql=_contiguous_or_none(query_len),
+               causal=alignment if is_causal else 0,
+               alignment="top_left" if alignment == _TOP_LEFT else "bottom_right", scale=scale,
+               alibi=alibi_slopes, weights_target=weights, out_kernel=target)
+    if target is not out:
+        rt.copy(target, out)
+
+
+def cache_append(src, cache, *, start, rows, num_threads):
+    """src (B, M, L, C) and cache (B, M, max_len, C) device views of one
+    dtype; start, rows host int64 (B,): row i < rows[b] of src[b] becomes
+    cache row start[b] + i."""
+    rt = _Runtime()
+    B = len(start)
+    index = rt.upload(np.concatenate([start, rows]), dtype=np.int64)
+    rt.append_rows(src, cache, index.at(0, (B,), (1,)), index.at(B, (B,), (1,)))
+    del index  # the queued kernel is ordered before any reuse
+
+
+def linear(a, w, c, *, bias=None, row_start=None, row_stop=None, alpha=1.0, rope=None,
+           num_threads):
+    """c = a @ w + bias through cuBLAS: a (B, M, K), w (K, N), c (B, M, N)
+    device views of one dtype with unit last strides; bias None or a (N,)
+    device view. Row ranges, alpha and the RoPE epilogue are CPU-only for
+    now (the device layer rotates with the rotary kernel instead)."""
+    for public, unset in (("row_start", row_start is None), ("row_stop", row_stop is None),
+                          ("alpha", alpha == 1.0), ("rope", rope is None)):
+        if not unset:
+            raise NotImplementedError(f"linear: {public} is not supported on the CUDA backend yet")
+    rt = _Runtime()
+    B, M, K = a.shape
+    N = w.shape[1]
+    # one GEMM over all B * M rows when both a and c step through them evenly
+    a2, c2 = a.reshaped((B * M, K)), c.reshaped((B * M, N))
+    pairs = [(a2, c2)] if a2 is not None and c2 is not None else [
+        (a.at(b * a.strides[0], (M, K), a.strides[1:]), c.at(b * c.strides[0], (M, N), c.strides[1:]))
+        for b in range(B)]
+    for x, y in pairs:
+        rt.lib.linear(rt.blas(), _DTYPE_CODES[a.dtype], x.ptr, x.strides[0], w.ptr, w.strides[0],
+                      None if bias is None else bias.ptr, y.ptr, y.strides[0], x.shape[0], K, N,
+                      rt.stream)
+
+
+KERNELS = ("attention", "masked_softmax", "split_heads", "merge_heads", "position_table",
+           "add_position", "rotary", "cache_append", "linear")
+
+
+# ---- array helpers: what the neutral code needs on device arrays ------------------------------
+
+
+def asarray(x, name):
+    """``x`` as an _Array (TypeError for host arrays and other objects)."""
+    return _device_array(x, name)
+
+
+def host(values, name):
+    """Small per-call data (lengths, slopes, sinks) on the host: device
+    arrays are copied down, anything else is returned as it is."""
+    if values is not None and is_device_array(values):
+        return _host_array(values, name)
+    return values
+
+
+def operand(a, name, dtype):
+    """``a`` on the current device as a C-contiguous array of ``dtype``."""
+    rt = _Runtime()
+    rt.attach(a, name)
+    return rt.contiguous(a, dtype)
+
+
+def kernel_input(x, name, dtype, kernel_shape):
+    """``(x, its view of kernel_shape in dtype)`` on the current device; a
+    converted contiguous copy when the dtype differs or no view exists."""
+    rt = _Runtime()
+    rt.attach(x, name)
+    view = rt.kernel_view(x, dtype, kernel_shape)
+    return view, view
+
+
+def unit_head_axis(a):
+    """A 3-D ``(B, L, D)`` array as the ``(B, 1, L, D)`` view of one head."""
+    return a.at(0, (a.shape[0], 1) + a.shape[1:], (a.strides[0], 0) + a.strides[1:])
+
+
+def attention_mask(attn_mask, user_shape, kernel_shape, dtype):
+    """``(kind, device view of kernel_shape)`` of a user ``attn_mask`` that
+    broadcasts to ``user_shape``; ``(0, None)`` without one."""
+    spec = _MaskSpec(attn_mask, user_shape, dtype)
+    if spec.kind == 0:
+        return 0, None
+    _, kind, _, view = spec.realize(_Runtime(), kernel_shape)
+    return kind, view
+
+
+def output(out, shape, kernel_shape, dtype, inputs=(), inplace_ok=(), contiguous=False,
+           unit_last_axis=False):
+    """Where a kernel writes: ``.kernel_view`` (``kernel_shape``), then
+    ``.finish()`` returns ``out`` or a new CuPy array of ``shape``."""
+    return _Output(_Runtime(), out, shape, dtype, kernel_shape,
+                   inputs=tuple(x for x in inputs if isinstance(x, _Array)),
+                   inplace_ok=inplace_ok, contiguous=contiguous, unit_last_stride=unit_last_axis)
+
+
+def result(a):
+    """A buffer made by :func:`empty` as the array returned to the user."""
+    return a.obj
 
 
 # ---- what fastattn.KVCache needs on the device ----------------------------------------------
@@ -908,9 +928,11 @@ class DeviceLayer:
         else:
             w_ptr = self._w_sep[which].ptr
             w_rs = width
-        bias = self._b_qkv.ptr + col0 * dt.itemsize if self._b_qkv is not None else None
-        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], x.ptr, x.shape[-1], w_ptr, w_rs, bias, y.ptr,
-                      width, rows, x.shape[-1], width, rt.stream)
+        keep = self._w_qkv if self._fused else self._w_sep[which]
+        w = _Array(w_ptr, (x.shape[-1], width), (w_rs, 1), dt, keep)
+        bias = None if self._b_qkv is None else self._b_qkv.at(col0, (width,), (1,))
+        linear(x.reshaped((1, rows, x.shape[-1])), w, y.reshaped((1, rows, width)), bias=bias,
+               num_threads=None)
         return y
 
     def _rotate(self, rt, src, dst, pos):
@@ -965,9 +987,7 @@ class DeviceLayer:
         s0, s1, s2, s3 = attn.strides
         rt.copy(attn.at(0, (B, L, H, Dv), (s0, s2, s1, s3)), merged)
         y = rt.empty((B, L, E), dt)
-        rt.lib.linear(rt.blas(), _DTYPE_CODES[dt], merged.ptr, H * Dv, self._w_o.ptr, E,
-                      self._b_o.ptr if self._b_o is not None else None, y.ptr, E, B * L, H * Dv, E,
-                      rt.stream)
+        linear(merged.reshaped((B, L, H * Dv)), self._w_o, y, bias=self._b_o, num_threads=None)
         if row_lengths is not None:
             # padded queries are 0 after the output projection too (not b_o)
             rows = rt.upload(row_lengths, dtype=np.int64)
@@ -1056,21 +1076,16 @@ class DeviceLayer:
         rt.attach(cache._k, "cache.k")
         rt.attach(cache._v, "cache.v")
         q_src, k_src, v_src = self._project_qkv(rt, qa)
-        # one upload: RoPE positions old[b] + i (B, L), then the append's
-        # destination rows old (B,) and row counts new_tokens (B,)
-        host = np.concatenate([(old[:, None] + np.arange(L, dtype=np.int64)).ravel(), old, new_tokens])
-        idx = rt.upload(host, dtype=np.int64)
-        pos = idx.at(0, (B, 1, L), (L, 0, 1))
-        dst_row = idx.at(B * L, (B,), (1,))
-        rows = idx.at(B * L + B, (B,), (1,))
+        # RoPE positions old[b] + i, one row per sequence shared by its heads
+        pos = rt.upload(old[:, None] + np.arange(L, dtype=np.int64)).at(0, (B, 1, L), (L, 0, 1))
         if self.rope is None:
             q4 = self._heads(rt, q_src, None)
         else:
             q4 = self._heads(rt, q_src, pos)
             self._rotate(rt, k_src, k_src, pos)  # in place in the projection
-        rt.append_rows(k_src, cache._k, dst_row, rows)
-        rt.append_rows(v_src, cache._v, dst_row, rows)
-        del idx  # the queued kernels are ordered before any reuse
+        cache_append(k_src, cache._k, start=old, rows=new_tokens, num_threads=None)
+        cache_append(v_src, cache._v, start=old, rows=new_tokens, num_threads=None)
+        del pos  # the queued kernels are ordered before any reuse
         cache._lengths[:] = new
 
         # queries attend to the first new[b] cache rows; query i of sequence b
