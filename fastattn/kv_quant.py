@@ -110,9 +110,12 @@ def narrow_kv(q, k, v, k_scale, v_scale):
     narrow = kd.name in NARROW_KV_DTYPES or vd.name in NARROW_KV_DTYPES
     int8 = kd == _I8 or vd == _I8
     if k_scale is None and v_scale is None and not int8:
-        if not narrow or kd.name == "float16" and vd.name == "float16" and (
-                q.dtype.kind == "f" and q.dtype != _F32):
-            return None  # float16 with float16 or float64 queries: computed in q's dtype
+        if not narrow:
+            return None
+        # float16 beside another dtype, or with queries other than float32:
+        # promoted to one compute dtype, as any mix of real dtypes is
+        if "bfloat16" not in (kd.name, vd.name) and (kd != vd or q.dtype != _F32):
+            return None
     if k_scale is not None or v_scale is not None:
         if not int8:
             name = "k_scale" if k_scale is not None else "v_scale"
