@@ -191,6 +191,8 @@ static int check_view(const fa_view4 *v, int64_t d0, int64_t d1, int64_t d2, int
     return fa_view_ok(dims, v->stride, 4, es) ? FA_OK : FA_ERR_OVERFLOW;
 }
 
+static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_threads);
+
 int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int num_threads) {
     if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64)) return FA_ERR_INVALID;
     const int64_t B = a->B, H = a->H, Hkv = a->Hkv, Lq = a->Lq, Lk = a->Lk, D = a->D,
@@ -279,13 +281,23 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     job.left = job.has_left ? (a->window_left < reach ? a->window_left : reach) : 0;
     job.has_right = a->is_causal || (a->window & FA_WINDOW_RIGHT) != 0;
     job.right = a->is_causal ? 0 : job.has_right ? (a->window_right < reach ? a->window_right : reach) : 0;
+    return run_job(&job, &a->query_len, num_threads);
+}
 
+/* Schedules a prepared job (padded or paged keys) over the threads: query
+ * blocks, or split-KV for decode shapes, then the fixed-order merge. */
+static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_threads) {
+    fa_attn_job job = *jp;
+    const int64_t B = job.B, H = job.H, Hkv = job.Hkv, Lq = job.Lq, Lk = job.Lk, D = job.D,
+                  Dv = job.Dv;
+    const int64_t es = job.dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t heads = B * H;
     const int64_t nqb = (Lq + FA_ATTN_MQ - 1) / FA_ATTN_MQ;
     /* Keys some row can see, by the shapes alone: a window narrows them
      * (the split below must not depend on the lengths' values). */
     int64_t span0 = 0, span1 = Lk;
-    if (job.has_left && job.causal_offset - job.left > span0) span0 = job.causal_offset - job.left;
-    if (job.has_right && Lq - 1 + job.causal_offset + job.right + 1 < span1)
+    if (job.block_table == NULL && job.has_left && job.causal_offset - job.left > span0) span0 = job.causal_offset - job.left;
+    if (job.block_table == NULL && job.has_right && Lq - 1 + job.causal_offset + job.right + 1 < span1)
         span1 = Lq - 1 + job.causal_offset + job.right + 1;
     if (span1 < span0) span1 = span0;
     /* work items before any split: query blocks of each head, or kv heads */
@@ -313,7 +325,6 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
 
     /* One thread runs the items itself: even an if(false) parallel region
      * costs a futex call in libgomp, a fifth of a tiny decode call. */
-    const fa_lengths_view *ql = &a->query_len;
     if (nsplit == 1) {
         if (nthreads == 1) {
             for (int64_t it = 0; it < items; ++it) block_item(&job, ql, nqb, it, scratch);
@@ -365,4 +376,75 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     fa_scratch_free(part);
     fa_scratch_free(scratch);
     return FA_OK;
+}
+
+/* Paged keys: the cache's block table replaces the key rows' stride (see
+ * kv_row in attention_impl.h); everything else is the padded driver. */
+int fa_paged_attention(int dtype, const fa_paged_args *a, int num_threads) {
+    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64)) return FA_ERR_INVALID;
+    const int64_t B = a->B, H = a->H, Hkv = a->Hkv, Lq = a->Lq, D = a->D, Dv = a->Dv;
+    const int64_t nb = a->num_blocks, bs = a->block_size, mb = a->max_blocks;
+    if (B < 0 || H < 0 || Hkv < 0 || Lq < 0 || D < 0 || Dv < 0 || nb < 0 || bs < 1 || mb < 0)
+        return FA_ERR_INVALID;
+    if (H > 0 && (Hkv == 0 || H % Hkv != 0)) return FA_ERR_INVALID;
+    if ((a->window & ~(FA_WINDOW_LEFT | FA_WINDOW_RIGHT)) != 0 ||
+        ((a->window & FA_WINDOW_LEFT) && a->window_left < 0) ||
+        ((a->window & FA_WINDOW_RIGHT) && a->window_right < 0))
+        return FA_ERR_INVALID;
+    if (!(a->softcap >= 0.0) || a->softcap > 1e300) return FA_ERR_INVALID;
+    const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
+    int st;
+    if ((st = check_view(&a->q, B, H, Lq, D, es)) != FA_OK) return st;
+    if ((st = check_view(&a->out, B, H, Lq, Dv, es)) != FA_OK) return st;
+    /* cache views as (num_blocks, Hkv, block_size, cols) */
+    const fa_view4 kc = {a->k_cache.data, {a->k_cache.stride[0], a->k_cache.stride[2],
+                                           a->k_cache.stride[1], a->k_cache.stride[3]}};
+    const fa_view4 vc = {a->v_cache.data, {a->v_cache.stride[0], a->v_cache.stride[2],
+                                           a->v_cache.stride[1], a->v_cache.stride[3]}};
+    if ((st = check_view(&kc, nb, Hkv, bs, D, es)) != FA_OK) return st;
+    if ((st = check_view(&vc, nb, Hkv, bs, Dv, es)) != FA_OK) return st;
+    if (B * H == 0 || Lq == 0) return FA_OK;
+    int64_t capacity;
+    if (!fa_mul_ok(mb, bs, &capacity)) return FA_ERR_OVERFLOW;
+    if (a->seq_lens == NULL || (mb > 0 && a->block_table == NULL)) return FA_ERR_INVALID;
+    /* every block a sequence reads must exist: never a read out of bounds */
+    int64_t Lk = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t n = a->seq_lens[b];
+        if (n < Lq || n > capacity) return FA_ERR_INVALID;
+        for (int64_t t = 0; t < (n + bs - 1) / bs; ++t) {
+            const int64_t blk = a->block_table[b * a->bt_stride + t];
+            if (blk < 0 || blk >= nb) return FA_ERR_INVALID;
+        }
+        Lk = n > Lk ? n : Lk;
+    }
+
+    fa_attn_job job;
+    memset(&job, 0, sizeof job);
+    job.dtype = dtype;
+    job.B = B, job.H = H, job.Hkv = Hkv, job.Lq = Lq, job.Lk = Lk, job.D = D, job.Dv = Dv;
+    job.group = H / Hkv;
+    job.q = a->q.data, job.k = kc.data, job.v = vc.data;
+    job.out = a->out.data;
+    memcpy(job.qs, a->q.stride, sizeof job.qs);
+    memcpy(job.os, a->out.stride, sizeof job.os);
+    memcpy(job.ks, kc.stride, sizeof job.ks); /* block, head, row, 1 */
+    memcpy(job.vs, vc.stride, sizeof job.vs);
+    job.mask.kind = FA_MASK_NONE;
+    job.key_len.data = a->seq_lens, job.key_len.stride_b = 1, job.key_len.stride_m = 0;
+    job.causal = a->is_causal ? FA_CAUSAL_BOTTOM_RIGHT : FA_CAUSAL_NONE;
+    job.alignment = FA_CAUSAL_BOTTOM_RIGHT;
+    job.causal_offset = Lk - Lq; /* per sequence: fa_attn_offset */
+    job.scale = a->scale;
+    job.alibi = a->alibi_slopes;
+    job.softcap = a->softcap;
+    job.sinks = a->sinks;
+    job.block_table = a->block_table, job.bt_stride = a->bt_stride, job.block_size = bs;
+    const int64_t reach = Lk + Lq;
+    job.has_left = (a->window & FA_WINDOW_LEFT) != 0;
+    job.left = job.has_left ? (a->window_left < reach ? a->window_left : reach) : 0;
+    job.has_right = a->is_causal || (a->window & FA_WINDOW_RIGHT) != 0;
+    job.right = a->is_causal ? 0 : job.has_right ? (a->window_right < reach ? a->window_right : reach) : 0;
+    const fa_lengths_view no_query_lengths = {NULL, 0, 0};
+    return run_job(&job, &no_query_lengths, num_threads);
 }

@@ -231,6 +231,30 @@ static void FA_KNAME(apply_explicit_mask, DT)(const fa_attn_job *job, int64_t b,
     }
 }
 
+/* Row of key kb of head (b, hk) in K (base = job->k, st = job->ks) or V:
+ * padded and packed batches hold a head's keys at one row stride; a paged
+ * cache holds them in blocks of block_size rows, found through the block
+ * table (entries checked by the driver before any kernel runs). */
+static inline const KT *FA_KNAME(kv_row, DT)(const fa_attn_job *job, const char *base,
+                                            const int64_t *st, int64_t b, int64_t hk,
+                                            int64_t kb) {
+    if (job->block_table) {
+        const int64_t blk = job->block_table[b * job->bt_stride + kb / job->block_size];
+        return (const KT *)base + blk * st[0] + (kb % job->block_size) * st[2] + hk * st[1];
+    }
+    return (const KT *)base + b * st[0] + hk * st[1] + (fa_attn_k_row0(job, b) + kb) * st[2];
+}
+
+/* Keys of a tile from kb: at most n, and in a paged cache never past the
+ * end of kb's block, so that a tile's rows share one stride. */
+static inline int64_t FA_KNAME(tile_keys, DT)(const fa_attn_job *job, int64_t kb, int64_t n) {
+    if (job->block_table) {
+        const int64_t left_in_block = job->block_size - kb % job->block_size;
+        return n < left_in_block ? n : left_in_block;
+    }
+    return n;
+}
+
 /* The ALiBi reference key of a row: fa_attn_alibi_ref in attention_job.h. */
 static inline int64_t FA_KNAME(alibi_ref, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                               int64_t ipos, T slope) {
@@ -301,8 +325,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     const int64_t cols = FA_ALIGN_UP(rows, NC), rows_mr = FA_ALIGN_UP(rows, FA_MR);
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
     const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + (qr0 + q0) * job->qs[2];
-    const KT *kbase = (const KT *)job->k + b * job->ks[0] + hk * job->ks[1] + kr0 * job->ks[2];
-    const KT *vbase = (const KT *)job->v + b * job->vs[0] + hk * job->vs[1] + kr0 * job->vs[2];
+    (void)kr0;
     const int64_t kst = job->ks[2], vst = job->vs[2];
     const T *ksc = FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
     const T *vsc = FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
@@ -348,8 +371,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         for (int64_t i = 0; i < rows; ++i)
             memset(w + (q0 + i) * job->ws[2], 0, (size_t)job->Lk * sizeof(T));
 
-    for (int64_t kb = kbeg; kb < kend; kb += NK) {
-        const int64_t nk = kend - kb < NK ? kend - kb : NK;
+    for (int64_t kb = kbeg, nk; kb < kend; kb += nk) {
+        nk = FA_KNAME(tile_keys, DT)(job, kb, kend - kb < NK ? kend - kb : NK);
         T *st = sc->st;
         /* With causality, rows [0, live) see no key of this tile (row i sees
          * keys up to q0 + i + off < kb): their scores, softmax update and
@@ -368,7 +391,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             }
         }
         /* 2. scores */
-        FA_KNAME(scores_tile, DT)(sc->qt, kbase + kb * kst, kst, D, nk, ic0, cols, st);
+        FA_KNAME(scores_tile, DT)(sc->qt, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
+                                  kst, D, nk, ic0, cols, st);
 #if KV_SCALED
         /* int8 keys: q . (values * scale_j) = (q . values) * scale_j */
         for (int64_t j = 0; j < nk; ++j) {
@@ -439,7 +463,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             V_STOREU(sc->alpha + ic, alpha);
         }
         /* 4. acc = alpha * acc + P^T V */
-        FA_KNAME(pv_tile, DT)(st, vbase + kb * vst, vst, nk, Dv, r0, rows_mr, sc->alpha,
+        FA_KNAME(pv_tile, DT)(st, FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
+                              Dv, r0, rows_mr, sc->alpha,
                               sc->acc, sc->ldacc, vsc ? vsc + kb : NULL);
     }
 
@@ -547,8 +572,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
     const int64_t D = job->D, Dv = job->Dv, hk = h / job->group;
     const int64_t heads = job->group_rows ? job->group : 1, nq = q1 - q0, R = heads * nq;
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
-    const KT *kbase = (const KT *)job->k + b * job->ks[0] + hk * job->ks[1] + kr0 * job->ks[2];
-    const KT *vbase = (const KT *)job->v + b * job->vs[0] + hk * job->vs[1] + kr0 * job->vs[2];
+    (void)kr0;
     const int64_t kst = job->ks[2], vst = job->vs[2];
     const T *ksc = FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
     const T *vsc = FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
@@ -559,7 +583,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
     /* per row r (head h + r / nq, query q0 + r % nq): its visible keys
      * [kbeg, kend), and in scratch its scaled query (qt + r D), scores
      * (st + r NK), accumulator (acc + r ldacc), m, l and ALiBi reference */
-    int64_t kbeg[FA_ATTN_MQ], kend[FA_ATTN_MQ], ntiles = 0;
+    int64_t kbeg[FA_ATTN_MQ], kend[FA_ATTN_MQ], kcur[FA_ATTN_MQ];
     for (int64_t r = 0; r < R; ++r) {
         const int64_t hr = h + r / nq, i = q0 + r % nq;
         const T *q = (const T *)job->q + b * job->qs[0] + hr * job->qs[1] + (qr0 + i) * job->qs[2];
@@ -570,8 +594,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
         if (job->has_left && i + off - job->left > kbeg[r]) kbeg[r] = i + off - job->left;
         if (job->has_right && i + off + job->right + 1 < kend[r]) kend[r] = i + off + job->right + 1;
         if (kend[r] < kbeg[r]) kend[r] = kbeg[r];
-        const int64_t nt = (kend[r] - kbeg[r] + NK - 1) / NK;
-        ntiles = nt > ntiles ? nt : ntiles;
+        kcur[r] = kbeg[r];
         if (job->weights)
             memset((T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2], 0,
                    (size_t)job->Lk * sizeof(T));
@@ -582,20 +605,32 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
         sc->tmp[r] = slope != (T)0 ? (T)FA_KNAME(alibi_ref, DT)(job, b, hr, i + off, slope) : (T)0;
     }
 
-    for (int64_t t = 0; t < ntiles; ++t) {
+    /* one round: each row's next tile; rows of one kv head with the same
+     * visible keys (every decode row of a GQA group) take the same tile */
+    for (int more = 1; more;) {
+        more = 0;
         for (int64_t r = 0; r < R; ++r) {
-            const int64_t kb = kbeg[r] + t * NK;
+            const int64_t kb = kcur[r];
             if (kb >= kend[r]) continue;
             const int64_t hr = h + r / nq, i = q0 + r % nq;
             const T slope = job->alibi ? ((const T *)job->alibi)[hr] : (T)0, ref = sc->tmp[r];
             T *qs = sc->qt + r * D, *s = sc->st + r * NK, *o = sc->acc + r * sc->ldacc;
             T *w = job->weights ? (T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2]
                                 : NULL;
-            const int64_t nk = kend[r] - kb < NK ? kend[r] - kb : NK;
-            /* the first row of a tile brings it in and requests the next */
-            const int64_t nk_next = r > 0 ? 0 : kend[r] - kb - nk < NK ? kend[r] - kb - nk : NK;
-            FA_KNAME(row_scores, DT)(qs, kbase + kb * kst, kst, D, nk, s,
-                                     kbase + (kb + nk) * kst, nk_next, vbase + kb * vst, vst, Dv);
+            const int64_t nk = FA_KNAME(tile_keys, DT)(job, kb, kend[r] - kb < NK ? kend[r] - kb : NK);
+            const int64_t kn = kb + nk; /* the next tile: the first row requests it */
+            const int64_t nk_next =
+                r == 0 && kn < kend[r]
+                    ? FA_KNAME(tile_keys, DT)(job, kn, kend[r] - kn < NK ? kend[r] - kn : NK)
+                    : 0;
+            kcur[r] = kn;
+            more |= kn < kend[r];
+            const KT *vt = FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb);
+            FA_KNAME(row_scores, DT)(qs, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb), kst,
+                                     D, nk, s,
+                                     nk_next ? FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kn)
+                                             : NULL,
+                                     nk_next, vt, vst, Dv);
 #if KV_SCALED
             for (int64_t j = 0; j < nk; ++j) s[j] *= ksc[kb + j];
 #endif
@@ -631,7 +666,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
             /* int8 values: p_j (values_j * scale_j) = (p_j scale_j) values_j */
             for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= vsc[kb + jj];
 #endif
-            FA_KNAME(row_pv, DT)(s, vbase + kb * vst, vst, nk, Dv, alpha, o);
+            FA_KNAME(row_pv, DT)(s, vt, vst, nk, Dv, alpha, o);
         }
     }
     for (int64_t r = 0; r < R; ++r) {

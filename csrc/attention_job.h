@@ -67,10 +67,18 @@ typedef struct {
      * (part_ml_head_stride) elements apart. */
     int group_rows;
     int64_t part_head_stride, part_ml_head_stride;
+    /* Paged caches: k and v are (num_blocks, block_size, Hkv, D) with
+     * ks[0] the block stride, ks[1] the head stride, ks[2] the row stride;
+     * key t of sequence b is row t % block_size of block
+     * block_table[b * bt_stride + t / block_size]; query i sits at
+     * key_len[b] - Lq + i. NULL for contiguous keys. */
+    const int64_t *block_table;
+    int64_t bt_stride, block_size;
 } fa_attn_job;
 
 /* i_pos - i for sequence b: the causal / ALiBi / window diagonal offset. */
 static inline int64_t fa_attn_offset(const fa_attn_job *job, int64_t b) {
+    if (job->block_table) return job->key_len.data[b * job->key_len.stride_b] - job->Lq;
     if (job->cu_q == NULL || job->alignment != FA_CAUSAL_BOTTOM_RIGHT) return job->causal_offset;
     return (job->cu_k[b + 1] - job->cu_k[b]) - (job->cu_q[b + 1] - job->cu_q[b]);
 }

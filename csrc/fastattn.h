@@ -180,6 +180,35 @@ typedef struct {
 
 int fa_varlen_attention(int dtype, const fa_varlen_args *args, int num_threads);
 
+/* ---- attention over a paged KV cache (vLLM / flash-attn block tables) ------
+ * k_cache (num_blocks, block_size, Hkv, D), v_cache (num_blocks, block_size,
+ * Hkv, Dv), unit last strides; block_table (B, max_blocks) int64 with row
+ * stride bt_stride; seq_lens (B,) int64 in [Lq, max_blocks * block_size].
+ * Key t < seq_lens[b] of sequence b is row t % block_size of block
+ * block_table[b, t / block_size]; every such entry must lie in
+ * [0, num_blocks) (checked before anything runs: FA_ERR_INVALID). q
+ * (B, H, Lq, D) holds the Lq newest tokens: query i sits at
+ * seq_lens[b] - Lq + i, and is_causal hides later keys. out (B, H, Lq, Dv).
+ * Window, softcap, sinks and ALiBi as in fa_attention_args. Decode shapes
+ * use the same split-KV schedule as fa_scaled_dot_product_attention with
+ * Lk = max(seq_lens). Bitwise identical for every num_threads. */
+typedef struct {
+    int64_t B, H, Hkv, Lq, D, Dv, num_blocks, block_size, max_blocks;
+    fa_view4 q, out, k_cache, v_cache;
+    const int64_t *block_table;
+    int64_t bt_stride;
+    const int64_t *seq_lens;
+    int is_causal;
+    double scale;
+    const void *alibi_slopes;
+    int window;
+    int64_t window_left, window_right;
+    double softcap;
+    const void *sinks;
+} fa_paged_args;
+
+int fa_paged_attention(int dtype, const fa_paged_args *args, int num_threads);
+
 /* ---- classic padding mask -------------------------------------------------
  * x, y: (B, P, L, C) strided views, where L is the masked axis, P collapses
  * the axes between batch and it, C the axes after it. lengths: (B,) int64.

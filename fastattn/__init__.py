@@ -25,6 +25,7 @@ from fastattn.kv_quant import dequantize_kv, quantize_kv
 from fastattn.layer import MultiHeadAttention
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
 from fastattn.rotary import alibi_slopes, apply_rotary
+from fastattn.paged import PagedKVCache, paged_attention
 from fastattn.varlen import varlen_attention
 
 _apply_isa_env()
@@ -46,6 +47,7 @@ __all__ = [
     "__version__",
     "KVCache",
     "MultiHeadAttention",
+    "PagedKVCache",
     "add_position_encoding",
     "alibi_slopes",
     "apply_rotary",
@@ -57,6 +59,7 @@ __all__ = [
     "masked_softmax",
     "merge_heads",
     "quantize_kv",
+    "paged_attention",
     "reference",
     "scaled_dot_product_attention",
     "sequence_mask",

@@ -115,6 +115,22 @@ cdef extern from "fastattn.h" nogil:
                        int64_t L, int64_t D, int num_threads)
     int fa_dequantize_kv(fa_view4 values, fa_view4 scales, fa_view4 y, int64_t B, int64_t H,
                          int64_t L, int64_t D, int num_threads)
+
+    ctypedef struct fa_paged_args:
+        int64_t B, H, Hkv, Lq, D, Dv, num_blocks, block_size, max_blocks
+        fa_view4 q, out, k_cache, v_cache
+        const int64_t *block_table
+        int64_t bt_stride
+        const int64_t *seq_lens
+        int is_causal
+        double scale
+        const void *alibi_slopes
+        int window
+        int64_t window_left, window_right
+        double softcap
+        const void *sinks
+
+    int fa_paged_attention(int dtype, const fa_paged_args *args, int num_threads)
     int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,
                                         int num_threads)
     int fa_apply_sequence_mask(int dtype, fa_view4 x, fa_view4 y,

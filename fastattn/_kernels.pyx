@@ -319,6 +319,51 @@ def varlen_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray ou
     check(st)
 
 
+def paged_attention(cnp.ndarray q, cnp.ndarray key_cache, cnp.ndarray value_cache,
+                    cnp.ndarray out, cnp.ndarray block_tables, cnp.ndarray seq_lens,
+                    double scale, bint is_causal, object alibi, object window, double softcap,
+                    object sinks, int num_threads):
+    """q (B,H,Lq,D), caches (num_blocks, block_size, Hkv, D / Dv), out
+    (B,H,Lq,Dv), unit last-axis strides; block_tables (B, max_blocks) int64
+    with a unit last stride; seq_lens (B,) contiguous int64."""
+    cdef int dt = dtype_code(q)
+    cdef fa_paged_args a
+    cdef int st
+    a.B = q.shape[0]
+    a.H = q.shape[1]
+    a.Lq = q.shape[2]
+    a.D = q.shape[3]
+    a.num_blocks = key_cache.shape[0]
+    a.block_size = key_cache.shape[1]
+    a.Hkv = key_cache.shape[2]
+    a.Dv = value_cache.shape[3]
+    a.max_blocks = block_tables.shape[1]
+    a.q = view4(q)
+    a.out = view4(out)
+    a.k_cache = view4(key_cache)
+    a.v_cache = view4(value_cache)
+    a.block_table = <const int64_t *>cnp.PyArray_DATA(block_tables)
+    a.bt_stride = elem_stride(cnp.PyArray_STRIDES(block_tables)[0], 8)
+    a.seq_lens = <const int64_t *>cnp.PyArray_DATA(seq_lens)
+    a.is_causal = is_causal
+    a.scale = scale
+    a.alibi_slopes = NULL if alibi is None else cnp.PyArray_DATA(<cnp.ndarray>alibi)
+    a.window = 0
+    a.window_left = a.window_right = 0
+    if window is not None:
+        if window[0] is not None:
+            a.window |= FA_WINDOW_LEFT
+            a.window_left = window[0]
+        if window[1] is not None:
+            a.window |= FA_WINDOW_RIGHT
+            a.window_right = window[1]
+    a.softcap = softcap
+    a.sinks = NULL if sinks is None else cnp.PyArray_DATA(<cnp.ndarray>sinks)
+    with nogil:
+        st = fa_paged_attention(dt, &a, num_threads)
+    check(st)
+
+
 def apply_sequence_mask(cnp.ndarray x, cnp.ndarray y, cnp.ndarray lengths, int mode,
                         int num_threads):
     """x, y: (B, P, L, C); lengths: (B,) contiguous int64."""

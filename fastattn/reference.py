@@ -192,6 +192,32 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     return _finish(result.astype(dtype), out)
 
 
+def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_causal=False,
+                    window=None, softcap=None, sinks=None, scale=None, alibi_slopes=None,
+                    out=None, num_threads=None):
+    """Each sequence's keys gathered from the paged cache (token ``t`` at
+    ``cache[block_tables[b, t // block_size], t % block_size]``) and run
+    through :func:`scaled_dot_product_attention` with bottom-right
+    alignment: query ``i`` sits at ``seq_lens[b] - Lq + i``."""
+    q, kc, vc = np.asarray(q), np.asarray(key_cache), np.asarray(value_cache)
+    dtype = np.result_type(compute_dtype(q.dtype, "q"), compute_dtype(kc.dtype, "key_cache"),
+                           compute_dtype(vc.dtype, "value_cache"))
+    tables, lens = np.asarray(block_tables), np.asarray(seq_lens)
+    block_size = kc.shape[1]
+    B, H, Lq, _ = q.shape
+    result = np.zeros((B, H, Lq, vc.shape[3]), np.float64)
+    for b in range(B):
+        t = np.arange(lens[b])
+        blocks = tables[b, t // block_size]
+        k = kc[blocks, t % block_size].transpose(1, 0, 2)[None].astype(np.float64)
+        v = vc[blocks, t % block_size].transpose(1, 0, 2)[None].astype(np.float64)
+        result[b] = scaled_dot_product_attention(
+            q[b:b + 1].astype(np.float64), k, v, is_causal=is_causal,
+            causal_alignment="bottom_right", window=window, softcap=softcap, sinks=sinks,
+            scale=scale, alibi_slopes=alibi_slopes)[0]
+    return _finish(result.astype(dtype), out)
+
+
 def sequence_mask(lengths, maxlen=None, dtype=bool):
     lengths = np.asarray(lengths)
     if maxlen is None:

@@ -326,9 +326,93 @@ def scaled_dot_product_attention_calls(draw):
     if scale is not None:
         kw["scale"] = scale
     kw["num_threads"] = draw(thread_counts)
+    kw.update(draw(feature_kwargs(H)))
+    if draw(st.integers(0, 3)) == 0:
+        kw["key_starts"] = np.random.default_rng(draw(seeds)).integers(0, Lk + 1, size=B)
     dtype = np.result_type(*(fastattn._validation.compute_dtype(a.dtype, "x") for a in (q, k, v)))
     kw.update(draw(out_kwarg((B, Lq, Dv) if three_d else (B, H, Lq, Dv), dtype)))
     return Call((q, k, v), kw, draw(isas))
+
+
+@st.composite
+def feature_kwargs(draw, H):
+    """Sliding window, soft-capping and sinks, each drawn or left out."""
+    kw = {}
+    if draw(st.integers(0, 2)) == 0:
+        kw["window"] = (draw(st.sampled_from([None, 0, 1, 5, 40])),
+                        draw(st.sampled_from([None, 0, 2, 60])))
+    if draw(st.integers(0, 3)) == 0:
+        kw["softcap"] = draw(st.sampled_from([0.5, 2.0, 30.0]))
+    if draw(st.integers(0, 3)) == 0:
+        kw["sinks"] = np.random.default_rng(draw(seeds)).standard_normal(H) * 2
+    return kw
+
+
+@st.composite
+def varlen_attention_calls(draw):
+    """Packed batches: empty and one-token sequences, lengths around the
+    96-row chunks, different query and key lengths, GQA, causality in both
+    alignments, the model features, int32 or int64 prefix sums."""
+    B = draw(st.integers(1, 4))
+    H, Hkv = draw(gqa_heads(max_heads=8))
+    pick = st.sampled_from([0, 1, 3, 17, 97, 130])
+    lens_q = draw(st.lists(pick, min_size=B, max_size=B))
+    lens_k = lens_q if draw(st.booleans()) else draw(st.lists(pick, min_size=B, max_size=B))
+    D = draw(st.sampled_from([1, 5, 8, 16, 33]))
+    Dv = draw(st.sampled_from([1, 3, 8, 17, D]))
+    cu_dtype = draw(st.sampled_from([np.int32, np.int64]))
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(cu_dtype)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(cu_dtype)
+    q = draw(float_input((int(cu_q[-1]), H, D)))
+    k = draw(float_input((int(cu_k[-1]), Hkv, D)))
+    v = draw(float_input((int(cu_k[-1]), Hkv, Dv)))
+    kw = dict(is_causal=draw(st.booleans()),
+              causal_alignment=draw(st.sampled_from(["top_left", "bottom_right"])))
+    kw.update(draw(feature_kwargs(H)))
+    if draw(st.integers(0, 3)) == 0:
+        kw["alibi_slopes"] = np.random.default_rng(draw(seeds)).random(H)
+    scale = draw(st.sampled_from([None, None, 0.5, -1.0]))
+    if scale is not None:
+        kw["scale"] = scale
+    kw["num_threads"] = draw(thread_counts)
+    dtype = np.result_type(*(fastattn._validation.compute_dtype(a.dtype, "x") for a in (q, k, v)))
+    kw.update(draw(out_kwarg((int(cu_q[-1]), H, Dv), dtype)))
+    return Call((q, k, v, cu_q, cu_k), kw, draw(isas))
+
+
+@st.composite
+def paged_attention_calls(draw):
+    """A shuffled block pool (spare blocks of junk, -1 past each table's
+    last block), block sizes 1 and up, decode and short prefill queries,
+    GQA, causality and the model features."""
+    B = draw(st.integers(1, 3))
+    H, Hkv = draw(gqa_heads(max_heads=8))
+    bs = draw(st.sampled_from([1, 2, 5, 16]))
+    Lq = draw(st.sampled_from([1, 2, 5]))
+    lens = [Lq + draw(st.sampled_from([0, 1, 7, 40, 130])) for _ in range(B)]
+    D = draw(st.sampled_from([1, 5, 8, 16, 33]))
+    Dv = draw(st.sampled_from([1, 3, 8, 17, D]))
+    need = [-(-n // bs) for n in lens]
+    rng = np.random.default_rng(draw(seeds))
+    total = sum(need) + draw(st.integers(0, 3))
+    order = rng.permutation(total)
+    width = max(need) + draw(st.integers(0, 2))
+    tables = np.full((B, width), -1, dtype=draw(st.sampled_from([np.int32, np.int64])))
+    used = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = order[used:used + n]
+        used += n
+    q = draw(float_input((B, H, Lq, D)))
+    kc = draw(float_input((total, bs, Hkv, D)))
+    vc = draw(float_input((total, bs, Hkv, Dv)))
+    kw = dict(is_causal=draw(st.booleans()))
+    kw.update(draw(feature_kwargs(H)))
+    if draw(st.integers(0, 3)) == 0:
+        kw["alibi_slopes"] = rng.random(H)
+    kw["num_threads"] = draw(thread_counts)
+    dtype = np.result_type(*(fastattn._validation.compute_dtype(a.dtype, "x") for a in (q, kc, vc)))
+    kw.update(draw(out_kwarg((B, H, Lq, Dv), dtype)))
+    return Call((q, kc, vc, tables, np.array(lens)), kw, draw(isas))
 
 
 @st.composite

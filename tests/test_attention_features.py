@@ -9,7 +9,7 @@ import pytest
 
 import fastattn
 from fastattn import reference as ref
-from conftest import N_THREADS, assert_close
+from conftest import LAYOUTS, N_THREADS, assert_close, strided_copy
 
 # (B, H, Hkv, Lq, Lk, D, Dv): odd sizes around the 96-query / 48-key tiles
 # and vector widths; decode rows with the split-KV path (Lk >= 1024, few heads).
@@ -137,6 +137,15 @@ def test_deterministic_across_threads(isa, dtype, rng, shape):
     one = fastattn.scaled_dot_product_attention(q, k, v, num_threads=1, **kw)
     many = fastattn.scaled_dot_product_attention(q, k, v, num_threads=N_THREADS, **kw)
     np.testing.assert_array_equal(one, many)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_inputs(isa, dtype, rng, layout):
+    shape = (2, 4, 2, 37, 61, 24, 16)
+    q, k, v = _qkv(rng, shape, dtype)
+    kw = _features(rng, shape, "everything")
+    got = fastattn.scaled_dot_product_attention(*(strided_copy(x, layout) for x in (q, k, v)), **kw)
+    assert_close(got, _oracle(q, k, v, **kw).astype(dtype), dtype)
 
 
 def test_window_beyond_every_key_changes_nothing(dtype, rng):

@@ -98,6 +98,8 @@ CASES = [
     Case("alibi_slopes", S.alibi_slopes_calls()),
     Case("quantize_kv", S.quantize_kv_calls(), compare=exact_each),
     Case("dequantize_kv", S.dequantize_kv_calls(), compare=exact),
+    Case("varlen_attention", S.varlen_attention_calls()),
+    Case("paged_attention", S.paged_attention_calls()),
 ]
 
 

@@ -228,6 +228,26 @@ static int run_attention(int iter) {
         for (int64_t i = 0; i < H; ++i) put(alibi, (size_t)i, f64, rf() * 0.5);
         a.alibi_slopes = alibi;
     }
+    /* model features: sliding window, soft-capping (through the vector
+     * tanh), sinks, left padding */
+    int64_t *ks = NULL;
+    char *sinks = NULL;
+    if (rnd() % 3 == 0) {
+        a.window = (int)ri(1, 3);
+        a.window_left = ri(0, 60);
+        a.window_right = ri(0, 20);
+    }
+    if (rnd() % 4 == 0) a.softcap = 0.3 + 4 * (rf() + 1);
+    if (rnd() % 4 == 0) {
+        sinks = malloc((size_t)H * es);
+        for (int64_t i = 0; i < H; ++i) put(sinks, (size_t)i, f64, rf() * 3);
+        a.sinks = sinks;
+    }
+    if (rnd() % 4 == 0) {
+        ks = malloc((size_t)(B * H) * 8);
+        for (int64_t i = 0; i < B * H; ++i) ks[i] = ri(-1, Lk / 2 + 1);
+        a.key_start = (fa_lengths_view){ks, H, 1};
+    }
 
     size_t no = (size_t)(B * H * Lq * Dv), nw = (size_t)(B * H * Lq * Lk);
     char *out[3], *w[3];
@@ -253,11 +273,13 @@ static int run_attention(int iter) {
             bad = 1;
             REPORT("attention case %d, %s vs scalar: f64=%d B=%" PRId64 " H=%" PRId64
                    " Hkv=%" PRId64 " Lq=%" PRId64 " Lk=%" PRId64 " D=%" PRId64 " Dv=%" PRId64
-                   " kv=%d causal=%d mask=%d weights=%d alibi=%d key_len=%d query_len=%d special=%d:"
+                   " kv=%d causal=%d mask=%d weights=%d alibi=%d key_len=%d query_len=%d special=%d"
+                   " window=%d(%" PRId64 ",%" PRId64 ") softcap=%g sinks=%d key_start=%d:"
                    " status %d vs %d, out %" PRId64 " bad (first [%" PRId64 "] %g vs %g),"
                    " weights %" PRId64 " bad (first [%" PRId64 "] %g vs %g)\n",
                    iter, level_name[isa], f64, B, H, Hkv, Lq, Lk, D, Dv, kvd, causal, masktype, use_w,
-                   use_alibi, use_kl, use_ql, special, st[isa], st[0], nbad, first, got, want, wbad,
+                   use_alibi, use_kl, use_ql, special, a.window, a.window_left, a.window_right,
+                   a.softcap, sinks != NULL, ks != NULL, st[isa], st[0], nbad, first, got, want, wbad,
                    wfirst, wgot, wwant);
         }
     }
@@ -265,7 +287,7 @@ static int run_attention(int iter) {
         free(out[isa]);
         free(w[isa]);
     }
-    free(q); free(k); free(v); free(mask); free(kl); free(ql); free(alibi);
+    free(q); free(k); free(v); free(mask); free(kl); free(ql); free(alibi); free(ks); free(sinks);
     free(kn); free(vn); free(ksc); free(vsc);
     return bad;
 }

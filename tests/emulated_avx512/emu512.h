@@ -85,12 +85,14 @@ EMU_BINARY(emu_mm512_sub_ps, emu_ps, f, a.f[i] - b.f[i])
 EMU_BINARY(emu_mm512_mul_ps, emu_ps, f, a.f[i] * b.f[i])
 /* MAXPS: src1 > src2 ? src1 : src2, so src2 on NaN or equality */
 EMU_BINARY(emu_mm512_max_ps, emu_ps, f, a.f[i] > b.f[i] ? a.f[i] : b.f[i])
+EMU_BINARY(emu_mm512_div_ps, emu_ps, f, a.f[i] / b.f[i])
 EMU_TERNARY(emu_mm512_fmadd_ps, emu_ps, f, fmaf(a.f[i], b.f[i], c.f[i]))
 EMU_TERNARY(emu_mm512_fnmadd_ps, emu_ps, f, fmaf(-a.f[i], b.f[i], c.f[i]))
 
 EMU_BINARY(emu_mm512_add_pd, emu_pd, d, a.d[i] + b.d[i])
 EMU_BINARY(emu_mm512_sub_pd, emu_pd, d, a.d[i] - b.d[i])
 EMU_BINARY(emu_mm512_mul_pd, emu_pd, d, a.d[i] * b.d[i])
+EMU_BINARY(emu_mm512_div_pd, emu_pd, d, a.d[i] / b.d[i])
 EMU_BINARY(emu_mm512_max_pd, emu_pd, d, a.d[i] > b.d[i] ? a.d[i] : b.d[i])
 /* MINPD: src1 < src2 ? src1 : src2, so src2 on NaN or equality */
 EMU_BINARY(emu_mm512_min_pd, emu_pd, d, a.d[i] < b.d[i] ? a.d[i] : b.d[i])
@@ -351,6 +353,24 @@ static inline __mmask8 emu_mm512_cmp_pd_mask(__m512d a_, __m512d b_, int pred) {
     }
     return (__mmask8)m;
 }
+static inline __mmask16 emu_mm512_cmp_ps_mask(__m512 a_, __m512 b_, int pred) {
+    emu_ps a, b;
+    a.v = a_;
+    b.v = b_;
+    unsigned m = 0;
+    for (int i = 0; i < 16; ++i) {
+        int r;
+        switch (pred) {
+            case _CMP_LT_OQ: r = a.f[i] < b.f[i]; break;
+            case _CMP_GT_OQ: r = a.f[i] > b.f[i]; break;
+            default:
+                fprintf(stderr, "emu512: _mm512_cmp_ps_mask predicate %d is not emulated\n", pred);
+                abort();
+        }
+        m |= (unsigned)r << i;
+    }
+    return (__mmask16)m;
+}
 /* VBLENDMPS/PD: b where the mask bit is set, a elsewhere */
 static inline __m512 emu_mm512_mask_blend_ps(__mmask16 k, __m512 a_, __m512 b_) {
     emu_ps a, b;
@@ -446,6 +466,9 @@ static inline __mmask16 emu_mm_test_epi8_mask(__m128i a_, __m128i b_) {
 #define _mm512_slli_epi32 emu_mm512_slli_epi32
 #define _mm512_slli_epi64 emu_mm512_slli_epi64
 #define _mm512_cmp_pd_mask emu_mm512_cmp_pd_mask
+#define _mm512_cmp_ps_mask emu_mm512_cmp_ps_mask
+#define _mm512_div_ps emu_mm512_div_ps
+#define _mm512_div_pd emu_mm512_div_pd
 #define _mm512_mask_blend_ps emu_mm512_mask_blend_ps
 #define _mm512_mask_blend_pd emu_mm512_mask_blend_pd
 #define _mm512_maskz_mov_pd emu_mm512_maskz_mov_pd

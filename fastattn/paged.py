@@ -1,0 +1,294 @@
+"""Attention over a paged KV cache, and a small block manager for it.
+
+The cache is a pool of fixed-size blocks, ``(num_blocks, block_size, Hkv,
+D)`` for keys and ``(..., Dv)`` for values, shared by all sequences; each
+sequence lists its blocks in a block table, as in vLLM's paged attention
+and flash-attn's ``flash_attn_with_kvcache(block_table=...)``.
+"""
+
+
+import numpy as np
+
+from fastattn import _kernels
+from fastattn._config import resolve_num_threads
+from fastattn._features import sinks_array, softcap_value, window_pair
+from fastattn._validation import (
+    OutputTarget,
+    as_array,
+    bool_flag,
+    compute_dtype,
+    float_array,
+    index_value,
+)
+from fastattn._validation import unit_last_axis as _unit_last_axis
+from fastattn.attention import attention_scale
+
+
+def _int_table(values, name, ndim):
+    arr = as_array(values, name)
+    if arr.size == 0 and not isinstance(values, np.ndarray):
+        arr = arr.astype(np.int64)  # [] is float64 to NumPy
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be int32 or int64, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_causal=False,
+                    window=None, softcap=None, sinks=None, scale=None, alibi_slopes=None,
+                    out=None, num_threads=None):
+    """Attention of the newest tokens of each sequence over its keys in a
+    paged cache.
+
+    Token ``t`` of sequence ``b`` lives at
+    ``cache[block_tables[b, t // block_size], t % block_size]``. ``q`` holds
+    the ``Lq`` newest tokens of each sequence, already in the cache: query
+    ``i`` sits at position ``seq_lens[b] - Lq + i`` (bottom-right
+    alignment), and ``is_causal`` hides the keys after it. Decode
+    (``Lq = 1``) uses the same split-KV schedule as contiguous decode.
+    Every block index a sequence reads is checked against ``num_blocks``
+    before C runs; table entries past a sequence's last block are not read
+    (any value, e.g. -1 padding, is fine there).
+
+    Parameters
+    ----------
+    q : array_like, shape ``(B, H, Lq, D)``
+    key_cache : array_like, shape ``(num_blocks, block_size, Hkv, D)``
+    value_cache : array_like, shape ``(num_blocks, block_size, Hkv, Dv)``
+    block_tables : array_like of int32 or int64, shape ``(B, max_blocks)``
+    seq_lens : array_like of int, shape ``(B,)``
+        ``Lq <= seq_lens[b] <= max_blocks * block_size``.
+    is_causal, window, softcap, sinks, scale, alibi_slopes
+        As in :func:`fastattn.scaled_dot_product_attention` (``i_pos`` as
+        above).
+    out : ndarray, optional, shape ``(B, H, Lq, Dv)``
+    num_threads : int, optional
+
+    Returns
+    -------
+    out : ndarray ``(B, H, Lq, Dv)``
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> cache = fastattn.PagedKVCache(num_blocks=8, block_size=4, num_kv_heads=2, head_dim=16)
+    >>> rng = np.random.default_rng(0)
+    >>> seq = cache.add_sequence()
+    >>> cache.append(seq, rng.standard_normal((6, 2, 16)), rng.standard_normal((6, 2, 16)))
+    >>> tables, lens = cache.tables([seq])
+    >>> q = rng.standard_normal((1, 4, 1, 16), dtype=np.float32)
+    >>> fastattn.paged_attention(q, cache.key_cache, cache.value_cache, tables, lens).shape
+    (1, 4, 1, 16)
+    """
+    qa, ka, va = (as_array(x, n) for x, n in ((q, "q"), (key_cache, "key_cache"),
+                                              (value_cache, "value_cache")))
+    dtype = np.promote_types(
+        np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "key_cache")),
+        compute_dtype(va.dtype, "value_cache"))
+    qa = float_array(qa, "q", dtype)
+    ka = float_array(ka, "key_cache", dtype)
+    va = float_array(va, "value_cache", dtype)
+    if qa.ndim != 4:
+        raise ValueError(f"q must be 4-D (B, H, Lq, D), got shape {qa.shape}")
+    if ka.ndim != 4 or va.ndim != 4:
+        raise ValueError("key_cache and value_cache must be 4-D (num_blocks, block_size, Hkv, "
+                         f"dim); got {ka.shape} and {va.shape}")
+    B, H, Lq, D = qa.shape
+    num_blocks, block_size, Hkv, Dk = ka.shape
+    if Dk != D:
+        raise ValueError(f"q and key_cache must have the same head dim; got q {qa.shape}, "
+                         f"key_cache {ka.shape}")
+    if va.shape[:3] != ka.shape[:3]:
+        raise ValueError(f"key_cache and value_cache must have the same blocks, block size and "
+                         f"heads; got {ka.shape} and {va.shape}")
+    Dv = va.shape[3]
+    if block_size < 1:
+        raise ValueError(f"key_cache must have a block size >= 1, got shape {ka.shape}")
+    if Hkv == 0 and H > 0 or Hkv and H % Hkv:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the kv heads "
+                         f"({Hkv}); got q {qa.shape}, key_cache {ka.shape}")
+    tables = _int_table(block_tables, "block_tables", 2)
+    lens = _int_table(seq_lens, "seq_lens", 1)
+    if tables.shape[0] != B:
+        raise ValueError(f"block_tables must have shape ({B}, max_blocks) for a batch of {B}, "
+                         f"got {tables.shape}")
+    if lens.shape != (B,):
+        raise ValueError(f"seq_lens must have shape ({B},), got {lens.shape}")
+    capacity = tables.shape[1] * block_size
+    if B and (lens.min() < Lq or lens.max() > capacity):
+        raise ValueError(
+            f"seq_lens must be between the query length {Lq} and the table's capacity "
+            f"{tables.shape[1]} blocks x {block_size} = {capacity}; got "
+            f"min {lens.min()}, max {lens.max()}")
+    used = np.arange(tables.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
+    bad = used & ((tables < 0) | (tables >= num_blocks))
+    if bad.any():
+        b, j = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"block_tables[{b}, {j}] = {tables[b, j]} is not a block of the cache "
+                         f"(num_blocks = {num_blocks})")
+    is_causal = bool_flag(is_causal, "is_causal")
+    scale = attention_scale(scale, D)
+    window = window_pair(window)
+    cap = softcap_value(softcap)
+    sinks = sinks_array(sinks, H, dtype)
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = np.ascontiguousarray(float_array(alibi_slopes, "alibi_slopes", dtype))
+        if slopes.shape != (H,):
+            raise ValueError(
+                f"alibi_slopes must have shape ({H},) for {H} query heads, got {slopes.shape}")
+    qa, ka, va = _unit_last_axis(qa), _unit_last_axis(ka), _unit_last_axis(va)
+    inputs = tuple(x for x in (qa, ka, va, slopes, sinks) if x is not None)
+    target = OutputTarget(out, (B, H, Lq, Dv), (B, H, Lq, Dv), dtype, inputs=inputs,
+                          unit_last_axis=True)
+    _kernels.paged_attention(qa, ka, va, target.kernel_view, tables, lens, float(scale),
+                             is_causal, slopes, window, cap, sinks,
+                             resolve_num_threads(num_threads))
+    return target.finish()
+
+
+class PagedKVCache:
+    """A pool of fixed-size key/value blocks shared by many sequences.
+
+    ``key_cache`` ``(num_blocks, block_size, num_kv_heads, head_dim)`` and
+    ``value_cache`` (last axis ``value_dim``) are allocated once.
+    :meth:`add_sequence` starts a sequence, :meth:`append` writes its new
+    tokens (rotating the keys by RoPE at their positions when ``rope`` is
+    set), :meth:`fork` starts a sequence sharing another's blocks
+    copy-on-write (beam search, prefix caching), :meth:`free` returns a
+    sequence's blocks, and :meth:`tables` gives the ``block_tables`` and
+    ``seq_lens`` that :func:`paged_attention` takes.
+
+    No sequence's data is ever overwritten: a block shared by several
+    sequences is copied before one of them writes into it. When the pool
+    has too few free blocks, :meth:`append` raises before changing anything.
+    """
+
+    def __init__(self, num_blocks, block_size, num_kv_heads, head_dim, *, value_dim=None,
+                 dtype=np.float32, rope=None, rope_base=10000.0):
+        num_blocks = index_value(num_blocks, "num_blocks")
+        block_size = index_value(block_size, "block_size")
+        num_kv_heads = index_value(num_kv_heads, "num_kv_heads")
+        head_dim = index_value(head_dim, "head_dim")
+        value_dim = head_dim if value_dim is None else index_value(value_dim, "value_dim")
+        for name, value, low in (("num_blocks", num_blocks, 0), ("block_size", block_size, 1),
+                                 ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 1),
+                                 ("value_dim", value_dim, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        if rope not in (None, "neox", "gptj"):
+            raise ValueError(f"rope must be None, 'neox' or 'gptj', got {rope!r}")
+        if rope is not None and head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+        self.block_size = block_size
+        self.rope, self.rope_base = rope, float(rope_base)
+        self.key_cache = np.zeros((num_blocks, block_size, num_kv_heads, head_dim), self.dtype)
+        self.value_cache = np.zeros((num_blocks, block_size, num_kv_heads, value_dim), self.dtype)
+        self._refs = np.zeros(num_blocks, np.int64)  # sequences holding each block
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() gives the lowest
+        self._blocks = {}  # seq id -> list of block indices
+        self._lens = {}  # seq id -> tokens
+        self._next_id = 0
+
+    @property
+    def num_free_blocks(self):
+        return len(self._free)
+
+    def _seq(self, seq):
+        if seq not in self._blocks:
+            raise KeyError(f"no sequence {seq!r} in this cache")
+        return self._blocks[seq]
+
+    def add_sequence(self):
+        """A new, empty sequence; returns its id."""
+        seq = self._next_id
+        self._next_id += 1
+        self._blocks[seq], self._lens[seq] = [], 0
+        return seq
+
+    def seq_len(self, seq):
+        self._seq(seq)
+        return self._lens[seq]
+
+    def append(self, seq, key, value):
+        """Write ``n`` new tokens of ``seq``: ``key`` ``(n, Hkv, D)``,
+        ``value`` ``(n, Hkv, Dv)``, at positions ``seq_len .. seq_len + n``."""
+        blocks = self._seq(seq)
+        _, bs, Hkv, D = self.key_cache.shape
+        Dv = self.value_cache.shape[3]
+        key = float_array(as_array(key, "key"), "key", self.dtype)
+        value = float_array(as_array(value, "value"), "value", self.dtype)
+        if key.ndim != 3 or key.shape[1:] != (Hkv, D):
+            raise ValueError(f"key must have shape (n, {Hkv}, {D}), got {key.shape}")
+        if value.shape != (key.shape[0], Hkv, Dv):
+            raise ValueError(f"value must have shape ({key.shape[0]}, {Hkv}, {Dv}), got {value.shape}")
+        n, start = key.shape[0], self._lens[seq]
+        if n == 0:
+            return
+        end = start + n
+        # blocks needed: new ones past the table, plus a copy of a shared,
+        # partly filled last block that this append writes into
+        new_blocks = -(-end // bs) - len(blocks)
+        cow = start % bs != 0 and self._refs[blocks[-1]] > 1
+        needed = new_blocks + int(cow)
+        if needed > len(self._free):
+            raise RuntimeError(
+                f"PagedKVCache is full: appending {n} tokens to sequence {seq} needs {needed} "
+                f"free blocks, {len(self._free)} are left of {self.key_cache.shape[0]}; free "
+                f"sequences or create a larger cache")
+        if cow:
+            old = blocks[-1]
+            fresh = self._free.pop()
+            self.key_cache[fresh] = self.key_cache[old]
+            self.value_cache[fresh] = self.value_cache[old]
+            self._refs[old] -= 1
+            self._refs[fresh] = 1
+            blocks[-1] = fresh
+        for _ in range(new_blocks):
+            fresh = self._free.pop()
+            self._refs[fresh] = 1
+            blocks.append(fresh)
+        if self.rope is not None:
+            from fastattn.rotary import apply_rotary
+            positions = np.arange(start, end)[:, None]  # (n, 1) over (n, Hkv)
+            key = apply_rotary(key, positions, layout=self.rope, base=self.rope_base)
+        t = np.arange(start, end)
+        rows = np.asarray(blocks, np.int64)[t // bs]
+        self.key_cache[rows, t % bs] = key
+        self.value_cache[rows, t % bs] = value
+        self._lens[seq] = end
+
+    def fork(self, seq):
+        """A new sequence sharing all of ``seq``'s tokens copy-on-write;
+        returns its id."""
+        blocks = self._seq(seq)
+        child = self.add_sequence()
+        self._blocks[child] = list(blocks)
+        self._lens[child] = self._lens[seq]
+        for blk in blocks:
+            self._refs[blk] += 1
+        return child
+
+    def free(self, seq):
+        """Forget ``seq``; blocks no other sequence holds become free."""
+        blocks = self._seq(seq)
+        for blk in reversed(blocks):
+            self._refs[blk] -= 1
+            if self._refs[blk] == 0:
+                self._free.append(blk)
+        del self._blocks[seq], self._lens[seq]
+
+    def tables(self, seqs):
+        """``(block_tables (len(seqs), max_blocks) int64, seq_lens (len(seqs),)
+        int64)`` for :func:`paged_attention`; unused table entries are 0."""
+        seqs = list(seqs)
+        rows = [self._seq(s) for s in seqs]
+        width = max((len(r) for r in rows), default=0)
+        tables = np.zeros((len(seqs), width), np.int64)
+        for i, r in enumerate(rows):
+            tables[i, :len(r)] = r
+        return tables, np.array([self._lens[s] for s in seqs], np.int64)
