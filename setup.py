@@ -7,7 +7,9 @@ extension as extra objects (the cython-blis approach):
   package imports on any x86-64 (or aarch64) CPU;
 * ``*_avx2.c``: ``-mavx2 -mfma``;
 * ``*_avx512.c``: ``-mavx2 -mfma -mavx512f -mavx512dq -mavx512bw -mavx512vl``
-  (GCC's ``-mavx512f`` does not imply FMA).
+  (GCC's ``-mavx512f`` does not imply FMA);
+* ``*_avx512bf16.c``: the avx512 flags plus ``-mavx512bf16 -mf16c``;
+* a file listed in ``FILE_CFLAGS`` adds its flags to its group's.
 
 The CPU is detected at import (CPUID + XGETBV) and the best compiled level is
 selected; ``FASTATTN_ISA`` lowers it. No host-specific tuning flag (the wheel
@@ -57,6 +59,15 @@ BASE_CFLAGS = ["-std=c11", "-O3", "-fno-math-errno", "-ffp-contract=off", "-Wall
 ISA_CFLAGS = {
     "avx2": ["-mavx2", "-mfma"],
     "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"],
+    "avx512bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
+                   "-mavx512bf16", "-mf16c"],
+}
+# Flags a few files add to their group's: the 16-bit GEMM converts fp16 with
+# F16C (cpu_features.c checks it at run time for the avx2 level; every
+# AVX-512 CPU has it).
+FILE_CFLAGS = {
+    "gemm_bf16_avx2.c": ["-mf16c"],
+    "gemm_bf16_avx512.c": ["-mf16c"],
 }
 
 
@@ -70,10 +81,12 @@ def _env_flag(name, default):
 def _source_groups():
     """Map each flag group to its C files."""
     all_c = sorted(glob.glob(os.path.join(CSRC, "*.c")))
-    groups = {"base": [], "avx2": [], "avx512": []}
+    groups = {"base": [], "avx2": [], "avx512": [], "avx512bf16": []}
     for path in all_c:
         stem = os.path.basename(path)[:-2]
-        if stem.endswith("_avx512"):
+        if stem.endswith("_avx512bf16"):
+            groups["avx512bf16"].append(path)
+        elif stem.endswith("_avx512"):
             groups["avx512"].append(path)
         elif stem.endswith("_avx2"):
             groups["avx2"].append(path)
@@ -82,6 +95,7 @@ def _source_groups():
     if not IS_X86:
         groups["avx2"] = []
         groups["avx512"] = []
+        groups["avx512bf16"] = []
     return groups
 
 
@@ -141,7 +155,7 @@ class FastattnBuildExt(build_ext):
             version = cc
         flag_text = "; ".join(
             f"{name}: {' '.join(BASE_CFLAGS + ISA_CFLAGS.get(name, []) + omp + san_flags)}"
-            for name in ("base", "avx2", "avx512")
+            for name in ("base", "avx2", "avx512", "avx512bf16")
             if groups[name]
         )
         with open(os.path.join(cfg_dir, "fa_build_config.h"), "w") as f:
@@ -150,16 +164,22 @@ class FastattnBuildExt(build_ext):
 
         objects = []
         for name, sources in groups.items():
-            if not sources:
-                continue
-            objects += self.compiler.compile(
-                sources,
-                output_dir=self.build_temp,
-                macros=macros,
-                include_dirs=[CSRC, cfg_dir],
-                extra_postargs=BASE_CFLAGS + ISA_CFLAGS.get(name, []) + omp + san_flags,
-                depends=glob.glob(os.path.join(CSRC, "*.h")),
-            )
+            # one compile call per distinct flag list (the group's, or the
+            # group's plus a file's FILE_CFLAGS)
+            batches = {}
+            for src in sources:
+                extra = tuple(FILE_CFLAGS.get(os.path.basename(src), ()))
+                batches.setdefault(extra, []).append(src)
+            for extra, batch in batches.items():
+                objects += self.compiler.compile(
+                    batch,
+                    output_dir=self.build_temp,
+                    macros=macros,
+                    include_dirs=[CSRC, cfg_dir],
+                    extra_postargs=BASE_CFLAGS + ISA_CFLAGS.get(name, []) + list(extra) + omp
+                    + san_flags,
+                    depends=glob.glob(os.path.join(CSRC, "*.h")),
+                )
         ext.extra_objects = list(ext.extra_objects or []) + objects
         ext.extra_compile_args = list(ext.extra_compile_args or []) + omp + san_flags
         ext.extra_link_args = list(ext.extra_link_args or []) + omp + san_flags

@@ -41,13 +41,40 @@ static int detect_best_isa(void) {
     const int has_avx512bw = (b >> 30) & 1;
     const int has_avx512vl = (b >> 31) & 1;
     if (!has_avx2) return FA_ISA_SCALAR;
-    if (os_zmm && has_avx512f && has_avx512dq && has_avx512bw && has_avx512vl)
+    if (os_zmm && has_avx512f && has_avx512dq && has_avx512bw && has_avx512vl) {
+        /* AVX512_BF16 is leaf 7 subleaf 1, EAX bit 5; subleaf 1 exists when
+         * subleaf 0 reports a maximum subleaf >= 1 in its EAX (a, above).
+         * It needs the ZMM state checked above and nothing more. */
+        unsigned int a1 = 0, b1, c1, d1;
+        if (a >= 1) __cpuid_count(7, 1, a1, b1, c1, d1);
+        if ((a1 >> 5) & 1) return FA_ISA_AVX512BF16;
         return FA_ISA_AVX512;
+    }
     return FA_ISA_AVX2;
+}
+
+/* F16C (CPUID leaf 1, ECX bit 29): the half-precision conversions the avx2
+ * 16-bit GEMM uses. Every AVX-512 CPU has them (its EVEX forms are AVX512F),
+ * but the AVX2 level does not require them. */
+static int detect_f16c(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c >> 29) & 1;
 }
 #else
 static int detect_best_isa(void) { return FA_ISA_SCALAR; }
+static int detect_f16c(void) { return 0; }
 #endif
+
+int fa_cpu_has_f16c(void) {
+    static int cached = -1;
+    int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (v < 0) {
+        v = detect_f16c();
+        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
 
 int fa_cpu_best_isa(void) {
     /* Idempotent and race-free: every caller computes the same value. */
@@ -63,7 +90,7 @@ int fa_cpu_best_isa(void) {
 
 int fa_compiled_max_isa(void) {
 #if defined(FA_HAVE_X86_KERNELS)
-    return FA_ISA_AVX512;
+    return FA_ISA_AVX512BF16;
 #else
     return FA_ISA_SCALAR;
 #endif

@@ -43,10 +43,15 @@ static const fa_kernel_table kernels_avx2 = {
     .isa = FA_ISA_AVX2, FA_KERNEL_LIST(FA_FIELD_AVX2)};
 static const fa_kernel_table kernels_avx512 = {
     .isa = FA_ISA_AVX512, FA_KERNEL_LIST(FA_FIELD_AVX512)};
+/* No kernel of the table has a bf16-specific version yet: the avx512bf16
+ * level runs the avx512 ones (the 16-bit GEMM picks its own, gemm_bf16.c). */
+static const fa_kernel_table kernels_avx512bf16 = {
+    .isa = FA_ISA_AVX512BF16, FA_KERNEL_LIST(FA_FIELD_AVX512)};
 #endif
 
 static const fa_kernel_table *table_for(int isa) {
 #if defined(FA_HAVE_X86_KERNELS)
+    if (isa == FA_ISA_AVX512BF16) return &kernels_avx512bf16;
     if (isa == FA_ISA_AVX512) return &kernels_avx512;
     if (isa == FA_ISA_AVX2) return &kernels_avx2;
 #endif
@@ -69,7 +74,7 @@ const fa_kernel_table *fa_kernels(void) {
 int fa_get_isa(void) { return fa_kernels()->isa; }
 
 int fa_set_isa(int isa) {
-    if (isa < FA_ISA_SCALAR || isa > FA_ISA_AVX512) return FA_ERR_INVALID;
+    if (isa < FA_ISA_SCALAR || isa > FA_ISA_AVX512BF16) return FA_ERR_INVALID;
     if (isa > fa_cpu_best_isa()) return FA_ERR_ISA;
     __atomic_store_n(&selected, table_for(isa), __ATOMIC_RELEASE);
     return FA_OK;
@@ -80,6 +85,7 @@ const char *fa_isa_name(int isa) {
         case FA_ISA_SCALAR: return "scalar";
         case FA_ISA_AVX2: return "avx2";
         case FA_ISA_AVX512: return "avx512";
+        case FA_ISA_AVX512BF16: return "avx512bf16";
         default: return "unknown";
     }
 }

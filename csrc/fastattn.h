@@ -27,7 +27,14 @@ typedef enum {
     FA_ERR_ISA = 4        /* the requested ISA level is not supported here */
 } fa_status;
 
-typedef enum { FA_ISA_SCALAR = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2 } fa_isa;
+/* FA_ISA_AVX512BF16: AVX512 plus AVX512_BF16 (vdpbf16ps); kernels without a
+ * bf16-specific version run their avx512 code there. */
+typedef enum {
+    FA_ISA_SCALAR = 0,
+    FA_ISA_AVX2 = 1,
+    FA_ISA_AVX512 = 2,
+    FA_ISA_AVX512BF16 = 3
+} fa_isa;
 
 typedef enum { FA_DTYPE_F32 = 0, FA_DTYPE_F64 = 1 } fa_dtype;
 
@@ -338,7 +345,12 @@ typedef struct {
  * bias: NULL or (N,) contiguous. M, N, K and the row strides must fit the
  * 32-bit BLAS (FA_ERR_OVERFLOW otherwise). The columns are split over up to
  * num_threads threads; an epilogue failure (a bad index) is reported after
- * the products were written. */
+ * the products were written.
+ * deterministic != 0: the columns (or, for at most a few rows, K) are cut
+ * into blocks that depend on M, N and K only, one BLAS call each, summed in a
+ * fixed order, so c is bitwise the same for every num_threads (given a BLAS
+ * that is deterministic for one call). 0: one block per thread,
+ * fewer BLAS calls, but the bits may change with num_threads. */
 typedef struct {
     int64_t B, M, K, N;
     const void *a;
@@ -350,6 +362,7 @@ typedef struct {
     const void *bias;
     const int64_t *row_start, *row_stop; /* NULL or (B,) */
     double alpha;
+    int deterministic;
     fa_linear_rope rope;
 } fa_linear_args;
 
@@ -370,6 +383,48 @@ int fa_quantize_kv(fa_view4 x, fa_view4 values, fa_view4 scales, int64_t B, int6
                    int64_t L, int64_t D, int num_threads);
 int fa_dequantize_kv(fa_view4 values, fa_view4 scales, fa_view4 y, int64_t B, int64_t H,
                      int64_t L, int64_t D, int num_threads);
+
+/* ==== 16-bit GEMM for projections (csrc/gemm_bf16.c) =======================
+ * c (M, N) = alpha * a (M, K) . w (N, K)^T (+ bias), a and w bfloat16 or
+ * float16, products summed in float32, c float32 or the input dtype.
+ *
+ * w is packed once (fa_gemm16_pack_weight) into a layout the micro-kernels
+ * stream; a is read as it lies (unit column stride, any row stride).
+ * Each c[i, j] sums its K products in one fixed order, pair by pair
+ * (k = 2p + 1 then k = 2p, as vdpbf16ps does), in float32 whatever the ISA
+ * level, the blocking or the thread count: results are bitwise identical
+ * for every num_threads, and across ISA levels except where a product or a
+ * partial sum is subnormal (vdpbf16ps flushes those to zero).
+ * 16-bit outputs are rounded to nearest even; a NaN stays a (quiet) NaN. */
+typedef enum { FA_DTYPE_BF16 = 2, FA_DTYPE_F16 = 3 } fa_dtype16;
+
+/* Elements (uint16) of the packed form of a (N, K) weight; -1 on overflow. */
+int64_t fa_gemm16_packed_elems(int64_t N, int64_t K);
+
+/* Packs w (N, K) of dtype FA_DTYPE_BF16 or FA_DTYPE_F16, element (n, k) at
+ * w[n * w_stride_n + k * w_stride_k], into packed (packed_elems uint16,
+ * at least fa_gemm16_packed_elems(N, K); 64-byte alignment is faster). */
+int fa_gemm16_pack_weight(int dtype, const void *w, int64_t N, int64_t K,
+                          int64_t w_stride_n, int64_t w_stride_k,
+                          void *packed, int64_t packed_elems, int num_threads);
+
+typedef struct {
+    int dtype;            /* FA_DTYPE_BF16 or FA_DTYPE_F16: a and the packed w */
+    int out_dtype;        /* FA_DTYPE_F32 or dtype */
+    int64_t M, N, K;
+    const void *a;        /* (M, K), row i at a + i * a_row_stride */
+    int64_t a_row_stride;
+    const void *packed_w; /* fa_gemm16_pack_weight of (N, K) in dtype */
+    int64_t packed_elems; /* its length (uint16), checked against N and K */
+    void *c;              /* (M, N), row i at c + i * c_row_stride */
+    int64_t c_row_stride;
+    const float *bias;    /* NULL or (N,) float32 */
+    float alpha;
+} fa_gemm16_args;
+
+int fa_gemm16(const fa_gemm16_args *args, int num_threads);
+
+/* ==== end of the 16-bit GEMM block ========================================= */
 
 #ifdef __cplusplus
 }

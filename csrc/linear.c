@@ -17,12 +17,25 @@
  * beta = 1: BLAS would otherwise zero C first (beta = 0), so the bias costs
  * nothing extra.
  *
- * Threads: the output columns are split into one block per OpenMP thread
- * (fa_run_team; BLAS must then be single-threaded, which fastattn.mha
- * arranges), in whole 64-byte lines, and whole heads when the RoPE
- * epilogue is on. The epilogue rotates the heads of each block on the
- * thread that computed it, right after its GEMM, while the block is still
- * in that core's caches (fa_rope_apply, single-threaded).
+ * Threads: the output columns are split into blocks, in whole 64-byte
+ * lines and whole heads when the RoPE epilogue is on, and the blocks over
+ * the OpenMP threads (fa_run_team; BLAS must then be single-threaded, which
+ * fastattn.projections arranges). The epilogue rotates the heads of each
+ * block on the thread that computed it, right after its GEMM, while the
+ * block is still in that core's caches (fa_rope_apply, single-threaded).
+ *
+ * Determinism: a BLAS gives a column bits that depend on where the column
+ * falls in the call (edge micro-kernels, small-matrix paths and GEMV tails
+ * sum in other orders), so one block per thread makes the result change
+ * with the thread count (by up to a few ulps). The deterministic partition
+ * cuts the columns into blocks fixed by M, N and K alone, one BLAS call
+ * each, and gives threads whole runs of blocks: the same calls, the same
+ * bits, for every thread count. A GEMV-sized product (a decode step) is
+ * instead cut along K: block b is the GEMV of rows [k0, k1) of W, which it
+ * reads as whole contiguous rows, into its own partial sum, and the partial
+ * sums are added in block order afterwards. Measured on one core (768 x
+ * 2304, float32): column slivers of W, read with a large stride, cost ~12%
+ * over one GEMV; K blocks of 64 rows ~4%, of 32 rows ~9% (more calls).
  */
 #include <limits.h>
 #include <stdatomic.h>
@@ -30,6 +43,7 @@
 
 #include "checked_size.h"
 #include "fastattn.h"
+#include "scratch.h"
 #include "threads.h"
 
 /* A product with at most this many rows goes through GEMV, one row at a
@@ -40,6 +54,20 @@
 /* Below this many multiply-adds a product stays on one thread: an OpenMP
  * fork/join costs a few microseconds, ~2^18 multiply-adds on one core. */
 #define PARALLEL_MIN_FLOPS 262144
+/* The deterministic partition's blocks: at most this many, so that 1, 2, 3,
+ * 4, 6, 8, 12 and 24 threads get equal shares of a wide product. Each block
+ * is a BLAS call that packs the activations again, so more blocks cost more
+ * than they balance. */
+#define DETERMINISTIC_MAX_BLOCKS 24
+/* ... and at least this many columns each (wider blocks when N is small):
+ * narrower GEMM calls spend more of their time packing than multiplying. */
+#define DETERMINISTIC_MIN_COLS 128
+/* The deterministic GEMV's K blocks: at most DETERMINISTIC_MAX_BLOCKS, and
+ * at least this many rows of W each: each block is a GEMV call (~0.5 us of
+ * overhead) and a partial sum to add, so fewer, longer blocks cost less
+ * (measured above), but 12 blocks of K = 768 still balance 1, 2, 3, 4, 6
+ * and 12 threads. */
+#define KSPLIT_MIN_ROWS 64
 /* Reference BLAS takes 32-bit ints for sizes and leading dimensions. */
 #define BLAS_INT_MAX INT_MAX
 
@@ -57,6 +85,12 @@ typedef struct {
     char *c;
     int64_t lda, ldw, ldc, cbs;
     int64_t M, nbatch, b0, r0;
+    int64_t block_cols; /* > 0: the deterministic blocks' width; 0: one block per thread */
+    int64_t nblocks;
+    /* deterministic GEMV: nkblocks > 0 blocks along K, partial sums
+     * (nkblocks, M, N) in partial; 0 otherwise */
+    int64_t nkblocks;
+    char *partial;
     atomic_int status; /* the epilogue's first failure, FA_OK otherwise */
 } linear_job;
 
@@ -131,14 +165,8 @@ static int rope_block(const linear_job *j, int64_t n0, int64_t n1) {
     return fa_rope_apply(j->dtype, &r, 1);
 }
 
-/* Thread t's column block: ceil(N / nthreads) columns rounded up to whole
- * blocks of align, then its epilogue. */
-static void linear_part(void *ctx, int t, int nthreads) {
-    linear_job *j = ctx;
-    const int64_t N = j->args->N;
-    int64_t per = (N + nthreads - 1) / nthreads;
-    per = (per + j->align - 1) / j->align * j->align;
-    const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+/* Columns [n0, n1) of the job: the product, then its epilogue. */
+static void linear_block(linear_job *j, int64_t n0, int64_t n1) {
     if (n1 <= n0) return;
     product(j, n0, n1);
     if (j->args->rope.enabled) {
@@ -148,14 +176,141 @@ static void linear_part(void *ctx, int t, int nthreads) {
     }
 }
 
+/* Thread t's share. Deterministic: blocks [t nblocks / T, (t+1) nblocks / T)
+ * of the fixed partition, one call each. Otherwise ceil(N / T) columns
+ * rounded up to whole align units, as one call. */
+static void linear_part(void *ctx, int t, int nthreads) {
+    linear_job *j = ctx;
+    const int64_t N = j->args->N;
+    if (j->block_cols > 0) {
+        const int64_t b0 = j->nblocks * t / nthreads, b1 = j->nblocks * (t + 1) / nthreads;
+        for (int64_t b = b0; b < b1; ++b) {
+            const int64_t n0 = b * j->block_cols, n1 = n0 + j->block_cols < N ? n0 + j->block_cols : N;
+            linear_block(j, n0, n1);
+        }
+        return;
+    }
+    int64_t per = (N + nthreads - 1) / nthreads;
+    per = (per + j->align - 1) / j->align * j->align;
+    const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+    linear_block(j, n0, n1);
+}
+
+/* Rows [k0, k1) of K block kb: fixed by K and the block count alone. */
+static void kblock_range(const linear_job *j, int64_t kb, int64_t *k0, int64_t *k1) {
+    const int64_t K = j->args->K;
+    *k0 = K * kb / j->nkblocks;
+    *k1 = K * (kb + 1) / j->nkblocks;
+}
+
+/* Deterministic GEMV, phase 1: thread t's K blocks, one GEMV per block and
+ * row, each into its own partial sum (beta = 0). */
+static void kblock_part(void *ctx, int t, int nthreads) {
+    linear_job *j = ctx;
+    const int64_t item = j->item, M = j->M, N = j->args->N;
+    const int64_t b0 = j->nkblocks * t / nthreads, b1 = j->nkblocks * (t + 1) / nthreads;
+    int n_ = (int)N, ldw_ = (int)j->ldw, one = 1;
+    char tn = 'N';
+    double da = j->args->alpha, db = 0.0;
+    float fa = (float)da, fb = 0.0f;
+    for (int64_t kb = b0; kb < b1; ++kb) {
+        int64_t k0, k1;
+        kblock_range(j, kb, &k0, &k1);
+        int k_ = (int)(k1 - k0);
+        const char *w = j->w + k0 * j->ldw * item;
+        for (int64_t i = 0; i < M; ++i) {
+            char *x = (char *)j->a + (i * j->lda + k0) * item;
+            char *y = j->partial + (kb * M + i) * N * item;
+            if (j->dtype == FA_DTYPE_F64)
+                j->blas->dgemv(&tn, &n_, &k_, &da, (double *)w, &ldw_, (double *)x, &one, &db,
+                               (double *)y, &one);
+            else
+                j->blas->sgemv(&tn, &n_, &k_, &fa, (float *)w, &ldw_, (float *)x, &one, &fb,
+                               (float *)y, &one);
+        }
+    }
+}
+
+/* Deterministic GEMV, phase 2: columns [n0, n1) of c = bias + the partial
+ * sums in block order (each element's sum in the same order on every
+ * thread count), then the epilogue on them. */
+static void kblock_sum(void *ctx, int t, int nthreads) {
+    linear_job *j = ctx;
+    const int64_t N = j->args->N, M = j->M, nkb = j->nkblocks;
+    int64_t per = (N + nthreads - 1) / nthreads;
+    per = (per + j->align - 1) / j->align * j->align;
+    const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+    if (n1 <= n0) return;
+    /* c = bias, then += each block's partial sum in block order: per element
+     * the same order as a loop over blocks inside, but over contiguous rows */
+    for (int64_t i = 0; i < M; ++i) {
+        if (j->dtype == FA_DTYPE_F64) {
+            const double *bias = j->args->bias, *part = (const double *)j->partial + i * N;
+            double *c = (double *)j->c + i * j->ldc;
+            for (int64_t n = n0; n < n1; ++n) c[n] = bias != NULL ? bias[n] : 0.0;
+            for (int64_t kb = 0; kb < nkb; ++kb) {
+                const double *pk = part + kb * M * N;
+                for (int64_t n = n0; n < n1; ++n) c[n] += pk[n];
+            }
+        } else {
+            const float *bias = j->args->bias, *part = (const float *)j->partial + i * N;
+            float *c = (float *)j->c + i * j->ldc;
+            for (int64_t n = n0; n < n1; ++n) c[n] = bias != NULL ? bias[n] : 0.0f;
+            for (int64_t kb = 0; kb < nkb; ++kb) {
+                const float *pk = part + kb * M * N;
+                for (int64_t n = n0; n < n1; ++n) c[n] += pk[n];
+            }
+        }
+    }
+    if (j->args->rope.enabled) {
+        const int st = rope_block(j, n0, n1);
+        int ok = FA_OK;
+        if (st != FA_OK) atomic_compare_exchange_strong(&j->status, &ok, st);
+    }
+}
+
+/* The deterministic GEMV's K block count for K rows (0: K too short to
+ * split, or the product too small for threads). */
+static int64_t kblock_count(int64_t M, int64_t N, int64_t K) {
+    int64_t flops;
+    if (M > GEMV_MAX_ROWS || K < 2 * KSPLIT_MIN_ROWS) return 0;
+    if (!fa_mul_ok(M, N, &flops) || !fa_mul_ok(flops, K, &flops)) return 0;
+    if (flops < PARALLEL_MIN_FLOPS) return 0;
+    const int64_t n = K / KSPLIT_MIN_ROWS;
+    return n < DETERMINISTIC_MAX_BLOCKS ? n : DETERMINISTIC_MAX_BLOCKS;
+}
+
 /* The job's product, its columns over up to num_threads threads. */
 static int run_product(linear_job *j, int num_threads) {
     const int64_t N = j->args->N;
     int64_t flops;
     if (!fa_mul_ok(j->M, N, &flops) || !fa_mul_ok(flops, j->args->K, &flops)) flops = INT64_MAX;
-    int nthreads = fa_resolve_threads(num_threads, N / j->align, flops);
-    if (flops < PARALLEL_MIN_FLOPS) nthreads = 1;
     atomic_init(&j->status, FA_OK);
+    j->nkblocks = j->partial != NULL ? kblock_count(j->M, N, j->args->K) : 0;
+    if (j->nkblocks > 0) {
+        fa_run_team(fa_resolve_threads(num_threads, j->nkblocks, flops), kblock_part, j);
+        fa_run_team(fa_resolve_threads(num_threads, N / j->align, j->M * N), kblock_sum, j);
+        return atomic_load(&j->status);
+    }
+    int64_t work = N / j->align;
+    j->block_cols = 0;
+    j->nblocks = 1;
+    if (j->args->deterministic) {
+        /* The partition depends on the sizes only; a product too small to
+         * split is one block on any thread count. */
+        int64_t cols = N;
+        if (flops >= PARALLEL_MIN_FLOPS) {
+            cols = (N + DETERMINISTIC_MAX_BLOCKS - 1) / DETERMINISTIC_MAX_BLOCKS;
+            if (cols < DETERMINISTIC_MIN_COLS) cols = DETERMINISTIC_MIN_COLS;
+            cols = (cols + j->align - 1) / j->align * j->align;
+        }
+        if (cols < 1) cols = 1;
+        j->block_cols = cols;
+        j->nblocks = (N + cols - 1) / cols;
+        work = j->nblocks;
+    }
+    int nthreads = fa_resolve_threads(num_threads, work, flops);
+    if (flops < PARALLEL_MIN_FLOPS) nthreads = 1;
     fa_run_team(nthreads, linear_part, j);
     return atomic_load(&j->status);
 }
@@ -235,29 +390,43 @@ int fa_linear(int dtype, const fa_linear_args *p, const fa_blas *blas, int num_t
     job.cbs = p->c_stride[0];
     const int64_t sab = p->a_stride[0], scb = p->c_stride[0];
     int64_t a_span, c_span;
-    if (r0p == NULL && r1p == NULL && B > 1 && fa_mul_ok(M, lda, &a_span) && sab == a_span &&
-        fa_mul_ok(M, ldc, &c_span) && scb == c_span && rows_total <= BLAS_INT_MAX) {
-        /* evenly spaced batches: one BLAS call covers them all */
+    /* evenly spaced batches: one BLAS call covers them all */
+    const int merged = r0p == NULL && r1p == NULL && B > 1 && fa_mul_ok(M, lda, &a_span) &&
+                       sab == a_span && fa_mul_ok(M, ldc, &c_span) && scb == c_span &&
+                       rows_total <= BLAS_INT_MAX;
+    /* the deterministic GEMV's partial sums, for the most rows a job has */
+    const int64_t job_rows = merged ? rows_total : M;
+    const int64_t nkb = p->deterministic ? kblock_count(job_rows, N, K) : 0;
+    job.partial = NULL;
+    if (nkb > 0) {
+        int64_t count;
+        if (!fa_mul_ok(nkb, job_rows, &count) || !fa_mul_ok(count, N, &count)) return FA_ERR_OVERFLOW;
+        job.partial = fa_scratch_alloc(count, item);
+        if (job.partial == NULL) return FA_ERR_NOMEM;
+    }
+    int status = FA_OK;
+    if (merged) {
         job.a = p->a;
         job.c = p->c;
         job.M = rows_total;
         job.nbatch = B;
         job.b0 = job.r0 = 0;
-        return run_product(&job, num_threads);
+        status = run_product(&job, num_threads);
+    } else {
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t r0 = r0p ? r0p[b] : 0, r1 = r1p ? r1p[b] : M;
+            if (r1 <= r0) continue;
+            /* offsets within the views checked above */
+            job.a = (const char *)p->a + (b * sab + r0 * lda) * item;
+            job.c = (char *)p->c + (b * scb + r0 * ldc) * item;
+            job.M = r1 - r0;
+            job.nbatch = 1;
+            job.b0 = b;
+            job.r0 = r0;
+            const int st = run_product(&job, num_threads);
+            if (st != FA_OK) status = st;
+        }
     }
-    int status = FA_OK;
-    for (int64_t b = 0; b < B; ++b) {
-        const int64_t r0 = r0p ? r0p[b] : 0, r1 = r1p ? r1p[b] : M;
-        if (r1 <= r0) continue;
-        /* offsets within the views checked above */
-        job.a = (const char *)p->a + (b * sab + r0 * lda) * item;
-        job.c = (char *)p->c + (b * scb + r0 * ldc) * item;
-        job.M = r1 - r0;
-        job.nbatch = 1;
-        job.b0 = b;
-        job.r0 = r0;
-        const int st = run_product(&job, num_threads);
-        if (st != FA_OK) status = st;
-    }
+    fa_scratch_free(job.partial);
     return status;
 }

@@ -7,6 +7,28 @@ every function is checked against the NumPy oracle in
 
 __version__ = "0.1.0"
 
+# Without the compiled extension every submodule fails with Python's
+# misleading "partially initialized module (most likely due to a circular
+# import)"; say what is missing and how to build it, as NumPy does when it
+# is imported from its source directory.
+try:
+    from fastattn import _kernels as _extension
+except ImportError as _exc:
+    import importlib.util as _util
+
+    _built = _util.find_spec("fastattn._kernels") is not None
+    raise ImportError(
+        ("fastattn's compiled extension fastattn._kernels failed to load"
+         f" ({_exc}). Rebuild it" if _built else
+         "fastattn's compiled extension fastattn._kernels is not built: you are"
+         " probably importing fastattn from its source tree. Build it")
+        + " in place with\n    python setup.py build_ext --inplace\nor install"
+        " fastattn with\n    python -m pip install -e .\nand then retry (or run"
+        " Python from outside the source tree against an installed fastattn)."
+    ) from None
+del _extension
+
+
 from fastattn._config import (
     available_isas,
     get_isa,

@@ -3,7 +3,6 @@ against the NumPy oracle on a small embedded example and print its speed-up
 over the oracle. Exits 1 if any kernel disagrees with the oracle."""
 
 import sys
-import time
 
 import numpy as np
 
@@ -43,12 +42,9 @@ def _examples(rng):
 
 
 def _best_time(fn, repeats=5):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    from fastattn.bench.timing import TimingPolicy, measure
+
+    return measure(fn, TimingPolicy(min_time=0.0, min_repeats=repeats, warmup=0)).best
 
 
 def main():

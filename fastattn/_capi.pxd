@@ -211,6 +211,31 @@ cdef extern from "fastattn.h" nogil:
         const int64_t *row_start
         const int64_t *row_stop
         double alpha
+        int deterministic
         fa_linear_rope rope
 
     int fa_linear(int dtype, const fa_linear_args *args, const fa_blas *blas, int num_threads)
+
+    # ---- 16-bit GEMM (csrc/gemm_bf16.c) ----
+    int FA_ISA_AVX512BF16
+    int FA_DTYPE_BF16
+    int FA_DTYPE_F16
+
+    ctypedef struct fa_gemm16_args:
+        int dtype
+        int out_dtype
+        int64_t M, N, K
+        const void *a
+        int64_t a_row_stride
+        const void *packed_w
+        int64_t packed_elems
+        void *c
+        int64_t c_row_stride
+        const float *bias
+        float alpha
+
+    int64_t fa_gemm16_packed_elems(int64_t N, int64_t K)
+    int fa_gemm16_pack_weight(int dtype, const void *w, int64_t N, int64_t K,
+                              int64_t w_stride_n, int64_t w_stride_k,
+                              void *packed, int64_t packed_elems, int num_threads)
+    int fa_gemm16(const fa_gemm16_args *args, int num_threads)

@@ -546,10 +546,11 @@ cdef inline const int64_t *int64_data(object a):
 
 
 def linear(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias, object row_start,
-           object row_stop, double alpha, int num_threads, object rope):
+           object row_stop, double alpha, int num_threads, object rope, bint deterministic=True):
     """a (B, M, K), w (K, N), c (B, M, N) of one dtype; bias None or (N,);
     row_start, row_stop None or contiguous (B,) int64; rope None or
-    (layout, heads, D, index (B, heads, M) int64 view, cos, sin)."""
+    (layout, heads, D, index (B, heads, M) int64 view, cos, sin);
+    deterministic: thread-count-independent column blocks."""
     cdef int dt = dtype_code(a)
     cdef fa_linear_args p
     cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
@@ -568,6 +569,7 @@ def linear(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias, object row_
     p.row_start = int64_data(row_start)
     p.row_stop = int64_data(row_stop)
     p.alpha = alpha
+    p.deterministic = deterministic
     p.rope.enabled = rope is not None
     if rope is None:
         p.rope.layout = FA_ROPE_NONE
@@ -585,4 +587,59 @@ def linear(cnp.ndarray a, cnp.ndarray w, cnp.ndarray c, object bias, object row_
         p.rope.table_len = (<cnp.ndarray>cos_t).shape[0]
     with nogil:
         st = fa_linear(dt, &p, &_SCIPY_BLAS, num_threads)
+    check(st)
+
+
+# ---- 16-bit GEMM (csrc/gemm_bf16.c; fastattn/bf16_gemm.py validates) ----
+
+DTYPE_BF16 = FA_DTYPE_BF16
+DTYPE_F16 = FA_DTYPE_F16
+
+def gemm16_packed_elems(int64_t N, int64_t K):
+    """uint16 elements of the packed form of a (N, K) weight."""
+    cdef int64_t n = fa_gemm16_packed_elems(N, K)
+    if n < 0:
+        raise ValueError(f"fastattn: a ({N}, {K}) weight overflows the addressable range")
+    return n
+
+
+def gemm16_pack_weight(int dtype, cnp.ndarray w, cnp.ndarray packed, int num_threads):
+    """w: (N, K) uint16 bits of the dtype, any strides; packed: 1-D uint16,
+    contiguous, gemm16_packed_elems(N, K) long."""
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(w)
+    cdef int64_t sn = elem_stride(cnp.PyArray_STRIDES(w)[0], item)
+    cdef int64_t sk = elem_stride(cnp.PyArray_STRIDES(w)[1], item)
+    cdef int64_t N = w.shape[0], K = w.shape[1], n = packed.shape[0]
+    cdef const void *wp = cnp.PyArray_DATA(w)
+    cdef void *pp = cnp.PyArray_DATA(packed)
+    cdef int st
+    with nogil:
+        st = fa_gemm16_pack_weight(dtype, wp, N, K, sn, sk, pp, n, num_threads)
+    check(st)
+
+
+def gemm16(int dtype, cnp.ndarray a, cnp.ndarray packed, int64_t N, cnp.ndarray c,
+           object bias, float alpha, int num_threads):
+    """c (M, N) = alpha * a (M, K) . w^T (+ bias). a: uint16 bits of the
+    dtype, unit column stride; c: float32 or uint16 bits of the dtype, unit
+    column stride; bias: None or (N,) float32 contiguous."""
+    cdef fa_gemm16_args g
+    cdef int st
+    g.dtype = dtype
+    g.out_dtype = FA_DTYPE_F32 if cnp.PyArray_TYPE(c) == cnp.NPY_FLOAT32 else dtype
+    g.M = a.shape[0]
+    g.N = N
+    g.K = a.shape[1]
+    g.a = cnp.PyArray_DATA(a)
+    g.a_row_stride = elem_stride(cnp.PyArray_STRIDES(a)[0], cnp.PyArray_ITEMSIZE(a))
+    g.packed_w = cnp.PyArray_DATA(packed)
+    g.packed_elems = packed.shape[0]
+    g.c = cnp.PyArray_DATA(c)
+    g.c_row_stride = elem_stride(cnp.PyArray_STRIDES(c)[0], cnp.PyArray_ITEMSIZE(c))
+    g.bias = NULL
+    if bias is not None:
+        g.bias = <const float *>cnp.PyArray_DATA(<cnp.ndarray>bias)
+    g.alpha = alpha
+    with nogil:
+        st = fa_gemm16(&g, num_threads)
     check(st)

@@ -1,5 +1,7 @@
 """The KV cache of a multi-head attention layer, for decoding."""
 
+import sys
+
 import numpy as np
 
 from fastattn import _backend, _kernels
@@ -7,7 +9,10 @@ from fastattn._validation import index_value, int_array
 
 
 def float_dtype(dtype, name="dtype"):
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"{name} must be float32 or float64, got {dt}")
     return dt
@@ -42,6 +47,21 @@ def positive(value, name):
     if v < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
     return v
+
+
+def _check_cache_size(shape, head_dim, v_head_dim, dtype):
+    """Refuse, naming the arguments, keys or values that NumPy could not even
+    describe (a dimension or a byte size past the address space), before
+    anything is allocated; a merely large cache is MemoryError, as for any
+    array."""
+    dims = shape + (max(head_dim, v_head_dim),)
+    count = 1
+    for n in dims:
+        count *= n
+    if max(dims) > sys.maxsize or count * dtype.itemsize > sys.maxsize:
+        B, Hkv, L = shape
+        raise ValueError(f"batch_size={B}, max_len={L}, num_kv_heads={Hkv}, head_dim={head_dim}, "
+                         f"v_head_dim={v_head_dim} give a cache larger than the addressable size")
 
 
 class KVCache:
@@ -81,8 +101,9 @@ class KVCache:
         self.kv_dtype = kv_storage_dtype(kv_dtype, self.dtype)
         if self.kv_dtype != self.dtype and self.device != "cpu":
             raise TypeError(f"kv_dtype {self.kv_dtype} caches are CPU-only; got device {self.device!r}")
-        self._lengths = np.zeros(self.batch_size, dtype=np.int64)
         shape = (self.batch_size, self.num_kv_heads, self.max_len)
+        _check_cache_size(shape, self.head_dim, self.v_head_dim, self.dtype)
+        self._lengths = np.zeros(self.batch_size, dtype=np.int64)
         self._k_scale = self._v_scale = None
         if self.device == "cpu":
             self._k = np.zeros(shape + (self.head_dim,), dtype=self.kv_dtype)
@@ -198,6 +219,9 @@ class KVCache:
     def append_lengths(self, new_tokens):
         """(old, new) lengths once ``new_tokens[b]`` tokens are appended to
         each sequence b; ValueError, with nothing changed, on overflow."""
+        new_tokens = int_array(new_tokens, "new_tokens")
+        if new_tokens.shape != (self.batch_size,):
+            raise ValueError(f"new_tokens must have shape ({self.batch_size},), got {new_tokens.shape}")
         old = self._lengths.copy()
         new = old + new_tokens
         if self.batch_size and (new > self.max_len).any():

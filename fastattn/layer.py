@@ -25,18 +25,22 @@ the weights and the compute live in :mod:`fastattn._backend.cuda`
 cache append and attention.
 """
 
+import functools
 import math
 import os
+import sys
+from collections.abc import Mapping
 
 import numpy as np
 
 from fastattn import _backend, _kernels
-from fastattn._config import get_num_threads
-from fastattn._validation import float_array, int_array, lengths_view
+from fastattn._config import get_num_threads, resolve_num_threads
+from fastattn._validation import (bool_flag, float_array, int_array,
+                                  lengths_view, real_number)
 from fastattn.kv_cache import KVCache, float_dtype, positive
 from fastattn.masks import prepare_mask
 from fastattn.projections import BLAS_THREADS, as_input, head_view, linear, row_buffer
-from fastattn.rotary import ROPE_LAYOUTS, _check_base, rope_tables
+from fastattn.rotary import ROPE_LAYOUTS, rope_tables
 
 _TOP_LEFT = _kernels.CAUSAL_ALIGNMENTS["top_left"]
 _BOTTOM_RIGHT = _kernels.CAUSAL_ALIGNMENTS["bottom_right"]
@@ -94,14 +98,37 @@ def _check_cache_call(layer, cache, key, key_lengths, attn_mask):
                          f"layer has kdim={layer.kdim}, vdim={layer.vdim}")
 
 
-def _check_cache_fits(cache, num_kv_heads, head_dim, dtype, query_shape):
-    """The cache holds this layer's kv heads, head dim and dtype, for the
+def _check_cache_fits(cache, num_kv_heads, head_dim, dtype, query_shape, v_head_dim=None):
+    """The cache holds this layer's kv heads, head dims and dtype, for the
     query's batch."""
     if (cache.num_kv_heads, cache.head_dim, cache.dtype) != (num_kv_heads, head_dim, dtype):
         raise ValueError(f"cache holds {cache.num_kv_heads} kv heads of dim {cache.head_dim} in "
                          f"{cache.dtype}; this layer needs {num_kv_heads} of dim {head_dim} in {dtype}")
+    if v_head_dim is not None and cache.v_head_dim != v_head_dim:
+        raise ValueError(f"cache holds values of dim {cache.v_head_dim}; this layer needs {v_head_dim}")
     if cache.batch_size != query_shape[0]:
         raise ValueError(f"cache is for a batch of {cache.batch_size}, got query {tuple(query_shape)}")
+
+
+def _call_threads(num_threads):
+    """The OpenMP threads of one layer call (``num_threads=None``: the
+    default); 1 in the thread of a forked child, as get_num_threads."""
+    if num_threads is None:
+        return get_num_threads()
+    n = resolve_num_threads(num_threads)
+    return 1 if _kernels.fork_child_serial() else n
+
+
+def _check_weight_sizes(E, H, Hkv, D, Dv, kdim, vdim, dtype):
+    """Refuse, naming the arguments, a configuration whose weights NumPy
+    could not even describe (more bytes than the address space), before
+    anything is allocated; a merely large one is MemoryError, as for any
+    array."""
+    nq, nk, nv = H * D, Hkv * D, Hkv * Dv
+    counts = (E * (nq + nk + nv), kdim * (nk + nv), vdim * nv, H * Dv * E, nq + nk + nv)
+    if max(counts) * np.dtype(dtype).itemsize > sys.maxsize or sum(counts) > sys.maxsize:
+        raise ValueError(f"embed_dim={E}, num_heads={H}, num_kv_heads={Hkv}, kdim={kdim}, vdim={vdim} "
+                         f"(head_dim={D}) give weights larger than the addressable size")
 
 
 class MultiHeadAttention:
@@ -137,14 +164,26 @@ class MultiHeadAttention:
         embed_dim``, else each on its own), the output projection
         ``U(-1/√(H·D), 1/√(H·D))`` (torch's ``Linear`` default) and zero
         biases.
+    deterministic : bool, default True
+        Bitwise the same result for every thread count: the projections cut
+        their columns into blocks fixed by the sizes alone, one BLAS call
+        each (a decode step's: blocks along K, summed in a fixed order).
+        False gives each thread one block (fewer BLAS calls: a prefill's
+        projections 3-8% faster, a decode step's about 4%; the last bits may
+        then change with the thread count). An attribute too, settable
+        later.
 
     Weights are stored in the ``(in, out)`` layout, so ``x @ w_q`` is the
     query projection; :meth:`state_dict` returns them.
 
-    A call runs on :func:`fastattn.get_num_threads` OpenMP threads: the
-    projections split their columns over them, each block a
-    single-threaded BLAS call, so scipy's BLAS is held at one thread for
-    the duration of a call (through threadpoolctl; restored afterwards).
+    A call runs on ``num_threads`` (default :func:`fastattn.get_num_threads`)
+    OpenMP threads: the projections split their column blocks over them,
+    each block a single-threaded BLAS call, so scipy's BLAS is held at one
+    thread for the duration of a call (through threadpoolctl; restored
+    afterwards).
+
+    A layer pickles and copies (``copy.deepcopy``) with its weights; the
+    copy is independent of the original.
 
     Examples
     --------
@@ -157,66 +196,134 @@ class MultiHeadAttention:
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
-                 bias=True, rope=None, rope_base=10000.0, dtype=np.float32, seed=None):
+                 bias=True, rope=None, rope_base=10000.0, dtype=np.float32, seed=None,
+                 deterministic=True):
         E = positive(embed_dim, "embed_dim")
         H = positive(num_heads, "num_heads")
         if E % H:
             raise ValueError(f"embed_dim ({E}) must be divisible by num_heads ({H})")
-        self._configure(E, H, num_kv_heads, E // H, kdim, vdim, bool(bias), rope, rope_base,
-                        float_dtype(dtype))
-        self._init_weights(np.random.default_rng(seed))
+        bias = bool_flag(bias, "bias")
+        deterministic = bool_flag(deterministic, "deterministic")
+        dtype = float_dtype(dtype)
+        if isinstance(seed, (bool, np.bool_, float, np.floating)):
+            raise TypeError(f"seed must be None, an int or a numpy.random.Generator, got {seed!r}")
+        try:
+            rng = np.random.default_rng(seed)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"seed must be None, an int or a numpy.random.Generator, got "
+                            f"{type(seed).__name__} {seed!r}: {exc}") from None
+        self._configure(E, H, num_kv_heads, E // H, E // H, kdim, vdim, bias, rope, rope_base, dtype)
+        self.deterministic = deterministic
+        self._init_weights(rng)
 
     # ---- construction -------------------------------------------------------
 
-    def _configure(self, E, H, Hkv, D, kdim, vdim, bias, rope, rope_base, dtype):
+    def _configure(self, E, H, Hkv, D, Dv, kdim, vdim, bias, rope, rope_base, dtype):
+        """Check the configuration, then set it and allocate zeroed weights;
+        nothing is set when a check fails."""
         Hkv = H if Hkv is None else positive(Hkv, "num_kv_heads")
         if H % Hkv:
             raise ValueError(f"num_kv_heads ({Hkv}) must divide num_heads ({H})")
+        kdim = E if kdim is None else positive(kdim, "kdim")
+        vdim = E if vdim is None else positive(vdim, "vdim")
+        if rope is not None:
+            if not isinstance(rope, str) or rope not in ROPE_LAYOUTS:  # str first: a list is unhashable
+                raise ValueError(f"rope must be None or one of {list(ROPE_LAYOUTS)}, got {rope!r}")
+            if D % 2:
+                raise ValueError(f"rope needs an even head_dim, got {D}")
+        rope_base = real_number(rope_base, "rope_base")
+        if not (math.isfinite(rope_base) and rope_base > 0):
+            raise ValueError(f"rope_base must be positive and finite, got {rope_base!r}")
+        _check_weight_sizes(E, H, Hkv, D, Dv, kdim, vdim, dtype)
         self.embed_dim = E
         self.num_heads = H
         self.num_kv_heads = Hkv
         self.head_dim = D
-        self.kdim = E if kdim is None else positive(kdim, "kdim")
-        self.vdim = E if vdim is None else positive(vdim, "vdim")
+        self.v_head_dim = Dv
+        self.kdim = kdim
+        self.vdim = vdim
         self.dtype = dtype
-        if rope is not None and rope not in ROPE_LAYOUTS:
-            raise ValueError(f"rope must be None or one of {list(ROPE_LAYOUTS)}, got {rope!r}")
-        if rope is not None and D % 2:
-            raise ValueError(f"rope needs an even head_dim, got {D}")
         self.rope = rope
-        self.rope_base = _check_base(rope_base)
+        self.rope_base = rope_base
         self._rope_cache = None
+        self.deterministic = True
         self._has_bias = bias
         self.device = "cpu"
         self._device_layer = None  # the weights on "cuda" (fastattn._backend.cuda.DeviceLayer)
         self._allocate_host()
 
     def _allocate_host(self):
-        """Zeroed host storage for the weights."""
-        E, dtype, bias = self.embed_dim, self.dtype, self._has_bias
-        nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        # Storage: one (E, nq + 2 nk) matrix when self-attention can use a
-        # fused QKV GEMM, else Q apart and K|V fused when they share a width.
+        """Zeroed host storage for the weights.
+
+        The layer owns only the arrays in ``_storage``; every per-projection
+        weight (``_w_q``, ``_w_k``, ...) is a view derived from them on each
+        access (``_spans``). So a pickled, copied or moved layer cannot hold
+        a view that has come apart from its buffer: NumPy pickles a view as
+        an array of its own, and ``load_state_dict`` would then write into
+        arrays the layer no longer reads."""
+        E, dtype = self.embed_dim, self.dtype
+        nq, nk, nv = self._widths()
+        storage, spans = {}, {}
+        # One (E, nq + nk + nv) matrix when self-attention can use a fused
+        # QKV GEMM, else Q apart and K|V fused when they share a width.
         if self.kdim == self.vdim == E:
-            self._w_in = np.zeros((E, nq + 2 * nk), dtype)
-            self._w_q, self._w_kv = self._w_in[:, :nq], self._w_in[:, nq:]
+            storage["w_in"] = np.zeros((E, nq + nk + nv), dtype)
+            spans.update(w_in=("w_in", 0, nq + nk + nv), w_q=("w_in", 0, nq),
+                         w_kv=("w_in", nq, nq + nk + nv))
+            kv_base = ("w_in", nq)
         else:
-            self._w_in = None
-            self._w_q = np.zeros((E, nq), dtype)
-            self._w_kv = np.zeros((self.kdim, 2 * nk), dtype) if self.kdim == self.vdim else None
-        if self._w_kv is not None:
-            self._w_k, self._w_v = self._w_kv[:, :nk], self._w_kv[:, nk:]
+            storage["w_q"] = np.zeros((E, nq), dtype)
+            spans["w_q"] = ("w_q", 0, nq)
+            if self.kdim == self.vdim:
+                storage["w_kv"] = np.zeros((self.kdim, nk + nv), dtype)
+                spans["w_kv"] = ("w_kv", 0, nk + nv)
+                kv_base = ("w_kv", 0)
+            else:
+                kv_base = None
+        if kv_base is not None:
+            key, c0 = kv_base
+            spans.update(w_k=(key, c0, c0 + nk), w_v=(key, c0 + nk, c0 + nk + nv))
         else:
-            self._w_k = np.zeros((self.kdim, nk), dtype)
-            self._w_v = np.zeros((self.vdim, nk), dtype)
-        self._w_o = np.zeros((nq, E), dtype)
-        if bias:
-            self._b_in = np.zeros(nq + 2 * nk, dtype)
-            self._b_q, self._b_kv = self._b_in[:nq], self._b_in[nq:]
-            self._b_k, self._b_v = self._b_in[nq:nq + nk], self._b_in[nq + nk:]
-            self._b_o = np.zeros(E, dtype)
-        else:
-            self._b_in = self._b_q = self._b_kv = self._b_k = self._b_v = self._b_o = None
+            storage["w_k"] = np.zeros((self.kdim, nk), dtype)
+            storage["w_v"] = np.zeros((self.vdim, nv), dtype)
+            spans.update(w_k=("w_k", 0, nk), w_v=("w_v", 0, nv))
+        storage["w_o"] = np.zeros((nq // self.head_dim * self.v_head_dim, E), dtype)
+        spans["w_o"] = ("w_o", 0, E)
+        if self._has_bias:
+            storage["b_in"] = np.zeros(nq + nk + nv, dtype)
+            storage["b_o"] = np.zeros(E, dtype)
+            spans.update(b_in=("b_in", 0, nq + nk + nv), b_q=("b_in", 0, nq),
+                         b_kv=("b_in", nq, nq + nk + nv), b_k=("b_in", nq, nq + nk),
+                         b_v=("b_in", nq + nk, nq + nk + nv), b_o=("b_o", 0, E))
+        self._storage, self._spans = storage, spans
+
+    def _part(self, name):
+        """The weight ``name`` as a view of the storage that holds it (None
+        when the layer has no such array, or its weights are on a device)."""
+        span = self._spans.get(name) if self._storage is not None else None
+        if span is None:
+            return None
+        key, c0, c1 = span
+        whole = self._storage[key]
+        return whole if c0 == 0 and c1 == whole.shape[-1] else whole[..., c0:c1]
+
+    _w_in = property(lambda self: self._part("w_in"))
+    _w_q = property(lambda self: self._part("w_q"))
+    _w_kv = property(lambda self: self._part("w_kv"))
+    _w_k = property(lambda self: self._part("w_k"))
+    _w_v = property(lambda self: self._part("w_v"))
+    _w_o = property(lambda self: self._part("w_o"))
+    _b_in = property(lambda self: self._part("b_in"))
+    _b_q = property(lambda self: self._part("b_q"))
+    _b_kv = property(lambda self: self._part("b_kv"))
+    _b_k = property(lambda self: self._part("b_k"))
+    _b_v = property(lambda self: self._part("b_v"))
+    _b_o = property(lambda self: self._part("b_o"))
+
+    def _widths(self):
+        """Output widths of the Q, K and V projections."""
+        return (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                self.num_kv_heads * self.v_head_dim)
 
     def _init_weights(self, rng):
         E, nq, nk = self.embed_dim, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -226,12 +333,12 @@ class MultiHeadAttention:
             return rng.uniform(-bound, bound, size=shape)
 
         if self._w_in is not None:
-            self._w_in[...] = xavier(E, nq + 2 * nk, self._w_in.shape)
+            self._w_in[...] = xavier(E, self._w_in.shape[1], self._w_in.shape)
         else:
             self._w_q[...] = xavier(E, nq, self._w_q.shape)
             self._w_k[...] = xavier(self.kdim, nk, self._w_k.shape)
-            self._w_v[...] = xavier(self.vdim, nk, self._w_v.shape)
-        bound = 1.0 / math.sqrt(nq)
+            self._w_v[...] = xavier(self.vdim, self._w_v.shape[1], self._w_v.shape)
+        bound = 1.0 / math.sqrt(self._w_o.shape[0])
         self._w_o[...] = rng.uniform(-bound, bound, size=self._w_o.shape)
 
     @classmethod
@@ -240,10 +347,12 @@ class MultiHeadAttention:
         """A layer with the given weights in the ``(in, out)`` layout.
 
         ``w_q`` is ``(E, H·D)``, ``w_k`` ``(kdim, Hkv·D)``, ``w_v``
-        ``(vdim, Hkv·D)`` and ``w_o`` ``(H·D, E)``; ``head_dim`` is
-        ``w_q.shape[1] // num_heads``. Biases are ``(out,)``; when any is
-        given the others default to zeros. The dtype is the weights'
-        compute dtype (float32 or float64). The arrays are copied.
+        ``(vdim, Hkv·Dv)`` and ``w_o`` ``(H·Dv, E)``; ``head_dim`` D is
+        ``w_q.shape[1] // num_heads`` and the value head dim Dv (Keras's
+        ``value_dim``) is ``w_v.shape[1] // num_kv_heads``, which may differ
+        from D. Biases are ``(out,)``; when any is given the others default
+        to zeros. The dtype is the weights' compute dtype (float32 or
+        float64). The arrays are copied.
         """
         ws = {n: float_array(w, n) for n, w in zip(_WEIGHT_NAMES, (w_q, w_k, w_v, w_o))}
         bs = {n: None if b is None else float_array(b, n) for n, b in zip(_BIAS_NAMES, (b_q, b_k, b_v, b_o))}
@@ -257,8 +366,14 @@ class MultiHeadAttention:
             raise ValueError(f"w_q's output width {nq} (shape {ws['w_q'].shape}) must be a positive multiple of num_heads ({H})")
         D = nq // H
         Hkv = H if num_kv_heads is None else positive(num_kv_heads, "num_kv_heads")
+        nv = ws["w_v"].shape[1]
+        if nv == 0 or nv % Hkv:
+            raise ValueError(f"w_v's output width {nv} (shape {ws['w_v'].shape}) must be a positive "
+                             f"multiple of num_kv_heads ({Hkv})")
+        if E == 0:
+            raise ValueError(f"w_q must have at least one input row (embed_dim), got shape {ws['w_q'].shape}")
         self = cls.__new__(cls)
-        self._configure(E, H, Hkv, D, ws["w_k"].shape[0], ws["w_v"].shape[0],
+        self._configure(E, H, Hkv, D, nv // Hkv, ws["w_k"].shape[0] or None, ws["w_v"].shape[0] or None,
                         any(b is not None for b in bs.values()), rope, rope_base, dtype)
         self._load({**ws, **bs}, partial_bias=True)
         return self
@@ -276,7 +391,7 @@ class MultiHeadAttention:
         except ImportError as exc:  # pragma: no cover - exercised without torch
             raise ImportError("MultiHeadAttention.from_torch needs torch (pip install torch)") from exc
         if not isinstance(module, torch.nn.MultiheadAttention):
-            raise TypeError(f"from_torch expects a torch.nn.MultiheadAttention, got {type(module).__name__}")
+            raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
         if module.bias_k is not None or module.bias_v is not None:
             raise ValueError("from_torch: add_bias_kv=True is not supported")
         if module.add_zero_attn:
@@ -302,15 +417,18 @@ class MultiHeadAttention:
     # ---- state ---------------------------------------------------------------
 
     def _expected_shapes(self):
-        E, nq, nk = self.embed_dim, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"w_q": (E, nq), "w_k": (self.kdim, nk), "w_v": (self.vdim, nk), "w_o": (nq, E),
-                "b_q": (nq,), "b_k": (nk,), "b_v": (nk,), "b_o": (E,)}
+        E = self.embed_dim
+        nq, nk, nv = self._widths()
+        no = self.num_heads * self.v_head_dim
+        return {"w_q": (E, nq), "w_k": (self.kdim, nk), "w_v": (self.vdim, nv), "w_o": (no, E),
+                "b_q": (nq,), "b_k": (nk,), "b_v": (nv,), "b_o": (E,)}
 
     def _targets(self):
-        return {"w_q": self._w_q, "w_k": self._w_k, "w_v": self._w_v, "w_o": self._w_o,
-                "b_q": self._b_q, "b_k": self._b_k, "b_v": self._b_v, "b_o": self._b_o}
+        return {n: self._part(n) for n in _STATE_NAMES}
 
-    def _load(self, d, partial_bias=False):
+    def _load(self, d, partial_bias=False, label=str):
+        """Check every array of ``d`` (each named by ``label(name)`` in
+        messages), then copy them all into the layer."""
         shapes = self._expected_shapes()
         arrays = {}
         for n in _STATE_NAMES:
@@ -323,9 +441,9 @@ class MultiHeadAttention:
                 continue
             if n in _BIAS_NAMES and not self._has_bias:
                 raise ValueError(f"state has {n}, but the layer has no biases (bias=False)")
-            a = float_array(a, n)
+            a = float_array(a, label(n))
             if a.shape != shapes[n]:
-                raise ValueError(f"{n} must have shape {shapes[n]}, got {a.shape}")
+                raise ValueError(f"{label(n)} must have shape {shapes[n]}, got {a.shape}")
             arrays[n] = a
         if self.device != "cpu":  # all checked: rebuild the device weights
             state = self.state_dict()
@@ -356,8 +474,7 @@ class MultiHeadAttention:
             return self
         if device == "cuda":
             self._device_layer = _backend.cuda_backend().DeviceLayer(self, self.state_dict())
-            self._w_in = self._w_q = self._w_kv = self._w_k = self._w_v = self._w_o = None
-            self._b_in = self._b_q = self._b_kv = self._b_k = self._b_v = self._b_o = None
+            self._storage = None
             self.device = device
         else:
             state = self._device_layer.state_dict()
@@ -366,11 +483,17 @@ class MultiHeadAttention:
             self._load(state)
         return self
 
-    def load_state_dict(self, d):
+    def load_state_dict(self, state):
         """Copy the weights of ``d`` (as from :meth:`state_dict`) into the
         layer; shapes must match, and biases are required exactly when the
         layer has them. Nothing is changed when a check fails."""
-        self._load(d)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of names to arrays (as from "
+                            f"state_dict()), got {type(state).__name__}")
+        unknown = sorted(str(n) for n in state if n not in _STATE_NAMES)
+        if unknown:
+            raise ValueError(f"state has unknown entries {unknown}; expected {list(_STATE_NAMES)}")
+        self._load(state, label=lambda n: f"state: {n}")
 
     def save(self, path):
         """Write the weights and the configuration to an ``.npz`` file."""
@@ -396,11 +519,13 @@ class MultiHeadAttention:
         (float32 layers on the CPU): ``"float16"``, ``"bfloat16"`` or
         ``"int8"`` storage, see :class:`KVCache`."""
         return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype,
-                       device=self.device, kv_dtype=kv_dtype)
+                       v_head_dim=self.v_head_dim, device=self.device, kv_dtype=kv_dtype)
 
     def __repr__(self):
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, kdim={self.kdim}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                + (f"v_head_dim={self.v_head_dim}, " if self.v_head_dim != self.head_dim else "")
+                + f"kdim={self.kdim}, "
                 f"vdim={self.vdim}, bias={self._has_bias}, rope={self.rope!r}, dtype={self.dtype.name}"
                 + (f", device={self.device!r})" if self.device != "cpu" else ")"))
 
@@ -419,7 +544,8 @@ class MultiHeadAttention:
         return cached
 
     def __call__(self, query, key=None, value=None, *, key_lengths=None, query_lengths=None,
-                 attn_mask=None, is_causal=False, return_weights=False, cache=None):
+                 attn_mask=None, is_causal=False, return_weights=False, cache=None,
+                 num_threads=None):
         """Attend from ``query`` to ``key``/``value`` (or to ``query`` itself).
 
         Parameters
@@ -452,12 +578,18 @@ class MultiHeadAttention:
             ``attn_mask`` are not accepted then; if a sequence would
             overflow ``max_len``, ValueError is raised and nothing is
             appended.
+        num_threads : int, optional
+            Threads for this call (default :func:`fastattn.get_num_threads`).
+            The result is bitwise the same for every thread count.
 
         Returns
         -------
         out : ndarray ``(B, Lq, embed_dim)`` of the layer's dtype
         weights : ndarray ``(B, H, Lq, Lk)``, only with ``return_weights``
         """
+        is_causal = bool_flag(is_causal, "is_causal")
+        return_weights = bool_flag(return_weights, "return_weights")
+        nt = _call_threads(num_threads)
         if self.device != "cpu" or type(query) is not np.ndarray:
             where = _backend.device_of(query, key, value, names=("query", "key", "value"))
             if where != self.device:
@@ -472,11 +604,11 @@ class MultiHeadAttention:
         if cache is not None:
             _check_cache_call(self, cache, key, key_lengths, attn_mask)
             ql = _query_lengths(query_lengths, x.shape[0], x.shape[1])
-            _check_cache_fits(cache, self.num_kv_heads, self.head_dim, self.dtype, x.shape)
-            nt = get_num_threads()
+            _check_cache_fits(cache, self.num_kv_heads, self.head_dim, self.dtype, x.shape,
+                              self.v_head_dim)
             gt = nt if BLAS_THREADS.enter() else 1
             try:
-                return self._call_cached(x, cache, ql, bool(return_weights), nt, gt)
+                return self._call_cached(x, cache, ql, return_weights, nt, gt)
             finally:
                 BLAS_THREADS.exit()
         B, Lq, _ = x.shape
@@ -494,11 +626,9 @@ class MultiHeadAttention:
         kl = lengths_view(key_lengths, "key_lengths", (B, H), B, H, Lk, "key")
         full = (B, H, Lq, Lk)
         kind, mask4 = prepare_mask(attn_mask, full, full, self.dtype)
-        nt = get_num_threads()
         gt = nt if BLAS_THREADS.enter() else 1
         try:
-            return self._forward(x, kx, vx, Lk, ql, kl, kind, mask4, bool(is_causal),
-                                 bool(return_weights), nt, gt)
+            return self._forward(x, kx, vx, Lk, ql, kl, kind, mask4, is_causal, return_weights, nt, gt)
         finally:
             BLAS_THREADS.exit()
 
@@ -506,10 +636,10 @@ class MultiHeadAttention:
         """The uncached call, arguments validated; nt threads for the
         kernels, gt for the GEMMs (1: BLAS threads itself)."""
         B, Lq, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        nq, nk = H * D, Hkv * D
+        H, Hkv, D, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
+        nq, nk, nv = self._widths()
         full = (B, H, Lq, Lk)
-        mm = linear
+        mm = functools.partial(linear, deterministic=self.deterministic)
         # rows that need projecting: queries up to their length, keys and
         # values up to the longest key length of any head
         q_need = ql
@@ -519,7 +649,7 @@ class MultiHeadAttention:
         # the column block it has just computed (Q and K lead their buffers)
         rope = self._rope_spec
         if kx is None:
-            buf = row_buffer(B, Lq, nq + 2 * nk, dt)
+            buf = row_buffer(B, Lq, nq + nk + nv, dt)
             if q_need is None and kv_need is None:
                 mm(x, self._w_in, buf, self._b_in, None, None, 1.0, gt, rope(B, H + Hkv, Lq))
             else:
@@ -536,21 +666,21 @@ class MultiHeadAttention:
             qcols = row_buffer(B, Lq, nq, dt)
             mm(x, self._w_q, qcols, self._b_q, None, q_need, 1.0, gt, rope(B, H, Lq))
             if kx is vx and self._w_kv is not None:
-                kvbuf = row_buffer(B, Lk, 2 * nk, dt)
+                kvbuf = row_buffer(B, Lk, nk + nv, dt)
                 mm(kx, self._w_kv, kvbuf, self._b_kv, None, kv_need, 1.0, gt, rope(B, Hkv, Lk))
                 kcols, vcols = kvbuf[:, :, :nk], kvbuf[:, :, nk:]
             else:
                 kcols = row_buffer(B, Lk, nk, dt)
-                vcols = row_buffer(B, Lk, nk, dt)
+                vcols = row_buffer(B, Lk, nv, dt)
                 mm(kx, self._w_k, kcols, self._b_k, None, kv_need, 1.0, gt, rope(B, Hkv, Lk))
                 mm(vx, self._w_v, vcols, self._b_v, None, kv_need, 1.0, gt)
 
-        attn = row_buffer(B, Lq, nq, dt)
+        attn = row_buffer(B, Lq, H * Dv, dt)
         weights = np.empty(full, dtype=dt) if return_weights else None
         qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
         _kernels.scaled_dot_product_attention(
-            head_view(qcols, H, D), head_view(kcols, Hkv, D), head_view(vcols, Hkv, D),
-            head_view(attn, H, D), weights=weights, scale=1.0 / math.sqrt(D), mask=mask4,
+            head_view(qcols, H, D), head_view(kcols, Hkv, D), head_view(vcols, Hkv, Dv),
+            head_view(attn, H, Dv), weights=weights, scale=1.0 / math.sqrt(D), mask=mask4,
             mask_kind=kind, key_len=kl, query_len=qlv, is_causal=is_causal, alignment=_TOP_LEFT,
             num_threads=nt)
         out = self._project_out(attn, ql, gt)
@@ -575,33 +705,33 @@ class MultiHeadAttention:
         B, Lq, _ = attn.shape
         alloc = np.empty if ql is None else np.zeros
         out = alloc((B, Lq, self.embed_dim), dtype=self.dtype)
-        linear(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt)
+        linear(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt, None, self.deterministic)
         return out
 
     def _call_cached(self, x, cache, ql, return_weights, nt, gt):
         B, L, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        nq, nk = H * D, Hkv * D
+        H, Hkv, D, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
+        nq, nk, nv = self._widths()
         new_tokens = np.full(B, L, np.int64) if ql is None else ql
         old, new = cache.append_lengths(new_tokens)
         dt = self.dtype
-        buf = row_buffer(B, L, nq + 2 * nk, dt)
+        buf = row_buffer(B, L, nq + nk + nv, dt)
         rope = None
         if self.rope is not None:
             # positions continue each sequence; padded rows are never rotated
             pos = np.minimum(old[:, None] + np.arange(L, dtype=np.int64), max(cache.max_len - 1, 0))
             rope = self._rope_spec(B, H + Hkv, L, pos)
-        linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope)
+        linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope, self.deterministic)
         q4 = head_view(buf[:, :, :nq], H, D)
         k4 = head_view(buf[:, :, nq:nq + nk], Hkv, D)
-        v4 = head_view(buf[:, :, nq + nk:], Hkv, D)
+        v4 = head_view(buf[:, :, nq + nk:], Hkv, Dv)
         # append: row i of sequence b goes to cache row old[b] + i, i < new_tokens[b]
         cache._write(k4, v4, old, new_tokens, nt)
         cache._lengths[:] = new
 
         Lk = int(new.max()) if B else 0
-        attn = row_buffer(B, L, nq, dt)
-        out4 = head_view(attn, H, D)
+        attn = row_buffer(B, L, H * Dv, dt)
+        out4 = head_view(attn, H, Dv)
         weights = np.zeros((B, H, L, Lk), dtype=dt) if return_weights else None
         scale = 1.0 / math.sqrt(D)
         ck, cv, kv_code, cks, cvs = cache._kernel_kv(Lk)

@@ -6,7 +6,6 @@ sequence lists its blocks in a block table, as in vLLM's paged attention
 and flash-attn's ``flash_attn_with_kvcache(block_table=...)``.
 """
 
-
 import numpy as np
 
 from fastattn import _kernels
@@ -16,12 +15,16 @@ from fastattn._validation import (
     OutputTarget,
     as_array,
     bool_flag,
+    check_result_size,
+    choice,
     compute_dtype,
     float_array,
     index_value,
 )
 from fastattn._validation import unit_last_axis as _unit_last_axis
 from fastattn.attention import attention_scale
+from fastattn.kv_cache import float_dtype
+from fastattn.rotary import ROPE_LAYOUTS, _check_base
 
 
 def _int_table(values, name, ndim):
@@ -177,15 +180,22 @@ class PagedKVCache:
                                  ("value_dim", value_dim, 1)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
-        if rope not in (None, "neox", "gptj"):
-            raise ValueError(f"rope must be None, 'neox' or 'gptj', got {rope!r}")
-        if rope is not None and head_dim % 2:
-            raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+        self.dtype = float_dtype(dtype)
+        if rope is not None:
+            rope = choice(rope, "rope", ROPE_LAYOUTS)
+            if head_dim % 2:
+                raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+        rope_base = _check_base(rope_base, "rope_base")
+        # sized before allocating, so that absurd sizes name their arguments
+        # instead of surfacing as NumPy's own messages
+        what = (f"num_blocks={num_blocks}, block_size={block_size}, "
+                f"num_kv_heads={num_kv_heads}, head_dim={head_dim}, value_dim={value_dim}")
+        dims = (num_blocks, block_size, num_kv_heads, max(head_dim, value_dim))
+        if max(dims) > np.iinfo(np.intp).max:
+            raise ValueError(f"{what} give a cache larger than the addressable size")
+        check_result_size(dims, self.dtype, what)
         self.block_size = block_size
-        self.rope, self.rope_base = rope, float(rope_base)
+        self.rope, self.rope_base = rope, rope_base
         self.key_cache = np.zeros((num_blocks, block_size, num_kv_heads, head_dim), self.dtype)
         self.value_cache = np.zeros((num_blocks, block_size, num_kv_heads, value_dim), self.dtype)
         self._refs = np.zeros(num_blocks, np.int64)  # sequences holding each block
@@ -198,9 +208,10 @@ class PagedKVCache:
     def num_free_blocks(self):
         return len(self._free)
 
-    def _seq(self, seq):
+    def _seq(self, seq, name="seq"):
+        seq = index_value(seq, name)
         if seq not in self._blocks:
-            raise KeyError(f"no sequence {seq!r} in this cache")
+            raise ValueError(f"{name}: no sequence {seq} in this cache")
         return self._blocks[seq]
 
     def add_sequence(self):
@@ -285,8 +296,10 @@ class PagedKVCache:
     def tables(self, seqs):
         """``(block_tables (len(seqs), max_blocks) int64, seq_lens (len(seqs),)
         int64)`` for :func:`paged_attention`; unused table entries are 0."""
-        seqs = list(seqs)
-        rows = [self._seq(s) for s in seqs]
+        if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__iter__"):
+            raise TypeError(f"seqs must be an iterable of sequence ids, got {seqs!r}")
+        seqs = [index_value(s, "seqs") for s in seqs]
+        rows = [self._seq(s, "seqs") for s in seqs]
         width = max((len(r) for r in rows), default=0)
         tables = np.zeros((len(seqs), width), np.int64)
         for i, r in enumerate(rows):

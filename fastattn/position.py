@@ -108,7 +108,8 @@ def sinusoidal_position_encoding(length, channels, *, layout="concat", min_times
     array([[0.   , 0.   , 1.   , 1.   ],
            [0.841, 0.   , 0.54 , 1.   ]])
     """
-    on_cuda = device != "cpu" and _backend.check_device(device) == "cuda"
+    # "is not str" first: an array compared with "cpu" has no truth value
+    on_cuda = (type(device) is not str or device != "cpu") and _backend.check_device(device) == "cuda"
     if out is not None and type(out) is not np.ndarray and _backend.is_device_array(out):
         on_cuda = True
     backend = _backend.cuda_backend() if on_cuda else _backend.cpu_backend()

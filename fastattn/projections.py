@@ -12,8 +12,8 @@ import threading
 
 import numpy as np
 
-from fastattn import _backend, _kernels
-from fastattn._validation import compute_dtype
+from fastattn import _kernels
+from fastattn._validation import as_array, compute_dtype, reshaped_view
 
 
 class BlasThreads:
@@ -104,7 +104,8 @@ BLAS_THREADS = BlasThreads()
 _BLAS_INT_MAX = 2**31 - 1  # BLAS sizes and leading dimensions are 32-bit ints
 
 
-def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_threads=1, rope=None):
+def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_threads=1, rope=None,
+           deterministic=True):
     """``c[b, r0:r1] = alpha * a[b, r0:r1] @ w (+ bias)`` for every b, with
     ``r0 = row_start[b]`` (default 0) and ``r1 = row_stop[b]`` (default M),
     then RoPE on the first heads of those rows (csrc/linear.c, fa_linear).
@@ -118,7 +119,10 @@ def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_thr
     None or ``(layout, heads, D, index, cos, sin)``: rotate columns
     ``[0, heads * D)`` of the computed rows as ``heads`` heads of dim D, row
     ``(b, h, i)`` by table row ``index[b, h, i]`` (an int64 (B, heads, M)
-    view; cos, sin contiguous (n, D/2) tables of c's dtype).
+    view; cos, sin contiguous (n, D/2) tables of c's dtype). deterministic:
+    split the columns into blocks fixed by the sizes alone, so that c is
+    bitwise the same for every num_threads; False: one block per thread
+    (fewer BLAS calls; the last bits may change with num_threads).
     """
     if a.ndim != 3 or c.ndim != 3:
         raise ValueError(f"linear: a and c must be 3-D, got a {a.shape} and c {c.shape}")
@@ -161,8 +165,7 @@ def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_thr
     if bias is not None and not (isinstance(bias, np.ndarray) and bias.shape == (N,) and bias.dtype == a.dtype
                                  and bias.flags.c_contiguous):
         raise ValueError(f"linear: bias must be a contiguous ({N},) {a.dtype} array")
-    _backend.cpu_backend().linear(a, w, c, bias=bias, row_start=row_start, row_stop=row_stop,
-                                  alpha=alpha, rope=rope, num_threads=num_threads)
+    _kernels.linear(a, w, c, bias, row_start, row_stop, alpha, num_threads, rope, deterministic)
 
 
 def _check_rope_epilogue(rope, c):
@@ -186,7 +189,7 @@ def check_input_shape(shape, name, dim):
 
 def as_input(a, name, dim, dtype):
     """``a`` as a (B, L, dim) array of ``dtype`` whose rows BLAS can read."""
-    arr = a if type(a) is np.ndarray else np.asarray(a)
+    arr = as_array(a, name)
     if arr.dtype != dtype:
         compute_dtype(arr.dtype, name)  # rejects complex, object, ...
     check_input_shape(arr.shape, name, dim)
@@ -202,8 +205,10 @@ def as_input(a, name, dim, dtype):
 def head_view(cols, heads, D):
     """(B, L, heads * D) column block -> (B, heads, L, D) view, never a copy."""
     B, L, _ = cols.shape
-    v = cols.view()
-    v.shape = (B, L, heads, D)  # raises rather than copy
+    v = reshaped_view(cols, (B, L, heads, D))
+    if v is None:  # the layer's buffers always split; a copy would lose the writes
+        raise ValueError(f"head_view: a {cols.shape} array with strides {cols.strides} does not "
+                         f"split into {heads} heads of {D} without a copy")
     return v.transpose(0, 2, 1, 3)
 
 

@@ -366,15 +366,15 @@ def multi_head_attention(params, query, key=None, value=None, *, num_heads, num_
     vx = x if value is None else np.asarray(value, dtype=np.float64)
     H = num_heads
     Hkv = H if num_kv_heads is None else num_kv_heads
-    D = p["w_q"].shape[1] // H
 
     def project(a, w, b):
         y = a @ p[w]
         return y if p[b] is None else y + p[b]
 
     def split(y, heads):
-        B, L, _ = y.shape
-        return y.reshape(B, L, heads, D).transpose(0, 2, 1, 3)
+        # each projection's own head dim: the value head dim may differ from D
+        B, L, width = y.shape
+        return y.reshape(B, L, heads, width // heads).transpose(0, 2, 1, 3)
 
     q = split(project(x, "w_q", "b_q"), H)
     k = split(project(kx, "w_k", "b_k"), Hkv)
@@ -386,7 +386,7 @@ def multi_head_attention(params, query, key=None, value=None, *, num_heads, num_
     o, weights = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, key_lengths=key_lengths,
                                               query_lengths=query_lengths, is_causal=is_causal,
                                               return_weights=True)
-    y = project(o.transpose(0, 2, 1, 3).reshape(B, Lq, H * D), "w_o", "b_o")
+    y = project(o.transpose(0, 2, 1, 3).reshape(B, Lq, H * o.shape[-1]), "w_o", "b_o")
     if query_lengths is not None:
         padded = np.arange(Lq)[None, :] >= np.asarray(query_lengths).reshape(B, 1)
         y[padded] = 0.0

@@ -20,10 +20,10 @@ ROPE_LAYOUTS = _kernels.ROPE_LAYOUTS
 ROPE_NONE = _kernels.ROPE_NONE
 
 
-def _check_base(base):
-    b = real_number(base, "base")
+def _check_base(base, name="base"):
+    b = real_number(base, name)
     if not (math.isfinite(b) and b > 0):
-        raise ValueError(f"base must be positive and finite, got {base!r}")
+        raise ValueError(f"{name} must be positive and finite, got {base!r}")
     return b
 
 

@@ -175,6 +175,7 @@ DTYPE = "dtype"
 OUT = "out"
 WINDOW = "window"        # None or a (left, right) pair of ints >= 0 or None
 POSITIVE = "positive"    # a real scalar > 0, or None
+DEVICE = "device"
 
 BAD = {
     ARRAY: [3.0, "abc", None, object(), [[1.0], [1.0, 2.0]], np.zeros((2, 3), complex),
@@ -195,6 +196,7 @@ BAD = {
     WINDOW: [3, "ab", (1,), (1, 2, 3), (-1, 0), (0, -1), (1.5, 0), (HUGE, 0), (True, 0),
              ("1", 0), np.array([1, 2, 3])],
     POSITIVE: [0.0, -1.0, float("nan"), float("inf"), HUGE, "abc", 1j, [1.0], np.ones(2), True],
+    DEVICE: ["gpu", "cuda:0", 3, None, ["cpu"], b"cpu", np.array(["cpu", "cpu"])],
 }
 # values of a kind that are valid for one particular argument
 ACCEPTED = {
@@ -223,7 +225,7 @@ def _valid_calls():
         "merge_heads": ((np.zeros((2, 2, 3, 4)),), dict(x=ARRAY, out=OUT, num_threads=THREADS)),
         "sinusoidal_position_encoding": ((3, 4), dict(
             length=COUNT, channels=COUNT, layout=CHOICE, min_timescale=REAL, max_timescale=REAL,
-            start_index=INDEX, dtype=DTYPE, out=OUT, num_threads=THREADS, device=CHOICE)),
+            start_index=INDEX, dtype=DTYPE, out=OUT, num_threads=THREADS, device=DEVICE)),
         "add_position_encoding": ((z3,), dict(
             x=ARRAY, layout=CHOICE, start_index=INDEX, min_timescale=REAL, max_timescale=REAL,
             out=OUT, num_threads=THREADS)),
@@ -247,6 +249,11 @@ def _valid_calls():
             is_causal=FLAG, causal_alignment=CHOICE, window=WINDOW, softcap=POSITIVE,
             sinks=OPT_ARRAY, scale=OPT_REAL, alibi_slopes=OPT_ARRAY, out=OUT,
             num_threads=THREADS)),
+        "paged_attention": ((q, np.zeros((3, 4, 2, 4), np.float32), np.zeros((3, 4, 2, 4), np.float32),
+                             [[0, 1]], [6]), dict(
+            q=ARRAY, key_cache=ARRAY, value_cache=ARRAY, block_tables=LENGTHS, seq_lens=LENGTHS,
+            is_causal=FLAG, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY, scale=OPT_REAL,
+            alibi_slopes=OPT_ARRAY, out=OUT, num_threads=THREADS)),
         "apply_rotary": ((np.zeros((2, 3, 4)), np.arange(3)), dict(
             x=ARRAY, positions=LENGTHS, layout=CHOICE, base=REAL, out=OUT, num_threads=THREADS)),
         "alibi_slopes": ((4,), dict(num_heads=COUNT, dtype=DTYPE)),
@@ -336,3 +343,198 @@ def test_barrage(fname, arg, position, value, time_limit):
         # set_isa and set_num_threads change global state: restore it
         fastattn.set_isa(saved[0])
         fastattn.set_num_threads(saved[1])
+
+
+# ---- the barrage on the classes: every constructor and method argument ------------
+# The same rule for MultiHeadAttention and KVCache: each bad value raises a
+# ValueError or TypeError naming the argument, before anything is allocated
+# or changed (the object's state is compared before and after), and the
+# valid call still works afterwards.
+
+OPT_COUNT = "opt_count"  # a size, or None for the default
+OPT_CHOICE = "opt_choice"
+SEED = "seed"
+CACHE = "cache"
+STATE = "state"
+MODULE = "module"
+BAD.update({
+    OPT_COUNT: [v for v in BAD[COUNT] if v is not None],
+    OPT_CHOICE: [v for v in BAD[CHOICE] if v is not None] + [["neox"], {"neox": 1}],
+    SEED: ["abc", 2.5, True, object(), [1.5]],
+    CACHE: ["abc", 3, object(), np.zeros((2, 4))],
+    STATE: [3, "abc", None, [1, 2], {}, {"w_q": "abc"}, {"w_q": np.zeros((1, 1))},
+            {"bogus": np.zeros(1)}],
+    MODULE: [3, "abc", None, object()],
+})
+# a cache whose shape does not fit the layer is refused by name too
+BAD[CACHE].append("wrong_cache")
+
+
+def _layer_state(m):
+    return {n: None if a is None else a.copy() for n, a in m.state_dict().items()}
+
+
+def _same_state(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if a is None or b is None:
+        return a is b
+    return np.array_equal(a, b)
+
+
+def _class_calls():
+    """name -> (setup, args, kwargs, kinds). setup() gives (the callable,
+    a snapshot function of the state a bad call must leave untouched)."""
+    E, H = 8, 2
+    x = np.zeros((2, 3, E), np.float32)
+    MHA = fastattn.MultiHeadAttention
+
+    def layer():
+        return MHA(E, H, seed=0)
+
+    def constructor(cls):
+        return lambda: (cls, lambda: None)
+
+    def method(make, name, snapshot):
+        def setup():
+            obj = make()
+            return getattr(obj, name), lambda: snapshot(obj)
+        return setup
+
+    def cache():
+        c = fastattn.KVCache(2, 4, 2, 4)
+        c._lengths[:] = [3, 2]
+        return c
+
+    def cache_state(c):
+        return {"lengths": c.lengths, "k": c.k.copy(), "v": c.v.copy(), "device": c.device}
+
+    def paged():
+        c = fastattn.PagedKVCache(4, 2, 2, 4)
+        c.add_sequence()
+        c.append(0, np.ones((3, 2, 4), np.float32), np.ones((3, 2, 4), np.float32))
+        return c
+
+    def paged_state(c):
+        return {"k": c.key_cache.copy(), "v": c.value_cache.copy(), "free": c.num_free_blocks,
+                "len": c.seq_len(0)}
+
+    def torch_module():
+        torch = pytest.importorskip("torch")
+        return torch.nn.MultiheadAttention(E, H)
+
+    w = {"w_q": np.zeros((E, E)), "w_k": np.zeros((E, E)), "w_v": np.zeros((E, E)),
+         "w_o": np.zeros((E, E))}
+    return {
+        "MultiHeadAttention": (constructor(MHA), (E, H), {}, dict(
+            embed_dim=COUNT, num_heads=COUNT, num_kv_heads=OPT_COUNT, kdim=OPT_COUNT,
+            vdim=OPT_COUNT, bias=FLAG, rope=OPT_CHOICE, rope_base=REAL, dtype=DTYPE, seed=SEED,
+            deterministic=FLAG)),
+        "MultiHeadAttention.__call__": (method(layer, "__call__", _layer_state), (x,), {}, dict(
+            query=ARRAY, key=OPT_ARRAY, value=OPT_ARRAY, key_lengths=LENGTHS,
+            query_lengths=LENGTHS, attn_mask=OPT_ARRAY, is_causal=FLAG, return_weights=FLAG,
+            cache=CACHE, num_threads=THREADS)),
+        "MultiHeadAttention.from_weights": (
+            lambda: (MHA.from_weights, lambda: None), tuple(w.values()), {"num_heads": H}, dict(
+                w_q=ARRAY, w_k=ARRAY, w_v=ARRAY, w_o=ARRAY, b_q=OPT_ARRAY, b_k=OPT_ARRAY,
+                b_v=OPT_ARRAY, b_o=OPT_ARRAY, num_heads=COUNT, num_kv_heads=OPT_COUNT,
+                rope=OPT_CHOICE, rope_base=REAL)),
+        "MultiHeadAttention.from_torch": (
+            lambda: (MHA.from_torch, lambda: None), (torch_module,), {}, dict(module=MODULE)),
+        "MultiHeadAttention.load_state_dict": (
+            method(layer, "load_state_dict", _layer_state), (layer().state_dict(),), {},
+            dict(state=STATE)),
+        "MultiHeadAttention.new_cache": (method(layer, "new_cache", _layer_state), (2, 4), {},
+                                         dict(batch_size=COUNT, max_len=COUNT, kv_dtype=DTYPE)),
+        "MultiHeadAttention.to": (method(layer, "to", _layer_state), ("cpu",), {},
+                                  dict(device=DEVICE)),
+        "KVCache": (constructor(fastattn.KVCache), (2, 4, 2, 4), {}, dict(
+            batch_size=COUNT, max_len=COUNT, num_kv_heads=COUNT, head_dim=COUNT, dtype=DTYPE,
+            v_head_dim=OPT_COUNT, device=DEVICE, kv_dtype=DTYPE)),
+        "KVCache.reset": (method(cache, "reset", cache_state), ([1, 1],), {},
+                          dict(lengths=LENGTHS)),
+        "KVCache.to": (method(cache, "to", cache_state), ("cpu",), {}, dict(device=DEVICE)),
+        "KVCache.append_lengths": (method(cache, "append_lengths", cache_state),
+                                   (np.array([1, 2]),), {}, dict(new_tokens=LENGTHS)),
+        "PagedKVCache": (constructor(fastattn.PagedKVCache), (4, 2, 2, 4), {}, dict(
+            num_blocks=COUNT, block_size=COUNT, num_kv_heads=COUNT, head_dim=COUNT,
+            value_dim=OPT_COUNT, dtype=DTYPE, rope=OPT_CHOICE, rope_base=REAL)),
+        "PagedKVCache.append": (method(paged, "append", paged_state),
+                                (0, np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 4), np.float32)),
+                                {}, dict(seq=INDEX, key=ARRAY, value=ARRAY)),
+        "PagedKVCache.seq_len": (method(paged, "seq_len", paged_state), (0,), {}, dict(seq=INDEX)),
+        "PagedKVCache.fork": (method(paged, "fork", paged_state), (0,), {}, dict(seq=INDEX)),
+        "PagedKVCache.free": (method(paged, "free", paged_state), (0,), {}, dict(seq=INDEX)),
+        "PagedKVCache.tables": (method(paged, "tables", paged_state), ([0],), {},
+                                dict(seqs=LENGTHS)),
+    }
+
+
+CLASS_CALLS = _class_calls()
+# methods whose one argument is a file path: the OS and NumPy's file errors
+# (FileNotFoundError, IsADirectoryError, ...) are the right ones there
+PATH_METHODS = {"MultiHeadAttention.save", "MultiHeadAttention.load"}
+
+
+def _class_barrage_cases():
+    import inspect
+    cases = []
+    for name, (setup, args, kwargs, kinds) in CLASS_CALLS.items():
+        cls_name, _, meth = name.partition(".")
+        target = getattr(fastattn, cls_name)
+        fn = target if not meth else getattr(target, meth)
+        params = [p for p in inspect.signature(fn).parameters if p != "self"]
+        for arg, kind in kinds.items():
+            for i, value in enumerate(BAD[kind]):
+                cases.append(pytest.param(name, arg, params.index(arg), value,
+                                          id=f"{name}-{arg}-{kind}{i}"))
+    return cases
+
+
+def test_class_barrage_covers_every_constructor_and_method_argument():
+    import inspect
+    for cls_name in ("MultiHeadAttention", "KVCache", "PagedKVCache"):
+        cls = getattr(fastattn, cls_name)
+        members = {"": cls}
+        members.update({n: m for n, m in vars(cls).items()
+                        if (not n.startswith("_") or n == "__call__") and callable(
+                            m.__func__ if isinstance(m, (classmethod, staticmethod)) else m)})
+        for meth, fn in members.items():
+            name = f"{cls_name}.{meth}" if meth else cls_name
+            fn = getattr(cls, meth) if meth else fn
+            params = {p for p in inspect.signature(fn).parameters if p != "self"}
+            if not params or name in PATH_METHODS:
+                continue
+            assert name in CLASS_CALLS, f"no barrage entry for {name}"
+            assert params == set(CLASS_CALLS[name][3]), f"{name}: arguments {params} != barrage"
+
+
+@pytest.mark.parametrize("name,arg,position,value", _class_barrage_cases())
+def test_class_barrage(name, arg, position, value, time_limit):
+    setup, args, kwargs, _ = CLASS_CALLS[name]
+    fn, snapshot = setup()
+    args = [a() if callable(a) and not isinstance(a, type) and a.__name__ == "torch_module" else a
+            for a in args]
+    if isinstance(value, str) and value == "wrong_cache":
+        value = fastattn.KVCache(2, 8, 1, 4)  # the layer needs 2 kv heads of dim 4
+    call_args, call_kwargs = list(args), dict(kwargs)
+    if position < len(call_args):
+        call_args[position] = value
+    else:
+        call_kwargs[arg] = value
+    before = snapshot()
+    try:
+        fn(*call_args, **call_kwargs)
+    except MemoryError:
+        assert type(value) is int and value in MEMORY_ERROR_OK, f"{name}({arg}={value!r}): MemoryError"
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        assert re.search(rf"(?<![A-Za-z_]){re.escape(arg)}(?![A-Za-z_])", msg), (
+            f"{name}({arg}={value!r}): the message does not name {arg!r}: "
+            f"{type(exc).__name__}: {msg}")
+    except Exception as exc:  # noqa: BLE001 - any other type is the defect
+        pytest.fail(f"{name}({arg}={value!r}) raised {type(exc).__name__}: {exc}")
+    else:
+        pytest.fail(f"{name}({arg}={value!r}) was accepted")
+    assert _same_state(snapshot(), before), f"{name}({arg}={value!r}) changed the object"
+    fn(*args, **kwargs)  # still works

@@ -43,7 +43,7 @@ def test_quick_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "masked_softmax" in proc.stdout and "split_heads" in proc.stdout
     assert "roofline:" in proc.stdout
-    assert "[1/4] roofline" in proc.stderr  # plain progress when stderr is not a terminal
+    assert "[1/5] roofline" in proc.stderr  # plain progress when stderr is not a terminal
 
     results = json.loads((out / "results.json").read_text())
     assert results["threads"] == 1 and results["dtype"] == "float32" and results["quick"]
@@ -51,7 +51,8 @@ def test_quick_run_end_to_end(tmp_path):
     assert results["machine"]["cpu"]
     assert results["roofline"]["matmul_gflops"] > 0 and results["roofline"]["read_gbs"] > 0
     assert results["failed"] == []
-    assert [r["label"] for r in results["rows"]] == ["masked_softmax", "split_heads", "merge_heads"]
+    assert [r["label"] for r in results["rows"]] == ["masked_softmax", "masked_softmax out=",
+                                                     "split_heads", "merge_heads"]
     for row in results["rows"]:
         assert row["status"] == "ok" and row["unit"] == "byte"
         fa, ref = row["impls"]["fastattn"], row["impls"]["numpy"]
@@ -218,12 +219,16 @@ def test_every_case_builds_and_checks_at_a_tiny_shape():
     for case in cases.CASES:
         for problem in cases.problems_for(case, shape, np.float64, rng):
             if problem.unavailable:
+                if case == "cuda":
+                    assert "no GPU path" in problem.unavailable
+                    continue
                 assert case == "mha" and not hasattr(fastattn, "MultiHeadAttention")
                 assert "not available in this build" in problem.unavailable
                 continue
-            got = problem.fastattn_fn()()
+            got = problem.to_numpy(problem.fastattn_fn()())
             ok, err = runner.compare(got, problem.oracle(), runner.FASTATTN_RTOL["float64"])
             assert ok, (problem.label, err)
+            problem.release()
 
 
 def test_mha_row_is_reported_not_available_or_checked():

@@ -41,8 +41,10 @@ def test_best_isa_is_selected_by_default():
     if flags is None:
         pytest.skip("no /proc/cpuinfo to cross-check CPU features")
     avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags
+    avx512bf16 = avx512 and "avx512_bf16" in flags
     avx2 = {"avx2", "fma"} <= flags
-    expected = "avx512" if avx512 else "avx2" if avx2 else "scalar"
+    expected = ("avx512bf16" if avx512bf16 else "avx512" if avx512 else "avx2" if avx2
+                else "scalar")
     assert _python("import fastattn; print(fastattn.get_isa())", FASTATTN_ISA=None) == expected
     assert fastattn.available_isas()[-1] == expected
 
@@ -57,6 +59,39 @@ def test_set_isa_rejects_unsupported_levels():
     if "avx512" not in fastattn.available_isas():
         with pytest.raises(ValueError, match="not supported on this CPU"):
             fastattn.set_isa("avx512")
+
+
+def test_avx512bf16_level_follows_the_cpu():
+    """The avx512bf16 level is listed exactly where the CPU has AVX512_BF16
+    (with the avx512 level below it); FASTATTN_ISA=avx512bf16 selects it
+    there and is ignored with a warning elsewhere; set_isa refuses it
+    cleanly on a CPU without it."""
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to cross-check CPU features")
+    has = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+    assert ("avx512bf16" in fastattn.available_isas()) == has
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import fastattn\n"
+            "print(fastattn.get_isa(), sum('FASTATTN_ISA' in str(x.message) for x in w))")
+    isa, n_warnings = _python(code, FASTATTN_ISA="avx512bf16").split()
+    if has:
+        assert fastattn.available_isas()[-2:] == ["avx512", "avx512bf16"]
+        assert (isa, n_warnings) == ("avx512bf16", "0")
+        before = fastattn.get_isa()
+        try:
+            fastattn.set_isa("avx512bf16")
+            assert fastattn.get_isa() == "avx512bf16"
+            fastattn.set_isa("avx512")
+            assert fastattn.get_isa() == "avx512"
+        finally:
+            fastattn.set_isa(before)
+    else:
+        assert isa == fastattn.available_isas()[-1] and n_warnings == "1"
+        with pytest.raises(ValueError, match="not supported on this CPU"):
+            fastattn.set_isa("avx512bf16")
 
 
 def test_omp_num_threads_sets_the_default():

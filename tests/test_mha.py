@@ -15,6 +15,7 @@ from fastattn import _kernels
 from fastattn import reference as ref
 from fastattn.projections import linear as _linear
 from conftest import N_THREADS, assert_close
+from test_cuda import backend  # noqa: F401 - the emulated (or real) CUDA backend fixture
 
 # (E, H, Hkv, kdim, vdim, bias, rope): awkward head dims (5, 3, 6), GQA,
 # MQA, separate kdim/vdim, no bias, both RoPE layouts
@@ -683,3 +684,328 @@ def test_blas_matmul_rope_epilogue(dtype, rng, nthreads):
     with pytest.raises(ValueError, match="rejected its arguments"):
         _linear(a, w, c, None, None, None, 1.0, nthreads,
                      (2, heads, D, np.broadcast_to(np.int64(100), (B, heads, M)), cos, sin))
+
+
+# ---- copies of a layer: the views and their buffer stay one object ----------
+
+def _pickled(m):
+    import pickle
+    return pickle.loads(pickle.dumps(m))
+
+
+def _deep(m):
+    import copy
+    return copy.deepcopy(m)
+
+
+def _shallow(m):
+    import copy
+    return copy.copy(m)
+
+
+def _computes_with_its_state(m, x, key=None, value=None):
+    """The layer computes with the weights its state_dict reports: bitwise
+    what a fresh layer built from that state gives."""
+    fresh = fastattn.MultiHeadAttention.from_weights(
+        **m.state_dict(), num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, rope=m.rope,
+        rope_base=m.rope_base)
+    np.testing.assert_array_equal(m(x, key, value), fresh(x, key, value))
+
+
+@pytest.mark.parametrize("copier", [_pickled, _deep, _shallow], ids=["pickle", "deepcopy", "copy"])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[3], CONFIGS[4]],
+                         ids=["fused", "gqa_rope", "no_bias", "k_v_apart", "kv_fused"])
+def test_copied_layer_loads_new_weights(copier, cfg, rng):
+    # unpickling and deep copies used to turn the per-projection views of the
+    # fused weight buffer into arrays of their own: load_state_dict wrote
+    # into those, and the layer kept computing with the old weights
+    E, H, Hkv, kdim, vdim, bias, rope = cfg
+    a, b = _layer(cfg, np.float32, seed=0), _layer(cfg, np.float32, seed=7)
+    x = rng.standard_normal((2, 5, E)).astype(np.float32)
+    kv = None if kdim is None else (rng.standard_normal((2, 4, kdim)).astype(np.float32),
+                                    rng.standard_normal((2, 4, vdim)).astype(np.float32))
+    args = (x,) if kv is None else (x, *kv)
+    before = a(*args)
+    # load into the copy
+    c = copier(a)
+    np.testing.assert_array_equal(c(*args), before)
+    c.load_state_dict(b.state_dict())
+    np.testing.assert_array_equal(c(*args), b(*args))
+    _computes_with_its_state(c, *args)
+    _computes_with_its_state(a, *args)
+    if copier is not _shallow:  # a shallow copy shares the weights, as a torch module's does
+        np.testing.assert_array_equal(a(*args), before)
+    # load into the original after copying
+    a2 = _layer(cfg, np.float32, seed=0)
+    c2 = copier(a2)
+    a2.load_state_dict(b.state_dict())
+    np.testing.assert_array_equal(a2(*args), b(*args))
+    _computes_with_its_state(a2, *args)
+    _computes_with_its_state(c2, *args)
+    if copier is not _shallow:
+        np.testing.assert_array_equal(c2(*args), before)
+
+
+def test_copied_layer_weights_are_views_of_its_own_buffers():
+    for copier in (_pickled, _deep, _shallow):
+        m = copier(fastattn.MultiHeadAttention(16, 4, seed=0))
+        buf = m._storage["w_in"]
+        for part in (m._w_q, m._w_k, m._w_v, m._w_kv):
+            assert part.base is buf or part is buf
+        assert m._b_q.base is m._storage["b_in"]
+
+
+@pytest.mark.parametrize("copier", [_pickled, _deep], ids=["pickle", "deepcopy"])
+def test_copied_cache_and_moved_layer(copier, rng):
+    # the cache holds no views: a copy keeps decoding where the original was
+    m = _layer(CONFIGS[1], np.float64)
+    x = rng.standard_normal((2, 6, m.embed_dim))
+    cache = m.new_cache(2, 8)
+    m(x[:, :4], cache=cache)
+    c_layer, c_cache = copier(m), copier(cache)
+    want = m(x[:, 4:], cache=cache)
+    np.testing.assert_array_equal(c_layer(x[:, 4:], cache=c_cache), want)
+    np.testing.assert_array_equal(c_cache.lengths, cache.lengths)
+    np.testing.assert_array_equal(c_cache.k, cache.k)
+    # a layer moved back from another device reallocates its buffers; the
+    # views follow (to("cpu") on a cpu layer is a no-op, so rebuild by hand)
+    m._allocate_host()
+    m.load_state_dict(c_layer.state_dict())
+    np.testing.assert_array_equal(m(x[:, 4:]), c_layer(x[:, 4:]))
+
+
+# ---- bitwise identical for every thread count ---------------------------------
+
+DETERMINISM_CONFIGS = [
+    # (E, H, Hkv, kdim, vdim, bias, rope): sizes above the GEMMs' parallel
+    # threshold, with column counts that are not multiples of the blocks
+    (96, 6, None, None, None, True, None),
+    (120, 6, 2, None, None, True, "neox"),
+    (112, 4, 1, None, None, False, "gptj"),
+    (96, 4, 2, 70, 53, True, None),
+    (100, 5, None, 77, 77, False, "neox"),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cfg", DETERMINISM_CONFIGS, ids=["mha", "gqa_neox", "mqa_gptj", "kvdim", "kv_fused"])
+def test_layer_is_bitwise_identical_for_every_thread_count(cfg, dtype, rng):
+    # the projections used to split their columns into one BLAS call per
+    # thread, and a BLAS sums a column in an order that depends on where it
+    # falls in the call: outputs changed by a few ulps with the thread count
+    E, H, Hkv, kdim, vdim, bias, rope = cfg
+    m = _layer(cfg, dtype)
+    B, Lq, Lk = 3, 45, 38
+    x = rng.standard_normal((B, Lq, E)).astype(dtype)
+    calls = []
+    if kdim is None:
+        calls.append(((x,), dict(is_causal=True)))
+        calls.append(((x,), dict(key_lengths=[45, 20, 3], query_lengths=[45, 44, 30])))
+    else:
+        k = rng.standard_normal((B, Lk, kdim)).astype(dtype)
+        v = rng.standard_normal((B, Lk, vdim)).astype(dtype)
+        calls.append(((x, k, v), dict(key_lengths=[38, 17, 1])))
+        calls.append(((x, k, v), dict(query_lengths=[45, 12, 0], return_weights=True)))
+
+    def run(threads):
+        outs = [m(*a, num_threads=threads, **kw) for a, kw in calls]
+        if kdim is None or kdim == vdim == E:
+            cache = m.new_cache(B, Lq + 2)
+            outs.append(m(x[:, :40], cache=cache, num_threads=threads))
+            outs.append(m(x[:, 40:41], cache=cache, num_threads=threads))
+            outs.append(m(x[:, 41:], cache=cache, query_lengths=[4, 2, 0], num_threads=threads))
+        return outs
+
+    first = run(1)
+    for threads in (2, 3, 4):
+        for got, want in zip(run(threads), first):
+            for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
+                np.testing.assert_array_equal(g, w, err_msg=f"{threads} threads")
+    fastattn.set_num_threads(2)
+    try:  # the default thread count too
+        np.testing.assert_array_equal(m(*calls[0][0], **calls[0][1]), first[0])
+    finally:
+        fastattn.set_num_threads(None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (5, 64, 1000), (37, 100, 301), (128, 256, 768),
+                                   (300, 40, 2100)])
+def test_linear_is_bitwise_identical_for_every_thread_count(dtype, rng, M, K, N):
+    from fastattn.projections import BLAS_THREADS
+    a = rng.standard_normal((2, M, K)).astype(dtype)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    bias = rng.standard_normal(N).astype(dtype)
+    outs = []
+    BLAS_THREADS.enter()
+    try:
+        for threads in (1, 2, 3, 4, 7):
+            c = np.empty((2, M, N), dtype)
+            _linear(a, w, c, bias, None, None, 1.0, threads)
+            outs.append(c)
+    finally:
+        BLAS_THREADS.exit()
+    for c in outs[1:]:
+        np.testing.assert_array_equal(c, outs[0])
+    assert_close(outs[0], (a.astype(np.float64) @ w + bias).astype(dtype))
+
+
+def test_non_deterministic_switch_still_matches_the_oracle(rng):
+    m = _layer(CONFIGS[1], np.float32)
+    fast = fastattn.MultiHeadAttention.from_weights(**m.state_dict(), num_heads=m.num_heads,
+                                                    num_kv_heads=m.num_kv_heads, rope=m.rope)
+    fast.deterministic = False
+    x = rng.standard_normal((2, 70, m.embed_dim)).astype(np.float32)
+    for threads in (1, 2, 3):
+        assert_close(fast(x, is_causal=True, num_threads=threads), _oracle(m, x, is_causal=True))
+    assert fastattn.MultiHeadAttention(8, 2, deterministic=False).deterministic is False
+    with pytest.raises(TypeError, match="^deterministic must be a bool"):
+        fastattn.MultiHeadAttention(8, 2, deterministic="no")
+
+
+# ---- a value head dim apart from the key head dim ----------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("H,Hkv,D,Dv,kdim,vdim,bias,rope", [
+    (4, 4, 6, 10, None, None, True, None),
+    (6, 2, 8, 3, None, None, False, "neox"),
+    (4, 1, 4, 9, 11, 11, True, "gptj"),
+    (3, 3, 5, 7, 13, 6, True, None),
+])
+def test_value_head_dim_differs_from_key_head_dim(dtype, rng, H, Hkv, D, Dv, kdim, vdim, bias, rope):
+    E = 18
+    kdim, vdim = kdim or E, vdim or E
+    w = dict(w_q=rng.standard_normal((E, H * D)), w_k=rng.standard_normal((kdim, Hkv * D)),
+             w_v=rng.standard_normal((vdim, Hkv * Dv)), w_o=rng.standard_normal((H * Dv, E)))
+    if bias:
+        w.update(b_q=rng.standard_normal(H * D), b_k=rng.standard_normal(Hkv * D),
+                 b_v=rng.standard_normal(Hkv * Dv), b_o=rng.standard_normal(E))
+    w = {n: a.astype(dtype) * 0.3 for n, a in w.items()}
+    m = fastattn.MultiHeadAttention.from_weights(**w, num_heads=H, num_kv_heads=Hkv, rope=rope)
+    assert (m.head_dim, m.v_head_dim) == (D, Dv)
+    assert "v_head_dim" in repr(m)
+    x = rng.standard_normal((2, 7, E)).astype(dtype)
+    if kdim == vdim == E:
+        kw = dict(key_lengths=[7, 4], query_lengths=[7, 5], is_causal=True)
+        y, wts = m(x, return_weights=True, **kw)
+        want, want_w = ref.multi_head_attention(w, x, num_heads=H, num_kv_heads=Hkv, rope=rope,
+                                                return_weights=True, **kw)
+        assert_close(y, want)
+        assert_close(wts, want_w)
+        # decoding: the cache holds values of the value head dim
+        cache = m.new_cache(2, 7)
+        assert cache.v.shape == (2, Hkv, 7, Dv)
+        steps = [m(x[:, :3], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(3, 7)]
+        assert_close(np.concatenate(steps, axis=1),
+                     ref.multi_head_attention(w, x, num_heads=H, num_kv_heads=Hkv, rope=rope,
+                                              is_causal=True))
+        with pytest.raises(ValueError, match=f"cache holds values of dim {D}; this layer needs {Dv}"):
+            m(x, cache=fastattn.KVCache(2, 7, Hkv, D, dtype))
+    else:
+        k = rng.standard_normal((2, 5, kdim)).astype(dtype)
+        v = rng.standard_normal((2, 5, vdim)).astype(dtype)
+        assert_close(m(x, k, v, key_lengths=[5, 2]),
+                     ref.multi_head_attention(w, x, k, v, num_heads=H, num_kv_heads=Hkv, rope=rope,
+                                              key_lengths=[5, 2]))
+    # state, save and load keep the value head dim
+    m2 = fastattn.MultiHeadAttention.from_weights(**m.state_dict(), num_heads=H, num_kv_heads=Hkv,
+                                                  rope=rope)
+    assert m2.v_head_dim == Dv
+
+
+def test_value_head_dim_keras_semantics(rng):
+    # Keras's MultiHeadAttention(num_heads, key_dim, value_dim), written out
+    # with its einsums and its (in, heads, dim) / (heads, dim, out) kernels:
+    # scores scale by 1/sqrt(key_dim), and the output projection reads
+    # heads x value_dim
+    B, L, S, E, H, D, Dv = 2, 5, 6, 12, 3, 4, 7
+    wq, wk = rng.standard_normal((E, H, D)), rng.standard_normal((E, H, D))
+    wv, wo = rng.standard_normal((E, H, Dv)), rng.standard_normal((H, Dv, E))
+    bq, bk, bv, bo = (rng.standard_normal(s) for s in ((H, D), (H, D), (H, Dv), (E,)))
+    x, ctx = rng.standard_normal((B, L, E)), rng.standard_normal((B, S, E))
+    q = np.einsum("abc,cde->abde", x, wq) + bq
+    k = np.einsum("abc,cde->abde", ctx, wk) + bk
+    v = np.einsum("abc,cde->abde", ctx, wv) + bv
+    scores = np.einsum("aecd,abcd->acbe", k, q / np.sqrt(D))
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = np.einsum("acbe,aecd->abcd", p, v)
+    want = np.einsum("abcd,cde->abe", o, wo) + bo
+    m = fastattn.MultiHeadAttention.from_weights(
+        wq.reshape(E, H * D), wk.reshape(E, H * D), wv.reshape(E, H * Dv), wo.reshape(H * Dv, E),
+        bq.reshape(-1), bk.reshape(-1), bv.reshape(-1), bo, num_heads=H)
+    assert_close(m(x, ctx, ctx), want)
+
+
+def test_from_weights_value_head_dim_rules(rng):
+    f = fastattn.MultiHeadAttention.from_weights
+    w_q, w_k, w_o = np.zeros((8, 8)), np.zeros((8, 8)), np.zeros((12, 8))
+    with pytest.raises(ValueError, match=r"^w_v's output width 10 \(shape \(8, 10\)\) must be a positive multiple of num_kv_heads \(4\)"):
+        f(w_q, w_k, np.zeros((8, 10)), w_o, num_heads=4)
+    with pytest.raises(ValueError, match=r"^w_o must have shape \(12, 8\), got \(8, 8\)"):
+        f(w_q, w_k, np.zeros((8, 12)), np.zeros((8, 8)), num_heads=4)
+    assert f(w_q, w_k, np.zeros((8, 12)), w_o, num_heads=4).v_head_dim == 3
+
+
+# ---- threads per call --------------------------------------------------------
+
+def test_num_threads_per_call(rng):
+    m = _layer(CONFIGS[1], np.float64)
+    x = rng.standard_normal((2, 9, m.embed_dim))
+    want = _oracle(m, x, is_causal=True)
+    before = fastattn._config._num_threads
+    for n in (1, 2, 3):
+        assert_close(m(x, is_causal=True, num_threads=n), want)
+    assert fastattn._config._num_threads == before  # the default is untouched
+    cache = m.new_cache(2, 9)
+    assert_close(m(x, cache=cache, num_threads=2), want)
+    for bad, exc in ((0, ValueError), (10**6, ValueError), (2.5, TypeError), ("2", TypeError)):
+        with pytest.raises(exc, match="num_threads"):
+            m(x, num_threads=bad)
+
+
+def test_value_head_dim_on_the_device_layer(rng, backend):
+    # the CUDA layer (emulated without a GPU, on the GPU where there is one)
+    # takes the value head dim from the layer it moves
+    import copy
+
+    from test_cuda import _rand
+    dt = np.dtype(np.float32)
+    H, Hkv, D, Dv, E = 4, 2, 6, 5, 16
+    w = dict(w_q=rng.standard_normal((E, H * D)), w_k=rng.standard_normal((E, Hkv * D)),
+             w_v=rng.standard_normal((E, Hkv * Dv)), w_o=rng.standard_normal((H * Dv, E)),
+             b_q=rng.standard_normal(H * D), b_k=rng.standard_normal(Hkv * D),
+             b_v=rng.standard_normal(Hkv * Dv), b_o=rng.standard_normal(E))
+    w = {n: (a * 0.3).astype(dt) for n, a in w.items()}
+    cpu = fastattn.MultiHeadAttention.from_weights(**w, num_heads=H, num_kv_heads=Hkv, rope="neox")
+    x = _rand(rng, (2, 5, E), dt)
+    want = ref.multi_head_attention(w, x, num_heads=H, num_kv_heads=Hkv, rope="neox", is_causal=True)
+    gpu = copy.deepcopy(cpu).to("cuda")
+    assert_close(backend.to_host(gpu(backend.to_device(x), is_causal=True)), want)
+    cache = gpu.new_cache(2, 5)
+    steps = [gpu(backend.to_device(x[:, :3]), cache=cache)]
+    steps += [gpu(backend.to_device(x[:, t:t + 1]), cache=cache) for t in (3, 4)]
+    assert_close(np.concatenate([backend.to_host(s) for s in steps], axis=1), want)
+    back = gpu.to("cpu")
+    assert back.v_head_dim == Dv
+    assert_close(back(x, is_causal=True), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias,rope", [(True, "neox"), (False, None), (True, "gptj")])
+def test_decode_step_is_bitwise_identical_for_every_thread_count(dtype, rng, bias, rope):
+    # decode-sized projections (a few rows, K large enough) are cut along K
+    # into GEMVs whose partial sums are added in block order: the RoPE
+    # epilogue and the bias run after that sum
+    m = _layer((256, 4, 2, None, None, bias, rope), dtype)
+    x = rng.standard_normal((2, 9, 256)).astype(dtype)
+    want = _oracle(m, x, is_causal=True)
+    outs = []
+    for threads in (1, 2, 3, 4):
+        cache = m.new_cache(2, 9)
+        steps = [m(x[:, :6], cache=cache, num_threads=threads)]
+        steps += [m(x[:, t:t + 1], cache=cache, num_threads=threads) for t in range(6, 9)]
+        outs.append(np.concatenate(steps, axis=1))
+    assert_close(outs[0], want)
+    for got in outs[1:]:
+        np.testing.assert_array_equal(got, outs[0])

@@ -157,7 +157,7 @@ def test_cache_append_fork_free(rng):
     np.testing.assert_array_equal(_contiguous(cache, b)[0], np.concatenate([ka, kb]))
     cache.free(b)
     assert cache.num_free_blocks == 12
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="no sequence"):
         cache.append(b, kb, vb)
 
 

@@ -878,13 +878,13 @@ class DeviceLayer:
     def __init__(self, layer, state):
         self.num_heads, self.num_kv_heads = layer.num_heads, layer.num_kv_heads
         self.embed_dim, self.kdim, self.vdim = layer.embed_dim, layer.kdim, layer.vdim
-        self.head_dim = self.v_head_dim = layer.head_dim
+        self.head_dim, self.v_head_dim = layer.head_dim, layer.v_head_dim
         self.rope, self.rope_base, self.dtype = layer.rope, layer.rope_base, layer.dtype
         H, Hkv, E, D, dt = self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.dtype
         w_q, w_k, w_v, w_o = (state[n] for n in ("w_q", "w_k", "w_v", "w_o"))
         b_q, b_k, b_v, b_o = (state.get(n) for n in ("b_q", "b_k", "b_v", "b_o"))
         rt = _Runtime()
-        widths = (H * D, Hkv * D, Hkv * D)
+        widths = (H * D, Hkv * D, Hkv * self.v_head_dim)
         self._widths = widths
         # one (E, H*D + 2*Hkv*D) weight: self-attention projects Q, K and V
         # in one GEMM, cross-attention uses its column blocks

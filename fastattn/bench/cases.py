@@ -4,17 +4,30 @@ each one is.
 Every case is described by attention-style shapes ``(B, H, S, D)`` (batch,
 heads, sequence length, head size), and each case reads them its own way:
 
-========  ==============================================================
-sdpa      ``scaled_dot_product_attention`` on ``q, k, v`` of ``(B, H, S, D)``
-causal    the same with ``is_causal=True``
-padded    the same with half of every sequence padded (``key_lengths = S/2``)
-decode    1 query over a cache of ``S`` keys: ``q`` is ``(B, H, 1, D)``
-mha       the ``MultiHeadAttention`` layer, ``E = H*D``, on ``(B, S, E)``,
-          with all keys valid and with half of them padded
-softmax   ``masked_softmax`` on scores ``(B, H, S, S)`` with ``key_lengths``
-heads     ``split_heads`` of ``(B, S, H*D)`` and ``merge_heads`` back
-pe        the position-encoding table ``(S, H*D)``
-========  ==============================================================
+==========  ============================================================
+sdpa        ``scaled_dot_product_attention`` on ``q, k, v`` of ``(B, H, S, D)``
+causal      the same with ``is_causal=True``
+padded      the same with half of every sequence padded (``key_lengths = S/2``)
+decode      1 query over a cache of ``S`` keys: ``q`` is ``(B, H, 1, D)``;
+            same-run baseline: reading K and V once
+overhead    the per-call cost: 1 query over ``S`` keys at a tiny shape
+mha         the ``MultiHeadAttention`` layer, ``E = H*D``, on ``(B, S, E)``,
+            with all keys valid and with half of them padded; same-run
+            baseline: the four projections alone as NumPy BLAS products
+mha_decode  one decode step of the layer: 1 new token after ``S - 1``
+            cached in a ``KVCache`` (torch, cacheless, re-projects them all)
+softmax     ``masked_softmax`` on scores ``(B, H, S, S)`` with ``key_lengths``,
+            with a fresh output per call and into a reused ``out=``;
+            same-run baseline: a threaded copy of the scores
+heads       ``split_heads`` of ``(B, S, H*D)`` and ``merge_heads`` back;
+            same-run baselines: NumPy's transpose and a plain copy
+pe          the position-encoding table ``(S, H*D)``
+gil         (not in the default suite) each kernel at ``num_threads=1``
+            from 1 and from 2 Python threads: the wall-time ratio is about
+            1.0 when the GIL is released, 2.0 when it is held
+cuda        (not in the default suite) SDPA on CuPy arrays against torch's
+            math and default backends on the GPU; n/a without a GPU path
+==========  ============================================================
 
 Work is counted as useful work only: flops of the (query, key) pairs that
 are not masked (``2·D`` for ``q·k`` plus ``2·Dv`` for ``p·v`` each), and for
@@ -26,27 +39,40 @@ No case has a fully masked row or a padded query: peers legitimately
 disagree there (``torch.nn.MultiheadAttention`` gives NaN, onnxruntime the
 mean of ``V``, fastattn 0), so such rows would compare conventions rather
 than correctness.
+
+Adding a case
+-------------
+A case is one function registered with :func:`case`: it receives a
+:class:`Shape`, a dtype and a NumPy ``Generator`` and returns the rows
+(:class:`Problem` objects) to run at that shape::
+
+    @case("window", "sdpa with a sliding window of S/4 keys",
+          shapes=["1x12x1024x64"], quick=["1x12x128x64"])
+    def _window(shape, dtype, rng):
+        return [AttentionProblem("window", "sdpa window", shape, dtype, rng,
+                                 window=shape.S // 4)]
+
+A :class:`Problem` holds its inputs and gives ``fastattn_fn()`` (the call
+to time), ``oracle()`` (the reference output), ``kind`` (what the peers in
+:mod:`fastattn.bench.peers` dispatch on: a peer that has no counterpart
+raises ``NotApplicable``), ``unit`` and ``work`` (for the rate and the
+roofline share) and ``dims``. Optional: ``baselines()`` (same-run
+operations timed alongside, e.g. a copy of the same bytes),
+``metrics(policy)`` (figures that are not a time per call), ``unavailable``
+(why the row cannot run here) and ``to_numpy``/``sync`` for arrays that do
+not live in host memory. A new dtype needs nothing here: ``--dtype`` reaches
+every case through ``dtype``. The CLI, the progress bar, the table and
+results.json pick the case up by its name.
 """
 
 import dataclasses
 import re
+import threading
 
 import numpy as np
 
 import fastattn
 from fastattn import reference
-
-CASES = {
-    "sdpa": "scaled_dot_product_attention, non-causal",
-    "causal": "scaled_dot_product_attention, is_causal=True",
-    "padded": "scaled_dot_product_attention, half of every sequence padded via key_lengths",
-    "decode": "scaled_dot_product_attention, 1 query over a cache of S keys",
-    "mha": "the MultiHeadAttention layer (E = H*D), all keys valid and half padded",
-    "softmax": "masked_softmax on (B, H, S, S) scores with key_lengths",
-    "heads": "split_heads and merge_heads",
-    "pe": "sinusoidal_position_encoding table (S, H*D)",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -78,46 +104,131 @@ def _shapes(*texts):
     return [Shape.parse(t) for t in texts]
 
 
-DEFAULT_SHAPES = {
-    "sdpa": _shapes("1x12x128x64", "1x12x512x64", "4x8x1024x128"),
-    "causal": _shapes("1x12x128x64", "1x12x512x64", "4x8x1024x128"),
-    "padded": _shapes("1x12x512x64", "4x8x1024x128"),
-    "decode": _shapes("1x32x2048x128"),
-    "mha": _shapes("1x12x128x64", "1x12x512x64"),
-    "softmax": _shapes("8x12x512x64"),
-    "heads": _shapes("8x12x1024x64"),
-    "pe": _shapes("1x12x2048x64"),
-}
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A registered case: its name, a one-line description, the function
+    that builds its rows, its default and ``--quick`` shapes, how many rows
+    it gives per shape, and whether ``python -m fastattn.bench`` runs it
+    without ``--cases``."""
 
-QUICK_SHAPES = {
-    "sdpa": _shapes("1x12x128x64"),
-    "causal": _shapes("1x12x128x64"),
-    "padded": _shapes("2x12x128x64"),
-    "decode": _shapes("1x32x512x128"),
-    "mha": _shapes("1x12x128x64"),
-    "softmax": _shapes("2x12x128x64"),
-    "heads": _shapes("4x12x256x64"),
-    "pe": _shapes("1x12x512x64"),
-}
+    name: str
+    help: str
+    build: object
+    shapes: tuple
+    quick: tuple
+    rows: int = 1
+    default: bool = True
+
+
+REGISTRY = {}
+CASES = {}           # name -> description, in suite order
+DEFAULT_SHAPES = {}  # name -> [Shape, ...]
+QUICK_SHAPES = {}    # name -> [Shape, ...] under --quick
+
+
+def case(name, help, *, shapes, quick=None, rows=1, default=True):
+    """Register the decorated ``build(shape, dtype, rng) -> [Problem, ...]``
+    as case ``name`` (see "Adding a case" above). ``shapes`` and ``quick``
+    are ``"BxHxSxD"`` strings; ``rows`` is the number of problems ``build``
+    returns per shape (for the progress bar); ``default=False`` keeps the
+    case out of the default suite."""
+    def register(build):
+        entry = Case(name, help, build, tuple(_shapes(*shapes)),
+                     tuple(_shapes(*(quick or shapes))), rows, default)
+        REGISTRY[name] = entry
+        CASES[name] = help
+        DEFAULT_SHAPES[name] = list(entry.shapes)
+        QUICK_SHAPES[name] = list(entry.quick)
+        return build
+    return register
+
+
+def default_cases():
+    """The cases a plain ``python -m fastattn.bench`` runs."""
+    return [name for name, c in REGISTRY.items() if c.default]
+
+
+# ---------------------------------------------------------------- baselines
+
+class _Threaded:
+    """Runs one NumPy operation per slice on ``threads`` Python threads
+    (NumPy releases the GIL for copies and reductions): a same-run
+    bandwidth baseline on the suite's thread count. A BLAS gemv would do
+    the same, but its workers spin after each call and slow the next
+    implementation timed."""
+
+    def __init__(self, threads):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads)
+
+    def split(self, flat):
+        n = self.threads
+        return [flat[flat.size * t // n:flat.size * (t + 1) // n] for t in range(n)]
+
+    def close(self):
+        self.pool.shutdown()
+
+
+class ParallelRead(_Threaded):
+    """Reads every byte of ``arrays`` once (a max over each slice)."""
+
+    def __init__(self, arrays, threads):
+        super().__init__(threads)
+        parts = [self.split(a.reshape(-1)) for a in arrays]
+        self.slices = [[p[t] for p in parts] for t in range(self.threads)]
+        self.moved = float(sum(a.nbytes for a in arrays))
+
+    @staticmethod
+    def _read(parts):
+        for p in parts:
+            p.max()
+
+    def __call__(self):
+        list(self.pool.map(self._read, self.slices))
+
+
+class ParallelCopy(_Threaded):
+    """Copies ``src`` into a new buffer of its size; moves ``2 * src.nbytes``."""
+
+    def __init__(self, src, threads):
+        super().__init__(threads)
+        flat = src.reshape(-1)
+        self.pairs = list(zip(self.split(flat), self.split(np.empty_like(flat))))
+        self.moved = 2.0 * src.nbytes
+
+    def __call__(self):
+        list(self.pool.map(lambda p: np.copyto(p[1], p[0]), self.pairs))
 
 
 class Problem:
     """One row of the suite: inputs, the fastattn call and the oracle.
 
     Subclasses set ``kind`` (what peers dispatch on), ``unit`` (``"flop"``
-    or ``"byte"``), ``work`` (useful flops or bytes per call), ``dims`` (a
-    short description) and ``unavailable`` (a reason, or None).
+    or ``"byte"``, a share of the roofline, or ``"call"``, which is not),
+    ``work`` (useful flops or bytes per call), ``dims`` (a short
+    description) and ``unavailable`` (a reason, or None).
     """
 
     kind = ""
     unit = "flop"
     unavailable = None
+    compare_peers = True  # False: no peer has a counterpart (none is even asked)
+    sync = None           # called after each timed call (a GPU stream's synchronize)
 
     def __init__(self, case, label, shape, dtype):
         self.case = case
         self.label = label
         self.shape = shape
         self.dtype = np.dtype(dtype)
+        self._threaded = []
+
+    def threaded_baseline(self, baseline):
+        """``(baseline, bytes it moves)`` for :meth:`baselines`, its thread
+        pool shut down by :meth:`release`."""
+        self._threaded.append(baseline)
+        return baseline, baseline.moved
 
     def fastattn_fn(self):
         """A no-argument callable running fastattn on the inputs."""
@@ -130,8 +241,27 @@ class Problem:
     def oracle_fn(self):
         return self.oracle
 
+    def to_numpy(self, out):
+        """fastattn's output as a host NumPy array, for the check."""
+        return out
+
+    def baselines(self):
+        """``{name: (callable, work or None)}``: operations timed in the same
+        rounds as the implementations (not checked), against which the
+        report states fastattn's time, and its rate where ``work`` (in this
+        row's unit) is given."""
+        return {}
+
+    def metrics(self, policy):
+        """``{name: (value, text)}``: figures of this row that are not a time
+        per call, measured after the timing."""
+        return {}
+
     def release(self):
-        """Drop the inputs once the row is done."""
+        """Drop the inputs (and stop the baselines' threads) once the row is done."""
+        for baseline in self._threaded:
+            baseline.close()
+        self._threaded = []
         self.__dict__.update({k: None for k, v in vars(self).items() if isinstance(v, np.ndarray)})
 
 
@@ -175,6 +305,12 @@ class AttentionProblem(Problem):
 
     def oracle(self):
         return reference.scaled_dot_product_attention(self.q, self.k, self.v, **self._kwargs())
+
+    def baselines(self):
+        if self.unit != "byte":
+            return {}
+        read = ParallelRead((self.k, self.v), fastattn.get_num_threads())
+        return {"read K,V": self.threaded_baseline(read)}
 
 
 def mha_oracle(x, weights, num_heads, key_lengths=None):
@@ -240,14 +376,27 @@ class MHAProblem(Problem):
         super().release()
         self.weights = None
 
+    def baselines(self):
+        B, S, E = self.x.shape
+        x2 = self.x.reshape(B * S, E)
+        rng = np.random.default_rng(1)
+        w_in = rng.standard_normal((E, 3 * E)).astype(self.dtype)
+        w_o = rng.standard_normal((E, E)).astype(self.dtype)
+
+        def projections():
+            x2 @ w_in
+            x2 @ w_o
+        return {"projections (BLAS)": (projections, 2.0 * B * S * E * E * 4)}
+
 
 class SoftmaxProblem(Problem):
     kind = "softmax"
     unit = "byte"
 
-    def __init__(self, case, label, shape, dtype, rng):
+    def __init__(self, case, label, shape, dtype, rng, *, reuse_out=False):
         super().__init__(case, label, shape, dtype)
         B, H, S = shape.B, shape.H, shape.S
+        self.reuse_out = reuse_out
         self.scores = rng.standard_normal((B, H, S, S)).astype(dtype)
         # lengths spread from S/2 to S across the batch
         self.key_lengths = np.linspace(max(1, S // 2), S, B).astype(np.int64)
@@ -256,16 +405,27 @@ class SoftmaxProblem(Problem):
         read = float(H * S * self.key_lengths.sum()) * itemsize
         self.work = read + self.scores.nbytes
         self.dims = f"B={B} H={H} Lq={S} Lk={S} keys {self.key_lengths.min()}..{S}"
+        if reuse_out:
+            self.dims += ", out= reused"
 
     def _kwargs(self):
         return dict(key_lengths=self.key_lengths, scale=self.scale)
 
     def fastattn_fn(self):
         s, kw = self.scores, self._kwargs()
+        if self.reuse_out:
+            # A fresh output costs the operating system about as much as the
+            # kernel (zero-filling each new page); a reused one shows the
+            # kernel alone, the figure the copy baseline is comparable with.
+            kw["out"] = np.empty_like(s)
         return lambda: fastattn.masked_softmax(s, **kw)
 
     def oracle(self):
         return reference.masked_softmax(self.scores, **self._kwargs())
+
+    def baselines(self):
+        return {"copy": self.threaded_baseline(ParallelCopy(self.scores,
+                                                            fastattn.get_num_threads()))}
 
 
 class HeadsProblem(Problem):
@@ -293,6 +453,23 @@ class HeadsProblem(Problem):
             return reference.merge_heads(self.x)
         return reference.split_heads(self.x, self.num_heads)
 
+    def baselines(self):
+        x = self.x
+        flat_src, flat_dst = x.reshape(-1), np.empty(x.size, x.dtype)
+        if self.merge:
+            B, H, S, D = x.shape
+
+            def transpose():
+                return np.ascontiguousarray(x.transpose(0, 2, 1, 3))
+        else:
+            B, S, E = x.shape
+            H = self.num_heads
+
+            def transpose():
+                return np.ascontiguousarray(x.reshape(B, S, H, E // H).transpose(0, 2, 1, 3))
+        return {"numpy transpose": (transpose, 2.0 * x.nbytes),
+                "copy": (lambda: np.copyto(flat_dst, flat_src), 2.0 * x.nbytes)}
+
 
 class PEProblem(Problem):
     kind = "pe"
@@ -313,27 +490,317 @@ class PEProblem(Problem):
                                                       dtype=self.dtype)
 
 
+# ---------------------------------------------------------------- more rows
+
+class OverheadProblem(AttentionProblem):
+    """A call so small that its time is the per-call cost of the Python
+    checks and the dispatch: 1 query over ``S`` keys."""
+
+    unit = "call"
+
+    def __init__(self, case, label, shape, dtype, rng):
+        super().__init__(case, label, shape, dtype, rng, decode=True)
+        self.unit = "call"
+        self.work = 1.0
+        self.dims = f"B={shape.B} H={shape.H} Lq=1 Lk={shape.S} D={shape.D} (per-call cost)"
+
+    def baselines(self):
+        return {}
+
+
+class MHADecodeProblem(MHAProblem):
+    """One decode step: 1 new token attends over ``S - 1`` cached tokens
+    plus itself. fastattn appends the token's keys and values to a
+    ``KVCache``; a cacheless peer attends over all ``S`` tokens."""
+
+    kind = "mha_decode"
+
+    def __init__(self, case, label, shape, dtype, rng):
+        super().__init__(case, label, shape, dtype, rng)
+        B, H, S, D = shape.B, shape.H, shape.S, shape.D
+        E = H * D
+        self.cached = S - 1
+        self.history = self.x  # (B, S, E): the cached tokens, then the new one
+        self.x_new = self.x[:, S - 1:]
+        self.work = 2.0 * B * E * E * 4 + 4.0 * D * H * B * S
+        self.dims = f"B={B} E={E} H={H}: 1 token after {S - 1} cached"
+
+    def fastattn_fn(self):
+        layer = build_fastattn_mha(self.weights, self.num_heads, self.dtype)
+        B = self.history.shape[0]
+        cache = layer.new_cache(B, self.cached + 1)
+        if self.cached:
+            layer(self.history[:, :self.cached], cache=cache)
+        x_new, lengths = self.x_new, [self.cached] * B
+
+        def step():
+            cache.reset(lengths=lengths)
+            return layer(x_new, cache=cache)
+        return step
+
+    def oracle(self):
+        return reference.multi_head_attention(self.weights, self.x_new, self.history,
+                                              self.history, num_heads=self.num_heads)
+
+    def baselines(self):
+        return {}
+
+
+_gil_local = threading.local()
+
+
+def _thread_out(shape, dtype):
+    """The calling thread's reusable output buffer of ``shape``: each thread
+    writes its own, so that page faults on fresh outputs (which serialise
+    on the process's memory-map lock) do not pass for GIL contention."""
+    bufs = _gil_local.__dict__.setdefault("bufs", {})
+    key = (shape, np.dtype(dtype).str)
+    if key not in bufs:
+        bufs[key] = np.empty(shape, dtype)
+    return bufs[key]
+
+
+def _gil_kernels(shape, dtype, rng):
+    """``[(label, fastattn call taking out(shape), oracle call)]`` for the gil
+    case; calls of ~0.2-5 ms, so that Python's own (GIL-holding) argument
+    checking is a few percent of a call."""
+    B, H, S, D = shape.B, shape.H, shape.S, shape.D
+    scores = rng.standard_normal((B, H, S, S)).astype(dtype)
+    x = rng.standard_normal((B, S, H * D)).astype(dtype)
+    q, k, v = (rng.standard_normal((1, H, 2 * S, D)).astype(dtype) for _ in range(3))
+    lengths = np.linspace(1, S, B).astype(np.int64)
+    one = dict(num_threads=1)
+    return [
+        ("numpy multiply (control)", lambda o: np.multiply(x, 1.5, out=o(x.shape, dtype)),
+         lambda: x * 1.5),
+        ("masked_softmax", lambda o: fastattn.masked_softmax(
+            scores, key_lengths=lengths, is_causal=True, out=o(scores.shape, dtype), **one),
+         lambda: reference.masked_softmax(scores, key_lengths=lengths, is_causal=True)),
+        ("apply_sequence_mask", lambda o: fastattn.apply_sequence_mask(
+            x, lengths, out=o(x.shape, dtype), **one),
+         lambda: reference.apply_sequence_mask(x, lengths)),
+        ("split_heads", lambda o: fastattn.split_heads(x, H, out=o((B, H, S, D), dtype), **one),
+         lambda: reference.split_heads(x, H)),
+        ("merge_heads", lambda o: fastattn.merge_heads(
+            scores, out=o((B, S, H * S), dtype), **one),
+         lambda: reference.merge_heads(scores)),
+        ("sinusoidal_position_encoding", lambda o: fastattn.sinusoidal_position_encoding(
+            4 * S, H * D, dtype=dtype, out=o((4 * S, H * D), dtype), **one),
+         lambda: reference.sinusoidal_position_encoding(4 * S, H * D, dtype=dtype)),
+        ("add_position_encoding", lambda o: fastattn.add_position_encoding(
+            x, out=o(x.shape, dtype), **one),
+         lambda: reference.add_position_encoding(x)),
+        ("scaled_dot_product_attention", lambda o: fastattn.scaled_dot_product_attention(
+            q, k, v, is_causal=True, out=o(q.shape, dtype), **one),
+         lambda: reference.scaled_dot_product_attention(q, k, v, is_causal=True)),
+    ]
+
+
+# A kernel that releases the GIL runs two calls at once in about the time
+# of one; above 1.3 more than the few percent of Python around the call is
+# serialised. (The control row shows what the machine allows right now.)
+GIL_TARGET = 1.3
+
+
+class GilProblem(Problem):
+    """One kernel at ``num_threads=1``, called from 1 and from 2 Python
+    threads at once (``timing.concurrency_ratio``)."""
+
+    kind = "gil"
+    unit = "call"
+    compare_peers = False
+
+    def __init__(self, case, label, shape, dtype, call, oracle):
+        super().__init__(case, label, shape, dtype)
+        self.call, self._oracle = call, oracle
+        self.work = 1.0
+        self.dims = "num_threads=1; 2 Python threads vs 1"
+
+    def fastattn_fn(self):
+        call = self.call
+        return lambda: call(_thread_out)
+
+    def oracle(self):
+        return np.asarray(self._oracle()).astype(self.dtype)
+
+    def metrics(self, policy):
+        from fastattn.bench.timing import concurrency_ratio
+
+        # as long as the policy's time per measurement: --quick stays quick
+        seconds = max(0.05, policy.min_time)
+        repeat = 2 if policy.min_time < 0.1 else 3
+        t1, t2, ratio = concurrency_ratio(self.fastattn_fn(), seconds=seconds, repeat=repeat)
+        control = self.label.endswith("(control)")
+        verdict = "" if control else (" ok" if ratio <= GIL_TARGET else " SLOW")
+        return {"2 threads / 1 thread wall time": (
+            ratio, f"{ratio:.2f} (1 thread {t1 * 1e3:.1f} ms, 2 threads {t2 * 1e3:.1f} ms; "
+                   f"target <= {GIL_TARGET}){verdict}")}
+
+    def release(self):
+        super().release()
+        self.call = self._oracle = None
+        _gil_local.__dict__.pop("bufs", None)
+
+
+class CudaProblem(Problem):
+    """SDPA on CuPy arrays through fastattn's GPU path, checked against the
+    oracle on host copies; torch's math backend (cuBLAS GEMMs around a
+    softmax, the like-for-like peer) and its default backend (flash or
+    memory-efficient kernels) are the same-run baselines."""
+
+    kind = "cuda"
+    compare_peers = False
+
+    def __init__(self, case, label, shape, dtype, rng, *, is_causal=False, decode=False):
+        super().__init__(case, label, shape, dtype)
+        B, H, S, D = shape.B, shape.H, shape.S, shape.D
+        Lq = 1 if decode else S
+        self.is_causal = is_causal
+        self.q = rng.standard_normal((B, H, Lq, D)).astype(dtype)
+        self.k = rng.standard_normal((B, H, S, D)).astype(dtype)
+        self.v = rng.standard_normal((B, H, S, D)).astype(dtype)
+        self.work = 4.0 * D * _attended_pairs(Lq, S, None, is_causal, B) * H
+        self.dims = f"B={B} H={H} Lq={Lq} Lk={S} D={D} on the GPU"
+        self.gpu = None
+        try:
+            gpu = fastattn.cuda
+            if not gpu.is_available():
+                self.unavailable = f"no GPU path: {gpu.unavailable_reason()}"
+        except Exception as exc:
+            self.unavailable = f"no GPU path: {type(exc).__name__}: {exc}"
+        if self.unavailable is None:
+            import cupy
+
+            self.gpu = gpu
+            self.cupy = cupy
+            self.dq, self.dk, self.dv = (cupy.asarray(a) for a in (self.q, self.k, self.v))
+            self.sync = cupy.cuda.get_current_stream().synchronize
+
+    def fastattn_fn(self):
+        q, k, v, causal = self.dq, self.dk, self.dv, self.is_causal
+        out = self.cupy.empty_like(q)
+        return lambda: self.gpu.scaled_dot_product_attention(q, k, v, is_causal=causal, out=out)
+
+    def to_numpy(self, out):
+        return self.cupy.asnumpy(out)
+
+    def oracle(self):
+        return reference.scaled_dot_product_attention(self.q, self.k, self.v,
+                                                      is_causal=self.is_causal)
+
+    def baselines(self):
+        try:
+            import torch
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:
+            return {}
+        if not torch.cuda.is_available():
+            return {}
+        tq, tk, tv = (torch.from_dlpack(a) for a in (self.dq, self.dk, self.dv))
+        ptr = self.cupy.cuda.get_current_stream().ptr  # torch on the timed stream
+        stream = torch.cuda.ExternalStream(ptr) if ptr else torch.cuda.default_stream()
+        F, causal = torch.nn.functional, self.is_causal
+
+        def call(backend=None):
+            with torch.inference_mode(), torch.cuda.stream(stream):
+                if backend is None:
+                    return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        return {"torch math": (lambda: call(SDPBackend.MATH), self.work),
+                "torch default": (lambda: call(), self.work)}
+
+    def release(self):
+        super().release()
+        self.dq = self.dk = self.dv = self.gpu = self.cupy = None
+
+
+# ---------------------------------------------------------------- the registry
+
+@case("sdpa", "scaled_dot_product_attention, non-causal",
+      shapes=["1x12x128x64", "1x12x512x64", "4x8x1024x128"], quick=["1x12x128x64"])
+def _sdpa(shape, dtype, rng):
+    return [AttentionProblem("sdpa", "sdpa", shape, dtype, rng)]
+
+
+@case("causal", "scaled_dot_product_attention, is_causal=True",
+      shapes=["1x12x128x64", "1x12x512x64", "4x8x1024x128"], quick=["1x12x128x64"])
+def _causal(shape, dtype, rng):
+    return [AttentionProblem("causal", "sdpa causal", shape, dtype, rng, is_causal=True)]
+
+
+@case("padded", "scaled_dot_product_attention, half of every sequence padded via key_lengths",
+      shapes=["1x12x512x64", "4x8x1024x128"], quick=["2x12x128x64"])
+def _padded(shape, dtype, rng):
+    return [AttentionProblem("padded", "sdpa padded", shape, dtype, rng, padded=True)]
+
+
+@case("decode", "scaled_dot_product_attention, 1 query over a cache of S keys",
+      shapes=["1x32x2048x128"], quick=["1x32x512x128"])
+def _decode(shape, dtype, rng):
+    return [AttentionProblem("decode", "decode", shape, dtype, rng, decode=True)]
+
+
+@case("overhead", "per-call cost: scaled_dot_product_attention of 1 query over S keys",
+      shapes=["1x1x16x64"])
+def _overhead(shape, dtype, rng):
+    return [OverheadProblem("overhead", "per-call", shape, dtype, rng)]
+
+
+@case("mha", "the MultiHeadAttention layer (E = H*D), all keys valid and half padded",
+      shapes=["1x12x128x64", "1x12x512x64"], quick=["1x12x128x64"], rows=2)
+def _mha(shape, dtype, rng):
+    return [MHAProblem("mha", "mha", shape, dtype, rng),
+            MHAProblem("mha", "mha padded", shape, dtype, rng, padded=True)]
+
+
+@case("mha_decode", "the layer's decode step: 1 token after S-1 cached in a KVCache",
+      shapes=["1x12x1025x64"], quick=["1x12x257x64"])
+def _mha_decode(shape, dtype, rng):
+    return [MHADecodeProblem("mha_decode", "mha decode", shape, dtype, rng)]
+
+
+@case("softmax", "masked_softmax on (B, H, S, S) scores with key_lengths",
+      shapes=["8x12x512x64"], quick=["2x12x128x64"], rows=2)
+def _softmax(shape, dtype, rng):
+    return [SoftmaxProblem("softmax", "masked_softmax", shape, dtype, rng),
+            SoftmaxProblem("softmax", "masked_softmax out=", shape, dtype, rng, reuse_out=True)]
+
+
+@case("heads", "split_heads and merge_heads",
+      shapes=["8x12x1024x64"], quick=["4x12x256x64"], rows=2)
+def _heads(shape, dtype, rng):
+    return [HeadsProblem("heads", "split_heads", shape, dtype, rng),
+            HeadsProblem("heads", "merge_heads", shape, dtype, rng, merge=True)]
+
+
+@case("pe", "sinusoidal_position_encoding table (S, H*D)",
+      shapes=["1x12x2048x64"], quick=["1x12x512x64"])
+def _pe(shape, dtype, rng):
+    return [PEProblem("pe", "pe table", shape, dtype, rng)]
+
+
+@case("gil", "GIL release: each kernel from 2 Python threads vs 1 (num_threads=1)",
+      shapes=["4x8x128x64"], quick=["2x8x64x64"], rows=8,
+      default=False)
+def _gil(shape, dtype, rng):
+    return [GilProblem("gil", f"gil {label}", shape, dtype, call, oracle)
+            for label, call, oracle in _gil_kernels(shape, dtype, rng)]
+
+
+@case("cuda", "GPU: SDPA on CuPy arrays vs torch's math and default backends",
+      shapes=["8x12x512x64", "8x16x2048x64", "1x16x4096x64"], quick=["8x12x512x64"],
+      rows=2, default=False)
+def _cuda(shape, dtype, rng):
+    return [CudaProblem("cuda", "cuda sdpa", shape, dtype, rng),
+            CudaProblem("cuda", "cuda sdpa causal", shape, dtype, rng, is_causal=True)]
+
+
 def problems_for(case, shape, dtype, rng):
     """The rows of one case at one shape, in order."""
-    if case == "sdpa":
-        return [AttentionProblem(case, "sdpa", shape, dtype, rng)]
-    if case == "causal":
-        return [AttentionProblem(case, "sdpa causal", shape, dtype, rng, is_causal=True)]
-    if case == "padded":
-        return [AttentionProblem(case, "sdpa padded", shape, dtype, rng, padded=True)]
-    if case == "decode":
-        return [AttentionProblem(case, "decode", shape, dtype, rng, decode=True)]
-    if case == "mha":
-        return [MHAProblem(case, "mha", shape, dtype, rng),
-                MHAProblem(case, "mha padded", shape, dtype, rng, padded=True)]
-    if case == "softmax":
-        return [SoftmaxProblem(case, "masked_softmax", shape, dtype, rng)]
-    if case == "heads":
-        return [HeadsProblem(case, "split_heads", shape, dtype, rng),
-                HeadsProblem(case, "merge_heads", shape, dtype, rng, merge=True)]
-    if case == "pe":
-        return [PEProblem(case, "pe table", shape, dtype, rng)]
-    raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    if case not in REGISTRY:
+        raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    return REGISTRY[case].build(shape, dtype, rng)
 
 
 def plan(cases, shapes=None, *, quick=False):

@@ -5,11 +5,12 @@ import argparse
 import shlex
 import sys
 
-from fastattn.bench.cases import CASES, Shape
+from fastattn.bench.cases import CASES, Shape, default_cases
 from fastattn.bench.peers import PEER_ALIASES, PEERS
 
 EPILOG = """\
-cases: {cases}
+cases (* = not in the default suite; select them with --cases):
+{cases}
 peers: numpy (the oracle, always available), torch (pip install torch),
        onnxruntime (pip install onnxruntime onnx); a missing peer is skipped.
 
@@ -21,7 +22,15 @@ examples:
   python -m fastattn.bench
   python -m fastattn.bench --quick
   python -m fastattn.bench --cases sdpa,causal --shapes 1x16x2048x64 --threads 2 --out bench-out
+  python -m fastattn.bench --cases gil --threads 1
 """
+
+
+def _case_lines():
+    defaults = default_cases()
+    width = max(len(n) for n in CASES) + 2
+    return "\n".join(f"  {name + ('' if name in defaults else '*'):<{width}}{text}"
+                     for name, text in CASES.items())
 
 
 def _list(choices, aliases=None, what="value"):
@@ -69,10 +78,11 @@ def build_parser():
         prog="python -m fastattn.bench",
         description="Benchmark fastattn against the NumPy oracle, torch and onnxruntime, "
                     "with the machine's matmul and bandwidth roofline.",
-        epilog=EPILOG.format(cases=", ".join(CASES)),
+        epilog=EPILOG.format(cases=_case_lines()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=_list(list(CASES), what="case"), default=list(CASES),
-                        metavar="LIST", help="comma-separated cases to run (default: all)")
+    parser.add_argument("--cases", type=_list(list(CASES), what="case"), default=default_cases(),
+                        metavar="LIST",
+                        help="comma-separated cases to run (default: all those without *)")
     parser.add_argument("--peers", type=_list(list(PEERS), PEER_ALIASES, what="peer"),
                         default=list(PEERS), metavar="LIST",
                         help="comma-separated peers (default: numpy,torch,onnxruntime)")

@@ -4,7 +4,8 @@
   there.
 * ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` for the
   attention cases and ``torch.nn.MultiheadAttention`` (``batch_first=True``,
-  eval, ``torch.inference_mode()``, ``need_weights=False``) for the layer.
+  eval, ``torch.inference_mode()``, ``need_weights=False``) for the layer
+  (for its decode step, which it has no cache for, over the whole history).
 * ``onnxruntime``: the ``com.microsoft`` ``MultiHeadAttention`` contrib op
   as a one-node ONNX model on the CPU execution provider, for the
   attention cases (the op takes projected ``(B, S, H*D)`` inputs, so it is
@@ -116,6 +117,17 @@ class TorchPeer(Peer):
             def run():
                 with torch.inference_mode():
                     return module(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+            return run, lambda t: t.numpy()
+        if problem.kind == "mha_decode":
+            # torch's layer has no cache: the new token's query attends over
+            # the whole history, whose keys and values it projects again.
+            module = torch_mha_module(problem.weights, problem.num_heads, problem.dtype)
+            history = torch.from_numpy(problem.history)
+            x_new = torch.from_numpy(np.ascontiguousarray(problem.x_new))
+
+            def run():
+                with torch.inference_mode():
+                    return module(x_new, history, history, need_weights=False)[0]
             return run, lambda t: t.numpy()
         raise NotApplicable(f"torch has no counterpart in this suite for {problem.kind}")
 

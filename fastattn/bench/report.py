@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-UNIT_NAMES = {"flop": "GFLOP/s", "byte": "GB/s"}
+UNIT_NAMES = {"flop": "GFLOP/s", "byte": "GB/s", "call": "calls/s"}
+BUSY_MARK = "*"
 
 
 def _rich():
@@ -105,8 +106,8 @@ def format_seconds(t):
 
 
 def _peer_cell(impl):
-    if impl is None:
-        return "skipped"
+    if impl is None:  # the row asks no peer (e.g. the gil case)
+        return "—"
     status = impl["status"]
     if status == "ok":
         t = impl["timing"]["median"]
@@ -115,10 +116,19 @@ def _peer_cell(impl):
     return {"n/a": "—", "mismatch": "MISMATCH", "error": "ERROR"}.get(status, status)
 
 
+def _rate_cell(row, fa):
+    if fa.get("share") is None:
+        return ""
+    mark = BUSY_MARK if row.get("busy") else ""
+    return f"{fa['rate']:.3g} {UNIT_NAMES[row['unit']]} ({100 * fa['share']:.0f}%){mark}"
+
+
 def table(results):
     """``(header, rows)`` of strings: the terminal and markdown table.
 
-    A peer's cell is its median time and ``×`` its time over fastattn's."""
+    A peer's cell is its median time and ``×`` its time over fastattn's;
+    ``*`` after the roofline share marks a row taken while the machine was
+    busy."""
     peers = list(results["peers"])
     header = ["case", "shape", "fastattn ±IQR", "rate (roofline)"] + peers + ["check"]
     out = []
@@ -130,8 +140,7 @@ def table(results):
             continue
         if fa and fa["status"] == "ok":
             t = fa["timing"]
-            cells += [f"{format_seconds(t['median'])} ±{100 * t['spread']:.0f}%",
-                      f"{fa['rate']:.3g} {UNIT_NAMES[row['unit']]} ({100 * fa['share']:.0f}%)"]
+            cells += [f"{format_seconds(t['median'])} ±{100 * t['spread']:.0f}%", _rate_cell(row, fa)]
         else:
             cells += [(fa or {}).get("status", "error").upper(), ""]
         for p in peers:
@@ -180,8 +189,47 @@ def summary_lines(results):
         f"dtype {results['dtype']}",
         f"roofline: {roof['dtype']} matmul {roof['matmul_gflops']:.1f} GFLOP/s "
         f"(NumPy {roof['matmul_size']}²), read bandwidth {roof['read_gbs']:.1f} GB/s "
-        f"(gemv over {roof['read_bytes'] >> 20} MiB)",
+        f"(gemv over {roof['read_bytes'] >> 20} MiB){_probe_text(roof)}",
     ]
+
+
+def _probe_text(roof):
+    if not roof.get("probes") or roof["probes"] < 2:
+        return ""
+    mm, rd = roof["matmul_gflops_range"], roof["read_gbs_range"]
+    return (f"; best of {roof['probes']} probes, one before the rows and one after each "
+            f"(matmul {mm[0]:.1f}..{mm[1]:.1f}, read {rd[0]:.1f}..{rd[1]:.1f})")
+
+
+def busy_lines(results):
+    """Why each busy row was marked."""
+    rows = [r for r in results["rows"] if r.get("busy")]
+    if not rows:
+        return []
+    frac = results["roofline"].get("busy_fraction")
+    head = (f"{BUSY_MARK} taken while the machine was busy (the roofline probes just before "
+            f"and after the row differ by more than {100 * frac:.0f}%, or the share exceeds "
+            "100%); rerun on a quieter machine:") if frac is not None else f"{BUSY_MARK} busy:"
+    return [head] + [f"  {r['label']} {r['shape']}: {r['busy_reason']}" for r in rows]
+
+
+def comparison_lines(results):
+    """Same-run time ratios, baselines and metrics, one line each."""
+    lines = []
+    for r in derived_ratios(results):
+        text = ", ".join(f"{k} {v:.2f}" for k, v in r["time_ratio"].items())
+        lines.append(f"{r['what']} time at {r['shape']}: {text}")
+    for row in results["rows"]:
+        where = f"{row['label']} {row['shape']}"
+        for name, b in row.get("baselines", {}).items():
+            text = (f"{where}: {name} takes {format_seconds(b['timing']['median'])}; "
+                    f"fastattn takes {b['ratio']:.2f}x its time")
+            if b.get("share") is not None:
+                text += f", runs at {100 * b['share']:.0f}% of its rate"
+            lines.append(text)
+        for name, m in row.get("metrics", {}).items():
+            lines.append(f"{where}: {name} {m['text']}")
+    return lines
 
 
 def note_lines(results):
@@ -190,15 +238,21 @@ def note_lines(results):
             if r["status"] == "n/a"]
 
 
+# (what, label of the row, label of the row it is compared with)
+DERIVED = (("causal / non-causal", "sdpa causal", "sdpa"),
+           ("half padded / unpadded", "sdpa padded", "sdpa"),
+           ("layer half padded / unpadded", "mha padded", "mha"))
+
+
 def derived_ratios(results):
     """fastattn's and each peer's causal/non-causal and padded/unpadded
     time at the shapes that ran both ways."""
-    by_key = {(r["case"], r["shape"]): r for r in results["rows"]}
+    by_key = {(r["label"], r["shape"]): r for r in results["rows"]}
     out = []
-    for what, case in (("causal / non-causal", "causal"), ("half padded / unpadded", "padded")):
-        for (c, shape), row in by_key.items():
-            base = by_key.get(("sdpa", shape))
-            if c != case or base is None:
+    for what, label, base_label in DERIVED:
+        for (lab, shape), row in by_key.items():
+            base = by_key.get((base_label, shape))
+            if lab != label or base is None:
                 continue
             ratios = {}
             for name, impl in sorted(row["impls"].items(), key=lambda kv: kv[0] != "fastattn"):
@@ -221,18 +275,17 @@ def markdown(results):
         "A peer's × is its time over fastattn's: above 1, fastattn is faster. "
         "Rates count useful work only (unmasked query-key pairs; bytes that must move); "
         "roofline is the share of the matmul rate (GFLOP/s) or the read bandwidth (GB/s) "
-        "measured in the same run. Every output was checked against the NumPy oracle "
+        "measured in the same run (the best of the probes taken between the rows). Every output was checked against the NumPy oracle "
         f"before timing (fastattn at rtol {results['tolerance']['fastattn_rtol']:g}, "
         f"peers at {results['tolerance']['peer_rtol']:g}).",
         "",
     ]
-    ratios = derived_ratios(results)
-    if ratios:
-        parts += ["Time ratios at the same shape:", ""]
-        for r in ratios:
-            text = ", ".join(f"{k} {v:.2f}" for k, v in r["time_ratio"].items())
-            parts.append(f"- {r['what']} at {r['shape']}: {text}")
-        parts.append("")
+    comparisons = comparison_lines(results)
+    if comparisons:
+        parts += ["Same-run comparisons:", ""] + [f"- {line}" for line in comparisons] + [""]
+    busy = busy_lines(results)
+    if busy:
+        parts += [busy[0], ""] + [f"- {line.strip()}" for line in busy[1:]] + [""]
     notes = [f"- {name}: {p['description']} ({p['version']})" for name, p in results["peers"].items()
              if p["available"]]
     notes += [f"- {name} skipped: {p['reason']}" for name, p in results["peers"].items()
@@ -262,14 +315,20 @@ def print_table(results, stream=None):
         tty = getattr(stream, "isatty", lambda: False)()
         console = Console(file=stream, width=None if tty else 200)
         console.print(t)
-        for line in summary_lines(results) + note_lines(results):
-            console.print(line, highlight=False)
+        for line in _trailer(results):
+            console.print(line, highlight=False, markup=False)
     else:
         print(plain_table(header, rows), file=stream)
-        for line in summary_lines(results) + note_lines(results):
+        for line in _trailer(results):
             print(line, file=stream)
     if results["failed"]:
         print(f"FAILED checks: {', '.join(results['failed'])}", file=stream)
+
+
+def _trailer(results):
+    comparisons = comparison_lines(results)
+    return (summary_lines(results) + note_lines(results) + busy_lines(results)
+            + (["same-run comparisons:"] + [f"  {c}" for c in comparisons] if comparisons else []))
 
 
 def write_outputs(results, out_dir, reporter=None):

@@ -3,8 +3,13 @@
 For each row the oracle's output is computed once; fastattn's output and
 each peer's are compared with it before anything is timed. A mismatch (or a
 crash) is reported at once and marks the row failed, and the implementation
-that mismatched is not timed. Only then are the implementations that passed
-timed, one after the other, with the same thread count.
+that mismatched is not timed. Only then are the implementations that passed,
+and the row's same-run baselines, timed in alternating rounds
+(:func:`~fastattn.bench.timing.measure_interleaved`) with the same thread
+count. The roofline is probed before the first row and after every row;
+shares are taken against the best probe of the run, and a row whose probes
+disagree (or whose share exceeds 100%) is marked busy
+(:mod:`fastattn.bench.roofline`).
 """
 
 import contextlib
@@ -19,9 +24,9 @@ import numpy as np
 
 import fastattn
 from fastattn.bench import cases as _cases
-from fastattn.bench.peers import PEERS, NotApplicable, identity
-from fastattn.bench.roofline import measure_roofline
-from fastattn.bench.timing import TimingPolicy, measure
+from fastattn.bench.peers import PEERS, NotApplicable
+from fastattn.bench.roofline import BUSY_FRACTION, RooflineProbe, disagreement
+from fastattn.bench.timing import TimingPolicy, call_seconds, measure_interleaved
 
 # fastattn is held to its own contract (the test suite's rule); peers, which
 # accumulate in their own ways, to a looser sanity bound. Elementwise:
@@ -42,6 +47,10 @@ class Config:
 
     def policy(self):
         return TimingPolicy.quick() if self.quick else TimingPolicy()
+
+    def rounds(self):
+        """Alternating timing rounds per row."""
+        return 2 if self.quick else 3
 
 
 @dataclasses.dataclass
@@ -79,11 +88,33 @@ class Row:
     status: str = "ok"  # ok | failed | n/a
     note: str = None
     impls: dict = dataclasses.field(default_factory=dict)
+    baselines: dict = dataclasses.field(default_factory=dict)  # name -> Baseline
+    metrics: dict = dataclasses.field(default_factory=dict)    # name -> {"value", "text"}
+    busy: bool = False
+    busy_reason: str = None
+    probe_disagreement: float = None
 
     def as_dict(self):
         d = dataclasses.asdict(self)
         d["impls"] = {k: v.as_dict() for k, v in self.impls.items()}
+        d["baselines"] = {k: v.as_dict() for k, v in self.baselines.items()}
         return d
+
+
+@dataclasses.dataclass
+class Baseline:
+    """A same-run operation timed with a row: ``ratio`` is fastattn's time
+    over its time; ``share`` fastattn's rate over its rate (when it declares
+    its work)."""
+
+    timing: object
+    work: float = None
+    ratio: float = None
+    share: float = None
+
+    def as_dict(self):
+        return {"timing": self.timing.as_dict(), "work": self.work, "ratio": self.ratio,
+                "share": self.share}
 
 
 def compare(got, ref, rtol):
@@ -162,13 +193,37 @@ def _settle():
 
 def _finish_timing(result, work, roof, unit, base):
     t = result.timing
-    result.rate = work / t.median / 1e9
+    result.rate = work / t.median / (1e9 if unit in ("flop", "byte") else 1.0)
     result.share = roof.share(unit, result.rate)
     if base is not None:
         result.speedup = t.median / base
 
 
-def run_row(problem, peers, roof, policy, report):
+def apply_roofline(row, roof):
+    """(Re)compute the row's shares against ``roof``; a share above 100%
+    marks the row busy."""
+    for name, impl in row.impls.items():
+        if impl.timing is not None and impl.rate is not None:
+            impl.share = roof.share(row.unit, impl.rate)
+    fa = row.impls.get("fastattn")
+    if fa is not None and fa.share is not None and fa.share > 1.0:
+        reason = (f"{100 * fa.share:.0f}% of the best roofline probe: the probes never saw "
+                  "the machine as free as this row did (or the row's data stays in cache)")
+        row.busy_reason = f"{row.busy_reason}; {reason}" if row.busy else reason
+        row.busy = True
+
+
+def mark_busy(row, before, after):
+    """Mark ``row`` busy when the roofline probes ``(gflops, gbs)`` taken
+    just before and just after it disagree by more than BUSY_FRACTION."""
+    row.probe_disagreement = disagreement(before, after)
+    if row.probe_disagreement > BUSY_FRACTION:
+        row.busy = True
+        row.busy_reason = (f"the roofline probes around this row differ by "
+                           f"{100 * row.probe_disagreement:.0f}% (> {100 * BUSY_FRACTION:.0f}%)")
+
+
+def run_row(problem, peers, roof, policy, report, rounds=3):
     """Check and time every implementation on one problem."""
     row = Row(problem.case, problem.label, str(problem.shape), problem.dims, problem.unit,
               problem.work)
@@ -177,9 +232,7 @@ def run_row(problem, peers, roof, policy, report):
         row.status, row.note = "n/a", problem.unavailable
         return row
 
-    t0 = time.perf_counter()
-    ref = problem.oracle()
-    oracle_seconds = time.perf_counter() - t0
+    oracle_seconds, ref = call_seconds(problem.oracle)
     runners = {}
 
     def check(name, prepare, rtol):
@@ -203,9 +256,10 @@ def run_row(problem, peers, roof, policy, report):
         report.alarm(f"{problem.label} {problem.shape}: {name} {status.upper()}: {note}")
         return None
 
-    candidates = [("fastattn", lambda: (problem.fastattn_fn(), identity), FASTATTN_RTOL[dtype])]
+    candidates = [("fastattn", lambda: (problem.fastattn_fn(), problem.to_numpy),
+                   FASTATTN_RTOL[dtype])]
     for name, peer in peers.items():
-        if peer is None:
+        if peer is None or not problem.compare_peers:
             continue
         if name == "numpy":  # the oracle itself: nothing to check
             row.impls[name] = ImplResult("ok", note="the oracle", error=0.0)
@@ -218,16 +272,26 @@ def run_row(problem, peers, roof, policy, report):
             runners[name] = run
     del ref
 
-    base = None
     order = sorted(runners, key=lambda n: n != "fastattn")  # fastattn first
+    fns = {name: runners[name] for name in order}
+    baselines = problem.baselines() if "fastattn" in runners else {}
+    for name, (fn, work) in baselines.items():
+        fns[f"baseline:{name}"] = fn
+    timings = measure_interleaved(fns, policy, rounds=rounds, settle=_settle, sync=problem.sync,
+                                  first={"numpy": oracle_seconds} if "numpy" in runners else None)
+    base = timings["fastattn"].median if "fastattn" in timings else None
     for name in order:
-        fn = runners[name]
-        _settle()
         res = row.impls[name]
-        res.timing = measure(fn, policy, first=oracle_seconds if name == "numpy" else None)
-        if name == "fastattn":
-            base = res.timing.median
+        res.timing = timings[name]
         _finish_timing(res, problem.work, roof, problem.unit, base if name != "fastattn" else None)
+    for name, (fn, work) in baselines.items():
+        t = timings[f"baseline:{name}"]
+        b = row.baselines[name] = Baseline(t, work, ratio=base / t.median)
+        if work:
+            b.share = (problem.work / base) / (work / t.median)
+    if "fastattn" in runners:
+        row.metrics = {name: {"value": value, "text": text}
+                       for name, (value, text) in problem.metrics(policy).items()}
     return row
 
 
@@ -249,9 +313,8 @@ def probe_peers(names):
 
 
 def count_rows(config):
-    per_case = {"mha": 2, "heads": 2}
-    return sum(per_case.get(case, 1) for case, _ in _cases.plan(config.cases, config.shapes,
-                                                                  quick=config.quick))
+    return sum(_cases.REGISTRY[case].rows
+               for case, _ in _cases.plan(config.cases, config.shapes, quick=config.quick))
 
 
 def run_suite(config, report):
@@ -274,7 +337,7 @@ def run_suite(config, report):
     started = []
     rows = []
     load_before = _loadavg()
-    t_start = time.perf_counter()
+    t_start = time.monotonic()
     try:
         fastattn.set_num_threads(config.threads)
         for peer in peers.values():
@@ -285,16 +348,28 @@ def run_suite(config, report):
             pools = threadpool_info()
             with report.progress(count_rows(config) + 1) as progress:
                 progress.step("roofline: matmul rate and read bandwidth")
-                roof = measure_roofline(dtype, quick=config.quick)
+                probe = RooflineProbe(dtype, quick=config.quick)
+                for _ in range(3):
+                    before = probe.probe()
                 progress.done()
                 rng = np.random.default_rng(2024)
                 for case, shape in _cases.plan(config.cases, config.shapes, quick=config.quick):
                     for problem in _cases.problems_for(case, shape, dtype, rng):
                         progress.step(f"{problem.label} {shape}")
-                        rows.append(run_row(problem, peers, roof, config.policy(), report))
+                        row = run_row(problem, peers, probe.roofline(), config.policy(), report,
+                                      rounds=config.rounds())
                         problem.release()
                         gc.collect()
+                        if row.status != "n/a":
+                            after = probe.probe()
+                            mark_busy(row, before, after)
+                            before = after
+                        rows.append(row)
                         progress.done()
+                roof = probe.roofline()
+                probe.release()
+                for row in rows:
+                    apply_roofline(row, roof)
     finally:
         for peer in started:
             peer.stop()
@@ -303,7 +378,7 @@ def run_suite(config, report):
         "fastattn_version": fastattn.__version__,
         "command": config.command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "seconds": round(time.perf_counter() - t_start, 2),
+        "seconds": round(time.monotonic() - t_start, 2),
         "machine": dict(machine_info(), load_average_before=load_before,
                         load_average_after=_loadavg()),
         "config": fastattn.show_config(print_output=False),
@@ -313,8 +388,9 @@ def run_suite(config, report):
         "quick": config.quick,
         "tolerance": {"fastattn_rtol": FASTATTN_RTOL[dtype.name],
                       "peer_rtol": PEER_RTOL[dtype.name]},
-        "roofline": roof.as_dict(),
+        "roofline": dict(roof.as_dict(), busy_fraction=BUSY_FRACTION),
         "peers": peer_status,
         "rows": [r.as_dict() for r in rows],
         "failed": [f"{r.label} {r.shape}" for r in rows if r.status == "failed"],
+        "busy": [f"{r.label} {r.shape}" for r in rows if r.busy],
     }

@@ -1,7 +1,9 @@
 /*
  * emu512.h: a portable, per-lane emulation of the AVX-512 intrinsics that
- * the level-2 section of csrc/simd_map.h uses, for the emulated AVX-512 job
- * (tests/emulated_avx512/run.sh, docs/reliability.md).
+ * the level-2 section of csrc/simd_map.h and the level-2/3 16-bit GEMM
+ * kernels (csrc/gemm_bf16_impl.h, including AVX512_BF16's vdpbf16ps) use,
+ * for the emulated AVX-512 job (tests/emulated_avx512/run.sh,
+ * docs/reliability.md).
  *
  * Why: the level-2 (AVX-512) kernels run in production on CPUs with
  * AVX-512, but the CI machine has only AVX2 + FMA, so without this header
@@ -32,8 +34,14 @@
  *   - VPSLLD/VPSLLQ: a count above the element width gives 0;
  *   - VPTESTMB: bit i is set when (a & b) byte i is nonzero;
  *   - VPMOVSXBD / VPMOVZXWD: sign- / zero-extension to 32 bits;
- *     VCVTDQ2PS: rounded with the MXCSR mode; VCVTPH2PS: exact, denormal
- *     halves included, NaNs quieted with their payload kept.
+ *     VCVTDQ2PS: rounded with the MXCSR mode;
+ *   - VDPBF16PS: per lane, acc += a[2i+1] b[2i+1], then acc += a[2i] b[2i],
+ *     each an fp32 FMA rounded to nearest even, with denormal inputs
+ *     (the bf16 operands and the accumulator) read as zero and denormal
+ *     results flushed to zero, whatever MXCSR says;
+ *   - VCVTPS2PH (nearest-even only) and VCVTPH2PS: exact IEEE conversions.
+ * run.sh checks the two conversions and vdpbf16ps against the real
+ * instructions where the CPU has AVX512_BF16 (emulation_vs_native.c).
  * Arithmetic is IEEE per lane in the same precision (fmaf/fma for the
  * fused operations, no contraction with -ffp-contract=off). The emulation is
  * only as faithful as this reading of the SDM; it says nothing about speed,
@@ -263,31 +271,6 @@ static inline __m512 emu_mm512_cvtepi32_ps(__m512i v) {
     for (int i = 0; i < 16; ++i) r.f[i] = (float)a.i[i];
     return r.v;
 }
-/* VCVTPH2PS: 16 IEEE halves to float, exactly (denormal halves become
- * normal floats, MXCSR.DAZ does not apply); a NaN keeps its payload in the
- * top mantissa bits and is quieted (bit 22 set); the sign is kept. */
-static inline __m512 emu_mm512_cvtph_ps(__m256i v) {
-    uint16_t a[16];
-    emu_ps r;
-    memcpy(a, &v, 32);
-    for (int i = 0; i < 16; ++i) {
-        const uint32_t sign = (uint32_t)(a[i] & 0x8000u) << 16;
-        const int e = (a[i] >> 10) & 0x1f;
-        const uint32_t m = a[i] & 0x3ffu;
-        uint32_t u;
-        if (e == 0x1f) {
-            u = 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u);
-        } else if (e == 0) { /* zero or denormal: m * 2^-24, exact in float */
-            const float f = ldexpf((float)m, -24);
-            memcpy(&u, &f, 4);
-        } else {
-            u = ((uint32_t)(e - 15 + 127) << 23) | (m << 13);
-        }
-        u |= sign;
-        memcpy(&r.f[i], &u, 4);
-    }
-    return r.v;
-}
 /* VRNDSCALE lane: imm bits 7:4 = M (only 0 is emulated), bit 2 = use the
  * MXCSR mode (nearest-even by default), bits 1:0 = nearest/floor/ceil/trunc;
  * bit 3 (suppress precision exception) does not change the value */
@@ -460,7 +443,6 @@ static inline __mmask16 emu_mm_test_epi8_mask(__m128i a_, __m128i b_) {
 #define _mm512_cvtepi8_epi32 emu_mm512_cvtepi8_epi32
 #define _mm512_cvtepu16_epi32 emu_mm512_cvtepu16_epi32
 #define _mm512_cvtepi32_ps emu_mm512_cvtepi32_ps
-#define _mm512_cvtph_ps emu_mm512_cvtph_ps
 #define _mm512_roundscale_ps emu_mm512_roundscale_ps
 #define _mm512_roundscale_pd emu_mm512_roundscale_pd
 #define _mm512_slli_epi32 emu_mm512_slli_epi32
@@ -474,5 +456,155 @@ static inline __mmask16 emu_mm_test_epi8_mask(__m128i a_, __m128i b_) {
 #define _mm512_maskz_mov_pd emu_mm512_maskz_mov_pd
 #define _mm512_mask_mov_pd emu_mm512_mask_mov_pd
 #define _mm_test_epi8_mask emu_mm_test_epi8_mask
+
+/* ---- the 16-bit GEMM (csrc/gemm_bf16_impl.h, levels 2 and 3) ----------- */
+static inline __m512i emu_mm512_loadu_si512(const void *p) {
+    emu_si r;
+    memcpy(r.u, p, 64);
+    return r.v;
+}
+EMU_BINARY(emu_mm512_and_si512, emu_si, u, a.u[i] & b.u[i])
+EMU_BINARY(emu_mm512_or_si512, emu_si, u, a.u[i] | b.u[i])
+static inline __m512i emu_mm512_srli_epi32(__m512i v, unsigned imm) {
+    emu_si a;
+    a.v = v;
+    for (int i = 0; i < 16; ++i) a.u[i] = imm > 31 ? 0 : a.u[i] >> imm;
+    return a.v;
+}
+/* VPBLENDMD: b where the mask bit is set, a elsewhere */
+static inline __m512i emu_mm512_mask_blend_epi32(__mmask16 k, __m512i a_, __m512i b_) {
+    emu_si a, b;
+    a.v = a_;
+    b.v = b_;
+    for (int i = 0; i < 16; ++i)
+        if ((k >> i) & 1) a.u[i] = b.u[i];
+    return a.v;
+}
+/* VCMPPS into a mask: only _CMP_UNORD_Q (true when either lane is NaN) */
+static inline __mmask16 emu_mm512_cmp_ps_mask(__m512 a_, __m512 b_, int pred) {
+    emu_ps a, b;
+    a.v = a_;
+    b.v = b_;
+    if (pred != _CMP_UNORD_Q) {
+        fprintf(stderr, "emu512: _mm512_cmp_ps_mask predicate %d is not emulated\n", pred);
+        abort();
+    }
+    unsigned m = 0;
+    for (int i = 0; i < 16; ++i) m |= (unsigned)(a.f[i] != a.f[i] || b.f[i] != b.f[i]) << i;
+    return (__mmask16)m;
+}
+/* VPMOVDW to memory with {k}: the low 16 bits of each selected lane */
+static inline void emu_mm512_mask_cvtepi32_storeu_epi16(void *p, __mmask16 k, __m512i v) {
+    emu_si a;
+    a.v = v;
+    uint16_t *h = (uint16_t *)p;
+    for (int i = 0; i < 16; ++i)
+        if ((k >> i) & 1) h[i] = (uint16_t)a.u[i];
+}
+/* VMOVDQU16 ymm to memory with {k} (AVX512BW + VL) */
+static inline void emu_mm256_mask_storeu_epi16(void *p, __mmask16 k, __m256i v) {
+    uint16_t lanes[16];
+    memcpy(lanes, &v, 32);
+    uint16_t *h = (uint16_t *)p;
+    for (int i = 0; i < 16; ++i)
+        if ((k >> i) & 1) h[i] = lanes[i];
+}
+/* VCVTPH2PS: every half is exactly a float (subnormal halves are normal
+ * floats); a signalling NaN comes back quiet, the payload shifted up */
+static inline float emu_half_to_float(uint16_t h) {
+    const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    float x;
+    if (e == 0x1f) {
+        uint32_t u = ((uint32_t)(h & 0x8000) << 16) | 0x7f800000u | ((uint32_t)m << 13);
+        if (m) u |= 0x400000u;
+        memcpy(&x, &u, 4);
+        return x;
+    }
+    x = e ? ldexpf((float)(m | 0x400), e - 25) : ldexpf((float)m, -24);
+    return (h & 0x8000) ? -x : x;
+}
+static inline __m512 emu_mm512_cvtph_ps(__m256i v) {
+    uint16_t lanes[16];
+    emu_ps r;
+    memcpy(lanes, &v, 32);
+    for (int i = 0; i < 16; ++i) r.f[i] = emu_half_to_float(lanes[i]);
+    return r.v;
+}
+/* VCVTPS2PH: imm bits 1:0 = rounding, only nearest-even (0, with or
+ * without bit 3, no exceptions) is emulated; computed in double, where
+ * every step below is exact but the one nearbyint */
+static inline uint16_t emu_float_to_half(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    if (x != x) return (uint16_t)(sign | 0x7e00 | ((u >> 13) & 0x3ff));
+    double a = fabs((double)x);
+    if (a >= 65520.0) return (uint16_t)(sign | 0x7c00); /* 65520 rounds to even: up */
+    if (a < 0x1p-14) return (uint16_t)(sign | (uint16_t)nearbyint(a * 0x1p24)); /* may reach 0x400 */
+    int e;
+    frexp(a, &e); /* a = f 2^e, f in [0.5, 1) */
+    const double mant = nearbyint(ldexp(a, 11 - e)); /* 1024 .. 2048 */
+    return (uint16_t)(sign | (((uint32_t)(e + 14) << 10) + ((uint32_t)mant - 1024)));
+}
+static inline __m256i emu_mm512_cvtps_ph(__m512 v, int imm) {
+    if ((imm & 7) != _MM_FROUND_TO_NEAREST_INT) {
+        fprintf(stderr, "emu512: _mm512_cvtps_ph rounding %d is not emulated\n", imm);
+        abort();
+    }
+    emu_ps a;
+    uint16_t lanes[16];
+    __m256i r;
+    a.v = v;
+    for (int i = 0; i < 16; ++i) lanes[i] = emu_float_to_half(a.f[i]);
+    memcpy(&r, lanes, 32);
+    return r;
+}
+/* VDPBF16PS, per the SDM's pseudo-code: for each lane i,
+ *   srcdest.fp32[i] += make_fp32(src1.bf16[2i+1]) * make_fp32(src2.bf16[2i+1])
+ *   srcdest.fp32[i] += make_fp32(src1.bf16[2i+0]) * make_fp32(src2.bf16[2i+0])
+ * each step an fp32 FMA with round-to-nearest-even, denormal inputs treated
+ * as zero (DAZ: the bf16 operands and the accumulator) and denormal results
+ * flushed to zero (FTZ), MXCSR neither consulted nor updated. The products
+ * are exact; only the adds round. FTZ here tests the rounded result (a sum
+ * that rounds up to the smallest normal is kept). */
+static inline float emu_daz(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+static inline float emu_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return emu_daz(x);
+}
+static inline __m512 emu_mm512_dpbf16_ps(__m512 acc_, __m512bh a_, __m512bh b_) {
+    emu_ps acc;
+    uint16_t a[32], b[32];
+    acc.v = acc_;
+    memcpy(a, &a_, 64);
+    memcpy(b, &b_, 64);
+    for (int i = 0; i < 16; ++i) {
+        float s = emu_daz(acc.f[i]);
+        s = emu_daz(fmaf(emu_bf16(a[2 * i + 1]), emu_bf16(b[2 * i + 1]), s));
+        s = emu_daz(fmaf(emu_bf16(a[2 * i]), emu_bf16(b[2 * i]), s));
+        acc.f[i] = s;
+    }
+    return acc.v;
+}
+
+#define _mm512_loadu_si512 emu_mm512_loadu_si512
+#define _mm512_and_si512 emu_mm512_and_si512
+#define _mm512_or_si512 emu_mm512_or_si512
+#define _mm512_srli_epi32 emu_mm512_srli_epi32
+#define _mm512_mask_blend_epi32 emu_mm512_mask_blend_epi32
+#define _mm512_cmp_ps_mask emu_mm512_cmp_ps_mask
+#define _mm512_mask_cvtepi32_storeu_epi16 emu_mm512_mask_cvtepi32_storeu_epi16
+#define _mm256_mask_storeu_epi16 emu_mm256_mask_storeu_epi16
+#define _mm512_cvtph_ps emu_mm512_cvtph_ps
+#define _mm512_cvtps_ph emu_mm512_cvtps_ph
+#define _mm512_dpbf16_ps emu_mm512_dpbf16_ps
 
 #endif /* EMU512_H */

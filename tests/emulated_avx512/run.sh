@@ -12,9 +12,14 @@
 #                 level 2 and level 1 against level 0, random cases from a
 #                 fixed seed, plus directed NaN/-inf softmax rows, and
 #                 fa_rope_apply rows that must match level 0 bit for bit
+#   gemm16        the 16-bit GEMM (fa_gemm16) at levels 1, 2 and 3 (3: the
+#                 bf16 kernel on an emulated vdpbf16ps) against level 0, bit
+#                 for bit; gemm_bf16_impl.h's level-2/3 guard and include are
+#                 replaced by emu512.h the same way
 #
-# Then a planted bug (the float keep mask shifted by one lane) must make
-# the differential test fail. Any mismatch, sanitizer report, or a patch
+# Then two planted bugs must be caught: the float keep mask shifted by one
+# lane (by differential), and the bf16 kernel's odd-K tail packed into the
+# wrong half of its pair (by gemm16). Any mismatch, sanitizer report, or a patch
 # that no longer applies fails the job. See docs/reliability.md.
 #
 #   bash tests/emulated_avx512/run.sh      # from anywhere; needs gcc with libasan/libubsan
@@ -28,6 +33,8 @@ CC="${CC:-gcc}"
 CASES="${EMU512_CASES:-600}"
 SEEDS="${EMU512_SEEDS:-1 2}"
 PLANTED_CASES="${EMU512_PLANTED_CASES:-100}"
+# random 16-bit GEMM cases per seed (each: one call per level)
+GEMM_CASES="${EMU512_GEMM_CASES:-300}"
 
 die() { echo "== FAIL: $*" >&2; exit 1; }
 start=$SECONDS
@@ -70,6 +77,34 @@ PYEOF
 patch_simd_map "$WORK/csrc/simd_map.h"
 echo "== patched the scratch simd_map.h: level 2 uses emu512.h"
 
+# the same for the 16-bit GEMM's levels 2 and 3 (gemm_bf16_impl.h)
+python3 - "$WORK/csrc/gemm_bf16_impl.h" <<'PYEOF'
+import sys
+path = sys.argv[1]
+EXPECTED = """#if FA_G16_LEVEL >= 2
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \\
+    !defined(__AVX512DQ__) || !defined(__FMA__) || !defined(__F16C__) || \\
+    (FA_G16_LEVEL >= 3 && !defined(__AVX512BF16__))
+#error "FA_G16_LEVEL 2 needs -mavx512f -mavx512dq -mavx512bw -mavx512vl -mfma -mf16c, 3 also -mavx512bf16"
+#endif
+#include <immintrin.h>
+"""
+REPLACEMENT = """#if FA_G16_LEVEL >= 2
+
+#include "emu512.h" /* emulated AVX-512 and vdpbf16ps: tests/emulated_avx512/run.sh */
+"""
+text = open(path).read()
+n = text.count(EXPECTED)
+if n != 1:
+    sys.exit(f"== FAIL: expected the level-2/3 guard + #include <immintrin.h> exactly once in "
+             f"{path}, found it {n} times; gemm_bf16_impl.h changed, so update EXPECTED in "
+             f"tests/emulated_avx512/run.sh")
+open(path, "w").write(text.replace(EXPECTED, REPLACEMENT))
+PYEOF
+grep -q '#include "emu512.h"' "$WORK/csrc/gemm_bf16_impl.h" || die "gemm_bf16_impl.h was not patched"
+echo "== patched the scratch gemm_bf16_impl.h: levels 2 and 3 use emu512.h"
+
 # ---- build ------------------------------------------------------------------
 # setup.py's BASE_CFLAGS with -O1 instead of -O3 (ASan + the emulation are
 # slow to compile and run at -O3), plus the sanitizers. The level-2 files get
@@ -81,7 +116,9 @@ CFLAGS=(-std=c11 -O1 -fno-math-errno -ffp-contract=off -Wall -Wextra -Wno-unused
         -fopenmp -g -fno-omit-frame-pointer
         -fsanitize=address,undefined -fno-sanitize-recover=all
         -DFA_HAVE_X86_KERNELS=1)
-X86=(-mavx2 -mfma -Wno-psabi)
+# -mf16c: the 16-bit GEMM's level-1 file needs it (and levels 2/3 use its
+# scalar conversions natively); simd_map.h uses no F16C instruction
+X86=(-mavx2 -mfma -mf16c -Wno-psabi)
 
 # compile SRC OBJ INCDIR [extra flags...]; run in the background by build()
 compile() {
@@ -110,17 +147,21 @@ for src in "$S"/attention.c "$S"/softmax.c "$S"/rope.c "$S"/dispatch.c "$S"/fork
     "$S"/checked_size.c "$S"/scratch.c "$S"/*_scalar.c; do
     o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" &
 done
-for src in "$S"/*_avx2.c "$S"/*_avx512.c; do
+for src in "$S"/*_avx2.c "$S"/*_avx512.c "$S"/*_avx512bf16.c; do
     o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" "${X86[@]}" &
 done
 compile "$HERE/differential.c" "$WORK/obj/differential.o" "$S" &
+compile "$S/gemm_bf16.c" "$WORK/obj/gemm_bf16.o" "$S" &
+compile "$HERE/gemm16.c" "$WORK/obj/gemm16.o" "$S" &
 compile "$HERE/helpers.c" "$WORK/obj/helpers.o" "$S" &
 compile "$HERE/helpers_level.c" "$WORK/obj/helpers_l1.o" "$S" "${X86[@]}" -DFA_ISA_LEVEL=1 &
 compile "$HERE/helpers_level.c" "$WORK/obj/helpers_l2.o" "$S" "${X86[@]}" -DFA_ISA_LEVEL=2 &
 wait_compiles "${objs[@]}" "$WORK"/obj/differential.o "$WORK"/obj/helpers.o \
+    "$WORK"/obj/gemm_bf16.o "$WORK"/obj/gemm16.o \
     "$WORK"/obj/helpers_l1.o "$WORK"/obj/helpers_l2.o
 # cpu_features.c is not linked: the tests define fa_cpu_best_isa (level 2)
 "$CC" "${CFLAGS[@]}" "$WORK/obj/differential.o" "${objs[@]}" -lm -o "$WORK/differential"
+"$CC" "${CFLAGS[@]}" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o" "${objs[@]}" -lm -o "$WORK/gemm16"
 "$CC" "${CFLAGS[@]}" "$WORK"/obj/helpers.o "$WORK"/obj/helpers_l1.o "$WORK"/obj/helpers_l2.o \
     -lm -o "$WORK/helpers"
 echo "== built scalar + AVX2 + emulated AVX-512 kernels with ASan+UBSan ($((SECONDS - start)) s)"
@@ -140,6 +181,10 @@ run_bg() {
 names=(helpers)
 run_bg helpers "$WORK/helpers"
 for seed in $SEEDS; do
+    names+=("gemm16-seed$seed")
+    run_bg "gemm16-seed$seed" "$WORK/gemm16" "$GEMM_CASES" "$seed"
+done
+for seed in $SEEDS; do
     names+=("differential-seed$seed")
     run_bg "differential-seed$seed" "$WORK/differential" "$CASES" "$seed"
 done
@@ -156,6 +201,19 @@ for name in "${names[@]}"; do
     fi
 done
 [ "$failed" -eq 0 ] || die "mismatches or sanitizer reports above"
+
+# where the CPU has AVX512_BF16, the emulation itself against the real
+# vdpbf16ps and half conversions (elsewhere there is nothing to compare with)
+if grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+    "$CC" "${CFLAGS[@]}" -mavx2 -mfma -mf16c -mavx512f -mavx512dq -mavx512bw -mavx512vl \
+        -mavx512bf16 -Wno-psabi -I"$HERE" "$HERE/emulation_vs_native.c" -lm \
+        -o "$WORK/emulation_vs_native" || die "emulation_vs_native.c did not compile"
+    "$WORK/emulation_vs_native" 100000 > "$WORK/evn.log" 2>&1 || { cat "$WORK/evn.log"; die "emu512.h differs from the CPU"; }
+    grep -qE "$SANITIZER_RE" "$WORK/evn.log" && { cat "$WORK/evn.log"; die "sanitizer report in emulation_vs_native"; }
+    sed 's/^/   /' "$WORK/evn.log"
+else
+    echo "== this CPU has no AVX512_BF16: the emulation is not compared with the real instructions"
+fi
 echo "== no mismatch, no sanitizer report ($((SECONDS - start)) s)"
 
 # ---- planted bug: must be caught ---------------------------------------------
@@ -186,4 +244,31 @@ fi
 grep -m 2 '^MISMATCH' "$WORK/planted.log" | cut -c1-200
 grep -E 'mismatching' "$WORK/planted.log" | sed 's/^/   planted: /'
 echo "== planted bug caught (exit status $prc)"
+
+# ---- planted bug in the bf16 kernel: must be caught ---------------------------
+# the odd-K tail of the vdpbf16ps activation packing in the high half of its
+# pair (the k = K - 1 product meets the weight's zero pad and is dropped)
+echo "== planted bug: the bf16 kernel's odd-K tail in the wrong half of its pair (must be caught)"
+G="$WORK/planted/gemm_bf16_impl.h"
+sed -i 's/if (K \& 1) dst\[(K2 - 1) \* G16_MR\] = src\[K - 1\];/if (K \& 1) dst[(K2 - 1) * G16_MR] = (uint32_t)src[K - 1] << 16;/' "$G"
+[ "$(grep -c '(uint32_t)src\[K - 1\] << 16;' "$G")" -eq 1 ] ||
+    die "the planted-bug sed did not apply to gemm_bf16_impl.h (g16_pack_a_pairs changed?); update it in $0"
+gobjs=()
+for o in "${objs[@]}"; do case "$o" in *_avx512bf16.o) ;; *) gobjs+=("$o") ;; esac; done
+compile "$WORK/planted/gemm_bf16_avx512bf16.c" "$WORK/pobj/gemm_bf16_avx512bf16.o" "$WORK/planted" "${X86[@]}"
+wait_compiles "$WORK/pobj/gemm_bf16_avx512bf16.o"
+"$CC" "${CFLAGS[@]}" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o" "${gobjs[@]}" \
+    "$WORK/pobj/gemm_bf16_avx512bf16.o" -lm -o "$WORK/gemm16-planted"
+set +e
+"$WORK/gemm16-planted" "$PLANTED_CASES" 1 > "$WORK/gemm16-planted.log" 2>&1
+grc=$?
+set -e
+if [ "$grc" -ne 1 ] || ! grep -q '^MISMATCH .*level 3 vs scalar' "$WORK/gemm16-planted.log" ||
+    grep -qE "$SANITIZER_RE" "$WORK/gemm16-planted.log"; then
+    cat "$WORK/gemm16-planted.log"
+    die "the planted bf16 tail bug was not caught as a mismatch (exit status $grc)"
+fi
+grep -m 2 '^MISMATCH' "$WORK/gemm16-planted.log" | cut -c1-200
+grep -E 'mismatching' "$WORK/gemm16-planted.log" | sed 's/^/   planted: /'
+echo "== planted bf16 bug caught (exit status $grc)"
 echo "== emulated AVX-512 job passed in $((SECONDS - start)) s"

@@ -1,0 +1,135 @@
+/*
+ * gemm_bf16.h: what the 16-bit GEMM driver (gemm_bf16.c) and its per-ISA
+ * kernels (gemm_bf16_impl.h) share: the packed layouts and the kernel set.
+ *
+ * Packed weight, (N, K) -> panels of FA_G16_NR columns (the last one padded
+ * with zero columns), each panel K2 = ceil(K / 2) pairs of k (an odd K gets
+ * a zero k = K), one pair = 64 uint16 = 128 bytes:
+ *   bf16: element (n = NR p + c, k = 2 q + e) at p K2 64 + q 64 + 2 c + e
+ *         (pairs interleaved per column, as vdpbf16ps reads them; the fp32
+ *         kernels split a 32-bit lane into k = 2q (<< 16) and 2q+1 (& mask));
+ *   fp16: at p K2 64 + q 64 + 32 (c / 16) + 16 e + c % 16
+ *         (16 columns of one k side by side, as vcvtph2ps reads them).
+ * The layout does not depend on the ISA level, so a weight packed once
+ * serves every level.
+ *
+ * Packed activations, per call: a block of rows is cut into tiles of MR
+ * rows (the last padded with zero rows), each tile K2 pairs:
+ *   dpbf16 kernels (FA_G16_A_PAIRS): uint32 at q MR + r, the bf16 pair
+ *     (a[r, 2q] low half, a[r, 2q + 1] high half), ready to broadcast;
+ *   fp32 kernels (FA_G16_A_F32): float at 2 (q MR + r) + e, a[r, 2q + e]
+ *     converted exactly to float32.
+ */
+#ifndef FASTATTN_GEMM_BF16_H
+#define FASTATTN_GEMM_BF16_H
+
+#include <stdint.h>
+
+/* Columns per packed panel: two AVX-512 float vectors, so the widest
+ * micro-kernel's tile row is one panel; the narrower levels take it in
+ * halves (AVX2) or element by element (scalar). */
+#define FA_G16_NR 32
+/* uint16 per packed pair of k in a panel */
+#define FA_G16_PAIR_ELEMS (2 * FA_G16_NR)
+
+enum { FA_G16_A_PAIRS = 0, FA_G16_A_F32 = 1 };
+
+/* c (MR, FA_G16_NR), row stride ldc floats, = (accumulate ? c : 0) +
+ * a_tile (MR rows, npairs pairs, packed) . w_panel (npairs pairs)^T. */
+typedef void fa_g16_micro_fn(int64_t npairs, const void *a_tile, const uint16_t *w_panel,
+                             float *c, int64_t ldc, int accumulate);
+
+/* Packs rows [0, rows) of a (rows <= the tile count * MR; the rest of the
+ * last tile is zero), pairs [0, K2) of each, into the kernel's A layout.
+ * a: row r at a + r * lda elements (uint16 bits of the dtype). */
+typedef void fa_g16_pack_a_fn(const uint16_t *a, int64_t lda, int64_t rows, int64_t K,
+                              void *packed);
+
+/* out[r, j] = convert(alpha * acc[r, j] (+ bias[j])) for r < rows, j < cols;
+ * acc row stride ldacc floats, out row stride ldout elements of out_dtype. */
+typedef void fa_g16_epilogue_fn(const float *acc, int64_t ldacc, int64_t rows, int64_t cols,
+                                float alpha, const float *bias, void *out, int64_t ldout,
+                                int out_dtype);
+
+typedef struct {
+    int mr;         /* rows per micro-tile */
+    int a_layout;   /* FA_G16_A_PAIRS or FA_G16_A_F32 */
+    fa_g16_pack_a_fn *pack_a;
+    fa_g16_micro_fn *micro;
+    fa_g16_epilogue_fn *epilogue;
+} fa_g16_kernels;
+
+/* Per level and input dtype: fa_g16_<bf16|f16>_<isa>. The avx512bf16 file
+ * has only the bf16 set (fp16 uses the avx512 one). */
+extern const fa_g16_kernels fa_g16_bf16_scalar, fa_g16_f16_scalar;
+#if defined(FA_HAVE_X86_KERNELS)
+extern const fa_g16_kernels fa_g16_bf16_avx2, fa_g16_f16_avx2;
+extern const fa_g16_kernels fa_g16_bf16_avx512, fa_g16_f16_avx512;
+extern const fa_g16_kernels fa_g16_bf16_avx512bf16;
+#endif
+
+/* 1 when the CPU has F16C (cpu_features.c). */
+int fa_cpu_has_f16c(void);
+
+/* float32 -> bfloat16 / float16 bits, round to nearest even; NaN stays a
+ * quiet NaN; overflow gives infinity. The scalar references the vector
+ * epilogues match. */
+static inline uint16_t fa_f32_to_bf16_bits(float x) {
+    uint32_t u;
+    __builtin_memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float fa_bf16_bits_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    __builtin_memcpy(&x, &u, 4);
+    return x;
+}
+
+static inline float fa_f16_bits_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13); /* inf, NaN (payload kept) */
+    } else if (exp != 0) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else { /* subnormal half: normalise; every one is a normal float */
+        int shift = 0;
+        while (!(man & 0x400u)) {
+            man <<= 1;
+            ++shift;
+        }
+        u = sign | ((uint32_t)(113 - shift) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float x;
+    __builtin_memcpy(&x, &u, 4);
+    return x;
+}
+
+static inline uint16_t fa_f32_to_f16_bits(float x) {
+    uint32_t u;
+    __builtin_memcpy(&u, &x, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu)); /* quiet NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504: inf */
+    if (a >= 0x38800000u) { /* normal half: drop 13 bits, round to nearest even */
+        uint32_t r = a - 0x38000000u; /* rebias 127 -> 15 */
+        r += 0xfffu + ((r >> 13) & 1u);
+        return (uint16_t)(sign | (r >> 13));
+    }
+    if (a < 0x33000000u) return sign; /* below half the smallest subnormal: 0 */
+    /* subnormal half: value = m * 2^-24 with m = the significand shifted */
+    const uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126 - e; /* 14 .. 24 */
+    uint32_t h = m >> shift;
+    const uint32_t rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (h & 1u))) ++h;
+    return (uint16_t)(sign | h);
+}
+
+#endif /* FASTATTN_GEMM_BF16_H */
