@@ -316,8 +316,8 @@ static inline __m512i emu_mm512_slli_epi64(__m512i v, unsigned imm) {
 }
 
 /* ---- compares, masks and blends --------------------------------------- */
-/* VCMPPD into a mask: only the predicates simd_map.h uses; ordered
- * predicates are false when either lane is NaN */
+/* VCMPPD/VCMPPS into a mask: only the predicates the kernels use; ordered
+ * predicates are false when either lane is NaN, _CMP_UNORD_Q true */
 static inline __mmask8 emu_mm512_cmp_pd_mask(__m512d a_, __m512d b_, int pred) {
     emu_pd a, b;
     a.v = a_;
@@ -346,6 +346,7 @@ static inline __mmask16 emu_mm512_cmp_ps_mask(__m512 a_, __m512 b_, int pred) {
         switch (pred) {
             case _CMP_LT_OQ: r = a.f[i] < b.f[i]; break;
             case _CMP_GT_OQ: r = a.f[i] > b.f[i]; break;
+            case _CMP_UNORD_Q: r = a.f[i] != a.f[i] || b.f[i] != b.f[i]; break;
             default:
                 fprintf(stderr, "emu512: _mm512_cmp_ps_mask predicate %d is not emulated\n", pred);
                 abort();
@@ -480,19 +481,6 @@ static inline __m512i emu_mm512_mask_blend_epi32(__mmask16 k, __m512i a_, __m512
         if ((k >> i) & 1) a.u[i] = b.u[i];
     return a.v;
 }
-/* VCMPPS into a mask: only _CMP_UNORD_Q (true when either lane is NaN) */
-static inline __mmask16 emu_mm512_cmp_ps_mask(__m512 a_, __m512 b_, int pred) {
-    emu_ps a, b;
-    a.v = a_;
-    b.v = b_;
-    if (pred != _CMP_UNORD_Q) {
-        fprintf(stderr, "emu512: _mm512_cmp_ps_mask predicate %d is not emulated\n", pred);
-        abort();
-    }
-    unsigned m = 0;
-    for (int i = 0; i < 16; ++i) m |= (unsigned)(a.f[i] != a.f[i] || b.f[i] != b.f[i]) << i;
-    return (__mmask16)m;
-}
 /* VPMOVDW to memory with {k}: the low 16 bits of each selected lane */
 static inline void emu_mm512_mask_cvtepi32_storeu_epi16(void *p, __mmask16 k, __m512i v) {
     emu_si a;
@@ -600,7 +588,6 @@ static inline __m512 emu_mm512_dpbf16_ps(__m512 acc_, __m512bh a_, __m512bh b_) 
 #define _mm512_or_si512 emu_mm512_or_si512
 #define _mm512_srli_epi32 emu_mm512_srli_epi32
 #define _mm512_mask_blend_epi32 emu_mm512_mask_blend_epi32
-#define _mm512_cmp_ps_mask emu_mm512_cmp_ps_mask
 #define _mm512_mask_cvtepi32_storeu_epi16 emu_mm512_mask_cvtepi32_storeu_epi16
 #define _mm256_mask_storeu_epi16 emu_mm256_mask_storeu_epi16
 #define _mm512_cvtph_ps emu_mm512_cvtph_ps
