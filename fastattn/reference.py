@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from fastattn._validation import compute_dtype
+from fastattn.kv_quant import narrow_kv
 
 
 def _lengths_grid(lengths, lead_shape):
@@ -117,9 +118,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     ``v_scale``) are read as their exact values (int8: ``values * scale``)
     and give a float32 result."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    narrow = ("bfloat16", "float16", "int8")
-    if k.dtype.name in narrow and (q.dtype.name == "bfloat16" or q.dtype == np.float32
-                                   or k.dtype.name != "float16"):
+    if narrow_kv(q, k, v, k_scale, v_scale) is not None:  # fastattn's dtype rule
         dtype = np.dtype(np.float32)
         q = q.astype(np.float32)
         if k_scale is not None:
