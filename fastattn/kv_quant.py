@@ -27,7 +27,9 @@ def _float32_rows(x, name):
         compute_dtype(arr.dtype, name)  # TypeError for complex, object, ...
     if arr.ndim == 0:
         raise ValueError(f"{name} must have at least one axis (the head dim), got a scalar")
-    return np.ascontiguousarray(arr, dtype=_F32)
+    arr = np.ascontiguousarray(arr, dtype=_F32)
+    # a misaligned buffer stays misaligned through ascontiguousarray
+    return arr if kernel_addressable(arr) else arr.copy()
 
 
 def quantize_kv(x, *, num_threads=None):
@@ -95,6 +97,8 @@ def dequantize_kv(values, scales, *, num_threads=None):
                          f"got {sa.shape}")
     va = np.ascontiguousarray(va)
     sa = np.ascontiguousarray(sa)
+    if not kernel_addressable(sa):
+        sa = sa.copy()
     out = np.empty(va.shape, dtype=_F32)
     rows, D = sa.size, va.shape[-1]
     _kernels.dequantize_kv(va.reshape(1, 1, rows, D), sa.reshape(1, 1, rows),

@@ -325,3 +325,14 @@ def test_gqa_decode_with_lengths(isa, threads, rng, kv_dtype, Lq):
             q, ks, vs, key_lengths=lengths, query_lengths=ql, is_causal=True,
             causal_alignment="bottom_right", num_threads=threads, **kw)
         assert_close(got, ref, np.float32)
+
+
+def test_quantize_misaligned_input(rng):
+    # a float32 view at an odd byte offset: copied to an aligned buffer first
+    buf = np.zeros(4 * 21 + 1, np.uint8)
+    x = buf[1:].view(np.float32).reshape(3, 7)
+    x[...] = rng.standard_normal((3, 7))
+    assert not x.flags.aligned
+    got, ref = fastattn.quantize_kv(x), reference.quantize_kv(x)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
