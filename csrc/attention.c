@@ -50,10 +50,15 @@ static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, 
 static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, int64_t q1,
                       int64_t k0, int64_t k1, void *part, void *part_ml, void *scratch) {
     const fa_kernel_table *kt = fa_kernels();
-    if (job->dtype == FA_DTYPE_F32)
-        kt->attention_block_f32(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
-    else
+    if (job->dtype == FA_DTYPE_F64) {
         kt->attention_block_f64(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
+        return;
+    }
+    fa_attention_block_f32_fn *fn = job->kv_dtype == FA_KV_BF16  ? kt->attention_block_f32_bf16
+                                    : job->kv_dtype == FA_KV_F16 ? kt->attention_block_f32_f16
+                                    : job->kv_dtype == FA_KV_I8  ? kt->attention_block_f32_i8
+                                                                 : kt->attention_block_f32;
+    fn(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
 }
 
 /* out row = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, in split order;
@@ -96,6 +101,14 @@ FA_DEFINE_MERGE(double, fa_exp)
 static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nqb,
                        int64_t it, void *scratch) {
     const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
+    if (job->group_rows) { /* item: (b, kv head), every query head of the group */
+        const int64_t hk = it % job->Hkv, b = it / job->Hkv, h0 = hk * job->group;
+        const int64_t qv1 = fa_length_at(ql, b, h0, Lq), klen = fa_length_at(&job->key_len, b, h0, job->Lk);
+        const int64_t kstart = start_at(&job->key_start, b, h0, klen);
+        if (qv1 > 0) run_block(job, b, h0, 0, qv1, kstart, klen, NULL, NULL, scratch);
+        for (int64_t h = h0; h < h0 + job->group; ++h) zero_rows(job, b, h, qv1, Lq, es);
+        return;
+    }
     const int64_t qb = it % nqb, bh = it / nqb, h = bh % job->H, b = bh / job->H;
     const int64_t q0 = qb * FA_ATTN_MQ;
     const int64_t q1 = q0 + FA_ATTN_MQ < Lq ? q0 + FA_ATTN_MQ : Lq;
@@ -114,7 +127,13 @@ static void split_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
                        int64_t span0, int64_t chunk, char *part, char *part_ml, int64_t it,
                        void *scratch) {
     const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
-    const int64_t s = it % nsplit, bh = it / nsplit, h = bh % job->H, b = bh / job->H;
+    const int64_t s = it % nsplit;
+    int64_t bh = it / nsplit, h = bh % job->H, b = bh / job->H;
+    if (job->group_rows) { /* item: (b, kv head, split); its slots are those of head h0 */
+        const int64_t bk = it / nsplit;
+        b = bk / job->Hkv, h = bk % job->Hkv * job->group, bh = b * job->H + h;
+        it = bh * nsplit + s;
+    }
     const int64_t qv1 = fa_length_at(ql, b, h, Lq), klen = fa_length_at(&job->key_len, b, h, job->Lk);
     const int64_t kstart = start_at(&job->key_start, b, h, klen);
     int64_t k0 = span0 + s * chunk, k1 = k0 + chunk;
@@ -188,10 +207,21 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
         return FA_ERR_INVALID;
     if (!(a->softcap >= 0.0) || a->softcap > 1e300) return FA_ERR_INVALID; /* NaN, inf */
     const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
+    /* narrow K/V: float queries only; int8 needs both scale views */
+    const int kvd = a->kv_dtype;
+    if (kvd != FA_KV_SAME && (dtype != FA_DTYPE_F32 || kvd < FA_KV_BF16 || kvd > FA_KV_I8))
+        return FA_ERR_INVALID;
+    const int64_t kv_es = kvd == FA_KV_SAME ? es : kvd == FA_KV_I8 ? 1 : 2;
     int st;
     if ((st = check_view(&a->q, B, H, Lq, D, es)) != FA_OK) return st;
-    if ((st = check_view(&a->k, B, Hkv, Lk, D, es)) != FA_OK) return st;
-    if ((st = check_view(&a->v, B, Hkv, Lk, Dv, es)) != FA_OK) return st;
+    if ((st = check_view(&a->k, B, Hkv, Lk, D, kv_es)) != FA_OK) return st;
+    if ((st = check_view(&a->v, B, Hkv, Lk, Dv, kv_es)) != FA_OK) return st;
+    if (kvd == FA_KV_I8) {
+        if ((st = check_view(&a->k_scale, B, Hkv, Lk, 1, 4)) != FA_OK) return st;
+        if ((st = check_view(&a->v_scale, B, Hkv, Lk, 1, 4)) != FA_OK) return st;
+        if (Lk > 1 && (a->k_scale.stride[2] != 1 || a->v_scale.stride[2] != 1))
+            return FA_ERR_INVALID;
+    }
     if ((st = check_view(&a->out, B, H, Lq, Dv, es)) != FA_OK) return st;
     if (a->weights.data && (st = check_view(&a->weights, B, H, Lq, Lk, es)) != FA_OK) return st;
     if (a->mask.data) {
@@ -229,6 +259,21 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     job.key_start = a->key_start;
     job.softcap = a->softcap;
     job.sinks = a->sinks;
+    /* GQA decode reads each kv head once for its whole group of query heads
+     * (attention_rows), when the group's rows fit one work item and share
+     * their lengths (per-batch lengths, not per-head ones) */
+    job.group_rows = Lq < FA_ATTN_ROW_PATH && job.group > 1 && job.group * Lq <= FA_ATTN_MQ &&
+                     !a->weights.data &&
+                     (!a->key_len.data || a->key_len.stride_m == 0) &&
+                     (!a->key_start.data || a->key_start.stride_m == 0) &&
+                     (!a->query_len.data || a->query_len.stride_m == 0);
+    job.kv_dtype = kvd;
+    if (kvd == FA_KV_I8) {
+        job.k_scale = (const float *)a->k_scale.data;
+        job.v_scale = (const float *)a->v_scale.data;
+        job.kss[0] = a->k_scale.stride[0], job.kss[1] = a->k_scale.stride[1];
+        job.vss[0] = a->v_scale.stride[0], job.vss[1] = a->v_scale.stride[1];
+    }
     /* windows beyond the key axis in either direction change nothing: clamping
      * them to Lk + Lq keeps i_pos +- window inside int64 */
     const int64_t reach = Lk + Lq;
@@ -242,8 +287,9 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
 /* Schedules a prepared job (padded or paged keys) over the threads: query
  * blocks, or split-KV for decode shapes, then the fixed-order merge. */
 static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_threads) {
-    const fa_attn_job job = *jp;
-    const int64_t B = job.B, H = job.H, Lq = job.Lq, Lk = job.Lk, D = job.D, Dv = job.Dv;
+    fa_attn_job job = *jp;
+    const int64_t B = job.B, H = job.H, Hkv = job.Hkv, Lq = job.Lq, Lk = job.Lk, D = job.D,
+                  Dv = job.Dv;
     const int64_t es = job.dtype == FA_DTYPE_F32 ? 4 : 8;
     const int64_t heads = B * H;
     const int64_t nqb = (Lq + FA_ATTN_MQ - 1) / FA_ATTN_MQ;
@@ -254,13 +300,17 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
     if (job.block_table == NULL && job.has_right && Lq - 1 + job.causal_offset + job.right + 1 < span1)
         span1 = Lq - 1 + job.causal_offset + job.right + 1;
     if (span1 < span0) span1 = span0;
+    /* work items before any split: query blocks of each head, or kv heads */
+    const int64_t units = job.group_rows ? B * Hkv : heads * nqb;
     int64_t nsplit = 1;
-    if (!job.weights && Lq < FA_ATTN_ROW_PATH && heads * nqb < FA_SPLIT_MIN_ITEMS &&
+    if (!job.weights && Lq < FA_ATTN_ROW_PATH && units < FA_SPLIT_MIN_ITEMS &&
         span1 - span0 >= 2 * FA_SPLIT_CHUNK) {
         nsplit = (span1 - span0) / FA_SPLIT_CHUNK;
         if (nsplit > FA_SPLIT_MAX) nsplit = FA_SPLIT_MAX;
     }
-    const int64_t items = heads * (nsplit > 1 ? nsplit : nqb);
+    const int64_t items = units * nsplit;
+    job.part_head_stride = nsplit * Lq * Dv;
+    job.part_ml_head_stride = nsplit * Lq * 2;
 
     /* work estimate for the thread decision: the score matrix size */
     int64_t work;

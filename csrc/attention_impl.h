@@ -92,10 +92,22 @@ static FA_KNAME(attn_scratch, DT) FA_KNAME(attn_carve, DT)(T *base, int64_t D, i
     return s;
 }
 
+/* The int8 scales of kv head (b, hk) from key row kr0 on (NULL unless the
+ * storage is scaled); scales are (B, Hkv, Lk) with a unit key stride. */
+static inline const T *FA_KNAME(kv_scale_row, DT)(const float *sc, const int64_t *ss, int64_t b,
+                                                  int64_t hk, int64_t kr0) {
+#if KV_SCALED
+    return sc + b * ss[0] + hk * ss[1] + kr0;
+#else
+    (void)sc, (void)ss, (void)b, (void)hk, (void)kr0;
+    return NULL;
+#endif
+}
+
 /* ---- scores: St (nk, MQ) = K_tile (nk, D) . Qt (D, MQ) ------------------- */
 
 /* One register tile: MR key rows x 2 vectors of query columns. */
-static inline void FA_KNAME(scores_mr, DT)(const T *qt, const T *const *rows, int64_t D,
+static inline void FA_KNAME(scores_mr, DT)(const T *qt, const KT *const *rows, int64_t D,
                                            T *st) {
     V a0[FA_MR], a1[FA_MR];
 #pragma GCC unroll 16
@@ -104,7 +116,7 @@ static inline void FA_KNAME(scores_mr, DT)(const T *qt, const T *const *rows, in
         const V x0 = V_LOADU(qt + d * MQ), x1 = V_LOADU(qt + d * MQ + VL);
 #pragma GCC unroll 16
         for (int r = 0; r < FA_MR; ++r) {
-            const V kb = V_SET1(rows[r][d]);
+            const V kb = V_SET1(KV_S(rows[r][d]));
             a0[r] = V_FMADD(x0, kb, a0[r]);
             a1[r] = V_FMADD(x1, kb, a1[r]);
         }
@@ -120,13 +132,13 @@ static inline void FA_KNAME(scores_mr, DT)(const T *qt, const T *const *rows, in
  * past the last key repeat it, and their scores land in tile rows >= nk
  * (inside the NK-row tile, since NK is a multiple of MR) that nothing reads.
  * A one-key loop would run at a quarter of the FMA rate. */
-static void FA_KNAME(scores_tile, DT)(const T *qt, const T *kt, int64_t kst, int64_t D,
+static void FA_KNAME(scores_tile, DT)(const T *qt, const KT *kt, int64_t kst, int64_t D,
                                       int64_t nk, int64_t ic0, int64_t cols, T *st) {
     /* query chunk outer: its D x NC slice of Q^T stays in L1 while the
      * key rows stream past */
     for (int64_t ic = ic0; ic < cols; ic += NC) {
         for (int64_t j = 0; j < nk; j += FA_MR) {
-            const T *rows[FA_MR];
+            const KT *rows[FA_MR];
             for (int r = 0; r < FA_MR; ++r) rows[r] = kt + (j + r < nk ? j + r : nk - 1) * kst;
             FA_KNAME(scores_mr, DT)(qt + ic, rows, D, st + j * MQ + ic);
         }
@@ -135,8 +147,11 @@ static void FA_KNAME(scores_tile, DT)(const T *qt, const T *kt, int64_t kst, int
 
 /* ---- P.V: acc (rows, Dv) = alpha * acc + St^T (rows, nk) . V (nk, Dv) ---- */
 
-static inline void FA_KNAME(pv_mr, DT)(const T *st, const T *vt, int64_t vst, int64_t nk,
-                                       int64_t w, const T *alpha, T *acc, int64_t ldacc) {
+/* vsc: the int8 rows' scales (KV_SCALED), applied to the widened V rows. */
+static inline void FA_KNAME(pv_mr, DT)(const T *st, const KT *vt, int64_t vst, int64_t nk,
+                                       int64_t w, const T *alpha, T *acc, int64_t ldacc,
+                                       const T *vsc) {
+    (void)vsc;
     V o0[FA_MR], o1[FA_MR];
 #pragma GCC unroll 16
     for (int r = 0; r < FA_MR; ++r) {
@@ -146,7 +161,11 @@ static inline void FA_KNAME(pv_mr, DT)(const T *st, const T *vt, int64_t vst, in
     }
     if (w == NC) {
         for (int64_t j = 0; j < nk; ++j) {
-            const V b0 = V_LOADU(vt + j * vst), b1 = V_LOADU(vt + j * vst + VL);
+            V b0 = KV_LOADU(vt + j * vst), b1 = KV_LOADU(vt + j * vst + VL);
+#if KV_SCALED
+            b0 = V_MUL(b0, V_SET1(vsc[j]));
+            b1 = V_MUL(b1, V_SET1(vsc[j]));
+#endif
 #pragma GCC unroll 16
             for (int r = 0; r < FA_MR; ++r) {
                 const V p = V_SET1(st[j * MQ + r]);
@@ -157,7 +176,11 @@ static inline void FA_KNAME(pv_mr, DT)(const T *st, const T *vt, int64_t vst, in
     } else { /* the last, partial column chunk: masked loads never read past Dv */
         const int64_t w0 = w < VL ? w : VL, w1 = w - w0;
         for (int64_t j = 0; j < nk; ++j) {
-            const V b0 = V_LOADN(vt + j * vst, w0), b1 = V_LOADN(vt + j * vst + VL, w1);
+            V b0 = KV_LOADN(vt + j * vst, w0), b1 = KV_LOADN(vt + j * vst + VL, w1);
+#if KV_SCALED
+            b0 = V_MUL(b0, V_SET1(vsc[j]));
+            b1 = V_MUL(b1, V_SET1(vsc[j]));
+#endif
 #pragma GCC unroll 16
             for (int r = 0; r < FA_MR; ++r) {
                 const V p = V_SET1(st[j * MQ + r]);
@@ -175,14 +198,14 @@ static inline void FA_KNAME(pv_mr, DT)(const T *st, const T *vt, int64_t vst, in
 
 /* Rows [r0, rows_mr): r0 a multiple of MR, rows_mr rows rounded up to MR
  * (<= MQ; the padding rows are never output). */
-static void FA_KNAME(pv_tile, DT)(const T *st, const T *vt, int64_t vst, int64_t nk,
+static void FA_KNAME(pv_tile, DT)(const T *st, const KT *vt, int64_t vst, int64_t nk,
                                   int64_t Dv, int64_t r0, int64_t rows_mr, const T *alpha,
-                                  T *acc, int64_t ldacc) {
+                                  T *acc, int64_t ldacc, const T *vsc) {
     for (int64_t c0 = 0; c0 < Dv; c0 += NC) {
         const int64_t w = Dv - c0 < NC ? Dv - c0 : NC;
         for (int64_t i0 = r0; i0 < rows_mr; i0 += FA_MR)
             FA_KNAME(pv_mr, DT)(st + i0, vt + c0, vst, nk, w, alpha + i0,
-                                acc + i0 * ldacc + c0, ldacc);
+                                acc + i0 * ldacc + c0, ldacc, vsc);
     }
 }
 
@@ -212,14 +235,14 @@ static void FA_KNAME(apply_explicit_mask, DT)(const fa_attn_job *job, int64_t b,
  * padded and packed batches hold a head's keys at one row stride; a paged
  * cache holds them in blocks of block_size rows, found through the block
  * table (entries checked by the driver before any kernel runs). */
-static inline const T *FA_KNAME(kv_row, DT)(const fa_attn_job *job, const char *base,
+static inline const KT *FA_KNAME(kv_row, DT)(const fa_attn_job *job, const char *base,
                                             const int64_t *st, int64_t b, int64_t hk,
                                             int64_t kb) {
     if (job->block_table) {
         const int64_t blk = job->block_table[b * job->bt_stride + kb / job->block_size];
-        return (const T *)base + blk * st[0] + (kb % job->block_size) * st[2] + hk * st[1];
+        return (const KT *)base + blk * st[0] + (kb % job->block_size) * st[2] + hk * st[1];
     }
-    return (const T *)base + b * st[0] + hk * st[1] + (fa_attn_k_row0(job, b) + kb) * st[2];
+    return (const KT *)base + b * st[0] + hk * st[1] + (fa_attn_k_row0(job, b) + kb) * st[2];
 }
 
 /* Keys of a tile from kb: at most n, and in a paged cache never past the
@@ -304,6 +327,9 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + (qr0 + q0) * job->qs[2];
     (void)kr0;
     const int64_t kst = job->ks[2], vst = job->vs[2];
+    const T *ksc = FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
+    const T *vsc = FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
+    (void)ksc, (void)vsc;
     const T scale = (T)job->scale;
     /* row i sees keys [i + off - left, i + off + right] (a side only when
      * bounded; causality is right = 0) */
@@ -367,6 +393,14 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         /* 2. scores */
         FA_KNAME(scores_tile, DT)(sc->qt, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
                                   kst, D, nk, ic0, cols, st);
+#if KV_SCALED
+        /* int8 keys: q . (values * scale_j) = (q . values) * scale_j */
+        for (int64_t j = 0; j < nk; ++j) {
+            const V sj = V_SET1(ksc[kb + j]);
+            for (int64_t ic = ic0; ic < cols; ic += VL)
+                V_STOREU(st + j * MQ + ic, V_MUL(V_LOADU(st + j * MQ + ic), sj));
+        }
+#endif
         /* 2b. soft-capping, on the scaled scores before any mask */
         if (cap > (T)0)
             for (int64_t j = 0; j < nk; ++j)
@@ -431,7 +465,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         /* 4. acc = alpha * acc + P^T V */
         FA_KNAME(pv_tile, DT)(st, FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
                               Dv, r0, rows_mr, sc->alpha,
-                              sc->acc, sc->ldacc);
+                              sc->acc, sc->ldacc, vsc ? vsc + kb : NULL);
     }
 
     for (int64_t i = 0; i < rows; ++i) {
@@ -454,31 +488,31 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
  * same rows of the next K tile (pk, pk_rows of them) and of this V tile
  * (pv, nk rows) are requested, spread over the compute so that the loads
  * overlap it. */
-static void FA_KNAME(row_scores, DT)(const T *qs, const T *kt, int64_t kst, int64_t D,
-                                     int64_t nk, T *s, const T *pk, int64_t pk_rows,
-                                     const T *pv, int64_t vst, int64_t Dv) {
+static void FA_KNAME(row_scores, DT)(const T *qs, const KT *kt, int64_t kst, int64_t D,
+                                     int64_t nk, T *s, const KT *pk, int64_t pk_rows,
+                                     const KT *pv, int64_t vst, int64_t Dv) {
     int64_t j = 0;
     for (; j + 4 <= nk; j += 4) {
         for (int64_t r = j; r < j + 4; ++r) {
-            if (r < pk_rows) fa_prefetch(pk + r * kst, D * (int64_t)sizeof(T));
-            fa_prefetch(pv + r * vst, Dv * (int64_t)sizeof(T));
+            if (r < pk_rows) fa_prefetch(pk + r * kst, D * (int64_t)sizeof(KT));
+            fa_prefetch(pv + r * vst, Dv * (int64_t)sizeof(KT));
         }
-        const T *k0 = kt + j * kst, *k1 = k0 + kst, *k2 = k1 + kst, *k3 = k2 + kst;
+        const KT *k0 = kt + j * kst, *k1 = k0 + kst, *k2 = k1 + kst, *k3 = k2 + kst;
         V a0 = V_ZERO(), a1 = V_ZERO(), a2 = V_ZERO(), a3 = V_ZERO();
         int64_t d = 0;
         for (; d + VL <= D; d += VL) {
             const V x = V_LOADU(qs + d);
-            a0 = V_FMADD(x, V_LOADU(k0 + d), a0);
-            a1 = V_FMADD(x, V_LOADU(k1 + d), a1);
-            a2 = V_FMADD(x, V_LOADU(k2 + d), a2);
-            a3 = V_FMADD(x, V_LOADU(k3 + d), a3);
+            a0 = V_FMADD(x, KV_LOADU(k0 + d), a0);
+            a1 = V_FMADD(x, KV_LOADU(k1 + d), a1);
+            a2 = V_FMADD(x, KV_LOADU(k2 + d), a2);
+            a3 = V_FMADD(x, KV_LOADU(k3 + d), a3);
         }
         if (d < D) {
             const V x = V_LOADN(qs + d, D - d);
-            a0 = V_FMADD(x, V_LOADN(k0 + d, D - d), a0);
-            a1 = V_FMADD(x, V_LOADN(k1 + d, D - d), a1);
-            a2 = V_FMADD(x, V_LOADN(k2 + d, D - d), a2);
-            a3 = V_FMADD(x, V_LOADN(k3 + d, D - d), a3);
+            a0 = V_FMADD(x, KV_LOADN(k0 + d, D - d), a0);
+            a1 = V_FMADD(x, KV_LOADN(k1 + d, D - d), a1);
+            a2 = V_FMADD(x, KV_LOADN(k2 + d, D - d), a2);
+            a3 = V_FMADD(x, KV_LOADN(k3 + d, D - d), a3);
         }
         s[j] = V_HSUM(a0);
         s[j + 1] = V_HSUM(a1);
@@ -486,17 +520,17 @@ static void FA_KNAME(row_scores, DT)(const T *qs, const T *kt, int64_t kst, int6
         s[j + 3] = V_HSUM(a3);
     }
     for (; j < nk; ++j) {
-        const T *kr = kt + j * kst;
+        const KT *kr = kt + j * kst;
         V a = V_ZERO();
         int64_t d = 0;
-        for (; d + VL <= D; d += VL) a = V_FMADD(V_LOADU(qs + d), V_LOADU(kr + d), a);
-        if (d < D) a = V_FMADD(V_LOADN(qs + d, D - d), V_LOADN(kr + d, D - d), a);
+        for (; d + VL <= D; d += VL) a = V_FMADD(V_LOADU(qs + d), KV_LOADU(kr + d), a);
+        if (d < D) a = V_FMADD(V_LOADN(qs + d, D - d), KV_LOADN(kr + d, D - d), a);
         s[j] = V_HSUM(a);
     }
 }
 
 /* o (Dv) = alpha * o + sum_j p[j] v_j, four value vectors per pass. */
-static void FA_KNAME(row_pv, DT)(const T *p, const T *vt, int64_t vst, int64_t nk, int64_t Dv,
+static void FA_KNAME(row_pv, DT)(const T *p, const KT *vt, int64_t vst, int64_t nk, int64_t Dv,
                                  T alpha, T *o) {
     const V al = V_SET1(alpha);
     int64_t c = 0;
@@ -504,12 +538,12 @@ static void FA_KNAME(row_pv, DT)(const T *p, const T *vt, int64_t vst, int64_t n
         V o0 = V_MUL(V_LOADU(o + c), al), o1 = V_MUL(V_LOADU(o + c + VL), al);
         V o2 = V_MUL(V_LOADU(o + c + 2 * VL), al), o3 = V_MUL(V_LOADU(o + c + 3 * VL), al);
         for (int64_t j = 0; j < nk; ++j) {
-            const T *vr = vt + j * vst + c;
+            const KT *vr = vt + j * vst + c;
             const V pj = V_SET1(p[j]);
-            o0 = V_FMADD(pj, V_LOADU(vr), o0);
-            o1 = V_FMADD(pj, V_LOADU(vr + VL), o1);
-            o2 = V_FMADD(pj, V_LOADU(vr + 2 * VL), o2);
-            o3 = V_FMADD(pj, V_LOADU(vr + 3 * VL), o3);
+            o0 = V_FMADD(pj, KV_LOADU(vr), o0);
+            o1 = V_FMADD(pj, KV_LOADU(vr + VL), o1);
+            o2 = V_FMADD(pj, KV_LOADU(vr + 2 * VL), o2);
+            o3 = V_FMADD(pj, KV_LOADU(vr + 3 * VL), o3);
         }
         V_STOREU(o + c, o0);
         V_STOREU(o + c + VL, o1);
@@ -520,53 +554,88 @@ static void FA_KNAME(row_pv, DT)(const T *p, const T *vt, int64_t vst, int64_t n
         const int64_t n = Dv - c < VL ? Dv - c : VL;
         V acc = V_MUL(V_LOADN(o + c, n), al);
         for (int64_t j = 0; j < nk; ++j)
-            acc = V_FMADD(V_SET1(p[j]), V_LOADN(vt + j * vst + c, n), acc);
+            acc = V_FMADD(V_SET1(p[j]), KV_LOADN(vt + j * vst + c, n), acc);
         V_STOREN(o + c, acc, n);
     }
 }
 
+/* Queries [q0, q1) of `heads` consecutive query heads from h, all reading kv
+ * head h / group: one head, or every head of the group for GQA decode
+ * (job->group_rows). The key tiles are the outer loop and the R = heads *
+ * (q1 - q0) <= MQ rows the inner one, so each K and V tile comes from memory
+ * once for all the rows that share it; the other rows find it in L1 (a tile
+ * of 48 keys of D = 128 floats is 24 KiB). A row's tiles start at its own
+ * first visible key, so its arithmetic is exactly that of a lone row. */
 static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                          int64_t q0, int64_t q1, int64_t k0, int64_t k1,
                                          T *part, T *part_ml, FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t D = job->D, Dv = job->Dv, hk = h / job->group;
+    const int64_t heads = job->group_rows ? job->group : 1, nq = q1 - q0, R = heads * nq;
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
     (void)kr0;
     const int64_t kst = job->ks[2], vst = job->vs[2];
+    const T *ksc = FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
+    const T *vsc = FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
+    (void)ksc, (void)vsc;
     const T scale = (T)job->scale;
-    const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
     const int64_t off = fa_attn_offset(job, b);
     const T cap = (T)job->softcap;
-    T *qs = sc->qt, *s = sc->st, *o = sc->acc;
-
-    for (int64_t i = q0; i < q1; ++i) {
-        const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + (qr0 + i) * job->qs[2];
+    /* per row r (head h + r / nq, query q0 + r % nq): its visible keys
+     * [kbeg, kend), and in scratch its scaled query (qt + r D), scores
+     * (st + r NK), accumulator (acc + r ldacc), m, l and ALiBi reference */
+    int64_t kbeg[FA_ATTN_MQ], kend[FA_ATTN_MQ], kcur[FA_ATTN_MQ];
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t hr = h + r / nq, i = q0 + r % nq;
+        const T *q = (const T *)job->q + b * job->qs[0] + hr * job->qs[1] + (qr0 + i) * job->qs[2];
+        T *qs = sc->qt + r * D;
         for (int64_t d = 0; d < D; ++d) qs[d] = q[d] * scale;
         /* the row's visible keys: [i + off - left, i + off + right] */
-        int64_t kbeg = k0, kend = k1;
-        if (job->has_left && i + off - job->left > kbeg) kbeg = i + off - job->left;
-        if (job->has_right && i + off + job->right + 1 < kend) kend = i + off + job->right + 1;
-        if (kend < kbeg) kend = kbeg;
-        T *w = job->weights ? (T *)job->weights + b * job->ws[0] + h * job->ws[1] + i * job->ws[2]
-                            : NULL;
-        if (w) memset(w, 0, (size_t)job->Lk * sizeof(T));
-        memset(o, 0, (size_t)Dv * sizeof(T));
-        T m = (T)-INFINITY, l = (T)0;
-        const T ref = slope != (T)0
-                          ? (T)FA_KNAME(alibi_ref, DT)(job, b, h, i + off, slope)
-                          : (T)0;
-        for (int64_t kb = kbeg, nk; kb < kend; kb += nk) {
-            nk = FA_KNAME(tile_keys, DT)(job, kb, kend - kb < NK ? kend - kb : NK);
-            const int64_t kn = kb + nk; /* the next tile, prefetched */
+        kbeg[r] = k0, kend[r] = k1;
+        if (job->has_left && i + off - job->left > kbeg[r]) kbeg[r] = i + off - job->left;
+        if (job->has_right && i + off + job->right + 1 < kend[r]) kend[r] = i + off + job->right + 1;
+        if (kend[r] < kbeg[r]) kend[r] = kbeg[r];
+        kcur[r] = kbeg[r];
+        if (job->weights)
+            memset((T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2], 0,
+                   (size_t)job->Lk * sizeof(T));
+        memset(sc->acc + r * sc->ldacc, 0, (size_t)Dv * sizeof(T));
+        sc->m[r] = (T)-INFINITY;
+        sc->l[r] = (T)0;
+        const T slope = job->alibi ? ((const T *)job->alibi)[hr] : (T)0;
+        sc->tmp[r] = slope != (T)0 ? (T)FA_KNAME(alibi_ref, DT)(job, b, hr, i + off, slope) : (T)0;
+    }
+
+    /* one round: each row's next tile; rows of one kv head with the same
+     * visible keys (every decode row of a GQA group) take the same tile */
+    for (int more = 1; more;) {
+        more = 0;
+        for (int64_t r = 0; r < R; ++r) {
+            const int64_t kb = kcur[r];
+            if (kb >= kend[r]) continue;
+            const int64_t hr = h + r / nq, i = q0 + r % nq;
+            const T slope = job->alibi ? ((const T *)job->alibi)[hr] : (T)0, ref = sc->tmp[r];
+            T *qs = sc->qt + r * D, *s = sc->st + r * NK, *o = sc->acc + r * sc->ldacc;
+            T *w = job->weights ? (T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2]
+                                : NULL;
+            const int64_t nk = FA_KNAME(tile_keys, DT)(job, kb, kend[r] - kb < NK ? kend[r] - kb : NK);
+            const int64_t kn = kb + nk; /* the next tile: the first row requests it */
             const int64_t nk_next =
-                kn < kend ? FA_KNAME(tile_keys, DT)(job, kn, kend - kn < NK ? kend - kn : NK) : 0;
-            const T *vt = FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb);
+                r == 0 && kn < kend[r]
+                    ? FA_KNAME(tile_keys, DT)(job, kn, kend[r] - kn < NK ? kend[r] - kn : NK)
+                    : 0;
+            kcur[r] = kn;
+            more |= kn < kend[r];
+            const KT *vt = FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb);
             FA_KNAME(row_scores, DT)(qs, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb), kst,
                                      D, nk, s,
                                      nk_next ? FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kn)
                                              : NULL,
                                      nk_next, vt, vst, Dv);
+#if KV_SCALED
+            for (int64_t j = 0; j < nk; ++j) s[j] *= ksc[kb + j];
+#endif
             if (cap > (T)0) FA_KNAME(softcap_run, DT)(s, nk, cap);
-            if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, h, i, 1, kb, nk, s, 1, 0);
+            if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, hr, i, 1, kb, nk, s, 1, 0);
             T mb = (T)-INFINITY;
             for (int64_t j = 0; j < nk; ++j) {
                 if (slope != (T)0) s[j] += slope * ((T)(kb + j) - ref);
@@ -574,6 +643,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                 if (s[j] != s[j]) mb = s[j]; /* keep NaN: the row must become NaN */
             }
             if (w) memcpy(w + kb, s, (size_t)nk * sizeof(T));
+            const T m = sc->m[r];
             const T mnew = mb > m || mb != mb ? mb : m;
             const T msafe = mnew > -T_MAX || mnew != mnew ? mnew : -T_MAX;
             const T alpha = S_EXP_NONPOS(m - msafe);
@@ -590,16 +660,25 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                 s[j] = S_EXP_NONPOS(s[j] - msafe);
                 sum += s[j];
             }
-            l = l * alpha + sum;
-            m = mnew;
+            sc->l[r] = sc->l[r] * alpha + sum;
+            sc->m[r] = mnew;
+#if KV_SCALED
+            /* int8 values: p_j (values_j * scale_j) = (p_j scale_j) values_j */
+            for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= vsc[kb + jj];
+#endif
             FA_KNAME(row_pv, DT)(s, vt, vst, nk, Dv, alpha, o);
         }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t g = r / nq, i = q0 + r % nq;
+        const T *o = sc->acc + r * sc->ldacc;
         if (part) {
-            memcpy(part + (i - q0) * Dv, o, (size_t)Dv * sizeof(T));
-            part_ml[2 * (i - q0)] = m;
-            part_ml[2 * (i - q0) + 1] = l;
+            T *po = part + g * job->part_head_stride, *pml = part_ml + g * job->part_ml_head_stride;
+            memcpy(po + (i - q0) * Dv, o, (size_t)Dv * sizeof(T));
+            pml[2 * (i - q0)] = sc->m[r];
+            pml[2 * (i - q0) + 1] = sc->l[r];
         } else {
-            FA_KNAME(finish_row, DT)(job, b, h, i, o, m, l, kbeg, kend);
+            FA_KNAME(finish_row, DT)(job, b, h + g, i, o, sc->m[r], sc->l[r], kbeg[r], kend[r]);
         }
     }
 }

@@ -56,6 +56,17 @@ typedef struct {
      * NULL for padded batches. */
     const int64_t *cu_q, *cu_k;
     int alignment;
+    /* K/V storage (fa_kv_dtype; FA_KV_SAME = the dtype) and, for int8, the
+     * per-row scales (B, Hkv, Lk): b and kv-head strides, unit key stride. */
+    int kv_dtype;
+    const float *k_scale, *v_scale;
+    int64_t kss[2], vss[2];
+    /* GQA decode: a row-path work item covers every query head of its kv
+     * head (attention_rows), so the kv head is read once; the split-KV
+     * partial results of consecutive heads are then part_head_stride
+     * (part_ml_head_stride) elements apart. */
+    int group_rows;
+    int64_t part_head_stride, part_ml_head_stride;
     /* Paged caches: k and v are (num_blocks, block_size, Hkv, D) with
      * ks[0] the block stride, ks[1] the head stride, ks[2] the row stride;
      * key t of sequence b is row t % block_size of block

@@ -38,6 +38,9 @@ typedef enum {
 
 typedef enum { FA_DTYPE_F32 = 0, FA_DTYPE_F64 = 1 } fa_dtype;
 
+/* Storage type of a K/V cache narrower than the compute dtype. */
+typedef enum { FA_KV_SAME = 0, FA_KV_BF16 = 1, FA_KV_F16 = 2, FA_KV_I8 = 3 } fa_kv_dtype;
+
 typedef enum { FA_MASK_NONE = 0, FA_MASK_BOOL = 1, FA_MASK_ADD = 2 } fa_mask_kind;
 
 typedef enum {
@@ -144,6 +147,13 @@ typedef struct {
     int64_t window_left, window_right;
     double softcap;
     const void *sinks;
+    /* Narrow K/V (dtype FA_DTYPE_F32 only): kv_dtype FA_KV_SAME (0) reads k
+     * and v in the dtype; FA_KV_BF16 / FA_KV_F16 as 16-bit floats and
+     * FA_KV_I8 as int8 with k_scale, v_scale: (B, Hkv, Lk, 1) float32 views
+     * (stride[2] must be 1), element j of a head row is value * scale[j].
+     * The kernel converts in registers; no fp32 copy of K/V is made. */
+    int kv_dtype;
+    fa_view4 k_scale, v_scale;
 } fa_attention_args;
 
 int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,
@@ -357,6 +367,22 @@ typedef struct {
 } fa_linear_args;
 
 int fa_linear(int dtype, const fa_linear_args *args, const fa_blas *blas, int num_threads);
+
+/* ---- int8 K/V quantisation --------------------------------------------------
+ * x: (B, H, L, D) float32, values: (B, H, L, D) int8, both with a unit last
+ * stride; scales: (B, H, L, 1) float32 (stride[3] ignored). Per row
+ * (b, h, l), symmetric:
+ *   scale = max|x| / 127 (in float),  values = rint(x / scale) (in float,
+ *   round half to even, within [-127, 127]);
+ * a row of zeros gets scale 0 and values 0. A NaN in the row makes its
+ * scale NaN, an infinity makes it inf; either way its values are 0 (NaN
+ * has no int8 value). Strided views let a cache append quantise straight
+ * into its storage. fa_dequantize_kv is the inverse, y = values * scale,
+ * with y a (B, H, L, D) float32 view. */
+int fa_quantize_kv(fa_view4 x, fa_view4 values, fa_view4 scales, int64_t B, int64_t H,
+                   int64_t L, int64_t D, int num_threads);
+int fa_dequantize_kv(fa_view4 values, fa_view4 scales, fa_view4 y, int64_t B, int64_t H,
+                     int64_t L, int64_t D, int num_threads);
 
 /* ==== 16-bit GEMM for projections (csrc/gemm_bf16.c) =======================
  * c (M, N) = alpha * a (M, K) . w (N, K)^T (+ bias), a and w bfloat16 or

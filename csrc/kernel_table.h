@@ -60,6 +60,10 @@ typedef struct {
     fa_softmax_row_f64_fn *softmax_row_f64;
     fa_attention_block_f32_fn *attention_block_f32;
     fa_attention_block_f64_fn *attention_block_f64;
+    /* float queries against bfloat16, half or int8 K/V (fa_kv_dtype) */
+    fa_attention_block_f32_fn *attention_block_f32_bf16;
+    fa_attention_block_f32_fn *attention_block_f32_f16;
+    fa_attention_block_f32_fn *attention_block_f32_i8;
     fa_rope_row_f32_fn *rope_row_f32;
     fa_rope_row_f64_fn *rope_row_f64;
 } fa_kernel_table;
@@ -74,6 +78,9 @@ const fa_kernel_table *fa_kernels(void);
     X(softmax_row, f64, fa_softmax_row_f64_fn)             \
     X(attention_block, f32, fa_attention_block_f32_fn)     \
     X(attention_block, f64, fa_attention_block_f64_fn)     \
+    X(attention_block, f32_bf16, fa_attention_block_f32_fn) \
+    X(attention_block, f32_f16, fa_attention_block_f32_fn) \
+    X(attention_block, f32_i8, fa_attention_block_f32_fn)  \
     X(rope_row, f32, fa_rope_row_f32_fn)                   \
     X(rope_row, f64, fa_rope_row_f64_fn)
 

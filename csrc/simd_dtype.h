@@ -36,6 +36,11 @@
 #undef T_MAX
 #undef V_TANH
 #undef S_TANH
+#undef KT
+#undef KV_LOADU
+#undef KV_LOADN
+#undef KV_S
+#undef KV_SCALED
 
 #if FA_T_F64
 #define T double
@@ -91,4 +96,46 @@
 #define T_MAX FLT_MAX
 #define V_TANH vf32_tanh
 #define S_TANH fa_tanhf
+#endif
+
+/* K/V storage (FA_KV, attention only): the same type as T (0, or
+ * undefined), or, with float T, bfloat16 (1), IEEE half (2) or int8 with a
+ * per-row scale (3). KV_LOADU / KV_LOADN widen a vector of K/V elements to
+ * V, KV_S one element to T; KV_SCALED says the row scales apply. The
+ * instance name (DT) gains the storage: fa_attention_block_f32_bf16_avx2. */
+#if !defined(FA_KV) || FA_KV == 0
+#define KT T
+#define KV_LOADU V_LOADU
+#define KV_LOADN V_LOADN
+#define KV_S(x) (x)
+#define KV_SCALED 0
+#else
+#if FA_T_F64
+#error "narrow K/V storage is for float compute only"
+#endif
+#undef DT
+#if FA_KV == 1
+#define DT f32_bf16
+#define KT uint16_t
+#define KV_LOADU vf32_load_bf16
+#define KV_LOADN vf32_loadn_bf16
+#define KV_S fa_bf16_to_f32
+#define KV_SCALED 0
+#elif FA_KV == 2
+#define DT f32_f16
+#define KT uint16_t
+#define KV_LOADU vf32_load_f16
+#define KV_LOADN vf32_loadn_f16
+#define KV_S fa_f16_to_f32
+#define KV_SCALED 0
+#elif FA_KV == 3
+#define DT f32_i8
+#define KT int8_t
+#define KV_LOADU vf32_load_i8
+#define KV_LOADN vf32_loadn_i8
+#define KV_S(x) ((float)(x))
+#define KV_SCALED 1
+#else
+#error "unknown FA_KV"
+#endif
 #endif

@@ -24,6 +24,9 @@
  *   tails; they never touch memory past p + n;
  *   div(a, b); select_lt(x, t, a, b): a where x < t, b elsewhere (NaN: b);
  *   tanh (fa_tanhf / fa_tanh, for logit soft-capping);
+ *   load_bf16 / load_f16 / load_i8(p): LANES narrow K/V elements (bfloat16,
+ *   IEEE half, int8) widened to float, exactly, in registers; loadn_*(p, n)
+ *   the first n only (the rest 0), never touching memory past p + n;
  *   stream(p, v): a non-temporal store to a vector-aligned p, which skips
  *   the read-for-ownership of the destination line (fa_store_fence() in
  *   cache_hints.h orders such stores before later ones).
@@ -40,6 +43,35 @@
 #ifndef FA_ISA_LEVEL
 #error "define FA_ISA_LEVEL (0 scalar, 1 avx2, 2 avx512) before simd_map.h"
 #endif
+
+/* Exact widening of one narrow K/V element. bfloat16 is the top half of a
+ * float. IEEE half: the exponent and mantissa bits shifted into a float's
+ * place read as 2^-112 times the value (subnormal halves become float
+ * subnormals), so one multiplication by 2^112 rebiases them exactly; inf
+ * and NaN (exponent all ones) are rebuilt, NaNs quieted as VCVTPH2PS does. */
+static inline float fa_bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline float fa_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu;
+    uint32_t u;
+    if (em >= 0x7c00u) {
+        u = 0x7f800000u | ((em & 0x3ffu) << 13) | (em > 0x7c00u ? 0x400000u : 0u);
+    } else {
+        const uint32_t t = em << 13;
+        float f;
+        memcpy(&f, &t, sizeof f);
+        f *= 0x1p112f;
+        memcpy(&u, &f, sizeof u);
+    }
+    u |= sign;
+    float r;
+    memcpy(&r, &u, sizeof r);
+    return r;
+}
 
 /* ======================================================================= */
 #if FA_ISA_LEVEL == 0
@@ -76,6 +108,9 @@ typedef double fa_vf64;
 FA_SCALAR_OPS(float, vf32, fa_expf_nonpos)
 FA_SCALAR_OPS(double, vf64, fa_exp)
 static inline float vf32_exp2_nonpos(float v) { return fa_exp2f_nonpos(v); }
+static inline float vf32_load_bf16(const uint16_t *p) { return fa_bf16_to_f32(*p); }
+static inline float vf32_load_f16(const uint16_t *p) { return fa_f16_to_f32(*p); }
+static inline float vf32_load_i8(const int8_t *p) { return (float)*p; }
 
 /* ======================================================================= */
 #elif FA_ISA_LEVEL == 1
@@ -172,6 +207,31 @@ static inline __m256 vf32_keep(__m256 v, const uint8_t *m) {
     __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m));
     __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(w, _mm256_setzero_si256()));
     return _mm256_blendv_ps(v, _mm256_set1_ps(-INFINITY), drop);
+}
+
+/* Narrow K/V rows: 8 elements from one 16-byte (or 8-byte) load. No F16C:
+ * the avx2 level does not require it, so half is widened with integer ops
+ * (see fa_f16_to_f32). */
+static inline __m256 vf32_load_bf16(const uint16_t *p) {
+    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+static inline __m256 vf32_load_f16(const uint16_t *p) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)), 16);
+    const __m256i em = _mm256_and_si256(h, _mm256_set1_epi32(0x7fff));
+    const __m256i bits = _mm256_slli_epi32(em, 13);
+    const __m256 fin = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p112f));
+    const __m256i special = _mm256_cmpgt_epi32(em, _mm256_set1_epi32(0x7bff));
+    const __m256i quiet = _mm256_and_si256(_mm256_cmpgt_epi32(em, _mm256_set1_epi32(0x7c00)),
+                                           _mm256_set1_epi32(0x400000));
+    const __m256i infnan =
+        _mm256_or_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x7f800000)), quiet);
+    const __m256i r = _mm256_blendv_epi8(_mm256_castps_si256(fin), infnan, special);
+    return _mm256_castsi256_ps(_mm256_or_si256(r, sign));
+}
+static inline __m256 vf32_load_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
 static inline __m256d vf64_loadu(const double *p) { return _mm256_loadu_pd(p); }
@@ -340,6 +400,18 @@ static inline __m512 vf32_keep(__m512 v, const uint8_t *m) {
     return _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), v);
 }
 
+/* Narrow K/V rows: 16 elements from one 32-byte (or 16-byte) load. */
+static inline __m512 vf32_load_bf16(const uint16_t *p) {
+    const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+static inline __m512 vf32_load_f16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline __m512 vf32_load_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
 static inline __m512d vf64_loadu(const double *p) { return _mm512_loadu_pd(p); }
 static inline void vf64_storeu(double *p, __m512d v) { _mm512_storeu_pd(p, v); }
 static inline __m512d vf64_set1(double x) { return _mm512_set1_pd(x); }
@@ -430,6 +502,19 @@ static inline __m512d vf64_keep(__m512d v, const uint8_t *m) {
     }
 FA_DEFINE_VTANH(float, fa_vf32, vf32, FA_TANHF_POLY, FA_TANHF_SPLIT)
 FA_DEFINE_VTANH(double, fa_vf64, vf64, FA_TANH_POLY, FA_TANH_SPLIT)
+
+/* Tails of narrow rows: the n elements go through a zeroed buffer, so no
+ * byte past p + n is read (n < LANES; only a row's last vector). */
+#define FA_DEFINE_NARROW_LOADN(KT, NAME)                                           \
+    static inline fa_vf32 vf32_loadn_##NAME(const KT *p, int64_t n) {              \
+        KT buf[FA_VF32_LANES];                                                     \
+        memset(buf, 0, sizeof buf);                                                \
+        if (n > 0) memcpy(buf, p, (size_t)n * sizeof(KT));                         \
+        return vf32_load_##NAME(buf);                                              \
+    }
+FA_DEFINE_NARROW_LOADN(uint16_t, bf16)
+FA_DEFINE_NARROW_LOADN(uint16_t, f16)
+FA_DEFINE_NARROW_LOADN(int8_t, i8)
 
 /* Name mangling for template instances: FA_KNAME(softmax_row, f32) ->
  * fa_softmax_row_f32_avx2 in the AVX2 file. */

@@ -43,6 +43,7 @@ from fastattn.attention import scaled_dot_product_attention
 from fastattn.heads import merge_heads, split_heads
 from fastattn.masks import apply_sequence_mask, masked_softmax, sequence_mask
 from fastattn.kv_cache import KVCache
+from fastattn.kv_quant import dequantize_kv, quantize_kv
 from fastattn.layer import MultiHeadAttention
 from fastattn.position import add_position_encoding, sinusoidal_position_encoding
 from fastattn.rotary import alibi_slopes, apply_rotary
@@ -74,10 +75,12 @@ __all__ = [
     "apply_rotary",
     "apply_sequence_mask",
     "available_isas",
+    "dequantize_kv",
     "get_isa",
     "get_num_threads",
     "masked_softmax",
     "merge_heads",
+    "quantize_kv",
     "paged_attention",
     "reference",
     "scaled_dot_product_attention",

@@ -18,6 +18,11 @@ cdef extern from "fastattn.h" nogil:
     ctypedef enum fa_dtype:
         FA_DTYPE_F32
         FA_DTYPE_F64
+    ctypedef enum fa_kv_dtype:
+        FA_KV_SAME
+        FA_KV_BF16
+        FA_KV_F16
+        FA_KV_I8
     ctypedef enum fa_mask_kind:
         FA_MASK_NONE
         FA_MASK_BOOL
@@ -85,6 +90,8 @@ cdef extern from "fastattn.h" nogil:
         int64_t window_left, window_right
         double softcap
         const void *sinks
+        int kv_dtype
+        fa_view4 k_scale, v_scale
 
     int FA_WINDOW_LEFT
     int FA_WINDOW_RIGHT
@@ -104,6 +111,10 @@ cdef extern from "fastattn.h" nogil:
         const void *sinks
 
     int fa_varlen_attention(int dtype, const fa_varlen_args *args, int num_threads)
+    int fa_quantize_kv(fa_view4 x, fa_view4 values, fa_view4 scales, int64_t B, int64_t H,
+                       int64_t L, int64_t D, int num_threads)
+    int fa_dequantize_kv(fa_view4 values, fa_view4 scales, fa_view4 y, int64_t B, int64_t H,
+                         int64_t L, int64_t D, int num_threads)
 
     ctypedef struct fa_paged_args:
         int64_t B, H, Hkv, Lq, D, Dv, num_blocks, block_size, max_blocks

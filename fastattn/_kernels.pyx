@@ -127,6 +127,7 @@ CAUSAL_NONE = FA_CAUSAL_NONE
 CAUSAL_ALIGNMENTS = {"top_left": FA_CAUSAL_TOP_LEFT, "bottom_right": FA_CAUSAL_BOTTOM_RIGHT}
 SEQUENCE_MASK_MODES = {"mul": FA_SEQMASK_MUL, "add": FA_SEQMASK_ADD}
 PE_LAYOUTS = {"concat": FA_PE_CONCAT, "interleaved": FA_PE_INTERLEAVED}
+KV_DTYPE_CODES = {"bfloat16": FA_KV_BF16, "float16": FA_KV_F16, "int8": FA_KV_I8}
 ROPE_NONE = FA_ROPE_NONE
 ROPE_LAYOUTS = {"neox": FA_ROPE_NEOX, "gptj": FA_ROPE_GPTJ}
 
@@ -211,13 +212,16 @@ def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cn
                                  int alignment=FA_CAUSAL_TOP_LEFT, object alibi_slopes=None,
                                  object key_start=None, object window_left=None,
                                  object window_right=None, double softcap=0.0,
-                                 object sinks=None, int num_threads):
+                                 object sinks=None, int kv_dtype=FA_KV_SAME,
+                                 object k_scale=None, object v_scale=None, int num_threads):
     """q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), out (B,H,Lq,Dv),
     weights None or (B,H,Lq,Lk); all with a unit last-axis stride. mask:
     None or a 4-D broadcast view of kind mask_kind; key_len, query_len,
     key_start: None or (B, H) int64 views; window_left/right: None
     (unbounded) or an int >= 0; alibi_slopes, sinks: None or (H,)
-    contiguous in the dtype."""
+    contiguous in the dtype. kv_dtype: FA_KV_SAME (k, v in q's dtype) or a
+    KV_DTYPE_CODES value, k and v in that storage; int8 takes k_scale,
+    v_scale (B, Hkv, Lk) float32 views with a unit last stride."""
     cdef int dt = dtype_code(q)
     cdef fa_attention_args a
     cdef int st
@@ -241,8 +245,34 @@ def scaled_dot_product_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cn
                 | window_side(window_right, FA_WINDOW_RIGHT, &a.window_right))
     a.softcap = softcap
     a.sinks = data_or_null(sinks)
+    a.kv_dtype = kv_dtype
+    a.k_scale.data = a.v_scale.data = NULL
+    if k_scale is not None:
+        a.k_scale = view3(<cnp.ndarray>k_scale)
+        a.v_scale = view3(<cnp.ndarray>v_scale)
     with nogil:
         st = fa_scaled_dot_product_attention(dt, &a, num_threads)
+    check(st)
+
+
+def quantize_kv(cnp.ndarray x, cnp.ndarray values, cnp.ndarray scales, int num_threads):
+    """x (B,H,L,D) float32 -> values (B,H,L,D) int8, scales (B,H,L) float32;
+    x and values with a unit last stride."""
+    cdef fa_view4 xv = view4(x), qv = view4(values), sv = view3(scales)
+    cdef int64_t B = x.shape[0], H = x.shape[1], L = x.shape[2], D = x.shape[3]
+    cdef int st
+    with nogil:
+        st = fa_quantize_kv(xv, qv, sv, B, H, L, D, num_threads)
+    check(st)
+
+
+def dequantize_kv(cnp.ndarray values, cnp.ndarray scales, cnp.ndarray y, int num_threads):
+    """values (B,H,L,D) int8, scales (B,H,L) float32 -> y (B,H,L,D) float32."""
+    cdef fa_view4 qv = view4(values), sv = view3(scales), yv = view4(y)
+    cdef int64_t B = y.shape[0], H = y.shape[1], L = y.shape[2], D = y.shape[3]
+    cdef int st
+    with nogil:
+        st = fa_dequantize_kv(qv, sv, yv, B, H, L, D, num_threads)
     check(st)
 
 

@@ -11,10 +11,12 @@ from fastattn._validation import (
     bool_flag,
     choice,
     compute_dtype,
-    float_array,
+    kernel_addressable,
     lengths_view,
     real_number,
+    unit_last_axis,
 )
+from fastattn.kv_quant import kv_scale_array, narrow_kv
 from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
@@ -57,7 +59,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                                  query_lengths=None, is_causal=False,
                                  causal_alignment="top_left", scale=None, alibi_slopes=None,
                                  return_weights=False, out=None, num_threads=None,
-                                 key_starts=None, window=None, softcap=None, sinks=None):
+                                 key_starts=None, window=None, softcap=None, sinks=None,
+                                 k_scale=None, v_scale=None):
     """``softmax(q kᵀ · scale + masks) v`` in one fused, flash-style pass.
 
     The score matrix is never materialised beyond one tile; keys past
@@ -109,6 +112,13 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
         value: ``out_i = Σ_j e^(s_ij - m) v_j / (e^(sink - m) + Σ_j e^(s_ij - m))``,
         ``m`` the max over the row's scores and the sink. The weights then sum
         to less than 1; a row with no visible key is still 0.
+    k_scale, v_scale : array_like, shape ``(B, Hkv, Lk)`` (``(B, Lk)`` for 3-D), optional
+        With int8 ``k`` and ``v`` (from :func:`quantize_kv`): key ``j`` of a
+        kv head is ``k[..., j, :] * k_scale[..., j]``, likewise for v.
+
+    K/V storage: ``k`` and ``v`` may be narrower than ``q``: bfloat16 or
+    float16 (with float32 queries), or int8 with ``k_scale`` and ``v_scale``.
+    The kernel widens them in registers; no float32 copy of K/V is made.
 
     Returns
     -------
@@ -133,7 +143,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     if (attn_mask is None and key_lengths is None and query_lengths is None
             and alibi_slopes is None and out is None and return_weights is False
             and key_starts is None and window is None and softcap is None and sinks is None
-            and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
+            and k_scale is None and v_scale is None and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         dt = q.dtype
         if ((dt is _F32 or dt is _F64) and k.dtype is dt and v.dtype is dt
                 and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
@@ -157,10 +167,25 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
 
     backend = _backend.backend_for((q, k, v), ("q", "k", "v"))
     qa, ka, va = (backend.asarray(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    dtype = np.promote_types(
-        np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
-        compute_dtype(va.dtype, "v"))
+    # narrow K/V (bfloat16, float16, int8 + scales) stay as they are on the
+    # CPU: the kernel widens them in registers
+    kv_code = None
+    if backend is _backend.cpu_backend():
+        kv_code = narrow_kv(qa, ka, va, k_scale, v_scale)
+    elif k_scale is not None or v_scale is not None:
+        raise TypeError("k_scale and v_scale (int8 k and v) are read on the CPU only; "
+                        "got CUDA arrays for q, k, v")
+    if kv_code is None:
+        dtype = np.promote_types(
+            np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
+            compute_dtype(va.dtype, "v"))
+    else:
+        dtype = _F32
     three_d, (B, H, Lq, D), (Hkv, Lk, Dv) = attention_geometry(qa.shape, ka.shape, va.shape)
+    ksa = vsa = None
+    if k_scale is not None:
+        ksa = kv_scale_array(k_scale, "k_scale", (B, Hkv, Lk), three_d)
+        vsa = kv_scale_array(v_scale, "v_scale", (B, Hkv, Lk), three_d)
     is_causal = bool_flag(is_causal, "is_causal")
     return_weights = bool_flag(return_weights, "return_weights")
     align = CAUSAL_ALIGNMENTS[choice(causal_alignment, "causal_alignment", CAUSAL_ALIGNMENTS)]
@@ -178,20 +203,25 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     kind, mask4 = backend.attention_mask(attn_mask, user_full, full, dtype)
     slopes = None if alibi_slopes is None else alibi_slopes_array(
         backend.host(alibi_slopes, "alibi_slopes"), H, dtype)
-    qa, ka, va = (backend.operand(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+    if kv_code is None:
+        qa, ka, va = (backend.operand(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+    else:
+        qa = backend.operand(qa.astype(dtype) if qa.dtype.name == "bfloat16" else qa, "q", dtype)
+        ka, va = (unit_last_axis(x if kernel_addressable(x) else x.copy()) for x in (ka, va))
     if three_d:
         qa, ka, va = (backend.unit_head_axis(x) for x in (qa, ka, va))
     out_shape = (B, Lq, Dv) if three_d else (B, H, Lq, Dv)
-    inputs = tuple(x for x in (qa, ka, va, mask4, slopes, sinks) if x is not None)
+    inputs = tuple(x for x in (qa, ka, va, mask4, slopes, sinks, ksa, vsa) if x is not None)
     target = backend.output(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
                             unit_last_axis=True)
     weights = backend.empty(full, dtype) if return_weights else None
     left, right = (None, None) if window is None else window
+    narrow = {} if kv_code is None else {"kv_dtype": kv_code, "k_scale": ksa, "v_scale": vsa}
     backend.attention(
         qa, ka, va, target.kernel_view, weights=weights, scale=float(scale), mask=mask4,
         mask_kind=kind, key_len=kl, query_len=ql, is_causal=is_causal, alignment=align,
         alibi_slopes=slopes, key_start=ks, window_left=left, window_right=right, softcap=cap,
-        sinks=sinks, num_threads=resolve_num_threads(num_threads))
+        sinks=sinks, num_threads=resolve_num_threads(num_threads), **narrow)
     result = target.finish()
     if return_weights:
         weights = backend.result(weights)

@@ -518,11 +518,13 @@ class MultiHeadAttention:
                                     num_kv_heads=int(f["num_kv_heads"]), rope=rope,
                                     rope_base=float(f["rope_base"]))
 
-    def new_cache(self, batch_size, max_len):
+    def new_cache(self, batch_size, max_len, *, kv_dtype=None):
         """A preallocated :class:`KVCache` for ``batch_size`` sequences of up
-        to ``max_len`` tokens each, on the layer's device."""
+        to ``max_len`` tokens each, on the layer's device. ``kv_dtype``
+        (float32 layers on the CPU): ``"float16"``, ``"bfloat16"`` or
+        ``"int8"`` storage, see :class:`KVCache`."""
         return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype,
-                       v_head_dim=self.v_head_dim, device=self.device)
+                       v_head_dim=self.v_head_dim, device=self.device, kv_dtype=kv_dtype)
 
     def __repr__(self):
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
@@ -729,9 +731,7 @@ class MultiHeadAttention:
         k4 = head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = head_view(buf[:, :, nq + nk:], Hkv, Dv)
         # append: row i of sequence b goes to cache row old[b] + i, i < new_tokens[b]
-        backend = _backend.cpu_backend()
-        backend.cache_append(k4, cache.k, start=old, rows=new_tokens, num_threads=nt)
-        backend.cache_append(v4, cache.v, start=old, rows=new_tokens, num_threads=nt)
+        cache._write(k4, v4, old, new_tokens, nt)
         cache._lengths[:] = new
 
         Lk = int(new.max()) if B else 0
@@ -739,7 +739,7 @@ class MultiHeadAttention:
         out4 = head_view(attn, H, Dv)
         weights = np.zeros((B, H, L, Lk), dtype=dt) if return_weights else None
         scale = 1.0 / math.sqrt(D)
-        ck, cv = cache.k[:, :, :Lk], cache.v[:, :, :Lk]
+        ck, cv, kv_code, cks, cvs = cache._kernel_kv(Lk)
         if B == 0 or L == 1 or (ql is None and (old == old[0]).all()):
             # one call: a single new token sees every key its sequence holds
             # (key_lengths), and equal lengths align bottom-right for all
@@ -747,7 +747,8 @@ class MultiHeadAttention:
             qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
             _kernels.scaled_dot_product_attention(q4, ck, cv, out4, weights=weights, scale=scale,
                                                   key_len=kl, query_len=qlv, is_causal=L > 1,
-                                                  alignment=_BOTTOM_RIGHT, num_threads=nt)
+                                                  alignment=_BOTTOM_RIGHT, num_threads=nt,
+                                                  kv_dtype=kv_code, k_scale=cks, v_scale=cvs)
         else:
             # ragged: bottom-right alignment differs per sequence
             for b in range(B):
@@ -757,6 +758,8 @@ class MultiHeadAttention:
                 _kernels.scaled_dot_product_attention(
                     q4[b:b + 1, :, :t], ck[b:b + 1, :, :n], cv[b:b + 1, :, :n], out4[b:b + 1, :, :t],
                     weights=None if weights is None else weights[b:b + 1, :, :t, :n], scale=scale,
-                    is_causal=True, alignment=_BOTTOM_RIGHT, num_threads=nt)
+                    is_causal=True, alignment=_BOTTOM_RIGHT, num_threads=nt, kv_dtype=kv_code,
+                    k_scale=None if cks is None else cks[b:b + 1, :, :n],
+                    v_scale=None if cvs is None else cvs[b:b + 1, :, :n])
         out = self._project_out(attn, ql, gt)
         return (out, weights) if return_weights else out

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from fastattn._validation import compute_dtype
+from fastattn.kv_quant import narrow_kv
 
 
 def _lengths_grid(lengths, lead_shape):
@@ -107,14 +108,26 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                                  query_lengths=None, is_causal=False,
                                  causal_alignment="top_left", scale=None, alibi_slopes=None,
                                  return_weights=False, out=None, num_threads=None,
-                                 key_starts=None, window=None, softcap=None, sinks=None):
+                                 key_starts=None, window=None, softcap=None, sinks=None,
+                                 k_scale=None, v_scale=None):
     """softmax(Q Kᵀ · scale + ALiBi + masks) V, in float64, with the masks
     of :func:`masked_softmax`. Soft-capping replaces each scaled score ``s``
     by ``softcap * tanh(s / softcap)`` first; ``window``, ``key_starts``
-    and ``sinks`` as in :func:`attention_mask` and :func:`_softmax64`."""
+    and ``sinks`` as in :func:`attention_mask` and :func:`_softmax64`.
+    Narrow K/V (bfloat16, float16 with float32 q, int8 with ``k_scale``,
+    ``v_scale``) are read as their exact values (int8: ``values * scale``)
+    and give a float32 result."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    dtype = np.result_type(compute_dtype(q.dtype, "q"), compute_dtype(k.dtype, "k"),
-                           compute_dtype(v.dtype, "v"))
+    if narrow_kv(q, k, v, k_scale, v_scale) is not None:  # fastattn's dtype rule
+        dtype = np.dtype(np.float32)
+        q = q.astype(np.float32)
+        if k_scale is not None:
+            k = k.astype(np.float64) * np.asarray(k_scale, np.float64)[..., None]
+            v = v.astype(np.float64) * np.asarray(v_scale, np.float64)[..., None]
+        k, v = k.astype(np.float64), v.astype(np.float64)
+    else:
+        dtype = np.result_type(compute_dtype(q.dtype, "q"), compute_dtype(k.dtype, "k"),
+                               compute_dtype(v.dtype, "v"))
     three_d = q.ndim == 3
     if three_d:
         if attn_mask is not None:  # broadcast to (B, Lq, Lk), then add the head axis
@@ -378,3 +391,31 @@ def multi_head_attention(params, query, key=None, value=None, *, num_heads, num_
         y[padded] = 0.0
     y = y.astype(dtype)
     return (y, weights.astype(dtype)) if return_weights else y
+
+
+def quantize_kv(x, *, num_threads=None):
+    """Symmetric int8 per row of the last axis, in float32 as fastattn
+    computes it: ``scale = max|x| / 127``, ``values = rint(x / scale)``
+    (half to even); a zero row gets scale 0 and values 0; a row with NaN a
+    NaN scale and values 0, one with inf an inf scale and values 0."""
+    x = np.asarray(x)
+    x = x.astype(np.float32)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one axis")
+    a = np.abs(x)
+    amax = a.max(axis=-1, initial=np.float32(0)) if x.shape[-1] else np.zeros(x.shape[:-1], np.float32)
+    amax = np.where(np.isnan(a).any(axis=-1), np.float32(np.nan), amax).astype(np.float32)
+    scales = (amax / np.float32(127)).astype(np.float32)
+    usable = (scales > 0) & np.isfinite(scales)
+    safe = np.where(usable, scales, np.float32(1)).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        q = np.rint(x / safe[..., None])
+    q = np.where(usable[..., None], np.clip(q, -127, 127), 0)
+    return q.astype(np.int8), scales
+
+
+def dequantize_kv(values, scales, *, num_threads=None):
+    """``values * scales[..., None]`` in float32."""
+    values = np.asarray(values)
+    scales = np.asarray(scales, np.float32)
+    return values.astype(np.float32) * scales[..., None]

@@ -607,3 +607,23 @@ SMALL_CALLS = {
 }
 # kernels that take num_threads= (sequence_mask is pure NumPy)
 THREADED = {name for name in SMALL_CALLS if name != "sequence_mask"}
+
+
+@st.composite
+def quantize_kv_calls(draw):
+    """Rows of any length in any layout and real dtype (rounded to float32)."""
+    shape = draw(lead_shape(draw(st.integers(0, 3)), 40, zero=True)) + (draw(st.integers(1, 70)),)
+    kw = {}
+    if draw(st.booleans()):
+        kw["num_threads"] = draw(st.integers(1, 3))
+    return Call((draw(float_input(shape)),), kw, draw(isas))
+
+
+@st.composite
+def dequantize_kv_calls(draw):
+    """int8 values in a drawn layout with float32 scales, zero scales included."""
+    shape = draw(lead_shape(draw(st.integers(0, 3)), 40, zero=True)) + (draw(st.integers(1, 70)),)
+    rng = np.random.default_rng(draw(seeds))
+    values = rng.integers(-127, 128, shape).astype(np.int8)
+    scales = (rng.random(shape[:-1]) * draw(st.sampled_from([0.0, 1e-3, 1.0]))).astype(np.float32)
+    return Call((draw(laid_out(values)), scales), {}, draw(isas))

@@ -233,7 +233,16 @@ def _valid_calls():
             q=ARRAY, k=ARRAY, v=ARRAY, attn_mask=OPT_ARRAY, key_lengths=LENGTHS,
             query_lengths=LENGTHS, is_causal=FLAG, causal_alignment=CHOICE, scale=OPT_REAL,
             alibi_slopes=OPT_ARRAY, return_weights=FLAG, out=OUT, num_threads=THREADS,
-            key_starts=LENGTHS, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY)),
+            key_starts=LENGTHS, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY,
+            k_scale=OPT_ARRAY, v_scale=OPT_ARRAY)),
+        "paged_attention": ((q[:, :, :1], np.zeros((3, 4, 2, 4), np.float32),
+                             np.zeros((3, 4, 2, 4), np.float32), [[0, 1]], [6]), dict(
+            q=ARRAY, key_cache=ARRAY, value_cache=ARRAY, block_tables=LENGTHS, seq_lens=LENGTHS,
+            is_causal=FLAG, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY, scale=OPT_REAL,
+            alibi_slopes=OPT_ARRAY, out=OUT, num_threads=THREADS)),
+        "quantize_kv": ((z3,), dict(x=ARRAY, num_threads=THREADS)),
+        "dequantize_kv": ((np.zeros((2, 3, 4), np.int8), np.ones((2, 3), np.float32)), dict(
+            values=ARRAY, scales=ARRAY, num_threads=THREADS)),
         "varlen_attention": ((q[0].transpose(1, 0, 2), q[0].transpose(1, 0, 2),
                               q[0].transpose(1, 0, 2), [0, 3], [0, 3]), dict(
             q=ARRAY, k=ARRAY, v=ARRAY, cu_seqlens_q=LENGTHS, cu_seqlens_k=LENGTHS,
@@ -436,12 +445,12 @@ def _class_calls():
             method(layer, "load_state_dict", _layer_state), (layer().state_dict(),), {},
             dict(state=STATE)),
         "MultiHeadAttention.new_cache": (method(layer, "new_cache", _layer_state), (2, 4), {},
-                                         dict(batch_size=COUNT, max_len=COUNT)),
+                                         dict(batch_size=COUNT, max_len=COUNT, kv_dtype=DTYPE)),
         "MultiHeadAttention.to": (method(layer, "to", _layer_state), ("cpu",), {},
                                   dict(device=DEVICE)),
         "KVCache": (constructor(fastattn.KVCache), (2, 4, 2, 4), {}, dict(
             batch_size=COUNT, max_len=COUNT, num_kv_heads=COUNT, head_dim=COUNT, dtype=DTYPE,
-            v_head_dim=OPT_COUNT, device=DEVICE)),
+            v_head_dim=OPT_COUNT, device=DEVICE, kv_dtype=DTYPE)),
         "KVCache.reset": (method(cache, "reset", cache_state), ([1, 1],), {},
                           dict(lengths=LENGTHS)),
         "KVCache.to": (method(cache, "to", cache_state), ("cpu",), {}, dict(device=DEVICE)),

@@ -44,6 +44,13 @@ def exact(got, ref, args, kwargs):
     assert_exact(got, ref)
 
 
+def exact_each(got, ref, args, kwargs):
+    """A tuple of results, each exactly the oracle's."""
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert_exact(g, r)
+
+
 _PE_KEYS = ("layout", "min_timescale", "max_timescale", "start_index")
 
 
@@ -127,6 +134,8 @@ CASES = [
          compare=scores_close),
     Case("apply_rotary", S.apply_rotary_calls(), compare=rotary_angles_close),
     Case("alibi_slopes", S.alibi_slopes_calls()),
+    Case("quantize_kv", S.quantize_kv_calls(), compare=exact_each),
+    Case("dequantize_kv", S.dequantize_kv_calls(), compare=exact),
     Case("varlen_attention", S.varlen_attention_calls(), compare=scores_close),
     Case("paged_attention", S.paged_attention_calls(), compare=scores_close),
 ]

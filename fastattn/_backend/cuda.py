@@ -694,11 +694,12 @@ class _PreparedMask:
 def attention(q, k, v, out, *, weights=None, scale, mask=None, mask_kind=_MASK_NONE,
               key_len=None, query_len=None, is_causal=False, alignment=_TOP_LEFT,
               alibi_slopes=None, key_start=None, window_left=None, window_right=None,
-              softcap=0.0, sinks=None, num_threads):
+              softcap=0.0, sinks=None, kv_dtype=0, k_scale=None, v_scale=None, num_threads):
     """The CPU backend's ``attention`` kernel on device arrays: cuBLAS Q Kᵀ,
     the fused masked softmax, cuBLAS P V. ``num_threads`` is ignored; the
-    model-feature arguments are not implemented here yet."""
+    model-feature arguments and narrow K/V are not implemented here yet."""
     for public, unset in (("key_starts", key_start is None),
+                          ("k_scale", kv_dtype == 0 and k_scale is None and v_scale is None),
                           ("window", window_left is None and window_right is None),
                           ("softcap", softcap == 0.0), ("sinks", sinks is None)):
         if not unset:

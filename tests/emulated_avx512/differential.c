@@ -91,6 +91,23 @@ static int64_t count_bad(const char *y, const char *y0, size_t n, int f64, int64
     return bad;
 }
 
+/* n random K/V elements in a narrow storage (fa_kv_dtype): int8 values,
+ * bfloat16 in [-2, 2), or any finite half up to 2 (denormals included). */
+static void fill_narrow(char *p, size_t n, int kvd) {
+    for (size_t i = 0; i < n; ++i) {
+        if (kvd == FA_KV_I8) {
+            ((int8_t *)p)[i] = (int8_t)ri(-127, 127);
+        } else if (kvd == FA_KV_BF16) {
+            const float f = (float)(rf() * 2);
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+        } else {
+            ((uint16_t *)p)[i] = (uint16_t)((rnd() & 1) << 15 | (rnd() % 17) << 10 | (rnd() & 0x3ff));
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ attention */
 static int run_attention(int iter) {
     const int f64 = (int)(rnd() % 2);
@@ -141,6 +158,28 @@ static int run_attention(int iter) {
     a.q = (fa_view4){q, {H * Lq * qrow, Lq * qrow, qrow, 1}};
     a.k = (fa_view4){k, {Hkv * Lk * krow, Lk * krow, krow, 1}};
     a.v = (fa_view4){v, {Hkv * Lk * vrow, Lk * vrow, vrow, 1}};
+    /* float cases read K/V in one of the narrow storages half of the time */
+    const int kvd = f64 || rnd() % 2 ? FA_KV_SAME : (int)ri(FA_KV_BF16, FA_KV_I8);
+    char *kn = NULL, *vn = NULL;
+    float *ksc = NULL, *vsc = NULL;
+    if (kvd != FA_KV_SAME) {
+        const size_t kes = kvd == FA_KV_I8 ? 1 : 2, ns = (size_t)(B * Hkv * Lk);
+        kn = malloc(nk * kes + 1);
+        vn = malloc(nv * kes + 1);
+        fill_narrow(kn, nk, kvd);
+        fill_narrow(vn, nv, kvd);
+        a.k.data = kn;
+        a.v.data = vn;
+        a.kv_dtype = kvd;
+        if (kvd == FA_KV_I8) {
+            ksc = malloc(ns * 4 + 4);
+            vsc = malloc(ns * 4 + 4);
+            for (size_t i = 0; i < ns; ++i) ksc[i] = (float)(rf() + 1) * 0.01f;
+            for (size_t i = 0; i < ns; ++i) vsc[i] = (float)(rf() + 1) * 0.01f;
+            a.k_scale = (fa_view4){ksc, {Hkv * Lk, Lk, 1, 0}};
+            a.v_scale = (fa_view4){vsc, {Hkv * Lk, Lk, 1, 0}};
+        }
+    }
     a.is_causal = causal != 0;
     a.alignment = causal == 2 ? FA_CAUSAL_BOTTOM_RIGHT : FA_CAUSAL_TOP_LEFT;
     a.scale = (rnd() % 5 == 0) ? rf() * 3 : 1.0 / sqrt((double)D);
@@ -226,11 +265,11 @@ static int run_attention(int iter) {
             bad = 1;
             REPORT("attention case %d, %s vs scalar: f64=%d B=%" PRId64 " H=%" PRId64
                    " Hkv=%" PRId64 " Lq=%" PRId64 " Lk=%" PRId64 " D=%" PRId64 " Dv=%" PRId64
-                   " causal=%d mask=%d weights=%d alibi=%d key_len=%d query_len=%d special=%d"
+                   " kv=%d causal=%d mask=%d weights=%d alibi=%d key_len=%d query_len=%d special=%d"
                    " window=%d(%" PRId64 ",%" PRId64 ") softcap=%g sinks=%d key_start=%d:"
                    " status %d vs %d, out %" PRId64 " bad (first [%" PRId64 "] %g vs %g),"
                    " weights %" PRId64 " bad (first [%" PRId64 "] %g vs %g)\n",
-                   iter, level_name[isa], f64, B, H, Hkv, Lq, Lk, D, Dv, causal, masktype, use_w,
+                   iter, level_name[isa], f64, B, H, Hkv, Lq, Lk, D, Dv, kvd, causal, masktype, use_w,
                    use_alibi, use_kl, use_ql, special, a.window, a.window_left, a.window_right,
                    a.softcap, sinks != NULL, ks != NULL, st[isa], st[0], nbad, first, got, want, wbad,
                    wfirst, wgot, wwant);
@@ -241,6 +280,7 @@ static int run_attention(int iter) {
         free(w[isa]);
     }
     free(q); free(k); free(v); free(mask); free(kl); free(ql); free(alibi); free(ks); free(sinks);
+    free(kn); free(vn); free(ksc); free(vsc);
     return bad;
 }
 

@@ -33,6 +33,8 @@
  *     64-byte aligned; emulated as an abort with a message;
  *   - VPSLLD/VPSLLQ: a count above the element width gives 0;
  *   - VPTESTMB: bit i is set when (a & b) byte i is nonzero;
+ *   - VPMOVSXBD / VPMOVZXWD: sign- / zero-extension to 32 bits;
+ *     VCVTDQ2PS: rounded with the MXCSR mode;
  *   - VDPBF16PS: per lane, acc += a[2i+1] b[2i+1], then acc += a[2i] b[2i],
  *     each an fp32 FMA rounded to nearest even, with denormal inputs
  *     (the bf16 operands and the accumulator) read as zero and denormal
@@ -245,6 +247,30 @@ static inline __m512i emu_mm512_cvtepi32_epi64(__m256i v) {
     for (int i = 0; i < 8; ++i) r.q[i] = a.i[i];
     return r.v;
 }
+/* VPMOVSXBD: sign-extend 16 int8 to int32 */
+static inline __m512i emu_mm512_cvtepi8_epi32(__m128i v) {
+    emu_si128 a;
+    emu_si r;
+    a.v = v;
+    for (int i = 0; i < 16; ++i) r.i[i] = (int8_t)a.b[i];
+    return r.v;
+}
+/* VPMOVZXWD: zero-extend 16 uint16 to int32 */
+static inline __m512i emu_mm512_cvtepu16_epi32(__m256i v) {
+    uint16_t a[16];
+    emu_si r;
+    memcpy(a, &v, 32);
+    for (int i = 0; i < 16; ++i) r.u[i] = a[i];
+    return r.v;
+}
+/* VCVTDQ2PS: int32 to float, rounded with the MXCSR mode (nearest-even) */
+static inline __m512 emu_mm512_cvtepi32_ps(__m512i v) {
+    emu_si a;
+    emu_ps r;
+    a.v = v;
+    for (int i = 0; i < 16; ++i) r.f[i] = (float)a.i[i];
+    return r.v;
+}
 /* VRNDSCALE lane: imm bits 7:4 = M (only 0 is emulated), bit 2 = use the
  * MXCSR mode (nearest-even by default), bits 1:0 = nearest/floor/ceil/trunc;
  * bit 3 (suppress precision exception) does not change the value */
@@ -415,6 +441,9 @@ static inline __mmask16 emu_mm_test_epi8_mask(__m128i a_, __m128i b_) {
 #define _mm512_cvtps_epi32 emu_mm512_cvtps_epi32
 #define _mm512_cvtpd_epi32 emu_mm512_cvtpd_epi32
 #define _mm512_cvtepi32_epi64 emu_mm512_cvtepi32_epi64
+#define _mm512_cvtepi8_epi32 emu_mm512_cvtepi8_epi32
+#define _mm512_cvtepu16_epi32 emu_mm512_cvtepu16_epi32
+#define _mm512_cvtepi32_ps emu_mm512_cvtepi32_ps
 #define _mm512_roundscale_ps emu_mm512_roundscale_ps
 #define _mm512_roundscale_pd emu_mm512_roundscale_pd
 #define _mm512_slli_epi32 emu_mm512_slli_epi32

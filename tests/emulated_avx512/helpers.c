@@ -41,7 +41,8 @@
     void storen32_##s(float *, const float *, int64_t);                            \
     void loadn64_##s(const double *, int64_t, double *);                           \
     void storen64_##s(double *, const double *, int64_t);                          \
-    void max32_##s(const float *, const float *, float *);
+    void max32_##s(const float *, const float *, float *);                         \
+    void widen_##s(const void *, int, int64_t, float *);
 DECLARE(avx2)
 DECLARE(avx512)
 
@@ -234,6 +235,52 @@ static void test_loadn_storen(void) {
     }
 }
 
+/* Narrow K/V widening: every one of the 65536 bfloat16 and half bit
+ * patterns and the 256 int8 values, at both levels, against the exact
+ * value (computed here from the bits, independently of simd_map.h): bit
+ * for bit, NaNs as quiet NaNs with the payload kept. The odd count (65535)
+ * exercises the loadn tail. */
+static float half_value(uint16_t h) {
+    const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    const float sign = (h & 0x8000) ? -1.0f : 1.0f;
+    if (e == 0x1f) {
+        if (m == 0) return sign * INFINITY;
+        uint32_t u = (h & 0x8000u) << 16 | 0x7fc00000u | (uint32_t)m << 13;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return sign * (e ? ldexpf((float)(m | 0x400), e - 25) : ldexpf((float)m, -24));
+}
+static void test_widen(void) {
+    static uint16_t bits[65536];
+    static int8_t i8[256];
+    static float want[65536], got[65536];
+    for (int i = 0; i < 65536; ++i) bits[i] = (uint16_t)i;
+    for (int i = 0; i < 256; ++i) i8[i] = (int8_t)(i - 128);
+    for (int kind = 1; kind <= 3; ++kind) {
+        const int64_t n = kind == 3 ? 255 : 65535;
+        for (int64_t i = 0; i < n; ++i) {
+            if (kind == 1) {
+                uint32_t u = (uint32_t)bits[i] << 16;
+                memcpy(&want[i], &u, 4);
+            } else {
+                want[i] = kind == 2 ? half_value(bits[i]) : (float)i8[i];
+            }
+        }
+        const void *src = kind == 3 ? (const void *)i8 : (const void *)bits;
+        for (int level = 1; level <= 2; ++level) {
+            memset(got, 0, sizeof got);
+            if (level == 1) widen_avx2(src, kind, n, got);
+            else widen_avx512(src, kind, n, got);
+            int bad = 0;
+            for (int64_t i = 0; i < n; ++i) bad += memcmp(&got[i], &want[i], 4) != 0;
+            CHECK(bad == 0, "widen kind %d level %d: %d of %" PRId64 " values differ", kind, level,
+                  bad, n);
+        }
+    }
+}
+
 int main(void) {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
@@ -247,7 +294,8 @@ int main(void) {
     test_reductions();
     test_keep();
     test_loadn_storen();
-    printf("helpers: hmax/hsum on 100000 random vectors, keep for every drop/r, loadn/storen for every n: %d failing checks\n",
+    test_widen();
+    printf("helpers: hmax/hsum on 100000 random vectors, keep for every drop/r, loadn/storen for every n, narrow K/V widening of every bit pattern: %d failing checks\n",
            fails - f);
     return fails ? 1 : 0;
 }

@@ -29,6 +29,7 @@ void H(storen32)(float *y, const float *x, int64_t n);
 void H(loadn64)(const double *x, int64_t n, double *y);
 void H(storen64)(double *y, const double *x, int64_t n);
 void H(max32)(const float *a, const float *b, float *y);
+void H(widen)(const void *x, int kind, int64_t n, float *y);
 
 int H(lanes32)(void) { return FA_VF32_LANES; }
 int H(lanes64)(void) { return FA_VF64_LANES; }
@@ -56,3 +57,18 @@ void H(storen32)(float *y, const float *x, int64_t n) { vf32_storen(y, vf32_load
 void H(loadn64)(const double *x, int64_t n, double *y) { vf64_storeu(y, vf64_loadn(x, n)); }
 void H(storen64)(double *y, const double *x, int64_t n) { vf64_storen(y, vf64_loadu(x), n); }
 void H(max32)(const float *a, const float *b, float *y) { vf32_storeu(y, vf32_max(vf32_loadu(a), vf32_loadu(b))); }
+/* n narrow K/V elements (kind 1 bfloat16, 2 half, 3 int8) widened to float,
+ * whole vectors then one loadn tail */
+void H(widen)(const void *x, int kind, int64_t n, float *y) {
+    int64_t i = 0;
+    for (; i + FA_VF32_LANES <= n; i += FA_VF32_LANES)
+        vf32_storeu(y + i, kind == 1   ? vf32_load_bf16((const uint16_t *)x + i)
+                           : kind == 2 ? vf32_load_f16((const uint16_t *)x + i)
+                                       : vf32_load_i8((const int8_t *)x + i));
+    if (i < n)
+        vf32_storen(y + i,
+                    kind == 1   ? vf32_loadn_bf16((const uint16_t *)x + i, n - i)
+                    : kind == 2 ? vf32_loadn_f16((const uint16_t *)x + i, n - i)
+                                : vf32_loadn_i8((const int8_t *)x + i, n - i),
+                    n - i);
+}

@@ -1,0 +1,153 @@
+"""Narrow K/V storage: symmetric int8 quantisation per token per head, and
+the dtype rule for K/V that the attention kernel reads without widening a
+copy (bfloat16, float16, int8 with scales, against float32 queries)."""
+
+import numpy as np
+
+from fastattn import _backend, _kernels
+from fastattn._config import resolve_num_threads
+from fastattn._validation import as_array, compute_dtype, float_array, kernel_addressable
+
+_F32 = np.dtype(np.float32)
+_I8 = np.dtype(np.int8)
+
+#: K/V storage dtypes the kernel reads directly, by dtype name.
+NARROW_KV_DTYPES = ("bfloat16", "float16", "int8")
+
+
+def _cpu_only(arrays, names, func):
+    if _backend.device_of(*arrays, names=names) == "cuda":
+        raise TypeError(f"{func} runs on the CPU only; got CUDA arrays for {', '.join(names)}")
+
+
+def _float32_rows(x, name):
+    """``x`` as float32 (bfloat16 included), with at least one axis."""
+    arr = as_array(x, name)
+    if arr.dtype.name != "bfloat16":
+        compute_dtype(arr.dtype, name)  # TypeError for complex, object, ...
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must have at least one axis (the head dim), got a scalar")
+    arr = np.ascontiguousarray(arr, dtype=_F32)
+    # a misaligned buffer stays misaligned through ascontiguousarray
+    return arr if kernel_addressable(arr) else arr.copy()
+
+
+def quantize_kv(x, *, num_threads=None):
+    """Symmetric int8 quantisation with one scale per token per head.
+
+    Over the last (head) axis, ``scale = max|x| / 127`` and
+    ``values = rint(x / scale)``, both in float32 (round half to even, so
+    ``|values| <= 127``). A row of zeros gets scale 0 and values 0, never
+    NaN; a row holding NaN gets a NaN scale (inf: an inf scale) and values 0.
+
+    Parameters
+    ----------
+    x : array_like, shape ``(..., D)``
+        Real values (float64, float16 and bfloat16 are rounded to float32
+        first).
+    num_threads : int, optional
+
+    Returns
+    -------
+    values : ndarray of int8, shape ``x.shape``
+    scales : ndarray of float32, shape ``x.shape[:-1]``
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> values, scales = fastattn.quantize_kv(np.array([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
+    >>> values.tolist(), scales.tolist()
+    ([[64, -127, 32], [0, 0, 0]], [0.015748031437397003, 0.0])
+    """
+    _cpu_only((x,), ("x",), "quantize_kv")
+    xa = _float32_rows(x, "x")
+    nt = resolve_num_threads(num_threads)
+    values = np.empty(xa.shape, dtype=_I8)
+    scales = np.empty(xa.shape[:-1], dtype=_F32)
+    rows, D = scales.size, xa.shape[-1]
+    _kernels.quantize_kv(xa.reshape(1, 1, rows, D), values.reshape(1, 1, rows, D),
+                         scales.reshape(1, 1, rows), nt)
+    return values, scales
+
+
+def dequantize_kv(values, scales, *, num_threads=None):
+    """``values * scales[..., None]`` in float32: the inverse of
+    :func:`quantize_kv` (up to its rounding, at most ``scale / 2`` per
+    element).
+
+    Parameters
+    ----------
+    values : ndarray of int8, shape ``(..., D)``
+    scales : array_like, shape ``values.shape[:-1]``
+    num_threads : int, optional
+
+    Returns
+    -------
+    ndarray of float32, shape ``values.shape``
+    """
+    _cpu_only((values, scales), ("values", "scales"), "dequantize_kv")
+    va = as_array(values, "values")
+    if va.dtype != _I8:
+        raise TypeError(f"values must be int8 (from quantize_kv), got dtype {va.dtype}")
+    if va.ndim == 0:
+        raise ValueError("values must have at least one axis (the head dim), got a scalar")
+    sa = float_array(scales, "scales", _F32)
+    if sa.shape != va.shape[:-1]:
+        raise ValueError(f"scales must have shape values.shape[:-1] = {va.shape[:-1]}, "
+                         f"got {sa.shape}")
+    va = np.ascontiguousarray(va)
+    sa = np.ascontiguousarray(sa)
+    if not kernel_addressable(sa):
+        sa = sa.copy()
+    out = np.empty(va.shape, dtype=_F32)
+    rows, D = sa.size, va.shape[-1]
+    _kernels.dequantize_kv(va.reshape(1, 1, rows, D), sa.reshape(1, 1, rows),
+                           out.reshape(1, 1, rows, D), resolve_num_threads(num_threads))
+    return out
+
+
+def narrow_kv(q, k, v, k_scale, v_scale):
+    """The K/V storage code for the kernel when k and v are narrower than q
+    (None: the ordinary path, every input in one compute dtype). Raises the
+    TypeError / ValueError of a bad mix; ``q``, ``k``, ``v`` are arrays."""
+    kd, vd = k.dtype, v.dtype
+    narrow = kd.name in NARROW_KV_DTYPES or vd.name in NARROW_KV_DTYPES
+    int8 = kd == _I8 or vd == _I8
+    if k_scale is None and v_scale is None and not int8:
+        if not narrow:
+            return None
+        # float16 beside another dtype, or with queries other than float32:
+        # promoted to one compute dtype, as any mix of real dtypes is
+        if "bfloat16" not in (kd.name, vd.name) and (kd != vd or q.dtype != _F32):
+            return None
+    if k_scale is not None or v_scale is not None:
+        if not int8:
+            name = "k_scale" if k_scale is not None else "v_scale"
+            raise ValueError(f"{name} is only for int8 k and v; got k {kd}, v {vd}")
+        if k_scale is None or v_scale is None:
+            name = "k_scale" if k_scale is None else "v_scale"
+            raise ValueError(f"{name} is required with int8 k and v (both scales or neither)")
+    elif int8:
+        raise ValueError(f"int8 k and v need k_scale and v_scale (see quantize_kv); "
+                         f"got k {kd}, v {vd}")
+    if kd != vd:
+        raise TypeError(f"k and v must share their narrow storage dtype; got k {kd}, v {vd}")
+    qd = q.dtype
+    if not (qd == _F32 or qd.name in ("bfloat16", "float16")):
+        raise TypeError(f"{kd} k and v are read with float32 queries; got q of dtype {qd}")
+    return _kernels.KV_DTYPE_CODES[kd.name]
+
+
+def kv_scale_array(scale, name, shape, three_d):
+    """``scale`` as float32 of ``shape`` ((B, Hkv, Lk), given as (B, Lk) for
+    3-D inputs), 3-D, with a unit last stride."""
+    arr = float_array(scale, name, _F32)
+    want = (shape[0], shape[2]) if three_d else shape
+    if arr.shape != want:
+        raise ValueError(f"{name} must have shape {want} (one scale per key per kv head), "
+                         f"got {arr.shape}")
+    if three_d:
+        arr = arr[:, None]
+    if arr.shape[-1] > 1 and arr.strides[-1] != 4 or not kernel_addressable(arr):
+        arr = np.ascontiguousarray(arr)
+    return arr
