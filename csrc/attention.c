@@ -201,11 +201,8 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     if (H > 0 && (Hkv == 0 || H % Hkv != 0)) return FA_ERR_INVALID;
     if (a->alignment != FA_CAUSAL_TOP_LEFT && a->alignment != FA_CAUSAL_BOTTOM_RIGHT)
         return FA_ERR_INVALID;
-    if ((a->window & ~(FA_WINDOW_LEFT | FA_WINDOW_RIGHT)) != 0 ||
-        ((a->window & FA_WINDOW_LEFT) && a->window_left < 0) ||
-        ((a->window & FA_WINDOW_RIGHT) && a->window_right < 0))
+    if (!fa_attn_features_ok(a->window, a->window_left, a->window_right, a->softcap))
         return FA_ERR_INVALID;
-    if (!(a->softcap >= 0.0) || a->softcap > 1e300) return FA_ERR_INVALID; /* NaN, inf */
     const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
     /* narrow K/V: float queries only; int8 needs both scale views */
     const int kvd = a->kv_dtype;
@@ -387,11 +384,8 @@ int fa_paged_attention(int dtype, const fa_paged_args *a, int num_threads) {
     if (B < 0 || H < 0 || Hkv < 0 || Lq < 0 || D < 0 || Dv < 0 || nb < 0 || bs < 1 || mb < 0)
         return FA_ERR_INVALID;
     if (H > 0 && (Hkv == 0 || H % Hkv != 0)) return FA_ERR_INVALID;
-    if ((a->window & ~(FA_WINDOW_LEFT | FA_WINDOW_RIGHT)) != 0 ||
-        ((a->window & FA_WINDOW_LEFT) && a->window_left < 0) ||
-        ((a->window & FA_WINDOW_RIGHT) && a->window_right < 0))
+    if (!fa_attn_features_ok(a->window, a->window_left, a->window_right, a->softcap))
         return FA_ERR_INVALID;
-    if (!(a->softcap >= 0.0) || a->softcap > 1e300) return FA_ERR_INVALID;
     const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
     int st;
     if ((st = check_view(&a->q, B, H, Lq, D, es)) != FA_OK) return st;

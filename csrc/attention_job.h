@@ -76,6 +76,16 @@ typedef struct {
     int64_t bt_stride, block_size;
 } fa_attn_job;
 
+/* The window flags and sides and the softcap of an entry point's
+ * arguments are valid: only the two window flags, sides >= 0 where set,
+ * softcap 0 (off) or finite and positive (NaN and inf refused). */
+static inline int fa_attn_features_ok(int window, int64_t left, int64_t right, double softcap) {
+    if ((window & ~(FA_WINDOW_LEFT | FA_WINDOW_RIGHT)) != 0) return 0;
+    if (((window & FA_WINDOW_LEFT) && left < 0) || ((window & FA_WINDOW_RIGHT) && right < 0))
+        return 0;
+    return softcap >= 0.0 && softcap <= 1e300;
+}
+
 /* i_pos - i for sequence b: the causal / ALiBi / window diagonal offset. */
 static inline int64_t fa_attn_offset(const fa_attn_job *job, int64_t b) {
     if (job->block_table) return job->key_len.data[b * job->key_len.stride_b] - job->Lq;

@@ -9,19 +9,4 @@
 #define FA_ISA_LEVEL 0
 #include "simd_map.h"
 
-#define FA_T_F64 0
-#include "attention_impl.h"
-#undef FA_T_F64
-#define FA_T_F64 1
-#include "attention_impl.h"
-#undef FA_T_F64
-#define FA_T_F64 0
-#define FA_KV 1
-#include "attention_impl.h"
-#undef FA_KV
-#define FA_KV 2
-#include "attention_impl.h"
-#undef FA_KV
-#define FA_KV 3
-#include "attention_impl.h"
-#undef FA_KV
+#include "attention_instances.h"

@@ -83,11 +83,8 @@ int fa_varlen_attention(int dtype, const fa_varlen_args *a, int num_threads) {
     if (H > 0 && (Hkv == 0 || H % Hkv != 0)) return FA_ERR_INVALID;
     if (a->alignment != FA_CAUSAL_TOP_LEFT && a->alignment != FA_CAUSAL_BOTTOM_RIGHT)
         return FA_ERR_INVALID;
-    if ((a->window & ~(FA_WINDOW_LEFT | FA_WINDOW_RIGHT)) != 0 ||
-        ((a->window & FA_WINDOW_LEFT) && a->window_left < 0) ||
-        ((a->window & FA_WINDOW_RIGHT) && a->window_right < 0))
+    if (!fa_attn_features_ok(a->window, a->window_left, a->window_right, a->softcap))
         return FA_ERR_INVALID;
-    if (!(a->softcap >= 0.0) || a->softcap > 1e300) return FA_ERR_INVALID;
     if (!check_cu(a->cu_q, B, a->total_q) || !check_cu(a->cu_k, B, a->total_k))
         return FA_ERR_INVALID;
     const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
