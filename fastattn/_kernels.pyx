@@ -33,7 +33,12 @@ cdef inline int dtype_code(cnp.ndarray a) except -1:
         return FA_DTYPE_F32
     if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64:
         return FA_DTYPE_F64
-    raise TypeError(f"fastattn: kernel dtype must be float32 or float64, got {a.dtype}")
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT16:
+        return FA_DTYPE_F16
+    if a.dtype.name == "bfloat16":
+        return FA_DTYPE_BF16
+    raise TypeError(f"fastattn: kernel dtype must be float32, float64, float16 or bfloat16, "
+                    f"got {a.dtype}")
 
 
 cdef inline int64_t elem_stride(Py_ssize_t stride, Py_ssize_t item) except? -1:
@@ -127,6 +132,7 @@ CAUSAL_NONE = FA_CAUSAL_NONE
 CAUSAL_ALIGNMENTS = {"top_left": FA_CAUSAL_TOP_LEFT, "bottom_right": FA_CAUSAL_BOTTOM_RIGHT}
 SEQUENCE_MASK_MODES = {"mul": FA_SEQMASK_MUL, "add": FA_SEQMASK_ADD}
 PE_LAYOUTS = {"concat": FA_PE_CONCAT, "interleaved": FA_PE_INTERLEAVED}
+KV_SAME = FA_KV_SAME
 KV_DTYPE_CODES = {"bfloat16": FA_KV_BF16, "float16": FA_KV_F16, "int8": FA_KV_I8}
 ROPE_NONE = FA_ROPE_NONE
 ROPE_LAYOUTS = {"neox": FA_ROPE_NEOX, "gptj": FA_ROPE_GPTJ}

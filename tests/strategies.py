@@ -329,9 +329,17 @@ def scaled_dot_product_attention_calls(draw):
     kw.update(draw(feature_kwargs(H)))
     if draw(st.integers(0, 3)) == 0:
         kw["key_starts"] = np.random.default_rng(draw(seeds)).integers(0, Lk + 1, size=B)
-    dtype = np.result_type(*(fastattn._validation.compute_dtype(a.dtype, "x") for a in (q, k, v)))
+    dtype = attention_result_dtype(q, k, v)
     kw.update(draw(out_kwarg((B, Lq, Dv) if three_d else (B, H, Lq, Dv), dtype)))
     return Call((q, k, v), kw, draw(isas))
+
+
+def attention_result_dtype(q, k, v):
+    """float16 q, k and v give a float16 result (computed in float32);
+    other mixes are promoted to their compute dtype."""
+    if q.dtype.name == k.dtype.name == v.dtype.name == "float16":  # either byte order
+        return np.dtype(np.float16)
+    return np.result_type(*(fastattn._validation.compute_dtype(a.dtype, "x") for a in (q, k, v)))
 
 
 @st.composite
