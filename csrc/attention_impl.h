@@ -136,9 +136,11 @@ static inline T FA_KNAME(q_at, DT)(const fa_attn_job *job, int64_t e) {
 
 /* ---- scores: St (nk, MQ) = K_tile (nk, D) . Qt (D, MQ) ------------------- */
 
-/* One register tile: MR key rows x 2 vectors of query columns. */
+/* One register tile: MR key rows x 2 vectors of query columns. mx: NULL,
+ * or the running tile max of these query columns, folded in key order with
+ * the same V_MAX sequence as the separate max pass would apply. */
 static inline void FA_KNAME(scores_mr, DT)(const T *qt, const KT *const *rows, int64_t D,
-                                           T *st) {
+                                           T *st, T *mx) {
     V a0[FA_MR], a1[FA_MR];
 #pragma GCC unroll 16
     for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = V_ZERO();
@@ -156,21 +158,36 @@ static inline void FA_KNAME(scores_mr, DT)(const T *qt, const KT *const *rows, i
         V_STOREU(st + r * MQ, a0[r]);
         V_STOREU(st + r * MQ + VL, a1[r]);
     }
+    if (mx) {
+        V m0 = V_LOADU(mx), m1 = V_LOADU(mx + VL);
+#pragma GCC unroll 16
+        for (int r = 0; r < FA_MR; ++r) {
+            m0 = V_MAX(m0, a0[r]);
+            m1 = V_MAX(m1, a1[r]);
+        }
+        V_STOREU(mx, m0);
+        V_STOREU(mx + VL, m1);
+    }
 }
 
 /* Leftover keys (fewer than MR) go through the same register tile: rows
  * past the last key repeat it, and their scores land in tile rows >= nk
  * (inside the NK-row tile, since NK is a multiple of MR) that nothing reads.
- * A one-key loop would run at a quarter of the FMA rate. */
+ * A one-key loop would run at a quarter of the FMA rate. A repeated row
+ * leaves the tile max as it is (V_MAX of a value already folded in).
+ * tmax: NULL, or (MQ) receiving each query column's max over the tile's
+ * scores (the tiles that need no mask, ALiBi or cap skip the max pass). */
 static void FA_KNAME(scores_tile, DT)(const T *qt, const KT *kt, int64_t kst, int64_t D,
-                                      int64_t nk, int64_t ic0, int64_t cols, T *st) {
+                                      int64_t nk, int64_t ic0, int64_t cols, T *st, T *tmax) {
+    if (tmax)
+        for (int64_t i = ic0; i < cols; ++i) tmax[i] = (T)-INFINITY;
     /* query chunk outer: its D x NC slice of Q^T stays in L1 while the
      * key rows stream past */
     for (int64_t ic = ic0; ic < cols; ic += NC) {
         for (int64_t j = 0; j < nk; j += FA_MR) {
             const KT *rows[FA_MR];
             for (int r = 0; r < FA_MR; ++r) rows[r] = kt + (j + r < nk ? j + r : nk - 1) * kst;
-            FA_KNAME(scores_mr, DT)(qt + ic, rows, D, st + j * MQ + ic);
+            FA_KNAME(scores_mr, DT)(qt + ic, rows, D, st + j * MQ + ic, tmax ? tmax + ic : NULL);
         }
     }
 }
@@ -268,26 +285,49 @@ static inline uint32_t FA_KNAME(key_pair, DT)(const uint16_t *row, int64_t p, in
 
 /* MR key rows x 2 vectors of queries: St rows = scale * K rows . Q2. */
 static inline void FA_KNAME(scores_mr_dp, DT)(const uint32_t *q2, const uint16_t *const *rows,
-                                              int64_t D, T scale, T *st) {
+                                              int64_t D, T scale, T *st, T *mx) {
     __m512 a0[FA_MR], a1[FA_MR];
 #pragma GCC unroll 16
     for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-    const int64_t pairs = (D + 1) / 2;
-    for (int64_t p = 0; p < pairs; ++p) {
+    /* whole pairs, then an odd D's last element (its pair's high half 0) */
+    for (int64_t p = 0; p < (D + 1) / 2; ++p) {
         const __m512bh x0 = (__m512bh)_mm512_loadu_si512(q2 + p * MQ);
         const __m512bh x1 = (__m512bh)_mm512_loadu_si512(q2 + p * MQ + 16);
+        if (2 * p + 1 < D) {
 #pragma GCC unroll 16
-        for (int r = 0; r < FA_MR; ++r) {
-            const __m512bh kb = (__m512bh)_mm512_set1_epi32((int)FA_KNAME(key_pair, DT)(rows[r], p, D));
-            a0[r] = _mm512_dpbf16_ps(a0[r], x0, kb);
-            a1[r] = _mm512_dpbf16_ps(a1[r], x1, kb);
+            for (int r = 0; r < FA_MR; ++r) {
+                uint32_t kw;
+                memcpy(&kw, rows[r] + 2 * p, sizeof kw);
+                const __m512bh kb = (__m512bh)_mm512_set1_epi32((int)kw);
+                a0[r] = _mm512_dpbf16_ps(a0[r], x0, kb);
+                a1[r] = _mm512_dpbf16_ps(a1[r], x1, kb);
+            }
+        } else {
+#pragma GCC unroll 16
+            for (int r = 0; r < FA_MR; ++r) {
+                const __m512bh kb = (__m512bh)_mm512_set1_epi32((int)FA_KNAME(key_pair, DT)(rows[r], p, D));
+                a0[r] = _mm512_dpbf16_ps(a0[r], x0, kb);
+                a1[r] = _mm512_dpbf16_ps(a1[r], x1, kb);
+            }
         }
     }
     const __m512 vs = _mm512_set1_ps(scale);
 #pragma GCC unroll 16
     for (int r = 0; r < FA_MR; ++r) {
-        _mm512_storeu_ps(st + r * MQ, _mm512_mul_ps(a0[r], vs));
-        _mm512_storeu_ps(st + r * MQ + 16, _mm512_mul_ps(a1[r], vs));
+        a0[r] = _mm512_mul_ps(a0[r], vs);
+        a1[r] = _mm512_mul_ps(a1[r], vs);
+        _mm512_storeu_ps(st + r * MQ, a0[r]);
+        _mm512_storeu_ps(st + r * MQ + 16, a1[r]);
+    }
+    if (mx) { /* as in scores_mr */
+        __m512 m0 = _mm512_loadu_ps(mx), m1 = _mm512_loadu_ps(mx + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < FA_MR; ++r) {
+            m0 = _mm512_max_ps(m0, a0[r]);
+            m1 = _mm512_max_ps(m1, a1[r]);
+        }
+        _mm512_storeu_ps(mx, m0);
+        _mm512_storeu_ps(mx + 16, m1);
     }
 }
 
@@ -295,12 +335,15 @@ static inline void FA_KNAME(scores_mr_dp, DT)(const uint32_t *q2, const uint16_t
  * land in tile rows >= nk that nothing reads. */
 static void FA_KNAME(scores_tile_dp, DT)(const uint32_t *q2, const uint16_t *kt, int64_t kst,
                                          int64_t D, int64_t nk, int64_t ic0, int64_t cols,
-                                         T scale, T *st) {
+                                         T scale, T *st, T *tmax) {
+    if (tmax)
+        for (int64_t i = ic0; i < cols; ++i) tmax[i] = (T)-INFINITY;
     for (int64_t ic = ic0; ic < cols; ic += NC) {
         for (int64_t j = 0; j < nk; j += FA_MR) {
             const uint16_t *rows[FA_MR];
             for (int r = 0; r < FA_MR; ++r) rows[r] = kt + (j + r < nk ? j + r : nk - 1) * kst;
-            FA_KNAME(scores_mr_dp, DT)(q2 + ic, rows, D, scale, st + j * MQ + ic);
+            FA_KNAME(scores_mr_dp, DT)(q2 + ic, rows, D, scale, st + j * MQ + ic,
+                                       tmax ? tmax + ic : NULL);
         }
     }
 }
@@ -311,26 +354,6 @@ static void FA_KNAME(scores_tile_dp, DT)(const uint32_t *q2, const uint16_t *kt,
 static inline __m512i FA_KNAME(bf16_round_lanes, DT)(__m512i u) {
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-}
-
-/* P2 words (t, i) for i in [i0, i1) (multiples of 16 apart) from the float
- * probabilities St (nk, MQ); the pair past an odd nk's end is 0. */
-static void FA_KNAME(pack_p_pairs, DT)(const T *st, int64_t nk, int64_t i0, int64_t i1,
-                                       uint32_t *pp) {
-    for (int64_t t = 0; t < (nk + 1) / 2; ++t) {
-        const int has_hi = 2 * t + 1 < nk;
-        for (int64_t i = i0; i < i1; i += 16) {
-            const __m512i lo = FA_KNAME(bf16_round_lanes, DT)(
-                _mm512_castps_si512(_mm512_loadu_ps(st + 2 * t * MQ + i)));
-            __m512i w = lo;
-            if (has_hi) {
-                const __m512i hi = FA_KNAME(bf16_round_lanes, DT)(
-                    _mm512_castps_si512(_mm512_loadu_ps(st + (2 * t + 1) * MQ + i)));
-                w = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-            }
-            _mm512_storeu_ps((float *)(pp + t * MQ + i), _mm512_castsi512_ps(w));
-        }
-    }
 }
 
 /* V2 words (t, c) for c in [0, ldv2) from the nk value rows at vt (row
@@ -570,6 +593,9 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     for (int64_t i = cols; i < rows_mr; ++i) {
         sc->alpha[i] = (T)1;
         for (int64_t j = 0; j < NK; ++j) sc->st[j * MQ + i] = (T)0;
+#if FA_DPBF16
+        for (int64_t t = 0; t < NK / 2; ++t) sc->pp[t * MQ + i] = 0;
+#endif
     }
 
     /* keys past the last row's right limit, or before the first row's left
@@ -599,15 +625,26 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             for (int64_t r = r0; r < ic0; ++r) {
                 sc->alpha[r] = (T)1;
                 for (int64_t j = 0; j < nk; ++j) st[j * MQ + r] = (T)0;
+#if FA_DPBF16
+                for (int64_t t = 0; t < (nk + 1) / 2; ++t) sc->pp[t * MQ + r] = 0;
+#endif
             }
         }
+        /* the right edge needs masking when some key exceeds the first row's
+         * limit, the left edge when some key is below the last row's */
+        const int diag = has_right && kb + nk - 1 > q0 + off + right;
+        const int ledge = has_left && kb < q1 - 1 + off - left;
+        /* a tile that nothing changes after the product (no mask edge, explicit
+         * mask, ALiBi, cap or int8 scale) takes its max from the micro-kernels */
+        const int plain = !diag && !ledge && !job->mask.data && slope == (T)0 && !(cap > (T)0) &&
+                          !KV_SCALED;
         /* 2. scores */
 #if FA_DPBF16
         FA_KNAME(scores_tile_dp, DT)(q2, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
-                                     kst, D, nk, ic0, cols, scale, st);
+                                     kst, D, nk, ic0, cols, scale, st, plain ? sc->tmp : NULL);
 #else
         FA_KNAME(scores_tile, DT)(sc->qt, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
-                                  kst, D, nk, ic0, cols, st);
+                                  kst, D, nk, ic0, cols, st, plain ? sc->tmp : NULL);
 #endif
 #if KV_SCALED
         /* int8 keys: q . (values * scale_j) = (q . values) * scale_j */
@@ -624,12 +661,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         /* 3a. masks that are not vectorised across queries */
         if (job->mask.data)
             FA_KNAME(apply_explicit_mask, DT)(job, b, h, q0 + ic0, rows - ic0, kb, nk, st + ic0, MQ, 1);
-        /* the right edge needs masking when some key exceeds the first row's
-         * limit, the left edge when some key is below the last row's */
-        const int diag = has_right && kb + nk - 1 > q0 + off + right;
-        const int ledge = has_left && kb < q1 - 1 + off - left;
         /* 3b. ALiBi, causal diagonal, tile max */
-        for (int64_t ic = ic0; ic < cols; ic += VL) {
+        for (int64_t ic = ic0; ic < cols && !plain; ic += VL) {
             V ref = V_ZERO();
             if (slope != (T)0) {
                 T lanes[64];
@@ -669,18 +702,41 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             const V msafe = V_MAX(V_SET1(-T_MAX), mnew);
             const V alpha = V_EXP_NONPOS(V_SUB(mold, msafe));
             V sum = V_ZERO();
+#if FA_DPBF16
+            /* P goes straight to its bf16 pairs of keys (the P2 tile); the
+             * sum is of the float probabilities, in the same order */
+            /* e^x as 2^(x log2 e): the base-2 exponential's reduction is one
+             * exact subtraction, three vector operations fewer than e^x's */
+            const V vlog2e = V_SET1((T)T_LOGB_E);
+            int64_t j = 0;
+            for (; j + 2 <= nk; j += 2) {
+                const V p0 = V_EXPB_NONPOS(V_MUL(V_SUB(V_LOADU(st + j * MQ + ic), msafe), vlog2e));
+                const V p1 = V_EXPB_NONPOS(V_MUL(V_SUB(V_LOADU(st + (j + 1) * MQ + ic), msafe), vlog2e));
+                sum = V_ADD(V_ADD(sum, p0), p1);
+                const __m512i w = _mm512_or_si512(
+                    FA_KNAME(bf16_round_lanes, DT)(_mm512_castps_si512(p0)),
+                    _mm512_slli_epi32(FA_KNAME(bf16_round_lanes, DT)(_mm512_castps_si512(p1)), 16));
+                _mm512_storeu_ps((float *)(sc->pp + j / 2 * MQ + ic), _mm512_castsi512_ps(w));
+            }
+            if (j < nk) { /* odd nk: the last pair's high half is 0 */
+                const V p0 = V_EXPB_NONPOS(V_MUL(V_SUB(V_LOADU(st + j * MQ + ic), msafe), vlog2e));
+                sum = V_ADD(sum, p0);
+                _mm512_storeu_ps((float *)(sc->pp + j / 2 * MQ + ic),
+                                 _mm512_castsi512_ps(FA_KNAME(bf16_round_lanes, DT)(_mm512_castps_si512(p0))));
+            }
+#else
             for (int64_t j = 0; j < nk; ++j) {
                 const V p = V_EXP_NONPOS(V_SUB(V_LOADU(st + j * MQ + ic), msafe));
                 V_STOREU(st + j * MQ + ic, p);
                 sum = V_ADD(sum, p);
             }
+#endif
             V_STOREU(sc->l + ic, V_FMADD(V_LOADU(sc->l + ic), alpha, sum));
             V_STOREU(sc->m + ic, mnew);
             V_STOREU(sc->alpha + ic, alpha);
         }
         /* 4. acc = alpha * acc + P^T V */
 #if FA_DPBF16
-        FA_KNAME(pack_p_pairs, DT)(st, nk, r0 / 16 * 16, FA_ALIGN_UP(rows_mr, 16), sc->pp);
         FA_KNAME(pack_v_pairs, DT)(FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
                                    Dv, sc->ldv2, sc->v2);
         FA_KNAME(pv_tile_dp, DT)(sc, nk, r0, rows_mr);
