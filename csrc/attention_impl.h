@@ -93,6 +93,8 @@ typedef struct {
      * V as bf16 pairs of keys (NK/2, ldv2), 32-bit words */
     uint32_t *pp, *v2;
     int64_t ldv2;
+    /* narrow K/V widened once per tile (tiled path): K (NK, D), V (NK, Dv) */
+    T *kw, *vw;
 } FA_KNAME(attn_scratch, DT);
 
 static FA_KNAME(attn_scratch, DT) FA_KNAME(attn_carve, DT)(T *base, int64_t D, int64_t Dv) {
@@ -109,6 +111,8 @@ static FA_KNAME(attn_scratch, DT) FA_KNAME(attn_carve, DT)(T *base, int64_t D, i
     s.pp = (uint32_t *)(((uintptr_t)(s.tmp + MQ) + 63) & ~(uintptr_t)63);
     s.v2 = s.pp + (int64_t)(NK / 2) * MQ;
     s.ldv2 = FA_ALIGN_UP(Dv, 32);
+    s.kw = (T *)(((uintptr_t)(s.v2 + (int64_t)(NK / 2) * s.ldv2) + 63) & ~(uintptr_t)63);
+    s.vw = s.kw + FA_ALIGN_UP((int64_t)NK * D, align);
     return s;
 }
 
@@ -418,6 +422,32 @@ static void FA_KNAME(pv_tile_dp, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64
 }
 #endif /* FA_DPBF16 */
 
+#if FA_KV != 0 && !FA_DPBF16
+/* The tiled path widens a narrow K or V tile once, to (nk, cols) floats at
+ * dst, and then runs the float instance's micro-kernels on it: each element
+ * is converted once per tile instead of once per query block that reads it
+ * (a broadcast of a half element costs a scalar conversion, and a vector of
+ * halves without F16C a dozen integer operations). vsc: NULL, or the int8
+ * rows' scales, applied here as the float kernels would apply them. */
+static void FA_KNAME(widen_tile, DT)(const KT *src, int64_t sst, int64_t nk, int64_t cols,
+                                     const T *vsc, T *dst) {
+    for (int64_t j = 0; j < nk; ++j) {
+        const KT *row = src + j * sst;
+        T *out = dst + j * cols;
+        const V sj = V_SET1(vsc ? vsc[j] : (T)1);
+        int64_t c = 0;
+        for (; c + VL <= cols; c += VL) {
+            const V x = KV_LOADU(row + c);
+            V_STOREU(out + c, vsc ? V_MUL(x, sj) : x);
+        }
+        if (c < cols) {
+            const V x = KV_LOADN(row + c, cols - c);
+            V_STOREN(out + c, vsc ? V_MUL(x, sj) : x, cols - c);
+        }
+    }
+}
+#endif
+
 /* ---- shared pieces ----------------------------------------------------------- */
 
 /* Explicit masks on a score held as s[(key j) * sj + (query i) * si]. */
@@ -643,8 +673,14 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         FA_KNAME(scores_tile_dp, DT)(q2, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
                                      kst, D, nk, ic0, cols, scale, st, plain ? sc->tmp : NULL);
 #else
+#if FA_KV != 0
+        FA_KNAME(widen_tile, DT)(FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb), kst, nk, D,
+                                 NULL, sc->kw);
+        FA_KNAME(scores_tile, f32)(sc->qt, sc->kw, D, D, nk, ic0, cols, st, plain ? sc->tmp : NULL);
+#else
         FA_KNAME(scores_tile, DT)(sc->qt, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
                                   kst, D, nk, ic0, cols, st, plain ? sc->tmp : NULL);
+#endif
 #endif
 #if KV_SCALED
         /* int8 keys: q . (values * scale_j) = (q . values) * scale_j */
@@ -741,9 +777,16 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
                                    Dv, sc->ldv2, sc->v2);
         FA_KNAME(pv_tile_dp, DT)(sc, nk, r0, rows_mr);
 #else
+#if FA_KV != 0
+        FA_KNAME(widen_tile, DT)(FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk, Dv,
+                                 vsc ? vsc + kb : NULL, sc->vw);
+        FA_KNAME(pv_tile, f32)(st, sc->vw, Dv, nk, Dv, r0, rows_mr, sc->alpha, sc->acc, sc->ldacc,
+                               NULL);
+#else
         FA_KNAME(pv_tile, DT)(st, FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
                               Dv, r0, rows_mr, sc->alpha,
                               sc->acc, sc->ldacc, vsc ? vsc + kb : NULL);
+#endif
 #endif
     }
 

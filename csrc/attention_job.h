@@ -130,8 +130,8 @@ static inline int64_t fa_attn_k_row0(const fa_attn_job *job, int64_t b) {
 /* Scratch elements one thread needs for fa_attention_block_*: Q^T block,
  * score tile, accumulator, per-row state, the bf16 pair tiles of the
  * vdpbf16ps kernels (probabilities (NK/2, MQ) and values (NK/2, Dv + 32),
- * 32-bit pairs), plus slack for 64-byte alignment of each region. -1 on
- * overflow. */
+ * 32-bit pairs), the widened narrow K/V tiles (NK, D) and (NK, Dv), plus
+ * slack for 64-byte alignment of each region. -1 on overflow. */
 static inline int64_t fa_attention_scratch_elems(int64_t D, int64_t Dv) {
     int64_t qt, acc, v2;
     /* the accumulator's row stride rounds Dv up to a 32-lane chunk */
@@ -142,8 +142,11 @@ static inline int64_t fa_attention_scratch_elems(int64_t D, int64_t Dv) {
     const int64_t tile = (int64_t)FA_ATTN_NK * FA_ATTN_MQ;
     const int64_t rows = 4 * FA_ATTN_MQ;
     if (qt > INT64_MAX / 8 || acc > INT64_MAX / 8 || v2 > INT64_MAX / 8) return -1;
+    /* the widened narrow K and V tiles (FA_ATTN_NK rows of D and of Dv) */
+    int64_t kvw;
+    if (!fa_mul_ok(D + Dv, FA_ATTN_NK, &kvw) || kvw > INT64_MAX / 8) return -1;
     /* + alignment slack of the regions */
-    return qt + tile + acc + rows + tile / 2 + v2 + 128;
+    return qt + tile + acc + rows + tile / 2 + v2 + kvw + 256;
 }
 
 #endif /* FASTATTN_ATTENTION_JOB_H */
