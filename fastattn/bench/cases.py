@@ -4,30 +4,37 @@ each one is.
 Every case is described by attention-style shapes ``(B, H, S, D)`` (batch,
 heads, sequence length, head size), and each case reads them its own way:
 
-==========  ============================================================
-sdpa        ``scaled_dot_product_attention`` on ``q, k, v`` of ``(B, H, S, D)``
-causal      the same with ``is_causal=True``
-padded      the same with half of every sequence padded (``key_lengths = S/2``)
-decode      1 query over a cache of ``S`` keys: ``q`` is ``(B, H, 1, D)``;
-            same-run baseline: reading K and V once
-overhead    the per-call cost: 1 query over ``S`` keys at a tiny shape
-mha         the ``MultiHeadAttention`` layer, ``E = H*D``, on ``(B, S, E)``,
-            with all keys valid and with half of them padded; same-run
-            baseline: the four projections alone as NumPy BLAS products
-mha_decode  one decode step of the layer: 1 new token after ``S - 1``
-            cached in a ``KVCache`` (torch, cacheless, re-projects them all)
-softmax     ``masked_softmax`` on scores ``(B, H, S, S)`` with ``key_lengths``,
-            with a fresh output per call and into a reused ``out=``;
-            same-run baseline: a threaded copy of the scores
-heads       ``split_heads`` of ``(B, S, H*D)`` and ``merge_heads`` back;
-            same-run baselines: NumPy's transpose and a plain copy
-pe          the position-encoding table ``(S, H*D)``
-gil         (not in the default suite) each kernel at ``num_threads=1``
-            from 1 and from 2 Python threads: the wall-time ratio is about
-            1.0 when the GIL is released, 2.0 when it is held
-cuda        (not in the default suite) SDPA on CuPy arrays against torch's
-            math and default backends on the GPU; n/a without a GPU path
-==========  ============================================================
+==============  ============================================================
+sdpa            ``scaled_dot_product_attention`` on ``q, k, v`` of ``(B, H, S, D)``
+causal          the same with ``is_causal=True``
+padded          the same with half of every sequence padded (``key_lengths = S/2``)
+decode          1 query over a cache of ``S`` keys (``H/Hkv`` kv heads): ``q``
+                is ``(B, H, 1, D)``, the cache float32, bfloat16, float16 and
+                int8 (one row each); same-run baseline: reading the row's K and
+                V buffers once; metric: the cosine to the float32 output
+decode_lengths  (not in the default suite) ``decode`` over a sweep of
+                cache lengths, for ``--plot``
+greedy          a greedy decode of ``S`` tokens through a small stack of layers
+                (``fastattn.bench.greedy``) with each narrow cache; its check
+                is the agreement with the float32 cache's tokens
+overhead        the per-call cost: 1 query over ``S`` keys at a tiny shape
+mha             the ``MultiHeadAttention`` layer, ``E = H*D``, on ``(B, S, E)``,
+                with all keys valid and with half of them padded; same-run
+                baseline: the four projections alone as NumPy BLAS products
+mha_decode      one decode step of the layer: 1 new token after ``S - 1``
+                cached in a ``KVCache`` (torch, cacheless, re-projects them all)
+softmax         ``masked_softmax`` on scores ``(B, H, S, S)`` with ``key_lengths``,
+                with a fresh output per call and into a reused ``out=``;
+                same-run baseline: a threaded copy of the scores
+heads           ``split_heads`` of ``(B, S, H*D)`` and ``merge_heads`` back;
+                same-run baselines: NumPy's transpose and a plain copy
+pe              the position-encoding table ``(S, H*D)``
+gil             (not in the default suite) each kernel at ``num_threads=1``
+                from 1 and from 2 Python threads: the wall-time ratio is about
+                1.0 when the GIL is released, 2.0 when it is held
+cuda            (not in the default suite) SDPA on CuPy arrays against torch's
+                math and default backends on the GPU; n/a without a GPU path
+==============  ============================================================
 
 Work is counted as useful work only: flops of the (query, key) pairs that
 are not masked (``2·D`` for ``q·k`` plus ``2·Dv`` for ``p·v`` each), and for
@@ -59,8 +66,10 @@ raises ``NotApplicable``), ``unit`` and ``work`` (for the rate and the
 roofline share) and ``dims``. Optional: ``baselines()`` (same-run
 operations timed alongside, e.g. a copy of the same bytes),
 ``metrics(policy)`` (figures that are not a time per call), ``unavailable``
-(why the row cannot run here) and ``to_numpy``/``sync`` for arrays that do
-not live in host memory. A new dtype needs nothing here: ``--dtype`` reaches
+(why the row cannot run here), ``to_numpy``/``sync`` for arrays that do
+not live in host memory, ``peer_rtol`` (a looser check of the peers),
+``compare_output``/``mismatch_note`` (a check other than the elementwise
+one) and ``params`` (what the report reads beyond the shape). A new dtype needs nothing here: ``--dtype`` reaches
 every case through ``dtype``. The CLI, the progress bar, the table and
 results.json pick the case up by its name.
 """
