@@ -349,8 +349,9 @@ def greedy_lines(results):
         where = f"{r['label']} ({r['dims']})"
         if r["status"] == "n/a":
             lines.append(f"{where}: n/a, {r['note']}")
-        for name, m in r.get("metrics", {}).items():
-            lines.append(f"{where}: {name} {m['text']}")
+        metrics = [f"{name} {m['text']}" for name, m in r.get("metrics", {}).items()]
+        if metrics:
+            lines.append(f"{where}: " + "; ".join(metrics))
         if r["status"] == "failed":
             notes = [i.get("note") for i in r["impls"].values() if i.get("note")]
             lines.append(f"{where}: FAILED: {'; '.join(notes)}")
