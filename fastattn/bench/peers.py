@@ -133,7 +133,6 @@ class TorchPeer(Peer):
             return run, lambda t: t.numpy()
         raise NotApplicable(f"torch has no counterpart in this suite for {problem.kind}")
 
-
     def _decode(self, problem):
         """Decode over the cache in the row's storage: the full-precision
         cache as it is, the bfloat16 one with q, K and V all in bfloat16 (how
