@@ -370,3 +370,20 @@ def test_narrow_bad_arguments(rng):
                                  v_scale=vs)
     with pytest.raises(TypeError, match="kv_dtype"):
         fastattn.PagedKVCache(4, 2, 1, 8, dtype=np.float64, kv_dtype="int8")
+
+
+@pytest.mark.parametrize("L", [5, 100, 1100])
+def test_decode_nan_key_poisons_its_group_only(isa, threads, dtype, rng, L):
+    """A NaN in one cached key makes the rows that read it NaN, and no other
+    row, in paged and contiguous decode alike."""
+    H, Hkv, D, bs = 4, 2, 24, 7
+    k = rng.standard_normal((1, Hkv, L, D)).astype(dtype)
+    v = rng.standard_normal((1, Hkv, L, D)).astype(dtype)
+    q = rng.standard_normal((1, H, 1, D)).astype(dtype)
+    k[0, 1, L // 2, 3] = np.nan
+    kc, vc, table = _blocks_of(rng, k, v, bs)
+    for got in (fastattn.paged_attention(q, kc, vc, table, [L], num_threads=threads),
+                fastattn.scaled_dot_product_attention(q, k, v, num_threads=threads)):
+        assert np.isnan(got[0, 2:]).all()
+        assert_close(got[:, :2], ref.scaled_dot_product_attention(q, k, v)[:, :2].astype(dtype),
+                     dtype)
