@@ -524,6 +524,21 @@ static inline void FA_KNAME(hsum4, DT)(V a, V b, V c, V d, T *out) {
 #endif
 }
 
+/* The K or V rows of a key tile: row j at base + j * stride when the tile
+ * is one run of rows (padded and packed keys, a tile inside one block of a
+ * paged cache), else at list[j]. The kernels take `contig` as a constant
+ * and are compiled for both: reading the addresses from the list costs
+ * about a fifth of fp32 decode's time, in which the loads of K and V wait
+ * on memory (measured on Zen 4/5, 1 thread), so runs keep the stride. */
+typedef struct {
+    const KT *const *list;
+    const KT *base;
+    int64_t stride;
+} FA_KNAME(kv_rows, DT);
+#ifndef FA_KV_ROW
+#define FA_KV_ROW(t, j) (contig ? (t).base + (j) * (t).stride : (t).list[j])
+#endif
+
 /* The rows of keys [kb, kb + nk) of head (b, hk) in K or V (base, st as
  * for kv_row): one pointer per key, so that a tile may span the blocks of
  * a paged cache and tiles start and end where contiguous ones do. */
@@ -570,16 +585,18 @@ static inline void FA_KNAME(tile_scales, DT)(const fa_attn_job *job, const T *sc
  * (pv, nk rows; NULL: no requests) are requested, spread over the compute
  * so that the loads overlap it. nr is a constant at each call (inlined). */
 static inline __attribute__((always_inline)) void FA_KNAME(row_scores_n, DT)(
-    const T *qs, int64_t qst, int nr, const KT *const *kr, int64_t D, int64_t nk, T *s,
-    int64_t sst, const KT *const *pk, int64_t pk_rows, const KT *const *pv, int64_t Dv) {
+    const T *qs, int64_t qst, int nr, const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk,
+    T *s, int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
+    const FA_KNAME(kv_rows, DT) pv, int do_prefetch, int64_t Dv, int contig) {
     int64_t j = 0;
     for (; j + 4 <= nk; j += 4) {
-        if (pv)
+        if (do_prefetch)
             for (int64_t r = j; r < j + 4; ++r) {
-                if (r < pk_rows) fa_prefetch(pk[r], D * (int64_t)sizeof(KT));
-                fa_prefetch(pv[r], Dv * (int64_t)sizeof(KT));
+                if (r < pk_rows) fa_prefetch(FA_KV_ROW(pk, r), D * (int64_t)sizeof(KT));
+                fa_prefetch(FA_KV_ROW(pv, r), Dv * (int64_t)sizeof(KT));
             }
-        const KT *k0 = kr[j], *k1 = kr[j + 1], *k2 = kr[j + 2], *k3 = kr[j + 3];
+        const KT *k0 = FA_KV_ROW(kr, j), *k1 = FA_KV_ROW(kr, j + 1);
+        const KT *k2 = FA_KV_ROW(kr, j + 2), *k3 = FA_KV_ROW(kr, j + 3);
         V a0[FA_RB], a1[FA_RB], a2[FA_RB], a3[FA_RB];
 #pragma GCC unroll 8
         for (int r = 0; r < nr; ++r) a0[r] = a1[r] = a2[r] = a3[r] = V_ZERO();
@@ -615,7 +632,7 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_scores_n, DT)(
         }
     }
     for (; j < nk; ++j) {
-        const KT *k0 = kr[j];
+        const KT *k0 = FA_KV_ROW(kr, j);
         V a[FA_RB];
 #pragma GCC unroll 8
         for (int r = 0; r < nr; ++r) a[r] = V_ZERO();
@@ -636,33 +653,45 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_scores_n, DT)(
 }
 
 /* Scores of R rows, RB at a time, then the leftover rows two and one at a
- * time; only the first pass requests the next tiles. */
-static void FA_KNAME(row_scores, DT)(const T *qs, int64_t qst, int64_t R, const KT *const *kr,
-                                     int64_t D, int64_t nk, T *s, int64_t sst,
-                                     const KT *const *pk, int64_t pk_rows, const KT *const *pv,
-                                     int64_t Dv) {
+ * time; only the first pass requests the next tiles (pk: the next K tile,
+ * pk_rows keys of it; pv: this V tile). contig: every tile is a run. */
+static inline __attribute__((always_inline)) void FA_KNAME(row_scores_c, DT)(
+    const T *qs, int64_t qst, int64_t R, const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk,
+    T *s, int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
+    const FA_KNAME(kv_rows, DT) pv, int64_t Dv, int contig) {
     int64_t r = 0;
-    for (; r + FA_RB <= R; r += FA_RB, pv = NULL)
+    int first = 1;
+    for (; r + FA_RB <= R; r += FA_RB, first = 0)
         FA_KNAME(row_scores_n, DT)(qs + r * qst, qst, FA_RB, kr, D, nk, s + r * sst, sst, pk,
-                                   pk_rows, pv, Dv);
+                                   pk_rows, pv, first, Dv, contig);
 #if FA_RB > 2
     if (R - r >= 2) {
         FA_KNAME(row_scores_n, DT)(qs + r * qst, qst, 2, kr, D, nk, s + r * sst, sst, pk,
-                                   pk_rows, pv, Dv);
-        r += 2, pv = NULL;
+                                   pk_rows, pv, first, Dv, contig);
+        r += 2, first = 0;
     }
 #endif
     if (r < R)
         FA_KNAME(row_scores_n, DT)(qs + r * qst, qst, 1, kr, D, nk, s + r * sst, sst, pk,
-                                   pk_rows, pv, Dv);
+                                   pk_rows, pv, first, Dv, contig);
+}
+
+static void FA_KNAME(row_scores, DT)(const T *qs, int64_t qst, int64_t R,
+                                     const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk, T *s,
+                                     int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
+                                     const FA_KNAME(kv_rows, DT) pv, int64_t Dv, int contig) {
+    if (contig)
+        FA_KNAME(row_scores_c, DT)(qs, qst, R, kr, D, nk, s, sst, pk, pk_rows, pv, Dv, 1);
+    else
+        FA_KNAME(row_scores_c, DT)(qs, qst, R, kr, D, nk, s, sst, pk, pk_rows, pv, Dv, 0);
 }
 
 /* o_r (Dv) = alpha[r] * o_r + sum_j p_r[j] v_j for nr rows (p_r = p + r *
  * pst, o_r = o + r * ost) and nk value rows vr[j], four value vectors per
  * pass. A row's sum runs over j in order for every nr. */
 static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
-    const T *p, int64_t pst, int nr, const KT *const *vr, int64_t nk, int64_t Dv,
-    const T *alpha, T *o, int64_t ost) {
+    const T *p, int64_t pst, int nr, const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
+    const T *alpha, T *o, int64_t ost, int contig) {
     int64_t c = 0;
     for (; c + 4 * VL <= Dv; c += 4 * VL) {
         V o0[FA_RB], o1[FA_RB], o2[FA_RB], o3[FA_RB];
@@ -674,7 +703,7 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
             o2[r] = V_MUL(V_LOADU(orow + 2 * VL), al), o3[r] = V_MUL(V_LOADU(orow + 3 * VL), al);
         }
         for (int64_t j = 0; j < nk; ++j) {
-            const KT *v = vr[j] + c;
+            const KT *v = FA_KV_ROW(vr, j) + c;
             const V b0 = KV_LOADU(v), b1 = KV_LOADU(v + VL);
             const V b2 = KV_LOADU(v + 2 * VL), b3 = KV_LOADU(v + 3 * VL);
 #pragma GCC unroll 8
@@ -701,7 +730,7 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
 #pragma GCC unroll 8
         for (int r = 0; r < nr; ++r) acc[r] = V_MUL(V_LOADN(o + r * ost + c, n), V_SET1(alpha[r]));
         for (int64_t j = 0; j < nk; ++j) {
-            const V bj = KV_LOADN(vr[j] + c, n);
+            const V bj = KV_LOADN(FA_KV_ROW(vr, j) + c, n);
 #pragma GCC unroll 8
             for (int r = 0; r < nr; ++r) acc[r] = V_FMADD(V_SET1(p[r * pst + j]), bj, acc[r]);
         }
@@ -711,18 +740,32 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
 }
 
 /* P.V of R rows, RB at a time, then two and one at a time. */
-static void FA_KNAME(row_pv, DT)(const T *p, int64_t pst, int64_t R, const KT *const *vr,
-                                 int64_t nk, int64_t Dv, const T *alpha, T *o, int64_t ost) {
+static inline __attribute__((always_inline)) void FA_KNAME(row_pv_c, DT)(
+    const T *p, int64_t pst, int64_t R, const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
+    const T *alpha, T *o, int64_t ost, int contig) {
     int64_t r = 0;
     for (; r + FA_RB <= R; r += FA_RB)
-        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, FA_RB, vr, nk, Dv, alpha + r, o + r * ost, ost);
+        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, FA_RB, vr, nk, Dv, alpha + r, o + r * ost, ost,
+                               contig);
 #if FA_RB > 2
     if (R - r >= 2) {
-        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 2, vr, nk, Dv, alpha + r, o + r * ost, ost);
+        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 2, vr, nk, Dv, alpha + r, o + r * ost, ost,
+                               contig);
         r += 2;
     }
 #endif
-    if (r < R) FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 1, vr, nk, Dv, alpha + r, o + r * ost, ost);
+    if (r < R)
+        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 1, vr, nk, Dv, alpha + r, o + r * ost, ost,
+                               contig);
+}
+
+static void FA_KNAME(row_pv, DT)(const T *p, int64_t pst, int64_t R,
+                                 const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
+                                 const T *alpha, T *o, int64_t ost, int contig) {
+    if (contig)
+        FA_KNAME(row_pv_c, DT)(p, pst, R, vr, nk, Dv, alpha, o, ost, 1);
+    else
+        FA_KNAME(row_pv_c, DT)(p, pst, R, vr, nk, Dv, alpha, o, ost, 0);
 }
 
 /* max_j s[j] over nk scores, or NaN when the scores hold a NaN (or both
@@ -819,11 +862,18 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
             FA_KNAME(tile_rows, DT)(job, job->k, job->ks, b, hk, kb, nk, krows);
             FA_KNAME(tile_rows, DT)(job, job->v, job->vs, b, hk, kb, nk, vrows);
             if (nk_next) FA_KNAME(tile_rows, DT)(job, job->k, job->ks, b, hk, kn, nk_next, knext);
+            /* runs: the tile and the next one each inside one block (or unpaged) */
+            const int64_t bsz = job->block_table ? job->block_size : 0;
+            const int contig = !bsz || (kb / bsz == (kb + nk - 1) / bsz &&
+                                        (!nk_next || kn / bsz == (kn + nk_next - 1) / bsz));
+            const FA_KNAME(kv_rows, DT) kt = {krows, krows[0], job->ks[2]};
+            const FA_KNAME(kv_rows, DT) vt = {vrows, vrows[0], job->vs[2]};
+            const FA_KNAME(kv_rows, DT) kx = {knext, nk_next ? knext[0] : NULL, job->ks[2]};
             /* rows ii, ii + nq, ...: this query in each head */
             T *s0 = sc->st + ii * NK;
             const int64_t sst = nq * NK;
-            FA_KNAME(row_scores, DT)(sc->qt + ii * D, nq * D, heads, krows, D, nk, s0, sst, knext,
-                                     nk_next, vrows, Dv);
+            FA_KNAME(row_scores, DT)(sc->qt + ii * D, nq * D, heads, kt, D, nk, s0, sst, kx,
+                                     nk_next, vt, Dv, contig);
 #if KV_SCALED
             FA_KNAME(tile_scales, DT)(job, ksc, job->k_scale, job->kss, b, hk, kb, nk, kscale);
             FA_KNAME(tile_scales, DT)(job, vsc, job->v_scale, job->vss, b, hk, kb, nk, vscale);
@@ -875,8 +925,8 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                 for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= vscale[jj];
 #endif
             }
-            FA_KNAME(row_pv, DT)(s0, sst, heads, vrows, nk, Dv, alpha, sc->acc + ii * sc->ldacc,
-                                 nq * sc->ldacc);
+            FA_KNAME(row_pv, DT)(s0, sst, heads, vt, nk, Dv, alpha, sc->acc + ii * sc->ldacc,
+                                 nq * sc->ldacc, contig);
         }
     }
     for (int64_t r = 0; r < R; ++r) {

@@ -211,7 +211,7 @@ def _blocks_of(rng, k, v, block_size):
     return kc, vc, order[None].astype(np.int32)
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 7, 16, 50])
+@pytest.mark.parametrize("block_size", [1, 3, 7, 16, 50, 128])
 @pytest.mark.parametrize("shape", [(4, 2, 1200, 33, 17), (3, 3, 97, 16, 16), (8, 2, 2100, 64, 40)],
                          ids=lambda s: "H{}_Hkv{}_L{}_D{}_Dv{}".format(*s))
 @pytest.mark.parametrize("feat", ["plain", "causal_window"])
