@@ -524,19 +524,21 @@ static inline void FA_KNAME(hsum4, DT)(V a, V b, V c, V d, T *out) {
 #endif
 }
 
-/* The K or V rows of a key tile: row j at base + j * stride when the tile
- * is one run of rows (padded and packed keys, a tile inside one block of a
- * paged cache), else at list[j]. The kernels take `contig` as a constant
- * and are compiled for both: reading the addresses from the list costs
- * about a fifth of fp32 decode's time, in which the loads of K and V wait
- * on memory (measured on Zen 4/5, 1 thread), so runs keep the stride. */
+/* K or V rows for the row kernels: a run of rows (row j at base + j *
+ * stride) that they read, and for the prefetcher, which may look past the
+ * run, the list of each row's address (list[j]; NULL: the run goes on). A
+ * key tile that spans blocks of a
+ * paged cache goes through them one run (block) at a time: reading every
+ * row's address from the list instead cost about a fifth of fp32 decode's
+ * time, in which the K and V loads wait on memory (Zen 4/5, 1 thread). */
 typedef struct {
     const KT *const *list;
     const KT *base;
     int64_t stride;
 } FA_KNAME(kv_rows, DT);
 #ifndef FA_KV_ROW
-#define FA_KV_ROW(t, j) (contig ? (t).base + (j) * (t).stride : (t).list[j])
+#define FA_KV_ROW(t, j) ((t).base + (j) * (t).stride)
+#define FA_KV_PREFETCH_ROW(t, j) (lists ? (t).list[j] : FA_KV_ROW(t, j))
 #endif
 
 /* The rows of keys [kb, kb + nk) of head (b, hk) in K or V (base, st as
@@ -587,13 +589,13 @@ static inline void FA_KNAME(tile_scales, DT)(const fa_attn_job *job, const T *sc
 static inline __attribute__((always_inline)) void FA_KNAME(row_scores_n, DT)(
     const T *qs, int64_t qst, int nr, const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk,
     T *s, int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
-    const FA_KNAME(kv_rows, DT) pv, int do_prefetch, int64_t Dv, int contig) {
+    const FA_KNAME(kv_rows, DT) pv, int do_prefetch, int64_t Dv, int lists) {
     int64_t j = 0;
     for (; j + 4 <= nk; j += 4) {
         if (do_prefetch)
             for (int64_t r = j; r < j + 4; ++r) {
-                if (r < pk_rows) fa_prefetch(FA_KV_ROW(pk, r), D * (int64_t)sizeof(KT));
-                fa_prefetch(FA_KV_ROW(pv, r), Dv * (int64_t)sizeof(KT));
+                if (r < pk_rows) fa_prefetch(FA_KV_PREFETCH_ROW(pk, r), D * (int64_t)sizeof(KT));
+                fa_prefetch(FA_KV_PREFETCH_ROW(pv, r), Dv * (int64_t)sizeof(KT));
             }
         const KT *k0 = FA_KV_ROW(kr, j), *k1 = FA_KV_ROW(kr, j + 1);
         const KT *k2 = FA_KV_ROW(kr, j + 2), *k3 = FA_KV_ROW(kr, j + 3);
@@ -654,33 +656,33 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_scores_n, DT)(
 
 /* Scores of R rows, RB at a time, then the leftover rows two and one at a
  * time; only the first pass requests the next tiles (pk: the next K tile,
- * pk_rows keys of it; pv: this V tile). contig: every tile is a run. */
+ * pk_rows keys of it; pv: this V tile). */
 static inline __attribute__((always_inline)) void FA_KNAME(row_scores_c, DT)(
     const T *qs, int64_t qst, int64_t R, const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk,
     T *s, int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
-    const FA_KNAME(kv_rows, DT) pv, int64_t Dv, int contig) {
+    const FA_KNAME(kv_rows, DT) pv, int64_t Dv, int lists) {
     int64_t r = 0;
     int first = 1;
     for (; r + FA_RB <= R; r += FA_RB, first = 0)
         FA_KNAME(row_scores_n, DT)(qs + r * qst, qst, FA_RB, kr, D, nk, s + r * sst, sst, pk,
-                                   pk_rows, pv, first, Dv, contig);
+                                   pk_rows, pv, first, Dv, lists);
 #if FA_RB > 2
     if (R - r >= 2) {
         FA_KNAME(row_scores_n, DT)(qs + r * qst, qst, 2, kr, D, nk, s + r * sst, sst, pk,
-                                   pk_rows, pv, first, Dv, contig);
+                                   pk_rows, pv, first, Dv, lists);
         r += 2, first = 0;
     }
 #endif
     if (r < R)
         FA_KNAME(row_scores_n, DT)(qs + r * qst, qst, 1, kr, D, nk, s + r * sst, sst, pk,
-                                   pk_rows, pv, first, Dv, contig);
+                                   pk_rows, pv, first, Dv, lists);
 }
 
 static void FA_KNAME(row_scores, DT)(const T *qs, int64_t qst, int64_t R,
                                      const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk, T *s,
                                      int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
-                                     const FA_KNAME(kv_rows, DT) pv, int64_t Dv, int contig) {
-    if (contig)
+                                     const FA_KNAME(kv_rows, DT) pv, int64_t Dv) {
+    if (pk.list) /* the prefetcher's rows from lists (paged) or runs: compiled for each */
         FA_KNAME(row_scores_c, DT)(qs, qst, R, kr, D, nk, s, sst, pk, pk_rows, pv, Dv, 1);
     else
         FA_KNAME(row_scores_c, DT)(qs, qst, R, kr, D, nk, s, sst, pk, pk_rows, pv, Dv, 0);
@@ -691,7 +693,7 @@ static void FA_KNAME(row_scores, DT)(const T *qs, int64_t qst, int64_t R,
  * pass. A row's sum runs over j in order for every nr. */
 static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
     const T *p, int64_t pst, int nr, const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
-    const T *alpha, T *o, int64_t ost, int contig) {
+    const T *alpha, T *o, int64_t ost) {
     int64_t c = 0;
     for (; c + 4 * VL <= Dv; c += 4 * VL) {
         V o0[FA_RB], o1[FA_RB], o2[FA_RB], o3[FA_RB];
@@ -742,30 +744,24 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
 /* P.V of R rows, RB at a time, then two and one at a time. */
 static inline __attribute__((always_inline)) void FA_KNAME(row_pv_c, DT)(
     const T *p, int64_t pst, int64_t R, const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
-    const T *alpha, T *o, int64_t ost, int contig) {
+    const T *alpha, T *o, int64_t ost) {
     int64_t r = 0;
     for (; r + FA_RB <= R; r += FA_RB)
-        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, FA_RB, vr, nk, Dv, alpha + r, o + r * ost, ost,
-                               contig);
+        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, FA_RB, vr, nk, Dv, alpha + r, o + r * ost, ost);
 #if FA_RB > 2
     if (R - r >= 2) {
-        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 2, vr, nk, Dv, alpha + r, o + r * ost, ost,
-                               contig);
+        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 2, vr, nk, Dv, alpha + r, o + r * ost, ost);
         r += 2;
     }
 #endif
     if (r < R)
-        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 1, vr, nk, Dv, alpha + r, o + r * ost, ost,
-                               contig);
+        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 1, vr, nk, Dv, alpha + r, o + r * ost, ost);
 }
 
 static void FA_KNAME(row_pv, DT)(const T *p, int64_t pst, int64_t R,
                                  const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
-                                 const T *alpha, T *o, int64_t ost, int contig) {
-    if (contig)
-        FA_KNAME(row_pv_c, DT)(p, pst, R, vr, nk, Dv, alpha, o, ost, 1);
-    else
-        FA_KNAME(row_pv_c, DT)(p, pst, R, vr, nk, Dv, alpha, o, ost, 0);
+                                 const T *alpha, T *o, int64_t ost) {
+    FA_KNAME(row_pv_c, DT)(p, pst, R, vr, nk, Dv, alpha, o, ost);
 }
 
 /* max_j s[j] over nk scores, or NaN when the scores hold a NaN (or both
@@ -845,7 +841,8 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
 
     /* the rows of this tile's keys in K and V, and of the next tile's in K */
     const KT *krows[NK], *vrows[NK], *knext[NK];
-    T kscale[NK], vscale[NK], alpha[FA_ATTN_MQ];
+    T kscale[NK], vscale[NK], alpha[FA_ATTN_MQ], ones[FA_ATTN_MQ];
+    for (int64_t r = 0; r < heads; ++r) ones[r] = (T)1;
     (void)kscale, (void)vscale;
     /* one round: each query's next tile, for all its rows */
     for (int more = 1; more;) {
@@ -862,18 +859,23 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
             FA_KNAME(tile_rows, DT)(job, job->k, job->ks, b, hk, kb, nk, krows);
             FA_KNAME(tile_rows, DT)(job, job->v, job->vs, b, hk, kb, nk, vrows);
             if (nk_next) FA_KNAME(tile_rows, DT)(job, job->k, job->ks, b, hk, kn, nk_next, knext);
-            /* runs: the tile and the next one each inside one block (or unpaged) */
-            const int64_t bsz = job->block_table ? job->block_size : 0;
-            const int contig = !bsz || (kb / bsz == (kb + nk - 1) / bsz &&
-                                        (!nk_next || kn / bsz == (kn + nk_next - 1) / bsz));
-            const FA_KNAME(kv_rows, DT) kt = {krows, krows[0], job->ks[2]};
-            const FA_KNAME(kv_rows, DT) vt = {vrows, vrows[0], job->vs[2]};
-            const FA_KNAME(kv_rows, DT) kx = {knext, nk_next ? knext[0] : NULL, job->ks[2]};
+            /* the tile's runs of rows: all of it, or its part in each block */
+            const int paged = job->block_table != NULL;
+            const int64_t bsz = paged ? job->block_size : NK;
             /* rows ii, ii + nq, ...: this query in each head */
             T *s0 = sc->st + ii * NK;
             const int64_t sst = nq * NK;
-            FA_KNAME(row_scores, DT)(sc->qt + ii * D, nq * D, heads, kt, D, nk, s0, sst, kx,
-                                     nk_next, vt, Dv, contig);
+            for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
+                n = bsz - (kb + j0) % bsz;
+                n = n < nk - j0 ? n : nk - j0;
+                const FA_KNAME(kv_rows, DT) kt = {NULL, krows[j0], job->ks[2]};
+                const FA_KNAME(kv_rows, DT) vt = {paged ? vrows + j0 : NULL, vrows[j0], job->vs[2]};
+                /* (pk and pv are both lists or both runs) */
+                const FA_KNAME(kv_rows, DT) kx = {paged ? knext + j0 : NULL, nk_next ? knext[0] : NULL,
+                                                   job->ks[2]};
+                FA_KNAME(row_scores, DT)(sc->qt + ii * D, nq * D, heads, kt, D, n, s0 + j0, sst,
+                                         kx, nk_next - j0, vt, Dv);
+            }
 #if KV_SCALED
             FA_KNAME(tile_scales, DT)(job, ksc, job->k_scale, job->kss, b, hk, kb, nk, kscale);
             FA_KNAME(tile_scales, DT)(job, vsc, job->v_scale, job->vss, b, hk, kb, nk, vscale);
@@ -925,8 +927,15 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                 for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= vscale[jj];
 #endif
             }
-            FA_KNAME(row_pv, DT)(s0, sst, heads, vt, nk, Dv, alpha, sc->acc + ii * sc->ldacc,
-                                 nq * sc->ldacc, contig);
+            /* P.V run by run: alpha rescales once, then 1 (exact), and each
+             * row's sum keeps its key order */
+            for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
+                n = bsz - (kb + j0) % bsz;
+                n = n < nk - j0 ? n : nk - j0;
+                const FA_KNAME(kv_rows, DT) vt = {NULL, vrows[j0], job->vs[2]};
+                FA_KNAME(row_pv, DT)(s0 + j0, sst, heads, vt, n, Dv, j0 ? ones : alpha,
+                                     sc->acc + ii * sc->ldacc, nq * sc->ldacc);
+            }
         }
     }
     for (int64_t r = 0; r < R; ++r) {
