@@ -526,11 +526,12 @@ static inline void FA_KNAME(hsum4, DT)(V a, V b, V c, V d, T *out) {
 
 /* K or V rows for the row kernels: a run of rows (row j at base + j *
  * stride) that they read, and for the prefetcher, which may look past the
- * run, the list of each row's address (list[j]; NULL: the run goes on). A
- * key tile that spans blocks of a
- * paged cache goes through them one run (block) at a time: reading every
- * row's address from the list instead cost about a fifth of fp32 decode's
- * time, in which the K and V loads wait on memory (Zen 4/5, 1 thread). */
+ * run, the list of each row's address (list[j]; NULL: the run goes on;
+ * `lists`, a constant in each compiled copy, says which). A key tile that
+ * spans blocks of a paged cache goes through them one run (block) at a
+ * time: reading every row's address from the list instead cost about a
+ * fifth of fp32 decode's time, in which the K and V loads wait on memory
+ * (Zen 4/5, 1 thread). */
 typedef struct {
     const KT *const *list;
     const KT *base;
