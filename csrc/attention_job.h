@@ -57,15 +57,17 @@ typedef struct {
     const int64_t *cu_q, *cu_k;
     int alignment;
     /* K/V storage (fa_kv_dtype; FA_KV_SAME = the dtype) and, for int8, the
-     * per-row scales (B, Hkv, Lk): b and kv-head strides, unit key stride. */
+     * per-row scales (B, Hkv, Lk): b and kv-head strides, unit key stride;
+     * in a paged cache (num_blocks, block_size, Hkv): block, kv-head and
+     * row strides, as ks. */
     int kv_dtype;
     const float *k_scale, *v_scale;
+    int64_t kss[3], vss[3];
     /* 16-bit queries and output (dtype FA_DTYPE_F32 computes): 0 when q and
      * out have the dtype, FA_DTYPE_BF16 or FA_DTYPE_F16 when they are 16-bit
      * floats, widened as they are packed and rounded (to nearest even) as
      * each output row is written. */
     int io16;
-    int64_t kss[2], vss[2];
     /* GQA decode: a row-path work item covers every query head of its kv
      * head (attention_rows), so the kv head is read once; the split-KV
      * partial results of consecutive heads are then part_head_stride
