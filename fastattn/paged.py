@@ -109,7 +109,8 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
         va = float_array(va, "value_cache", dtype)
     else:
         dtype = np.dtype(np.float32)
-        qa = float_array(qa, "q", dtype)
+        # the queries (not the cache) are widened: a few rows per sequence
+        qa = float_array(qa.astype(dtype) if qa.dtype.name == "bfloat16" else qa, "q", dtype)
     if qa.ndim != 4:
         raise ValueError(f"q must be 4-D (B, H, Lq, D), got shape {qa.shape}")
     if ka.ndim != 4 or va.ndim != 4:
