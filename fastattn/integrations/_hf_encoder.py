@@ -11,12 +11,13 @@ LayerNorm stay transformers' own torch modules.
 
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
 import fastattn
 from fastattn.integrations import _torch_bridge
-from fastattn.integrations._hf_masks import mask_arguments
+from fastattn.integrations._hf_masks import FastattnMask, mask_arguments
 
 # model families whose attention block is BERT's: self-attention with
 # query/key/value projections and scaling 1/sqrt(D), then
@@ -56,6 +57,7 @@ class _FusedSelfAttention(nn.Module):
     def __init__(self, attn, dense):
         nn.Module.__init__(self)  # not the transformers class's __init__: no torch weights
         self.num_heads = attn.num_attention_heads
+        self.scaling = float(attn.scaling)
         self.dropout_p = float(attn.dropout.p)
         dtype = _torch_bridge.kernel_dtype(dense.weight.dtype)
         self.compute_dtype = dtype
@@ -69,6 +71,14 @@ class _FusedSelfAttention(nn.Module):
         lins = (attn.query, attn.key, attn.value, dense)
         self.mha = fastattn.MultiHeadAttention.from_weights(
             *(weight(lin) for lin in lins), *(bias(lin) for lin in lins), num_heads=self.num_heads)
+        # the same projections as torch tensors, for the whole-encoder path
+        # (FastattnBertEncoder): Q, K and V as one (3E, E) GEMM operand, and
+        # the model's own output dense layer
+        self.register_buffer("qkv_weight", torch.cat([lin.weight.detach() for lin in lins[:3]]),
+                             persistent=False)
+        self.register_buffer("qkv_bias", None if any(lin.bias is None for lin in lins[:3]) else
+                             torch.cat([lin.bias.detach() for lin in lins[:3]]), persistent=False)
+        self.dense = dense
 
     def extra_repr(self):
         return repr(self.mha)
@@ -136,6 +146,130 @@ class FastattnBertAttention(nn.Module):
         return self.LayerNorm(y + hidden_states), weights
 
 
+def _is_bert_layer(layer):
+    """A BERT-family encoder layer whose self-attention block was replaced,
+    with no cross-attention: attention block, then intermediate (dense +
+    activation) and output (dense, residual, LayerNorm)."""
+    return (_family(layer) in _BERT_FAMILIES and isinstance(getattr(layer, "attention", None), FastattnBertAttention)
+            and not getattr(layer, "add_cross_attention", False)
+            and isinstance(getattr(getattr(layer, "intermediate", None), "dense", None), nn.Linear)
+            and isinstance(getattr(getattr(layer, "output", None), "dense", None), nn.Linear)
+            and isinstance(getattr(layer.output, "LayerNorm", None), nn.LayerNorm))
+
+
+def _is_bert_encoder(module):
+    layers = getattr(module, "layer", None)
+    return (_family(module) in _BERT_FAMILIES and type(module).__name__.endswith("Encoder")
+            and isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(map(_is_bert_layer, layers)))
+
+
+class _FusedEncoder(nn.Module):
+    """The whole stack of a BERT-family encoder on its real tokens.
+
+    Instances are of a subclass that also derives from the replaced
+    encoder's class and share its attributes and layers (see
+    :func:`_fused_encoder`), so module names, ``isinstance`` checks and
+    the layer-by-layer path stay the model's.
+
+    The fast path (inference, float32/float64, right padding or none, no
+    recorded hidden states or attentions, no hooks on the layers) takes
+    the valid token rows out of the padded batch once, runs every layer on
+    those ``N`` rows only, and puts them back at the end:
+
+    - Q/K/V as one ``(N, E) x (E, 3E)`` GEMM (torch's, on the model's own
+      weights concatenated once);
+    - attention as :func:`fastattn.varlen_attention` on zero-copy views of
+      that GEMM's output (each sequence attends to its own rows), written
+      into a NumPy-allocated tensor;
+    - the output dense layer, residual and LayerNorm, then the layer's own
+      intermediate (dense + activation) and output (dense, residual,
+      LayerNorm) modules, all on ``N`` rows.
+
+    Padded rows of the returned hidden states are 0 (transformers computes
+    them anyway; every pooling masks them). Anything else runs the
+    encoder's own layer-by-layer forward, through :class:`FastattnBertAttention`.
+    """
+
+    def __init__(self, encoder):
+        nn.Module.__init__(self)
+        self.__dict__.update(encoder.__dict__)  # the same layers, config and flags
+
+    def _fast_path_applies(self, hidden_states, attention_mask, encoder_hidden_states, cache, kwargs):
+        if (self.training or encoder_hidden_states is not None or cache is not None
+                or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
+                or not isinstance(attention_mask, FastattnMask) or attention_mask.bool_mask is not None
+                or attention_mask.is_causal or attention_mask.key_starts is not None
+                or hidden_states.dim() != 3 or hidden_states.device.type != "cpu"):
+            return False
+        B, L, _ = hidden_states.shape
+        if (attention_mask.q_length, attention_mask.kv_length) != (L, L):
+            return False
+        for layer in self.layer:
+            if layer._forward_hooks or layer._forward_pre_hooks:
+                return False
+            blk = layer.attention.self
+            if hidden_states.dtype != blk.qkv_weight.dtype or blk.compute_dtype != hidden_states.dtype:
+                return False
+        return True
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, cache=None, use_cache=None, **kwargs):
+        if not self._fast_path_applies(hidden_states, attention_mask, encoder_hidden_states, cache, kwargs):
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states=encoder_hidden_states,
+                                   encoder_attention_mask=encoder_attention_mask, cache=cache,
+                                   use_cache=use_cache, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+        B, L, E = hidden_states.shape
+        lengths = attention_mask.key_lengths
+        flat = hidden_states.reshape(B * L, E)
+        if lengths is None:
+            rows, cu = None, np.arange(0, (B + 1) * L, L, dtype=np.int64)
+            x = flat
+        else:
+            lengths = np.minimum(np.asarray(lengths, dtype=np.int64), L)
+            cu = np.zeros(B + 1, dtype=np.int64)
+            np.cumsum(lengths, out=cu[1:])
+            rows = torch.from_numpy(np.flatnonzero(np.arange(L) < lengths[:, None]))
+            x = flat.index_select(0, rows)
+        for layer in self.layer:
+            x = _encoder_layer(layer, x, cu)
+        if rows is None:
+            out = x.reshape(B, L, E)
+        else:
+            out = hidden_states.new_zeros((B * L, E)).index_copy_(0, rows, x).reshape(B, L, E)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out, cache=None)
+
+
+def _encoder_layer(layer, x, cu):
+    """One BERT layer on the packed valid rows x (N, E); cu: the (B + 1,)
+    row offsets of the sequences."""
+    block = layer.attention
+    fused = block.self
+    N, E = x.shape
+    H = fused.num_heads
+    D = E // H
+    qkv = torch.nn.functional.linear(x, fused.qkv_weight, fused.qkv_bias).detach().numpy().reshape(N, 3, H, D)
+    context = np.empty((N, H, D), dtype=qkv.dtype)
+    fastattn.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, scale=fused.scaling, out=context)
+    attended = block.LayerNorm(fused.dense(torch.from_numpy(context).reshape(N, E)) + x)
+    return layer.output(layer.intermediate(attended), attended)
+
+
+_FUSED_ENCODERS = {}
+
+
+def _fused_encoder(encoder):
+    """A :class:`_FusedEncoder` that is also an instance of ``type(encoder)``
+    (whose forward is the layer-by-layer fallback)."""
+    base = type(encoder)
+    cls = _FUSED_ENCODERS.get(base)
+    if cls is None:
+        cls = type(f"Fastattn{base.__name__}", (_FusedEncoder, base), {"__module__": __name__})
+        _FUSED_ENCODERS[base] = cls
+    return cls(encoder)
+
+
 def _attention_like(module):
     return (type(module).__name__.endswith("Attention")
             and not isinstance(module, (FastattnBertAttention, _FusedSelfAttention)))
@@ -178,6 +312,13 @@ def optimize(model, name="fastattn"):
         elif _attention_like(module):
             left.append(f"{qualname} ({type(module).__name__})")
             seen.add(qualname)
+    # then the encoders all of whose layers now hold fastattn blocks: their
+    # whole stack runs on the real tokens (see _FusedEncoder)
+    for qualname, module in list(model.named_modules()):
+        if _is_bert_encoder(module) and not isinstance(module, _FusedEncoder):
+            parent_name, _, child = qualname.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _fused_encoder(module))
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             module.set_attn_implementation(name)
