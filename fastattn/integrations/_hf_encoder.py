@@ -208,7 +208,9 @@ class _FusedEncoder(nn.Module):
             if layer._forward_hooks or layer._forward_pre_hooks:
                 return False
             blk = layer.attention.self
-            if hidden_states.dtype != blk.qkv_weight.dtype or blk.compute_dtype != hidden_states.dtype:
+            if hidden_states.dtype not in (torch.float32, torch.float64) or any(
+                    t.dtype != hidden_states.dtype for t in (blk.qkv_weight, layer.intermediate.dense.weight,
+                                                             layer.output.dense.weight)):
                 return False
         return True
 
@@ -232,8 +234,11 @@ class _FusedEncoder(nn.Module):
             np.cumsum(lengths, out=cu[1:])
             rows = torch.from_numpy(np.flatnonzero(np.arange(L) < lengths[:, None]))
             x = flat.index_select(0, rows)
-        for layer in self.layer:
-            x = _encoder_layer(layer, x, cu)
+        ws = _Workspace(x.shape[0], E, self.layer[0].intermediate.dense.out_features,
+                        np.float32 if x.dtype == torch.float32 else np.float64)
+        with torch.no_grad():  # inference only, like the attention kernel
+            for layer in self.layer:
+                x = _encoder_layer(layer, x, cu, ws)
         if rows is None:
             out = x.reshape(B, L, E)
         else:
@@ -241,19 +246,61 @@ class _FusedEncoder(nn.Module):
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out, cache=None)
 
 
-def _encoder_layer(layer, x, cu):
-    """One BERT layer on the packed valid rows x (N, E); cu: the (B + 1,)
-    row offsets of the sequences."""
+class _Workspace:
+    """The buffers of one encoder forward, shared by all its layers: NumPy
+    allocations seen as torch tensors. torch's CPU allocator hands large
+    blocks back to the system when freed, so a fresh (N, 4E) intermediate
+    per layer faulted its pages in again every time (about a tenth of the
+    forward's time went to the kernel); malloc'd NumPy memory, allocated
+    once per forward, is faulted in once."""
+
+    def __init__(self, N, E, intermediate, dtype):
+        def buffer(cols):
+            return torch.from_numpy(np.empty((N, cols), dtype=dtype))
+
+        self.qkv = buffer(3 * E)
+        self.context = buffer(E)
+        self.dense = buffer(E)
+        self.intermediate = buffer(intermediate)
+
+
+def _linear_into(out, x, linear):
+    """out = x W^T + b for a torch nn.Linear, written into out."""
+    if linear.bias is None:
+        return torch.mm(x, linear.weight.t(), out=out)
+    return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
+
+
+def _activation_in_place(act, x):
+    """x = act(x), in place for transformers' exact (erf) GELU, which BERT
+    models use; any other activation allocates its result."""
+    if type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is torch.nn.functional.gelu:
+        return torch.ops.aten.gelu_(x)
+    return act(x)
+
+
+def _encoder_layer(layer, x, cu, ws):
+    """One BERT layer on the packed valid rows x (N, E) (what BertLayer's
+    forward computes for them, dropout off); cu: the (B + 1,) row offsets
+    of the sequences; ws: the forward's :class:`_Workspace`."""
     block = layer.attention
     fused = block.self
     N, E = x.shape
     H = fused.num_heads
     D = E // H
-    qkv = torch.nn.functional.linear(x, fused.qkv_weight, fused.qkv_bias).detach().numpy().reshape(N, 3, H, D)
-    context = np.empty((N, H, D), dtype=qkv.dtype)
-    fastattn.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, scale=fused.scaling, out=context)
-    attended = block.LayerNorm(fused.dense(torch.from_numpy(context).reshape(N, E)) + x)
-    return layer.output(layer.intermediate(attended), attended)
+    if fused.qkv_bias is None:
+        torch.mm(x, fused.qkv_weight.t(), out=ws.qkv)
+    else:
+        torch.addmm(fused.qkv_bias, x, fused.qkv_weight.t(), out=ws.qkv)
+    qkv = ws.qkv.numpy().reshape(N, 3, H, D)
+    fastattn.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, scale=fused.scaling,
+                              out=ws.context.numpy().reshape(N, H, D))
+    _linear_into(ws.dense, ws.context, fused.dense).add_(x)
+    attended = block.LayerNorm(ws.dense)
+    _linear_into(ws.intermediate, attended, layer.intermediate.dense)
+    inner = _activation_in_place(layer.intermediate.intermediate_act_fn, ws.intermediate)
+    _linear_into(ws.dense, inner, layer.output.dense).add_(attended)
+    return layer.output.LayerNorm(ws.dense)
 
 
 _FUSED_ENCODERS = {}
