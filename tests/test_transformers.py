@@ -133,6 +133,27 @@ def test_optimize_runs_the_encoder_on_real_tokens(minilm_path, monkeypatch, sent
     torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,fast,atol", [(torch.float64, True, 1e-12), (torch.bfloat16, False, 0.1)])
+def test_optimize_encoder_dtypes(minilm_path, monkeypatch, dtype, fast, atol):
+    """float64 runs the real-token path in float64; a bf16 model the
+    layer-by-layer one (its blocks compute attention in float32)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    batch = tok(["a short one", "a somewhat longer sentence, with more tokens in it"],
+                padding=True, return_tensors="pt")
+    ref = AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").to(dtype).eval()
+    fa = fa_tf.optimize(AutoModel.from_pretrained(minilm_path).to(dtype).eval())
+    calls = _spy_varlen(monkeypatch)
+    valid = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        want = ref(**batch).last_hidden_state[valid]
+        got = fa(**batch).last_hidden_state
+    assert len(calls) == (6 if fast else 0)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got[valid].double(), want.double(), atol=atol, rtol=0)
+
+
 def test_optimize_falls_back_layer_by_layer_for_hidden_states(minilm_path, monkeypatch):
     from transformers import AutoModel, AutoTokenizer
 
