@@ -1,12 +1,16 @@
-"""``optimize``: whole attention modules of a transformers model replaced by
-fastattn layers built from the model's own weights.
+"""``optimize``: whole attention modules and encoders of a transformers
+model replaced by fastattn layers built from the model's own weights.
 
-Supported: the self-attention block of BERT-family encoders
-(``BertAttention`` and its copies in RoBERTa, XLM-RoBERTa, CamemBERT,
-ELECTRA): query/key/value projections, attention and the output dense
-layer become one :class:`fastattn.MultiHeadAttention` (one fused QKV GEMM,
-padded rows skipped in every projection); the dropout-free residual and
-LayerNorm stay transformers' own torch modules.
+Supported: BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, CamemBERT,
+ELECTRA). Each self-attention block (``BertAttention`` and its copies)
+becomes a :class:`FastattnBertAttention`: query/key/value projections,
+attention and the output dense layer on one
+:class:`fastattn.MultiHeadAttention` (one fused QKV GEMM, padded rows
+skipped in every projection); the dropout-free residual and LayerNorm stay
+transformers' own torch modules. Each encoder whose layers all hold such
+blocks then runs its whole stack on the real tokens only (``_FusedEncoder``),
+falling back to those blocks layer by layer when its fast path does not
+apply.
 """
 
 import warnings
@@ -149,12 +153,17 @@ class FastattnBertAttention(nn.Module):
 def _is_bert_layer(layer):
     """A BERT-family encoder layer whose self-attention block was replaced,
     with no cross-attention: attention block, then intermediate (dense +
-    activation) and output (dense, residual, LayerNorm)."""
-    return (_family(layer) in _BERT_FAMILIES and isinstance(getattr(layer, "attention", None), FastattnBertAttention)
-            and not getattr(layer, "add_cross_attention", False)
-            and isinstance(getattr(getattr(layer, "intermediate", None), "dense", None), nn.Linear)
-            and isinstance(getattr(getattr(layer, "output", None), "dense", None), nn.Linear)
-            and isinstance(getattr(layer.output, "LayerNorm", None), nn.LayerNorm))
+    activation) and output (dense, residual, LayerNorm). The dense layers
+    must be plain nn.Linear (not a subclass with its own forward, such as
+    an adapter), because the encoder's fast path reads their weights."""
+    attention = getattr(layer, "attention", None)
+    if (_family(layer) not in _BERT_FAMILIES or not isinstance(attention, FastattnBertAttention)
+            or getattr(layer, "add_cross_attention", False)):
+        return False
+    dense = (attention.self.dense, getattr(getattr(layer, "intermediate", None), "dense", None),
+             getattr(getattr(layer, "output", None), "dense", None))
+    return (all(type(lin) is nn.Linear for lin in dense)
+            and type(getattr(layer.output, "LayerNorm", None)) is nn.LayerNorm)
 
 
 def _is_bert_encoder(module):
@@ -181,9 +190,10 @@ class _FusedEncoder(nn.Module):
     - attention as :func:`fastattn.varlen_attention` on zero-copy views of
       that GEMM's output (each sequence attends to its own rows), written
       into a NumPy-allocated tensor;
-    - the output dense layer, residual and LayerNorm, then the layer's own
-      intermediate (dense + activation) and output (dense, residual,
-      LayerNorm) modules, all on ``N`` rows.
+    - the output dense layer, residual and LayerNorm, then the feed-forward
+      (dense, the model's activation, dense, residual, LayerNorm), with the
+      layer's own modules and weights, all on ``N`` rows, the GEMMs writing
+      into one :class:`_Workspace` per forward.
 
     Padded rows of the returned hidden states are 0 (transformers computes
     them anyway; every pooling masks them). Anything else runs the
@@ -249,10 +259,10 @@ class _FusedEncoder(nn.Module):
 class _Workspace:
     """The buffers of one encoder forward, shared by all its layers: NumPy
     allocations seen as torch tensors. torch's CPU allocator hands large
-    blocks back to the system when freed, so a fresh (N, 4E) intermediate
-    per layer faulted its pages in again every time (about a tenth of the
-    forward's time went to the kernel); malloc'd NumPy memory, allocated
-    once per forward, is faulted in once."""
+    blocks back to the system when freed, so fresh (N, 3E) and (N, 4E)
+    outputs per layer faulted their pages in again every time (~30 000
+    minor faults per batch of 32 long texts, against ~1 000 with these
+    buffers); allocated once per forward, they are faulted in once."""
 
     def __init__(self, N, E, intermediate, dtype):
         def buffer(cols):
@@ -329,9 +339,11 @@ def optimize(model, name="fastattn"):
     ``model``: a transformers model or any torch module holding one (a
     ``SentenceTransformer``, say). Supported: BERT-family encoder
     self-attention blocks (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA),
-    see :class:`FastattnBertAttention`. Nothing is re-initialised; the
-    fastattn layers hold float32 copies of the projection weights (float64
-    for a float64 model).
+    see :class:`FastattnBertAttention`, and the encoders made of them,
+    which then run every layer on the real tokens only (see
+    ``_FusedEncoder``). Nothing is re-initialised; the fastattn layers hold
+    float32 copies of the projection weights (float64 for a float64 model)
+    and one concatenated copy of each layer's Q/K/V weights.
 
     The model's attention implementation is also switched to fastattn's
     registered backend (:func:`register` with ``name``), which gives the
