@@ -441,13 +441,31 @@ def test_gqa_causal_bottom_right_matches_torch(Lq, Lk):
     torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-6, rtol=1e-5)
 
 
-def test_bf16_inputs_compute_in_float32():
-    q, k, v = _qkv(dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_cross_without_copies(dtype, monkeypatch):
+    """16-bit q, k, v reach the kernel as they are (no float32 copy) and the
+    output is the 16-bit rounding of a float32 computation: within one ulp
+    of the dtype of the float64 result, plus the bfloat16 rounding of the
+    probabilities where the CPU has vdpbf16ps (2^-9 max|v|)."""
+    q, k, v = _qkv(dtype=dtype)
+    seen = []
+    real = fastattn.scaled_dot_product_attention
+
+    def spy(q_, k_, v_, **kw):
+        seen.append((q_.dtype.name, k_.dtype.name, v_.dtype.name))
+        return real(q_, k_, v_, **kw)
+
+    monkeypatch.setattr(fastattn, "scaled_dot_product_attention", spy)
     out, _ = fa_tf.attention_forward(_Module(), q, k, v, None)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
+    name = "bfloat16" if dtype == torch.bfloat16 else "float16"
+    assert seen == [(name, name, name)]
     want = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1))
-    torch.testing.assert_close(out, want.transpose(1, 2).to(torch.bfloat16), atol=0, rtol=0)
+        q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1))
+    want = want.transpose(1, 2)
+    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    tol = eps * want.abs() + 2.0 ** -9 * v.double().abs().max() + 1e-6
+    assert torch.all((out.double() - want).abs() <= tol)
 
 
 def test_bf16_view_shares_memory():

@@ -63,7 +63,9 @@ class _FusedSelfAttention(nn.Module):
         self.num_heads = attn.num_attention_heads
         self.scaling = float(attn.scaling)
         self.dropout_p = float(attn.dropout.p)
-        dtype = _torch_bridge.kernel_dtype(dense.weight.dtype)
+        # the layer computes in float32 or float64; 16-bit models cross in float32
+        wd = dense.weight.dtype
+        dtype = wd if wd in (torch.float32, torch.float64) else torch.float32
         self.compute_dtype = dtype
 
         def weight(lin):  # torch (out, in) -> fastattn (in, out)

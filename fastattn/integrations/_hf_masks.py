@@ -162,5 +162,7 @@ def mask_arguments(module, attention_mask, Lq, Lk, dtype, is_causal=None):
         mask = attention_mask[..., :Lk]
         if mask.dtype == torch.bool:
             return {"attn_mask": _torch_bridge.as_numpy(mask, torch.bool)}
-        return {"attn_mask": _torch_bridge.as_numpy(mask, _torch_bridge.kernel_dtype(dtype))}
+        # additive masks are float32 beside 16-bit scores, as the kernel takes them
+        return {"attn_mask": _torch_bridge.as_numpy(
+            mask, torch.float64 if dtype == torch.float64 else torch.float32)}
     raise TypeError(f"fastattn attention: unsupported attention_mask of type {type(attention_mask).__name__}")

@@ -8,11 +8,9 @@ kernel as strided arrays; the kernel writes its output through ``out=``
 straight into a torch tensor allocated in transformers' (B, Lq, H, Dv)
 layout, seen as a (B, H, Lq, Dv) strided view.
 
-Low precision: the kernels compute in float32 or float64. A bfloat16 or
-float16 tensor is converted to float32 on the way in and the output back on
-the way out. That conversion is a temporary cost, paid until the kernels
-read bfloat16 themselves; :func:`bf16_view` (a bfloat16 tensor as an
-``ml_dtypes.bfloat16`` array, no copy) is the crossing they will use then.
+Low precision: bfloat16 and float16 tensors cross as they are (bfloat16 as
+its int16 bit pattern reinterpreted as ``ml_dtypes.bfloat16``, no copy) and
+the kernel writes a 16-bit output, computing in float32 inside.
 """
 
 import numpy as np
@@ -20,11 +18,11 @@ import torch
 
 import fastattn
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def kernel_dtype(dtype):
-    """The torch dtype the kernel computes a tensor of ``dtype`` in."""
+    """The torch dtype the kernel reads a tensor of ``dtype`` in."""
     return dtype if dtype in _KERNEL_DTYPES else torch.float32
 
 
@@ -36,7 +34,14 @@ def as_numpy(t, dtype):
     t = t.detach()
     if t.dtype != dtype:
         t = t.to(dtype)
-    return t.numpy()
+    return bf16_view(t) if dtype == torch.bfloat16 else t.numpy()
+
+
+def to_torch(a):
+    """A NumPy array (bfloat16 included) as a torch tensor sharing its memory."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def bf16_view(t):
@@ -73,14 +78,15 @@ def attention(query, key, value, *, attn_mask=None, key_lengths=None, query_leng
     # block to the system and faults its pages in again on the next call (a
     # tenth of the kernel time at BERT shapes), where malloc keeps reusing
     # the freed heap
-    out = torch.from_numpy(np.empty((B, Lq, H, Dv), dtype=q.dtype))
+    out_np = np.empty((B, Lq, H, Dv), dtype=q.dtype)
     result = fastattn.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
         key_starts=key_starts, window=window, softcap=softcap, sinks=sinks,
         is_causal=is_causal, causal_alignment="bottom_right",
         scale=None if scale is None else float(scale), return_weights=return_weights,
-        out=out.numpy().transpose(0, 2, 1, 3))
-    weights = torch.from_numpy(result[1]) if return_weights else None
+        out=out_np.transpose(0, 2, 1, 3))
+    out = to_torch(out_np)
+    weights = to_torch(result[1]) if return_weights else None
     if compute != dtype:
         out = out.to(dtype)
         weights = None if weights is None else weights.to(dtype)
