@@ -580,8 +580,8 @@ class MultiHeadAttention:
         if device == self.device:
             return self
         if self._half:
-            raise TypeError(f"{self.dtype} layers run on the CPU only; convert the layer with "
-                            f"layer.astype('float32') before moving it to {device!r}")
+            raise TypeError(f"{self.dtype} layers run on the CPU only, not on device {device!r}: "
+                            f"convert the layer with layer.astype('float32') first")
         if device == "cuda":
             self._device_layer = _backend.cuda_backend().DeviceLayer(self, self.state_dict())
             self._storage = None
