@@ -62,12 +62,13 @@ ISA_CFLAGS = {
     "avx512bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
                    "-mavx512bf16", "-mf16c"],
 }
-# Flags a few files add to their group's: the 16-bit GEMM converts fp16 with
-# F16C (cpu_features.c checks it at run time for the avx2 level; every
-# AVX-512 CPU has it).
+# Flags a few files add to their group's: the 16-bit GEMM and the 16-bit row
+# conversions convert fp16 with F16C (cpu_features.c checks it at run time
+# for the avx2 level; every AVX-512 CPU has it).
 FILE_CFLAGS = {
     "gemm_bf16_avx2.c": ["-mf16c"],
     "gemm_bf16_avx512.c": ["-mf16c"],
+    "half_rows_avx2.c": ["-mf16c"],
 }
 
 

@@ -1,8 +1,8 @@
 /*
- * half_bits.h: bfloat16 / IEEE half <-> float32, element by element and
- * row by row, for the kernels that store 16-bit arrays (the 16-bit GEMM's
- * epilogue, the masked softmax, RoPE). Compiled with whatever flags the
- * including file has; no vector intrinsics, so any file may include it.
+ * half_bits.h: bfloat16 / IEEE half <-> float32, one element at a time:
+ * the scalar references that the 16-bit GEMM's epilogue and the row
+ * conversions (half_rows.c) match. No vector intrinsics, so any file may
+ * include it.
  *
  * Widening is exact. Narrowing rounds to nearest even, once; a NaN stays a
  * (quiet) NaN and a value past the format's range becomes infinity.
@@ -75,24 +75,5 @@ static inline uint16_t fa_f32_to_f16_bits(float x) {
     return (uint16_t)(sign | h);
 }
 
-
-/* dst[j] = src[j * s] widened to float, j < n; dtype FA_DTYPE_BF16 or
- * FA_DTYPE_F16, s the element stride. */
-static inline void fa_half_row_to_f32(int dtype, const uint16_t *src, int64_t s, int64_t n,
-                                      float *dst) {
-    if (dtype == FA_DTYPE_BF16)
-        for (int64_t j = 0; j < n; ++j) dst[j] = fa_bf16_bits_to_f32(src[j * s]);
-    else
-        for (int64_t j = 0; j < n; ++j) dst[j] = fa_f16_bits_to_f32(src[j * s]);
-}
-
-/* dst[j * s] = src[j] rounded to dtype, j < n. */
-static inline void fa_f32_row_to_half(int dtype, const float *src, int64_t n, uint16_t *dst,
-                                      int64_t s) {
-    if (dtype == FA_DTYPE_BF16)
-        for (int64_t j = 0; j < n; ++j) dst[j * s] = fa_f32_to_bf16_bits(src[j]);
-    else
-        for (int64_t j = 0; j < n; ++j) dst[j * s] = fa_f32_to_f16_bits(src[j]);
-}
 
 #endif /* FASTATTN_HALF_BITS_H */

@@ -35,7 +35,7 @@
 #include <string.h>
 
 #include "checked_size.h"
-#include "half_bits.h"
+#include "half_rows.h"
 #include "fastattn.h"
 #include "kernel_table.h"
 #include "scratch.h"

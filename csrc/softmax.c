@@ -15,7 +15,7 @@
 
 #include "cache_hints.h"
 #include "checked_size.h"
-#include "half_bits.h"
+#include "half_rows.h"
 #include "kernel_table.h"
 #include "scratch.h"
 #include "threads.h"

@@ -185,3 +185,26 @@ def test_rounding_is_nearest_even_once(half):
     truncated = (np.array([1 / 3], np.float32).view(np.uint32) >> 16 << 16).view(np.float32)
     if half.name == "bfloat16":
         assert float(got) != float(truncated[0])
+
+
+@pytest.mark.parametrize("n", [3, 17, 40, 100])
+def test_rounded_store_matches_a_single_rounding(isa, half, n):
+    """n equal scores: every p is float32's 1/n exactly (e = 1, sum = n),
+    stored rounded to nearest even; n covers whole vectors and tails."""
+    got = fastattn.masked_softmax(np.zeros((2, 1, 3, n), half))
+    want = (np.float32(1) / np.float32(n)).astype(half)
+    np.testing.assert_array_equal(got.view(np.uint16), np.full(got.shape, want).view(np.uint16))
+
+
+def test_every_finite_value_survives_the_float32_round_trip(isa, half):
+    """RoPE at position 0 rotates by (cos, sin) = (1, 0): a * 1 - b * 0 = a
+    for nonzero finite a and finite b, so every nonzero finite 16-bit value,
+    subnormals included, is widened and rounded back to itself."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    with np.errstate(invalid="ignore"):  # the NaN patterns
+        vals = bits.view(half).astype(np.float64)
+    keep = bits[np.isfinite(vals) & (vals != 0)]
+    keep = keep[: keep.size // 2 * 2].reshape(1, -1, 2)  # gptj pairs (a, b)
+    x = keep.view(half)
+    got = fastattn.apply_rotary(x, np.zeros(x.shape[1], np.int64), layout="gptj")
+    np.testing.assert_array_equal(got.view(np.uint16), keep)
