@@ -11,7 +11,9 @@
 #   differential  fa_scaled_dot_product_attention and fa_masked_softmax at
 #                 level 2 and level 1 against level 0, random cases from a
 #                 fixed seed, plus directed NaN/-inf softmax rows, and
-#                 fa_rope_apply rows that must match level 0 bit for bit
+#                 fa_rope_apply rows (float, double, bfloat16, float16: the
+#                 last two through each level's row conversions) that must
+#                 match level 0 bit for bit
 #   gemm16        the 16-bit GEMM (fa_gemm16) at levels 1, 2 and 3 (3: the
 #                 bf16 kernel on an emulated vdpbf16ps) against level 0, bit
 #                 for bit; gemm_bf16_impl.h's level-2/3 guard and include are
@@ -143,8 +145,8 @@ S="$WORK/csrc"
 objs=()
 # the drivers the differential test calls, the kernel table and what they
 # share (threads, checked sizes, scratch), and every scalar kernel file
-for src in "$S"/attention.c "$S"/softmax.c "$S"/rope.c "$S"/dispatch.c "$S"/fork_safety.c "$S"/threads.c \
-    "$S"/checked_size.c "$S"/scratch.c "$S"/*_scalar.c; do
+for src in "$S"/attention.c "$S"/softmax.c "$S"/rope.c "$S"/half_rows.c "$S"/dispatch.c \
+    "$S"/fork_safety.c "$S"/threads.c "$S"/checked_size.c "$S"/scratch.c "$S"/*_scalar.c; do
     o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" &
 done
 for src in "$S"/*_avx2.c "$S"/*_avx512.c "$S"/*_avx512bf16.c; do
