@@ -395,24 +395,36 @@ class MultiHeadAttention:
         return is_half_dtype(self.dtype)
 
     def _pack16(self):
-        """16-bit layers: pack every projection weight for the 16-bit GEMM
+        """16-bit layers: pack the projection weights for the 16-bit GEMM
         (``(out, in)`` panels, fastattn.bf16_gemm.PackedWeight) and keep the
         biases in float32, once, whenever the weights are set; a call then
-        packs only its activations."""
+        packs only its activations. The fused QKV weight of a self-attention
+        layer is packed here; its Q and K|V parts, which only a
+        cross-attention call of such a layer uses, on that first call
+        (:meth:`_packed_weight`), so that a self-attention layer holds one
+        packed copy of its weights."""
         if not self._half or self._storage is None:
             self._packed = None
             return
-        from fastattn.bf16_gemm import PackedWeight
-
         packed = {}
-        for n in ("w_in", "w_q", "w_kv", "w_k", "w_v", "w_o"):
-            w = self._part(n)
-            if w is not None:
-                packed[n] = PackedWeight(w.T)  # (in, out) storage -> the (N, K) form
         for n in ("b_in", "b_q", "b_kv", "b_k", "b_v", "b_o"):
             b = self._part(n)
             packed[n] = None if b is None else b.astype(np.float32)  # exact from 16 bits
         self._packed = packed
+        eager = ("w_in", "w_o") if self._w_in is not None else ("w_q", "w_kv", "w_k", "w_v", "w_o")
+        for n in eager:
+            self._packed_weight(n)
+
+    def _packed_weight(self, name):
+        """The packed form of weight ``name`` (None when the layer has no
+        such weight), packed on first use."""
+        packed = self._packed
+        if name not in packed:
+            from fastattn.bf16_gemm import PackedWeight
+
+            w = self._part(name)
+            packed[name] = None if w is None else PackedWeight(w.T)  # (in, out) -> (N, K)
+        return packed[name]
 
     def _widths(self):
         """Output widths of the Q, K and V projections."""
@@ -874,7 +886,7 @@ class MultiHeadAttention:
         B, L, K = a.shape
         if out is None:
             out = row_buffer(1, B * L, N, self.dtype)[0].reshape(B, L, N)
-        matmul(a.reshape(B * L, K), self._packed[w], bias=self._packed[b],
+        matmul(a.reshape(B * L, K), self._packed_weight(w), bias=self._packed[b],
                out=out.reshape(B * L, N), num_threads=num_threads)
         return out
 
@@ -901,7 +913,7 @@ class MultiHeadAttention:
         Lk = kx.shape[1]
         qcols = self._project16(x, "w_q", "b_q", nq, nt)
         self._rope16(qcols, H, Lq, None, nt)
-        if kx is vx and self._packed.get("w_kv") is not None:
+        if kx is vx and self._packed_weight("w_kv") is not None:
             kvbuf = self._project16(kx, "w_kv", "b_kv", nk + nv, nt)
             kcols, vcols = kvbuf[:, :, :nk], kvbuf[:, :, nk:]
         else:
