@@ -24,7 +24,8 @@ def split_heads(x, num_heads, *, out=None, num_threads=None):
     Parameters
     ----------
     x : array_like, shape ``(B, S, E)``
-        Any strides. ``E`` must be divisible by ``num_heads``.
+        Any strides. ``E`` must be divisible by ``num_heads``. bfloat16 and
+        float16 stay 16-bit (the elements are moved, not converted).
     num_heads : int
     out : ndarray, optional, shape ``(B, H, S, D)``
     num_threads : int, optional

@@ -231,7 +231,9 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
 
     Returns
     -------
-    ndarray of ``scores``' shape and compute dtype.
+    ndarray of ``scores``' shape and compute dtype; bfloat16 and float16
+    scores give their own dtype (float32 inside, rounded once; an additive
+    ``attn_mask`` is used in float32).
 
     Examples
     --------

@@ -102,7 +102,8 @@ def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_thr
 
     Returns
     -------
-    ndarray of ``x``'s shape and compute dtype.
+    ndarray of ``x``'s shape and compute dtype; bfloat16 and float16 ``x``
+    give their own dtype (float32 tables and arithmetic, rounded once).
 
     Examples
     --------
