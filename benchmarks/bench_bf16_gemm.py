@@ -28,10 +28,8 @@ import numpy as np
 
 import fastattn
 from fastattn import bf16_gemm
+from fastattn.bench.scripts import blas_limit, machine_line, print_table
 from fastattn.bench.timing import TimingPolicy, measure
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _harness import blas_limit, machine_line, print_table  # noqa: E402
 
 try:
     import ml_dtypes

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "fa_math.h"
+#include "half_float.h"
 #include "checked_size.h"
 #include "kernel_table.h"
 #include "scratch.h"
@@ -34,13 +35,17 @@ static int64_t start_at(const fa_lengths_view *lv, int64_t b, int64_t h, int64_t
     return lv->data == NULL ? 0 : fa_length_at(lv, b, h, full);
 }
 
+/* Bytes of an element of the compute dtype (scratch, partial results,
+ * weights, masks) and of q and out (16-bit with job->io16). */
+static int64_t compute_size(const fa_attn_job *job) { return job->dtype == FA_DTYPE_F32 ? 4 : 8; }
+static int64_t io_size(const fa_attn_job *job) { return job->io16 ? 2 : compute_size(job); }
+
 /* Zero out rows [r0, r1) of head (b, h), and their weights. */
-static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, int64_t r1,
-                      int64_t es) {
-    const int64_t row0 = fa_attn_q_row0(job, b);
+static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, int64_t r1) {
+    const int64_t row0 = fa_attn_q_row0(job, b), es = compute_size(job), os = io_size(job);
     for (int64_t i = r0; i < r1; ++i) {
-        memset(job->out + (b * job->os[0] + h * job->os[1] + (row0 + i) * job->os[2]) * es, 0,
-               (size_t)(job->Dv * es));
+        memset(job->out + (b * job->os[0] + h * job->os[1] + (row0 + i) * job->os[2]) * os, 0,
+               (size_t)(job->Dv * os));
         if (job->weights)
             memset(job->weights + (b * job->ws[0] + h * job->ws[1] + i * job->ws[2]) * es, 0,
                    (size_t)(job->Lk * es));
@@ -52,6 +57,10 @@ static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, 
     const fa_kernel_table *kt = fa_kernels();
     if (job->dtype == FA_DTYPE_F64) {
         kt->attention_block_f64(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
+        return;
+    }
+    if (job->io16 == FA_DTYPE_BF16 && job->kv_dtype == FA_KV_BF16 && kt->attention_block_bf16dp) {
+        kt->attention_block_bf16dp(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
         return;
     }
     fa_attention_block_f32_fn *fn = job->kv_dtype == FA_KV_BF16  ? kt->attention_block_f32_bf16
@@ -100,13 +109,13 @@ FA_DEFINE_MERGE(double, fa_exp)
  * padded query rows are zeroed, not computed. */
 static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nqb,
                        int64_t it, void *scratch) {
-    const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t Lq = job->Lq;
     if (job->group_rows) { /* item: (b, kv head), every query head of the group */
         const int64_t hk = it % job->Hkv, b = it / job->Hkv, h0 = hk * job->group;
         const int64_t qv1 = fa_length_at(ql, b, h0, Lq), klen = fa_length_at(&job->key_len, b, h0, job->Lk);
         const int64_t kstart = start_at(&job->key_start, b, h0, klen);
         if (qv1 > 0) run_block(job, b, h0, 0, qv1, kstart, klen, NULL, NULL, scratch);
-        for (int64_t h = h0; h < h0 + job->group; ++h) zero_rows(job, b, h, qv1, Lq, es);
+        for (int64_t h = h0; h < h0 + job->group; ++h) zero_rows(job, b, h, qv1, Lq);
         return;
     }
     const int64_t qb = it % nqb, bh = it / nqb, h = bh % job->H, b = bh / job->H;
@@ -116,7 +125,7 @@ static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
     const int64_t kstart = start_at(&job->key_start, b, h, klen);
     const int64_t qv1 = q1 < qlen ? q1 : qlen;
     if (q0 < qv1) run_block(job, b, h, q0, qv1, kstart, klen, NULL, NULL, scratch);
-    zero_rows(job, b, h, q0 > qv1 ? q0 : qv1, q1, es);
+    zero_rows(job, b, h, q0 > qv1 ? q0 : qv1, q1);
 }
 
 /* Item it of the split-KV schedule: key chunk it % nsplit of head
@@ -126,7 +135,7 @@ static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
 static void split_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nsplit,
                        int64_t span0, int64_t chunk, char *part, char *part_ml, int64_t it,
                        void *scratch) {
-    const int64_t Lq = job->Lq, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t Lq = job->Lq, es = compute_size(job);
     const int64_t s = it % nsplit;
     int64_t bh = it / nsplit, h = bh % job->H, b = bh / job->H;
     if (job->group_rows) { /* item: (b, kv head, split); its slots are those of head h0 */
@@ -144,10 +153,12 @@ static void split_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
                   part_ml + (it * Lq * 2) * es, scratch);
 }
 
-/* Head bh's output rows from its nsplit partial results, in split order. */
+/* Head bh's output rows from its nsplit partial results, in split order.
+ * row: Dv floats of scratch, where a 16-bit output row is merged before it
+ * is rounded. */
 static void merge_head(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nsplit,
-                       const char *part, const char *part_ml, int64_t bh) {
-    const int64_t Lq = job->Lq, Dv = job->Dv, es = job->dtype == FA_DTYPE_F32 ? 4 : 8;
+                       const char *part, const char *part_ml, int64_t bh, float *row) {
+    const int64_t Lq = job->Lq, Dv = job->Dv, es = io_size(job);
     const int64_t h = bh % job->H, b = bh / job->H;
     const int64_t qv1 = fa_length_at(ql, b, h, Lq);
     const int64_t first = bh * nsplit;
@@ -165,7 +176,12 @@ static void merge_head(const fa_attn_job *job, const fa_lengths_view *ql, int64_
             }
             merge_row_float((const float *)part + (first * Lq + i) * Dv,
                             (const float *)part_ml + (first * Lq + i) * 2, nsplit, Lq * Dv,
-                            Lq * 2, Dv, job->sinks ? &sink : NULL, (float *)orow);
+                            Lq * 2, Dv, job->sinks ? &sink : NULL, job->io16 ? row : (float *)orow);
+            uint16_t *o16 = (uint16_t *)orow;
+            if (job->io16 == FA_DTYPE_BF16)
+                for (int64_t c = 0; c < Dv; ++c) o16[c] = fa_f32_to_bf16_bits(row[c]);
+            else if (job->io16 == FA_DTYPE_F16)
+                for (int64_t c = 0; c < Dv; ++c) o16[c] = fa_f32_to_f16_bits(row[c]);
         } else {
             double sink = 0.0;
             if (job->sinks) {
@@ -179,7 +195,7 @@ static void merge_head(const fa_attn_job *job, const fa_lengths_view *ql, int64_
                              Lq * 2, Dv, job->sinks ? &sink : NULL, (double *)orow);
         }
     }
-    zero_rows(job, b, h, qv1, Lq, es);
+    zero_rows(job, b, h, qv1, Lq);
 }
 
 static int check_view(const fa_view4 *v, int64_t d0, int64_t d1, int64_t d2, int64_t d3,
@@ -194,7 +210,14 @@ static int check_view(const fa_view4 *v, int64_t d0, int64_t d1, int64_t d2, int
 static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_threads);
 
 int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int num_threads) {
-    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64)) return FA_ERR_INVALID;
+    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64 && dtype != FA_DTYPE_BF16 &&
+                      dtype != FA_DTYPE_F16))
+        return FA_ERR_INVALID;
+    /* 16-bit q and out compute in float; their K/V default to their dtype */
+    const int io16 = dtype == FA_DTYPE_BF16 || dtype == FA_DTYPE_F16 ? dtype : 0;
+    int kvd = a->kv_dtype;
+    if (io16 && kvd == FA_KV_SAME) kvd = io16 == FA_DTYPE_BF16 ? FA_KV_BF16 : FA_KV_F16;
+    if (io16) dtype = FA_DTYPE_F32;
     const int64_t B = a->B, H = a->H, Hkv = a->Hkv, Lq = a->Lq, Lk = a->Lk, D = a->D,
                   Dv = a->Dv;
     if (B < 0 || H < 0 || Hkv < 0 || Lq < 0 || Lk < 0 || D < 0 || Dv < 0) return FA_ERR_INVALID;
@@ -203,14 +226,13 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
         return FA_ERR_INVALID;
     if (!fa_attn_features_ok(a->window, a->window_left, a->window_right, a->softcap))
         return FA_ERR_INVALID;
-    const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8, io_es = io16 ? 2 : es;
     /* narrow K/V: float queries only; int8 needs both scale views */
-    const int kvd = a->kv_dtype;
     if (kvd != FA_KV_SAME && (dtype != FA_DTYPE_F32 || kvd < FA_KV_BF16 || kvd > FA_KV_I8))
         return FA_ERR_INVALID;
     const int64_t kv_es = kvd == FA_KV_SAME ? es : kvd == FA_KV_I8 ? 1 : 2;
     int st;
-    if ((st = check_view(&a->q, B, H, Lq, D, es)) != FA_OK) return st;
+    if ((st = check_view(&a->q, B, H, Lq, D, io_es)) != FA_OK) return st;
     if ((st = check_view(&a->k, B, Hkv, Lk, D, kv_es)) != FA_OK) return st;
     if ((st = check_view(&a->v, B, Hkv, Lk, Dv, kv_es)) != FA_OK) return st;
     if (kvd == FA_KV_I8) {
@@ -219,7 +241,7 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
         if (Lk > 1 && (a->k_scale.stride[2] != 1 || a->v_scale.stride[2] != 1))
             return FA_ERR_INVALID;
     }
-    if ((st = check_view(&a->out, B, H, Lq, Dv, es)) != FA_OK) return st;
+    if ((st = check_view(&a->out, B, H, Lq, Dv, io_es)) != FA_OK) return st;
     if (a->weights.data && (st = check_view(&a->weights, B, H, Lq, Lk, es)) != FA_OK) return st;
     if (a->mask.data) {
         if (a->mask.kind != FA_MASK_BOOL && a->mask.kind != FA_MASK_ADD) return FA_ERR_INVALID;
@@ -265,6 +287,7 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
                      (!a->key_start.data || a->key_start.stride_m == 0) &&
                      (!a->query_len.data || a->query_len.stride_m == 0);
     job.kv_dtype = kvd;
+    job.io16 = io16;
     if (kvd == FA_KV_I8) {
         job.k_scale = (const float *)a->k_scale.data;
         job.v_scale = (const float *)a->v_scale.data;
@@ -352,7 +375,8 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
     if (nthreads == 1) {
         for (int64_t it = 0; it < items; ++it)
             split_item(&job, ql, nsplit, span0, chunk, part, part_ml, it, scratch);
-        for (int64_t bh = 0; bh < heads; ++bh) merge_head(&job, ql, nsplit, part, part_ml, bh);
+        for (int64_t bh = 0; bh < heads; ++bh)
+            merge_head(&job, ql, nsplit, part, part_ml, bh, (float *)scratch);
     } else {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
@@ -367,7 +391,8 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (int64_t bh = 0; bh < heads; ++bh) merge_head(&job, ql, nsplit, part, part_ml, bh);
+            for (int64_t bh = 0; bh < heads; ++bh)
+                merge_head(&job, ql, nsplit, part, part_ml, bh, (float *)mine);
         }
     }
     fa_scratch_free(part);

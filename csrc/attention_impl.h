@@ -31,6 +31,19 @@
  */
 #include "simd_dtype.h"
 
+/* FA_DPBF16 1 (attention_avx512bf16.c, with FA_KV 1): the all-bf16
+ * instance whose tiled path runs Q.K^T and P.V on vdpbf16ps pair tiles. */
+#ifndef FA_DPBF16
+#define FA_DPBF16 0
+#endif
+#if FA_DPBF16
+#if FA_KV != 1 || FA_ISA_LEVEL != 2
+#error "FA_DPBF16 needs FA_KV 1 at FA_ISA_LEVEL 2"
+#endif
+#undef DT
+#define DT bf16dp
+#endif
+
 #ifndef FA_ATTN_IMPL_ONCE
 #define FA_ATTN_IMPL_ONCE
 /* MR: rows of the register tile; with 2 vector accumulators per row, plus
@@ -76,6 +89,10 @@ typedef struct {
     T *acc;    /* (MQ, ldacc) unnormalised output rows */
     T *m, *l, *alpha, *tmp; /* (MQ) running max, running sum, rescale */
     int64_t ldacc;
+    /* vdpbf16ps tiles (FA_DPBF16): P as bf16 pairs of keys (NK/2, MQ) and
+     * V as bf16 pairs of keys (NK/2, ldv2), 32-bit words */
+    uint32_t *pp, *v2;
+    int64_t ldv2;
 } FA_KNAME(attn_scratch, DT);
 
 static FA_KNAME(attn_scratch, DT) FA_KNAME(attn_carve, DT)(T *base, int64_t D, int64_t Dv) {
@@ -89,6 +106,9 @@ static FA_KNAME(attn_scratch, DT) FA_KNAME(attn_carve, DT)(T *base, int64_t D, i
     s.l = s.m + MQ;
     s.alpha = s.l + MQ;
     s.tmp = s.alpha + MQ;
+    s.pp = (uint32_t *)(((uintptr_t)(s.tmp + MQ) + 63) & ~(uintptr_t)63);
+    s.v2 = s.pp + (int64_t)(NK / 2) * MQ;
+    s.ldv2 = FA_ALIGN_UP(Dv, 32);
     return s;
 }
 
@@ -104,11 +124,23 @@ static inline const T *FA_KNAME(kv_scale_row, DT)(const float *sc, const int64_t
 #endif
 }
 
+/* Query element e (an element offset into q): the dtype, or a 16-bit float
+ * (job->io16) widened exactly. */
+static inline T FA_KNAME(q_at, DT)(const fa_attn_job *job, int64_t e) {
+#if !FA_T_F64
+    if (job->io16 == FA_DTYPE_BF16) return fa_bf16_bits_to_f32(((const uint16_t *)job->q)[e]);
+    if (job->io16 == FA_DTYPE_F16) return fa_f16_bits_to_f32(((const uint16_t *)job->q)[e]);
+#endif
+    return ((const T *)job->q)[e];
+}
+
 /* ---- scores: St (nk, MQ) = K_tile (nk, D) . Qt (D, MQ) ------------------- */
 
-/* One register tile: MR key rows x 2 vectors of query columns. */
+/* One register tile: MR key rows x 2 vectors of query columns. mx: NULL,
+ * or the running tile max of these query columns, folded in key order with
+ * the same V_MAX sequence as the separate max pass would apply. */
 static inline void FA_KNAME(scores_mr, DT)(const T *qt, const KT *const *rows, int64_t D,
-                                           T *st) {
+                                           T *st, T *mx) {
     V a0[FA_MR], a1[FA_MR];
 #pragma GCC unroll 16
     for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = V_ZERO();
@@ -126,21 +158,36 @@ static inline void FA_KNAME(scores_mr, DT)(const T *qt, const KT *const *rows, i
         V_STOREU(st + r * MQ, a0[r]);
         V_STOREU(st + r * MQ + VL, a1[r]);
     }
+    if (mx) {
+        V m0 = V_LOADU(mx), m1 = V_LOADU(mx + VL);
+#pragma GCC unroll 16
+        for (int r = 0; r < FA_MR; ++r) {
+            m0 = V_MAX(m0, a0[r]);
+            m1 = V_MAX(m1, a1[r]);
+        }
+        V_STOREU(mx, m0);
+        V_STOREU(mx + VL, m1);
+    }
 }
 
 /* Leftover keys (fewer than MR) go through the same register tile: rows
  * past the last key repeat it, and their scores land in tile rows >= nk
  * (inside the NK-row tile, since NK is a multiple of MR) that nothing reads.
- * A one-key loop would run at a quarter of the FMA rate. */
+ * A one-key loop would run at a quarter of the FMA rate. A repeated row
+ * leaves the tile max as it is (V_MAX of a value already folded in).
+ * tmax: NULL, or (MQ) receiving each query column's max over the tile's
+ * scores (the tiles that need no mask, ALiBi or cap skip the max pass). */
 static void FA_KNAME(scores_tile, DT)(const T *qt, const KT *kt, int64_t kst, int64_t D,
-                                      int64_t nk, int64_t ic0, int64_t cols, T *st) {
+                                      int64_t nk, int64_t ic0, int64_t cols, T *st, T *tmax) {
+    if (tmax)
+        for (int64_t i = ic0; i < cols; ++i) tmax[i] = (T)-INFINITY;
     /* query chunk outer: its D x NC slice of Q^T stays in L1 while the
      * key rows stream past */
     for (int64_t ic = ic0; ic < cols; ic += NC) {
         for (int64_t j = 0; j < nk; j += FA_MR) {
             const KT *rows[FA_MR];
             for (int r = 0; r < FA_MR; ++r) rows[r] = kt + (j + r < nk ? j + r : nk - 1) * kst;
-            FA_KNAME(scores_mr, DT)(qt + ic, rows, D, st + j * MQ + ic);
+            FA_KNAME(scores_mr, DT)(qt + ic, rows, D, st + j * MQ + ic, tmax ? tmax + ic : NULL);
         }
     }
 }
@@ -208,6 +255,168 @@ static void FA_KNAME(pv_tile, DT)(const T *st, const KT *vt, int64_t vst, int64_
                                 acc + i0 * ldacc + c0, ldacc, vsc);
     }
 }
+
+
+#if FA_DPBF16
+/* ---- vdpbf16ps tiles (all-bf16 inputs) ----------------------------------------
+ * One vdpbf16ps adds, per float lane, the products of a pair of bf16
+ * elements: acc += a[2i+1] b[2i+1], then acc += a[2i] b[2i], each an
+ * exact product added in float32. So both products run over pairs along
+ * their reduction axis, at half the instructions of the float FMA tiles:
+ *   scores: Q2 (ceil(D/2), MQ) words, word (p, i) = q[i, 2p] | q[i, 2p+1]
+ *     << 16, against a broadcast word of the key row (k[j, 2p], k[j, 2p+1]);
+ *   P.V: P2 (ceil(nk/2), MQ) words of probabilities rounded to bf16,
+ *     (p[2t, i], p[2t+1, i]), against V2 (ceil(nk/2), ldv2) words, word
+ *     (t, c) = (v[2t, c], v[2t+1, c]).
+ * An odd D, or an odd nk, has a last pair whose high half is 0 on both
+ * sides. The scale multiplies the float scores (a bf16 q times a scale is
+ * not a bf16). */
+
+/* Word p of a key row of D bf16 elements; past an odd D's end the high
+ * half is 0 (the row is never read past its end). */
+static inline uint32_t FA_KNAME(key_pair, DT)(const uint16_t *row, int64_t p, int64_t D) {
+    if (2 * p + 1 < D) {
+        uint32_t w;
+        memcpy(&w, row + 2 * p, sizeof w);
+        return w;
+    }
+    return row[2 * p];  /* odd D: the high half is 0 */
+}
+
+/* MR key rows x 2 vectors of queries: St rows = scale * K rows . Q2. */
+static inline void FA_KNAME(scores_mr_dp, DT)(const uint32_t *q2, const uint16_t *const *rows,
+                                              int64_t D, T scale, T *st, T *mx) {
+    __m512 a0[FA_MR], a1[FA_MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+    /* whole pairs, then an odd D's last element (its pair's high half 0) */
+    for (int64_t p = 0; p < (D + 1) / 2; ++p) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(q2 + p * MQ);
+        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(q2 + p * MQ + 16);
+        if (2 * p + 1 < D) {
+#pragma GCC unroll 16
+            for (int r = 0; r < FA_MR; ++r) {
+                uint32_t kw;
+                memcpy(&kw, rows[r] + 2 * p, sizeof kw);
+                const __m512bh kb = (__m512bh)_mm512_set1_epi32((int)kw);
+                a0[r] = _mm512_dpbf16_ps(a0[r], x0, kb);
+                a1[r] = _mm512_dpbf16_ps(a1[r], x1, kb);
+            }
+        } else {
+#pragma GCC unroll 16
+            for (int r = 0; r < FA_MR; ++r) {
+                const __m512bh kb = (__m512bh)_mm512_set1_epi32((int)FA_KNAME(key_pair, DT)(rows[r], p, D));
+                a0[r] = _mm512_dpbf16_ps(a0[r], x0, kb);
+                a1[r] = _mm512_dpbf16_ps(a1[r], x1, kb);
+            }
+        }
+    }
+    const __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) {
+        a0[r] = _mm512_mul_ps(a0[r], vs);
+        a1[r] = _mm512_mul_ps(a1[r], vs);
+        _mm512_storeu_ps(st + r * MQ, a0[r]);
+        _mm512_storeu_ps(st + r * MQ + 16, a1[r]);
+    }
+    if (mx) { /* as in scores_mr */
+        __m512 m0 = _mm512_loadu_ps(mx), m1 = _mm512_loadu_ps(mx + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < FA_MR; ++r) {
+            m0 = _mm512_max_ps(m0, a0[r]);
+            m1 = _mm512_max_ps(m1, a1[r]);
+        }
+        _mm512_storeu_ps(mx, m0);
+        _mm512_storeu_ps(mx + 16, m1);
+    }
+}
+
+/* Leftover keys as in scores_tile: rows past the last key repeat it and
+ * land in tile rows >= nk that nothing reads. */
+static void FA_KNAME(scores_tile_dp, DT)(const uint32_t *q2, const uint16_t *kt, int64_t kst,
+                                         int64_t D, int64_t nk, int64_t ic0, int64_t cols,
+                                         T scale, T *st, T *tmax) {
+    if (tmax)
+        for (int64_t i = ic0; i < cols; ++i) tmax[i] = (T)-INFINITY;
+    for (int64_t ic = ic0; ic < cols; ic += NC) {
+        for (int64_t j = 0; j < nk; j += FA_MR) {
+            const uint16_t *rows[FA_MR];
+            for (int r = 0; r < FA_MR; ++r) rows[r] = kt + (j + r < nk ? j + r : nk - 1) * kst;
+            FA_KNAME(scores_mr_dp, DT)(q2 + ic, rows, D, scale, st + j * MQ + ic,
+                                       tmax ? tmax + ic : NULL);
+        }
+    }
+}
+
+/* float -> bf16 bits of each 32-bit lane, rounded to nearest even, in the
+ * low half (the lanes are probabilities: finite, or NaN from a NaN input,
+ * which stays NaN since its quiet bit survives). */
+static inline __m512i FA_KNAME(bf16_round_lanes, DT)(__m512i u) {
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+}
+
+/* V2 words (t, c) for c in [0, ldv2) from the nk value rows at vt (row
+ * stride vst, Dv elements); columns past Dv and the row past an odd nk's
+ * end are 0. */
+static void FA_KNAME(pack_v_pairs, DT)(const uint16_t *vt, int64_t vst, int64_t nk, int64_t Dv,
+                                       int64_t ldv2, uint32_t *v2) {
+    for (int64_t t = 0; t < (nk + 1) / 2; ++t) {
+        const uint16_t *a = vt + 2 * t * vst, *b = 2 * t + 1 < nk ? a + vst : NULL;
+        uint32_t *dst = v2 + t * ldv2;
+        int64_t c = 0;
+        for (; c + 16 <= Dv; c += 16) {
+            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + c)));
+            __m512i w = lo;
+            if (b)
+                w = _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                                              _mm256_loadu_si256((const __m256i *)(b + c))),
+                                                          16));
+            _mm512_storeu_ps((float *)(dst + c), _mm512_castsi512_ps(w));
+        }
+        for (; c < Dv; ++c) dst[c] = (uint32_t)a[c] | (b ? (uint32_t)b[c] << 16 : 0u);
+        for (; c < ldv2; ++c) dst[c] = 0;
+    }
+}
+
+/* MR query rows x 2 vectors of value columns: acc = alpha acc + P2 . V2. */
+static inline void FA_KNAME(pv_mr_dp, DT)(const uint32_t *pp, const uint32_t *v2, int64_t npairs,
+                                          int64_t ldv2, const T *alpha, T *acc, int64_t ldacc) {
+    __m512 o0[FA_MR], o1[FA_MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) {
+        const __m512 al = _mm512_set1_ps(alpha[r]);
+        o0[r] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * ldacc), al);
+        o1[r] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * ldacc + 16), al);
+    }
+    for (int64_t t = 0; t < npairs; ++t) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(v2 + t * ldv2);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(v2 + t * ldv2 + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < FA_MR; ++r) {
+            const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pp[t * MQ + r]);
+            o0[r] = _mm512_dpbf16_ps(o0[r], p, b0);
+            o1[r] = _mm512_dpbf16_ps(o1[r], p, b1);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < FA_MR; ++r) {
+        _mm512_storeu_ps(acc + r * ldacc, o0[r]);
+        _mm512_storeu_ps(acc + r * ldacc + 16, o1[r]);
+    }
+}
+
+/* Rows [r0, rows_mr) as in pv_tile, over whole 32-column chunks of ldv2
+ * (the accumulator's row stride rounds Dv up to the same chunk). */
+static void FA_KNAME(pv_tile_dp, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64_t nk,
+                                     int64_t r0, int64_t rows_mr) {
+    const int64_t npairs = (nk + 1) / 2;
+    for (int64_t c0 = 0; c0 < sc->ldv2; c0 += NC)
+        for (int64_t i0 = r0; i0 < rows_mr; i0 += FA_MR)
+            FA_KNAME(pv_mr_dp, DT)(sc->pp + i0, sc->v2 + c0, npairs, sc->ldv2, sc->alpha + i0,
+                                   sc->acc + i0 * sc->ldacc + c0, sc->ldacc);
+}
+#endif /* FA_DPBF16 */
 
 /* ---- shared pieces ----------------------------------------------------------- */
 
@@ -279,8 +488,7 @@ static inline void FA_KNAME(softcap_run, DT)(T *s, int64_t n, T cap) {
 static void FA_KNAME(finish_row, DT)(const fa_attn_job *job, int64_t b, int64_t h, int64_t i,
                                      const T *acc, T m, T l, int64_t k0, int64_t kend) {
     const int64_t Dv = job->Dv;
-    T *o = (T *)job->out + b * job->os[0] + h * job->os[1] +
-           (fa_attn_q_row0(job, b) + i) * job->os[2];
+    const int64_t oe = b * job->os[0] + h * job->os[1] + (fa_attn_q_row0(job, b) + i) * job->os[2];
     T fac = (T)1;
     if (job->sinks && l != (T)0) {
         /* the scores carry ALiBi measured from ref, not from i_pos: shift
@@ -296,10 +504,22 @@ static void FA_KNAME(finish_row, DT)(const fa_attn_job *job, int64_t b, int64_t 
         m = mt;
     }
     const T inv = l == (T)0 ? (T)0 : fac / l; /* NaN l stays NaN */
-    const V vinv = V_SET1(inv);
-    int64_t c = 0;
-    for (; c + VL <= Dv; c += VL) V_STOREU(o + c, V_MUL(V_LOADU(acc + c), vinv));
-    if (c < Dv) V_STOREN(o + c, V_MUL(V_LOADN(acc + c, Dv - c), vinv), Dv - c);
+#if !FA_T_F64
+    if (job->io16) { /* 16-bit output: each element rounded once, to nearest even */
+        uint16_t *o16 = (uint16_t *)job->out + oe;
+        if (job->io16 == FA_DTYPE_BF16)
+            for (int64_t c = 0; c < Dv; ++c) o16[c] = fa_f32_to_bf16_bits(acc[c] * inv);
+        else
+            for (int64_t c = 0; c < Dv; ++c) o16[c] = fa_f32_to_f16_bits(acc[c] * inv);
+    } else
+#endif
+    {
+        T *o = (T *)job->out + oe;
+        const V vinv = V_SET1(inv);
+        int64_t c = 0;
+        for (; c + VL <= Dv; c += VL) V_STOREU(o + c, V_MUL(V_LOADU(acc + c), vinv));
+        if (c < Dv) V_STOREN(o + c, V_MUL(V_LOADN(acc + c, Dv - c), vinv), Dv - c);
+    }
     if (job->weights) {
         T *w = (T *)job->weights + b * job->ws[0] + h * job->ws[1] + i * job->ws[2];
         const T winv = l == (T)0 ? (T)0 : (T)1 / l;
@@ -324,7 +544,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     const int64_t D = job->D, Dv = job->Dv, rows = q1 - q0, hk = h / job->group;
     const int64_t cols = FA_ALIGN_UP(rows, NC), rows_mr = FA_ALIGN_UP(rows, FA_MR);
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
-    const T *q = (const T *)job->q + b * job->qs[0] + h * job->qs[1] + (qr0 + q0) * job->qs[2];
+    const int64_t qe = b * job->qs[0] + h * job->qs[1] + (qr0 + q0) * job->qs[2];
     (void)kr0;
     const int64_t kst = job->ks[2], vst = job->vs[2];
     const T *ksc = FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
@@ -340,12 +560,26 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
     T *w = job->weights ? (T *)job->weights + b * job->ws[0] + h * job->ws[1] : NULL;
 
+#if FA_DPBF16
+    /* 1. pack Q2: bf16 pairs along D, unscaled (exact); padding columns 0 */
+    uint32_t *q2 = (uint32_t *)sc->qt;
+    {
+        const uint16_t *q16 = (const uint16_t *)job->q + qe;
+        for (int64_t p = 0; p < (D + 1) / 2; ++p) {
+            uint32_t *dst = q2 + p * MQ;
+            for (int64_t i = 0; i < rows; ++i)
+                dst[i] = FA_KNAME(key_pair, DT)(q16 + i * job->qs[2], p, D);
+            for (int64_t i = rows; i < cols; ++i) dst[i] = 0;
+        }
+    }
+#else
     /* 1. pack Q^T, scaled; padding columns are zero */
     for (int64_t d = 0; d < D; ++d) {
         T *dst = sc->qt + d * MQ;
-        for (int64_t i = 0; i < rows; ++i) dst[i] = q[i * job->qs[2] + d] * scale;
+        for (int64_t i = 0; i < rows; ++i) dst[i] = FA_KNAME(q_at, DT)(job, qe + i * job->qs[2] + d) * scale;
         for (int64_t i = rows; i < cols; ++i) dst[i] = (T)0;
     }
+#endif
     for (int64_t i = 0; i < cols; ++i) {
         sc->m[i] = (T)-INFINITY;
         sc->l[i] = (T)0;
@@ -359,6 +593,9 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     for (int64_t i = cols; i < rows_mr; ++i) {
         sc->alpha[i] = (T)1;
         for (int64_t j = 0; j < NK; ++j) sc->st[j * MQ + i] = (T)0;
+#if FA_DPBF16
+        for (int64_t t = 0; t < NK / 2; ++t) sc->pp[t * MQ + i] = 0;
+#endif
     }
 
     /* keys past the last row's right limit, or before the first row's left
@@ -388,11 +625,27 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             for (int64_t r = r0; r < ic0; ++r) {
                 sc->alpha[r] = (T)1;
                 for (int64_t j = 0; j < nk; ++j) st[j * MQ + r] = (T)0;
+#if FA_DPBF16
+                for (int64_t t = 0; t < (nk + 1) / 2; ++t) sc->pp[t * MQ + r] = 0;
+#endif
             }
         }
+        /* the right edge needs masking when some key exceeds the first row's
+         * limit, the left edge when some key is below the last row's */
+        const int diag = has_right && kb + nk - 1 > q0 + off + right;
+        const int ledge = has_left && kb < q1 - 1 + off - left;
+        /* a tile that nothing changes after the product (no mask edge, explicit
+         * mask, ALiBi, cap or int8 scale) takes its max from the micro-kernels */
+        const int plain = !diag && !ledge && !job->mask.data && slope == (T)0 && !(cap > (T)0) &&
+                          !KV_SCALED;
         /* 2. scores */
+#if FA_DPBF16
+        FA_KNAME(scores_tile_dp, DT)(q2, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
+                                     kst, D, nk, ic0, cols, scale, st, plain ? sc->tmp : NULL);
+#else
         FA_KNAME(scores_tile, DT)(sc->qt, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
-                                  kst, D, nk, ic0, cols, st);
+                                  kst, D, nk, ic0, cols, st, plain ? sc->tmp : NULL);
+#endif
 #if KV_SCALED
         /* int8 keys: q . (values * scale_j) = (q . values) * scale_j */
         for (int64_t j = 0; j < nk; ++j) {
@@ -408,12 +661,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         /* 3a. masks that are not vectorised across queries */
         if (job->mask.data)
             FA_KNAME(apply_explicit_mask, DT)(job, b, h, q0 + ic0, rows - ic0, kb, nk, st + ic0, MQ, 1);
-        /* the right edge needs masking when some key exceeds the first row's
-         * limit, the left edge when some key is below the last row's */
-        const int diag = has_right && kb + nk - 1 > q0 + off + right;
-        const int ledge = has_left && kb < q1 - 1 + off - left;
         /* 3b. ALiBi, causal diagonal, tile max */
-        for (int64_t ic = ic0; ic < cols; ic += VL) {
+        for (int64_t ic = ic0; ic < cols && !plain; ic += VL) {
             V ref = V_ZERO();
             if (slope != (T)0) {
                 T lanes[64];
@@ -453,19 +702,49 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
             const V msafe = V_MAX(V_SET1(-T_MAX), mnew);
             const V alpha = V_EXP_NONPOS(V_SUB(mold, msafe));
             V sum = V_ZERO();
+#if FA_DPBF16
+            /* P goes straight to its bf16 pairs of keys (the P2 tile); the
+             * sum is of the float probabilities, in the same order */
+            /* e^x as 2^(x log2 e): the base-2 exponential's reduction is one
+             * exact subtraction, three vector operations fewer than e^x's */
+            const V vlog2e = V_SET1((T)T_LOGB_E);
+            int64_t j = 0;
+            for (; j + 2 <= nk; j += 2) {
+                const V p0 = V_EXPB_NONPOS(V_MUL(V_SUB(V_LOADU(st + j * MQ + ic), msafe), vlog2e));
+                const V p1 = V_EXPB_NONPOS(V_MUL(V_SUB(V_LOADU(st + (j + 1) * MQ + ic), msafe), vlog2e));
+                sum = V_ADD(V_ADD(sum, p0), p1);
+                const __m512i w = _mm512_or_si512(
+                    FA_KNAME(bf16_round_lanes, DT)(_mm512_castps_si512(p0)),
+                    _mm512_slli_epi32(FA_KNAME(bf16_round_lanes, DT)(_mm512_castps_si512(p1)), 16));
+                _mm512_storeu_ps((float *)(sc->pp + j / 2 * MQ + ic), _mm512_castsi512_ps(w));
+            }
+            if (j < nk) { /* odd nk: the last pair's high half is 0 */
+                const V p0 = V_EXPB_NONPOS(V_MUL(V_SUB(V_LOADU(st + j * MQ + ic), msafe), vlog2e));
+                sum = V_ADD(sum, p0);
+                _mm512_storeu_ps((float *)(sc->pp + j / 2 * MQ + ic),
+                                 _mm512_castsi512_ps(FA_KNAME(bf16_round_lanes, DT)(_mm512_castps_si512(p0))));
+            }
+#else
             for (int64_t j = 0; j < nk; ++j) {
                 const V p = V_EXP_NONPOS(V_SUB(V_LOADU(st + j * MQ + ic), msafe));
                 V_STOREU(st + j * MQ + ic, p);
                 sum = V_ADD(sum, p);
             }
+#endif
             V_STOREU(sc->l + ic, V_FMADD(V_LOADU(sc->l + ic), alpha, sum));
             V_STOREU(sc->m + ic, mnew);
             V_STOREU(sc->alpha + ic, alpha);
         }
         /* 4. acc = alpha * acc + P^T V */
+#if FA_DPBF16
+        FA_KNAME(pack_v_pairs, DT)(FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
+                                   Dv, sc->ldv2, sc->v2);
+        FA_KNAME(pv_tile_dp, DT)(sc, nk, r0, rows_mr);
+#else
         FA_KNAME(pv_tile, DT)(st, FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
                               Dv, r0, rows_mr, sc->alpha,
                               sc->acc, sc->ldacc, vsc ? vsc + kb : NULL);
+#endif
     }
 
     for (int64_t i = 0; i < rows; ++i) {
@@ -586,9 +865,9 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
     int64_t kbeg[FA_ATTN_MQ], kend[FA_ATTN_MQ], kcur[FA_ATTN_MQ];
     for (int64_t r = 0; r < R; ++r) {
         const int64_t hr = h + r / nq, i = q0 + r % nq;
-        const T *q = (const T *)job->q + b * job->qs[0] + hr * job->qs[1] + (qr0 + i) * job->qs[2];
+        const int64_t qe = b * job->qs[0] + hr * job->qs[1] + (qr0 + i) * job->qs[2];
         T *qs = sc->qt + r * D;
-        for (int64_t d = 0; d < D; ++d) qs[d] = q[d] * scale;
+        for (int64_t d = 0; d < D; ++d) qs[d] = FA_KNAME(q_at, DT)(job, qe + d) * scale;
         /* the row's visible keys: [i + off - left, i + off + right] */
         kbeg[r] = k0, kend[r] = k1;
         if (job->has_left && i + off - job->left > kbeg[r]) kbeg[r] = i + off - job->left;

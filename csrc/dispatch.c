@@ -43,10 +43,12 @@ static const fa_kernel_table kernels_avx2 = {
     .isa = FA_ISA_AVX2, FA_KERNEL_LIST(FA_FIELD_AVX2)};
 static const fa_kernel_table kernels_avx512 = {
     .isa = FA_ISA_AVX512, FA_KERNEL_LIST(FA_FIELD_AVX512)};
-/* No kernel of the table has a bf16-specific version yet: the avx512bf16
- * level runs the avx512 ones (the 16-bit GEMM picks its own, gemm_bf16.c). */
+/* The avx512bf16 level runs the avx512 kernels plus the all-bf16 attention
+ * kernel on vdpbf16ps (the 16-bit GEMM picks its own, gemm_bf16.c). */
+extern fa_attention_block_f32_fn fa_attention_block_bf16dp_avx512bf16;
 static const fa_kernel_table kernels_avx512bf16 = {
-    .isa = FA_ISA_AVX512BF16, FA_KERNEL_LIST(FA_FIELD_AVX512)};
+    .isa = FA_ISA_AVX512BF16, FA_KERNEL_LIST(FA_FIELD_AVX512)
+    .attention_block_bf16dp = fa_attention_block_bf16dp_avx512bf16};
 #endif
 
 static const fa_kernel_table *table_for(int isa) {

@@ -159,6 +159,12 @@ typedef struct {
     fa_view4 k_scale, v_scale;
 } fa_attention_args;
 
+/* dtype FA_DTYPE_F32 or FA_DTYPE_F64; or FA_DTYPE_BF16 / FA_DTYPE_F16
+ * (fa_dtype16, below): q and out are 16-bit floats, k and v too unless
+ * kv_dtype says otherwise (any narrow storage), and everything else
+ * (weights, additive masks, alibi_slopes, sinks, the sums and the softmax)
+ * is float32. Each output element is rounded once, to nearest even. */
+
 int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,
                                     int num_threads);
 

@@ -24,8 +24,7 @@
 #define FASTATTN_GEMM_BF16_H
 
 #include <stdint.h>
-
-#include "half_bits.h"
+#include "half_float.h"
 
 /* Columns per packed panel: two AVX-512 float vectors, so the widest
  * micro-kernel's tile row is one panel; the narrower levels take it in

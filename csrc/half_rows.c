@@ -1,6 +1,6 @@
 /*
  * half_rows.c: the row conversions of half_rows.h: the selected ISA level's
- * vector version for contiguous rows, the scalar one (half_bits.h) for
+ * vector version for contiguous rows, the scalar one (half_float.h) for
  * strided rows and on non-x86 builds. Compiled with baseline flags.
  */
 #include "half_rows.h"
@@ -9,7 +9,7 @@
 
 #include "fastattn.h"
 #include "gemm_bf16.h" /* fa_cpu_has_f16c */
-#include "half_bits.h"
+#include "half_float.h"
 
 /* The vector versions of the selected level (NULL: scalar). The avx2
  * float16 versions use F16C, which the avx2 level does not require. */

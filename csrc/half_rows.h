@@ -3,7 +3,7 @@
  * rows rounded back, for the drivers that compute 16-bit arrays in float32
  * scratch rows (the masked softmax, RoPE). half_rows.c picks, per call, the
  * vector version of the selected ISA level (half_rows_avx2.c,
- * half_rows_avx512.c) for contiguous rows and the scalar one (half_bits.h)
+ * half_rows_avx512.c) for contiguous rows and the scalar one (half_float.h)
  * otherwise; every version gives the same bits for every finite value and
  * infinity (a NaN stays a NaN; its payload may differ between levels).
  */

@@ -1,13 +1,13 @@
 /*
  * half_rows_avx2.c: the row conversions of half_rows.h at the avx2 level:
  * 8 elements a step, the last n % 8 with the scalar conversions of
- * half_bits.h (the same bits). bfloat16 with integer operations, float16
+ * half_float.h (the same bits). bfloat16 with integer operations, float16
  * with F16C (compiled with -mf16c; half_rows.c calls these only when the
  * CPU has it).
  */
 #include <immintrin.h>
 
-#include "half_bits.h"
+#include "half_float.h"
 #include "half_rows.h"
 
 void fa_bf16_widen_avx2(const uint16_t *src, int64_t n, float *dst) {

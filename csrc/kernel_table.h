@@ -66,6 +66,10 @@ typedef struct {
     fa_attention_block_f32_fn *attention_block_f32_i8;
     fa_rope_row_f32_fn *rope_row_f32;
     fa_rope_row_f64_fn *rope_row_f64;
+    /* bfloat16 q, k, v on vdpbf16ps tiles (job->io16 == FA_DTYPE_BF16 with
+     * bf16 K/V); NULL below the avx512bf16 level, where attention_block_f32_bf16
+     * widens the tiles instead */
+    fa_attention_block_f32_fn *attention_block_bf16dp;
 } fa_kernel_table;
 
 /* The table of the selected ISA; never NULL. */

@@ -119,14 +119,14 @@
 #define KT uint16_t
 #define KV_LOADU vf32_load_bf16
 #define KV_LOADN vf32_loadn_bf16
-#define KV_S fa_bf16_to_f32
+#define KV_S fa_bf16_bits_to_f32
 #define KV_SCALED 0
 #elif FA_KV == 2
 #define DT f32_f16
 #define KT uint16_t
 #define KV_LOADU vf32_load_f16
 #define KV_LOADN vf32_loadn_f16
-#define KV_S fa_f16_to_f32
+#define KV_S fa_f16_bits_to_f32
 #define KV_SCALED 0
 #elif FA_KV == 3
 #define DT f32_i8

@@ -39,39 +39,11 @@
 #include <string.h>
 
 #include "fa_math.h"
+#include "half_float.h"
 
 #ifndef FA_ISA_LEVEL
 #error "define FA_ISA_LEVEL (0 scalar, 1 avx2, 2 avx512) before simd_map.h"
 #endif
-
-/* Exact widening of one narrow K/V element. bfloat16 is the top half of a
- * float. IEEE half: the exponent and mantissa bits shifted into a float's
- * place read as 2^-112 times the value (subnormal halves become float
- * subnormals), so one multiplication by 2^112 rebiases them exactly; inf
- * and NaN (exponent all ones) are rebuilt, NaNs quieted as VCVTPH2PS does. */
-static inline float fa_bf16_to_f32(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-static inline float fa_f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu;
-    uint32_t u;
-    if (em >= 0x7c00u) {
-        u = 0x7f800000u | ((em & 0x3ffu) << 13) | (em > 0x7c00u ? 0x400000u : 0u);
-    } else {
-        const uint32_t t = em << 13;
-        float f;
-        memcpy(&f, &t, sizeof f);
-        f *= 0x1p112f;
-        memcpy(&u, &f, sizeof u);
-    }
-    u |= sign;
-    float r;
-    memcpy(&r, &u, sizeof r);
-    return r;
-}
 
 /* ======================================================================= */
 #if FA_ISA_LEVEL == 0
@@ -108,8 +80,8 @@ typedef double fa_vf64;
 FA_SCALAR_OPS(float, vf32, fa_expf_nonpos)
 FA_SCALAR_OPS(double, vf64, fa_exp)
 static inline float vf32_exp2_nonpos(float v) { return fa_exp2f_nonpos(v); }
-static inline float vf32_load_bf16(const uint16_t *p) { return fa_bf16_to_f32(*p); }
-static inline float vf32_load_f16(const uint16_t *p) { return fa_f16_to_f32(*p); }
+static inline float vf32_load_bf16(const uint16_t *p) { return fa_bf16_bits_to_f32(*p); }
+static inline float vf32_load_f16(const uint16_t *p) { return fa_f16_bits_to_f32(*p); }
 static inline float vf32_load_i8(const int8_t *p) { return (float)*p; }
 
 /* ======================================================================= */
@@ -211,7 +183,7 @@ static inline __m256 vf32_keep(__m256 v, const uint8_t *m) {
 
 /* Narrow K/V rows: 8 elements from one 16-byte (or 8-byte) load. No F16C:
  * the avx2 level does not require it, so half is widened with integer ops
- * (see fa_f16_to_f32). */
+ * (see fa_f16_bits_to_f32). */
 static inline __m256 vf32_load_bf16(const uint16_t *p) {
     const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));

@@ -33,19 +33,12 @@ cdef inline int dtype_code(cnp.ndarray a) except -1:
         return FA_DTYPE_F32
     if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64:
         return FA_DTYPE_F64
-    raise TypeError(f"fastattn: kernel dtype must be float32 or float64, got {a.dtype}")
-
-
-cdef inline int storage_code(cnp.ndarray a) except -1:
-    """dtype_code, plus the 16-bit storage dtypes: float16 and
-    ml_dtypes.bfloat16 (a NumPy user dtype, told by its name)."""
-    cdef int t = cnp.PyArray_TYPE(a)
-    if t == cnp.NPY_FLOAT16:
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT16:
         return FA_DTYPE_F16
-    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64 and a.dtype.name == "bfloat16" \
-            and cnp.PyArray_ITEMSIZE(a) == 2:
+    if a.dtype.name == "bfloat16":
         return FA_DTYPE_BF16
-    return dtype_code(a)
+    raise TypeError(f"fastattn: kernel dtype must be float32, float64, float16 or bfloat16, "
+                    f"got {a.dtype}")
 
 
 cdef inline int64_t elem_stride(Py_ssize_t stride, Py_ssize_t item) except? -1:
@@ -139,6 +132,7 @@ CAUSAL_NONE = FA_CAUSAL_NONE
 CAUSAL_ALIGNMENTS = {"top_left": FA_CAUSAL_TOP_LEFT, "bottom_right": FA_CAUSAL_BOTTOM_RIGHT}
 SEQUENCE_MASK_MODES = {"mul": FA_SEQMASK_MUL, "add": FA_SEQMASK_ADD}
 PE_LAYOUTS = {"concat": FA_PE_CONCAT, "interleaved": FA_PE_INTERLEAVED}
+KV_SAME = FA_KV_SAME
 KV_DTYPE_CODES = {"bfloat16": FA_KV_BF16, "float16": FA_KV_F16, "int8": FA_KV_I8}
 ROPE_NONE = FA_ROPE_NONE
 ROPE_LAYOUTS = {"neox": FA_ROPE_NEOX, "gptj": FA_ROPE_GPTJ}
@@ -187,7 +181,7 @@ def masked_softmax(cnp.ndarray x, cnp.ndarray y, double scale, object mask,
     """x, y: (B, M, Lq, Lk); mask: None or 4-D broadcast view; lengths: None
     or (B, M) int64 broadcast views. x and y: float32, float64, bfloat16 or
     float16 (then an additive mask is float32)."""
-    cdef int dt = storage_code(x)
+    cdef int dt = dtype_code(x)
     if cnp.PyArray_TYPE(y) != cnp.PyArray_TYPE(x) or cnp.PyArray_ITEMSIZE(y) != cnp.PyArray_ITEMSIZE(x):
         raise ValueError("fastattn: masked_softmax x and y must share one dtype")
     if mask is not None and mask_kind == MASK_ADD and cnp.PyArray_TYPE(<cnp.ndarray>mask) != (
@@ -480,7 +474,7 @@ def rope_apply(cnp.ndarray x, cnp.ndarray y, object index, object cos_t, object 
     sin_t: contiguous (table_len, D/2); y_row_offset, rows: None or
     contiguous (N0,) int64 (rows: how many rows of each n0 to process).
     bfloat16 / float16 x and y take float32 tables."""
-    cdef int dt = storage_code(x)
+    cdef int dt = dtype_code(x)
     cdef int table_type = cnp.NPY_FLOAT32 if dt == FA_DTYPE_BF16 or dt == FA_DTYPE_F16 \
         else cnp.PyArray_TYPE(x)
     cdef fa_rope_args a

@@ -16,12 +16,21 @@ from fastattn._validation import (
     real_number,
     unit_last_axis,
 )
-from fastattn.kv_quant import kv_scale_array, narrow_kv
+from fastattn.kv_quant import HALF_DTYPES, kv_scale_array, narrow_kv
 from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
+_F16 = np.dtype(np.float16)
+
+
+def native_storage(x):
+    """``x`` as C reads it: native byte order, element-aligned strides (a
+    copy only when it is not already)."""
+    if not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="))
+    return x if kernel_addressable(x) else x.copy()
 
 
 def attention_geometry(q_shape, k_shape, v_shape):
@@ -116,9 +125,18 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
         With int8 ``k`` and ``v`` (from :func:`quantize_kv`): key ``j`` of a
         kv head is ``k[..., j, :] * k_scale[..., j]``, likewise for v.
 
+    dtypes: float32 and float64 compute in their own precision. bfloat16
+    (``ml_dtypes.bfloat16``) and float16 ``q``, ``k``, ``v`` give an output
+    (and weights) of that dtype, each element rounded once to nearest even;
+    the products are summed and the softmax computed in float32. On CPUs with
+    AVX512_BF16 the all-bfloat16 call runs ``vdpbf16ps`` tiles, with the
+    probabilities rounded to bfloat16 for the P·V product. Additive masks,
+    ``alibi_slopes`` and ``sinks`` are taken in float32 then.
+
     K/V storage: ``k`` and ``v`` may be narrower than ``q``: bfloat16 or
-    float16 (with float32 queries), or int8 with ``k_scale`` and ``v_scale``.
-    The kernel widens them in registers; no float32 copy of K/V is made.
+    float16 (with float32 or 16-bit queries), or int8 with ``k_scale`` and
+    ``v_scale``. The kernel widens them in registers; no float32 copy of K/V
+    is made.
 
     Returns
     -------
@@ -145,7 +163,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
             and key_starts is None and window is None and softcap is None and sinks is None
             and k_scale is None and v_scale is None and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         dt = q.dtype
-        if ((dt is _F32 or dt is _F64) and k.dtype is dt and v.dtype is dt
+        if ((dt is _F32 or dt is _F64 or dt is _F16 or dt.name == "bfloat16")
+                and k.dtype is dt and v.dtype is dt
                 and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
                 and q.flags.aligned and k.flags.aligned and v.flags.aligned):
             B, H, Lq, D = q.shape
@@ -170,8 +189,11 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     # narrow K/V (bfloat16, float16, int8 + scales) stay as they are on the
     # CPU: the kernel widens them in registers
     kv_code = None
+    io16 = None  # bfloat16 / float16 q and output (float32 compute)
     if backend is _backend.cpu_backend():
         kv_code = narrow_kv(qa, ka, va, k_scale, v_scale)
+        if kv_code is not None and qa.dtype.name in HALF_DTYPES:
+            io16 = qa.dtype.newbyteorder("=")
     elif k_scale is not None or v_scale is not None:
         raise TypeError("k_scale and v_scale (int8 k and v) are read on the CPU only; "
                         "got CUDA arrays for q, k, v")
@@ -206,14 +228,15 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     if kv_code is None:
         qa, ka, va = (backend.operand(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
     else:
-        qa = backend.operand(qa.astype(dtype) if qa.dtype.name == "bfloat16" else qa, "q", dtype)
-        ka, va = (unit_last_axis(x if kernel_addressable(x) else x.copy()) for x in (ka, va))
+        qa, ka, va = (unit_last_axis(native_storage(x)) for x in (qa, ka, va))
+        if io16 is None:
+            qa = backend.operand(qa, "q", dtype)
     if three_d:
         qa, ka, va = (backend.unit_head_axis(x) for x in (qa, ka, va))
     out_shape = (B, Lq, Dv) if three_d else (B, H, Lq, Dv)
     inputs = tuple(x for x in (qa, ka, va, mask4, slopes, sinks, ksa, vsa) if x is not None)
-    target = backend.output(out, out_shape, (B, H, Lq, Dv), dtype, inputs=inputs,
-                            unit_last_axis=True)
+    target = backend.output(out, out_shape, (B, H, Lq, Dv), dtype if io16 is None else io16,
+                            inputs=inputs, unit_last_axis=True)
     weights = backend.empty(full, dtype) if return_weights else None
     left, right = (None, None) if window is None else window
     narrow = {} if kv_code is None else {"kv_dtype": kv_code, "k_scale": ksa, "v_scale": vsa}
@@ -224,6 +247,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
         sinks=sinks, num_threads=resolve_num_threads(num_threads), **narrow)
     result = target.finish()
     if return_weights:
-        weights = backend.result(weights)
+        # 16-bit inputs get their weights in their dtype, rounded once from float32
+        weights = backend.result(weights if io16 is None else weights.astype(io16))
         return result, weights[:, 0] if three_d else weights
     return result

@@ -13,6 +13,9 @@ _I8 = np.dtype(np.int8)
 
 #: K/V storage dtypes the kernel reads directly, by dtype name.
 NARROW_KV_DTYPES = ("bfloat16", "float16", "int8")
+# 16-bit float dtypes whose q, k, v and output the attention kernel reads
+# and writes as they are (computing in float32)
+HALF_DTYPES = ("bfloat16", "float16")
 
 
 def _cpu_only(arrays, names, func):
@@ -107,18 +110,22 @@ def dequantize_kv(values, scales, *, num_threads=None):
 
 
 def narrow_kv(q, k, v, k_scale, v_scale):
-    """The K/V storage code for the kernel when k and v are narrower than q
-    (None: the ordinary path, every input in one compute dtype). Raises the
+    """The K/V storage code for the kernel when q is 16-bit (``KV_SAME``
+    when k and v share its dtype) or k and v are narrower than q; None for
+    the ordinary path, every input promoted to one compute dtype. Raises the
     TypeError / ValueError of a bad mix; ``q``, ``k``, ``v`` are arrays."""
-    kd, vd = k.dtype, v.dtype
+    kd, vd, qd = k.dtype, v.dtype, q.dtype
+    q16 = qd.name in HALF_DTYPES
     narrow = kd.name in NARROW_KV_DTYPES or vd.name in NARROW_KV_DTYPES
     int8 = kd == _I8 or vd == _I8
     if k_scale is None and v_scale is None and not int8:
+        if q16 and kd == qd and vd == qd:
+            return _kernels.KV_SAME
         if not narrow:
             return None
-        # float16 beside another dtype, or with queries other than float32:
-        # promoted to one compute dtype, as any mix of real dtypes is
-        if "bfloat16" not in (kd.name, vd.name) and (kd != vd or q.dtype != _F32):
+        # float16 beside another dtype, or with queries other than float32 or
+        # 16-bit: promoted to one compute dtype, as any mix of real dtypes is
+        if "bfloat16" not in (kd.name, vd.name) and (kd != vd or not (qd == _F32 or q16)):
             return None
     if k_scale is not None or v_scale is not None:
         if not int8:
@@ -132,9 +139,9 @@ def narrow_kv(q, k, v, k_scale, v_scale):
                          f"got k {kd}, v {vd}")
     if kd != vd:
         raise TypeError(f"k and v must share their narrow storage dtype; got k {kd}, v {vd}")
-    qd = q.dtype
-    if not (qd == _F32 or qd.name in ("bfloat16", "float16")):
-        raise TypeError(f"{kd} k and v are read with float32 queries; got q of dtype {qd}")
+    if not (qd == _F32 or q16):
+        raise TypeError(f"{kd} k and v are read with float32, bfloat16 or float16 queries; "
+                        f"got q of dtype {qd}")
     return _kernels.KV_DTYPE_CODES[kd.name]
 
 

@@ -140,19 +140,16 @@ def _check_weight_sizes(E, H, Hkv, D, Dv, kdim, vdim, dtype):
                          f"(head_dim={D}) give weights larger than the addressable size")
 
 
-def _attention16(q, k, v, out, *, weights=None, mask=None, mask_kind=0, **kwargs):
-    """Attention of a 16-bit layer: q, k, v (B, heads, L, D) views of its
-    16-bit buffers, out the 16-bit (B, H, Lq, Dv) view it writes.
-
-    Interim form, until scaled_dot_product_attention reads 16-bit q, k, v
-    itself: float32 copies of the heads, the float32 kernel, one rounding of
-    the result into ``out``."""
-    o32 = np.empty(out.shape, np.float32)
+def _attention16(q, k, v, out, *, weights=None, kv_dtype=None, **kwargs):
+    """Attention of a 16-bit layer: q, k, v the 16-bit (B, heads, L, D)
+    views of its buffers (or of its cache), out the 16-bit (B, H, Lq, Dv)
+    view it writes. The kernel reads them as they are (sums and softmax in
+    float32, each output element rounded once); the weights come out in
+    float32 and are rounded into ``weights``, as
+    scaled_dot_product_attention returns them."""
     w32 = None if weights is None else np.empty(weights.shape, np.float32)
-    _kernels.scaled_dot_product_attention(q.astype(np.float32), k.astype(np.float32),
-                                          v.astype(np.float32), o32, weights=w32, mask=mask,
-                                          mask_kind=mask_kind, **kwargs)
-    out[...] = o32
+    _kernels.scaled_dot_product_attention(q, k, v, out, weights=w32,
+                                          kv_dtype=_kernels.KV_DTYPE_CODES[q.dtype.name], **kwargs)
     if weights is not None:
         weights[...] = w32
 

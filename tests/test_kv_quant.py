@@ -192,7 +192,7 @@ def test_bad_kv_mixes(rng):
         sdpa(q, k.astype(BF16), v)
     with pytest.raises(TypeError, match="share"):
         sdpa(q, kq, v.astype(np.float16), k_scale=ks, v_scale=vs)
-    with pytest.raises(TypeError, match="float32 queries"):
+    with pytest.raises(TypeError, match="bfloat16 or float16 queries"):
         sdpa(q.astype(np.float64), k.astype(BF16), v.astype(BF16))
     with pytest.raises(ValueError, match=r"k_scale must have shape \(1, 2, 5\)"):
         sdpa(q, kq, vq, k_scale=ks[:, :, :4], v_scale=vs)

@@ -44,7 +44,7 @@
 
 #include "case_random.h"
 #include "fastattn.h"
-#include "half_bits.h"
+#include "half_float.h"
 
 /* The test replaces csrc/cpu_features.c (not linked): level 2 is "available"
  * on this CPU because the level-2 kernels are emulated. Level 1 runs native

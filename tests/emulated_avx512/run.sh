@@ -14,15 +14,19 @@
 #                 fa_rope_apply rows (float, double, bfloat16, float16: the
 #                 last two through each level's row conversions) that must
 #                 match level 0 bit for bit
+#   bf16_attention the all-bf16 attention kernel (level 3, vdpbf16ps emulated)
+#                 against level 0 within the bound its P rounding allows
 #   gemm16        the 16-bit GEMM (fa_gemm16) at levels 1, 2 and 3 (3: the
 #                 bf16 kernel on an emulated vdpbf16ps) against level 0, bit
 #                 for bit; gemm_bf16_impl.h's level-2/3 guard and include are
 #                 replaced by emu512.h the same way
 #
-# Then three planted bugs must be caught: the float keep mask shifted by one
-# lane (by differential), the bf16 kernel's odd-K tail packed into the
-# wrong half of its pair (by gemm16), and level 2's bfloat16 row rounding
-# without its 0x7fff increment (by differential's RoPE rows). Any mismatch, sanitizer report, or a patch
+# Then four planted bugs must be caught: the float keep mask shifted by one
+# lane (by differential), the bf16 GEMM's odd-K tail packed into the wrong
+# half of its pair (by gemm16), the bf16 attention kernel dropping an odd
+# D's last key element (by bf16_attention), and level 2's bfloat16 row
+# rounding without its 0x7fff increment (by differential's RoPE rows). Any
+# mismatch, sanitizer report, or a patch
 # that no longer applies fails the job. See docs/reliability.md.
 #
 #   bash tests/emulated_avx512/run.sh      # from anywhere; needs gcc with libasan/libubsan
@@ -38,6 +42,8 @@ SEEDS="${EMU512_SEEDS:-1 2}"
 PLANTED_CASES="${EMU512_PLANTED_CASES:-100}"
 # random 16-bit GEMM cases per seed (each: one call per level)
 GEMM_CASES="${EMU512_GEMM_CASES:-300}"
+# random all-bf16 attention cases per seed (each: one call at level 0 and 3)
+BF16_CASES="${EMU512_BF16_CASES:-300}"
 
 die() { echo "== FAIL: $*" >&2; exit 1; }
 start=$SECONDS
@@ -108,6 +114,22 @@ PYEOF
 grep -q '#include "emu512.h"' "$WORK/csrc/gemm_bf16_impl.h" || die "gemm_bf16_impl.h was not patched"
 echo "== patched the scratch gemm_bf16_impl.h: levels 2 and 3 use emu512.h"
 
+# the all-bf16 attention kernel's file asks for -mavx512bf16; its vdpbf16ps
+# comes from emu512.h through the patched simd_map.h
+python3 - "$WORK/csrc/attention_avx512bf16.c" <<'PYEOF'
+import sys
+path = sys.argv[1]
+EXPECTED = """#if !defined(__AVX512BF16__)
+#error "attention_avx512bf16.c needs -mavx512bf16"
+#endif
+"""
+text = open(path).read()
+if text.count(EXPECTED) != 1:
+    sys.exit(f"== FAIL: expected the -mavx512bf16 guard exactly once in {path}; update run.sh")
+open(path, "w").write(text.replace(EXPECTED, "/* -mavx512bf16 guard removed: emulated */\n"))
+PYEOF
+echo "== patched the scratch attention_avx512bf16.c: vdpbf16ps from emu512.h"
+
 # ---- build ------------------------------------------------------------------
 # setup.py's BASE_CFLAGS with -O1 instead of -O3 (ASan + the emulation are
 # slow to compile and run at -O3), plus the sanitizers. The level-2 files get
@@ -156,15 +178,17 @@ done
 compile "$HERE/differential.c" "$WORK/obj/differential.o" "$S" &
 compile "$S/gemm_bf16.c" "$WORK/obj/gemm_bf16.o" "$S" &
 compile "$HERE/gemm16.c" "$WORK/obj/gemm16.o" "$S" &
+compile "$HERE/bf16_attention.c" "$WORK/obj/bf16_attention.o" "$S" &
 compile "$HERE/helpers.c" "$WORK/obj/helpers.o" "$S" &
 compile "$HERE/helpers_level.c" "$WORK/obj/helpers_l1.o" "$S" "${X86[@]}" -DFA_ISA_LEVEL=1 &
 compile "$HERE/helpers_level.c" "$WORK/obj/helpers_l2.o" "$S" "${X86[@]}" -DFA_ISA_LEVEL=2 &
 wait_compiles "${objs[@]}" "$WORK"/obj/differential.o "$WORK"/obj/helpers.o \
-    "$WORK"/obj/gemm_bf16.o "$WORK"/obj/gemm16.o \
+    "$WORK"/obj/gemm_bf16.o "$WORK"/obj/gemm16.o "$WORK"/obj/bf16_attention.o \
     "$WORK"/obj/helpers_l1.o "$WORK"/obj/helpers_l2.o
 # cpu_features.c is not linked: the tests define fa_cpu_best_isa (level 2)
 "$CC" "${CFLAGS[@]}" "$WORK/obj/differential.o" "${objs[@]}" -lm -o "$WORK/differential"
 "$CC" "${CFLAGS[@]}" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o" "${objs[@]}" -lm -o "$WORK/gemm16"
+"$CC" "${CFLAGS[@]}" "$WORK/obj/bf16_attention.o" "${objs[@]}" -lm -o "$WORK/bf16_attention"
 "$CC" "${CFLAGS[@]}" "$WORK"/obj/helpers.o "$WORK"/obj/helpers_l1.o "$WORK"/obj/helpers_l2.o \
     -lm -o "$WORK/helpers"
 echo "== built scalar + AVX2 + emulated AVX-512 kernels with ASan+UBSan ($((SECONDS - start)) s)"
@@ -186,6 +210,10 @@ run_bg helpers "$WORK/helpers"
 for seed in $SEEDS; do
     names+=("gemm16-seed$seed")
     run_bg "gemm16-seed$seed" "$WORK/gemm16" "$GEMM_CASES" "$seed"
+done
+for seed in $SEEDS; do
+    names+=("bf16-attention-seed$seed")
+    run_bg "bf16-attention-seed$seed" "$WORK/bf16_attention" "$BF16_CASES" "$seed"
 done
 for seed in $SEEDS; do
     names+=("differential-seed$seed")
@@ -257,7 +285,7 @@ sed -i 's/if (K \& 1) dst\[(K2 - 1) \* G16_MR\] = src\[K - 1\];/if (K \& 1) dst[
 [ "$(grep -c '(uint32_t)src\[K - 1\] << 16;' "$G")" -eq 1 ] ||
     die "the planted-bug sed did not apply to gemm_bf16_impl.h (g16_pack_a_pairs changed?); update it in $0"
 gobjs=()
-for o in "${objs[@]}"; do case "$o" in *_avx512bf16.o) ;; *) gobjs+=("$o") ;; esac; done
+for o in "${objs[@]}"; do case "$o" in *gemm_bf16_avx512bf16.o) ;; *) gobjs+=("$o") ;; esac; done
 compile "$WORK/planted/gemm_bf16_avx512bf16.c" "$WORK/pobj/gemm_bf16_avx512bf16.o" "$WORK/planted" "${X86[@]}"
 wait_compiles "$WORK/pobj/gemm_bf16_avx512bf16.o"
 "$CC" "${CFLAGS[@]}" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o" "${gobjs[@]}" \
@@ -274,6 +302,32 @@ fi
 grep -m 2 '^MISMATCH' "$WORK/gemm16-planted.log" | cut -c1-200
 grep -E 'mismatching' "$WORK/gemm16-planted.log" | sed 's/^/   planted: /'
 echo "== planted bf16 bug caught (exit status $grc)"
+# ---- planted bug in the bf16 attention kernel: must be caught -----------------
+# an odd D's last key element dropped from its pair (that term of q . k lost)
+echo "== planted bug: the bf16 attention kernel drops an odd D's last key element (must be caught)"
+A="$WORK/planted/attention_impl.h"
+cp "$WORK/csrc/attention_avx512bf16.c" "$WORK/planted/attention_avx512bf16.c"
+sed -i 's/^    return row\[2 \* p\];  \/\* odd D: the high half is 0 \*\/$/    return 0u;/' "$A"
+[ "$(grep -c '^    return 0u;$' "$A")" -eq 1 ] ||
+    die "the planted-bug sed did not apply to attention_impl.h (key_pair changed?); update it in $0"
+aobjs=()
+for o in "${objs[@]}"; do case "$o" in *attention_avx512bf16.o) ;; *) aobjs+=("$o") ;; esac; done
+compile "$WORK/planted/attention_avx512bf16.c" "$WORK/pobj/attention_avx512bf16.o" "$WORK/planted" "${X86[@]}"
+wait_compiles "$WORK/pobj/attention_avx512bf16.o"
+"$CC" "${CFLAGS[@]}" "$WORK/obj/bf16_attention.o" "${aobjs[@]}" "$WORK/pobj/attention_avx512bf16.o" \
+    -lm -o "$WORK/bf16-attention-planted"
+set +e
+"$WORK/bf16-attention-planted" "$PLANTED_CASES" 1 > "$WORK/bf16-attention-planted.log" 2>&1
+arc=$?
+set -e
+if [ "$arc" -ne 1 ] || ! grep -q '^MISMATCH .*level 3 vs scalar' "$WORK/bf16-attention-planted.log" ||
+    grep -qE "$SANITIZER_RE" "$WORK/bf16-attention-planted.log"; then
+    cat "$WORK/bf16-attention-planted.log"
+    die "the planted bf16 attention bug was not caught as a mismatch (exit status $arc)"
+fi
+grep -m 2 '^MISMATCH' "$WORK/bf16-attention-planted.log" | cut -c1-200
+grep -E 'mismatching' "$WORK/bf16-attention-planted.log" | sed 's/^/   planted: /'
+echo "== planted bf16 attention bug caught (exit status $arc)"
 
 # ---- planted bug in the 16-bit row conversions: must be caught ----------------
 # level 2's bfloat16 rounding without its 0x7fff increment (rounds down

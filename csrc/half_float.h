@@ -1,18 +1,43 @@
 /*
- * half_bits.h: bfloat16 / IEEE half <-> float32, one element at a time:
- * the scalar references that the 16-bit GEMM's epilogue and the row
- * conversions (half_rows.c) match. No vector intrinsics, so any file may
- * include it.
- *
- * Widening is exact. Narrowing rounds to nearest even, once; a NaN stays a
- * (quiet) NaN and a value past the format's range becomes infinity.
+ * half_float.h: scalar conversions between float32 and the two 16-bit
+ * float formats (bfloat16, IEEE half), shared by every kernel that reads or
+ * writes them. The vector forms live with each ISA's helpers (simd_map.h,
+ * gemm_bf16_impl.h) and match these bit for bit.
  */
-#ifndef FASTATTN_HALF_BITS_H
-#define FASTATTN_HALF_BITS_H
+#ifndef FASTATTN_HALF_FLOAT_H
+#define FASTATTN_HALF_FLOAT_H
 
 #include <stdint.h>
+#include <string.h>
 
-#include "fastattn.h"
+/* Exact widening of one narrow K/V element. bfloat16 is the top half of a
+ * float. IEEE half: the exponent and mantissa bits shifted into a float's
+ * place read as 2^-112 times the value (subnormal halves become float
+ * subnormals), so one multiplication by 2^112 rebiases them exactly; inf
+ * and NaN (exponent all ones) are rebuilt, NaNs quieted as VCVTPH2PS does. */
+static inline float fa_bf16_bits_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline float fa_f16_bits_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu;
+    uint32_t u;
+    if (em >= 0x7c00u) {
+        u = 0x7f800000u | ((em & 0x3ffu) << 13) | (em > 0x7c00u ? 0x400000u : 0u);
+    } else {
+        const uint32_t t = em << 13;
+        float f;
+        memcpy(&f, &t, sizeof f);
+        f *= 0x1p112f;
+        memcpy(&u, &f, sizeof u);
+    }
+    u |= sign;
+    float r;
+    memcpy(&r, &u, sizeof r);
+    return r;
+}
 
 /* float32 -> bfloat16 / float16 bits, round to nearest even; NaN stays a
  * quiet NaN; overflow gives infinity. The scalar references the vector
@@ -22,35 +47,6 @@ static inline uint16_t fa_f32_to_bf16_bits(float x) {
     __builtin_memcpy(&u, &x, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float fa_bf16_bits_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float x;
-    __builtin_memcpy(&x, &u, 4);
-    return x;
-}
-
-static inline float fa_f16_bits_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13); /* inf, NaN (payload kept) */
-    } else if (exp != 0) {
-        u = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        u = sign;
-    } else { /* subnormal half: normalise; every one is a normal float */
-        int shift = 0;
-        while (!(man & 0x400u)) {
-            man <<= 1;
-            ++shift;
-        }
-        u = sign | ((uint32_t)(113 - shift) << 23) | ((man & 0x3ffu) << 13);
-    }
-    float x;
-    __builtin_memcpy(&x, &u, 4);
-    return x;
 }
 
 static inline uint16_t fa_f32_to_f16_bits(float x) {
@@ -75,5 +71,4 @@ static inline uint16_t fa_f32_to_f16_bits(float x) {
     return (uint16_t)(sign | h);
 }
 
-
-#endif /* FASTATTN_HALF_BITS_H */
+#endif /* FASTATTN_HALF_FLOAT_H */
