@@ -9,12 +9,11 @@ At E = 768, H = 12 and S = 128, 512 (one sequence), on the same thread count:
 * torch bf16: that module itself;
 * fastattn fp32 and torch fp32: the same weights in float32, for reference.
 
-Timed in alternating rounds (each round: the best of a few calls of each,
-after a 50 ms pause that lets the previous library's worker threads go
-idle), medians over the rounds; the ratio column is the median of the
-per-round ratios torch bf16 / fastattn bf16, so that load which comes and
-goes lands on both. ``python -m fastattn.bench --dtype bfloat16 --cases
-mha`` times the same layers inside the suite (with the oracle check).
+Timed in alternating rounds (fastattn.bench.timing.measure_interleaved),
+each measurement after a 50 ms pause that lets the previous library's
+worker threads go idle; medians, and the ratios of the medians.
+``python -m fastattn.bench --dtype bfloat16 --cases mha`` times the same
+layers inside the suite (with the oracle check).
 Accuracy: relative RMS error of each bf16 output against the float64
 oracle (fastattn.reference, 16-bit mode) on the same weights and inputs.
 """
@@ -28,6 +27,7 @@ import numpy as np
 import fastattn
 from fastattn import reference
 from fastattn.bench.scripts import blas_limit, machine_line, print_table
+from fastattn.bench.timing import TimingPolicy, measure_interleaved
 
 try:
     import ml_dtypes
@@ -46,13 +46,10 @@ def rel_rms(got, ref):
     return float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2)))
 
 
-def best_of(fn, calls):
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def settle():
+    """Let the previous library's worker threads (torch's OpenMP, BLAS) go
+    idle before the next measurement, so that they do not spin on its cores."""
+    time.sleep(0.05)
 
 
 def layers(S, threads, rng):
@@ -91,38 +88,31 @@ def layers(S, threads, rng):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--quick", action="store_true", help="a short sequence, 3 rounds")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="a short sequence, short timings")
     args = parser.parse_args()
-    rounds = 3 if args.quick else args.rounds
-    calls = 2 if args.quick else 5
+    rounds = 2 if args.quick else args.rounds
+    policy = TimingPolicy.quick() if args.quick else TimingPolicy(min_time=1.0, max_time=4.0)
     torch.set_num_threads(args.threads)
     fastattn.set_num_threads(args.threads)
     print(f"# {machine_line()}; {args.threads} threads; fastattn ISA {fastattn.get_isa()}; "
-          f"{rounds} alternating rounds, each the best of {calls} calls")
+          f"{rounds} alternating rounds")
     rng = np.random.default_rng(0)
     speed_rows, acc_rows = [], []
     with blas_limit(args.threads):
         for S in QUICK_LENGTHS if args.quick else LENGTHS:
             fns, acc = layers(S, args.threads, rng)
-            for fn in fns.values():
-                fn()  # warm: packing, tables, first-touch pages
-            per_round = {n: [] for n in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    time.sleep(0.05)  # the previous library's worker threads go idle
-                    per_round[name].append(best_of(fn, calls))
-            med = {n: float(np.median(v)) for n, v in per_round.items()}
-            ratio = np.array(per_round["torch bf16"]) / np.array(per_round["fastattn bf16"])
-            q1, q3 = np.percentile(ratio, [25, 75])
-            speed_rows.append([f"{S}"] + [f"{med[n] * 1e3:.3f}" for n in fns]
-                              + [f"{np.median(ratio):.2f} ({q1:.2f}-{q3:.2f})",
-                                 f"{med['fastattn fp32'] / med['fastattn bf16']:.2f}"])
+            t = measure_interleaved(fns, policy, rounds=rounds, settle=settle)
+            med = {n: t[n].median for n in fns}
+            speed_rows.append([f"{S}"] + [f"{med[n] * 1e3:.3f} ±{t[n].spread:.0%}" for n in fns]
+                              + [f"{med['torch bf16'] / med['fastattn bf16']:.2f}",
+                                 f"{med['fastattn fp32'] / med['fastattn bf16']:.2f}",
+                                 f"{med['torch fp32'] / med['fastattn bf16']:.2f}"])
             acc_rows.append([f"{S}"] + [f"{v:.2e}" for v in acc.values()])
-    print("\nms per call (medians of per-round bests); torch bf16 / fastattn bf16 as the median "
-          "(IQR) of per-round ratios")
+    print("\nms per call, medians ±IQR/median; ratios: each median over fastattn bf16's")
     print_table(["S"] + [f"{n} ms" for n in fns] + ["torch bf16 / fastattn bf16",
-                                                   "fastattn fp32 / bf16"], speed_rows)
+                                                   "fastattn fp32 / bf16", "torch fp32 / bf16"],
+                speed_rows)
     print("\nrelative RMS error against the float64 oracle (16-bit mode)")
     print_table(["S"] + list(acc), acc_rows)
     return 0
