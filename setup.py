@@ -5,8 +5,8 @@ extension as extra objects (the cython-blis approach):
 
 * baseline files (drivers, dispatch, the scalar kernels): no ISA flags, so the
   package imports on any x86-64 (or aarch64) CPU;
-* ``*_avx2.c``: ``-mavx2 -mfma``;
-* ``*_avx512.c``: ``-mavx2 -mfma -mavx512f -mavx512dq -mavx512bw -mavx512vl``
+* ``*_avx2.c``: ``-mavx2 -mfma -mf16c``;
+* ``*_avx512.c``: ``-mavx2 -mfma -mf16c -mavx512f -mavx512dq -mavx512bw -mavx512vl``
   (GCC's ``-mavx512f`` does not imply FMA);
 * ``*_avx512bf16.c``: the avx512 flags plus ``-mavx512bf16 -mf16c``;
 * a file listed in ``FILE_CFLAGS`` adds its flags to its group's.
@@ -57,19 +57,15 @@ IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"
 BASE_CFLAGS = ["-std=c11", "-O3", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wextra",
                "-Wno-unused-function"]
 ISA_CFLAGS = {
-    "avx2": ["-mavx2", "-mfma"],
-    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512dq", "-mavx512bw",
+               "-mavx512vl"],
     "avx512bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
                    "-mavx512bf16", "-mf16c"],
 }
-# Flags a few files add to their group's: the 16-bit GEMM and the 16-bit row
-# conversions convert fp16 with F16C (cpu_features.c checks it at run time
-# for the avx2 level; every AVX-512 CPU has it).
-FILE_CFLAGS = {
-    "gemm_bf16_avx2.c": ["-mf16c"],
-    "gemm_bf16_avx512.c": ["-mf16c"],
-    "half_rows_avx2.c": ["-mf16c"],
-}
+# Flags a single file adds to its group's (none at present: F16C, which the
+# half-precision conversions use, is part of the avx2 level, cpu_features.c).
+FILE_CFLAGS = {}
 
 
 def _env_flag(name, default):

@@ -313,12 +313,23 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
     const int64_t es = job.dtype == FA_DTYPE_F32 ? 4 : 8;
     const int64_t heads = B * H;
     const int64_t nqb = (Lq + FA_ATTN_MQ - 1) / FA_ATTN_MQ;
-    /* Keys some row can see, by the shapes alone: a window narrows them
-     * (the split below must not depend on the lengths' values). */
+    /* Keys some row can see: a window narrows them. For padded keys this
+     * goes by the shapes alone (the split must not depend on the values of
+     * key_len); a paged cache's sequence lengths are its shape. */
     int64_t span0 = 0, span1 = Lk;
-    if (job.block_table == NULL && job.has_left && job.causal_offset - job.left > span0) span0 = job.causal_offset - job.left;
-    if (job.block_table == NULL && job.has_right && Lq - 1 + job.causal_offset + job.right + 1 < span1)
-        span1 = Lq - 1 + job.causal_offset + job.right + 1;
+    /* the diagonal offsets of the sequences: one for padded keys, one per
+     * sequence in a paged cache (its length - Lq), whose extremes bound the
+     * window; a paged sequence alone then splits as its contiguous keys do */
+    int64_t off_lo = job.causal_offset, off_hi = job.causal_offset;
+    if (job.block_table)
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t off = fa_attn_offset(&job, b);
+            off_lo = b == 0 || off < off_lo ? off : off_lo;
+            off_hi = b == 0 || off > off_hi ? off : off_hi;
+        }
+    if (job.has_left && off_lo - job.left > span0) span0 = off_lo - job.left;
+    if (job.has_right && Lq - 1 + off_hi + job.right + 1 < span1)
+        span1 = Lq - 1 + off_hi + job.right + 1;
     if (span1 < span0) span1 = span0;
     /* work items before any split: query blocks of each head, or kv heads */
     const int64_t units = job.group_rows ? B * Hkv : heads * nqb;
@@ -412,6 +423,11 @@ int fa_paged_attention(int dtype, const fa_paged_args *a, int num_threads) {
     if (!fa_attn_features_ok(a->window, a->window_left, a->window_right, a->softcap))
         return FA_ERR_INVALID;
     const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
+    /* narrow caches: float queries only; int8 needs both scale views */
+    const int kvd = a->kv_dtype;
+    if (kvd != FA_KV_SAME && (dtype != FA_DTYPE_F32 || kvd < FA_KV_BF16 || kvd > FA_KV_I8))
+        return FA_ERR_INVALID;
+    const int64_t kv_es = kvd == FA_KV_SAME ? es : kvd == FA_KV_I8 ? 1 : 2;
     int st;
     if ((st = check_view(&a->q, B, H, Lq, D, es)) != FA_OK) return st;
     if ((st = check_view(&a->out, B, H, Lq, Dv, es)) != FA_OK) return st;
@@ -420,8 +436,18 @@ int fa_paged_attention(int dtype, const fa_paged_args *a, int num_threads) {
                                            a->k_cache.stride[1], a->k_cache.stride[3]}};
     const fa_view4 vc = {a->v_cache.data, {a->v_cache.stride[0], a->v_cache.stride[2],
                                            a->v_cache.stride[1], a->v_cache.stride[3]}};
-    if ((st = check_view(&kc, nb, Hkv, bs, D, es)) != FA_OK) return st;
-    if ((st = check_view(&vc, nb, Hkv, bs, Dv, es)) != FA_OK) return st;
+    if ((st = check_view(&kc, nb, Hkv, bs, D, kv_es)) != FA_OK) return st;
+    if ((st = check_view(&vc, nb, Hkv, bs, Dv, kv_es)) != FA_OK) return st;
+    /* scale views likewise as (num_blocks, Hkv, block_size, 1) */
+    const fa_view4 ksc = {a->k_scale.data, {a->k_scale.stride[0], a->k_scale.stride[2],
+                                            a->k_scale.stride[1], a->k_scale.stride[3]}};
+    const fa_view4 vsc = {a->v_scale.data, {a->v_scale.stride[0], a->v_scale.stride[2],
+                                            a->v_scale.stride[1], a->v_scale.stride[3]}};
+    if (kvd == FA_KV_I8) {
+        if (nb * Hkv * bs > 0 && (ksc.data == NULL || vsc.data == NULL)) return FA_ERR_INVALID;
+        if ((st = check_view(&ksc, nb, Hkv, bs, 1, 4)) != FA_OK) return st;
+        if ((st = check_view(&vsc, nb, Hkv, bs, 1, 4)) != FA_OK) return st;
+    }
     if (B * H == 0 || Lq == 0) return FA_OK;
     int64_t capacity;
     if (!fa_mul_ok(mb, bs, &capacity)) return FA_ERR_OVERFLOW;
@@ -459,6 +485,15 @@ int fa_paged_attention(int dtype, const fa_paged_args *a, int num_threads) {
     job.softcap = a->softcap;
     job.sinks = a->sinks;
     job.block_table = a->block_table, job.bt_stride = a->bt_stride, job.block_size = bs;
+    job.kv_dtype = kvd;
+    if (kvd == FA_KV_I8) {
+        job.k_scale = (const float *)ksc.data, job.v_scale = (const float *)vsc.data;
+        memcpy(job.kss, ksc.stride, sizeof job.kss); /* block, head, row */
+        memcpy(job.vss, vsc.stride, sizeof job.vss);
+    }
+    /* GQA decode reads each kv head once for its group, as for contiguous
+     * keys (the lengths are per sequence, shared by the group's heads) */
+    job.group_rows = Lq < FA_ATTN_ROW_PATH && job.group > 1 && job.group * Lq <= FA_ATTN_MQ;
     const int64_t reach = Lk + Lq;
     job.has_left = (a->window & FA_WINDOW_LEFT) != 0;
     job.left = job.has_left ? (a->window_left < reach ? a->window_left : reach) : 0;

@@ -93,6 +93,8 @@ typedef struct {
      * V as bf16 pairs of keys (NK/2, ldv2), 32-bit words */
     uint32_t *pp, *v2;
     int64_t ldv2;
+    /* narrow K/V widened once per tile (tiled path): K (NK, D), V (NK, Dv) */
+    T *kw, *vw;
 } FA_KNAME(attn_scratch, DT);
 
 static FA_KNAME(attn_scratch, DT) FA_KNAME(attn_carve, DT)(T *base, int64_t D, int64_t Dv) {
@@ -109,6 +111,8 @@ static FA_KNAME(attn_scratch, DT) FA_KNAME(attn_carve, DT)(T *base, int64_t D, i
     s.pp = (uint32_t *)(((uintptr_t)(s.tmp + MQ) + 63) & ~(uintptr_t)63);
     s.v2 = s.pp + (int64_t)(NK / 2) * MQ;
     s.ldv2 = FA_ALIGN_UP(Dv, 32);
+    s.kw = (T *)(((uintptr_t)(s.v2 + (int64_t)(NK / 2) * s.ldv2) + 63) & ~(uintptr_t)63);
+    s.vw = s.kw + FA_ALIGN_UP((int64_t)NK * D, align);
     return s;
 }
 
@@ -418,6 +422,32 @@ static void FA_KNAME(pv_tile_dp, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64
 }
 #endif /* FA_DPBF16 */
 
+#if FA_KV != 0 && !FA_DPBF16
+/* The tiled path widens a narrow K or V tile once, to (nk, cols) floats at
+ * dst, and then runs the float instance's micro-kernels on it: each element
+ * is converted once per tile instead of once per query block that reads it
+ * (a broadcast of a half element costs a scalar conversion, and a vector of
+ * halves without F16C a dozen integer operations). vsc: NULL, or the int8
+ * rows' scales, applied here as the float kernels would apply them. */
+static void FA_KNAME(widen_tile, DT)(const KT *src, int64_t sst, int64_t nk, int64_t cols,
+                                     const T *vsc, T *dst) {
+    for (int64_t j = 0; j < nk; ++j) {
+        const KT *row = src + j * sst;
+        T *out = dst + j * cols;
+        const V sj = V_SET1(vsc ? vsc[j] : (T)1);
+        int64_t c = 0;
+        for (; c + VL <= cols; c += VL) {
+            const V x = KV_LOADU(row + c);
+            V_STOREU(out + c, vsc ? V_MUL(x, sj) : x);
+        }
+        if (c < cols) {
+            const V x = KV_LOADN(row + c, cols - c);
+            V_STOREN(out + c, vsc ? V_MUL(x, sj) : x, cols - c);
+        }
+    }
+}
+#endif
+
 /* ---- shared pieces ----------------------------------------------------------- */
 
 /* Explicit masks on a score held as s[(key j) * sj + (query i) * si]. */
@@ -573,12 +603,33 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         }
     }
 #else
-    /* 1. pack Q^T, scaled; padding columns are zero */
-    for (int64_t d = 0; d < D; ++d) {
-        T *dst = sc->qt + d * MQ;
-        for (int64_t i = 0; i < rows; ++i) dst[i] = FA_KNAME(q_at, DT)(job, qe + i * job->qs[2] + d) * scale;
-        for (int64_t i = rows; i < cols; ++i) dst[i] = (T)0;
+    /* 1. pack Q^T, scaled; padding columns are zero. Row by row, each
+     * query row read contiguously, with the dtype decided once per block
+     * (a per-element conversion call cost an eighth of short-head calls) */
+    const int64_t qst = job->qs[2];
+#if !FA_T_F64
+    if (job->io16) {
+        const uint16_t *q16 = (const uint16_t *)job->q + qe;
+        for (int64_t i = 0; i < rows; ++i) {
+            const uint16_t *src = q16 + i * qst;
+            T *dst = sc->qt + i;
+            if (job->io16 == FA_DTYPE_BF16)
+                for (int64_t d = 0; d < D; ++d) dst[d * MQ] = fa_bf16_bits_to_f32(src[d]) * scale;
+            else
+                for (int64_t d = 0; d < D; ++d) dst[d * MQ] = fa_f16_bits_to_f32(src[d]) * scale;
+        }
+    } else
+#endif
+    {
+        const T *q = (const T *)job->q + qe;
+        for (int64_t i = 0; i < rows; ++i) {
+            const T *src = q + i * qst;
+            T *dst = sc->qt + i;
+            for (int64_t d = 0; d < D; ++d) dst[d * MQ] = src[d] * scale;
+        }
     }
+    for (int64_t d = 0; d < D; ++d)
+        for (int64_t i = rows; i < cols; ++i) sc->qt[d * MQ + i] = (T)0;
 #endif
     for (int64_t i = 0; i < cols; ++i) {
         sc->m[i] = (T)-INFINITY;
@@ -643,8 +694,14 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         FA_KNAME(scores_tile_dp, DT)(q2, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
                                      kst, D, nk, ic0, cols, scale, st, plain ? sc->tmp : NULL);
 #else
+#if FA_KV != 0
+        FA_KNAME(widen_tile, DT)(FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb), kst, nk, D,
+                                 NULL, sc->kw);
+        FA_KNAME(scores_tile, f32)(sc->qt, sc->kw, D, D, nk, ic0, cols, st, plain ? sc->tmp : NULL);
+#else
         FA_KNAME(scores_tile, DT)(sc->qt, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
                                   kst, D, nk, ic0, cols, st, plain ? sc->tmp : NULL);
+#endif
 #endif
 #if KV_SCALED
         /* int8 keys: q . (values * scale_j) = (q . values) * scale_j */
@@ -741,9 +798,16 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
                                    Dv, sc->ldv2, sc->v2);
         FA_KNAME(pv_tile_dp, DT)(sc, nk, r0, rows_mr);
 #else
+#if FA_KV != 0
+        FA_KNAME(widen_tile, DT)(FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk, Dv,
+                                 vsc ? vsc + kb : NULL, sc->vw);
+        FA_KNAME(pv_tile, f32)(st, sc->vw, Dv, nk, Dv, r0, rows_mr, sc->alpha, sc->acc, sc->ldacc,
+                               NULL);
+#else
         FA_KNAME(pv_tile, DT)(st, FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
                               Dv, r0, rows_mr, sc->alpha,
                               sc->acc, sc->ldacc, vsc ? vsc + kb : NULL);
+#endif
 #endif
     }
 
@@ -761,90 +825,319 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
 
 /* ---- row path --------------------------------------------------------------------- */
 
-/* s[j] = dot(qs, k_j) for nk keys, four at a time to hide FMA latency.
- * Decode is a pure stream of K and V, read in alternating tiles, which the
- * hardware prefetcher follows poorly: with each group of four keys, the
- * same rows of the next K tile (pk, pk_rows of them) and of this V tile
- * (pv, nk rows) are requested, spread over the compute so that the loads
- * overlap it. */
-static void FA_KNAME(row_scores, DT)(const T *qs, const KT *kt, int64_t kst, int64_t D,
-                                     int64_t nk, T *s, const KT *pk, int64_t pk_rows,
-                                     const KT *pv, int64_t vst, int64_t Dv) {
-    int64_t j = 0;
-    for (; j + 4 <= nk; j += 4) {
-        for (int64_t r = j; r < j + 4; ++r) {
-            if (r < pk_rows) fa_prefetch(pk + r * kst, D * (int64_t)sizeof(KT));
-            fa_prefetch(pv + r * vst, Dv * (int64_t)sizeof(KT));
+/* RB: query rows per pass of the row-path kernels. The rows of a GQA group
+ * read the same K and V rows, so each K/V vector is loaded (and, for narrow
+ * storage, widened) once per RB rows instead of once per row. Scores hold
+ * RB x 4 accumulators, four key vectors and a query vector: AVX-512
+ * 16 + 5 = 21 of 32 zmm, AVX2 8 + 5 = 13 of 16 ymm; P.V holds RB x 4 column
+ * accumulators, four value vectors and a broadcast, the same counts. */
+#ifndef FA_RB
+#if FA_ISA_LEVEL == 2
+#define FA_RB 4
+#else
+#define FA_RB 2
+#endif
+#endif
+
+/* out[0..4) = V_HSUM of a, b, c, d, bit for bit (the same pairs are added
+ * in the same tree), with the four reductions sharing their shuffles and
+ * adds: 14 instead of 32 operations on AVX-512, 13 instead of 24 on AVX2.
+ * Decode takes one such sum per key and query row. */
+static inline void FA_KNAME(hsum4, DT)(V a, V b, V c, V d, T *out) {
+#if FA_ISA_LEVEL == 2 && !FA_T_F64
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    /* 128-bit lanes: the 4-lane partial sums of a, b, c, d */
+    __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    w = _mm512_add_ps(w, _mm512_permute_ps(w, _MM_SHUFFLE(3, 2, 3, 2)));
+    w = _mm512_add_ps(w, _mm512_permute_ps(w, _MM_SHUFFLE(1, 1, 1, 1)));
+    w = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12), w);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(w));
+#elif FA_ISA_LEVEL == 1 && !FA_T_F64
+    const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+    /* halves: [a, a, c, c] and [b, b, d, d] pair sums, then the final pair */
+    __m256 z = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    z = _mm256_add_ps(_mm256_shuffle_ps(z, z, _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm256_shuffle_ps(z, z, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm_storeu_ps(out, _mm_unpacklo_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1)));
+#else
+    out[0] = V_HSUM(a), out[1] = V_HSUM(b), out[2] = V_HSUM(c), out[3] = V_HSUM(d);
+#endif
+}
+
+/* K or V rows for the row kernels: a run of rows (row j at base + j *
+ * stride) that they read, and for the prefetcher, which may look past the
+ * run, the list of each row's address (list[j]; NULL: the run goes on;
+ * `lists`, a constant in each compiled copy, says which). A key tile that
+ * spans blocks of a paged cache goes through them one run (block) at a
+ * time: reading every row's address from the list instead cost about a
+ * fifth of fp32 decode's time, in which the K and V loads wait on memory
+ * (Zen 4/5, 1 thread). */
+typedef struct {
+    const KT *const *list;
+    const KT *base;
+    int64_t stride;
+} FA_KNAME(kv_rows, DT);
+#ifndef FA_KV_ROW
+#define FA_KV_ROW(t, j) ((t).base + (j) * (t).stride)
+#define FA_KV_PREFETCH_ROW(t, j) (lists ? (t).list[j] : FA_KV_ROW(t, j))
+#endif
+
+/* The rows of keys [kb, kb + nk) of head (b, hk) in K or V (base, st as
+ * for kv_row): one pointer per key, so that a tile may span the blocks of
+ * a paged cache and tiles start and end where contiguous ones do. */
+static inline void FA_KNAME(tile_rows, DT)(const fa_attn_job *job, const char *base,
+                                           const int64_t *st, int64_t b, int64_t hk, int64_t kb,
+                                           int64_t nk, const KT **rows) {
+    for (int64_t j = 0; j < nk;) {
+        const KT *r0 = FA_KNAME(kv_row, DT)(job, base, st, b, hk, kb + j);
+        int64_t n = nk - j;
+        if (job->block_table) {
+            const int64_t left_in_block = job->block_size - (kb + j) % job->block_size;
+            n = n < left_in_block ? n : left_in_block;
         }
-        const KT *k0 = kt + j * kst, *k1 = k0 + kst, *k2 = k1 + kst, *k3 = k2 + kst;
-        V a0 = V_ZERO(), a1 = V_ZERO(), a2 = V_ZERO(), a3 = V_ZERO();
-        int64_t d = 0;
-        for (; d + VL <= D; d += VL) {
-            const V x = V_LOADU(qs + d);
-            a0 = V_FMADD(x, KV_LOADU(k0 + d), a0);
-            a1 = V_FMADD(x, KV_LOADU(k1 + d), a1);
-            a2 = V_FMADD(x, KV_LOADU(k2 + d), a2);
-            a3 = V_FMADD(x, KV_LOADU(k3 + d), a3);
-        }
-        if (d < D) {
-            const V x = V_LOADN(qs + d, D - d);
-            a0 = V_FMADD(x, KV_LOADN(k0 + d, D - d), a0);
-            a1 = V_FMADD(x, KV_LOADN(k1 + d, D - d), a1);
-            a2 = V_FMADD(x, KV_LOADN(k2 + d, D - d), a2);
-            a3 = V_FMADD(x, KV_LOADN(k3 + d, D - d), a3);
-        }
-        s[j] = V_HSUM(a0);
-        s[j + 1] = V_HSUM(a1);
-        s[j + 2] = V_HSUM(a2);
-        s[j + 3] = V_HSUM(a3);
-    }
-    for (; j < nk; ++j) {
-        const KT *kr = kt + j * kst;
-        V a = V_ZERO();
-        int64_t d = 0;
-        for (; d + VL <= D; d += VL) a = V_FMADD(V_LOADU(qs + d), KV_LOADU(kr + d), a);
-        if (d < D) a = V_FMADD(V_LOADN(qs + d, D - d), KV_LOADN(kr + d, D - d), a);
-        s[j] = V_HSUM(a);
+        for (int64_t t = 0; t < n; ++t) rows[j + t] = r0 + t * st[2];
+        j += n;
     }
 }
 
-/* o (Dv) = alpha * o + sum_j p[j] v_j, four value vectors per pass. */
-static void FA_KNAME(row_pv, DT)(const T *p, const KT *vt, int64_t vst, int64_t nk, int64_t Dv,
-                                 T alpha, T *o) {
-    const V al = V_SET1(alpha);
+/* The int8 scales of keys [kb, kb + nk) of head (b, hk): from sc, the
+ * head's scales for padded and packed keys (kv_scale_row: contiguous over
+ * the keys), or, in a paged cache, from the scale cache base with strides
+ * ss (block, head, row) through the block table. */
+static inline void FA_KNAME(tile_scales, DT)(const fa_attn_job *job, const T *sc, const T *base,
+                                             const int64_t *ss, int64_t b, int64_t hk,
+                                             int64_t kb, int64_t nk, T *out) {
+    if (job->block_table) {
+        for (int64_t j = 0; j < nk; ++j) {
+            const int64_t t = kb + j, bs = job->block_size;
+            const int64_t blk = job->block_table[b * job->bt_stride + t / bs];
+            out[j] = base[blk * ss[0] + hk * ss[1] + (t % bs) * ss[2]];
+        }
+        return;
+    }
+    for (int64_t j = 0; j < nk; ++j) out[j] = sc[kb + j];
+}
+
+/* s[r * sst + j] = dot(q_r, k_j) for nr rows (q_r = qs + r * qst) and nk
+ * keys (rows kr[j]), four keys at a time to hide FMA latency. Each row's
+ * sum runs along D in one vector accumulator, then V_HSUM: the same order
+ * for every nr, so a row's scores do not depend on the rows beside it.
+ * Decode is a pure stream of K and V, read in alternating tiles, which the
+ * hardware prefetcher follows poorly: with each group of four keys, the
+ * same keys of the next K tile (pk, pk_rows of them) and of this V tile
+ * (pv, nk rows; NULL: no requests) are requested, spread over the compute
+ * so that the loads overlap it. nr is a constant at each call (inlined). */
+static inline __attribute__((always_inline)) void FA_KNAME(row_scores_n, DT)(
+    const T *qs, int64_t qst, int nr, const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk,
+    T *s, int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
+    const FA_KNAME(kv_rows, DT) pv, int do_prefetch, int64_t Dv, int lists) {
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        if (do_prefetch)
+            for (int64_t r = j; r < j + 4; ++r) {
+                if (r < pk_rows) fa_prefetch(FA_KV_PREFETCH_ROW(pk, r), D * (int64_t)sizeof(KT));
+                fa_prefetch(FA_KV_PREFETCH_ROW(pv, r), Dv * (int64_t)sizeof(KT));
+            }
+        const KT *k0 = FA_KV_ROW(kr, j), *k1 = FA_KV_ROW(kr, j + 1);
+        const KT *k2 = FA_KV_ROW(kr, j + 2), *k3 = FA_KV_ROW(kr, j + 3);
+        V a0[FA_RB], a1[FA_RB], a2[FA_RB], a3[FA_RB];
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) a0[r] = a1[r] = a2[r] = a3[r] = V_ZERO();
+        int64_t d = 0;
+        for (; d + VL <= D; d += VL) {
+            const V b0 = KV_LOADU(k0 + d), b1 = KV_LOADU(k1 + d);
+            const V b2 = KV_LOADU(k2 + d), b3 = KV_LOADU(k3 + d);
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r) {
+                const V x = V_LOADU(qs + r * qst + d);
+                a0[r] = V_FMADD(x, b0, a0[r]);
+                a1[r] = V_FMADD(x, b1, a1[r]);
+                a2[r] = V_FMADD(x, b2, a2[r]);
+                a3[r] = V_FMADD(x, b3, a3[r]);
+            }
+        }
+        if (d < D) {
+            const int64_t n = D - d;
+            const V b0 = KV_LOADN(k0 + d, n), b1 = KV_LOADN(k1 + d, n);
+            const V b2 = KV_LOADN(k2 + d, n), b3 = KV_LOADN(k3 + d, n);
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r) {
+                const V x = V_LOADN(qs + r * qst + d, n);
+                a0[r] = V_FMADD(x, b0, a0[r]);
+                a1[r] = V_FMADD(x, b1, a1[r]);
+                a2[r] = V_FMADD(x, b2, a2[r]);
+                a3[r] = V_FMADD(x, b3, a3[r]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) {
+            FA_KNAME(hsum4, DT)(a0[r], a1[r], a2[r], a3[r], s + r * sst + j);
+        }
+    }
+    for (; j < nk; ++j) {
+        const KT *k0 = FA_KV_ROW(kr, j);
+        V a[FA_RB];
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) a[r] = V_ZERO();
+        int64_t d = 0;
+        for (; d + VL <= D; d += VL) {
+            const V b0 = KV_LOADU(k0 + d);
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r) a[r] = V_FMADD(V_LOADU(qs + r * qst + d), b0, a[r]);
+        }
+        if (d < D) {
+            const V b0 = KV_LOADN(k0 + d, D - d);
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r) a[r] = V_FMADD(V_LOADN(qs + r * qst + d, D - d), b0, a[r]);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) s[r * sst + j] = V_HSUM(a[r]);
+    }
+}
+
+/* Scores of R rows, RB at a time, then the leftover rows two and one at a
+ * time; only the first pass requests the next tiles (pk: the next K tile,
+ * pk_rows keys of it; pv: this V tile). */
+static inline __attribute__((always_inline)) void FA_KNAME(row_scores_c, DT)(
+    const T *qs, int64_t qst, int64_t R, const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk,
+    T *s, int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
+    const FA_KNAME(kv_rows, DT) pv, int64_t Dv, int lists) {
+    int64_t r = 0;
+    int first = 1;
+    for (; r + FA_RB <= R; r += FA_RB, first = 0)
+        FA_KNAME(row_scores_n, DT)(qs + r * qst, qst, FA_RB, kr, D, nk, s + r * sst, sst, pk,
+                                   pk_rows, pv, first, Dv, lists);
+#if FA_RB > 2
+    if (R - r >= 2) {
+        FA_KNAME(row_scores_n, DT)(qs + r * qst, qst, 2, kr, D, nk, s + r * sst, sst, pk,
+                                   pk_rows, pv, first, Dv, lists);
+        r += 2, first = 0;
+    }
+#endif
+    if (r < R)
+        FA_KNAME(row_scores_n, DT)(qs + r * qst, qst, 1, kr, D, nk, s + r * sst, sst, pk,
+                                   pk_rows, pv, first, Dv, lists);
+}
+
+static void FA_KNAME(row_scores, DT)(const T *qs, int64_t qst, int64_t R,
+                                     const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk, T *s,
+                                     int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
+                                     const FA_KNAME(kv_rows, DT) pv, int64_t Dv) {
+    if (pk.list) /* the prefetcher's rows from lists (paged) or runs: compiled for each */
+        FA_KNAME(row_scores_c, DT)(qs, qst, R, kr, D, nk, s, sst, pk, pk_rows, pv, Dv, 1);
+    else
+        FA_KNAME(row_scores_c, DT)(qs, qst, R, kr, D, nk, s, sst, pk, pk_rows, pv, Dv, 0);
+}
+
+/* o_r (Dv) = alpha[r] * o_r + sum_j p_r[j] v_j for nr rows (p_r = p + r *
+ * pst, o_r = o + r * ost) and nk value rows vr[j], four value vectors per
+ * pass. A row's sum runs over j in order for every nr. */
+static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
+    const T *p, int64_t pst, int nr, const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
+    const T *alpha, T *o, int64_t ost) {
     int64_t c = 0;
     for (; c + 4 * VL <= Dv; c += 4 * VL) {
-        V o0 = V_MUL(V_LOADU(o + c), al), o1 = V_MUL(V_LOADU(o + c + VL), al);
-        V o2 = V_MUL(V_LOADU(o + c + 2 * VL), al), o3 = V_MUL(V_LOADU(o + c + 3 * VL), al);
-        for (int64_t j = 0; j < nk; ++j) {
-            const KT *vr = vt + j * vst + c;
-            const V pj = V_SET1(p[j]);
-            o0 = V_FMADD(pj, KV_LOADU(vr), o0);
-            o1 = V_FMADD(pj, KV_LOADU(vr + VL), o1);
-            o2 = V_FMADD(pj, KV_LOADU(vr + 2 * VL), o2);
-            o3 = V_FMADD(pj, KV_LOADU(vr + 3 * VL), o3);
+        V o0[FA_RB], o1[FA_RB], o2[FA_RB], o3[FA_RB];
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) {
+            const V al = V_SET1(alpha[r]);
+            const T *orow = o + r * ost + c;
+            o0[r] = V_MUL(V_LOADU(orow), al), o1[r] = V_MUL(V_LOADU(orow + VL), al);
+            o2[r] = V_MUL(V_LOADU(orow + 2 * VL), al), o3[r] = V_MUL(V_LOADU(orow + 3 * VL), al);
         }
-        V_STOREU(o + c, o0);
-        V_STOREU(o + c + VL, o1);
-        V_STOREU(o + c + 2 * VL, o2);
-        V_STOREU(o + c + 3 * VL, o3);
+        for (int64_t j = 0; j < nk; ++j) {
+            const KT *v = FA_KV_ROW(vr, j) + c;
+            const V b0 = KV_LOADU(v), b1 = KV_LOADU(v + VL);
+            const V b2 = KV_LOADU(v + 2 * VL), b3 = KV_LOADU(v + 3 * VL);
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r) {
+                const V pj = V_SET1(p[r * pst + j]);
+                o0[r] = V_FMADD(pj, b0, o0[r]);
+                o1[r] = V_FMADD(pj, b1, o1[r]);
+                o2[r] = V_FMADD(pj, b2, o2[r]);
+                o3[r] = V_FMADD(pj, b3, o3[r]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) {
+            T *orow = o + r * ost + c;
+            V_STOREU(orow, o0[r]);
+            V_STOREU(orow + VL, o1[r]);
+            V_STOREU(orow + 2 * VL, o2[r]);
+            V_STOREU(orow + 3 * VL, o3[r]);
+        }
     }
     for (; c < Dv; c += VL) {
         const int64_t n = Dv - c < VL ? Dv - c : VL;
-        V acc = V_MUL(V_LOADN(o + c, n), al);
-        for (int64_t j = 0; j < nk; ++j)
-            acc = V_FMADD(V_SET1(p[j]), KV_LOADN(vt + j * vst + c, n), acc);
-        V_STOREN(o + c, acc, n);
+        V acc[FA_RB];
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) acc[r] = V_MUL(V_LOADN(o + r * ost + c, n), V_SET1(alpha[r]));
+        for (int64_t j = 0; j < nk; ++j) {
+            const V bj = KV_LOADN(FA_KV_ROW(vr, j) + c, n);
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r) acc[r] = V_FMADD(V_SET1(p[r * pst + j]), bj, acc[r]);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) V_STOREN(o + r * ost + c, acc[r], n);
     }
+}
+
+/* P.V of R rows, RB at a time, then two and one at a time. */
+static inline __attribute__((always_inline)) void FA_KNAME(row_pv_c, DT)(
+    const T *p, int64_t pst, int64_t R, const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
+    const T *alpha, T *o, int64_t ost) {
+    int64_t r = 0;
+    for (; r + FA_RB <= R; r += FA_RB)
+        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, FA_RB, vr, nk, Dv, alpha + r, o + r * ost, ost);
+#if FA_RB > 2
+    if (R - r >= 2) {
+        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 2, vr, nk, Dv, alpha + r, o + r * ost, ost);
+        r += 2;
+    }
+#endif
+    if (r < R)
+        FA_KNAME(row_pv_n, DT)(p + r * pst, pst, 1, vr, nk, Dv, alpha + r, o + r * ost, ost);
+}
+
+static void FA_KNAME(row_pv, DT)(const T *p, int64_t pst, int64_t R,
+                                 const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
+                                 const T *alpha, T *o, int64_t ost) {
+    FA_KNAME(row_pv_c, DT)(p, pst, R, vr, nk, Dv, alpha, o, ost);
+}
+
+/* max_j s[j] over nk scores, or NaN when the scores hold a NaN (or both
+ * infinities, which the caller then rescans one by one, as it does rows
+ * with ALiBi): the vector max drops NaN, the running sum keeps it. A max
+ * is exact, so this equals the one-by-one scan whenever it is not NaN. */
+static inline T FA_KNAME(row_max, DT)(const T *s, int64_t nk) {
+    V vm = V_SET1((T)-INFINITY), vc = V_ZERO();
+    int64_t j = 0;
+    for (; j + VL <= nk; j += VL) {
+        const V x = V_LOADU(s + j);
+        vm = V_MAX(vm, x);
+        vc = V_ADD(vc, x);
+    }
+    T mb = V_HMAX(vm), chk = V_HSUM(vc);
+    for (; j < nk; ++j) {
+        mb = s[j] > mb ? s[j] : mb;
+        chk += s[j];
+    }
+    return chk != chk ? chk : mb;
 }
 
 /* Queries [q0, q1) of `heads` consecutive query heads from h, all reading kv
  * head h / group: one head, or every head of the group for GQA decode
- * (job->group_rows). The key tiles are the outer loop and the R = heads *
- * (q1 - q0) <= MQ rows the inner one, so each K and V tile comes from memory
- * once for all the rows that share it; the other rows find it in L1 (a tile
- * of 48 keys of D = 128 floats is 24 KiB). A row's tiles start at its own
- * first visible key, so its arithmetic is exactly that of a lone row. */
+ * (job->group_rows). Row r is head h + r / nq, query q0 + r % nq. The rows
+ * of one query (one per head) see the same keys; they go through each key
+ * tile together, as a small GEMM: every K and V vector is loaded and
+ * widened once for RB of them (row_scores, row_pv), so the kv head comes
+ * from memory once for the whole group. A query's tiles start at its first
+ * visible key and hold NK keys, wherever the cache's blocks end, so a
+ * row's arithmetic depends only on its own visible keys: the same for a
+ * lone row, a GQA group, a contiguous or a paged cache. */
 static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                          int64_t q0, int64_t q1, int64_t k0, int64_t k1,
                                          T *part, T *part_ml, FA_KNAME(attn_scratch, DT) *sc) {
@@ -852,28 +1145,34 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
     const int64_t heads = job->group_rows ? job->group : 1, nq = q1 - q0, R = heads * nq;
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
     (void)kr0;
-    const int64_t kst = job->ks[2], vst = job->vs[2];
-    const T *ksc = FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
-    const T *vsc = FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
+    /* padded and packed keys: the head's int8 scales (paged: tile_scales) */
+    const T *ksc = job->block_table ? NULL
+                                    : FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
+    const T *vsc = job->block_table ? NULL
+                                    : FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
     (void)ksc, (void)vsc;
     const T scale = (T)job->scale;
     const int64_t off = fa_attn_offset(job, b);
     const T cap = (T)job->softcap;
-    /* per row r (head h + r / nq, query q0 + r % nq): its visible keys
-     * [kbeg, kend), and in scratch its scaled query (qt + r D), scores
-     * (st + r NK), accumulator (acc + r ldacc), m, l and ALiBi reference */
-    int64_t kbeg[FA_ATTN_MQ], kend[FA_ATTN_MQ], kcur[FA_ATTN_MQ];
+    /* per query i = q0 + ii: its visible keys [kbeg, kend) and next tile
+     * kcur; per row r: in scratch its scaled query (qt + r D), scores
+     * (st + r NK), accumulator (acc + r ldacc), m, l, ALiBi reference (tmp) */
+    int64_t kbeg[FA_ATTN_ROW_PATH], kend[FA_ATTN_ROW_PATH], kcur[FA_ATTN_ROW_PATH];
+    for (int64_t ii = 0; ii < nq; ++ii) {
+        const int64_t i = q0 + ii;
+        /* the query's visible keys: [i + off - left, i + off + right] */
+        kbeg[ii] = k0, kend[ii] = k1;
+        if (job->has_left && i + off - job->left > kbeg[ii]) kbeg[ii] = i + off - job->left;
+        if (job->has_right && i + off + job->right + 1 < kend[ii])
+            kend[ii] = i + off + job->right + 1;
+        if (kend[ii] < kbeg[ii]) kend[ii] = kbeg[ii];
+        kcur[ii] = kbeg[ii];
+    }
     for (int64_t r = 0; r < R; ++r) {
         const int64_t hr = h + r / nq, i = q0 + r % nq;
         const int64_t qe = b * job->qs[0] + hr * job->qs[1] + (qr0 + i) * job->qs[2];
         T *qs = sc->qt + r * D;
         for (int64_t d = 0; d < D; ++d) qs[d] = FA_KNAME(q_at, DT)(job, qe + d) * scale;
-        /* the row's visible keys: [i + off - left, i + off + right] */
-        kbeg[r] = k0, kend[r] = k1;
-        if (job->has_left && i + off - job->left > kbeg[r]) kbeg[r] = i + off - job->left;
-        if (job->has_right && i + off + job->right + 1 < kend[r]) kend[r] = i + off + job->right + 1;
-        if (kend[r] < kbeg[r]) kend[r] = kbeg[r];
-        kcur[r] = kbeg[r];
         if (job->weights)
             memset((T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2], 0,
                    (size_t)job->Lk * sizeof(T));
@@ -884,80 +1183,115 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
         sc->tmp[r] = slope != (T)0 ? (T)FA_KNAME(alibi_ref, DT)(job, b, hr, i + off, slope) : (T)0;
     }
 
-    /* one round: each row's next tile; rows of one kv head with the same
-     * visible keys (every decode row of a GQA group) take the same tile */
+    /* the rows of this tile's keys in K and V, and of the next tile's in K */
+    const KT *krows[NK], *vrows[NK], *knext[NK];
+    T kscale[NK], vscale[NK], alpha[FA_ATTN_MQ], ones[FA_ATTN_MQ];
+    for (int64_t r = 0; r < heads; ++r) ones[r] = (T)1;
+    (void)kscale, (void)vscale;
+    /* one round: each query's next tile, for all its rows */
     for (int more = 1; more;) {
         more = 0;
-        for (int64_t r = 0; r < R; ++r) {
-            const int64_t kb = kcur[r];
-            if (kb >= kend[r]) continue;
-            const int64_t hr = h + r / nq, i = q0 + r % nq;
-            const T slope = job->alibi ? ((const T *)job->alibi)[hr] : (T)0, ref = sc->tmp[r];
-            T *qs = sc->qt + r * D, *s = sc->st + r * NK, *o = sc->acc + r * sc->ldacc;
-            T *w = job->weights ? (T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2]
-                                : NULL;
-            const int64_t nk = FA_KNAME(tile_keys, DT)(job, kb, kend[r] - kb < NK ? kend[r] - kb : NK);
-            const int64_t kn = kb + nk; /* the next tile: the first row requests it */
-            const int64_t nk_next =
-                r == 0 && kn < kend[r]
-                    ? FA_KNAME(tile_keys, DT)(job, kn, kend[r] - kn < NK ? kend[r] - kn : NK)
-                    : 0;
-            kcur[r] = kn;
-            more |= kn < kend[r];
-            const KT *vt = FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb);
-            FA_KNAME(row_scores, DT)(qs, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb), kst,
-                                     D, nk, s,
-                                     nk_next ? FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kn)
-                                             : NULL,
-                                     nk_next, vt, vst, Dv);
+        for (int64_t ii = 0; ii < nq; ++ii) {
+            const int64_t kb = kcur[ii], i = q0 + ii;
+            if (kb >= kend[ii]) continue;
+            const int64_t nk = kend[ii] - kb < NK ? kend[ii] - kb : NK;
+            const int64_t kn = kb + nk; /* the next tile: the first query requests it */
+            const int64_t nk_next = ii == 0 && kn < kend[ii] ? (kend[ii] - kn < NK ? kend[ii] - kn : NK)
+                                                              : 0;
+            kcur[ii] = kn;
+            more |= kn < kend[ii];
+            FA_KNAME(tile_rows, DT)(job, job->k, job->ks, b, hk, kb, nk, krows);
+            FA_KNAME(tile_rows, DT)(job, job->v, job->vs, b, hk, kb, nk, vrows);
+            if (nk_next) FA_KNAME(tile_rows, DT)(job, job->k, job->ks, b, hk, kn, nk_next, knext);
+            /* the tile's runs of rows: all of it, or its part in each block */
+            const int paged = job->block_table != NULL;
+            const int64_t bsz = paged ? job->block_size : NK;
+            /* rows ii, ii + nq, ...: this query in each head */
+            T *s0 = sc->st + ii * NK;
+            const int64_t sst = nq * NK;
+            for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
+                n = bsz - (kb + j0) % bsz;
+                n = n < nk - j0 ? n : nk - j0;
+                const FA_KNAME(kv_rows, DT) kt = {NULL, krows[j0], job->ks[2]};
+                const FA_KNAME(kv_rows, DT) vt = {paged ? vrows + j0 : NULL, vrows[j0], job->vs[2]};
+                /* (pk and pv are both lists or both runs) */
+                const FA_KNAME(kv_rows, DT) kx = {paged ? knext + j0 : NULL, nk_next ? knext[0] : NULL,
+                                                   job->ks[2]};
+                FA_KNAME(row_scores, DT)(sc->qt + ii * D, nq * D, heads, kt, D, n, s0 + j0, sst,
+                                         kx, nk_next - j0, vt, Dv);
+            }
 #if KV_SCALED
-            for (int64_t j = 0; j < nk; ++j) s[j] *= ksc[kb + j];
+            FA_KNAME(tile_scales, DT)(job, ksc, job->k_scale, job->kss, b, hk, kb, nk, kscale);
+            FA_KNAME(tile_scales, DT)(job, vsc, job->v_scale, job->vss, b, hk, kb, nk, vscale);
 #endif
-            if (cap > (T)0) FA_KNAME(softcap_run, DT)(s, nk, cap);
-            if (job->mask.data) FA_KNAME(apply_explicit_mask, DT)(job, b, hr, i, 1, kb, nk, s, 1, 0);
-            T mb = (T)-INFINITY;
-            for (int64_t j = 0; j < nk; ++j) {
-                if (slope != (T)0) s[j] += slope * ((T)(kb + j) - ref);
-                mb = s[j] > mb ? s[j] : mb;
-                if (s[j] != s[j]) mb = s[j]; /* keep NaN: the row must become NaN */
-            }
-            if (w) memcpy(w + kb, s, (size_t)nk * sizeof(T));
-            const T m = sc->m[r];
-            const T mnew = mb > m || mb != mb ? mb : m;
-            const T msafe = mnew > -T_MAX || mnew != mnew ? mnew : -T_MAX;
-            const T alpha = S_EXP_NONPOS(m - msafe);
-            const V vms = V_SET1(msafe);
-            V vsum = V_ZERO();
-            int64_t j = 0;
-            for (; j + VL <= nk; j += VL) {
-                const V p = V_EXP_NONPOS(V_SUB(V_LOADU(s + j), vms));
-                V_STOREU(s + j, p);
-                vsum = V_ADD(vsum, p);
-            }
-            T sum = V_HSUM(vsum);
-            for (; j < nk; ++j) {
-                s[j] = S_EXP_NONPOS(s[j] - msafe);
-                sum += s[j];
-            }
-            sc->l[r] = sc->l[r] * alpha + sum;
-            sc->m[r] = mnew;
+            for (int64_t g = 0; g < heads; ++g) {
+                const int64_t r = g * nq + ii, hr = h + g;
+                const T slope = job->alibi ? ((const T *)job->alibi)[hr] : (T)0, ref = sc->tmp[r];
+                T *s = s0 + g * sst;
+                T *w = job->weights
+                           ? (T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2]
+                           : NULL;
 #if KV_SCALED
-            /* int8 values: p_j (values_j * scale_j) = (p_j scale_j) values_j */
-            for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= vsc[kb + jj];
+                for (int64_t j = 0; j < nk; ++j) s[j] *= kscale[j];
 #endif
-            FA_KNAME(row_pv, DT)(s, vt, vst, nk, Dv, alpha, o);
+                if (cap > (T)0) FA_KNAME(softcap_run, DT)(s, nk, cap);
+                if (job->mask.data)
+                    FA_KNAME(apply_explicit_mask, DT)(job, b, hr, i, 1, kb, nk, s, 1, 0);
+                T mb = slope != (T)0 ? (T)NAN : FA_KNAME(row_max, DT)(s, nk);
+                if (mb != mb) {
+                    mb = (T)-INFINITY;
+                    for (int64_t j = 0; j < nk; ++j) {
+                        if (slope != (T)0) s[j] += slope * ((T)(kb + j) - ref);
+                        mb = s[j] > mb ? s[j] : mb;
+                        if (s[j] != s[j]) mb = s[j]; /* keep NaN: the row must become NaN */
+                    }
+                }
+                if (w) memcpy(w + kb, s, (size_t)nk * sizeof(T));
+                const T m = sc->m[r];
+                const T mnew = mb > m || mb != mb ? mb : m;
+                const T msafe = mnew > -T_MAX || mnew != mnew ? mnew : -T_MAX;
+                alpha[g] = S_EXP_NONPOS(m - msafe);
+                const V vms = V_SET1(msafe);
+                V vsum = V_ZERO();
+                int64_t j = 0;
+                for (; j + VL <= nk; j += VL) {
+                    const V p = V_EXP_NONPOS(V_SUB(V_LOADU(s + j), vms));
+                    V_STOREU(s + j, p);
+                    vsum = V_ADD(vsum, p);
+                }
+                T sum = V_HSUM(vsum);
+                for (; j < nk; ++j) {
+                    s[j] = S_EXP_NONPOS(s[j] - msafe);
+                    sum += s[j];
+                }
+                sc->l[r] = sc->l[r] * alpha[g] + sum;
+                sc->m[r] = mnew;
+#if KV_SCALED
+                /* int8 values: p_j (values_j * scale_j) = (p_j scale_j) values_j */
+                for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= vscale[jj];
+#endif
+            }
+            /* P.V run by run: alpha rescales once, then 1 (exact), and each
+             * row's sum keeps its key order */
+            for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
+                n = bsz - (kb + j0) % bsz;
+                n = n < nk - j0 ? n : nk - j0;
+                const FA_KNAME(kv_rows, DT) vt = {NULL, vrows[j0], job->vs[2]};
+                FA_KNAME(row_pv, DT)(s0 + j0, sst, heads, vt, n, Dv, j0 ? ones : alpha,
+                                     sc->acc + ii * sc->ldacc, nq * sc->ldacc);
+            }
         }
     }
     for (int64_t r = 0; r < R; ++r) {
-        const int64_t g = r / nq, i = q0 + r % nq;
+        const int64_t g = r / nq, ii = r % nq, i = q0 + ii;
         const T *o = sc->acc + r * sc->ldacc;
         if (part) {
             T *po = part + g * job->part_head_stride, *pml = part_ml + g * job->part_ml_head_stride;
-            memcpy(po + (i - q0) * Dv, o, (size_t)Dv * sizeof(T));
-            pml[2 * (i - q0)] = sc->m[r];
-            pml[2 * (i - q0) + 1] = sc->l[r];
+            memcpy(po + ii * Dv, o, (size_t)Dv * sizeof(T));
+            pml[2 * ii] = sc->m[r];
+            pml[2 * ii + 1] = sc->l[r];
         } else {
-            FA_KNAME(finish_row, DT)(job, b, h + g, i, o, sc->m[r], sc->l[r], kbeg[r], kend[r]);
+            FA_KNAME(finish_row, DT)(job, b, h + g, i, o, sc->m[r], sc->l[r], kbeg[ii], kend[ii]);
         }
     }
 }
@@ -968,6 +1302,13 @@ void FA_KNAME(attention_block, DT)(const fa_attn_job *job, int64_t b, int64_t h,
     FA_KNAME(attn_scratch, DT) sc = FA_KNAME(attn_carve, DT)(scratch, job->D, job->Dv);
     if (q1 - q0 < FA_ATTN_ROW_PATH)
         FA_KNAME(attention_rows, DT)(job, b, h, q0, q1, k0, k1, part, part_ml, &sc);
+#if KV_SCALED
+    else if (job->block_table) /* the tiled kernel reads a head's int8 scales as one */
+        for (int64_t c = q0; c < q1; c += FA_ATTN_ROW_PATH - 1) /* row; paged: per key */
+            FA_KNAME(attention_rows, DT)(job, b, h, c,
+                                         q1 - c < FA_ATTN_ROW_PATH - 1 ? q1 : c + FA_ATTN_ROW_PATH - 1,
+                                         k0, k1, part, part_ml, &sc);
+#endif
     else
         FA_KNAME(attention_tiled, DT)(job, b, h, q0, q1, k0, k1, part, part_ml, &sc);
 }

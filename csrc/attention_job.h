@@ -57,15 +57,17 @@ typedef struct {
     const int64_t *cu_q, *cu_k;
     int alignment;
     /* K/V storage (fa_kv_dtype; FA_KV_SAME = the dtype) and, for int8, the
-     * per-row scales (B, Hkv, Lk): b and kv-head strides, unit key stride. */
+     * per-row scales (B, Hkv, Lk): b and kv-head strides, unit key stride;
+     * in a paged cache (num_blocks, block_size, Hkv): block, kv-head and
+     * row strides, as ks. */
     int kv_dtype;
     const float *k_scale, *v_scale;
+    int64_t kss[3], vss[3];
     /* 16-bit queries and output (dtype FA_DTYPE_F32 computes): 0 when q and
      * out have the dtype, FA_DTYPE_BF16 or FA_DTYPE_F16 when they are 16-bit
      * floats, widened as they are packed and rounded (to nearest even) as
      * each output row is written. */
     int io16;
-    int64_t kss[2], vss[2];
     /* GQA decode: a row-path work item covers every query head of its kv
      * head (attention_rows), so the kv head is read once; the split-KV
      * partial results of consecutive heads are then part_head_stride
@@ -130,8 +132,8 @@ static inline int64_t fa_attn_k_row0(const fa_attn_job *job, int64_t b) {
 /* Scratch elements one thread needs for fa_attention_block_*: Q^T block,
  * score tile, accumulator, per-row state, the bf16 pair tiles of the
  * vdpbf16ps kernels (probabilities (NK/2, MQ) and values (NK/2, Dv + 32),
- * 32-bit pairs), plus slack for 64-byte alignment of each region. -1 on
- * overflow. */
+ * 32-bit pairs), the widened narrow K/V tiles (NK, D) and (NK, Dv), plus
+ * slack for 64-byte alignment of each region. -1 on overflow. */
 static inline int64_t fa_attention_scratch_elems(int64_t D, int64_t Dv) {
     int64_t qt, acc, v2;
     /* the accumulator's row stride rounds Dv up to a 32-lane chunk */
@@ -142,8 +144,11 @@ static inline int64_t fa_attention_scratch_elems(int64_t D, int64_t Dv) {
     const int64_t tile = (int64_t)FA_ATTN_NK * FA_ATTN_MQ;
     const int64_t rows = 4 * FA_ATTN_MQ;
     if (qt > INT64_MAX / 8 || acc > INT64_MAX / 8 || v2 > INT64_MAX / 8) return -1;
+    /* the widened narrow K and V tiles (FA_ATTN_NK rows of D and of Dv) */
+    int64_t kvw;
+    if (!fa_mul_ok(D + Dv, FA_ATTN_NK, &kvw) || kvw > INT64_MAX / 8) return -1;
     /* + alignment slack of the regions */
-    return qt + tile + acc + rows + tile / 2 + v2 + 128;
+    return qt + tile + acc + rows + tile / 2 + v2 + kvw + 256;
 }
 
 #endif /* FASTATTN_ATTENTION_JOB_H */

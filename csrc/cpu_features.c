@@ -26,7 +26,11 @@ static int detect_best_isa(void) {
     const int has_osxsave = (c >> 27) & 1;
     const int has_avx = (c >> 28) & 1;
     const int has_fma = (c >> 12) & 1;
-    if (!has_osxsave || !has_avx || !has_fma) return FA_ISA_SCALAR;
+    /* F16C: the avx2 kernels widen half-precision K/V with it; every CPU
+     * with AVX2 has it, but a hypervisor may hide it, and then the scalar
+     * kernels are the safe choice */
+    const int has_f16c = (c >> 29) & 1;
+    if (!has_osxsave || !has_avx || !has_fma || !has_f16c) return FA_ISA_SCALAR;
 
     const uint64_t xcr0 = read_xcr0();
     const int os_ymm = (xcr0 & 0x6) == 0x6;    /* XMM and YMM state */

@@ -221,6 +221,12 @@ typedef struct {
     int64_t window_left, window_right;
     double softcap;
     const void *sinks;
+    /* Narrow caches (dtype FA_DTYPE_F32 only), as in fa_attention_args:
+     * kv_dtype FA_KV_SAME (0), FA_KV_BF16, FA_KV_F16 or FA_KV_I8; int8
+     * takes k_scale, v_scale: (num_blocks, block_size, Hkv, 1) float32
+     * views, the scale of each cached row (NULL data otherwise). */
+    int kv_dtype;
+    fa_view4 k_scale, v_scale;
 } fa_paged_args;
 
 int fa_paged_attention(int dtype, const fa_paged_args *args, int num_threads);

@@ -8,19 +8,15 @@
 #include <stddef.h>
 
 #include "fastattn.h"
-#include "gemm_bf16.h" /* fa_cpu_has_f16c */
 #include "half_float.h"
 
 /* The vector versions of the selected level (NULL: scalar). The avx2
- * float16 versions use F16C, which the avx2 level does not require. */
+ * float16 versions use F16C, part of the avx2 level (cpu_features.c). */
 static fa_half_widen_fn *widen_of(int dtype) {
 #if defined(FA_HAVE_X86_KERNELS)
     const int isa = fa_get_isa();
     if (isa >= FA_ISA_AVX512) return dtype == FA_DTYPE_BF16 ? fa_bf16_widen_avx512 : fa_f16_widen_avx512;
-    if (isa == FA_ISA_AVX2) {
-        if (dtype == FA_DTYPE_BF16) return fa_bf16_widen_avx2;
-        if (fa_cpu_has_f16c()) return fa_f16_widen_avx2;
-    }
+    if (isa == FA_ISA_AVX2) return dtype == FA_DTYPE_BF16 ? fa_bf16_widen_avx2 : fa_f16_widen_avx2;
 #else
     (void)dtype;
 #endif
@@ -31,10 +27,7 @@ static fa_half_narrow_fn *narrow_of(int dtype) {
 #if defined(FA_HAVE_X86_KERNELS)
     const int isa = fa_get_isa();
     if (isa >= FA_ISA_AVX512) return dtype == FA_DTYPE_BF16 ? fa_bf16_narrow_avx512 : fa_f16_narrow_avx512;
-    if (isa == FA_ISA_AVX2) {
-        if (dtype == FA_DTYPE_BF16) return fa_bf16_narrow_avx2;
-        if (fa_cpu_has_f16c()) return fa_f16_narrow_avx2;
-    }
+    if (isa == FA_ISA_AVX2) return dtype == FA_DTYPE_BF16 ? fa_bf16_narrow_avx2 : fa_f16_narrow_avx2;
 #else
     (void)dtype;
 #endif

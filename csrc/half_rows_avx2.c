@@ -2,8 +2,7 @@
  * half_rows_avx2.c: the row conversions of half_rows.h at the avx2 level:
  * 8 elements a step, the last n % 8 with the scalar conversions of
  * half_float.h (the same bits). bfloat16 with integer operations, float16
- * with F16C (compiled with -mf16c; half_rows.c calls these only when the
- * CPU has it).
+ * with F16C (part of the avx2 level).
  */
 #include <immintrin.h>
 

@@ -87,8 +87,8 @@ static inline float vf32_load_i8(const int8_t *p) { return (float)*p; }
 /* ======================================================================= */
 #elif FA_ISA_LEVEL == 1
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "FA_ISA_LEVEL 1 needs -mavx2 -mfma"
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "FA_ISA_LEVEL 1 needs -mavx2 -mfma -mf16c"
 #endif
 #include <immintrin.h>
 
@@ -188,19 +188,8 @@ static inline __m256 vf32_load_bf16(const uint16_t *p) {
     const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
 }
-static inline __m256 vf32_load_f16(const uint16_t *p) {
-    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)), 16);
-    const __m256i em = _mm256_and_si256(h, _mm256_set1_epi32(0x7fff));
-    const __m256i bits = _mm256_slli_epi32(em, 13);
-    const __m256 fin = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p112f));
-    const __m256i special = _mm256_cmpgt_epi32(em, _mm256_set1_epi32(0x7bff));
-    const __m256i quiet = _mm256_and_si256(_mm256_cmpgt_epi32(em, _mm256_set1_epi32(0x7c00)),
-                                           _mm256_set1_epi32(0x400000));
-    const __m256i infnan =
-        _mm256_or_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x7f800000)), quiet);
-    const __m256i r = _mm256_blendv_epi8(_mm256_castps_si256(fin), infnan, special);
-    return _mm256_castsi256_ps(_mm256_or_si256(r, sign));
+static inline __m256 vf32_load_f16(const uint16_t *p) { /* F16C: part of the level */
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 static inline __m256 vf32_load_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));

@@ -129,6 +129,8 @@ cdef extern from "fastattn.h" nogil:
         int64_t window_left, window_right
         double softcap
         const void *sinks
+        int kv_dtype
+        fa_view4 k_scale, v_scale
 
     int fa_paged_attention(int dtype, const fa_paged_args *args, int num_threads)
     int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *args,

@@ -334,10 +334,13 @@ def varlen_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray ou
 def paged_attention(cnp.ndarray q, cnp.ndarray key_cache, cnp.ndarray value_cache,
                     cnp.ndarray out, cnp.ndarray block_tables, cnp.ndarray seq_lens,
                     double scale, bint is_causal, object alibi, object window, double softcap,
-                    object sinks, int num_threads):
+                    object sinks, int num_threads, int kv_dtype=FA_KV_SAME,
+                    object k_scale=None, object v_scale=None):
     """q (B,H,Lq,D), caches (num_blocks, block_size, Hkv, D / Dv), out
     (B,H,Lq,Dv), unit last-axis strides; block_tables (B, max_blocks) int64
-    with a unit last stride; seq_lens (B,) contiguous int64."""
+    with a unit last stride; seq_lens (B,) contiguous int64. kv_dtype: the
+    caches' storage (a KV_DTYPE_CODES value, or FA_KV_SAME: q's dtype);
+    int8 takes k_scale, v_scale (num_blocks, block_size, Hkv) float32."""
     cdef int dt = dtype_code(q)
     cdef fa_paged_args a
     cdef int st
@@ -371,6 +374,12 @@ def paged_attention(cnp.ndarray q, cnp.ndarray key_cache, cnp.ndarray value_cach
             a.window_right = window[1]
     a.softcap = softcap
     a.sinks = NULL if sinks is None else cnp.PyArray_DATA(<cnp.ndarray>sinks)
+    a.kv_dtype = kv_dtype
+    a.k_scale.data = a.v_scale.data = NULL
+    if k_scale is not None:
+        a.k_scale = view3(<cnp.ndarray>k_scale)
+    if v_scale is not None:
+        a.v_scale = view3(<cnp.ndarray>v_scale)
     with nogil:
         st = fa_paged_attention(dt, &a, num_threads)
     check(st)

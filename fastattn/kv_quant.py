@@ -109,12 +109,15 @@ def dequantize_kv(values, scales, *, num_threads=None):
     return out
 
 
-def narrow_kv(q, k, v, k_scale, v_scale):
+def narrow_kv(q, k, v, k_scale, v_scale, names=("k", "v")):
     """The K/V storage code for the kernel when q is 16-bit (``KV_SAME``
     when k and v share its dtype) or k and v are narrower than q; None for
     the ordinary path, every input promoted to one compute dtype. Raises the
-    TypeError / ValueError of a bad mix; ``q``, ``k``, ``v`` are arrays."""
+    TypeError / ValueError of a bad mix; ``q``, ``k``, ``v`` are arrays,
+    ``names`` the caller's names for ``k`` and ``v``."""
     kd, vd, qd = k.dtype, v.dtype, q.dtype
+    kn, vn = names
+    pair = f"{kn} and {vn}"
     q16 = qd.name in HALF_DTYPES
     narrow = kd.name in NARROW_KV_DTYPES or vd.name in NARROW_KV_DTYPES
     int8 = kd == _I8 or vd == _I8
@@ -130,17 +133,17 @@ def narrow_kv(q, k, v, k_scale, v_scale):
     if k_scale is not None or v_scale is not None:
         if not int8:
             name = "k_scale" if k_scale is not None else "v_scale"
-            raise ValueError(f"{name} is only for int8 k and v; got k {kd}, v {vd}")
+            raise ValueError(f"{name} is only for int8 {pair}; got {kn} {kd}, {vn} {vd}")
         if k_scale is None or v_scale is None:
             name = "k_scale" if k_scale is None else "v_scale"
-            raise ValueError(f"{name} is required with int8 k and v (both scales or neither)")
+            raise ValueError(f"{name} is required with int8 {pair} (both scales or neither)")
     elif int8:
-        raise ValueError(f"int8 k and v need k_scale and v_scale (see quantize_kv); "
-                         f"got k {kd}, v {vd}")
+        raise ValueError(f"int8 {pair} need k_scale and v_scale (see quantize_kv); "
+                         f"got {kn} {kd}, {vn} {vd}")
     if kd != vd:
-        raise TypeError(f"k and v must share their narrow storage dtype; got k {kd}, v {vd}")
+        raise TypeError(f"{pair} must share their narrow storage dtype; got {kn} {kd}, {vn} {vd}")
     if not (qd == _F32 or q16):
-        raise TypeError(f"{kd} k and v are read with float32, bfloat16 or float16 queries; "
+        raise TypeError(f"{kd} {pair} are read with float32, bfloat16 or float16 queries; "
                         f"got q of dtype {qd}")
     return _kernels.KV_DTYPE_CODES[kd.name]
 

@@ -23,7 +23,8 @@ from fastattn._validation import (
     unit_last_axis,
 )
 from fastattn.attention import attention_scale
-from fastattn.kv_cache import float_dtype
+from fastattn.kv_cache import float_dtype, kv_storage_dtype
+from fastattn.kv_quant import narrow_kv
 from fastattn.rotary import ROPE_LAYOUTS, _check_base
 
 
@@ -40,7 +41,7 @@ def _int_table(values, name, ndim):
 
 def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_causal=False,
                     window=None, softcap=None, sinks=None, scale=None, alibi_slopes=None,
-                    out=None, num_threads=None):
+                    out=None, num_threads=None, k_scale=None, v_scale=None):
     """Attention of the newest tokens of each sequence over its keys in a
     paged cache.
 
@@ -52,7 +53,11 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
     (``Lq = 1``) uses the same split-KV schedule as contiguous decode.
     Every block index a sequence reads is checked against ``num_blocks``
     before C runs; table entries past a sequence's last block are not read
-    (any value, e.g. -1 padding, is fine there).
+    (any value, e.g. -1 padding, is fine there). The caches may be narrower
+    than ``q``, as ``k`` and ``v`` of
+    :func:`fastattn.scaled_dot_product_attention`: bfloat16 or float16
+    (with float32 queries), or int8 with ``k_scale`` and ``v_scale``; the
+    kernel widens them in registers.
 
     Parameters
     ----------
@@ -67,6 +72,10 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
         above).
     out : ndarray, optional, shape ``(B, H, Lq, Dv)``
     num_threads : int, optional
+    k_scale, v_scale : array_like, shape ``(num_blocks, block_size, Hkv)``, optional
+        For int8 caches: cached key row ``key_cache[n, t, h]`` stands for
+        ``key_cache[n, t, h] * k_scale[n, t, h]`` (see
+        :func:`fastattn.quantize_kv`), likewise for values.
 
     Returns
     -------
@@ -86,12 +95,22 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
     """
     qa, ka, va = (as_array(x, n) for x, n in ((q, "q"), (key_cache, "key_cache"),
                                               (value_cache, "value_cache")))
-    dtype = np.promote_types(
-        np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "key_cache")),
-        compute_dtype(va.dtype, "value_cache"))
-    qa = float_array(qa, "q", dtype)
-    ka = float_array(ka, "key_cache", dtype)
-    va = float_array(va, "value_cache", dtype)
+    # narrow caches (bfloat16, float16, int8 + scales) stay as they are
+    kv_code = narrow_kv(qa, ka, va, k_scale, v_scale, names=("key_cache", "value_cache"))
+    if kv_code == _kernels.KV_SAME:
+        # 16-bit q over a cache of its dtype: float32 queries and results here
+        kv_code = _kernels.KV_DTYPE_CODES[ka.dtype.name]
+    if kv_code is None:
+        dtype = np.promote_types(
+            np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "key_cache")),
+            compute_dtype(va.dtype, "value_cache"))
+        qa = float_array(qa, "q", dtype)
+        ka = float_array(ka, "key_cache", dtype)
+        va = float_array(va, "value_cache", dtype)
+    else:
+        dtype = np.dtype(np.float32)
+        # the queries (not the cache) are widened: a few rows per sequence
+        qa = float_array(qa.astype(dtype) if qa.dtype.name == "bfloat16" else qa, "q", dtype)
     if qa.ndim != 4:
         raise ValueError(f"q must be 4-D (B, H, Lq, D), got shape {qa.shape}")
     if ka.ndim != 4 or va.ndim != 4:
@@ -130,18 +149,33 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
         b, j = map(int, np.argwhere(bad)[0])
         raise ValueError(f"block_tables[{b}, {j}] = {tables[b, j]} is not a block of the cache "
                          f"(num_blocks = {num_blocks})")
+    ksa = vsa = None
+    if k_scale is not None:
+        ksa, vsa = (_scale_cache(s, n, ka.shape[:3]) for s, n in ((k_scale, "k_scale"),
+                                                                    (v_scale, "v_scale")))
     is_causal = bool_flag(is_causal, "is_causal")
     scale = attention_scale(scale, D)
     features = kernel_features(window, softcap, sinks, alibi_slopes, H, dtype)
     qa, ka, va = unit_last_axis(qa), unit_last_axis(ka), unit_last_axis(va)
-    inputs = tuple(x for x in (qa, ka, va, features.alibi_slopes, features.sinks)
+    inputs = tuple(x for x in (qa, ka, va, features.alibi_slopes, features.sinks, ksa, vsa)
                    if x is not None)
     target = OutputTarget(out, (B, H, Lq, Dv), (B, H, Lq, Dv), dtype, inputs=inputs,
                           unit_last_axis=True)
     _kernels.paged_attention(qa, ka, va, target.kernel_view, tables, lens, float(scale),
                              is_causal, features.alibi_slopes, features.window,
-                             features.softcap, features.sinks, resolve_num_threads(num_threads))
+                             features.softcap, features.sinks, resolve_num_threads(num_threads),
+                             kv_dtype=kv_code or 0, k_scale=ksa, v_scale=vsa)
     return target.finish()
+
+
+def _scale_cache(scale, name, shape):
+    """An int8 cache's scales as float32 of ``shape`` (num_blocks,
+    block_size, Hkv)."""
+    arr = float_array(as_array(scale, name), name, np.dtype(np.float32))
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (one scale per cached row "
+                         f"per kv head), got {arr.shape}")
+    return arr
 
 
 class PagedKVCache:
@@ -159,10 +193,18 @@ class PagedKVCache:
     No sequence's data is ever overwritten: a block shared by several
     sequences is copied before one of them writes into it. When the pool
     has too few free blocks, :meth:`append` raises before changing anything.
+
+    ``kv_dtype`` (float32 caches): the storage of the blocks, ``"float16"``,
+    ``"bfloat16"`` or ``"int8"``; appends round the new rows (after RoPE),
+    or quantise them with one scale per row per kv head into ``key_scale``
+    and ``value_scale`` ``(num_blocks, block_size, num_kv_heads)`` (see
+    :func:`fastattn.quantize_kv`). :meth:`attention_kwargs` gives the
+    caches and scales as :func:`paged_attention` takes them, and
+    :attr:`nbytes` the memory they hold.
     """
 
     def __init__(self, num_blocks, block_size, num_kv_heads, head_dim, *, value_dim=None,
-                 dtype=np.float32, rope=None, rope_base=10000.0):
+                 dtype=np.float32, rope=None, rope_base=10000.0, kv_dtype=None):
         num_blocks = index_value(num_blocks, "num_blocks")
         block_size = index_value(block_size, "block_size")
         num_kv_heads = index_value(num_kv_heads, "num_kv_heads")
@@ -174,6 +216,7 @@ class PagedKVCache:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         self.dtype = float_dtype(dtype)
+        self.kv_dtype = kv_storage_dtype(kv_dtype, self.dtype)
         if rope is not None:
             rope = choice(rope, "rope", ROPE_LAYOUTS)
             if head_dim % 2:
@@ -189,13 +232,32 @@ class PagedKVCache:
         check_result_size(dims, self.dtype, what)
         self.block_size = block_size
         self.rope, self.rope_base = rope, rope_base
-        self.key_cache = np.zeros((num_blocks, block_size, num_kv_heads, head_dim), self.dtype)
-        self.value_cache = np.zeros((num_blocks, block_size, num_kv_heads, value_dim), self.dtype)
+        self.key_cache = np.zeros((num_blocks, block_size, num_kv_heads, head_dim), self.kv_dtype)
+        self.value_cache = np.zeros((num_blocks, block_size, num_kv_heads, value_dim),
+                                    self.kv_dtype)
+        self.key_scale = self.value_scale = None
+        if self.kv_dtype == np.dtype(np.int8):
+            self.key_scale = np.zeros((num_blocks, block_size, num_kv_heads), np.float32)
+            self.value_scale = np.zeros_like(self.key_scale)
         self._refs = np.zeros(num_blocks, np.int64)  # sequences holding each block
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() gives the lowest
         self._blocks = {}  # seq id -> list of block indices
         self._lens = {}  # seq id -> tokens
         self._next_id = 0
+
+    @property
+    def nbytes(self):
+        """Bytes of the block pool: caches and, for int8, their scales."""
+        arrays = (self.key_cache, self.value_cache, self.key_scale, self.value_scale)
+        return sum(int(a.nbytes) for a in arrays if a is not None)
+
+    def attention_kwargs(self):
+        """``key_cache``, ``value_cache`` and, for int8 storage, ``k_scale``
+        and ``v_scale``, as keyword arguments of :func:`paged_attention`."""
+        kw = {"key_cache": self.key_cache, "value_cache": self.value_cache}
+        if self.key_scale is not None:
+            kw.update(k_scale=self.key_scale, v_scale=self.value_scale)
+        return kw
 
     @property
     def num_free_blocks(self):
@@ -247,8 +309,9 @@ class PagedKVCache:
         if cow:
             old = blocks[-1]
             fresh = self._free.pop()
-            self.key_cache[fresh] = self.key_cache[old]
-            self.value_cache[fresh] = self.value_cache[old]
+            for arr in (self.key_cache, self.value_cache, self.key_scale, self.value_scale):
+                if arr is not None:
+                    arr[fresh] = arr[old]
             self._refs[old] -= 1
             self._refs[fresh] = 1
             blocks[-1] = fresh
@@ -262,7 +325,13 @@ class PagedKVCache:
             key = apply_rotary(key, positions, layout=self.rope, base=self.rope_base)
         t = np.arange(start, end)
         rows = np.asarray(blocks, np.int64)[t // bs]
-        self.key_cache[rows, t % bs] = key
+        if self.key_scale is not None:
+            from fastattn.kv_quant import quantize_kv
+            key, k_scale = quantize_kv(key)
+            value, v_scale = quantize_kv(value)
+            self.key_scale[rows, t % bs] = k_scale
+            self.value_scale[rows, t % bs] = v_scale
+        self.key_cache[rows, t % bs] = key  # rounded to a narrow storage dtype
         self.value_cache[rows, t % bs] = value
         self._lens[seq] = end
 

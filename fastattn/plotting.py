@@ -9,7 +9,7 @@ Axes.
 
 import numpy as np
 
-__all__ = ["attention_heatmap", "position_encoding_heatmap", "speedup_chart"]
+__all__ = ["attention_heatmap", "decode_chart", "position_encoding_heatmap", "speedup_chart"]
 
 
 def _new_axes(ax, figsize):
@@ -185,4 +185,62 @@ def speedup_chart(results, *, ax=None):
                  + (f"\n{machine}" if machine else ""), fontsize=10)
     if peers:
         ax.legend(loc="lower right", fontsize=8)
+    return ax
+
+
+def decode_chart(results, *, ax=None):
+    """Decode time against the cache length, one line per ``kv_dtype``,
+    with torch's SDPA on the same storages dashed.
+
+    Parameters
+    ----------
+    results : dict
+        A run of the ``decode_lengths`` (or ``decode``) case of
+        ``python -m fastattn.bench``, as :func:`fastattn.bench.run_suite`
+        returns it or ``--out`` writes it to ``results.json``. The rows of
+        the head layout (``B``, ``H``, ``Hkv``, ``D``) with the most cache
+        lengths are drawn.
+    ax : matplotlib.axes.Axes, optional
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        Log-log axes: cache length (keys) and median time per call (ms).
+    """
+    rows = [r for r in results["rows"]
+            if r.get("params", {}).get("kv_dtype") and not r["params"].get("greedy")
+            and (r["impls"].get("fastattn") or {}).get("timing")]
+    if not rows:
+        raise ValueError("results hold no timed decode rows: run the decode_lengths or "
+                         "decode case (python -m fastattn.bench --cases decode_lengths)")
+    groups = {}
+    for r in rows:
+        p = r["params"]
+        groups.setdefault((p["B"], p["H"], p["Hkv"], p["D"]), []).append(r)
+    (B, H, Hkv, D), rows = max(groups.items(), key=lambda kv: len({r["params"]["S"] for r in kv[1]}))
+    series = {}
+    for r in rows:
+        kv, S = r["params"]["kv_dtype"], r["params"]["S"]
+        for impl in ("fastattn", "torch"):
+            timing = (r["impls"].get(impl) or {}).get("timing")
+            if timing:
+                series.setdefault(f"{impl} {kv}", {})[S] = 1e3 * timing["median"]
+    ax = _new_axes(ax, (6.4, 4.2))
+    colors = {"float32": "#1f77b4", "float64": "#1f77b4", "bfloat16": "#2ca02c",
+              "float16": "#9467bd", "int8": "#d62728"}
+    for name, points in series.items():
+        impl, kv = name.split(" ", 1)
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o" if impl == "fastattn" else "s",
+                linestyle="-" if impl == "fastattn" else "--", color=colors.get(kv), label=name,
+                alpha=1.0 if impl == "fastattn" else 0.7)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("cache length (keys)")
+    ax.set_ylabel("decode time per call (ms, median)")
+    threads = results.get("threads")
+    ax.set_title(f"decode: B={B}, H={H}, Hkv={Hkv}, D={D}, 1 query, {threads} "
+                 f"thread{'' if threads == 1 else 's'}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     return ax

@@ -214,3 +214,19 @@ def test_half_big_endian_storage(rng):
     q32 = q.astype(np.float32)
     np.testing.assert_array_equal(fastattn.scaled_dot_product_attention(q32, *swapped[1:]),
                                   fastattn.scaled_dot_product_attention(q32, k, v))
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=ids)
+def test_half_queries_over_a_paged_cache_of_their_dtype(rng, dtype):
+    """paged_attention computes 16-bit queries in float32 over a cache of the
+    same 16-bit dtype (never reading its bits as float32)."""
+    nb, bs, Hkv, D = 9, 4, 2, 16
+    kc = rng.standard_normal((nb, bs, Hkv, D)).astype(dtype)
+    vc = rng.standard_normal((nb, bs, Hkv, D)).astype(dtype)
+    tables = rng.permutation(nb)[:6].reshape(2, 3).astype(np.int64)
+    lens = np.array([11, 7])
+    q = rng.standard_normal((2, 4, 1, D)).astype(dtype)
+    got = fastattn.paged_attention(q, kc, vc, tables, lens)
+    want = fastattn.paged_attention(q.astype(np.float32), kc, vc, tables, lens)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)

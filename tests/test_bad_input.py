@@ -253,7 +253,7 @@ def _valid_calls():
                              [[0, 1]], [6]), dict(
             q=ARRAY, key_cache=ARRAY, value_cache=ARRAY, block_tables=LENGTHS, seq_lens=LENGTHS,
             is_causal=FLAG, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY, scale=OPT_REAL,
-            alibi_slopes=OPT_ARRAY, out=OUT, num_threads=THREADS)),
+            alibi_slopes=OPT_ARRAY, out=OUT, num_threads=THREADS, k_scale=OPT_ARRAY, v_scale=OPT_ARRAY)),
         "apply_rotary": ((np.zeros((2, 3, 4)), np.arange(3)), dict(
             x=ARRAY, positions=LENGTHS, layout=CHOICE, base=REAL, out=OUT, num_threads=THREADS)),
         "alibi_slopes": ((4,), dict(num_heads=COUNT, dtype=DTYPE)),
@@ -460,7 +460,7 @@ def _class_calls():
                                    (np.array([1, 2]),), {}, dict(new_tokens=LENGTHS)),
         "PagedKVCache": (constructor(fastattn.PagedKVCache), (4, 2, 2, 4), {}, dict(
             num_blocks=COUNT, block_size=COUNT, num_kv_heads=COUNT, head_dim=COUNT,
-            value_dim=OPT_COUNT, dtype=DTYPE, rope=OPT_CHOICE, rope_base=REAL)),
+            value_dim=OPT_COUNT, dtype=DTYPE, rope=OPT_CHOICE, rope_base=REAL, kv_dtype=DTYPE)),
         "PagedKVCache.append": (method(paged, "append", paged_state),
                                 (0, np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 4), np.float32)),
                                 {}, dict(seq=INDEX, key=ARRAY, value=ARRAY)),

@@ -207,6 +207,11 @@ def test_every_case_builds_and_checks_at_a_tiny_shape():
                 if case == "cuda":
                     assert "no GPU path" in problem.unavailable
                     continue
+                if case in ("decode", "decode_lengths", "greedy"):
+                    # narrow K/V caches take float32 queries and layers only
+                    assert "(--dtype float32)" in problem.unavailable
+                    assert case == "greedy" or problem.kv_dtype != "float64"
+                    continue
                 assert case == "mha" and not hasattr(fastattn, "MultiHeadAttention")
                 assert "not available in this build" in problem.unavailable
                 continue
@@ -361,3 +366,67 @@ def test_layer_rows_run_through_the_layer_api(monkeypatch, fake, padded):
             peer.stop()
     assert rec.alarms == [] and row.status == "ok"
     assert all(row.impls[n].status == "ok" for n in ["fastattn"] + names)
+
+
+def test_decode_and_greedy_cases_end_to_end(tmp_path):
+    # one GQA shape for both cases: the decode rows read a cache of 64 keys
+    # over 2 kv heads, the greedy rows decode 64 tokens through layers of
+    # 4 heads (2 kv heads) of 16
+    out, plot = tmp_path / "out", tmp_path / "decode.png"
+    proc = bench("--quick", "--cases", "decode,greedy", "--shapes", "1x4/2x64x16", "--peers",
+                 "numpy", "--threads", "2", "--out", str(out), "--plot", str(plot))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = " ".join(proc.stdout.split())  # rich wraps long lines
+    assert "decode (1 query; the same q, K and V in every kv_dtype)" in text
+    assert "targets: float32 >= 85% of the read; bfloat16 <= 0.55x, int8 <= 0.30x" in text
+    assert "greedy int8 (64 tokens, 3 layers E=64 H=4 Hkv=2 RoPE): " \
+           "tokens as the float32 cache 64/64" in text
+    assert "; tokens as the float32 cache, teacher-forced 64/64" in text
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["label"]: r for r in results["rows"]}
+    assert list(rows) == ["decode float32", "decode bfloat16", "decode float16", "decode int8",
+                          "greedy bfloat16", "greedy float16", "greedy int8"]
+    assert all(r["status"] == "ok" and r["shape"] == "1x4/2x64x16" for r in rows.values())
+    elements = 2 * 1 * 2 * 64 * 16  # K and V, B=1, Hkv=2, S=64, D=16
+    scales = 2 * 1 * 2 * 64 * 4
+    for kv, nbytes in (("float32", 4 * elements), ("bfloat16", 2 * elements),
+                       ("float16", 2 * elements), ("int8", elements + scales)):
+        row = rows[f"decode {kv}"]
+        assert row["params"]["cache_bytes"] == row["work"] == nbytes
+        assert row["baselines"]["read K,V"]["share"] > 0
+        if kv != "float32":
+            (name, metric), = row["metrics"].items()
+            assert name == "cosine to the float32-cache output" and 0.999 < metric["value"] <= 1
+    assert "| shape | kv_dtype | fastattn | MiB |" in (out / "results.md").read_text()
+    assert plot.exists() == HAS_MPL
+
+
+def test_shapes_with_kv_heads():
+    s = cases.Shape.parse("1x32/8x8192x128")
+    assert (s.B, s.H, s.Hkv, s.kv_heads, s.S, s.D) == (1, 32, 8, 8, 8192, 128)
+    assert str(s) == "1x32/8x8192x128" and cases.Shape.parse(str(s)) == s
+    assert cases.Shape.parse("2x8/8x16x4") == cases.Shape(2, 8, 16, 4)  # as many kv heads as H
+    assert cases.Shape(2, 8, 16, 4).kv_heads == 8
+    for bad in ("1x32/5x16x8", "1x32/0x16x8", "1x32/8/2x16x8", "1x/8x16x8"):
+        with pytest.raises(ValueError, match="bad shape"):
+            cases.Shape.parse(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cases", "sdpa,decode", "--shapes", "1x4/2x8x8"],
+     "kv heads (H/Hkv) are read only by the decode, decode_lengths and greedy cases, not by sdpa"),
+    (["--cases", "sdpa", "--plot", "x.png"], "--plot draws the decode rows"),
+])
+def test_decode_option_combinations_are_usage_errors(args, message, capsys):
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_the_decode_cases(capsys):
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--plot FILE" in text
+    for name in ("decode ", "decode_lengths*", "greedy "):
+        assert f"\n  {name}" in text
+    assert "decode" in cases.default_cases() and "greedy" in cases.default_cases()
+    assert "decode_lengths" not in cases.default_cases()

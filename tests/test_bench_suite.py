@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn.bench import cases, cli, report, roofline, runner, timing
+from fastattn.bench import cases, cli, peers, report, roofline, runner, timing
 from bench_helpers import FAST, ROOF, Recorder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -228,6 +228,7 @@ def test_the_gpu_case_is_not_available_without_a_gpu_path():
     ("bench_foundation.py", ["--cases", "softmax,heads,pe"]),
     ("bench_gil.py", ["--cases", "gil", "--peers", "numpy"]),
     ("bench_cuda.py", ["--cases", "cuda", "--peers", "numpy"]),
+    ("bench_decode.py", ["--cases", "decode,greedy", "--threads", "2"]),
 ])
 def test_benchmark_scripts_are_case_lists_on_the_suite(monkeypatch, script, expected):
     seen = []
@@ -266,3 +267,103 @@ def test_import_from_an_unbuilt_source_tree_says_how_to_build(tmp_path):
         assert "python setup.py build_ext --inplace" in proc.stderr, proc.stderr
         assert "pip install -e ." in proc.stderr
         assert "circular import" not in proc.stderr
+
+
+def _decode_rows(shape="1x4/2x40x16", dtype=np.float32):
+    return cases.problems_for("decode", cases.Shape.parse(shape), dtype, np.random.default_rng(1))
+
+
+@pytest.mark.parametrize("name, shape", [("torch", "1x4/2x40x16"), ("onnxruntime", "2x4x33x8")])
+def test_decode_rows_check_each_kv_dtype_and_its_peers(name, shape):
+    # the rows of one shape share q, K and V; each narrow row is checked
+    # against the oracle on its own storage, its cosine is the narrow
+    # output's against the float32 one, and a peer runs where it has a
+    # counterpart (torch in bfloat16 within bfloat16's precision)
+    peer = peers.PEERS[name]
+    available, _, reason = peer.probe()
+    if not available:
+        pytest.skip(f"{name} peer unavailable: {reason}")
+    problems = _decode_rows(shape)
+    assert [p.kv_dtype for p in problems] == ["float32", "bfloat16", "float16", "int8"]
+    assert all(p.inputs is problems[0].inputs for p in problems)
+    q, k, v = problems[0].q, problems[0].k, problems[0].v
+    full = fastattn.reference.scaled_dot_product_attention(q, k, v)
+    narrow = [p.oracle() for p in problems[1:]]
+    peer.start(1)
+    try:
+        rows = [runner.run_row(p, {"numpy": None, name: peer}, ROOF, FAST, Recorder(), rounds=1)
+                for p in problems]
+    finally:
+        peer.stop()
+    for row, kv in zip(rows, ["float32", "bfloat16", "float16", "int8"]):
+        assert row.status == "ok" and row.impls["fastattn"].status == "ok", row
+        assert row.params["kv_dtype"] == kv and list(row.baselines) == ["read K,V"]
+        counterpart = kv == "float32" or (name == "torch" and kv == "bfloat16")
+        assert row.impls[name].status == ("ok" if counterpart else "n/a"), (kv, row.impls)
+    for row, out in zip(rows[1:], narrow):
+        want = cases.cosine(out, full)  # the oracles' outputs, not fastattn's
+        (metric,) = row.metrics.values()
+        assert metric["value"] == pytest.approx(want, abs=1e-6)
+        assert metric["value"] < 1 - 1e-9  # the narrow storage did change the output
+
+
+def test_decode_rows_in_float64_keep_the_full_row_only():
+    problems = _decode_rows(dtype=np.float64)
+    assert [p.kv_dtype for p in problems] == ["float64", "bfloat16", "float16", "int8"]
+    assert problems[0].unavailable is None
+    assert all("float32 queries" in p.unavailable for p in problems[1:])
+
+
+def _timed(t, **extra):
+    return {"status": "ok", "timing": {"median": t}, "rate": 1.0, **extra}
+
+
+def _decode_result(kv, t, share=None, cos=None, torch_t=None):
+    impls = {"fastattn": _timed(t)}
+    if torch_t:
+        impls["torch"] = _timed(torch_t)
+    return {"case": "decode", "label": f"decode {kv}", "shape": "1x32x2048x128", "status": "ok",
+            "dims": "", "params": {"kv_dtype": kv, "cache_bytes": 2**20},
+            "impls": impls, "baselines": {"read K,V": {"share": share}} if share else {},
+            "metrics": {"cosine to the float32-cache output": {"value": cos}} if cos else {}}
+
+
+def test_decode_table_states_the_ratios_and_the_missed_targets():
+    results = {"dtype": "float32", "rows": [
+        _decode_result("float32", 4e-3, share=0.80, torch_t=8e-3),
+        _decode_result("bfloat16", 2.4e-3, share=0.9, cos=0.99998, torch_t=2e-2),
+        _decode_result("float16", 2.2e-3, cos=0.99999999),
+        _decode_result("int8", 1.0e-3, cos=0.99995),
+    ]}
+    header, rows = report.decode_table(results)
+    table = {r[1]: dict(zip(header, r)) for r in rows}
+    assert table["float32"]["shape"] == "1x32x2048x128" and table["int8"]["shape"] == ""
+    assert table["float32"]["targets"] == "missed: read 80% < 85%"
+    assert table["float32"]["torch"] == "8 ms" and table["float32"]["torch x float32"] == "2.00"
+    assert table["bfloat16"]["x float32"] == "0.60"
+    assert table["bfloat16"]["targets"] == "missed: time 0.60x > 0.55x; cosine < 0.99999"
+    assert table["bfloat16"]["torch x float32"] == "5.00"
+    assert table["float16"]["targets"] == "" and table["float16"]["x float32"] == "0.55"
+    assert table["int8"]["x float32"] == "0.25" and table["int8"]["targets"] == "met"
+    lines = report.decode_lines(results)
+    assert lines[0].startswith("decode (1 query") and "bfloat16 <= 0.55x" in lines[-1]
+    assert report.decode_table({"rows": []})[1] == [] and report.decode_lines({"rows": []}) == []
+
+
+def test_greedy_rows_check_the_agreement_target():
+    shape = cases.Shape.parse("1x4/2x24x8")
+    problems = cases.problems_for("greedy", shape, np.float32, np.random.default_rng(0))
+    assert [p.kv_dtype for p in problems] == ["bfloat16", "float16", "int8"]
+    row = runner.run_row(problems[2], {"numpy": None}, ROOF, FAST, Recorder())
+    assert row.status == "ok" and list(row.impls) == ["fastattn"]
+    assert "24/24 (100.0%; target >= 99%) ok" in row.metrics["tokens as the float32 cache"]["text"]
+    # a float32 run that differs at one position of 24: below the target
+    run = problems[0].run
+    run._tokens = run.float32_tokens().copy()
+    run._tokens[-1] = (run._tokens[-1] + 1) % run.model().vocab_size
+    rec = Recorder()
+    row = runner.run_row(problems[0], {"numpy": None}, ROOF, FAST, rec)
+    assert row.status == "failed" and row.impls["fastattn"].status == "mismatch"
+    assert "at 95.8% of the positions, below the 99% target" in rec.alarms[0]
+    assert cases.problems_for("greedy", cases.Shape.parse("2x4/2x8x8"), np.float32,
+                              None)[0].unavailable.startswith("the greedy decode runs one")

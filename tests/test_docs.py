@@ -175,7 +175,7 @@ def test_sphinx_build_is_warning_free(tmp_path):
     for page in ("quickstart", "concepts", "masks", "performance", "building"):
         assert (out / f"{page}.html").exists()
     for figure in ("attention_it.png", "attention_heads.png", "position_encodings.png",
-                   "results.png"):
+                   "results.png", "kv_decode.png"):
         assert (out / "_images" / figure).exists(), figure
 
 
@@ -183,7 +183,7 @@ def test_figures_are_committed_and_small():
     figures = list((DOCS / "figures").glob("*.png")) + list((DOCS / "performance").glob("*.png"))
     names = {f.name for f in figures}
     assert {"attention_it.png", "attention_heads.png", "position_encodings.png",
-            "results.png"} <= names
+            "results.png", "kv_decode.png"} <= names
     for f in figures:
         assert f.stat().st_size < 200_000, f"{f} is {f.stat().st_size} bytes"
 

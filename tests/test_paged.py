@@ -60,8 +60,7 @@ def test_against_oracle(isa, threads, dtype, rng, case, feat):
 
 
 def test_equals_contiguous_decode(isa, dtype, rng):
-    """Same keys, same split-KV schedule as contiguous decode (the sums run
-    in block-sized tiles, so the bits may differ by rounding)."""
+    """Same keys, same split-KV schedule and key tiles as contiguous decode."""
     B, H, Hkv, L, D, bs = 1, 4, 2, 2048, 32, 16
     k = rng.standard_normal((B, Hkv, L, D)).astype(dtype)
     v = rng.standard_normal((B, Hkv, L, D)).astype(dtype)
@@ -193,3 +192,198 @@ def test_cache_bad_arguments():
     a = cache.add_sequence()
     with pytest.raises(ValueError, match="key"):
         cache.append(a, np.zeros((2, 2, 8)), np.zeros((2, 2, 8)))
+
+
+# ---- paged decode = contiguous decode, bit for bit --------------------------------
+
+def _blocks_of(rng, k, v, block_size):
+    """k, v (1, Hkv, L, dim) scattered over shuffled blocks (plus two spare
+    blocks of junk), with the table that gathers them back."""
+    _, Hkv, L, D = k.shape
+    n = -(-L // block_size)
+    total = n + 2
+    order = rng.permutation(total)[:n]
+    kc = rng.standard_normal((total, block_size, Hkv, D)).astype(k.dtype)
+    vc = rng.standard_normal((total, block_size, Hkv, v.shape[3])).astype(v.dtype)
+    t = np.arange(L)
+    kc[order[t // block_size], t % block_size] = k[0].transpose(1, 0, 2)
+    vc[order[t // block_size], t % block_size] = v[0].transpose(1, 0, 2)
+    return kc, vc, order[None].astype(np.int32)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 7, 16, 50, 128])
+@pytest.mark.parametrize("shape", [(4, 2, 1200, 33, 17), (3, 3, 97, 16, 16), (8, 2, 2100, 64, 40)],
+                         ids=lambda s: "H{}_Hkv{}_L{}_D{}_Dv{}".format(*s))
+@pytest.mark.parametrize("feat", ["plain", "causal_window"])
+def test_decode_bitwise_contiguous(isa, threads, dtype, rng, block_size, shape, feat):
+    """Decode tiles span the blocks, so a paged sequence runs exactly the
+    arithmetic of the same keys held contiguously (same split-KV chunks,
+    same key tiles): every ISA level, 1 and N threads, odd block sizes."""
+    H, Hkv, L, D, Dv = shape
+    k = rng.standard_normal((1, Hkv, L, D)).astype(dtype)
+    v = rng.standard_normal((1, Hkv, L, Dv)).astype(dtype)
+    q = rng.standard_normal((1, H, 1, D)).astype(dtype)
+    kw = {} if feat == "plain" else dict(is_causal=True, window=(L // 3, None), softcap=5.0)
+    kc, vc, table = _blocks_of(rng, k, v, block_size)
+    got = fastattn.paged_attention(q, kc, vc, table, [L], num_threads=threads, **kw)
+    want = fastattn.scaled_dot_product_attention(q, k, v, causal_alignment="bottom_right",
+                                                 num_threads=threads, **kw)
+    np.testing.assert_array_equal(got, want)
+    assert_close(got, ref.scaled_dot_product_attention(
+        q, k, v, causal_alignment="bottom_right", **kw).astype(dtype), dtype)
+
+
+# ---- narrow caches: bfloat16, float16, int8 with per-row scales ----------------------
+
+NARROW = ["bfloat16", "float16", "int8"]
+
+
+def _narrow(kc, vc, kv_dtype):
+    """float32 caches in the storage kv_dtype: (key_cache, value_cache,
+    scale keyword arguments, the exact float64 values the kernel reads)."""
+    if kv_dtype == "int8":
+        kq, ks = fastattn.quantize_kv(kc)
+        vq, vs = fastattn.quantize_kv(vc)
+        exact = (ref.dequantize_kv(kq, ks), ref.dequantize_kv(vq, vs))
+        return kq, vq, {"k_scale": ks, "v_scale": vs}, exact
+    import ml_dtypes
+    dt = np.dtype(ml_dtypes.bfloat16) if kv_dtype == "bfloat16" else np.dtype(np.float16)
+    kn, vn = kc.astype(dt), vc.astype(dt)
+    return kn, vn, {}, (kn.astype(np.float64), vn.astype(np.float64))
+
+
+NARROW_CASES = {  # (seq_lens, Lq, block_size, H, Hkv, D, Dv)
+    "bs1_decode": ([5, 1, 9], 1, 1, 2, 1, 8, 8),
+    "bs16_decode_split_gqa": ([2100, 700], 1, 16, 8, 2, 64, 40),
+    "bs5_decode3": ([11, 63, 5], 3, 5, 4, 4, 16, 24),
+    "bs3_prefill": ([7, 30], 7, 3, 4, 2, 17, 9),
+    "bs16_chunk": ([130, 200], 100, 16, 2, 2, 33, 33),
+}
+
+
+@pytest.mark.parametrize("kv_dtype", NARROW)
+@pytest.mark.parametrize("case", NARROW_CASES)
+@pytest.mark.parametrize("feat", ["plain", "everything"])
+def test_narrow_against_oracle(isa, threads, rng, kv_dtype, case, feat):
+    lens, Lq, bs, H, Hkv, D, Dv = NARROW_CASES[case]
+    kc, vc, tables, lens = _paged(rng, lens, bs, Hkv, D, Dv, np.float32)
+    kn, vn, scales, (kx, vx) = _narrow(kc, vc, kv_dtype)
+    q = rng.standard_normal((len(lens), H, Lq, D)).astype(np.float32)
+    kw = dict(FEATURES[feat])
+    if feat == "everything":
+        kw.update(sinks=rng.standard_normal(H), alibi_slopes=rng.random(H) * 0.1)
+    got = fastattn.paged_attention(q, kn, vn, tables, lens, num_threads=threads, **scales, **kw)
+    want = ref.paged_attention(q.astype(np.float64), kx, vx, tables, lens, **kw)
+    assert_close(got, want.astype(np.float32), np.float32)
+
+
+@pytest.mark.parametrize("kv_dtype", NARROW)
+@pytest.mark.parametrize("block_size", [1, 7, 16])
+def test_narrow_decode_bitwise_contiguous(isa, threads, rng, kv_dtype, block_size):
+    """A narrow paged cache decodes exactly as the same narrow keys held
+    contiguously (scales gathered alike)."""
+    H, Hkv, L, D = 8, 2, 1500, 40
+    k = rng.standard_normal((1, Hkv, L, D)).astype(np.float32)
+    v = rng.standard_normal((1, Hkv, L, D)).astype(np.float32)
+    q = rng.standard_normal((1, H, 1, D)).astype(np.float32)
+    kc, vc, table = _blocks_of(rng, k, v, block_size)
+    kn, vn, scales, _ = _narrow(kc, vc, kv_dtype)
+    got = fastattn.paged_attention(q, kn, vn, table, [L], num_threads=threads, **scales)
+    t = np.arange(L)
+    rows, slots = table[0, t // block_size], t % block_size
+
+    def gathered(a):  # (blocks, block_size, Hkv, ...) -> (1, Hkv, L, ...)
+        return a[rows, slots].swapaxes(0, 1)[None]
+
+    want = fastattn.scaled_dot_product_attention(
+        q, gathered(kn), gathered(vn), num_threads=threads,
+        **{n: gathered(a) for n, a in scales.items()})
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kv_dtype", NARROW)
+def test_narrow_cache_append_fork(rng, kv_dtype):
+    """PagedKVCache(kv_dtype=): appends round or quantise (after RoPE), a
+    fork copies the scales with its shared block, attention matches the
+    oracle on the stored values, nbytes counts the scales."""
+    cache = fastattn.PagedKVCache(num_blocks=10, block_size=3, num_kv_heads=2, head_dim=8,
+                                  kv_dtype=kv_dtype, rope="neox")
+    full = fastattn.PagedKVCache(num_blocks=10, block_size=3, num_kv_heads=2, head_dim=8,
+                                 rope="neox")
+    assert cache.key_cache.dtype.name == kv_dtype
+    a, fa = cache.add_sequence(), full.add_sequence()
+    k, v = rng.standard_normal((7, 2, 8)), rng.standard_normal((7, 2, 8))
+    for c, s in ((cache, a), (full, fa)):
+        c.append(s, k[:4], v[:4])
+    b = cache.fork(a)
+    kx, vx = rng.standard_normal((2, 2, 8)), rng.standard_normal((2, 2, 8))
+    cache.append(b, kx, vx)
+    cache.append(a, k[4:], v[4:])
+    full.append(fa, k[4:], v[4:])
+    # the stored rows are the float32 cache's rows in the narrow storage
+    fk, fv = _contiguous(full, fa)
+    if kv_dtype == "int8":
+        sk = _contiguous_scales(cache, a)
+        np.testing.assert_array_equal(_contiguous(cache, a)[0], fastattn.quantize_kv(fk)[0])
+        np.testing.assert_array_equal(sk[0], fastattn.quantize_kv(fk)[1])
+        np.testing.assert_array_equal(sk[1], fastattn.quantize_kv(fv)[1])
+        assert cache.nbytes == (cache.key_cache.nbytes * 2 + cache.key_scale.nbytes * 2)
+    else:
+        np.testing.assert_array_equal(_contiguous(cache, a)[0], fk.astype(cache.kv_dtype))
+        assert cache.nbytes == cache.key_cache.nbytes * 2
+    tables, lens = cache.tables([a, b])
+    q = rng.standard_normal((2, 4, 1, 8)).astype(np.float32)
+    got = fastattn.paged_attention(q, block_tables=tables, seq_lens=lens,
+                                   **cache.attention_kwargs())
+    kc, vc = cache.key_cache.astype(np.float64), cache.value_cache.astype(np.float64)
+    if kv_dtype == "int8":
+        kc = ref.dequantize_kv(cache.key_cache, cache.key_scale)
+        vc = ref.dequantize_kv(cache.value_cache, cache.value_scale)
+    assert_close(got, ref.paged_attention(q, kc, vc, tables, lens).astype(np.float32), np.float32)
+
+
+def _contiguous_scales(cache, seq):
+    tables, lens = cache.tables([seq])
+    t = np.arange(lens[0])
+    rows = tables[0, t // cache.block_size]
+    return cache.key_scale[rows, t % cache.block_size], cache.value_scale[rows, t % cache.block_size]
+
+
+def test_narrow_bad_arguments(rng):
+    kc, vc, tables, lens = _paged(rng, [10, 4], 4, 2, 8, 8, np.float32, spare=0)
+    q = rng.standard_normal((2, 2, 1, 8)).astype(np.float32)
+    kq, ks = fastattn.quantize_kv(kc)
+    vq, vs = fastattn.quantize_kv(vc)
+    with pytest.raises(ValueError, match="int8 key_cache and value_cache need k_scale"):
+        fastattn.paged_attention(q, kq, vq, tables, lens)
+    with pytest.raises(ValueError, match="v_scale is required"):
+        fastattn.paged_attention(q, kq, vq, tables, lens, k_scale=ks)
+    with pytest.raises(ValueError, match="k_scale must have shape"):
+        fastattn.paged_attention(q, kq, vq, tables, lens, k_scale=ks[:, :2], v_scale=vs)
+    with pytest.raises(ValueError, match="k_scale is only for int8"):
+        fastattn.paged_attention(q, kc, vc, tables, lens, k_scale=ks, v_scale=vs)
+    with pytest.raises(TypeError, match="key_cache and value_cache must share"):
+        fastattn.paged_attention(q, kq, vc.astype(np.float16), tables, lens, k_scale=ks,
+                                 v_scale=vs)
+    with pytest.raises(TypeError, match="bfloat16 or float16 queries"):
+        fastattn.paged_attention(q.astype(np.float64), kq, vq, tables, lens, k_scale=ks,
+                                 v_scale=vs)
+    with pytest.raises(TypeError, match="kv_dtype"):
+        fastattn.PagedKVCache(4, 2, 1, 8, dtype=np.float64, kv_dtype="int8")
+
+
+@pytest.mark.parametrize("L", [5, 100, 1100])
+def test_decode_nan_key_poisons_its_group_only(isa, threads, dtype, rng, L):
+    """A NaN in one cached key makes the rows that read it NaN, and no other
+    row, in paged and contiguous decode alike."""
+    H, Hkv, D, bs = 4, 2, 24, 7
+    k = rng.standard_normal((1, Hkv, L, D)).astype(dtype)
+    v = rng.standard_normal((1, Hkv, L, D)).astype(dtype)
+    q = rng.standard_normal((1, H, 1, D)).astype(dtype)
+    k[0, 1, L // 2, 3] = np.nan
+    kc, vc, table = _blocks_of(rng, k, v, bs)
+    for got in (fastattn.paged_attention(q, kc, vc, table, [L], num_threads=threads),
+                fastattn.scaled_dot_product_attention(q, k, v, num_threads=threads)):
+        assert np.isnan(got[0, 2:]).all()
+        assert_close(got[:, :2], ref.scaled_dot_product_attention(q, k, v)[:, :2].astype(dtype),
+                     dtype)

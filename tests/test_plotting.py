@@ -134,3 +134,36 @@ def test_speedup_chart_renders(plt):
     widths = sorted(p.get_width() for p in ax.patches)
     assert widths == [1.5, 8.0, 20.0]
     render(ax)
+
+
+def _decode_results():
+    """Decode rows at two head layouts: the one with more cache lengths is drawn."""
+    rows = []
+    for Hkv, lengths in ((32, (256, 1024, 4096)), (8, (8192,))):
+        for S in lengths:
+            for kv, scale in (("float32", 1.0), ("bfloat16", 0.5), ("int8", 0.3)):
+                impls = {"fastattn": {"timing": {"median": scale * S * 1e-6}}}
+                if kv != "int8":
+                    impls["torch"] = {"timing": {"median": 2 * S * 1e-6}}
+                rows.append({"params": {"kv_dtype": kv, "B": 1, "H": 32, "Hkv": Hkv, "S": S,
+                                        "D": 128}, "impls": impls})
+    rows.append({"params": {"kv_dtype": "int8", "greedy": True}, "impls": {}})
+    return {"rows": rows, "threads": 2}
+
+
+def test_decode_chart_draws_time_against_length_per_kv_dtype(plt):
+    ax = plotting.decode_chart(_decode_results())
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"fastattn float32", "fastattn bfloat16", "fastattn int8",
+                          "torch float32", "torch bfloat16"}
+    np.testing.assert_array_equal(lines["fastattn int8"].get_xdata(), [256, 1024, 4096])
+    np.testing.assert_allclose(lines["fastattn int8"].get_ydata(), [0.3 * 0.256, 0.3 * 1.024,
+                                                                     0.3 * 4.096])
+    assert lines["torch float32"].get_linestyle() == "--"
+    assert "Hkv=32" in ax.get_title() and "2 threads" in ax.get_title()
+    render(ax)
+
+
+def test_decode_chart_needs_decode_rows():
+    with pytest.raises(ValueError, match="no timed decode rows"):
+        plotting.decode_chart({"rows": [{"params": {}, "impls": {}}]})

@@ -91,6 +91,87 @@ def test_optimize_encode_matches_sdpa(minilm_path, texts, sdpa_embeddings):
     assert diff <= 1e-5 and cos >= 0.99999, (diff, cos)
 
 
+def _spy_varlen(monkeypatch):
+    """Counts the calls of fastattn.varlen_attention (the fused encoder's
+    attention) while letting them through."""
+    calls = []
+    real = fastattn.varlen_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastattn, "varlen_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("sentences", [
+    ["a short one", "a somewhat longer sentence, with more tokens in it", "x"],  # right padding
+    ["four words in each", "four words in each"],  # no padding
+])
+def test_optimize_runs_the_encoder_on_real_tokens(minilm_path, monkeypatch, sentences):
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    batch = tok(sentences, padding=True, return_tensors="pt")
+    ref = AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").eval()
+    fa = fa_tf.optimize(AutoModel.from_pretrained(minilm_path).eval())
+    assert type(fa.encoder).__name__ == "FastattnBertEncoder"
+    assert isinstance(fa.encoder, type(ref.encoder))
+    calls = _spy_varlen(monkeypatch)
+    valid = batch["attention_mask"].bool()
+    lengths = batch["attention_mask"].sum(1).numpy()
+    with torch.inference_mode():
+        want = ref(**batch)
+        got = fa(**batch)
+    # one varlen call per layer, over the real tokens only
+    assert len(calls) == 6
+    assert all(np.array_equal(np.diff(cu), lengths) for cu in calls)
+    torch.testing.assert_close(got.last_hidden_state[valid], want.last_hidden_state[valid],
+                               atol=2e-5, rtol=1e-5)
+    assert (got.last_hidden_state[~valid] == 0).all()
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,fast,atol", [(torch.float64, True, 1e-12), (torch.bfloat16, False, 0.1)])
+def test_optimize_encoder_dtypes(minilm_path, monkeypatch, dtype, fast, atol):
+    """float64 runs the real-token path in float64; a bf16 model the
+    layer-by-layer one (its blocks compute attention in float32)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    batch = tok(["a short one", "a somewhat longer sentence, with more tokens in it"],
+                padding=True, return_tensors="pt")
+    ref = AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").to(dtype).eval()
+    fa = fa_tf.optimize(AutoModel.from_pretrained(minilm_path).to(dtype).eval())
+    calls = _spy_varlen(monkeypatch)
+    valid = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        want = ref(**batch).last_hidden_state[valid]
+        got = fa(**batch).last_hidden_state
+    assert len(calls) == (6 if fast else 0)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got[valid].double(), want.double(), atol=atol, rtol=0)
+
+
+def test_optimize_falls_back_layer_by_layer_for_hidden_states(minilm_path, monkeypatch):
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    batch = tok(["tiny", "a sentence of several more tokens"], padding=True, return_tensors="pt")
+    ref = AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").eval()
+    fa = fa_tf.optimize(AutoModel.from_pretrained(minilm_path).eval())
+    calls = _spy_varlen(monkeypatch)
+    valid = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        want = ref(**batch, output_hidden_states=True).hidden_states
+        got = fa(**batch, output_hidden_states=True).hidden_states
+    assert calls == []  # the layers ran one by one, recorded by transformers' hooks
+    assert len(got) == len(want) == 7
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g[valid], w[valid], atol=2e-5, rtol=1e-5)
+
+
 def test_automodel_and_set_attn_implementation(minilm_path):
     from transformers import AutoModel, AutoTokenizer
 

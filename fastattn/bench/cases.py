@@ -4,30 +4,37 @@ each one is.
 Every case is described by attention-style shapes ``(B, H, S, D)`` (batch,
 heads, sequence length, head size), and each case reads them its own way:
 
-==========  ============================================================
-sdpa        ``scaled_dot_product_attention`` on ``q, k, v`` of ``(B, H, S, D)``
-causal      the same with ``is_causal=True``
-padded      the same with half of every sequence padded (``key_lengths = S/2``)
-decode      1 query over a cache of ``S`` keys: ``q`` is ``(B, H, 1, D)``;
-            same-run baseline: reading K and V once
-overhead    the per-call cost: 1 query over ``S`` keys at a tiny shape
-mha         the ``MultiHeadAttention`` layer, ``E = H*D``, on ``(B, S, E)``,
-            with all keys valid and with half of them padded; same-run
-            baseline: the four projections alone as NumPy BLAS products
-mha_decode  one decode step of the layer: 1 new token after ``S - 1``
-            cached in a ``KVCache`` (torch, cacheless, re-projects them all)
-softmax     ``masked_softmax`` on scores ``(B, H, S, S)`` with ``key_lengths``,
-            with a fresh output per call and into a reused ``out=``;
-            same-run baseline: a threaded copy of the scores
-heads       ``split_heads`` of ``(B, S, H*D)`` and ``merge_heads`` back;
-            same-run baselines: NumPy's transpose and a plain copy
-pe          the position-encoding table ``(S, H*D)``
-gil         (not in the default suite) each kernel at ``num_threads=1``
-            from 1 and from 2 Python threads: the wall-time ratio is about
-            1.0 when the GIL is released, 2.0 when it is held
-cuda        (not in the default suite) SDPA on CuPy arrays against torch's
-            math and default backends on the GPU; n/a without a GPU path
-==========  ============================================================
+==============  ============================================================
+sdpa            ``scaled_dot_product_attention`` on ``q, k, v`` of ``(B, H, S, D)``
+causal          the same with ``is_causal=True``
+padded          the same with half of every sequence padded (``key_lengths = S/2``)
+decode          1 query over a cache of ``S`` keys (``H/Hkv`` kv heads): ``q``
+                is ``(B, H, 1, D)``, the cache float32, bfloat16, float16 and
+                int8 (one row each); same-run baseline: reading the row's K and
+                V buffers once; metric: the cosine to the float32 output
+decode_lengths  (not in the default suite) ``decode`` over a sweep of
+                cache lengths, for ``--plot``
+greedy          a greedy decode of ``S`` tokens through a small stack of layers
+                (``fastattn.bench.greedy``) with each narrow cache; its check
+                is the agreement with the float32 cache's tokens
+overhead        the per-call cost: 1 query over ``S`` keys at a tiny shape
+mha             the ``MultiHeadAttention`` layer, ``E = H*D``, on ``(B, S, E)``,
+                with all keys valid and with half of them padded; same-run
+                baseline: the four projections alone as NumPy BLAS products
+mha_decode      one decode step of the layer: 1 new token after ``S - 1``
+                cached in a ``KVCache`` (torch, cacheless, re-projects them all)
+softmax         ``masked_softmax`` on scores ``(B, H, S, S)`` with ``key_lengths``,
+                with a fresh output per call and into a reused ``out=``;
+                same-run baseline: a threaded copy of the scores
+heads           ``split_heads`` of ``(B, S, H*D)`` and ``merge_heads`` back;
+                same-run baselines: NumPy's transpose and a plain copy
+pe              the position-encoding table ``(S, H*D)``
+gil             (not in the default suite) each kernel at ``num_threads=1``
+                from 1 and from 2 Python threads: the wall-time ratio is about
+                1.0 when the GIL is released, 2.0 when it is held
+cuda            (not in the default suite) SDPA on CuPy arrays against torch's
+                math and default backends on the GPU; n/a without a GPU path
+==============  ============================================================
 
 Work is counted as useful work only: flops of the (query, key) pairs that
 are not masked (``2·D`` for ``q·k`` plus ``2·Dv`` for ``p·v`` each), and for
@@ -59,8 +66,10 @@ raises ``NotApplicable``), ``unit`` and ``work`` (for the rate and the
 roofline share) and ``dims``. Optional: ``baselines()`` (same-run
 operations timed alongside, e.g. a copy of the same bytes),
 ``metrics(policy)`` (figures that are not a time per call), ``unavailable``
-(why the row cannot run here) and ``to_numpy``/``sync`` for arrays that do
-not live in host memory. A new dtype needs nothing here: ``--dtype`` reaches
+(why the row cannot run here), ``to_numpy``/``sync`` for arrays that do
+not live in host memory, ``peer_rtol`` (a looser check of the peers),
+``compare_output``/``mismatch_note`` (a check other than the elementwise
+one) and ``params`` (what the report reads beyond the shape). A new dtype needs nothing here: ``--dtype`` reaches
 every case through ``dtype``. The CLI, the progress bar, the table and
 results.json pick the case up by its name.
 """
@@ -76,28 +85,43 @@ from fastattn import reference
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """Batch, heads, sequence length and head size."""
+    """Batch, heads, sequence length and head size; ``Hkv``, the kv heads
+    of grouped-query attention, is None for as many as ``H`` (written
+    ``H/Hkv``: ``1x32/8x8192x128``)."""
 
     B: int
     H: int
     S: int
     D: int
+    Hkv: int = None
 
     @classmethod
     def parse(cls, text):
-        """``"1x12x512x64"`` (or with commas) as a Shape; ValueError otherwise."""
+        """``"1x12x512x64"`` or ``"1x32/8x8192x128"`` (or with commas) as a
+        Shape; ValueError otherwise."""
         parts = re.split(r"[x,×]", text.strip().lower())
+        heads = parts[1].split("/") if len(parts) == 4 else []
         try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            values = []
-        if len(values) != 4 or min(values) < 1:
+            values = [int(p) for p in [parts[0]] + heads[:1] + parts[2:]]
+            kv_heads = int(heads[1]) if len(heads) == 2 else None
+        except (ValueError, IndexError):
+            values, kv_heads = [], None
+        if len(values) != 4 or min(values) < 1 or len(heads) > 2:
             raise ValueError(
-                f"bad shape {text!r}: expected four positive integers BxHxSxD, e.g. 1x12x512x64")
-        return cls(*values)
+                f"bad shape {text!r}: expected four positive integers BxHxSxD, e.g. 1x12x512x64 "
+                "(or BxH/HkvxSxD with kv heads, e.g. 1x32/8x8192x128)")
+        if kv_heads is not None and (kv_heads < 1 or values[1] % kv_heads):
+            raise ValueError(f"bad shape {text!r}: the kv heads ({heads[1]}) must be a positive "
+                             f"divisor of the heads ({values[1]})")
+        return cls(*values, Hkv=None if kv_heads == values[1] else kv_heads)
+
+    @property
+    def kv_heads(self):
+        return self.H if self.Hkv is None else self.Hkv
 
     def __str__(self):
-        return f"{self.B}x{self.H}x{self.S}x{self.D}"
+        heads = self.H if self.Hkv is None else f"{self.H}/{self.Hkv}"
+        return f"{self.B}x{heads}x{self.S}x{self.D}"
 
 
 def _shapes(*texts):
@@ -118,6 +142,7 @@ class Case:
     quick: tuple
     rows: int = 1
     default: bool = True
+    kv_heads: bool = False
 
 
 REGISTRY = {}
@@ -126,15 +151,16 @@ DEFAULT_SHAPES = {}  # name -> [Shape, ...]
 QUICK_SHAPES = {}    # name -> [Shape, ...] under --quick
 
 
-def case(name, help, *, shapes, quick=None, rows=1, default=True):
+def case(name, help, *, shapes, quick=None, rows=1, default=True, kv_heads=False):
     """Register the decorated ``build(shape, dtype, rng) -> [Problem, ...]``
     as case ``name`` (see "Adding a case" above). ``shapes`` and ``quick``
     are ``"BxHxSxD"`` strings; ``rows`` is the number of problems ``build``
     returns per shape (for the progress bar); ``default=False`` keeps the
-    case out of the default suite."""
+    case out of the default suite; ``kv_heads=True`` says that ``build``
+    reads ``shape.Hkv`` (other cases refuse shapes with kv heads)."""
     def register(build):
         entry = Case(name, help, build, tuple(_shapes(*shapes)),
-                     tuple(_shapes(*(quick or shapes))), rows, default)
+                     tuple(_shapes(*(quick or shapes))), rows, default, kv_heads)
         REGISTRY[name] = entry
         CASES[name] = help
         DEFAULT_SHAPES[name] = list(entry.shapes)
@@ -216,6 +242,9 @@ class Problem:
     unavailable = None
     compare_peers = True  # False: no peer has a counterpart (none is even asked)
     sync = None           # called after each timed call (a GPU stream's synchronize)
+    peer_rtol = None      # the peers' tolerance when not the suite's (a peer in bfloat16)
+    compare_output = None  # (got, ref, rtol) -> (ok, error) when not the elementwise rule
+    params = {}           # what the report needs beyond the shape (the decode case's kv_dtype)
 
     def __init__(self, case, label, shape, dtype):
         self.case = case
@@ -240,6 +269,10 @@ class Problem:
 
     def oracle_fn(self):
         return self.oracle
+
+    def mismatch_note(self, error, rtol):
+        """What the report says when the check fails with ``error``."""
+        return f"max error {error:.3g} of max|oracle| exceeds rtol {rtol:g}"
 
     def to_numpy(self, out):
         """fastattn's output as a host NumPy array, for the check."""
@@ -763,6 +796,252 @@ class CudaProblem(Problem):
         self.dq = self.dk = self.dv = self.gpu = self.cupy = None
 
 
+# ---------------------------------------------------------------- narrow KV caches
+
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
+READ_BASELINE = "read K,V"
+# Accuracy targets of a narrow cache against the float32 one (the cosine
+# of the decode output), as the narrow-cache design states them.
+COSINE_TARGETS = {"bfloat16": 0.99999, "int8": 0.9999}
+# Speed targets: the full-precision cache at this share of the read
+# bandwidth of its own buffers, and a narrow cache at most this fraction of
+# its time (bfloat16 reads half the bytes, int8 a bit over a quarter).
+READ_SHARE_TARGET = 0.85
+TIME_RATIO_TARGETS = {"bfloat16": 0.55, "int8": 0.30}
+
+
+class DecodeInputs:
+    """q and the full-precision K/V of one decode shape, shared by its
+    kv_dtype rows: each row converts them to its storage when it first
+    needs it, so that only one narrow copy lives at a time."""
+
+    def __init__(self, shape, dtype, rng):
+        B, H, Hkv, S, D = shape.B, shape.H, shape.kv_heads, shape.S, shape.D
+        self.q = rng.standard_normal((B, H, 1, D)).astype(dtype)
+        self.k = rng.standard_normal((B, Hkv, S, D)).astype(dtype)
+        self.v = rng.standard_normal((B, Hkv, S, D)).astype(dtype)
+        self._full_out = None
+
+    def full_output(self):
+        """fastattn's output on the full-precision cache (the reference of
+        the narrow caches' accuracy)."""
+        if self._full_out is None:
+            self._full_out = fastattn.scaled_dot_product_attention(self.q, self.k, self.v)
+        return self._full_out
+
+    def store(self, kv_dtype):
+        """``(k, v, {"k_scale", "v_scale"} or {})`` in ``kv_dtype``."""
+        if kv_dtype == "int8":
+            kq, ks = fastattn.quantize_kv(self.k)
+            vq, vs = fastattn.quantize_kv(self.v)
+            return kq, vq, {"k_scale": ks, "v_scale": vs}
+        if kv_dtype == self.k.dtype.name:
+            return self.k, self.v, {}
+        import ml_dtypes
+
+        dt = ml_dtypes.bfloat16 if kv_dtype == "bfloat16" else np.dtype(kv_dtype)
+        return self.k.astype(dt), self.v.astype(dt), {}
+
+
+def cosine(a, b):
+    """Cosine similarity of two arrays, in float64."""
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _reducible(a):
+    """``a`` as an array NumPy reduces with SIMD at memory speed: the 16-bit
+    floats (bfloat16 has no NumPy loops of its own) as uint16, the same bytes."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 and a.dtype.kind != "i" else a
+
+
+class DecodeProblem(Problem):
+    """One decode step, ``q`` of ``(B, H, 1, D)`` over a cache of ``S``
+    keys in ``kv_dtype`` (``Hkv`` kv heads): the bytes that must be read
+    are the cache's (K, V and the int8 scales), once. Same-run baseline: a
+    threaded read of those very buffers; metric: the cosine of the output
+    against the full-precision cache's."""
+
+    kind = "decode_cache"
+    unit = "byte"
+    is_causal = False
+    key_lengths = None
+
+    def __init__(self, case, shape, dtype, inputs, kv_dtype):
+        super().__init__(case, f"{case} {kv_dtype}", shape, dtype)
+        self.inputs, self.kv_dtype = inputs, kv_dtype
+        self.num_kv_heads = shape.kv_heads
+        B, H, S, D, Hkv = shape.B, shape.H, shape.S, shape.D, shape.kv_heads
+        itemsize = {"int8": 1, "bfloat16": 2, "float16": 2}.get(kv_dtype, self.dtype.itemsize)
+        scales = 2 * B * Hkv * S * 4 if kv_dtype == "int8" else 0
+        self.work = float(2 * B * Hkv * S * D * itemsize + scales)
+        self.dims = f"B={B} H={H} Hkv={Hkv} Lq=1 Lk={S} D={D} {kv_dtype}"
+        self.params = {"kv_dtype": kv_dtype, "B": B, "H": H, "Hkv": Hkv, "S": S, "D": D,
+                       "cache_bytes": self.work}
+        if kv_dtype == "bfloat16":
+            # a peer runs a bfloat16 cache in bfloat16 throughout: q, the
+            # probabilities and the output keep 8 significant bits (2^-9
+            # relative each), so its output is within a few 2^-9 of the
+            # oracle's, not within the float32 tolerance
+            self.peer_rtol = 2.0**-6
+        if kv_dtype != self.dtype.name and self.dtype != np.float32:
+            self.unavailable = "narrow K/V caches take float32 queries (--dtype float32)"
+        self._kv = None
+
+    def kv(self):
+        """``(k, v, scale kwargs)`` in this row's storage, made on first use."""
+        if self._kv is None:
+            self._kv = self.inputs.store(self.kv_dtype)
+        return self._kv
+
+    @property
+    def q(self):
+        return self.inputs.q
+
+    @property
+    def k(self):
+        return self.kv()[0]
+
+    @property
+    def v(self):
+        return self.kv()[1]
+
+    def fastattn_fn(self):
+        q, (k, v, kw) = self.q, self.kv()
+        return lambda: fastattn.scaled_dot_product_attention(q, k, v, **kw)
+
+    def oracle(self):
+        k, v, kw = self.kv()
+        return reference.scaled_dot_product_attention(self.q, k, v, **kw)
+
+    def baselines(self):
+        k, v, kw = self.kv()
+        arrays = [_reducible(a) for a in (k, v, *kw.values())]
+        read = ParallelRead(arrays, fastattn.get_num_threads())
+        return {READ_BASELINE: self.threaded_baseline(read)}
+
+    def metrics(self, policy):
+        if self.kv_dtype == self.dtype.name:
+            return {}
+        got = self.fastattn_fn()()
+        cos = cosine(got, self.inputs.full_output())
+        floor = COSINE_TARGETS.get(self.kv_dtype)
+        verdict = "" if floor is None else (
+            f" (target >= {floor:g}) " + ("ok" if cos >= floor else "BELOW TARGET"))
+        return {f"cosine to the {self.dtype.name}-cache output": (cos, f"{cos:.8f}{verdict}")}
+
+    def release(self):
+        super().release()
+        self._kv = self.inputs = None
+
+
+def decode_rows(case, shape, dtype, rng):
+    """The rows of a decode case at ``shape``: the run's dtype first, then
+    each narrow kv_dtype, over the same q, K and V."""
+    inputs = DecodeInputs(shape, dtype, rng)
+    return [DecodeProblem(case, shape, dtype, inputs, kv)
+            for kv in (np.dtype(dtype).name,) + KV_DTYPES[1:]]
+
+
+GREEDY_KV_DTYPES = ("bfloat16", "float16", "int8")
+# The end-to-end target: the narrow cache's greedy tokens are the float32
+# cache's at 99% of the positions.
+GREEDY_TARGET = 0.99
+GREEDY_SEED = 0
+
+
+class GreedyRun:
+    """The model of the greedy case and its float32-cache tokens, shared
+    by the rows (made on first use)."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.steps = shape, shape.S
+        self.unavailable = None
+        if np.dtype(dtype) != np.float32:
+            self.unavailable = "narrow K/V caches take float32 layers (--dtype float32)"
+        elif shape.B != 1:
+            self.unavailable = "the greedy decode runs one sequence: B must be 1"
+        self._model = self._tokens = None
+
+    def model(self):
+        if self._model is None:
+            from fastattn.bench.greedy import TinyDecoder
+
+            s = self.shape
+            self._model = TinyDecoder(embed_dim=s.H * s.D, num_heads=s.H,
+                                      num_kv_heads=s.kv_heads, seed=GREEDY_SEED)
+        return self._model
+
+    def float32_tokens(self):
+        if self._tokens is None:
+            self._tokens = self.model().generate(self.steps)
+        return self._tokens
+
+
+class GreedyProblem(Problem):
+    """A greedy decode of ``S`` tokens through
+    :class:`fastattn.bench.greedy.TinyDecoder` (3 layers of ``H`` heads,
+    ``Hkv`` kv heads of ``D``, RoPE) with ``kv_dtype`` caches. Its check is
+    the end-to-end target, not the NumPy oracle: the tokens must be the
+    float32 cache's at ``GREEDY_TARGET`` of the positions (the decode is
+    free-running, so one early flip fails it). Metric: the agreement under
+    teacher forcing (both fed the float32 cache's tokens), which one flip
+    does not propagate through."""
+
+    kind = "greedy"
+    unit = "call"
+    compare_peers = False
+
+    def __init__(self, case, label, shape, dtype, run, kv_dtype):
+        super().__init__(case, label, shape, dtype)
+        self.run, self.kv_dtype = run, kv_dtype
+        self.unavailable = run.unavailable
+        self.work = 1.0
+        self.dims = (f"{shape.S} tokens, 3 layers E={shape.H * shape.D} H={shape.H} "
+                     f"Hkv={shape.kv_heads} RoPE")
+        self.params = {"kv_dtype": kv_dtype, "greedy": True, "steps": shape.S}
+
+    def fastattn_fn(self):
+        model, steps, kv = self.run.model(), self.run.steps, self.kv_dtype
+        return lambda: model.generate(steps, kv_dtype=kv)
+
+    def oracle(self):
+        return self.run.float32_tokens()
+
+    def compare_output(self, got, ref, rtol):
+        from fastattn.bench.greedy import agreement
+
+        agree, _ = agreement(got, ref)
+        return agree >= GREEDY_TARGET, 1.0 - agree
+
+    def mismatch_note(self, error, rtol):
+        return (f"the tokens are the float32 cache's at {100 * (1 - error):.1f}% of the "
+                f"positions, below the {100 * GREEDY_TARGET:.0f}% target")
+
+    def metrics(self, policy):
+        from fastattn.bench.greedy import agreement
+
+        ref = self.run.float32_tokens()
+        model, steps = self.run.model(), self.run.steps
+        agree, first = agreement(model.generate(steps, kv_dtype=self.kv_dtype), ref)
+        forced, _ = agreement(model.generate(steps, kv_dtype=self.kv_dtype, forced=ref), ref)
+        where = "none" if first is None else f"step {first}"
+        same = int(round(agree * steps))
+        return {
+            "tokens as the float32 cache": (agree, (
+                f"{same}/{steps} ({100 * agree:.1f}%; target >= {100 * GREEDY_TARGET:.0f}%) "
+                f"{'ok' if agree >= GREEDY_TARGET else 'BELOW TARGET'}, first difference: "
+                f"{where}; {len(set(ref.tolist()))} distinct tokens")),
+            "tokens as the float32 cache, teacher-forced": (
+                forced, f"{int(round(forced * steps))}/{steps} ({100 * forced:.1f}%)"),
+        }
+
+    def release(self):
+        super().release()
+        self.run = None
+
+
 # ---------------------------------------------------------------- the registry
 
 @case("sdpa", "scaled_dot_product_attention, non-causal",
@@ -783,10 +1062,30 @@ def _padded(shape, dtype, rng):
     return [AttentionProblem("padded", "sdpa padded", shape, dtype, rng, padded=True)]
 
 
-@case("decode", "scaled_dot_product_attention, 1 query over a cache of S keys",
-      shapes=["1x32x2048x128"], quick=["1x32x512x128"])
+@case("decode", "1 query over a KV cache of S keys in float32, bfloat16, float16 and int8; "
+      "shapes BxH/HkvxSxD for GQA",
+      shapes=["1x32x2048x128", "1x32/8x8192x128", "1x32x8192x128", "8x32x2048x128",
+              "8x32/8x8192x128"],
+      quick=["1x32/8x512x128"], rows=len(KV_DTYPES), kv_heads=True)
 def _decode(shape, dtype, rng):
-    return [AttentionProblem("decode", "decode", shape, dtype, rng, decode=True)]
+    return decode_rows("decode", shape, dtype, rng)
+
+
+@case("decode_lengths", "decode time against the cache length per kv_dtype (for --plot)",
+      shapes=[f"1x32x{S}x128" for S in (256, 512, 1024, 2048, 4096, 8192)],
+      quick=["1x32x64x128", "1x32x128x128", "1x32x256x128"], rows=len(KV_DTYPES),
+      default=False, kv_heads=True)
+def _decode_lengths(shape, dtype, rng):
+    return decode_rows("decode_lengths", shape, dtype, rng)
+
+
+@case("greedy", "end to end: a greedy decode of S tokens through a 3-layer stack (heads H/Hkv "
+      "of D), each narrow kv_dtype against the float32 cache",
+      shapes=["1x8/2x256x8"], quick=["1x8/2x64x8"], rows=len(GREEDY_KV_DTYPES), kv_heads=True)
+def _greedy(shape, dtype, rng):
+    run = GreedyRun(shape, dtype)
+    return [GreedyProblem("greedy", f"greedy {kv}", shape, dtype, run, kv)
+            for kv in GREEDY_KV_DTYPES]
 
 
 @case("overhead", "per-call cost: scaled_dot_product_attention of 1 query over S keys",

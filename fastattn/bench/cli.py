@@ -5,7 +5,7 @@ import argparse
 import shlex
 import sys
 
-from fastattn.bench.cases import CASES, Shape, default_cases
+from fastattn.bench.cases import CASES, REGISTRY, Shape, default_cases
 from fastattn.bench.peers import PEER_ALIASES, PEERS
 
 EPILOG = """\
@@ -14,13 +14,16 @@ cases (* = not in the default suite; select them with --cases):
 peers: numpy (the oracle, always available), torch (pip install torch),
        onnxruntime (pip install onnxruntime onnx); a missing peer is skipped.
 
-Every output is checked against the NumPy oracle before it is timed; a
+Every output is checked against the NumPy oracle before it is timed (the
+greedy rows: against the float32 cache's tokens, at 99% of the positions); a
 mismatch is reported loudly and makes the exit status 1. Exit status 2 means
 bad options.
 
 examples:
   python -m fastattn.bench
   python -m fastattn.bench --quick
+  python -m fastattn.bench --cases decode,greedy --threads 2
+  python -m fastattn.bench --cases decode_lengths --threads 2 --plot decode.png
   python -m fastattn.bench --cases sdpa,causal --shapes 1x16x2048x64 --threads 2 --out bench-out
   python -m fastattn.bench --cases gil --threads 1
 """
@@ -88,7 +91,9 @@ def build_parser():
                         help="comma-separated peers (default: numpy,torch,onnxruntime)")
     parser.add_argument("--shapes", type=_shapes, default=None, metavar="'BxHxSxD ...'",
                         help="shapes for every selected case instead of their defaults, "
-                             "space- or semicolon-separated, e.g. '1x12x512x64 8x12x128x64'")
+                             "space- or semicolon-separated, e.g. '1x12x512x64 8x12x128x64'; "
+                             "H/Hkv gives kv heads (decode, decode_lengths, greedy), "
+                             "e.g. '1x32/8x8192x128'")
     parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
                         default="float32",
                         help="the inputs' dtype; bfloat16 needs ml_dtypes (cases without a "
@@ -99,7 +104,24 @@ def build_parser():
                         help="small shapes and short timing (a smoke run, < 20 s)")
     parser.add_argument("--out", metavar="DIR",
                         help="write results.json, results.md and results.png (matplotlib) to DIR")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="draw decode time against cache length per kv_dtype beside torch "
+                             "into FILE (matplotlib; needs the decode_lengths or decode case)")
     return parser
+
+
+PLOT_CASES = ("decode_lengths", "decode")
+
+
+def _check_combination(parser, args):
+    """Options that parse but do not go together: argparse's usage error."""
+    kv_shapes = [str(s) for s in args.shapes or () if s.Hkv is not None]
+    plain = [c for c in args.cases if not REGISTRY[c].kv_heads]
+    if kv_shapes and plain:
+        parser.error(f"--shapes {' '.join(kv_shapes)}: kv heads (H/Hkv) are read only by "
+                     f"the decode, decode_lengths and greedy cases, not by {', '.join(plain)}")
+    if args.plot and not any(c in args.cases for c in PLOT_CASES):
+        parser.error("--plot draws the decode rows: add --cases decode_lengths (or decode)")
 
 
 def main(argv=None):
@@ -108,6 +130,7 @@ def main(argv=None):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _check_combination(parser, args)
     except SystemExit as exc:  # argparse: 0 for --help, 2 for bad options
         return exc.code
 
@@ -125,5 +148,8 @@ def main(argv=None):
     if args.out:
         written = report.write_outputs(results, args.out, reporter)
         reporter.note(f"wrote {', '.join(written)} to {args.out}")
+    if args.plot:
+        if report.write_decode_plot(results, args.plot, reporter):
+            reporter.note(f"wrote {args.plot}")
     return 1 if results["failed"] else 0
 

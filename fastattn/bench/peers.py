@@ -106,6 +106,8 @@ class TorchPeer(Peer):
                 with torch.inference_mode():
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
             return run, numpy_array
+        if problem.kind == "decode_cache":
+            return self._decode(problem)
         if problem.kind == "mha":
             module = torch_mha_module(problem.weights, problem.num_heads, problem.dtype)
             x = torch_tensor(problem.x)
@@ -130,6 +132,29 @@ class TorchPeer(Peer):
                     return module(x_new, history, history, need_weights=False)[0]
             return run, numpy_array
         raise NotApplicable(f"torch has no counterpart in this suite for {problem.kind}")
+
+    def _decode(self, problem):
+        """Decode over the cache in the row's storage: the full-precision
+        cache as it is, the bfloat16 one with q, K and V all in bfloat16 (how
+        torch runs a bfloat16 model). torch's SDPA has no float16 CPU path
+        worth timing and no int8 K/V."""
+        torch = self._torch
+        F = torch.nn.functional
+        kv = problem.kv_dtype
+        if kv == problem.dtype.name:
+            q, k, v = (torch.from_numpy(a) for a in (problem.q, problem.k, problem.v))
+        elif kv == "bfloat16":
+            k, v = (torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+                    for a in (problem.k, problem.v))
+            q = torch.from_numpy(problem.q).to(torch.bfloat16)
+        else:
+            raise NotApplicable(f"torch SDPA is timed on float32 and bfloat16 caches, not {kv}")
+        gqa = problem.num_kv_heads != problem.q.shape[1]
+
+        def run():
+            with torch.inference_mode():
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return run, lambda t: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def torch_tensor(a):
@@ -193,7 +218,11 @@ class OnnxruntimePeer(Peer):
         self._threads = threads
 
     def prepare(self, problem):
-        if problem.kind != "attention":
+        if problem.kind == "decode_cache" and (problem.kv_dtype != problem.dtype.name
+                                               or problem.num_kv_heads != problem.q.shape[1]):
+            raise NotApplicable("the MultiHeadAttention contrib op takes full-precision K/V "
+                                "with as many heads as q")
+        if problem.kind not in ("attention", "decode_cache"):
             raise NotApplicable(f"the MultiHeadAttention contrib op is the attention core only, "
                                 f"not a counterpart of {problem.kind}")
         if problem.dtype != np.float32:

@@ -221,6 +221,8 @@ def comparison_lines(results):
         text = ", ".join(f"{k} {v:.2f}" for k, v in r["time_ratio"].items())
         lines.append(f"{r['what']} time at {r['shape']}: {text}")
     for row in results["rows"]:
+        if row.get("params", {}).get("kv_dtype"):
+            continue  # in the decode table (decode_lines)
         where = f"{row['label']} {row['shape']}"
         for name, b in row.get("baselines", {}).items():
             text = (f"{where}: {name} takes {format_seconds(b['timing']['median'])}; "
@@ -265,6 +267,112 @@ def derived_ratios(results):
     return out
 
 
+def decode_table(results):
+    """``(header, rows)``: the decode rows (a ``kv_dtype`` in their params)
+    per shape and kv_dtype: fastattn's median time, the cache's MiB, GB/s,
+    the share of the read of the same buffers timed in the same rounds, the
+    time over the full-precision cache's, the cosine to its output, torch
+    on the same storage (its time and its time over fastattn's
+    full-precision one) and the targets missed. Empty without decode rows."""
+    from fastattn.bench.cases import (COSINE_TARGETS, READ_BASELINE, READ_SHARE_TARGET,
+                                      TIME_RATIO_TARGETS)
+
+    rows = [r for r in results["rows"]
+            if r.get("params", {}).get("kv_dtype") and not r["params"].get("greedy")]
+    full = results.get("dtype", "float32")
+    by_key = {(r["case"], r["shape"], r["params"]["kv_dtype"]): r for r in rows}
+    header = ["shape", "kv_dtype", "fastattn", "MiB", "GB/s", "of read", f"x {full}", "cosine",
+              "torch", f"torch x {full}", "targets"]
+    out = []
+    for r in rows:
+        kv, p = r["params"]["kv_dtype"], r["params"]
+        cells = [r["shape"] if kv == full else "", kv]
+        fa = r["impls"].get("fastattn") or {}
+        if not fa.get("timing"):
+            note = r.get("note") or fa.get("note") or fa.get("status", "")
+            out.append(cells + [r["status"] if r["status"] != "ok" else "", "", "", "", "", "",
+                                "", "", note])
+            continue
+        t = fa["timing"]["median"]
+        base = by_key.get((r["case"], r["shape"], full), {}).get("impls", {}).get("fastattn") or {}
+        t_full = (base.get("timing") or {}).get("median")
+        read = r.get("baselines", {}).get(READ_BASELINE) or {}
+        share = read.get("share")
+        cos = next((m["value"] for name, m in r.get("metrics", {}).items()
+                    if name.startswith("cosine")), None)
+        ratio = t / t_full if t_full else None
+        torch = r["impls"].get("torch") or {}
+        t_torch = (torch.get("timing") or {}).get("median")
+        missed = []
+        if kv == full and share is not None and share < READ_SHARE_TARGET:
+            missed.append(f"read {100 * share:.0f}% < {100 * READ_SHARE_TARGET:.0f}%")
+        if ratio is not None and kv in TIME_RATIO_TARGETS and ratio > TIME_RATIO_TARGETS[kv]:
+            missed.append(f"time {ratio:.2f}x > {TIME_RATIO_TARGETS[kv]:.2f}x")
+        if cos is not None and kv in COSINE_TARGETS and cos < COSINE_TARGETS[kv]:
+            missed.append(f"cosine < {COSINE_TARGETS[kv]:g}")
+        checked = kv == full or kv in TIME_RATIO_TARGETS or kv in COSINE_TARGETS
+        cells += [format_seconds(t), f"{p['cache_bytes'] / 2**20:.1f}", f"{fa['rate']:.1f}",
+                  "" if share is None else f"{100 * share:.0f}%",
+                  "" if ratio is None else f"{ratio:.2f}",
+                  "" if cos is None else f"{cos:.8f}",
+                  format_seconds(t_torch) if t_torch else "",
+                  f"{t_torch / t_full:.2f}" if t_torch and t_full else "",
+                  ("missed: " + "; ".join(missed)) if missed else ("met" if checked else "")]
+        out.append(cells)
+    return header, out
+
+
+DECODE_TITLE = "decode (1 query; the same q, K and V in every kv_dtype):"
+
+
+def decode_legend(results):
+    """What the decode table's columns are, and the targets."""
+    from fastattn.bench.cases import COSINE_TARGETS, READ_SHARE_TARGET, TIME_RATIO_TARGETS
+
+    full = results.get("dtype", "float32")
+    return [f"fastattn: median time; MiB: the cache read (K, V and the int8 scales); "
+            f"of read: GB/s over the rate of a threaded read of the same buffers timed "
+            f"in the same rounds; x {full}: time over the {full} cache's; cosine: the "
+            f"output against the {full} cache's; torch: SDPA on the same storage "
+            f"(bfloat16: q, K, V in bfloat16), and its time over fastattn's {full} time.",
+            f"targets: {full} >= {100 * READ_SHARE_TARGET:.0f}% of the read; "
+            + ", ".join(f"{k} <= {v:.2f}x" for k, v in TIME_RATIO_TARGETS.items())
+            + f" the {full} time; cosine "
+            + ", ".join(f"{k} >= {v:g}" for k, v in COSINE_TARGETS.items()) + "."]
+
+
+def greedy_lines(results):
+    """The greedy rows' agreement with the float32 cache, one line each."""
+    lines = []
+    for r in results["rows"]:
+        if not r.get("params", {}).get("greedy"):
+            continue
+        where = f"{r['label']} ({r['dims']})"
+        if r["status"] == "n/a":
+            lines.append(f"{where}: n/a, {r['note']}")
+        metrics = [f"{name} {m['text']}" for name, m in r.get("metrics", {}).items()]
+        if metrics:
+            lines.append(f"{where}: " + "; ".join(metrics))
+        if r["status"] == "failed":
+            notes = [i.get("note") for i in r["impls"].values() if i.get("note")]
+            lines.append(f"{where}: FAILED: {'; '.join(notes)}")
+    return lines
+
+
+def decode_lines(results):
+    """The decode table with its legend, then the greedy lines; empty when
+    neither ran."""
+    lines = []
+    header, rows = decode_table(results)
+    if rows:
+        lines += [DECODE_TITLE, plain_table(header, rows)]
+        lines += [f"  {line}" for line in decode_legend(results)]
+    greedy = greedy_lines(results)
+    if greedy:
+        lines += ["end to end:"] + [f"  {line}" for line in greedy]
+    return lines
+
+
 def markdown(results):
     header, rows = table(results)
     parts = ["# fastattn benchmark", ""]
@@ -284,6 +392,13 @@ def markdown(results):
     comparisons = comparison_lines(results)
     if comparisons:
         parts += ["Same-run comparisons:", ""] + [f"- {line}" for line in comparisons] + [""]
+    header, rows = decode_table(results)
+    if rows:
+        parts += [DECODE_TITLE[0].upper() + DECODE_TITLE[1:], "", markdown_table(header, rows),
+                  ""] + decode_legend(results) + [""]
+    greedy = greedy_lines(results)
+    if greedy:
+        parts += ["End to end:", ""] + [f"- {line}" for line in greedy] + [""]
     busy = busy_lines(results)
     if busy:
         parts += [busy[0], ""] + [f"- {line.strip()}" for line in busy[1:]] + [""]
@@ -329,7 +444,8 @@ def print_table(results, stream=None):
 def _trailer(results):
     comparisons = comparison_lines(results)
     return (summary_lines(results) + note_lines(results) + busy_lines(results)
-            + (["same-run comparisons:"] + [f"  {c}" for c in comparisons] if comparisons else []))
+            + (["same-run comparisons:"] + [f"  {c}" for c in comparisons] if comparisons else [])
+            + decode_lines(results))
 
 
 def write_outputs(results, out_dir, reporter=None):
@@ -352,3 +468,25 @@ def write_outputs(results, out_dir, reporter=None):
     speedup_chart(results, ax=fig.add_subplot())
     fig.savefig(os.path.join(out_dir, "results.png"), dpi=100, bbox_inches="tight")
     return written + ["results.png"]
+
+
+def write_decode_plot(results, path, reporter=None):
+    """Draw :func:`fastattn.plotting.decode_chart` into ``path``; False
+    (with a note) without matplotlib or without timed decode rows."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        if reporter:
+            reporter.note(f"{path} not written: it needs matplotlib (pip install matplotlib)")
+        return False
+    from fastattn.plotting import decode_chart
+
+    fig = Figure(figsize=(6.4, 4.4))
+    try:
+        decode_chart(results, ax=fig.add_subplot())
+    except ValueError as exc:
+        if reporter:
+            reporter.note(f"{path} not written: {exc}")
+        return False
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    return True

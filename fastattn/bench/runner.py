@@ -98,6 +98,7 @@ class Row:
     busy: bool = False
     busy_reason: str = None
     probe_disagreement: float = None
+    params: dict = dataclasses.field(default_factory=dict)  # the problem's, for the report
 
     def as_dict(self):
         d = dataclasses.asdict(self)
@@ -231,7 +232,7 @@ def mark_busy(row, before, after):
 def run_row(problem, peers, roof, policy, report, rounds=3):
     """Check and time every implementation on one problem."""
     row = Row(problem.case, problem.label, str(problem.shape), problem.dims, problem.unit,
-              problem.work)
+              problem.work, params=dict(problem.params))
     dtype = problem.dtype.name
     if problem.unavailable:
         row.status, row.note = "n/a", problem.unavailable
@@ -239,13 +240,14 @@ def run_row(problem, peers, roof, policy, report, rounds=3):
 
     oracle_seconds, ref = call_seconds(problem.oracle)
     runners = {}
+    agrees = problem.compare_output or compare
 
     def check(name, prepare, rtol):
         """Run ``name`` once and compare with the oracle; returns the callable
         to time, or None."""
         try:
             run, convert = prepare()
-            ok, err = compare(convert(run()), ref, rtol)
+            ok, err = agrees(convert(run()), ref, rtol)
         except NotApplicable as exc:
             row.impls[name] = ImplResult("n/a", note=str(exc))
             return None
@@ -255,7 +257,7 @@ def run_row(problem, peers, roof, policy, report, rounds=3):
             if ok:
                 row.impls[name] = ImplResult("ok", error=err)
                 return run
-            status, note = "mismatch", f"max error {err:.3g} of max|oracle| exceeds rtol {rtol:g}"
+            status, note = "mismatch", problem.mismatch_note(err, rtol)
         row.impls[name] = ImplResult(status, note=note, error=err)
         row.status = "failed"
         report.alarm(f"{problem.label} {problem.shape}: {name} {status.upper()}: {note}")
@@ -270,7 +272,8 @@ def run_row(problem, peers, roof, policy, report, rounds=3):
             row.impls[name] = ImplResult("ok", note="the oracle", error=0.0)
             runners[name] = peer.prepare(problem)[0]
         else:
-            candidates.append((name, lambda peer=peer: peer.prepare(problem), PEER_RTOL[dtype]))
+            candidates.append((name, lambda peer=peer: peer.prepare(problem),
+                               problem.peer_rtol or PEER_RTOL[dtype]))
     for name, prepare, rtol in candidates:
         run = check(name, prepare, rtol)
         if run is not None:

@@ -1,22 +1,27 @@
-"""``optimize``: whole attention modules of a transformers model replaced by
-fastattn layers built from the model's own weights.
+"""``optimize``: whole attention modules and encoders of a transformers
+model replaced by fastattn layers built from the model's own weights.
 
-Supported: the self-attention block of BERT-family encoders
-(``BertAttention`` and its copies in RoBERTa, XLM-RoBERTa, CamemBERT,
-ELECTRA): query/key/value projections, attention and the output dense
-layer become one :class:`fastattn.MultiHeadAttention` (one fused QKV GEMM,
-padded rows skipped in every projection); the dropout-free residual and
-LayerNorm stay transformers' own torch modules.
+Supported: BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, CamemBERT,
+ELECTRA). Each self-attention block (``BertAttention`` and its copies)
+becomes a :class:`FastattnBertAttention`: query/key/value projections,
+attention and the output dense layer on one
+:class:`fastattn.MultiHeadAttention` (one fused QKV GEMM, padded rows
+skipped in every projection); the dropout-free residual and LayerNorm stay
+transformers' own torch modules. Each encoder whose layers all hold such
+blocks then runs its whole stack on the real tokens only (``_FusedEncoder``),
+falling back to those blocks layer by layer when its fast path does not
+apply.
 """
 
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
 import fastattn
 from fastattn.integrations import _torch_bridge
-from fastattn.integrations._hf_masks import mask_arguments
+from fastattn.integrations._hf_masks import FastattnMask, mask_arguments
 
 # model families whose attention block is BERT's: self-attention with
 # query/key/value projections and scaling 1/sqrt(D), then
@@ -56,6 +61,7 @@ class _FusedSelfAttention(nn.Module):
     def __init__(self, attn, dense):
         nn.Module.__init__(self)  # not the transformers class's __init__: no torch weights
         self.num_heads = attn.num_attention_heads
+        self.scaling = float(attn.scaling)
         self.dropout_p = float(attn.dropout.p)
         dtype = _torch_bridge.kernel_dtype(dense.weight.dtype)
         self.compute_dtype = dtype
@@ -69,6 +75,14 @@ class _FusedSelfAttention(nn.Module):
         lins = (attn.query, attn.key, attn.value, dense)
         self.mha = fastattn.MultiHeadAttention.from_weights(
             *(weight(lin) for lin in lins), *(bias(lin) for lin in lins), num_heads=self.num_heads)
+        # the same projections as torch tensors, for the whole-encoder path
+        # (FastattnBertEncoder): Q, K and V as one (3E, E) GEMM operand, and
+        # the model's own output dense layer
+        self.register_buffer("qkv_weight", torch.cat([lin.weight.detach() for lin in lins[:3]]),
+                             persistent=False)
+        self.register_buffer("qkv_bias", None if any(lin.bias is None for lin in lins[:3]) else
+                             torch.cat([lin.bias.detach() for lin in lins[:3]]), persistent=False)
+        self.dense = dense
 
     def extra_repr(self):
         return repr(self.mha)
@@ -136,6 +150,183 @@ class FastattnBertAttention(nn.Module):
         return self.LayerNorm(y + hidden_states), weights
 
 
+def _is_bert_layer(layer):
+    """A BERT-family encoder layer whose self-attention block was replaced,
+    with no cross-attention: attention block, then intermediate (dense +
+    activation) and output (dense, residual, LayerNorm). The dense layers
+    must be plain nn.Linear (not a subclass with its own forward, such as
+    an adapter), because the encoder's fast path reads their weights."""
+    attention = getattr(layer, "attention", None)
+    if (_family(layer) not in _BERT_FAMILIES or not isinstance(attention, FastattnBertAttention)
+            or getattr(layer, "add_cross_attention", False)):
+        return False
+    dense = (attention.self.dense, getattr(getattr(layer, "intermediate", None), "dense", None),
+             getattr(getattr(layer, "output", None), "dense", None))
+    return (all(type(lin) is nn.Linear for lin in dense)
+            and type(getattr(layer.output, "LayerNorm", None)) is nn.LayerNorm)
+
+
+def _is_bert_encoder(module):
+    layers = getattr(module, "layer", None)
+    return (_family(module) in _BERT_FAMILIES and type(module).__name__.endswith("Encoder")
+            and isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(map(_is_bert_layer, layers)))
+
+
+class _FusedEncoder(nn.Module):
+    """The whole stack of a BERT-family encoder on its real tokens.
+
+    Instances are of a subclass that also derives from the replaced
+    encoder's class and share its attributes and layers (see
+    :func:`_fused_encoder`), so module names, ``isinstance`` checks and
+    the layer-by-layer path stay the model's.
+
+    The fast path (inference, float32/float64, right padding or none, no
+    recorded hidden states or attentions, no hooks on the layers) takes
+    the valid token rows out of the padded batch once, runs every layer on
+    those ``N`` rows only, and puts them back at the end:
+
+    - Q/K/V as one ``(N, E) x (E, 3E)`` GEMM (torch's, on the model's own
+      weights concatenated once);
+    - attention as :func:`fastattn.varlen_attention` on zero-copy views of
+      that GEMM's output (each sequence attends to its own rows), written
+      into a NumPy-allocated tensor;
+    - the output dense layer, residual and LayerNorm, then the feed-forward
+      (dense, the model's activation, dense, residual, LayerNorm), with the
+      layer's own modules and weights, all on ``N`` rows, the GEMMs writing
+      into one :class:`_Workspace` per forward.
+
+    Padded rows of the returned hidden states are 0 (transformers computes
+    them anyway; every pooling masks them). Anything else runs the
+    encoder's own layer-by-layer forward, through :class:`FastattnBertAttention`.
+    """
+
+    def __init__(self, encoder):
+        nn.Module.__init__(self)
+        self.__dict__.update(encoder.__dict__)  # the same layers, config and flags
+
+    def _fast_path_applies(self, hidden_states, attention_mask, encoder_hidden_states, cache, kwargs):
+        if (self.training or encoder_hidden_states is not None or cache is not None
+                or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
+                or not isinstance(attention_mask, FastattnMask) or attention_mask.bool_mask is not None
+                or attention_mask.is_causal or attention_mask.key_starts is not None
+                or hidden_states.dim() != 3 or hidden_states.device.type != "cpu"):
+            return False
+        B, L, _ = hidden_states.shape
+        if (attention_mask.q_length, attention_mask.kv_length) != (L, L):
+            return False
+        for layer in self.layer:
+            if layer._forward_hooks or layer._forward_pre_hooks:
+                return False
+            blk = layer.attention.self
+            if hidden_states.dtype not in (torch.float32, torch.float64) or any(
+                    t.dtype != hidden_states.dtype for t in (blk.qkv_weight, layer.intermediate.dense.weight,
+                                                             layer.output.dense.weight)):
+                return False
+        return True
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, cache=None, use_cache=None, **kwargs):
+        if not self._fast_path_applies(hidden_states, attention_mask, encoder_hidden_states, cache, kwargs):
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states=encoder_hidden_states,
+                                   encoder_attention_mask=encoder_attention_mask, cache=cache,
+                                   use_cache=use_cache, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+        B, L, E = hidden_states.shape
+        lengths = attention_mask.key_lengths
+        flat = hidden_states.reshape(B * L, E)
+        if lengths is None:
+            rows, cu = None, np.arange(0, (B + 1) * L, L, dtype=np.int64)
+            x = flat
+        else:
+            lengths = np.minimum(np.asarray(lengths, dtype=np.int64), L)
+            cu = np.zeros(B + 1, dtype=np.int64)
+            np.cumsum(lengths, out=cu[1:])
+            rows = torch.from_numpy(np.flatnonzero(np.arange(L) < lengths[:, None]))
+            x = flat.index_select(0, rows)
+        ws = _Workspace(x.shape[0], E, self.layer[0].intermediate.dense.out_features,
+                        np.float32 if x.dtype == torch.float32 else np.float64)
+        with torch.no_grad():  # inference only, like the attention kernel
+            for layer in self.layer:
+                x = _encoder_layer(layer, x, cu, ws)
+        if rows is None:
+            out = x.reshape(B, L, E)
+        else:
+            out = hidden_states.new_zeros((B * L, E)).index_copy_(0, rows, x).reshape(B, L, E)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out, cache=None)
+
+
+class _Workspace:
+    """The buffers of one encoder forward, shared by all its layers: NumPy
+    allocations seen as torch tensors. torch's CPU allocator hands large
+    blocks back to the system when freed, so fresh (N, 3E) and (N, 4E)
+    outputs per layer faulted their pages in again every time (~30 000
+    minor faults per batch of 32 long texts, against ~1 000 with these
+    buffers); allocated once per forward, they are faulted in once."""
+
+    def __init__(self, N, E, intermediate, dtype):
+        def buffer(cols):
+            return torch.from_numpy(np.empty((N, cols), dtype=dtype))
+
+        self.qkv = buffer(3 * E)
+        self.context = buffer(E)
+        self.dense = buffer(E)
+        self.intermediate = buffer(intermediate)
+
+
+def _linear_into(out, x, linear):
+    """out = x W^T + b for a torch nn.Linear, written into out."""
+    if linear.bias is None:
+        return torch.mm(x, linear.weight.t(), out=out)
+    return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
+
+
+def _activation_in_place(act, x):
+    """x = act(x), in place for transformers' exact (erf) GELU, which BERT
+    models use; any other activation allocates its result."""
+    if type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is torch.nn.functional.gelu:
+        return torch.ops.aten.gelu_(x)
+    return act(x)
+
+
+def _encoder_layer(layer, x, cu, ws):
+    """One BERT layer on the packed valid rows x (N, E) (what BertLayer's
+    forward computes for them, dropout off); cu: the (B + 1,) row offsets
+    of the sequences; ws: the forward's :class:`_Workspace`."""
+    block = layer.attention
+    fused = block.self
+    N, E = x.shape
+    H = fused.num_heads
+    D = E // H
+    if fused.qkv_bias is None:
+        torch.mm(x, fused.qkv_weight.t(), out=ws.qkv)
+    else:
+        torch.addmm(fused.qkv_bias, x, fused.qkv_weight.t(), out=ws.qkv)
+    qkv = ws.qkv.numpy().reshape(N, 3, H, D)
+    fastattn.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, scale=fused.scaling,
+                              out=ws.context.numpy().reshape(N, H, D))
+    _linear_into(ws.dense, ws.context, fused.dense).add_(x)
+    attended = block.LayerNorm(ws.dense)
+    _linear_into(ws.intermediate, attended, layer.intermediate.dense)
+    inner = _activation_in_place(layer.intermediate.intermediate_act_fn, ws.intermediate)
+    _linear_into(ws.dense, inner, layer.output.dense).add_(attended)
+    return layer.output.LayerNorm(ws.dense)
+
+
+_FUSED_ENCODERS = {}
+
+
+def _fused_encoder(encoder):
+    """A :class:`_FusedEncoder` that is also an instance of ``type(encoder)``
+    (whose forward is the layer-by-layer fallback)."""
+    base = type(encoder)
+    cls = _FUSED_ENCODERS.get(base)
+    if cls is None:
+        cls = type(f"Fastattn{base.__name__}", (_FusedEncoder, base), {"__module__": __name__})
+        _FUSED_ENCODERS[base] = cls
+    return cls(encoder)
+
+
 def _attention_like(module):
     return (type(module).__name__.endswith("Attention")
             and not isinstance(module, (FastattnBertAttention, _FusedSelfAttention)))
@@ -148,9 +339,11 @@ def optimize(model, name="fastattn"):
     ``model``: a transformers model or any torch module holding one (a
     ``SentenceTransformer``, say). Supported: BERT-family encoder
     self-attention blocks (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA),
-    see :class:`FastattnBertAttention`. Nothing is re-initialised; the
-    fastattn layers hold float32 copies of the projection weights (float64
-    for a float64 model).
+    see :class:`FastattnBertAttention`, and the encoders made of them,
+    which then run every layer on the real tokens only (see
+    ``_FusedEncoder``). Nothing is re-initialised; the fastattn layers hold
+    float32 copies of the projection weights (float64 for a float64 model)
+    and one concatenated copy of each layer's Q/K/V weights.
 
     The model's attention implementation is also switched to fastattn's
     registered backend (:func:`register` with ``name``), which gives the
@@ -178,6 +371,13 @@ def optimize(model, name="fastattn"):
         elif _attention_like(module):
             left.append(f"{qualname} ({type(module).__name__})")
             seen.add(qualname)
+    # then the encoders all of whose layers now hold fastattn blocks: their
+    # whole stack runs on the real tokens (see _FusedEncoder)
+    for qualname, module in list(model.named_modules()):
+        if _is_bert_encoder(module) and not isinstance(module, _FusedEncoder):
+            parent_name, _, child = qualname.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _fused_encoder(module))
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             module.set_attn_implementation(name)

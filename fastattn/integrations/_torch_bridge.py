@@ -69,7 +69,11 @@ def attention(query, key, value, *, attn_mask=None, key_lengths=None, query_leng
     q, k, v = (as_numpy(t, compute) for t in (query, key, value))
     B, H, Lq, _ = q.shape
     Dv = v.shape[3]
-    out = torch.empty((B, Lq, H, Dv), dtype=compute)
+    # NumPy allocates the output: torch's CPU allocator returns each large
+    # block to the system and faults its pages in again on the next call (a
+    # tenth of the kernel time at BERT shapes), where malloc keeps reusing
+    # the freed heap
+    out = torch.from_numpy(np.empty((B, Lq, H, Dv), dtype=q.dtype))
     result = fastattn.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, key_lengths=key_lengths, query_lengths=query_lengths,
         key_starts=key_starts, window=window, softcap=softcap, sinks=sinks,

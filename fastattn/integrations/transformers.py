@@ -8,7 +8,8 @@ Two levels (see docs/transformers.md):
   fastattn's kernel, projections and the rest staying in torch.
 - :func:`optimize` replaces whole attention modules (BERT-family encoders)
   with a fastattn :class:`~fastattn.MultiHeadAttention` that owns the
-  projections and skips padded rows in all of them.
+  projections and skips padded rows in all of them, and runs each such
+  encoder's whole layer stack on the real tokens only.
 
 Needs torch and transformers (``pip install fastattn[transformers]``);
 importing this module imports both, ``import fastattn`` imports neither.

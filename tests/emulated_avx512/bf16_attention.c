@@ -32,9 +32,6 @@
  * "available", its AVX-512 and vdpbf16ps instructions being emulated. */
 int fa_cpu_best_isa(void) { return FA_ISA_AVX512BF16; }
 int fa_compiled_max_isa(void) { return FA_ISA_AVX512BF16; }
-/* cpu_features.c's F16C probe (the linked row conversions ask it): every
- * level here is built with -mf16c */
-int fa_cpu_has_f16c(void) { return 1; }
 
 static double rf(void) { return (double)(rnd() >> 11) / 9007199254740992.0 * 2 - 1; }
 

@@ -51,8 +51,6 @@
  * AVX2 + FMA, checked in main. */
 int fa_cpu_best_isa(void) { return FA_ISA_AVX512; }
 int fa_compiled_max_isa(void) { return FA_ISA_AVX512; }
-/* cpu_features.c's F16C probe: every level here is built with -mf16c */
-int fa_cpu_has_f16c(void) { return 1; }
 
 static const char *const level_name[3] = {"scalar", "avx2", "avx512(emulated)"};
 
