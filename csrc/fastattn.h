@@ -98,7 +98,10 @@ typedef struct {
  *   s_j = x_j * scale (+ additive mask), keys excluded by the bool mask,
  *   key_len, or causality get probability exactly 0; rows i >= query_len and
  *   rows with no valid key are all zeros. Masked work is skipped.
- * x and y may be the same memory (in place) when their views are equal. */
+ * x and y may be the same memory (in place) when their views are equal.
+ * dtype FA_DTYPE_F32 / F64, or FA_DTYPE_BF16 / F16 (fa_dtype16): float32
+ * arithmetic, the output rounded to nearest even; an additive mask is then
+ * float32. */
 int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y,
                       int64_t B, int64_t M, int64_t Lq, int64_t Lk,
                       double scale, const fa_mask_view *mask,
@@ -243,7 +246,7 @@ int fa_apply_sequence_mask(int dtype, fa_view4 x, fa_view4 y,
  * split: x (B, S, H*D) viewed as (B, S, H, D) with the strides in x4
  *        -> y contiguous (B, H, S, D).
  * merge: x (B, H, S, D) strided -> y contiguous (B, S, H*D).
- * elem_size is 4 or 8: these are pure data movement. */
+ * elem_size is 2, 4 or 8: these are pure data movement. */
 int fa_split_heads(int elem_size, fa_view4 x, void *y,
                    int64_t B, int64_t S, int64_t H, int64_t D, int num_threads);
 int fa_merge_heads(int elem_size, fa_view4 x, void *y,
@@ -309,6 +312,9 @@ typedef struct {
     int layout;
 } fa_rope_args;
 
+/* dtype FA_DTYPE_F32 / F64: x, y and the tables of that dtype;
+ * FA_DTYPE_BF16 / F16: x and y of that dtype, float32 tables, each row
+ * rotated in float32 and rounded to nearest even once. */
 int fa_rope_apply(int dtype, const fa_rope_args *args, int num_threads);
 
 /* ==== end of the RoPE block ================================================ */

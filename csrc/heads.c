@@ -4,7 +4,8 @@
  *   merge: x (B, H, S, D) strided                    -> y (B, S, H, D) contiguous
  * Each (b, s, h) moves one D-vector; when the D axis is contiguous that is a
  * memcpy of D*elem_size bytes (256 B for D = 64 floats), which keeps both the
- * reads and the writes in whole cache lines.
+ * reads and the writes in whole cache lines. Elements are moved as bytes, so
+ * 2-byte (bfloat16, float16), 4-byte and 8-byte elements all work.
  */
 #include <string.h>
 
@@ -15,10 +16,11 @@
 static void move_vec(char *dst, const char *src, int64_t src_stride, int64_t D,
                      int64_t es) {
     if (src_stride == 1) {
-        /* The usual head sizes (32/64/128 floats or doubles) as constant-size
+        /* The usual head sizes (32/64/128 elements of 2, 4 or 8 bytes) as constant-size
          * copies, which the compiler inlines as vector moves: a libc call per
          * 256-byte vector costs about as much as the copy itself. */
         switch (D * es) {
+            case 64: memcpy(dst, src, 64); break;
             case 128: memcpy(dst, src, 128); break;
             case 256: memcpy(dst, src, 256); break;
             case 512: memcpy(dst, src, 512); break;
@@ -60,7 +62,7 @@ static void move_rows(void *ctx, int t, int nthreads) {
 static int move_heads(int es, const char *src, const int64_t ss[4], char *dst,
                       const int64_t ds[3], int64_t B, int64_t S, int64_t H, int64_t D,
                       int num_threads) {
-    if (es != 4 && es != 8) return FA_ERR_INVALID;
+    if (es != 2 && es != 4 && es != 8) return FA_ERR_INVALID;
     const int64_t dims[4] = {B, S, H, D};
     const int64_t total = fa_product(dims, 4);
     if (total < 0) return FA_ERR_OVERFLOW;

@@ -25,11 +25,17 @@
  * The table is libm-bound (sin and cos in double), so it is computed here,
  * with baseline flags, the same way at every ISA level. The rotation of a
  * row is the selected ISA's kernel (rope_impl.h, through fa_kernels()).
+ *
+ * bfloat16 / float16 rows (fa_rope_apply with FA_DTYPE_BF16 / F16) take
+ * float32 tables: each row is widened into a float row of scratch, rotated
+ * there by the float kernel and rounded back to the dtype (nearest even)
+ * as it is stored, so nothing wider than a row is ever made.
  */
 #include <math.h>
 #include <string.h>
 
 #include "checked_size.h"
+#include "half_rows.h"
 #include "fastattn.h"
 #include "kernel_table.h"
 #include "scratch.h"
@@ -131,7 +137,11 @@ typedef struct {
     const fa_rope_args *a;
     int dtype, rotate;
     int64_t es, half, D, N1, L, rows;
+    float *scratch; /* 16-bit rows: a float row of D per thread, row_floats apart */
+    int64_t row_floats;
 } rope_apply_job;
+
+static int rope_is_half(int dtype) { return dtype == FA_DTYPE_BF16 || dtype == FA_DTYPE_F16; }
 
 /* This thread's static share of the (n0, n1, l) rows. */
 static void rope_apply_rows(void *ctx, int t, int nthreads) {
@@ -155,7 +165,13 @@ static void rope_apply_rows(void *ctx, int t, int nthreads) {
         }
         const int64_t ti =
             a->index[n0 * a->index_stride[0] + n1 * a->index_stride[1] + l * a->index_stride[2]];
-        if (j->dtype == FA_DTYPE_F32)
+        if (j->scratch) {
+            float *row = j->scratch + (int64_t)t * j->row_floats;
+            const float *cs = (const float *)a->cos + ti * half, *sn = (const float *)a->sin + ti * half;
+            fa_half_row_to_f32(j->dtype, (const uint16_t *)xr, 1, j->D, row);
+            k->rope_row_f32(row, row, cs, sn, half, a->layout);
+            fa_f32_row_to_half(j->dtype, row, j->D, (uint16_t *)yr, 1);
+        } else if (j->dtype == FA_DTYPE_F32)
             k->rope_row_f32((const float *)xr, (float *)yr, (const float *)a->cos + ti * half,
                             (const float *)a->sin + ti * half, half, a->layout);
         else
@@ -165,14 +181,17 @@ static void rope_apply_rows(void *ctx, int t, int nthreads) {
 }
 
 int fa_rope_apply(int dtype, const fa_rope_args *a, int num_threads) {
-    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64)) return FA_ERR_INVALID;
+    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64 && !rope_is_half(dtype)))
+        return FA_ERR_INVALID;
     if (a->layout != FA_ROPE_NONE && a->layout != FA_ROPE_NEOX && a->layout != FA_ROPE_GPTJ)
         return FA_ERR_INVALID;
     const int64_t N0 = a->N0, N1 = a->N1, L = a->L, D = a->D;
     if (N0 < 0 || N1 < 0 || L < 0 || D < 0) return FA_ERR_INVALID;
     const int rotate = a->layout != FA_ROPE_NONE;
     if (rotate && D % 2) return FA_ERR_INVALID;
-    const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t es = rope_is_half(dtype) ? 2 : dtype == FA_DTYPE_F32 ? 4 : 8;
+    /* the tables: float32 for 16-bit rows */
+    const int64_t table_es = rope_is_half(dtype) ? 4 : es;
     const int64_t dims[4] = {N0, N1, L, D};
     const int64_t total = fa_product(dims, 4);
     if (total < 0) return FA_ERR_OVERFLOW;
@@ -195,7 +214,7 @@ int fa_rope_apply(int dtype, const fa_rope_args *a, int num_threads) {
         if (a->index == NULL || a->cos == NULL || a->sin == NULL || a->table_len < 0)
             return FA_ERR_INVALID;
         const int64_t ts[3] = {half, 0, 0}, tdims[3] = {a->table_len, 1, 1};
-        if (!fa_view_ok(tdims, ts, 1, es)) return FA_ERR_OVERFLOW;
+        if (!fa_view_ok(tdims, ts, 1, table_es)) return FA_ERR_OVERFLOW;
         const int64_t idims[3] = {N0, N1, L};
         if (!fa_view_ok(idims, a->index_stride, 3, 8)) return FA_ERR_OVERFLOW;
         /* every index must name a table row: checked before anything is written */
@@ -212,7 +231,16 @@ int fa_rope_apply(int dtype, const fa_rope_args *a, int num_threads) {
     }
     const int64_t rows = N0 * N1 * L;
     const int nthreads = fa_resolve_threads(num_threads, rows, total);
-    rope_apply_job job = {a, dtype, rotate, es, half, D, N1, L, rows};
+    rope_apply_job job = {a, dtype, rotate, es, half, D, N1, L, rows, NULL, 0};
+    if (rotate && rope_is_half(dtype)) {
+        /* whole 64-byte lines per thread, so threads never share one */
+        job.row_floats = (D + 15) / 16 * 16;
+        int64_t count;
+        if (!fa_mul_ok(job.row_floats, nthreads, &count)) return FA_ERR_OVERFLOW;
+        job.scratch = fa_scratch_alloc(count, sizeof(float));
+        if (job.scratch == NULL) return FA_ERR_NOMEM;
+    }
     fa_run_team(nthreads, rope_apply_rows, &job);
+    fa_scratch_free(job.scratch);
     return FA_OK;
 }

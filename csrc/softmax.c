@@ -3,11 +3,19 @@
  * x (B, M, Lq, Lk), works out each row's valid key prefix from key_len and
  * causality without building any mask, gathers strided rows when needed and
  * calls the selected ISA's row kernel (softmax_impl.h).
+ *
+ * bfloat16 and float16 rows (x and y of one such dtype) are widened into a
+ * float row of scratch, computed by the float row kernel (float32
+ * exponentials, max and sum) and rounded back to the dtype once per
+ * element, to nearest even, as they are stored; additive masks are float32
+ * then (widening a 16-bit mask into them is exact). No array wider than a
+ * row is ever made.
  */
 #include <string.h>
 
 #include "cache_hints.h"
 #include "checked_size.h"
+#include "half_rows.h"
 #include "kernel_table.h"
 #include "scratch.h"
 #include "threads.h"
@@ -57,6 +65,11 @@ typedef struct {
     int causal, dtype, stream;
 } softmax_job;
 
+static int is_half(int dtype) { return dtype == FA_DTYPE_BF16 || dtype == FA_DTYPE_F16; }
+
+/* Bytes of one additive-mask element: float32 for 16-bit scores. */
+static int64_t add_mask_esize(int dtype) { return is_half(dtype) ? 4 : dtype == FA_DTYPE_F32 ? 4 : 8; }
+
 /* A row of the flattened (B, M, Lq) row index as (b, m, i): found with
  * divisions once per block of rows, then stepped without any. */
 typedef struct {
@@ -84,16 +97,33 @@ static int64_t row_valid(const softmax_job *job, row_pos p, const char **xrow) {
     return valid_keys(p.i, job->Lq, job->Lk, fa_length_at(job->key_len, p.b, p.m, job->Lk), job->causal);
 }
 
+/* One 16-bit row of n valid keys (of Lk): x at element stride xs widened
+ * into xbuf, the float row kernel into ybuf, then y (element stride ys)
+ * rounded from ybuf, its masked tail zero (0x0000 in both formats). */
+static void softmax_half_row(const softmax_job *job, const fa_kernel_table *k, const char *xrow,
+                             char *yrow, int64_t n, const void *mrow, int mkind, float *xbuf,
+                             float *ybuf) {
+    const int64_t ys = job->y.stride[3];
+    fa_half_row_to_f32(job->dtype, (const uint16_t *)xrow, job->x.stride[3], n, xbuf);
+    k->softmax_row_f32(xbuf, ybuf, n, (float)job->scale, mrow, mkind, NULL, 0, NULL);
+    uint16_t *y = (uint16_t *)yrow;
+    fa_f32_row_to_half(job->dtype, ybuf, n, y, ys);
+    for (int64_t j = n; j < job->Lk; ++j) y[j * ys] = 0;
+}
+
 /* Rows [lo, hi) of the flattened (B, M, Lq) row index. scratch holds an x
- * row, a y row (also the streaming stage) and a mask row. */
+ * row, a y row (also the streaming stage) and a mask row; for 16-bit rows,
+ * float ones. */
 static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *scratch) {
     const fa_kernel_table *k = fa_kernels();
     const int64_t M = job->M, Lq = job->Lq, Lk = job->Lk, es = job->esize;
     const fa_mask_view *mask = job->mask;
     const int mkind = mask && mask->data ? mask->kind : FA_MASK_NONE;
-    const int64_t mes = mkind == FA_MASK_BOOL ? 1 : es;
-    char *xbuf = scratch, *ybuf = scratch ? scratch + Lk * es : NULL;
-    char *mbuf = scratch ? scratch + 2 * Lk * es : NULL;
+    const int half = is_half(job->dtype);
+    const int64_t mes = mkind == FA_MASK_BOOL ? 1 : add_mask_esize(job->dtype);
+    const int64_t ses = half ? 4 : es; /* bytes of a scratch row element */
+    char *xbuf = scratch, *ybuf = scratch ? scratch + Lk * ses : NULL;
+    char *mbuf = scratch ? scratch + 2 * Lk * ses : NULL;
     const int64_t ys = job->y.stride[3];
 
     /* The valid keys of the row FA_SOFTMAX_PREFETCH_ROWS ahead are requested
@@ -126,12 +156,16 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
             if (prefetch) fa_prefetch_retarget(&pf, ahead_x[slot], ahead_n[slot] * es);
         }
         if (n > 0) {
-            const void *xc = gather(xrow, job->x.stride[3], n, es, xbuf);
             const void *mrow = NULL;
             if (mkind != FA_MASK_NONE) {
                 const int64_t off = b * mask->stride_b + m * mask->stride_m + i * mask->stride_q;
                 mrow = gather((const char *)mask->data + off * mes, mask->stride_k, n, mes, mbuf);
             }
+            if (half) {
+                softmax_half_row(job, k, xrow, yrow, n, mrow, mkind, (float *)xbuf, (float *)ybuf);
+                continue;
+            }
+            const void *xc = gather(xrow, job->x.stride[3], n, es, xbuf);
             void *yc = ys == 1 ? (void *)yrow : (void *)ybuf;
             void *stage = job->stream && ys == 1 ? (void *)ybuf : NULL;
             /* a contiguous row's masked tail is zeroed by the row kernel */
@@ -147,7 +181,7 @@ static void softmax_rows(const softmax_job *job, int64_t lo, int64_t hi, char *s
                 for (int64_t j = n; j < Lk; ++j) memset(yrow + j * ys * es, 0, (size_t)es);
             }
         } else if (ys == 1) {
-            memset(yrow, 0, (size_t)(Lk * es));
+            memset(yrow, 0, (size_t)(Lk * es)); /* 0 bits are +0 in every dtype */
         } else {
             for (int64_t j = 0; j < Lk; ++j) memset(yrow + j * ys * es, 0, (size_t)es);
         }
@@ -161,10 +195,10 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t M,
                       const fa_mask_view *mask, const fa_lengths_view *key_len,
                       const fa_lengths_view *query_len, int causal,
                       int num_threads) {
-    if (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64) return FA_ERR_INVALID;
+    if (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64 && !is_half(dtype)) return FA_ERR_INVALID;
     if (causal < FA_CAUSAL_NONE || causal > FA_CAUSAL_BOTTOM_RIGHT) return FA_ERR_INVALID;
     const int64_t dims[4] = {B, M, Lq, Lk};
-    const int64_t esize = dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t esize = is_half(dtype) ? 2 : dtype == FA_DTYPE_F32 ? 4 : 8;
     const int64_t total = fa_product(dims, 4);
     if (total < 0) return FA_ERR_OVERFLOW;
     if (total == 0) return FA_OK;
@@ -174,7 +208,7 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t M,
     if (mask && mask->data) {
         if (mask->kind != FA_MASK_BOOL && mask->kind != FA_MASK_ADD) return FA_ERR_INVALID;
         const int64_t ms[4] = {mask->stride_b, mask->stride_m, mask->stride_q, mask->stride_k};
-        if (!fa_view_ok(dims, ms, 4, mask->kind == FA_MASK_BOOL ? 1 : esize))
+        if (!fa_view_ok(dims, ms, 4, mask->kind == FA_MASK_BOOL ? 1 : add_mask_esize(dtype)))
             return FA_ERR_OVERFLOW;
     }
 
@@ -184,14 +218,17 @@ int fa_masked_softmax(int dtype, fa_view4 x, fa_view4 y, int64_t B, int64_t M,
     /* Scratch when some operand is strided along the key axis, or to stage
      * rows that are streamed out. */
     int64_t out_bytes;
-    const int stream = fa_mul_ok(total, esize, &out_bytes) && out_bytes >= FA_SOFTMAX_STREAM_BYTES;
-    const int strided = x.stride[3] != 1 || y.stride[3] != 1 || stream ||
+    const int stream = !is_half(dtype) && fa_mul_ok(total, esize, &out_bytes) &&
+                       out_bytes >= FA_SOFTMAX_STREAM_BYTES;
+    /* 16-bit rows always work in float scratch rows */
+    const int strided = x.stride[3] != 1 || y.stride[3] != 1 || stream || is_half(dtype) ||
                         (mask && mask->data && mask->stride_k != 1);
     char *scratch = NULL;
     int64_t per_thread = 0;
     if (strided) {
-        /* xbuf + ybuf + mask row (the mask row in the widest element) */
-        if (!fa_mul_ok(Lk, 3 * esize, &per_thread) || per_thread > INT64_MAX - 63)
+        /* xbuf + ybuf + mask row (the mask row in the widest element:
+         * float for 16-bit rows, whose scratch rows are float too) */
+        if (!fa_mul_ok(Lk, 3 * (is_half(dtype) ? 4 : esize), &per_thread) || per_thread > INT64_MAX - 63)
             return FA_ERR_OVERFLOW;
         per_thread = (per_thread + 63) & ~(int64_t)63;
         scratch = fa_scratch_alloc(per_thread, nthreads);

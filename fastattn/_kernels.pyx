@@ -179,8 +179,14 @@ def masked_softmax(cnp.ndarray x, cnp.ndarray y, double scale, object mask,
                    int mask_kind, object key_len, object query_len, int causal,
                    int num_threads):
     """x, y: (B, M, Lq, Lk); mask: None or 4-D broadcast view; lengths: None
-    or (B, M) int64 broadcast views."""
+    or (B, M) int64 broadcast views. x and y: float32, float64, bfloat16 or
+    float16 (then an additive mask is float32)."""
     cdef int dt = dtype_code(x)
+    if cnp.PyArray_TYPE(y) != cnp.PyArray_TYPE(x) or cnp.PyArray_ITEMSIZE(y) != cnp.PyArray_ITEMSIZE(x):
+        raise ValueError("fastattn: masked_softmax x and y must share one dtype")
+    if mask is not None and mask_kind == MASK_ADD and cnp.PyArray_TYPE(<cnp.ndarray>mask) != (
+            cnp.NPY_FLOAT32 if dt == FA_DTYPE_BF16 or dt == FA_DTYPE_F16 else cnp.PyArray_TYPE(x)):
+        raise ValueError("fastattn: an additive mask must have x's dtype (float32 for 16-bit x)")
     cdef fa_view4 vx = view4(x), vy = view4(y)
     cdef fa_mask_view mv = mask4(mask, mask_kind)
     cdef fa_lengths_view kl = lengths2(key_len), ql = lengths2(query_len)
@@ -475,8 +481,11 @@ def rope_apply(cnp.ndarray x, cnp.ndarray y, object index, object cos_t, object 
     """x (N0, N1, L, D), y (N0, N1, L', D) views with unit last strides;
     index: None (layout NONE) or an int64 (N0, N1, L) broadcast view; cos_t,
     sin_t: contiguous (table_len, D/2); y_row_offset, rows: None or
-    contiguous (N0,) int64 (rows: how many rows of each n0 to process)."""
+    contiguous (N0,) int64 (rows: how many rows of each n0 to process).
+    bfloat16 / float16 x and y take float32 tables."""
     cdef int dt = dtype_code(x)
+    cdef int table_type = cnp.NPY_FLOAT32 if dt == FA_DTYPE_BF16 or dt == FA_DTYPE_F16 \
+        else cnp.PyArray_TYPE(x)
     cdef fa_rope_args a
     cdef cnp.ndarray ia, ca, sa, oa, ra
     cdef int st
@@ -527,10 +536,11 @@ def rope_apply(cnp.ndarray x, cnp.ndarray y, object index, object cos_t, object 
                 or cnp.PyArray_TYPE(ia) != cnp.NPY_INT64):
             raise ValueError("fastattn: rope index must be an int64 (N0, N1, L) view")
         if (ca.ndim != 2 or sa.ndim != 2 or ca.shape[1] != a.D // 2 or sa.shape[1] != a.D // 2
-                or sa.shape[0] != ca.shape[0] or cnp.PyArray_TYPE(ca) != cnp.PyArray_TYPE(x)
-                or cnp.PyArray_TYPE(sa) != cnp.PyArray_TYPE(x)
+                or sa.shape[0] != ca.shape[0] or cnp.PyArray_TYPE(ca) != table_type
+                or cnp.PyArray_TYPE(sa) != table_type
                 or not cnp.PyArray_IS_C_CONTIGUOUS(ca) or not cnp.PyArray_IS_C_CONTIGUOUS(sa)):
-            raise ValueError("fastattn: rope tables must be contiguous (n, D/2) arrays of x's dtype")
+            raise ValueError("fastattn: rope tables must be contiguous (n, D/2) arrays of x's "
+                             "dtype (float32 for 16-bit x)")
         a.index = <const int64_t *>cnp.PyArray_DATA(ia)
         for i in range(3):
             a.index_stride[i] = cnp.PyArray_STRIDES(ia)[i] // 8

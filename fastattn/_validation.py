@@ -9,6 +9,12 @@ or float64. An input of dtype ``t`` is computed in
 float16, bool, int8/uint8 and int16/uint16 compute in float32, and
 int32/int64/uint32/uint64 in float64. Complex, object, string, datetime and
 extended-precision inputs raise TypeError.
+
+16-bit rule (:func:`storage_dtype`, for the kernels that keep them:
+``masked_softmax``, ``split_heads``/``merge_heads``, ``apply_rotary`` and
+the layer): bfloat16 (``ml_dtypes.bfloat16``) and float16 inputs keep their
+dtype; they are computed in float32 and the result is rounded to the input
+dtype (nearest even) once. See docs/dtypes.md.
 """
 
 import math
@@ -31,6 +37,26 @@ def compute_dtype(dtype, name):
             f"{name} has unsupported dtype {dtype}; fastattn computes in float32 or float64"
         )
     return out
+
+
+HALF_DTYPE_NAMES = ("bfloat16", "float16")
+
+
+def is_half_dtype(dtype):
+    """True for float16 and ml_dtypes.bfloat16 (told by name, so that this
+    never imports ml_dtypes: a bfloat16 array cannot exist without it)."""
+    dtype = np.dtype(dtype)
+    return dtype.itemsize == 2 and dtype.name in HALF_DTYPE_NAMES
+
+
+def storage_dtype(dtype, name):
+    """The dtype a kernel that stores 16-bit results works in: bfloat16 and
+    float16 stay (float32 arithmetic, results rounded to them), everything
+    else is :func:`compute_dtype`'s."""
+    dtype = np.dtype(dtype)
+    if is_half_dtype(dtype):
+        return dtype.newbyteorder("=")
+    return compute_dtype(dtype, name)
 
 
 def as_array(x, name):

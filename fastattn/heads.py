@@ -2,7 +2,7 @@
 
 from fastattn import _backend
 from fastattn._config import resolve_num_threads
-from fastattn._validation import compute_dtype, index_value, require_ndim
+from fastattn._validation import index_value, require_ndim
 
 
 def _split_dims(x, num_heads):
@@ -24,7 +24,8 @@ def split_heads(x, num_heads, *, out=None, num_threads=None):
     Parameters
     ----------
     x : array_like, shape ``(B, S, E)``
-        Any strides. ``E`` must be divisible by ``num_heads``.
+        Any strides. ``E`` must be divisible by ``num_heads``. bfloat16 and
+        float16 stay 16-bit (the elements are moved, not converted).
     num_heads : int
     out : ndarray, optional, shape ``(B, H, S, D)``
     num_threads : int, optional
@@ -41,7 +42,7 @@ def split_heads(x, num_heads, *, out=None, num_threads=None):
     """
     backend = _backend.backend_for((x,), ("x",))
     arr = backend.asarray(x, "x")
-    dtype = compute_dtype(arr.dtype, "x")
+    dtype = _backend.kernel_dtype(backend, arr.dtype, "x")
     B, S, H, D = _split_dims(arr, num_heads)
     arr, x4 = backend.kernel_input(arr, "x", dtype, (B, S, H, D))  # splitting an axis is a view
     target = backend.output(out, (B, H, S, D), (B, H, S, D), dtype, inputs=(arr,), contiguous=True)
@@ -71,7 +72,7 @@ def merge_heads(x, *, out=None, num_threads=None):
     """
     backend = _backend.backend_for((x,), ("x",))
     arr = backend.asarray(x, "x")
-    dtype = compute_dtype(arr.dtype, "x")
+    dtype = _backend.kernel_dtype(backend, arr.dtype, "x")
     require_ndim(arr, "x", 4, "(batch, heads, seq, head_dim)")
     B, H, S, D = arr.shape
     arr, _ = backend.kernel_input(arr, "x", dtype, arr.shape)

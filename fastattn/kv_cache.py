@@ -18,6 +18,36 @@ def float_dtype(dtype, name="dtype"):
     return dt
 
 
+BF16_HINT = "bfloat16 arrays need ml_dtypes: pip install 'fastattn[bf16]' (or ml_dtypes)"
+
+
+def bfloat16_dtype(name="dtype"):
+    """``ml_dtypes.bfloat16`` as a NumPy dtype; ImportError naming the
+    ``fastattn[bf16]`` extra (and ``name``) when ml_dtypes is missing."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError(f"{name}: {BF16_HINT}") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def layer_dtype(dtype, name="dtype"):
+    """The dtype of a layer or of its KV cache: float32, float64, or the
+    16-bit bfloat16 (``ml_dtypes.bfloat16`` or the string ``"bfloat16"``)
+    and float16."""
+    expected = "float32, float64, bfloat16 or float16"
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return bfloat16_dtype(name)
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {expected}, got {dtype!r}") from None
+    if dt in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)) or (
+            dt.name == "bfloat16" and dt.itemsize == 2):
+        return dt.newbyteorder("=")
+    raise TypeError(f"{name} must be {expected}, got {dt}")
+
+
 def kv_storage_dtype(kv_dtype, dtype):
     """The K/V storage dtype of a cache computing in ``dtype``: the same for
     None, or float16 / bfloat16 / int8 (float32 caches only)."""
@@ -25,9 +55,7 @@ def kv_storage_dtype(kv_dtype, dtype):
         return dtype
     if isinstance(kv_dtype, str) and kv_dtype == "bfloat16" or (
             isinstance(kv_dtype, np.dtype) and kv_dtype.name == "bfloat16"):
-        import ml_dtypes
-
-        kd = np.dtype(ml_dtypes.bfloat16)
+        kd = bfloat16_dtype("kv_dtype")
     else:
         try:
             kd = np.dtype(kv_dtype)
@@ -78,6 +106,10 @@ class KVCache:
     lengths are kept on the host on every device, so checking a call never
     synchronises with a GPU. :meth:`to` moves the cache between devices.
 
+    ``dtype`` is the layer's: float32, float64, or on the CPU bfloat16
+    (``ml_dtypes.bfloat16``) or float16, whose caches store keys and values
+    in that dtype.
+
     ``kv_dtype`` (float32 caches on the CPU): the storage of ``k`` and
     ``v``, narrower than ``dtype``: ``"float16"``, ``"bfloat16"`` (rounded
     to nearest even on append) or ``"int8"`` (symmetric, one float32 scale
@@ -95,10 +127,12 @@ class KVCache:
             raise ValueError(f"batch_size and max_len must be non-negative, got {batch_size} and {max_len}")
         self.num_kv_heads = positive(num_kv_heads, "num_kv_heads")
         self.head_dim = positive(head_dim, "head_dim")
-        self.dtype = float_dtype(dtype)
+        self.dtype = layer_dtype(dtype)
         self.v_head_dim = self.head_dim if v_head_dim is None else positive(v_head_dim, "v_head_dim")
         self.device = _backend.check_device(device)
         self.kv_dtype = kv_storage_dtype(kv_dtype, self.dtype)
+        if self.dtype.itemsize == 2 and self.device != "cpu":
+            raise TypeError(f"{self.dtype} caches are CPU-only; got device {self.device!r}")
         if self.kv_dtype != self.dtype and self.device != "cpu":
             raise TypeError(f"kv_dtype {self.kv_dtype} caches are CPU-only; got device {self.device!r}")
         shape = (self.batch_size, self.num_kv_heads, self.max_len)
@@ -205,6 +239,8 @@ class KVCache:
         A copy between host and device (which synchronises); nothing happens
         when the cache is already there."""
         device = _backend.check_device(device)
+        if device != self.device and self.dtype.itemsize == 2:
+            raise TypeError(f"{self.dtype} caches are CPU-only; cannot move to {device!r}")
         if device != self.device and self.kv_dtype != self.dtype:
             raise TypeError(f"kv_dtype {self.kv_dtype} caches are CPU-only; cannot move to {device!r}")
         if device != self.device:

@@ -19,6 +19,15 @@ and the head merge is the attention kernel's output layout (no merge pass).
 Padded work is skipped: rows past ``query_lengths`` are neither projected
 nor attended, and K/V rows past ``key_lengths`` are never projected.
 
+A bfloat16 or float16 layer (``dtype=``, :meth:`MultiHeadAttention.astype`,
+``from_torch`` of such a module) runs the same steps on 16-bit buffers:
+the projections are fastattn.bf16_gemm's packed GEMM (weights packed once,
+when they are set; float32 sums, results rounded to the dtype), RoPE
+rotates the 16-bit Q and K rows in place (float32 inside), and attention
+reads 16-bit Q, K, V and writes its output in the dtype. Every row is
+projected there (the GEMM has no row ranges); rows past ``query_lengths``
+are still zero in the result.
+
 On ``"cuda"`` (after :meth:`MultiHeadAttention.to`) the same checks run, and
 the weights and the compute live in :mod:`fastattn._backend.cuda`
 (``DeviceLayer``): cuBLAS projections, fastattn's CUDA kernels for RoPE, the
@@ -35,9 +44,9 @@ import numpy as np
 
 from fastattn import _backend, _kernels
 from fastattn._config import get_num_threads, resolve_num_threads
-from fastattn._validation import (bool_flag, float_array, int_array,
-                                  lengths_view, real_number)
-from fastattn.kv_cache import KVCache, float_dtype, positive
+from fastattn._validation import (as_array, bool_flag, float_array, int_array, is_half_dtype,
+                                  kernel_addressable, lengths_view, real_number, storage_dtype)
+from fastattn.kv_cache import KVCache, layer_dtype, positive
 from fastattn.masks import prepare_mask
 from fastattn.projections import BLAS_THREADS, as_input, head_view, linear, row_buffer
 from fastattn.rotary import ROPE_LAYOUTS, rope_tables
@@ -131,6 +140,56 @@ def _check_weight_sizes(E, H, Hkv, D, Dv, kdim, vdim, dtype):
                          f"(head_dim={D}) give weights larger than the addressable size")
 
 
+def _attention16(q, k, v, out, *, weights=None, kv_dtype=None, **kwargs):
+    """Attention of a 16-bit layer: q, k, v the 16-bit (B, heads, L, D)
+    views of its buffers (or of its cache), out the 16-bit (B, H, Lq, Dv)
+    view it writes. The kernel reads them as they are (sums and softmax in
+    float32, each output element rounded once); the weights come out in
+    float32 and are rounded into ``weights``, as
+    scaled_dot_product_attention returns them."""
+    w32 = None if weights is None else np.empty(weights.shape, np.float32)
+    _kernels.scaled_dot_product_attention(q, k, v, out, weights=w32,
+                                          kv_dtype=_kernels.KV_DTYPE_CODES[q.dtype.name], **kwargs)
+    if weights is not None:
+        weights[...] = w32
+
+
+def _weight_arrays(weights, biases):
+    """``(weights, biases, dtype)`` of :meth:`MultiHeadAttention.from_weights`:
+    all bfloat16 or all float16 arrays keep that dtype; otherwise each is
+    converted to its compute dtype and the layer takes their promotion. A
+    16-bit array beside any other dtype is a TypeError naming both."""
+    raw = {n: as_array(a, n) for n, a in {**weights, **biases}.items() if a is not None}
+    half = [n for n, a in raw.items() if is_half_dtype(a.dtype)]
+    if half:
+        dt = raw[half[0]].dtype
+        for n, a in raw.items():
+            if a.dtype != dt:
+                raise TypeError(
+                    f"{n} has dtype {a.dtype} but {half[0]} is {dt}: the weights and biases of a "
+                    f"16-bit layer share one dtype (convert them first, or build the layer in "
+                    f"float32 and call layer.astype({dt.name!r}))")
+        arrays = {n: a if kernel_addressable(a) and a.dtype.isnative else a.astype(dt.newbyteorder("="))
+                  for n, a in raw.items()}
+        dtype = dt.newbyteorder("=")
+    else:
+        arrays = {n: float_array(a, n) for n, a in raw.items()}
+    ws = {n: arrays[n] if n in arrays else float_array(weights[n], n) for n in weights}
+    bs = {n: arrays.get(n) for n in biases}
+    if not half:
+        dtype = np.result_type(*ws.values(), *(b for b in bs.values() if b is not None))
+    return ws, bs, dtype
+
+
+def _state_array(a, name):
+    """A state array of any real dtype (bfloat16 included), addressable;
+    copying it into the layer converts it to the layer's dtype (exactly, or
+    rounded to nearest even into a narrower one)."""
+    arr = as_array(a, name)
+    storage_dtype(arr.dtype, name)  # TypeError for complex, object, ...
+    return arr if kernel_addressable(arr) else arr.copy()
+
+
 class MultiHeadAttention:
     """Multi-head attention: ``softmax(Q Kᵀ / √D + masks) V`` per head, heads
     concatenated and projected, as ``torch.nn.MultiheadAttention``
@@ -156,8 +215,13 @@ class MultiHeadAttention:
         a call, or continue from each sequence's cache length with
         ``cache=``.
     rope_base : float, default 10000.0
-    dtype : float32 or float64
-        Weights and computation; inputs are converted to it.
+    dtype : float32, float64, bfloat16 or float16
+        Weights and computation; inputs are converted to float32 and
+        float64 layers' dtype. A bfloat16 (``ml_dtypes.bfloat16`` or
+        ``"bfloat16"``, the ``fastattn[bf16]`` extra) or float16 layer
+        takes inputs of its own dtype only, computes in float32 (packed
+        16-bit GEMMs, float32 softmax) and returns its dtype; see
+        :meth:`astype` and docs/dtypes.md.
     seed : int or numpy.random.Generator, optional
         Initialisation as torch does it: Xavier-uniform input projections
         (over the stacked ``[W_Q; W_K; W_V]`` when ``kdim == vdim ==
@@ -204,7 +268,7 @@ class MultiHeadAttention:
             raise ValueError(f"embed_dim ({E}) must be divisible by num_heads ({H})")
         bias = bool_flag(bias, "bias")
         deterministic = bool_flag(deterministic, "deterministic")
-        dtype = float_dtype(dtype)
+        dtype = layer_dtype(dtype)
         if isinstance(seed, (bool, np.bool_, float, np.floating)):
             raise TypeError(f"seed must be None, an int or a numpy.random.Generator, got {seed!r}")
         try:
@@ -215,6 +279,7 @@ class MultiHeadAttention:
         self._configure(E, H, num_kv_heads, E // H, E // H, kdim, vdim, bias, rope, rope_base, dtype)
         self.deterministic = deterministic
         self._init_weights(rng)
+        self._pack16()
 
     # ---- construction -------------------------------------------------------
 
@@ -250,6 +315,7 @@ class MultiHeadAttention:
         self._has_bias = bias
         self.device = "cpu"
         self._device_layer = None  # the weights on "cuda" (fastattn._backend.cuda.DeviceLayer)
+        self._packed = None  # 16-bit layers: the packed GEMM weights (_pack16)
         self._allocate_host()
 
     def _allocate_host(self):
@@ -320,6 +386,43 @@ class MultiHeadAttention:
     _b_v = property(lambda self: self._part("b_v"))
     _b_o = property(lambda self: self._part("b_o"))
 
+    @property
+    def _half(self):
+        """True for a bfloat16 or float16 layer."""
+        return is_half_dtype(self.dtype)
+
+    def _pack16(self):
+        """16-bit layers: pack the projection weights for the 16-bit GEMM
+        (``(out, in)`` panels, fastattn.bf16_gemm.PackedWeight) and keep the
+        biases in float32, once, whenever the weights are set; a call then
+        packs only its activations. The fused QKV weight of a self-attention
+        layer is packed here; its Q and K|V parts, which only a
+        cross-attention call of such a layer uses, on that first call
+        (:meth:`_packed_weight`), so that a self-attention layer holds one
+        packed copy of its weights."""
+        if not self._half or self._storage is None:
+            self._packed = None
+            return
+        packed = {}
+        for n in ("b_in", "b_q", "b_kv", "b_k", "b_v", "b_o"):
+            b = self._part(n)
+            packed[n] = None if b is None else b.astype(np.float32)  # exact from 16 bits
+        self._packed = packed
+        eager = ("w_in", "w_o") if self._w_in is not None else ("w_q", "w_kv", "w_k", "w_v", "w_o")
+        for n in eager:
+            self._packed_weight(n)
+
+    def _packed_weight(self, name):
+        """The packed form of weight ``name`` (None when the layer has no
+        such weight), packed on first use."""
+        packed = self._packed
+        if name not in packed:
+            from fastattn.bf16_gemm import PackedWeight
+
+            w = self._part(name)
+            packed[name] = None if w is None else PackedWeight(w.T)  # (in, out) -> (N, K)
+        return packed[name]
+
     def _widths(self):
         """Output widths of the Q, K and V projections."""
         return (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
@@ -353,10 +456,13 @@ class MultiHeadAttention:
         from D. Biases are ``(out,)``; when any is given the others default
         to zeros. The dtype is the weights' compute dtype (float32 or
         float64). The arrays are copied.
+
+        Weights and biases that are all bfloat16 (``ml_dtypes.bfloat16``) or
+        all float16 give a layer of that dtype; a 16-bit array beside arrays
+        of another dtype is a TypeError naming it.
         """
-        ws = {n: float_array(w, n) for n, w in zip(_WEIGHT_NAMES, (w_q, w_k, w_v, w_o))}
-        bs = {n: None if b is None else float_array(b, n) for n, b in zip(_BIAS_NAMES, (b_q, b_k, b_v, b_o))}
-        dtype = np.result_type(*ws.values(), *(b for b in bs.values() if b is not None))
+        ws, bs, dtype = _weight_arrays(dict(zip(_WEIGHT_NAMES, (w_q, w_k, w_v, w_o))),
+                                       dict(zip(_BIAS_NAMES, (b_q, b_k, b_v, b_o))))
         for n, w in ws.items():
             if w.ndim != 2:
                 raise ValueError(f"{n} must be 2-D (in, out), got shape {w.shape}")
@@ -382,8 +488,9 @@ class MultiHeadAttention:
     def from_torch(cls, module):
         """Convert a ``torch.nn.MultiheadAttention`` (with or without bias,
         with or without separate ``kdim``/``vdim``). torch weights are
-        ``(out, in)`` and are transposed; float64 modules give a float64
-        layer, every other dtype float32. ``add_bias_kv`` and
+        ``(out, in)`` and are transposed; float64, bfloat16 and float16
+        modules give a layer of their dtype (bfloat16 needs ml_dtypes),
+        every other dtype float32. ``add_bias_kv`` and
         ``add_zero_attn`` are not supported; dropout does not apply at
         inference."""
         try:
@@ -396,7 +503,10 @@ class MultiHeadAttention:
             raise ValueError("from_torch: add_bias_kv=True is not supported")
         if module.add_zero_attn:
             raise ValueError("from_torch: add_zero_attn=True is not supported")
-        dtype = np.float64 if module.out_proj.weight.dtype == torch.float64 else np.float32
+        dtype = {torch.float64: np.dtype(np.float64), torch.float16: np.dtype(np.float16)}.get(
+            module.out_proj.weight.dtype, np.dtype(np.float32))
+        if module.out_proj.weight.dtype == torch.bfloat16:
+            dtype = layer_dtype("bfloat16", "module (a bfloat16 module)")
 
         def arr(t):
             return None if t is None else t.detach().to("cpu", torch.float64).numpy().astype(dtype)
@@ -441,7 +551,7 @@ class MultiHeadAttention:
                 continue
             if n in _BIAS_NAMES and not self._has_bias:
                 raise ValueError(f"state has {n}, but the layer has no biases (bias=False)")
-            a = float_array(a, label(n))
+            a = _state_array(a, label(n))
             if a.shape != shapes[n]:
                 raise ValueError(f"{label(n)} must have shape {shapes[n]}, got {a.shape}")
             arrays[n] = a
@@ -458,6 +568,7 @@ class MultiHeadAttention:
         targets = self._targets()
         for n, a in arrays.items():  # all checked: now copy
             targets[n][...] = a
+        self._pack16()
 
     def state_dict(self):
         """The weights as NumPy arrays (copies, downloaded from the device
@@ -477,6 +588,9 @@ class MultiHeadAttention:
         device = _backend.check_device(device)
         if device == self.device:
             return self
+        if self._half:
+            raise TypeError(f"{self.dtype} layers run on the CPU only, not on device {device!r}: "
+                            f"convert the layer with layer.astype('float32') first")
         if device == "cuda":
             self._device_layer = _backend.cuda_backend().DeviceLayer(self, self.state_dict())
             self._storage = None
@@ -487,6 +601,34 @@ class MultiHeadAttention:
             self.device, self._device_layer = device, None
             self._load(state)
         return self
+
+    def astype(self, dtype):
+        """A copy of the layer with its weights and biases converted to
+        ``dtype`` (float32, float64, bfloat16 or float16; rounded to nearest
+        even when narrower), and every other setting kept. The layer
+        itself is unchanged, as with ``numpy.ndarray.astype``; the copy is
+        on the CPU (16-bit layers run there only). Converting to bfloat16
+        needs ml_dtypes (the ``fastattn[bf16]`` extra).
+
+        Examples
+        --------
+        >>> import numpy as np, fastattn
+        >>> mha = fastattn.MultiHeadAttention(16, 4, seed=0).astype(np.float16)
+        >>> mha(np.zeros((1, 3, 16), np.float16)).dtype
+        dtype('float16')
+        """
+        dtype = layer_dtype(dtype)
+        if self.device != "cpu" and is_half_dtype(dtype):
+            raise TypeError(f"astype({dtype.name!r}): 16-bit layers run on the CPU only; this "
+                            f"layer is on {self.device!r}: move it with layer.to('cpu') first")
+        state = self.state_dict()
+        new = type(self).__new__(type(self))
+        new._configure(self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
+                       self.v_head_dim, self.kdim, self.vdim, self._has_bias, self.rope,
+                       self.rope_base, dtype)
+        new.deterministic = self.deterministic
+        new._load({n: a.astype(dtype) for n, a in state.items() if a is not None})
+        return new
 
     def load_state_dict(self, state):
         """Copy the weights of ``d`` (as from :meth:`state_dict`) into the
@@ -503,8 +645,11 @@ class MultiHeadAttention:
     def save(self, path):
         """Write the weights and the configuration to an ``.npz`` file."""
         arrays = {n: a for n, a in self.state_dict().items() if a is not None}
+        if self.dtype.name == "bfloat16":  # .npz has no bfloat16: its bits, and the dtype's name
+            arrays = {n: a.view(np.uint16) for n, a in arrays.items()}
         np.savez(path, **arrays, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                 rope=np.str_(self.rope or ""), rope_base=self.rope_base)
+                 rope=np.str_(self.rope or ""), rope_base=self.rope_base,
+                 dtype=np.str_(self.dtype.name))
 
     @classmethod
     def load(cls, path):
@@ -513,6 +658,9 @@ class MultiHeadAttention:
             path = f"{os.fspath(path)}.npz"
         with np.load(path, allow_pickle=False) as f:
             d = {n: f[n] if n in f.files else None for n in _STATE_NAMES}
+            if "dtype" in f.files and str(f["dtype"]) == "bfloat16":
+                bf16 = layer_dtype("bfloat16", "path (a bfloat16 layer)")
+                d = {n: None if a is None else a.view(bf16) for n, a in d.items()}
             rope = str(f["rope"]) or None
             return cls.from_weights(*(d[n] for n in _STATE_NAMES), num_heads=int(f["num_heads"]),
                                     num_kv_heads=int(f["num_kv_heads"]), rope=rope,
@@ -630,7 +778,8 @@ class MultiHeadAttention:
         ql = _query_lengths(query_lengths, B, Lq)
         kl = lengths_view(key_lengths, "key_lengths", (B, H), B, H, Lk, "key")
         full = (B, H, Lq, Lk)
-        kind, mask4 = prepare_mask(attn_mask, full, full, self.dtype)
+        # 16-bit layers take additive masks in float32, as their scores are
+        kind, mask4 = prepare_mask(attn_mask, full, full, np.float32 if self._half else self.dtype)
         gt = nt if BLAS_THREADS.enter() else 1
         try:
             return self._forward(x, kx, vx, Lk, ql, kl, kind, mask4, is_causal, return_weights, nt, gt)
@@ -653,7 +802,9 @@ class MultiHeadAttention:
         # RoPE is the GEMMs' epilogue: each thread rotates the Q/K heads of
         # the column block it has just computed (Q and K lead their buffers)
         rope = self._rope_spec
-        if kx is None:
+        if self._half:
+            qcols, kcols, vcols = self._project_qkv16(x, kx, vx, nt)
+        elif kx is None:
             buf = row_buffer(B, Lq, nq + nk + nv, dt)
             if q_need is None and kv_need is None:
                 mm(x, self._w_in, buf, self._b_in, None, None, 1.0, gt, rope(B, H + Hkv, Lq))
@@ -683,12 +834,13 @@ class MultiHeadAttention:
         attn = row_buffer(B, Lq, H * Dv, dt)
         weights = np.empty(full, dtype=dt) if return_weights else None
         qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
-        _kernels.scaled_dot_product_attention(
+        attend = _attention16 if self._half else _kernels.scaled_dot_product_attention
+        attend(
             head_view(qcols, H, D), head_view(kcols, Hkv, D), head_view(vcols, Hkv, Dv),
             head_view(attn, H, Dv), weights=weights, scale=1.0 / math.sqrt(D), mask=mask4,
             mask_kind=kind, key_len=kl, query_len=qlv, is_causal=is_causal, alignment=_TOP_LEFT,
             num_threads=nt)
-        out = self._project_out(attn, ql, gt)
+        out = self._project_out(attn, ql, nt if self._half else gt)
         return (out, weights) if return_weights else out
 
     def _rope_spec(self, B, heads, L, positions=None):
@@ -706,12 +858,66 @@ class MultiHeadAttention:
         return (ROPE_LAYOUTS[self.rope], heads, self.head_dim, index, cos, sin)
 
     def _project_out(self, attn, ql, gt):
-        """attn (B, Lq, H*D) @ W_O + b_O; rows past query_lengths are 0."""
+        """attn (B, Lq, H*D) @ W_O + b_O; rows past query_lengths are 0.
+        gt: the GEMM's threads (a 16-bit layer's: the call's threads)."""
         B, Lq, _ = attn.shape
+        if self._half:
+            out = self._project16(attn, "w_o", "b_o", self.embed_dim, gt)
+            if ql is not None:
+                out[np.arange(Lq)[None, :] >= ql[:, None]] = 0
+            return out
         alloc = np.empty if ql is None else np.zeros
         out = alloc((B, Lq, self.embed_dim), dtype=self.dtype)
         linear(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt, None, self.deterministic)
         return out
+
+    # ---- 16-bit projections ---------------------------------------------------
+
+    def _project16(self, a, w, b, N, num_threads, out=None):
+        """a (B, L, K) @ the packed weight ``w`` (+ the float32 bias ``b``)
+        into ``out`` or a new (B, L, N) row buffer, float32 sums rounded to
+        the layer's dtype. The result is bitwise the same for every thread
+        count (fastattn.bf16_gemm)."""
+        from fastattn.bf16_gemm import matmul
+
+        B, L, K = a.shape
+        if out is None:
+            out = row_buffer(1, B * L, N, self.dtype)[0].reshape(B, L, N)
+        matmul(a.reshape(B * L, K), self._packed_weight(w), bias=self._packed[b],
+               out=out.reshape(B * L, N), num_threads=num_threads)
+        return out
+
+    def _rope16(self, cols, heads, L, positions, num_threads):
+        """RoPE on the first ``heads`` heads of the 16-bit (B, L, >= heads*D)
+        columns, in place (float32 inside, rounded once per element)."""
+        spec = self._rope_spec(cols.shape[0], heads, L, positions)
+        if spec is None:
+            return
+        layout, _, D, index, cos, sin = spec
+        x4 = head_view(cols[:, :, :heads * D], heads, D)
+        _kernels.rope_apply(x4, x4, index, cos, sin, layout, None, None, num_threads)
+
+    def _project_qkv16(self, x, kx, vx, nt):
+        """The (qcols, kcols, vcols) column blocks of a 16-bit layer's call,
+        RoPE applied to Q and K. Every row is projected."""
+        H, Hkv = self.num_heads, self.num_kv_heads
+        nq, nk, nv = self._widths()
+        B, Lq, _ = x.shape
+        if kx is None:
+            buf = self._project16(x, "w_in", "b_in", nq + nk + nv, nt)
+            self._rope16(buf, H + Hkv, Lq, None, nt)  # Q and K lead the buffer
+            return buf[:, :, :nq], buf[:, :, nq:nq + nk], buf[:, :, nq + nk:]
+        Lk = kx.shape[1]
+        qcols = self._project16(x, "w_q", "b_q", nq, nt)
+        self._rope16(qcols, H, Lq, None, nt)
+        if kx is vx and self._packed_weight("w_kv") is not None:
+            kvbuf = self._project16(kx, "w_kv", "b_kv", nk + nv, nt)
+            kcols, vcols = kvbuf[:, :, :nk], kvbuf[:, :, nk:]
+        else:
+            kcols = self._project16(kx, "w_k", "b_k", nk, nt)
+            vcols = self._project16(vx, "w_v", "b_v", nv, nt)
+        self._rope16(kcols, Hkv, Lk, None, nt)
+        return qcols, kcols, vcols
 
     def _call_cached(self, x, cache, ql, return_weights, nt, gt):
         B, L, _ = x.shape
@@ -720,13 +926,17 @@ class MultiHeadAttention:
         new_tokens = np.full(B, L, np.int64) if ql is None else ql
         old, new = cache.append_lengths(new_tokens)
         dt = self.dtype
-        buf = row_buffer(B, L, nq + nk + nv, dt)
-        rope = None
+        pos = None
         if self.rope is not None:
             # positions continue each sequence; padded rows are never rotated
             pos = np.minimum(old[:, None] + np.arange(L, dtype=np.int64), max(cache.max_len - 1, 0))
-            rope = self._rope_spec(B, H + Hkv, L, pos)
-        linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope, self.deterministic)
+        if self._half:
+            buf = self._project16(x, "w_in", "b_in", nq + nk + nv, nt)
+            self._rope16(buf, H + Hkv, L, pos, nt)
+        else:
+            buf = row_buffer(B, L, nq + nk + nv, dt)
+            rope = None if pos is None else self._rope_spec(B, H + Hkv, L, pos)
+            linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope, self.deterministic)
         q4 = head_view(buf[:, :, :nq], H, D)
         k4 = head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = head_view(buf[:, :, nq + nk:], Hkv, Dv)
@@ -740,12 +950,13 @@ class MultiHeadAttention:
         weights = np.zeros((B, H, L, Lk), dtype=dt) if return_weights else None
         scale = 1.0 / math.sqrt(D)
         ck, cv, kv_code, cks, cvs = cache._kernel_kv(Lk)
+        attend = _attention16 if self._half else _kernels.scaled_dot_product_attention
         if B == 0 or L == 1 or (ql is None and (old == old[0]).all()):
             # one call: a single new token sees every key its sequence holds
             # (key_lengths), and equal lengths align bottom-right for all
             kl = np.broadcast_to(new[:, None], (B, H)) if L == 1 else None
             qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
-            _kernels.scaled_dot_product_attention(q4, ck, cv, out4, weights=weights, scale=scale,
+            attend(q4, ck, cv, out4, weights=weights, scale=scale,
                                                   key_len=kl, query_len=qlv, is_causal=L > 1,
                                                   alignment=_BOTTOM_RIGHT, num_threads=nt,
                                                   kv_dtype=kv_code, k_scale=cks, v_scale=cvs)
@@ -755,11 +966,11 @@ class MultiHeadAttention:
                 n, t = int(new[b]), int(new_tokens[b])
                 if t == 0:
                     continue
-                _kernels.scaled_dot_product_attention(
+                attend(
                     q4[b:b + 1, :, :t], ck[b:b + 1, :, :n], cv[b:b + 1, :, :n], out4[b:b + 1, :, :t],
                     weights=None if weights is None else weights[b:b + 1, :, :t, :n], scale=scale,
                     is_causal=True, alignment=_BOTTOM_RIGHT, num_threads=nt, kv_dtype=kv_code,
                     k_scale=None if cks is None else cks[b:b + 1, :, :n],
                     v_scale=None if cvs is None else cvs[b:b + 1, :, :n])
-        out = self._project_out(attn, ql, gt)
+        out = self._project_out(attn, ql, nt if self._half else gt)
         return (out, weights) if return_weights else out

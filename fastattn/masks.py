@@ -20,6 +20,8 @@ from fastattn._validation import (
     check_result_size,
     choice,
     compute_dtype,
+    is_half_dtype,
+    storage_dtype,
     float_array,
     index_value,
     int_array,
@@ -144,7 +146,7 @@ def mask_kind(dtype, shape, full_shape):
     if dtype == np.bool_:
         kind = _MASK_BOOL
     else:
-        compute_dtype(dtype, "attn_mask")
+        storage_dtype(dtype, "attn_mask")  # real dtypes, bfloat16 included
         kind = _MASK_ADD
     shape, full_shape = tuple(shape), tuple(full_shape)
     pad = len(full_shape) - len(shape)
@@ -229,7 +231,9 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
 
     Returns
     -------
-    ndarray of ``scores``' shape and compute dtype.
+    ndarray of ``scores``' shape and compute dtype; bfloat16 and float16
+    scores give their own dtype (float32 inside, rounded once; an additive
+    ``attn_mask`` is used in float32).
 
     Examples
     --------
@@ -240,11 +244,14 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     """
     backend = _backend.backend_for((scores,), ("scores",))
     x = backend.asarray(scores, "scores")
-    dtype = compute_dtype(x.dtype, "scores")
+    dtype = _backend.kernel_dtype(backend, x.dtype, "scores")
     kshape, causal, scale, kl, ql = softmax_args(
         x.shape, backend.host(key_lengths, "key_lengths"), backend.host(query_lengths, "query_lengths"),
         is_causal, causal_alignment, scale)
-    kind, mask4 = backend.attention_mask(attn_mask, x.shape, kshape, dtype)
+    # 16-bit scores take an additive mask in float32 (a 16-bit one widens
+    # exactly; -inf and large negative values survive)
+    kind, mask4 = backend.attention_mask(attn_mask, x.shape, kshape,
+                                         np.float32 if is_half_dtype(dtype) else dtype)
     shape = x.shape
     x, x4 = backend.kernel_input(x, "scores", dtype, kshape)
     inputs = (x,) if mask4 is None else (x, mask4)

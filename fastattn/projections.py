@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from fastattn import _backend, _kernels
-from fastattn._validation import as_array, compute_dtype, reshaped_view
+from fastattn._validation import as_array, compute_dtype, is_half_dtype, reshaped_view
 
 
 class BlasThreads:
@@ -192,6 +192,13 @@ def check_input_shape(shape, name, dim):
 def as_input(a, name, dim, dtype):
     """``a`` as a (B, L, dim) array of ``dtype`` whose rows BLAS can read."""
     arr = as_array(a, name)
+    if arr.dtype != dtype and (is_half_dtype(dtype) or arr.dtype.name == "bfloat16"):
+        # a 16-bit layer takes its own dtype only (a silent rounding of
+        # float32 inputs would hide the precision the caller chose), and a
+        # float layer no bfloat16 (NumPy cannot promote it)
+        raise TypeError(f"{name} has dtype {arr.dtype} but the layer's weights are {np.dtype(dtype)}: "
+                        f"pass {np.dtype(dtype)} inputs, or convert the layer with "
+                        f"layer.astype({arr.dtype.name!r})")
     if arr.dtype != dtype:
         compute_dtype(arr.dtype, name)  # rejects complex, object, ...
     check_input_shape(arr.shape, name, dim)

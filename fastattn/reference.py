@@ -12,14 +12,40 @@ kernels never do) so that the semantics can be read off directly:
 * a masked key gets probability exactly 0 (also in a row that a NaN in a
   valid score makes NaN); a row with no key left is all zeros; rows at or
   after ``query_lengths`` are all zeros.
+
+16-bit mode: where fastattn keeps bfloat16 (``ml_dtypes.bfloat16``) or
+float16 inputs in their dtype (``masked_softmax``, ``split_heads``,
+``merge_heads``, ``apply_rotary``, ``scaled_dot_product_attention`` with
+q, k and v of one such dtype, ``multi_head_attention`` with weights and
+inputs of one such dtype), the oracle takes the inputs as the exact values
+their 16-bit bits hold (inputs of another dtype are rounded to the 16-bit
+dtype first, as fastattn's layer rounds them), computes in float64 and
+rounds the result to the 16-bit dtype once, to nearest even. So an oracle
+result is the correctly rounded exact answer, and a kernel's distance from
+it is its own error plus at most half an ulp.
 """
 
 import math
 
 import numpy as np
 
-from fastattn._validation import compute_dtype
+from fastattn._validation import compute_dtype, is_half_dtype
 from fastattn.kv_quant import narrow_kv
+
+
+def _half_of(*arrays):
+    """The 16-bit dtype all ``arrays`` share (None when they do not)."""
+    dtypes = {np.dtype(a.dtype) for a in arrays}
+    if len(dtypes) == 1:
+        (dt,) = dtypes
+        if is_half_dtype(dt):
+            return dt
+    return None
+
+
+def _result_dtype(x, name):
+    """A one-input function's result dtype: 16-bit kept, else compute_dtype."""
+    return x.dtype if is_half_dtype(x.dtype) else compute_dtype(x.dtype, name)
 
 
 def _lengths_grid(lengths, lead_shape):
@@ -67,7 +93,7 @@ def masked_softmax(scores, *, attn_mask=None, key_lengths=None, query_lengths=No
     scores = np.asarray(scores)
     p = _softmax64(scores.astype(np.float64) * scale, attn_mask, key_lengths, query_lengths,
                    is_causal, causal_alignment)
-    return _finish(p.astype(compute_dtype(scores.dtype, "scores")), out)
+    return _finish(p.astype(_result_dtype(scores, "scores")), out)
 
 
 def _softmax64(s, attn_mask, key_lengths, query_lengths, is_causal, causal_alignment,
@@ -118,7 +144,9 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     ``v_scale``) are read as their exact values (int8: ``values * scale``)
     and give a float32 result."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    if narrow_kv(q, k, v, k_scale, v_scale) is not None:  # fastattn's dtype rule
+    if _half_of(q, k, v) is not None and k_scale is None and v_scale is None:
+        dtype = q.dtype  # 16-bit mode: exact inputs, one rounding of the result
+    elif narrow_kv(q, k, v, k_scale, v_scale) is not None:  # fastattn's dtype rule
         dtype = np.dtype(np.float32)
         q = q.astype(np.float32)
         if k_scale is not None:
@@ -244,14 +272,14 @@ def split_heads(x, num_heads, *, out=None, num_threads=None):
     B, S, E = x.shape
     D = E // num_heads
     y = x.reshape(B, S, num_heads, D).transpose(0, 2, 1, 3)
-    return _finish(np.ascontiguousarray(y, dtype=compute_dtype(x.dtype, "x")), out)
+    return _finish(np.ascontiguousarray(y, dtype=_result_dtype(x, "x")), out)
 
 
 def merge_heads(x, *, out=None, num_threads=None):
     x = np.asarray(x)
     B, H, S, D = x.shape
     y = x.transpose(0, 2, 1, 3).reshape(B, S, H * D)
-    return _finish(np.ascontiguousarray(y, dtype=compute_dtype(x.dtype, "x")), out)
+    return _finish(np.ascontiguousarray(y, dtype=_result_dtype(x, "x")), out)
 
 
 def _inverse_timescales(channels, layout, min_timescale, max_timescale):
@@ -310,7 +338,7 @@ def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_thr
     """RoPE: rotate the pairs (j, j + D/2) ("neox") or (2j, 2j + 1) ("gptj")
     of each row by the angles ``position * base ** (-2j / D)``."""
     x = np.asarray(x)
-    dtype = compute_dtype(x.dtype, "x")
+    dtype = _result_dtype(x, "x")
     D = x.shape[-1]
     half = D // 2
     inv = base ** (-np.arange(0, D, 2, dtype=np.float64) / D)
@@ -358,11 +386,17 @@ def multi_head_attention(params, query, key=None, value=None, *, num_heads, num_
     to 0."""
     names = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
     p = {n: None if params.get(n) is None else np.asarray(params[n]) for n in names}
-    dtype = np.result_type(*(compute_dtype(p[n].dtype, n) for n in names if p[n] is not None))
+    half = _half_of(*(a for a in p.values() if a is not None))
+    if half is not None:
+        dtype = half  # 16-bit mode: inputs rounded to the weights' dtype
+        query, key, value = (None if a is None else np.asarray(a).astype(half)
+                             for a in (query, key, value))
+    else:
+        dtype = np.result_type(*(compute_dtype(p[n].dtype, n) for n in names if p[n] is not None))
     p = {n: None if a is None else a.astype(np.float64) for n, a in p.items()}
-    x = np.asarray(query, dtype=np.float64)
-    kx = x if key is None else np.asarray(key, dtype=np.float64)
-    vx = x if value is None else np.asarray(value, dtype=np.float64)
+    x = np.asarray(query).astype(np.float64)
+    kx = x if key is None else np.asarray(key).astype(np.float64)
+    vx = x if value is None else np.asarray(value).astype(np.float64)
     H = num_heads
     Hkv = H if num_kv_heads is None else num_kv_heads
 

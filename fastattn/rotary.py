@@ -11,7 +11,7 @@ from fastattn._validation import (
     as_array,
     check_result_size,
     choice,
-    compute_dtype,
+    is_half_dtype,
     index_value,
     real_number,
 )
@@ -29,7 +29,10 @@ def _check_base(base, name="base"):
 
 def rope_tables(positions, half, base, dtype, num_threads=0):
     """cos and sin tables, each ``(n, half)``, for the int64 ``positions``
-    (a 1-D array) or, when ``positions`` is an int ``n``, for 0..n-1."""
+    (a 1-D array) or, when ``positions`` is an int ``n``, for 0..n-1.
+    bfloat16 and float16 rows are rotated with float32 tables."""
+    if is_half_dtype(dtype):
+        dtype = np.float32
     if isinstance(positions, (int, np.integer)):
         n, pos = int(positions), None
     else:
@@ -99,7 +102,8 @@ def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_thr
 
     Returns
     -------
-    ndarray of ``x``'s shape and compute dtype.
+    ndarray of ``x``'s shape and compute dtype; bfloat16 and float16 ``x``
+    give their own dtype (float32 tables and arithmetic, rounded once).
 
     Examples
     --------
@@ -111,7 +115,7 @@ def apply_rotary(x, positions, *, layout="neox", base=10000.0, out=None, num_thr
     """
     backend = _backend.backend_for((x,), ("x",))
     arr = backend.asarray(x, "x")
-    dtype = compute_dtype(arr.dtype, "x")
+    dtype = _backend.kernel_dtype(backend, arr.dtype, "x")
     shape = arr.shape
     code, b, pos, kshape = rotary_args(shape, backend.host(positions, "positions"), layout, base)
     arr, x4 = backend.kernel_input(arr, "x", dtype, kshape)

@@ -444,6 +444,8 @@ def _class_calls():
         "MultiHeadAttention.load_state_dict": (
             method(layer, "load_state_dict", _layer_state), (layer().state_dict(),), {},
             dict(state=STATE)),
+        "MultiHeadAttention.astype": (method(layer, "astype", _layer_state), (np.float16,), {},
+                                      dict(dtype=DTYPE)),
         "MultiHeadAttention.new_cache": (method(layer, "new_cache", _layer_state), (2, 4), {},
                                          dict(batch_size=COUNT, max_len=COUNT, kv_dtype=DTYPE)),
         "MultiHeadAttention.to": (method(layer, "to", _layer_state), ("cpu",), {},

@@ -56,7 +56,7 @@ def test_quick_run_end_to_end(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--cases", "sdpa,nope"], "unknown case 'nope'"),
     (["--peers", "tensorflow"], "unknown peer 'tensorflow'"),
-    (["--dtype", "float16"], "invalid choice: 'float16'"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--threads", "0"], "must be a positive integer"),
     (["--threads", "two"], "must be a positive integer"),
     (["--shapes", "1x2x3"], "expected four positive integers"),

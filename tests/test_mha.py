@@ -387,8 +387,8 @@ def test_constructor_validation():
         MHA(8, 2, rope="llama")
     with pytest.raises(ValueError, match=r"rope needs an even head_dim, got 3"):
         MHA(9, 3, rope="neox")
-    with pytest.raises(TypeError, match=r"dtype must be float32 or float64"):
-        MHA(8, 2, dtype=np.float16)
+    with pytest.raises(TypeError, match=r"dtype must be float32, float64, bfloat16 or float16"):
+        MHA(8, 2, dtype=np.int16)
     with pytest.raises(ValueError, match=r"num_heads must be >= 1"):
         MHA(8, 0)
 

@@ -129,6 +129,16 @@ def cpu_backend():
     return _cpu_module
 
 
+def kernel_dtype(backend, dtype, name):
+    """The dtype ``backend`` runs an input of ``dtype`` in, for the kernels
+    that keep bfloat16 and float16 (masked_softmax, split/merge_heads,
+    apply_rotary): those stay 16-bit where the backend's ``HALF_DTYPES``
+    says so (the CPU), and compute in float32 elsewhere."""
+    from fastattn._validation import compute_dtype, storage_dtype
+
+    return storage_dtype(dtype, name) if backend.HALF_DTYPES else compute_dtype(dtype, name)
+
+
 def backend_for(arrays, names):
     """The backend module that runs a call on ``arrays`` (TypeError when they
     mix host and CUDA arrays). NumPy arrays alone cost one type check each."""

@@ -24,6 +24,10 @@ from fastattn._validation import (
 from fastattn.masks import prepare_mask
 from fastattn.rotary import rope_tables
 
+# bfloat16 and float16 stay 16-bit in masked_softmax, split/merge_heads and
+# apply_rotary (float32 arithmetic, results rounded to the dtype)
+HALF_DTYPES = True
+
 # ---- kernels ------------------------------------------------------------------------
 
 # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), out (B, H, Lq, Dv) with

@@ -754,6 +754,10 @@ def linear(a, w, c, *, bias=None, row_start=None, row_stop=None, alpha=1.0, rope
                       rt.stream)
 
 
+# 16-bit inputs compute in float32 here, with a float32 result (no 16-bit
+# CUDA kernels)
+HALF_DTYPES = False
+
 KERNELS = ("attention", "masked_softmax", "split_heads", "merge_heads", "position_table",
            "add_position", "rotary", "cache_append", "linear")
 

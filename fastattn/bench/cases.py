@@ -365,9 +365,18 @@ def make_mha_weights(embed_dim, dtype, rng):
 
 def build_fastattn_mha(weights, num_heads, dtype, torch_module=None):
     """A ``fastattn.MultiHeadAttention`` holding ``weights``: through
-    ``from_weights`` when the layer has it, else ``from_torch``."""
+    ``from_weights`` when the layer has it, else ``from_torch``; a 16-bit
+    layer ``from_torch`` of the torch module of that dtype when torch is
+    installed (the conversion a user of a bf16 checkpoint makes)."""
     cls = fastattn.MultiHeadAttention
-    if hasattr(cls, "from_weights"):
+    if np.dtype(dtype).itemsize == 2 and torch_module is None:
+        try:
+            from fastattn.bench.peers import torch_mha_module
+
+            torch_module = torch_mha_module(weights, num_heads, dtype)
+        except ImportError:
+            pass
+    if torch_module is None and hasattr(cls, "from_weights"):
         w = weights
         return cls.from_weights(w["w_q"], w["w_k"], w["w_v"], w["w_o"], w["b_q"], w["b_k"],
                                 w["b_v"], w["b_o"], num_heads=num_heads)
@@ -410,6 +419,8 @@ class MHAProblem(Problem):
         self.weights = None
 
     def baselines(self):
+        if self.dtype.itemsize == 2:
+            return self._half_baselines()
         B, S, E = self.x.shape
         x2 = self.x.reshape(B * S, E)
         rng = np.random.default_rng(1)
@@ -420,6 +431,43 @@ class MHAProblem(Problem):
             x2 @ w_in
             x2 @ w_o
         return {"projections (BLAS)": (projections, 2.0 * B * S * E * E * 4)}
+
+
+    def _half_baselines(self):
+        """A 16-bit row's same-run references: its projections alone through
+        the packed 16-bit GEMM (the layer's GEMM floor), and the float32
+        layers of fastattn and torch on the same weights and inputs."""
+        from fastattn.bf16_gemm import PackedWeight, matmul
+
+        B, S, E = self.x.shape
+        x2 = self.x.reshape(B * S, E)
+        w = self.weights
+        w_in = PackedWeight(np.concatenate([w["w_q"], w["w_k"], w["w_v"]], axis=1).T)
+        w_o = PackedWeight(np.ascontiguousarray(w["w_o"].T))
+
+        def projections():
+            matmul(x2, w_in)
+            matmul(x2, w_o)
+        out = {"projections (16-bit GEMM)": (projections, 2.0 * B * S * E * E * 4)}
+        w32 = {n: a.astype(np.float32) for n, a in w.items()}
+        x32, kl = self.x.astype(np.float32), self.key_lengths
+        layer32 = build_fastattn_mha(w32, self.num_heads, np.float32)
+        out["fastattn float32"] = (lambda: layer32(x32, key_lengths=kl), self.work)
+        try:
+            import torch
+
+            from fastattn.bench.peers import torch_mha_module
+        except ImportError:
+            return out
+        module32 = torch_mha_module(w32, self.num_heads, np.float32)
+        t32 = torch.from_numpy(x32)
+        pad = None if kl is None else torch.arange(S)[None, :] >= torch.from_numpy(kl)[:, None]
+
+        def torch32():
+            with torch.inference_mode():
+                return module32(t32, t32, t32, key_padding_mask=pad, need_weights=False)[0]
+        out["torch float32"] = (torch32, self.work)
+        return out
 
 
 class SoftmaxProblem(Problem):
@@ -1095,11 +1143,21 @@ def _cuda(shape, dtype, rng):
             CudaProblem("cuda", "cuda sdpa causal", shape, dtype, rng, is_causal=True)]
 
 
+# The cases that have a bfloat16 / float16 path (--dtype bfloat16 or float16);
+# the others report n/a there
+HALF_CASES = ("sdpa", "causal", "padded", "decode", "overhead", "mha", "mha_decode", "softmax",
+              "heads")
+
+
 def problems_for(case, shape, dtype, rng):
     """The rows of one case at one shape, in order."""
     if case not in REGISTRY:
         raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
-    return REGISTRY[case].build(shape, dtype, rng)
+    problems = REGISTRY[case].build(shape, dtype, rng)
+    if np.dtype(dtype).itemsize == 2 and case not in HALF_CASES:
+        for p in problems:
+            p.unavailable = f"{case} has no {np.dtype(dtype).name} path"
+    return problems
 
 
 def plan(cases, shapes=None, *, quick=False):

@@ -94,7 +94,10 @@ def build_parser():
                              "space- or semicolon-separated, e.g. '1x12x512x64 8x12x128x64'; "
                              "H/Hkv gives kv heads (decode, decode_lengths, greedy), "
                              "e.g. '1x32/8x8192x128'")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
+                        default="float32",
+                        help="the inputs' dtype; bfloat16 needs ml_dtypes (cases without a "
+                             "16-bit path report n/a)")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="threads for fastattn and every peer (default: fastattn's default)")
     parser.add_argument("--quick", action="store_true",

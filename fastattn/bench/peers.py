@@ -94,7 +94,7 @@ class TorchPeer(Peer):
         torch = self._torch
         if problem.kind == "attention":
             F = torch.nn.functional
-            q, k, v = (torch.from_numpy(a) for a in (problem.q, problem.k, problem.v))
+            q, k, v = (torch_tensor(a) for a in (problem.q, problem.k, problem.v))
             mask = None
             if problem.key_lengths is not None:
                 lengths = torch.from_numpy(problem.key_lengths)
@@ -105,12 +105,12 @@ class TorchPeer(Peer):
             def run():
                 with torch.inference_mode():
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-            return run, lambda t: t.numpy()
+            return run, numpy_array
         if problem.kind == "decode_cache":
             return self._decode(problem)
         if problem.kind == "mha":
             module = torch_mha_module(problem.weights, problem.num_heads, problem.dtype)
-            x = torch.from_numpy(problem.x)
+            x = torch_tensor(problem.x)
             pad = None
             if problem.key_lengths is not None:
                 lengths = torch.from_numpy(problem.key_lengths)
@@ -119,18 +119,18 @@ class TorchPeer(Peer):
             def run():
                 with torch.inference_mode():
                     return module(x, x, x, key_padding_mask=pad, need_weights=False)[0]
-            return run, lambda t: t.numpy()
+            return run, numpy_array
         if problem.kind == "mha_decode":
             # torch's layer has no cache: the new token's query attends over
             # the whole history, whose keys and values it projects again.
             module = torch_mha_module(problem.weights, problem.num_heads, problem.dtype)
-            history = torch.from_numpy(problem.history)
-            x_new = torch.from_numpy(np.ascontiguousarray(problem.x_new))
+            history = torch_tensor(problem.history)
+            x_new = torch_tensor(np.ascontiguousarray(problem.x_new))
 
             def run():
                 with torch.inference_mode():
                     return module(x_new, history, history, need_weights=False)[0]
-            return run, lambda t: t.numpy()
+            return run, numpy_array
         raise NotApplicable(f"torch has no counterpart in this suite for {problem.kind}")
 
     def _decode(self, problem):
@@ -157,22 +157,54 @@ class TorchPeer(Peer):
         return run, lambda t: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def torch_tensor(a):
+    """A NumPy array as a torch tensor sharing its memory; bfloat16
+    (``ml_dtypes.bfloat16``, which torch cannot import) crosses as its
+    16-bit pattern."""
+    import torch
+
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def numpy_array(t):
+    """A torch CPU tensor as a NumPy array (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def torch_dtype(dtype):
+    """The torch dtype of a NumPy ``dtype`` (bfloat16 by name)."""
+    import torch
+
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        return torch.bfloat16
+    return {"float64": torch.float64, "float16": torch.float16}.get(dtype.name, torch.float32)
+
+
 def torch_mha_module(weights, num_heads, dtype):
-    """A ``torch.nn.MultiheadAttention`` (batch_first, eval) holding
-    ``weights`` (``(in, out)`` layout, as in :func:`cases.make_mha_weights`)."""
+    """A ``torch.nn.MultiheadAttention`` (batch_first, eval) of ``dtype``
+    holding ``weights`` (``(in, out)`` layout, as in
+    :func:`cases.make_mha_weights`)."""
     import torch
 
     w = weights
     embed_dim = w["w_q"].shape[0]
-    tdtype = torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
     module = torch.nn.MultiheadAttention(embed_dim, num_heads, bias=True, batch_first=True,
-                                         dtype=tdtype).eval()
+                                         dtype=torch_dtype(dtype)).eval()
     with torch.no_grad():
-        module.in_proj_weight.copy_(torch.from_numpy(
+        module.in_proj_weight.copy_(torch_tensor(
             np.concatenate([w["w_q"].T, w["w_k"].T, w["w_v"].T])))
-        module.in_proj_bias.copy_(torch.from_numpy(np.concatenate([w["b_q"], w["b_k"], w["b_v"]])))
-        module.out_proj.weight.copy_(torch.from_numpy(np.ascontiguousarray(w["w_o"].T)))
-        module.out_proj.bias.copy_(torch.from_numpy(w["b_o"]))
+        module.in_proj_bias.copy_(torch_tensor(np.concatenate([w["b_q"], w["b_k"], w["b_v"]])))
+        module.out_proj.weight.copy_(torch_tensor(np.ascontiguousarray(w["w_o"].T)))
+        module.out_proj.bias.copy_(torch_tensor(w["b_o"]))
     return module
 
 

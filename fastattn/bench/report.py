@@ -188,7 +188,8 @@ def summary_lines(results):
         f"thread{'s' if results['threads'] != 1 else ''} for every implementation; "
         f"dtype {results['dtype']}",
         f"roofline: {roof['dtype']} matmul {roof['matmul_gflops']:.1f} GFLOP/s "
-        f"(NumPy {roof['matmul_size']}²), read bandwidth {roof['read_gbs']:.1f} GB/s "
+        f"({'fastattn packed 16-bit GEMM' if roof['dtype'] in ('bfloat16', 'float16') else 'NumPy'} "
+        f"{roof['matmul_size']}²), read bandwidth {roof['read_gbs']:.1f} GB/s "
         f"(gemv over {roof['read_bytes'] >> 20} MiB){_probe_text(roof)}",
     ]
 

@@ -79,15 +79,30 @@ class RooflineProbe:
         # Several times any last-level cache, so that gemv reads memory.
         read_bytes = (128 if quick else 256) << 20
         cols = 2048
-        self._m = np.ones((read_bytes // (cols * self.dtype.itemsize), cols), dtype=self.dtype)
-        self._x = np.ones(cols, dtype=self.dtype)
+        # bfloat16 / float16: NumPy has no BLAS for them (its loops are
+        # orders of magnitude slower), so the matmul is fastattn's packed
+        # 16-bit GEMM (fastattn.bf16_gemm, the layer's projections) and the
+        # read is a float32 gemv over the same bytes
+        self._half = self.dtype.itemsize == 2
+        read_dtype = np.dtype(np.float32) if self._half else self.dtype
+        self._m = np.ones((read_bytes // (cols * read_dtype.itemsize), cols), dtype=read_dtype)
+        self._x = np.ones(cols, dtype=read_dtype)
+        if self._half:
+            from fastattn.bf16_gemm import PackedWeight
+
+            self._b = PackedWeight(self._b)
         self.samples = []
 
     def probe(self, policy=None):
         """One measurement of both ceilings (best repeat of each)."""
         policy = policy or TimingPolicy(min_time=0.0, max_time=0.5, min_repeats=3, warmup=1)
         a, b, m, x = self._a, self._b, self._m, self._x
-        mm = measure(lambda: a @ b, policy)
+        if self._half:
+            from fastattn.bf16_gemm import matmul
+
+            mm = measure(lambda: matmul(a, b), policy)
+        else:
+            mm = measure(lambda: a @ b, policy)
         mv = measure(lambda: m @ x, policy)
         sample = (2.0 * self.n**3 / mm.best / 1e9, m.nbytes / mv.best / 1e9)
         self.samples.append(sample)

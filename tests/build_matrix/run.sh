@@ -25,7 +25,7 @@ PY_NEWEST="${PY_NEWEST:-$HOME/.pyenv/versions/3.13.0/bin/python3.13}"
 # the C kernels against the oracle: every public kernel, every ISA level,
 # 1 and N threads, layouts, numerics; the layer and the peers are left to
 # the main job, which runs them once
-KERNEL_TESTS="${BUILD_MATRIX_TESTS:-tests/test_attention.py tests/test_masked_softmax.py tests/test_numerics.py tests/test_rotary.py tests/test_heads.py tests/test_position.py tests/test_sequence_mask.py}"
+KERNEL_TESTS="${BUILD_MATRIX_TESTS:-tests/test_attention.py tests/test_masked_softmax.py tests/test_half_dtypes.py tests/test_numerics.py tests/test_rotary.py tests/test_heads.py tests/test_position.py tests/test_sequence_mask.py}"
 # what the kernel tests import, beyond the package's own dependencies
 TEST_REQS=("pytest>=7" "hypothesis>=6")
 BUILD_REQS=("numpy>=2.0" "scipy>=1.10" "Cython>=3.0" "setuptools>=77")

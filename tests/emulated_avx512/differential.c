@@ -19,7 +19,9 @@
  *              enough (>= 16 MiB) to take the streaming-store path;
  *   nan-rows   directed softmax rows, n = 1..70: all -inf, one NaN among
  *              -inf, one finite among -inf, one NaN among finite values;
- *   rope       fa_rope_apply rows, float and double, NEOX and GPTJ, in place
+ *   rope       fa_rope_apply rows, float, double, bfloat16 and float16
+ *              (float32 tables; the rows widened and rounded back by each
+ *              level's conversions, half_rows*.c), NEOX and GPTJ, in place
  *              and out of place, D = 2..80: every level must give the
  *              scalar level's bits exactly (the row kernels are elementwise,
  *              so only a fused multiply-add the compiler slipped in, or a
@@ -42,6 +44,7 @@
 
 #include "case_random.h"
 #include "fastattn.h"
+#include "half_float.h"
 
 /* The test replaces csrc/cpu_features.c (not linked): level 2 is "available"
  * on this CPU because the level-2 kernels are emulated. Level 1 runs native
@@ -419,13 +422,21 @@ static int run_nan_row(int f64, int n, int pos, int kind) {
 
 /* ------------------------------------------------------------------ rope */
 /* Three rows of D = 2 * half values rotated by random table rows; levels 1
- * and 2 must match level 0 bit for bit. */
-static int run_rope(int f64, int64_t half, int layout, int inplace) {
-    const size_t es = f64 ? 8 : 4, L = 3, D = (size_t)(2 * half), n = L * D;
+ * and 2 must match level 0 bit for bit. dtype: FA_DTYPE_F32, F64, BF16 or
+ * F16 (16-bit rows take float32 tables). */
+static int run_rope(int dtype, int64_t half, int layout, int inplace) {
+    const int f64 = dtype == FA_DTYPE_F64, narrow = dtype == FA_DTYPE_BF16 || dtype == FA_DTYPE_F16;
+    const size_t es = f64 ? 8 : narrow ? 2 : 4, tes = f64 ? 8 : 4;
+    const size_t L = 3, D = (size_t)(2 * half), n = L * D;
     const int64_t table_len = 5;
-    char *x = malloc(n * es + 1), *cs = malloc((size_t)(table_len * half) * es + 1);
-    char *sn = malloc((size_t)(table_len * half) * es + 1), *y[3];
-    for (size_t i = 0; i < n; ++i) put(x, i, f64, rf() * 4);
+    char *x = malloc(n * es + 1), *cs = malloc((size_t)(table_len * half) * tes + 1);
+    char *sn = malloc((size_t)(table_len * half) * tes + 1), *y[3];
+    for (size_t i = 0; i < n; ++i) {
+        const double v = rf() * 4;
+        if (dtype == FA_DTYPE_BF16) ((uint16_t *)x)[i] = fa_f32_to_bf16_bits((float)v);
+        else if (dtype == FA_DTYPE_F16) ((uint16_t *)x)[i] = fa_f32_to_f16_bits((float)v);
+        else put(x, i, f64, v);
+    }
     for (int64_t i = 0; i < table_len * half; ++i) {
         const double a = rf() * 3.2;
         put(cs, (size_t)i, f64, cos(a));
@@ -449,15 +460,15 @@ static int run_rope(int f64, int64_t half, int layout, int inplace) {
         a.index_stride[2] = 1;
         a.cos = cs, a.sin = sn, a.table_len = table_len, a.layout = layout;
         set_level(isa);
-        st[isa] = fa_rope_apply(f64 ? FA_DTYPE_F64 : FA_DTYPE_F32, &a, 1);
+        st[isa] = fa_rope_apply(dtype, &a, 1);
     }
     int bad = 0;
     for (int isa = 1; isa < 3; ++isa) {
         if (st[isa] != st[0] || memcmp(y[isa], y[0], n * es) != 0) {
             bad = 1;
-            REPORT("rope %s vs scalar: f64=%d D=%zu layout=%d inplace=%d: status %d vs %d, "
+            REPORT("rope %s vs scalar: dtype=%d D=%zu layout=%d inplace=%d: status %d vs %d, "
                    "bits differ\n",
-                   level_name[isa], f64, D, layout, inplace, st[isa], st[0]);
+                   level_name[isa], dtype, D, layout, inplace, st[isa], st[0]);
         }
     }
     for (int isa = 0; isa < 3; ++isa) free(y[isa]);
@@ -492,11 +503,12 @@ int main(int argc, char **argv) {
                 for (int kind = 0; kind < 4; ++kind, ++nan_n) nan_bad += run_nan_row(f64, n, pos, kind);
 
     int rope_bad = 0, rope_n = 0;
-    for (int f64 = 0; f64 < 2; ++f64)
+    const int rope_dtypes[4] = {FA_DTYPE_F32, FA_DTYPE_F64, FA_DTYPE_BF16, FA_DTYPE_F16};
+    for (int d = 0; d < 4; ++d)
         for (int64_t half = 1; half <= 40; ++half)
             for (int layout = FA_ROPE_NEOX; layout <= FA_ROPE_GPTJ; ++layout)
                 for (int inplace = 0; inplace < 2; ++inplace, ++rope_n)
-                    rope_bad += run_rope(f64, half, layout, inplace);
+                    rope_bad += run_rope(rope_dtypes[d], half, layout, inplace);
 
     printf("attention: %d random cases (seed %" PRIu64 "), %d mismatching\n", cases, seed, attn_bad);
     printf("softmax: %d random cases (4 streaming), %d mismatching\n", sm_n, sm_bad);

@@ -11,7 +11,9 @@
 #   differential  fa_scaled_dot_product_attention and fa_masked_softmax at
 #                 level 2 and level 1 against level 0, random cases from a
 #                 fixed seed, plus directed NaN/-inf softmax rows, and
-#                 fa_rope_apply rows that must match level 0 bit for bit
+#                 fa_rope_apply rows (float, double, bfloat16, float16: the
+#                 last two through each level's row conversions) that must
+#                 match level 0 bit for bit
 #   bf16_attention the all-bf16 attention kernel (level 3, vdpbf16ps emulated)
 #                 against level 0 within the bound its P rounding allows
 #   gemm16        the 16-bit GEMM (fa_gemm16) at levels 1, 2 and 3 (3: the
@@ -19,10 +21,12 @@
 #                 for bit; gemm_bf16_impl.h's level-2/3 guard and include are
 #                 replaced by emu512.h the same way
 #
-# Then three planted bugs must be caught: the float keep mask shifted by one
+# Then four planted bugs must be caught: the float keep mask shifted by one
 # lane (by differential), the bf16 GEMM's odd-K tail packed into the wrong
-# half of its pair (by gemm16), and the bf16 attention kernel dropping an
-# odd D's last key element (by bf16_attention). Any mismatch, sanitizer report, or a patch
+# half of its pair (by gemm16), the bf16 attention kernel dropping an odd
+# D's last key element (by bf16_attention), and level 2's bfloat16 row
+# rounding without its 0x7fff increment (by differential's RoPE rows). Any
+# mismatch, sanitizer report, or a patch
 # that no longer applies fails the job. See docs/reliability.md.
 #
 #   bash tests/emulated_avx512/run.sh      # from anywhere; needs gcc with libasan/libubsan
@@ -164,8 +168,8 @@ S="$WORK/csrc"
 objs=()
 # the drivers the differential test calls, the kernel table and what they
 # share (threads, checked sizes, scratch), and every scalar kernel file
-for src in "$S"/attention.c "$S"/softmax.c "$S"/rope.c "$S"/dispatch.c "$S"/fork_safety.c "$S"/threads.c \
-    "$S"/checked_size.c "$S"/scratch.c "$S"/*_scalar.c; do
+for src in "$S"/attention.c "$S"/softmax.c "$S"/rope.c "$S"/half_rows.c "$S"/dispatch.c \
+    "$S"/fork_safety.c "$S"/threads.c "$S"/checked_size.c "$S"/scratch.c "$S"/*_scalar.c; do
     o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" &
 done
 for src in "$S"/*_avx2.c "$S"/*_avx512.c "$S"/*_avx512bf16.c; do
@@ -324,4 +328,32 @@ fi
 grep -m 2 '^MISMATCH' "$WORK/bf16-attention-planted.log" | cut -c1-200
 grep -E 'mismatching' "$WORK/bf16-attention-planted.log" | sed 's/^/   planted: /'
 echo "== planted bf16 attention bug caught (exit status $arc)"
+
+# ---- planted bug in the 16-bit row conversions: must be caught ----------------
+# level 2's bfloat16 rounding without its 0x7fff increment (rounds down
+# except on odd ties): the bfloat16 RoPE rows must then differ from level 0
+echo "== planted bug: level-2 bfloat16 rows rounded wrongly (must be caught)"
+cp -R "$WORK/csrc" "$WORK/planted16"
+H="$WORK/planted16/half_rows_avx512.c"
+sed -i 's/_mm512_set1_epi32(0x7fff)/_mm512_set1_epi32(0)/' "$H"
+[ "$(grep -c '_mm512_set1_epi32(0))' "$H")" -eq 1 ] ||
+    die "the planted-bug sed did not apply to half_rows_avx512.c (bf16_round16 changed?); update it in $0"
+hobjs=()
+for o in "${objs[@]}"; do case "$o" in */half_rows_avx512.o) ;; *) hobjs+=("$o") ;; esac; done
+compile "$H" "$WORK/pobj/half_rows_avx512.o" "$WORK/planted16" "${X86[@]}"
+wait_compiles "$WORK/pobj/half_rows_avx512.o"
+"$CC" "${CFLAGS[@]}" "$WORK/obj/differential.o" "${hobjs[@]}" "$WORK/pobj/half_rows_avx512.o" -lm \
+    -o "$WORK/differential-planted16"
+set +e
+"$WORK/differential-planted16" "$PLANTED_CASES" 1 > "$WORK/planted16.log" 2>&1
+hrc=$?
+set -e
+if [ "$hrc" -ne 1 ] || ! grep -q '^MISMATCH rope avx512(emulated) vs scalar: dtype=2' "$WORK/planted16.log" ||
+    grep -qE "$SANITIZER_RE" "$WORK/planted16.log"; then
+    cat "$WORK/planted16.log"
+    die "the planted bfloat16 rounding bug was not caught as a mismatch (exit status $hrc)"
+fi
+grep -m 2 '^MISMATCH rope' "$WORK/planted16.log" | cut -c1-200
+grep -E 'rope:' "$WORK/planted16.log" | sed 's/^/   planted: /'
+echo "== planted bfloat16 rounding bug caught (exit status $hrc)"
 echo "== emulated AVX-512 job passed in $((SECONDS - start)) s"

@@ -16,7 +16,7 @@ PY="${PYTHON:-python}"
 # the kernel tests: every public kernel against the oracle (layouts, masks,
 # threads, ISA levels), numerics, bad inputs, memory/aliasing, concurrency,
 # and the projections of csrc/linear.c (edge cases, RoPE epilogue)
-SANITIZER_TESTS="${SANITIZER_TESTS:-tests/test_properties.py tests/test_numerics.py tests/test_bad_input.py tests/test_memory.py tests/test_concurrency.py tests/test_attention.py tests/test_mha.py::test_linear_edge_cases tests/test_mha.py::test_blas_matmul_rope_epilogue}"
+SANITIZER_TESTS="${SANITIZER_TESTS:-tests/test_properties.py tests/test_numerics.py tests/test_half_dtypes.py tests/test_bad_input.py tests/test_memory.py tests/test_concurrency.py tests/test_attention.py tests/test_mha.py::test_linear_edge_cases tests/test_mha.py::test_blas_matmul_rope_epilogue}"
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
