@@ -208,6 +208,42 @@ static inline __m512 emu_mm512_castsi512_ps(__m512i v) { __m512 r; memcpy(&r, &v
 static inline __m512d emu_mm512_castsi512_pd(__m512i v) { __m512d r; memcpy(&r, &v, 64); return r; }
 /* the low 256 bits */
 static inline __m256 emu_mm512_castps512_ps256(__m512 v) { __m256 r; memcpy(&r, &v, 32); return r; }
+static inline __m128 emu_mm512_castps512_ps128(__m512 v) { __m128 r; memcpy(&r, &v, 16); return r; }
+/* VSHUFF32X4: 128-bit lanes 0, 1 from a and 2, 3 from b, each picked by two
+ * bits of imm */
+static inline __m512 emu_mm512_shuffle_f32x4(__m512 a_, __m512 b_, int imm) {
+    emu_ps a, b, r;
+    a.v = a_, b.v = b_;
+    for (int l = 0; l < 4; ++l) {
+        const int src = (imm >> (2 * l)) & 3;
+        memcpy(&r.f[4 * l], l < 2 ? &a.f[4 * src] : &b.f[4 * src], 16);
+    }
+    return r.v;
+}
+/* VPERMILPS (immediate): in every 128-bit lane, element i takes lane
+ * element imm[2i+1:2i] */
+static inline __m512 emu_mm512_permute_ps(__m512 a_, int imm) {
+    emu_ps a, r;
+    a.v = a_;
+    for (int i = 0; i < 16; ++i) r.f[i] = a.f[(i & ~3) + ((imm >> (2 * (i & 3))) & 3)];
+    return r.v;
+}
+/* VPERMPS: element i takes a[idx[i] mod 16] */
+static inline __m512 emu_mm512_permutexvar_ps(__m512i idx_, __m512 a_) {
+    emu_si idx;
+    emu_ps a, r;
+    idx.v = idx_, a.v = a_;
+    for (int i = 0; i < 16; ++i) r.f[i] = a.f[idx.i[i] & 15];
+    return r.v;
+}
+static inline __m512i emu_mm512_setr_epi32(int e0, int e1, int e2, int e3, int e4, int e5,
+                                           int e6, int e7, int e8, int e9, int e10, int e11,
+                                           int e12, int e13, int e14, int e15) {
+    const int e[16] = {e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15};
+    emu_si r;
+    for (int i = 0; i < 16; ++i) r.i[i] = e[i];
+    return r.v;
+}
 static inline __m256d emu_mm512_castpd512_pd256(__m512d v) { __m256d r; memcpy(&r, &v, 32); return r; }
 /* VEXTRACTF64X4: the 256-bit half selected by imm bit 0 */
 static inline __m256d emu_mm512_extractf64x4_pd(__m512d v, int imm) {
@@ -436,6 +472,11 @@ static inline __mmask16 emu_mm_test_epi8_mask(__m128i a_, __m128i b_) {
 #define _mm512_castsi512_ps emu_mm512_castsi512_ps
 #define _mm512_castsi512_pd emu_mm512_castsi512_pd
 #define _mm512_castps512_ps256 emu_mm512_castps512_ps256
+#define _mm512_castps512_ps128 emu_mm512_castps512_ps128
+#define _mm512_shuffle_f32x4 emu_mm512_shuffle_f32x4
+#define _mm512_permute_ps emu_mm512_permute_ps
+#define _mm512_permutexvar_ps emu_mm512_permutexvar_ps
+#define _mm512_setr_epi32 emu_mm512_setr_epi32
 #define _mm512_castpd512_pd256 emu_mm512_castpd512_pd256
 #define _mm512_extractf64x4_pd emu_mm512_extractf64x4_pd
 #define _mm512_cvtps_epi32 emu_mm512_cvtps_epi32
