@@ -19,7 +19,6 @@ from fastattn._validation import (
     as_array,
     check_result_size,
     choice,
-    compute_dtype,
     is_half_dtype,
     storage_dtype,
     float_array,

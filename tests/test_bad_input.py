@@ -235,11 +235,6 @@ def _valid_calls():
             alibi_slopes=OPT_ARRAY, return_weights=FLAG, out=OUT, num_threads=THREADS,
             key_starts=LENGTHS, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY,
             k_scale=OPT_ARRAY, v_scale=OPT_ARRAY)),
-        "paged_attention": ((q[:, :, :1], np.zeros((3, 4, 2, 4), np.float32),
-                             np.zeros((3, 4, 2, 4), np.float32), [[0, 1]], [6]), dict(
-            q=ARRAY, key_cache=ARRAY, value_cache=ARRAY, block_tables=LENGTHS, seq_lens=LENGTHS,
-            is_causal=FLAG, window=WINDOW, softcap=POSITIVE, sinks=OPT_ARRAY, scale=OPT_REAL,
-            alibi_slopes=OPT_ARRAY, out=OUT, num_threads=THREADS)),
         "quantize_kv": ((z3,), dict(x=ARRAY, num_threads=THREADS)),
         "dequantize_kv": ((np.zeros((2, 3, 4), np.int8), np.ones((2, 3), np.float32)), dict(
             values=ARRAY, scales=ARRAY, num_threads=THREADS)),
