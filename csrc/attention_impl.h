@@ -262,6 +262,7 @@ static void FA_KNAME(pv_tile, DT)(const T *st, const KT *vt, int64_t vst, int64_
 
 
 #if FA_DPBF16
+#include "bf16_round_avx512.h"
 /* ---- vdpbf16ps tiles (all-bf16 inputs) ----------------------------------------
  * One vdpbf16ps adds, per float lane, the products of a pair of bf16
  * elements: acc += a[2i+1] b[2i+1], then acc += a[2i] b[2i], each an
@@ -352,13 +353,6 @@ static void FA_KNAME(scores_tile_dp, DT)(const uint32_t *q2, const uint16_t *kt,
     }
 }
 
-/* float -> bf16 bits of each 32-bit lane, rounded to nearest even, in the
- * low half (the lanes are probabilities: finite, or NaN from a NaN input,
- * which stays NaN since its quiet bit survives). */
-static inline __m512i FA_KNAME(bf16_round_lanes, DT)(__m512i u) {
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-}
 
 /* V2 words (t, c) for c in [0, ldv2) from the nk value rows at vt (row
  * stride vst, Dv elements); columns past Dv and the row past an odd nk's
@@ -779,15 +773,15 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
                 const V p1 = V_EXPB_NONPOS(V_MUL(V_SUB(V_LOADU(st + (j + 1) * MQ + ic), msafe), vlog2e));
                 sum = V_ADD(V_ADD(sum, p0), p1);
                 const __m512i w = _mm512_or_si512(
-                    FA_KNAME(bf16_round_lanes, DT)(_mm512_castps_si512(p0)),
-                    _mm512_slli_epi32(FA_KNAME(bf16_round_lanes, DT)(_mm512_castps_si512(p1)), 16));
+                    fa_bf16_round16(p0),
+                    _mm512_slli_epi32(fa_bf16_round16(p1), 16));
                 _mm512_storeu_ps((float *)(sc->pp + j / 2 * MQ + ic), _mm512_castsi512_ps(w));
             }
             if (j < nk) { /* odd nk: the last pair's high half is 0 */
                 const V p0 = V_EXPB_NONPOS(V_MUL(V_SUB(V_LOADU(st + j * MQ + ic), msafe), vlog2e));
                 sum = V_ADD(sum, p0);
                 _mm512_storeu_ps((float *)(sc->pp + j / 2 * MQ + ic),
-                                 _mm512_castsi512_ps(FA_KNAME(bf16_round_lanes, DT)(_mm512_castps_si512(p0))));
+                                 _mm512_castsi512_ps(fa_bf16_round16(p0)));
             }
 #else
             for (int64_t j = 0; j < nk; ++j) {

@@ -347,16 +347,7 @@ static void g16_pack_a_pairs(const uint16_t *a, int64_t lda, int64_t rows, int64
 /* ---- epilogue: out = convert(alpha * acc (+ bias)) ----------------------- */
 
 #if FA_G16_LEVEL >= 2
-/* Round 16 floats to bf16 bits (in the low halves of 32-bit lanes), the
- * vector form of fa_f32_to_bf16_bits. */
-static inline __m512i g16_round_bf16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded =
-        _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet);
-}
+#include "bf16_round_avx512.h"
 
 static void g16_epilogue(const float *acc, int64_t ldacc, int64_t rows, int64_t cols,
                          float alpha, const float *bias, void *out, int64_t ldout,
@@ -373,7 +364,7 @@ static void g16_epilogue(const float *acc, int64_t ldacc, int64_t rows, int64_t 
                 _mm512_mask_storeu_ps((float *)out + r * ldout + j, m, v);
             } else if (out_dtype == FA_DTYPE_BF16) {
                 _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)out + r * ldout + j, m,
-                                                  g16_round_bf16(v));
+                                                  fa_bf16_round16(v));
             } else {
                 const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 _mm256_mask_storeu_epi16((uint16_t *)out + r * ldout + j, m, h);

@@ -14,6 +14,7 @@
 #include "half_rows.h"
 #define FA_ISA_LEVEL 2
 #include "simd_map.h"
+#include "bf16_round_avx512.h"
 
 static inline __mmask16 tail_mask(int64_t r) { return (__mmask16)((1u << r) - 1u); }
 
@@ -29,15 +30,6 @@ static inline __mmask16 lanes(int64_t j, int64_t n) {
     return n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
 }
 
-/* bf16 bits of 16 floats, in the low halves of 32-bit lanes */
-static inline __m512i bf16_round16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded =
-        _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet);
-}
 
 void fa_bf16_widen_avx512(const uint16_t *src, int64_t n, float *dst) {
     for (int64_t j = 0; j < n; j += 16) {
@@ -49,7 +41,7 @@ void fa_bf16_widen_avx512(const uint16_t *src, int64_t n, float *dst) {
 void fa_bf16_narrow_avx512(const float *src, int64_t n, uint16_t *dst) {
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 m = lanes(j, n);
-        _mm512_mask_cvtepi32_storeu_epi16(dst + j, m, bf16_round16(_mm512_maskz_loadu_ps(m, src + j)));
+        _mm512_mask_cvtepi32_storeu_epi16(dst + j, m, fa_bf16_round16(_mm512_maskz_loadu_ps(m, src + j)));
     }
 }
 

@@ -476,6 +476,7 @@ static inline __mmask16 emu_mm_test_epi8_mask(__m128i a_, __m128i b_) {
 #define _mm512_shuffle_f32x4 emu_mm512_shuffle_f32x4
 #define _mm512_permute_ps emu_mm512_permute_ps
 #define _mm512_permutexvar_ps emu_mm512_permutexvar_ps
+#undef _mm512_setr_epi32 /* a macro in GCC's avx512fintrin.h */
 #define _mm512_setr_epi32 emu_mm512_setr_epi32
 #define _mm512_castpd512_pd256 emu_mm512_castpd512_pd256
 #define _mm512_extractf64x4_pd emu_mm512_extractf64x4_pd

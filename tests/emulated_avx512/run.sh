@@ -247,6 +247,24 @@ else
 fi
 echo "== no mismatch, no sanitizer report ($((SECONDS - start)) s)"
 
+# expect_caught WHAT PATTERN LOG CMD...: CMD, built with a planted bug, must
+# exit 1 and print a mismatch line matching PATTERN, with no sanitizer report
+expect_caught() {
+    local what="$1" pattern="$2" log="$3" rc
+    shift 3
+    set +e
+    "$@" > "$log" 2>&1
+    rc=$?
+    set -e
+    if [ "$rc" -ne 1 ] || ! grep -q "$pattern" "$log" || grep -qE "$SANITIZER_RE" "$log"; then
+        cat "$log"
+        die "the planted $what was not caught as a mismatch (exit status $rc)"
+    fi
+    grep -m 2 '^MISMATCH' "$log" | cut -c1-200
+    grep -E 'mismatching|not bit-identical' "$log" | sed 's/^/   planted: /'
+    echo "== planted $what caught (exit status $rc)"
+}
+
 # ---- planted bug: must be caught ---------------------------------------------
 # the float keep mask shifted by one lane (lane i takes mask byte i + 1)
 echo "== planted bug: vf32_keep mask off by one lane (must be caught)"
@@ -263,18 +281,8 @@ for src in "$WORK"/planted/*_avx512.c; do
 done
 wait_compiles "$WORK"/pobj/*_avx512.o
 "$CC" "${CFLAGS[@]}" "$WORK/obj/differential.o" "${pobjs[@]}" -lm -o "$WORK/differential-planted"
-set +e
-"$WORK/differential-planted" "$PLANTED_CASES" 1 > "$WORK/planted.log" 2>&1
-prc=$?
-set -e
-if [ "$prc" -ne 1 ] || ! grep -q '^MISMATCH .*avx512(emulated) vs scalar' "$WORK/planted.log" ||
-    grep -qE "$SANITIZER_RE" "$WORK/planted.log"; then
-    cat "$WORK/planted.log"
-    die "the planted keep-mask bug was not caught as a mismatch (exit status $prc)"
-fi
-grep -m 2 '^MISMATCH' "$WORK/planted.log" | cut -c1-200
-grep -E 'mismatching' "$WORK/planted.log" | sed 's/^/   planted: /'
-echo "== planted bug caught (exit status $prc)"
+expect_caught "keep-mask bug" '^MISMATCH .*avx512(emulated) vs scalar' "$WORK/planted.log" \
+    "$WORK/differential-planted" "$PLANTED_CASES" 1
 
 # ---- planted bug in the bf16 kernel: must be caught ---------------------------
 # the odd-K tail of the vdpbf16ps activation packing in the high half of its
@@ -290,18 +298,8 @@ compile "$WORK/planted/gemm_bf16_avx512bf16.c" "$WORK/pobj/gemm_bf16_avx512bf16.
 wait_compiles "$WORK/pobj/gemm_bf16_avx512bf16.o"
 "$CC" "${CFLAGS[@]}" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o" "${gobjs[@]}" \
     "$WORK/pobj/gemm_bf16_avx512bf16.o" -lm -o "$WORK/gemm16-planted"
-set +e
-"$WORK/gemm16-planted" "$PLANTED_CASES" 1 > "$WORK/gemm16-planted.log" 2>&1
-grc=$?
-set -e
-if [ "$grc" -ne 1 ] || ! grep -q '^MISMATCH .*level 3 vs scalar' "$WORK/gemm16-planted.log" ||
-    grep -qE "$SANITIZER_RE" "$WORK/gemm16-planted.log"; then
-    cat "$WORK/gemm16-planted.log"
-    die "the planted bf16 tail bug was not caught as a mismatch (exit status $grc)"
-fi
-grep -m 2 '^MISMATCH' "$WORK/gemm16-planted.log" | cut -c1-200
-grep -E 'mismatching' "$WORK/gemm16-planted.log" | sed 's/^/   planted: /'
-echo "== planted bf16 bug caught (exit status $grc)"
+expect_caught "bf16 GEMM tail bug" '^MISMATCH .*level 3 vs scalar' "$WORK/gemm16-planted.log" \
+    "$WORK/gemm16-planted" "$PLANTED_CASES" 1
 # ---- planted bug in the bf16 attention kernel: must be caught -----------------
 # an odd D's last key element dropped from its pair (that term of q . k lost)
 echo "== planted bug: the bf16 attention kernel drops an odd D's last key element (must be caught)"
@@ -316,18 +314,8 @@ compile "$WORK/planted/attention_avx512bf16.c" "$WORK/pobj/attention_avx512bf16.
 wait_compiles "$WORK/pobj/attention_avx512bf16.o"
 "$CC" "${CFLAGS[@]}" "$WORK/obj/bf16_attention.o" "${aobjs[@]}" "$WORK/pobj/attention_avx512bf16.o" \
     -lm -o "$WORK/bf16-attention-planted"
-set +e
-"$WORK/bf16-attention-planted" "$PLANTED_CASES" 1 > "$WORK/bf16-attention-planted.log" 2>&1
-arc=$?
-set -e
-if [ "$arc" -ne 1 ] || ! grep -q '^MISMATCH .*level 3 vs scalar' "$WORK/bf16-attention-planted.log" ||
-    grep -qE "$SANITIZER_RE" "$WORK/bf16-attention-planted.log"; then
-    cat "$WORK/bf16-attention-planted.log"
-    die "the planted bf16 attention bug was not caught as a mismatch (exit status $arc)"
-fi
-grep -m 2 '^MISMATCH' "$WORK/bf16-attention-planted.log" | cut -c1-200
-grep -E 'mismatching' "$WORK/bf16-attention-planted.log" | sed 's/^/   planted: /'
-echo "== planted bf16 attention bug caught (exit status $arc)"
+expect_caught "bf16 attention bug" '^MISMATCH .*level 3 vs scalar' \
+    "$WORK/bf16-attention-planted.log" "$WORK/bf16-attention-planted" "$PLANTED_CASES" 1
 
 # ---- planted bug in the 16-bit row conversions: must be caught ----------------
 # level 2's bfloat16 rounding without its 0x7fff increment (rounds down
@@ -335,25 +323,16 @@ echo "== planted bf16 attention bug caught (exit status $arc)"
 echo "== planted bug: level-2 bfloat16 rows rounded wrongly (must be caught)"
 cp -R "$WORK/csrc" "$WORK/planted16"
 H="$WORK/planted16/half_rows_avx512.c"
-sed -i 's/_mm512_set1_epi32(0x7fff)/_mm512_set1_epi32(0)/' "$H"
-[ "$(grep -c '_mm512_set1_epi32(0))' "$H")" -eq 1 ] ||
-    die "the planted-bug sed did not apply to half_rows_avx512.c (bf16_round16 changed?); update it in $0"
+R="$WORK/planted16/bf16_round_avx512.h"
+sed -i 's/_mm512_set1_epi32(0x7fff)/_mm512_set1_epi32(0)/' "$R"
+[ "$(grep -c '_mm512_set1_epi32(0))' "$R")" -eq 1 ] ||
+    die "the planted-bug sed did not apply to bf16_round_avx512.h (fa_bf16_round16 changed?); update it in $0"
 hobjs=()
 for o in "${objs[@]}"; do case "$o" in */half_rows_avx512.o) ;; *) hobjs+=("$o") ;; esac; done
 compile "$H" "$WORK/pobj/half_rows_avx512.o" "$WORK/planted16" "${X86[@]}"
 wait_compiles "$WORK/pobj/half_rows_avx512.o"
 "$CC" "${CFLAGS[@]}" "$WORK/obj/differential.o" "${hobjs[@]}" "$WORK/pobj/half_rows_avx512.o" -lm \
     -o "$WORK/differential-planted16"
-set +e
-"$WORK/differential-planted16" "$PLANTED_CASES" 1 > "$WORK/planted16.log" 2>&1
-hrc=$?
-set -e
-if [ "$hrc" -ne 1 ] || ! grep -q '^MISMATCH rope avx512(emulated) vs scalar: dtype=2' "$WORK/planted16.log" ||
-    grep -qE "$SANITIZER_RE" "$WORK/planted16.log"; then
-    cat "$WORK/planted16.log"
-    die "the planted bfloat16 rounding bug was not caught as a mismatch (exit status $hrc)"
-fi
-grep -m 2 '^MISMATCH rope' "$WORK/planted16.log" | cut -c1-200
-grep -E 'rope:' "$WORK/planted16.log" | sed 's/^/   planted: /'
-echo "== planted bfloat16 rounding bug caught (exit status $hrc)"
+expect_caught "bfloat16 rounding bug" '^MISMATCH rope avx512(emulated) vs scalar: dtype=2' \
+    "$WORK/planted16.log" "$WORK/differential-planted16" "$PLANTED_CASES" 1
 echo "== emulated AVX-512 job passed in $((SECONDS - start)) s"
