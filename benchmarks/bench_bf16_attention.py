@@ -18,7 +18,6 @@ oracle on the same bf16 inputs, relative to the oracle's RMS, for fastattn
 and torch side by side.
 """
 
-import argparse
 import statistics
 import sys
 
@@ -26,7 +25,7 @@ import numpy as np
 
 import fastattn
 from fastattn import reference
-from fastattn.bench.scripts import blas_limit, machine_line, print_table
+from fastattn.bench.scripts import blas_limit, machine_line, parse_script_args, print_table
 from fastattn.bench.timing import TimingPolicy, measure_interleaved
 
 try:
@@ -110,12 +109,7 @@ def bf16_gemm_rate(policy):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="small shapes, short timings")
-    args = parser.parse_args()
-    rounds = 2 if args.quick else args.rounds
+    args, rounds = parse_script_args(__doc__, rounds=5, quick_help="small shapes, short timings")
     policy = TimingPolicy.quick() if args.quick else TimingPolicy(min_time=0.3, max_time=1.5)
     if torch is not None:
         torch.set_num_threads(args.threads)

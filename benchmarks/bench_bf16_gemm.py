@@ -20,7 +20,6 @@ by other load); each gives the median GF/s over rounds and the median of
 the same-round ratios.
 """
 
-import argparse
 import statistics
 import sys
 
@@ -28,7 +27,7 @@ import numpy as np
 
 import fastattn
 from fastattn import bf16_gemm
-from fastattn.bench.scripts import blas_limit, machine_line, print_table
+from fastattn.bench.scripts import blas_limit, machine_line, parse_script_args, print_table
 from fastattn.bench.timing import TimingPolicy, measure
 
 try:
@@ -81,12 +80,7 @@ def _peers(M, N, K, threads, rng):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="short timings, 2 rounds")
-    args = parser.parse_args()
-    rounds = 2 if args.quick else args.rounds
+    args, rounds = parse_script_args(__doc__, rounds=5, quick_help="short timings, 2 rounds")
     policy = TimingPolicy.quick() if args.quick else TimingPolicy(min_time=0.2, max_time=1.0)
     if torch is not None:
         torch.set_num_threads(args.threads)

@@ -19,7 +19,6 @@ Accuracy: relative RMS error of each bf16 output against the float64
 oracle (fastattn.reference, 16-bit mode) on the same weights and inputs.
 """
 
-import argparse
 import sys
 import time
 
@@ -27,7 +26,7 @@ import numpy as np
 
 import fastattn
 from fastattn import reference
-from fastattn.bench.scripts import blas_limit, machine_line, print_table
+from fastattn.bench.scripts import blas_limit, machine_line, parse_script_args, print_table
 from fastattn.bench.timing import TimingPolicy, measure_interleaved
 
 try:
@@ -87,12 +86,7 @@ def layers(S, threads, rng):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--quick", action="store_true", help="a short sequence, short timings")
-    args = parser.parse_args()
-    rounds = 2 if args.quick else args.rounds
+    args, rounds = parse_script_args(__doc__, rounds=25, quick_help="a short sequence, short timings")
     # short bursts: 5 calls an implementation a round, after a pause. On a
     # shared machine under a CPU quota, second-long loops of 2-thread calls
     # were throttled into 8-24 ms stalls; bursts after a pause were not

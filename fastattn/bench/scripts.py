@@ -45,3 +45,17 @@ def blas_limit(threads):
 
 def print_table(headers, rows):
     print(plain_table(headers, rows))
+
+
+def parse_script_args(doc, *, rounds, quick_help):
+    """The options every standalone script takes (``--threads``, ``--rounds``,
+    ``--quick``), parsed; ``--quick`` makes the rounds 2. Returns
+    ``(args, rounds)``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args()
+    return args, 2 if args.quick else args.rounds
