@@ -121,9 +121,18 @@ def keep_replica_grpc_on_loopback():
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that is free now, taken below Linux's ephemeral range
+    (32768-60999): a port the kernel picked from that range could be handed
+    again to one of the processes Ray starts before Serve binds it."""
+    rng = np.random.default_rng()
+    for port in rng.permutation(np.arange(20000, 32000))[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError("no free loopback port in 20000-32000")
 
 
 def start(app, *, port, num_cpus=2):
