@@ -230,3 +230,16 @@ def test_half_queries_over_a_paged_cache_of_their_dtype(rng, dtype):
     want = fastattn.paged_attention(q.astype(np.float32), kc, vc, tables, lens)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
+
+
+def test_half_nan_payloads_of_an_additive_mask(isa, rng):
+    """A float32 NaN of any payload in an additive mask makes its row NaN (and
+    only its row) at every level, the vdpbf16ps kernel's rounding of the
+    probabilities included."""
+    q, k, v = random_qkv(rng, (1, 2, 2, 100, 100, 16, 16), BF16)
+    for bits in (0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001):
+        mask = np.zeros((100, 100), np.float32)
+        mask[5, 7] = np.array([bits], np.uint32).view(np.float32)[0]
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask).astype(np.float32)
+        bad = np.isnan(out)
+        assert bad[0, :, 5].all() and bad.sum() == 2 * 16, hex(bits)
