@@ -324,7 +324,8 @@ echo "== planted bug: level-2 bfloat16 rows rounded wrongly (must be caught)"
 cp -R "$WORK/csrc" "$WORK/planted16"
 H="$WORK/planted16/half_rows_avx512.c"
 R="$WORK/planted16/bf16_round_avx512.h"
-sed -i 's/_mm512_set1_epi32(0x7fff)/_mm512_set1_epi32(0)/' "$R"
+# the first rounding of the header, fa_bf16_round16 (the one the row conversions use)
+sed -i '0,/_mm512_set1_epi32(0x7fff)/s//_mm512_set1_epi32(0)/' "$R"
 [ "$(grep -c '_mm512_set1_epi32(0))' "$R")" -eq 1 ] ||
     die "the planted-bug sed did not apply to bf16_round_avx512.h (fa_bf16_round16 changed?); update it in $0"
 hobjs=()
