@@ -14,7 +14,7 @@
 #include <string.h>
 
 #include "fa_math.h"
-#include "half_float.h"
+#include "half_rows.h"
 #include "checked_size.h"
 #include "kernel_table.h"
 #include "scratch.h"
@@ -177,11 +177,7 @@ static void merge_head(const fa_attn_job *job, const fa_lengths_view *ql, int64_
             merge_row_float((const float *)part + (first * Lq + i) * Dv,
                             (const float *)part_ml + (first * Lq + i) * 2, nsplit, Lq * Dv,
                             Lq * 2, Dv, job->sinks ? &sink : NULL, job->io16 ? row : (float *)orow);
-            uint16_t *o16 = (uint16_t *)orow;
-            if (job->io16 == FA_DTYPE_BF16)
-                for (int64_t c = 0; c < Dv; ++c) o16[c] = fa_f32_to_bf16_bits(row[c]);
-            else if (job->io16 == FA_DTYPE_F16)
-                for (int64_t c = 0; c < Dv; ++c) o16[c] = fa_f32_to_f16_bits(row[c]);
+            if (job->io16) fa_f32_row_to_half(job->io16, row, Dv, (uint16_t *)orow, 1);
         } else {
             double sink = 0.0;
             if (job->sinks) {
