@@ -759,11 +759,7 @@ class MultiHeadAttention:
             ql = _query_lengths(query_lengths, x.shape[0], x.shape[1])
             _check_cache_fits(cache, self.num_kv_heads, self.head_dim, self.dtype, x.shape,
                               self.v_head_dim)
-            gt = nt if BLAS_THREADS.enter() else 1
-            try:
-                return self._call_cached(x, cache, ql, return_weights, nt, gt)
-            finally:
-                BLAS_THREADS.exit()
+            return self._with_gemm_threads(self._call_cached, x, cache, ql, return_weights, nt)
         B, Lq, _ = x.shape
         H = self.num_heads
         if key is None:
@@ -780,9 +776,21 @@ class MultiHeadAttention:
         full = (B, H, Lq, Lk)
         # 16-bit layers take additive masks in float32, as their scores are
         kind, mask4 = prepare_mask(attn_mask, full, full, np.float32 if self._half else self.dtype)
-        gt = nt if BLAS_THREADS.enter() else 1
+        return self._with_gemm_threads(self._forward, x, kx, vx, Lk, ql, kl, kind, mask4, is_causal,
+                                       return_weights, nt)
+
+    def _with_gemm_threads(self, fn, *args):
+        """fn(*args, gt): args end with nt, the call's threads; gt is the
+        GEMMs'. A float layer's GEMMs are BLAS's: limited to one thread each
+        while the call splits them over nt OpenMP threads, or (gt = 1) left
+        to thread themselves where BLAS cannot be limited. A 16-bit layer's
+        GEMMs are fastattn's own and take the call's threads, with no BLAS
+        to limit (looking it up cost 4% of a bf16 layer call at S=128)."""
+        if self._half:
+            return fn(*args, args[-1])
+        gt = args[-1] if BLAS_THREADS.enter() else 1
         try:
-            return self._forward(x, kx, vx, Lk, ql, kl, kind, mask4, is_causal, return_weights, nt, gt)
+            return fn(*args, gt)
         finally:
             BLAS_THREADS.exit()
 
