@@ -333,19 +333,28 @@ static inline __m512 vf32_exp_nonpos(__m512 x) { /* as the avx2 version */
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
-static inline __m512 vf32_exp2_nonpos(__m512 x) { /* as the avx2 version */
+/* The two halves of 2^x = 2^n 2^r around a polynomial for 2^r (as the
+ * avx2 vf32_exp2_nonpos): vf32_exp2_reduce gives r in [-1/2, 1/2] and *nb,
+ * whose low bits hold n + 127; vf32_exp2_scale gives p 2^n. */
+static inline __m512 vf32_exp2_reduce(__m512 x, __m512 *nb) {
     const __m512 shifter = _mm512_set1_ps(FA_EXP2F_SHIFTER);
     const __m512 xc = _mm512_max_ps(_mm512_set1_ps(FA_EXP2F_LO), x);
-    const __m512 nb = _mm512_add_ps(xc, shifter);
-    const __m512 r = _mm512_sub_ps(xc, _mm512_sub_ps(nb, shifter));
+    *nb = _mm512_add_ps(xc, shifter);
+    return _mm512_sub_ps(xc, _mm512_sub_ps(*nb, shifter));
+}
+static inline __m512 vf32_exp2_scale(__m512 p, __m512 nb) {
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(nb), 23)));
+}
+static inline __m512 vf32_exp2_nonpos(__m512 x) {
+    __m512 nb;
+    const __m512 r = vf32_exp2_reduce(x, &nb);
     __m512 p = _mm512_set1_ps(FA_EXP2F_C5);
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXP2F_C4));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXP2F_C3));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXP2F_C2));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FA_EXP2F_C1));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(nb), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    return vf32_exp2_scale(p, nb);
 }
 static inline __m512 vf32_div(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
 static inline __m512d vf64_div(__m512d a, __m512d b) { return _mm512_div_pd(a, b); }
