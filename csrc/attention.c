@@ -52,8 +52,21 @@ static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, 
     }
 }
 
-static void run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, int64_t q1,
-                      int64_t k0, int64_t k1, void *part, void *part_ml, void *scratch) {
+int fa_attn_dtypes(int dtype, int kv_dtype, int *compute, int *io16, int *kvd) {
+    if (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64 && dtype != FA_DTYPE_BF16 &&
+        dtype != FA_DTYPE_F16)
+        return FA_ERR_INVALID;
+    if (kv_dtype < FA_KV_SAME || kv_dtype > FA_KV_I8) return FA_ERR_INVALID;
+    *io16 = dtype == FA_DTYPE_BF16 || dtype == FA_DTYPE_F16 ? dtype : 0;
+    *compute = *io16 ? FA_DTYPE_F32 : dtype;
+    *kvd = kv_dtype;
+    if (*io16 && *kvd == FA_KV_SAME) *kvd = *io16 == FA_DTYPE_BF16 ? FA_KV_BF16 : FA_KV_F16;
+    /* narrow K/V are read by the float32 kernels only */
+    return *kvd != FA_KV_SAME && *compute != FA_DTYPE_F32 ? FA_ERR_INVALID : FA_OK;
+}
+
+void fa_attention_run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, int64_t q1,
+                            int64_t k0, int64_t k1, void *part, void *part_ml, void *scratch) {
     const fa_kernel_table *kt = fa_kernels();
     if (job->dtype == FA_DTYPE_F64) {
         kt->attention_block_f64(job, b, h, q0, q1, k0, k1, part, part_ml, scratch);
@@ -114,7 +127,7 @@ static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
         const int64_t hk = it % job->Hkv, b = it / job->Hkv, h0 = hk * job->group;
         const int64_t qv1 = fa_length_at(ql, b, h0, Lq), klen = fa_length_at(&job->key_len, b, h0, job->Lk);
         const int64_t kstart = start_at(&job->key_start, b, h0, klen);
-        if (qv1 > 0) run_block(job, b, h0, 0, qv1, kstart, klen, NULL, NULL, scratch);
+        if (qv1 > 0) fa_attention_run_block(job, b, h0, 0, qv1, kstart, klen, NULL, NULL, scratch);
         for (int64_t h = h0; h < h0 + job->group; ++h) zero_rows(job, b, h, qv1, Lq);
         return;
     }
@@ -124,7 +137,7 @@ static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
     const int64_t qlen = fa_length_at(ql, b, h, Lq), klen = fa_length_at(&job->key_len, b, h, job->Lk);
     const int64_t kstart = start_at(&job->key_start, b, h, klen);
     const int64_t qv1 = q1 < qlen ? q1 : qlen;
-    if (q0 < qv1) run_block(job, b, h, q0, qv1, kstart, klen, NULL, NULL, scratch);
+    if (q0 < qv1) fa_attention_run_block(job, b, h, q0, qv1, kstart, klen, NULL, NULL, scratch);
     zero_rows(job, b, h, q0 > qv1 ? q0 : qv1, q1);
 }
 
@@ -149,8 +162,8 @@ static void split_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
     k0 = k0 < kstart ? kstart : k0 > klen ? klen : k0;
     k1 = k1 < k0 ? k0 : k1 > klen ? klen : k1;
     if (qv1 > 0)
-        run_block(job, b, h, 0, qv1, k0, k1, part + (it * Lq * job->Dv) * es,
-                  part_ml + (it * Lq * 2) * es, scratch);
+        fa_attention_run_block(job, b, h, 0, qv1, k0, k1, part + (it * Lq * job->Dv) * es,
+                               part_ml + (it * Lq * 2) * es, scratch);
 }
 
 /* Head bh's output rows from its nsplit partial results, in split order.
@@ -206,14 +219,9 @@ static int check_view(const fa_view4 *v, int64_t d0, int64_t d1, int64_t d2, int
 static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_threads);
 
 int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int num_threads) {
-    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64 && dtype != FA_DTYPE_BF16 &&
-                      dtype != FA_DTYPE_F16))
+    int io16, kvd;
+    if (a == NULL || fa_attn_dtypes(dtype, a->kv_dtype, &dtype, &io16, &kvd) != FA_OK)
         return FA_ERR_INVALID;
-    /* 16-bit q and out compute in float; their K/V default to their dtype */
-    const int io16 = dtype == FA_DTYPE_BF16 || dtype == FA_DTYPE_F16 ? dtype : 0;
-    int kvd = a->kv_dtype;
-    if (io16 && kvd == FA_KV_SAME) kvd = io16 == FA_DTYPE_BF16 ? FA_KV_BF16 : FA_KV_F16;
-    if (io16) dtype = FA_DTYPE_F32;
     const int64_t B = a->B, H = a->H, Hkv = a->Hkv, Lq = a->Lq, Lk = a->Lk, D = a->D,
                   Dv = a->Dv;
     if (B < 0 || H < 0 || Hkv < 0 || Lq < 0 || Lk < 0 || D < 0 || Dv < 0) return FA_ERR_INVALID;
@@ -222,11 +230,8 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
         return FA_ERR_INVALID;
     if (!fa_attn_features_ok(a->window, a->window_left, a->window_right, a->softcap))
         return FA_ERR_INVALID;
-    const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8, io_es = io16 ? 2 : es;
-    /* narrow K/V: float queries only; int8 needs both scale views */
-    if (kvd != FA_KV_SAME && (dtype != FA_DTYPE_F32 || kvd < FA_KV_BF16 || kvd > FA_KV_I8))
-        return FA_ERR_INVALID;
-    const int64_t kv_es = kvd == FA_KV_SAME ? es : kvd == FA_KV_I8 ? 1 : 2;
+    const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8, io_es = fa_attn_io_size(dtype, io16);
+    const int64_t kv_es = fa_attn_kv_size(dtype, kvd); /* int8 needs both scale views */
     int st;
     if ((st = check_view(&a->q, B, H, Lq, D, io_es)) != FA_OK) return st;
     if ((st = check_view(&a->k, B, Hkv, Lk, D, kv_es)) != FA_OK) return st;
@@ -410,7 +415,9 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
 /* Paged keys: the cache's block table replaces the key rows' stride (see
  * kv_row in attention_impl.h); everything else is the padded driver. */
 int fa_paged_attention(int dtype, const fa_paged_args *a, int num_threads) {
-    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64)) return FA_ERR_INVALID;
+    int io16, kvd;
+    if (a == NULL || fa_attn_dtypes(dtype, a->kv_dtype, &dtype, &io16, &kvd) != FA_OK)
+        return FA_ERR_INVALID;
     const int64_t B = a->B, H = a->H, Hkv = a->Hkv, Lq = a->Lq, D = a->D, Dv = a->Dv;
     const int64_t nb = a->num_blocks, bs = a->block_size, mb = a->max_blocks;
     if (B < 0 || H < 0 || Hkv < 0 || Lq < 0 || D < 0 || Dv < 0 || nb < 0 || bs < 1 || mb < 0)
@@ -418,15 +425,11 @@ int fa_paged_attention(int dtype, const fa_paged_args *a, int num_threads) {
     if (H > 0 && (Hkv == 0 || H % Hkv != 0)) return FA_ERR_INVALID;
     if (!fa_attn_features_ok(a->window, a->window_left, a->window_right, a->softcap))
         return FA_ERR_INVALID;
-    const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
-    /* narrow caches: float queries only; int8 needs both scale views */
-    const int kvd = a->kv_dtype;
-    if (kvd != FA_KV_SAME && (dtype != FA_DTYPE_F32 || kvd < FA_KV_BF16 || kvd > FA_KV_I8))
-        return FA_ERR_INVALID;
-    const int64_t kv_es = kvd == FA_KV_SAME ? es : kvd == FA_KV_I8 ? 1 : 2;
+    const int64_t io_es = fa_attn_io_size(dtype, io16);
+    const int64_t kv_es = fa_attn_kv_size(dtype, kvd); /* int8 needs both scale views */
     int st;
-    if ((st = check_view(&a->q, B, H, Lq, D, es)) != FA_OK) return st;
-    if ((st = check_view(&a->out, B, H, Lq, Dv, es)) != FA_OK) return st;
+    if ((st = check_view(&a->q, B, H, Lq, D, io_es)) != FA_OK) return st;
+    if ((st = check_view(&a->out, B, H, Lq, Dv, io_es)) != FA_OK) return st;
     /* cache views as (num_blocks, Hkv, block_size, cols) */
     const fa_view4 kc = {a->k_cache.data, {a->k_cache.stride[0], a->k_cache.stride[2],
                                            a->k_cache.stride[1], a->k_cache.stride[3]}};
@@ -482,6 +485,7 @@ int fa_paged_attention(int dtype, const fa_paged_args *a, int num_threads) {
     job.sinks = a->sinks;
     job.block_table = a->block_table, job.bt_stride = a->bt_stride, job.block_size = bs;
     job.kv_dtype = kvd;
+    job.io16 = io16;
     if (kvd == FA_KV_I8) {
         job.k_scale = (const float *)ksc.data, job.v_scale = (const float *)vsc.data;
         memcpy(job.kss, ksc.stride, sizeof job.kss); /* block, head, row */

@@ -129,14 +129,24 @@ static inline const T *FA_KNAME(kv_scale_row, DT)(const float *sc, const int64_t
 #endif
 }
 
-/* Query element e (an element offset into q): the dtype, or a 16-bit float
- * (job->io16) widened exactly. */
-static inline T FA_KNAME(q_at, DT)(const fa_attn_job *job, int64_t e) {
+/* dst[d * dst_stride] = scale * (element qe + d of q), d < D: q's dtype,
+ * or a 16-bit float (job->io16) widened exactly, a row at a time by the
+ * level's vector widening (half_rows.h). */
+static inline void FA_KNAME(scaled_q_row, DT)(const fa_attn_job *job, int64_t qe, int64_t D,
+                                              T scale, T *dst, int64_t dst_stride) {
 #if !FA_T_F64
-    if (job->io16 == FA_DTYPE_BF16) return fa_bf16_bits_to_f32(((const uint16_t *)job->q)[e]);
-    if (job->io16 == FA_DTYPE_F16) return fa_f16_bits_to_f32(((const uint16_t *)job->q)[e]);
+    if (job->io16) {
+        float row[256];
+        for (int64_t d0 = 0; d0 < D; d0 += 256) {
+            const int64_t n = D - d0 < 256 ? D - d0 : 256;
+            fa_half_row_to_f32(job->io16, (const uint16_t *)job->q + qe + d0, 1, n, row);
+            for (int64_t d = 0; d < n; ++d) dst[(d0 + d) * dst_stride] = row[d] * scale;
+        }
+        return;
+    }
 #endif
-    return ((const T *)job->q)[e];
+    const T *src = (const T *)job->q + qe;
+    for (int64_t d = 0; d < D; ++d) dst[d * dst_stride] = src[d] * scale;
 }
 
 /* ---- scores: St (nk, MQ) = K_tile (nk, D) . Qt (D, MQ) ------------------- */
@@ -361,17 +371,14 @@ static void FA_KNAME(scores_tile_dp, DT)(const uint32_t *q2, const uint16_t *kt,
  * the 2^-9 of the rounding that follows), one FMA fewer than its degree 5.
  * -inf gives 0 and NaN stays NaN, as there. */
 static inline __m512 FA_KNAME(exp2_for_bf16, DT)(__m512 t) {
-    const __m512 shifter = _mm512_set1_ps(FA_EXP2F_SHIFTER);
-    const __m512 tc = _mm512_max_ps(_mm512_set1_ps(FA_EXP2F_LO), t);
-    const __m512 nb = _mm512_add_ps(tc, shifter); /* bits: ... | n + 127 */
-    const __m512 r = _mm512_sub_ps(tc, _mm512_sub_ps(nb, shifter));
+    __m512 nb;
+    const __m512 r = vf32_exp2_reduce(t, &nb);
     __m512 p = _mm512_set1_ps(9.58285e-3f);
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.590643e-2f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4024099e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931242e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(nb), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    return vf32_exp2_scale(p, nb);
 }
 
 /* V2 words (t, c) for c in [0, ldv2) from the nk value rows at vt (row
@@ -635,28 +642,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     /* 1. pack Q^T, scaled; padding columns are zero. Row by row, each
      * query row read contiguously, with the dtype decided once per block
      * (a per-element conversion call cost an eighth of short-head calls) */
-    const int64_t qst = job->qs[2];
-#if !FA_T_F64
-    if (job->io16) {
-        const uint16_t *q16 = (const uint16_t *)job->q + qe;
-        for (int64_t i = 0; i < rows; ++i) {
-            const uint16_t *src = q16 + i * qst;
-            T *dst = sc->qt + i;
-            if (job->io16 == FA_DTYPE_BF16)
-                for (int64_t d = 0; d < D; ++d) dst[d * MQ] = fa_bf16_bits_to_f32(src[d]) * scale;
-            else
-                for (int64_t d = 0; d < D; ++d) dst[d * MQ] = fa_f16_bits_to_f32(src[d]) * scale;
-        }
-    } else
-#endif
-    {
-        const T *q = (const T *)job->q + qe;
-        for (int64_t i = 0; i < rows; ++i) {
-            const T *src = q + i * qst;
-            T *dst = sc->qt + i;
-            for (int64_t d = 0; d < D; ++d) dst[d * MQ] = src[d] * scale;
-        }
-    }
+    for (int64_t i = 0; i < rows; ++i)
+        FA_KNAME(scaled_q_row, DT)(job, qe + i * job->qs[2], D, scale, sc->qt + i, MQ);
     for (int64_t d = 0; d < D; ++d)
         for (int64_t i = rows; i < cols; ++i) sc->qt[d * MQ + i] = (T)0;
 #endif
@@ -1202,7 +1189,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
         const int64_t hr = h + r / nq, i = q0 + r % nq;
         const int64_t qe = b * job->qs[0] + hr * job->qs[1] + (qr0 + i) * job->qs[2];
         T *qs = sc->qt + r * D;
-        for (int64_t d = 0; d < D; ++d) qs[d] = FA_KNAME(q_at, DT)(job, qe + d) * scale;
+        FA_KNAME(scaled_q_row, DT)(job, qe, D, scale, qs, 1);
         if (job->weights)
             memset((T *)job->weights + b * job->ws[0] + hr * job->ws[1] + i * job->ws[2], 0,
                    (size_t)job->Lk * sizeof(T));

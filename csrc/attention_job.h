@@ -151,4 +151,26 @@ static inline int64_t fa_attention_scratch_elems(int64_t D, int64_t Dv) {
     return qt + tile + acc + rows + tile / 2 + v2 + kvw + 256;
 }
 
+/* The dtypes of a call (attention.c), shared by every entry point: dtype
+ * is q's and out's (FA_DTYPE_*), kv_dtype the K/V storage (fa_kv_dtype).
+ * Sets *compute (FA_DTYPE_F32 or F64), *io16 (0, or the 16-bit dtype of q
+ * and out, computed in float32) and *kvd (the storage; a 16-bit call's
+ * FA_KV_SAME becomes its own dtype). FA_ERR_INVALID for an unknown dtype or
+ * a narrow storage with float64 queries. */
+int fa_attn_dtypes(int dtype, int kv_dtype, int *compute, int *io16, int *kvd);
+
+/* Bytes of one element of q and out, and of K and V, for those dtypes. */
+static inline int64_t fa_attn_io_size(int compute, int io16) {
+    return io16 ? 2 : compute == FA_DTYPE_F32 ? 4 : 8;
+}
+static inline int64_t fa_attn_kv_size(int compute, int kvd) {
+    return kvd == FA_KV_SAME ? (compute == FA_DTYPE_F32 ? 4 : 8) : kvd == FA_KV_I8 ? 1 : 2;
+}
+
+/* One work item of a prepared job on the selected ISA level's kernel for
+ * its dtype and K/V storage (attention.c); the arguments as for
+ * fa_attention_block_* in kernel_table.h. */
+void fa_attention_run_block(const fa_attn_job *job, int64_t b, int64_t h, int64_t q0, int64_t q1,
+                            int64_t k0, int64_t k1, void *part, void *part_ml, void *scratch);
+
 #endif /* FASTATTN_ATTENTION_JOB_H */

@@ -16,8 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_job.h"
 #include "checked_size.h"
-#include "kernel_table.h"
 #include "scratch.h"
 #include "threads.h"
 #include "valid_lengths.h"
@@ -68,15 +68,14 @@ static void run_item(const fa_varlen_run *r, int64_t it, void *scratch) {
     const int64_t qlen = job->cu_q[b + 1] - job->cu_q[b];
     const int64_t klen = job->cu_k[b + 1] - job->cu_k[b];
     const int64_t q1 = c->q0 + FA_ATTN_MQ < qlen ? c->q0 + FA_ATTN_MQ : qlen;
-    const fa_kernel_table *kt = fa_kernels();
-    if (job->dtype == FA_DTYPE_F32)
-        kt->attention_block_f32(job, b, h, c->q0, q1, 0, klen, NULL, NULL, scratch);
-    else
-        kt->attention_block_f64(job, b, h, c->q0, q1, 0, klen, NULL, NULL, scratch);
+    fa_attention_run_block(job, b, h, c->q0, q1, 0, klen, NULL, NULL, scratch);
 }
 
 int fa_varlen_attention(int dtype, const fa_varlen_args *a, int num_threads) {
-    if (a == NULL || (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64)) return FA_ERR_INVALID;
+    int io16, kvd;
+    if (a == NULL || fa_attn_dtypes(dtype, a->kv_dtype, &dtype, &io16, &kvd) != FA_OK ||
+        kvd == FA_KV_I8) /* int8 needs scales, which packed batches do not take */
+        return FA_ERR_INVALID;
     const int64_t B = a->B, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv;
     if (B < 0 || H < 0 || Hkv < 0 || D < 0 || Dv < 0 || a->total_q < 0 || a->total_k < 0)
         return FA_ERR_INVALID;
@@ -88,11 +87,12 @@ int fa_varlen_attention(int dtype, const fa_varlen_args *a, int num_threads) {
     if (!check_cu(a->cu_q, B, a->total_q) || !check_cu(a->cu_k, B, a->total_k))
         return FA_ERR_INVALID;
     const int64_t es = dtype == FA_DTYPE_F32 ? 4 : 8;
+    const int64_t io_es = fa_attn_io_size(dtype, io16), kv_es = fa_attn_kv_size(dtype, kvd);
     int st;
-    if ((st = check_packed(&a->q, H, a->total_q, D, es)) != FA_OK) return st;
-    if ((st = check_packed(&a->k, Hkv, a->total_k, D, es)) != FA_OK) return st;
-    if ((st = check_packed(&a->v, Hkv, a->total_k, Dv, es)) != FA_OK) return st;
-    if ((st = check_packed(&a->out, H, a->total_q, Dv, es)) != FA_OK) return st;
+    if ((st = check_packed(&a->q, H, a->total_q, D, io_es)) != FA_OK) return st;
+    if ((st = check_packed(&a->k, Hkv, a->total_k, D, kv_es)) != FA_OK) return st;
+    if ((st = check_packed(&a->v, Hkv, a->total_k, Dv, kv_es)) != FA_OK) return st;
+    if ((st = check_packed(&a->out, H, a->total_q, Dv, io_es)) != FA_OK) return st;
     if (H == 0 || a->total_q == 0) return FA_OK;
 
     int64_t Lq = 0, Lk = 0, nchunks = 0;
@@ -126,6 +126,8 @@ int fa_varlen_attention(int dtype, const fa_varlen_args *a, int num_threads) {
     job.softcap = a->softcap;
     job.sinks = a->sinks;
     job.cu_q = a->cu_q, job.cu_k = a->cu_k;
+    job.kv_dtype = kvd;
+    job.io16 = io16;
     const int64_t reach = Lk + Lq; /* wider windows change nothing */
     job.has_left = (a->window & FA_WINDOW_LEFT) != 0;
     job.left = job.has_left ? (a->window_left < reach ? a->window_left : reach) : 0;

@@ -192,6 +192,11 @@ typedef struct {
     int64_t window_left, window_right;
     double softcap;
     const void *sinks;
+    /* K/V storage as in fa_attention_args, without int8 (packed batches
+     * take no scales): FA_KV_SAME, or FA_KV_BF16 / FA_KV_F16 with float32
+     * or 16-bit queries. q and out may be 16-bit as there (dtype
+     * FA_DTYPE_BF16 / FA_DTYPE_F16, computed in float32). */
+    int kv_dtype;
 } fa_varlen_args;
 
 int fa_varlen_attention(int dtype, const fa_varlen_args *args, int num_threads);
@@ -221,7 +226,10 @@ typedef struct {
     int64_t window_left, window_right;
     double softcap;
     const void *sinks;
-    /* Narrow caches (dtype FA_DTYPE_F32 only), as in fa_attention_args:
+    /* q and out may be 16-bit (dtype FA_DTYPE_BF16 / FA_DTYPE_F16, computed
+     * in float32, caches of that dtype by default), as for
+     * fa_scaled_dot_product_attention. Narrow caches (float32 or 16-bit q),
+     * as in fa_attention_args:
      * kv_dtype FA_KV_SAME (0), FA_KV_BF16, FA_KV_F16 or FA_KV_I8; int8
      * takes k_scale, v_scale: (num_blocks, block_size, Hkv, 1) float32
      * views, the scale of each cached row (NULL data otherwise). */

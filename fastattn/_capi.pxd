@@ -109,6 +109,7 @@ cdef extern from "fastattn.h" nogil:
         int64_t window_left, window_right
         double softcap
         const void *sinks
+        int kv_dtype
 
     int fa_varlen_attention(int dtype, const fa_varlen_args *args, int num_threads)
     int fa_quantize_kv(fa_view4 x, fa_view4 values, fa_view4 scales, int64_t B, int64_t H,

@@ -304,10 +304,11 @@ def varlen_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray ou
                      cnp.ndarray cu_q, cnp.ndarray cu_k, double scale, bint is_causal=False,
                      int alignment=FA_CAUSAL_TOP_LEFT, object alibi_slopes=None,
                      object window_left=None, object window_right=None, double softcap=0.0,
-                     object sinks=None, int num_threads):
+                     object sinks=None, int num_threads, int kv_dtype=FA_KV_SAME):
     """q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv),
     out (total_q, H, Dv), unit last-axis strides; cu_q, cu_k (B+1,)
-    contiguous int64; the rest as in scaled_dot_product_attention."""
+    contiguous int64; kv_dtype and the rest as in
+    scaled_dot_product_attention (no int8)."""
     cdef int dt = dtype_code(q)
     cdef fa_varlen_args a
     cdef int st
@@ -326,6 +327,7 @@ def varlen_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray ou
                 | window_side(window_right, FA_WINDOW_RIGHT, &a.window_right))
     a.softcap = softcap
     a.sinks = data_or_null(sinks)
+    a.kv_dtype = kv_dtype
     with nogil:
         st = fa_varlen_attention(dt, &a, num_threads)
     check(st)

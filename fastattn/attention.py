@@ -16,7 +16,7 @@ from fastattn._validation import (
     real_number,
     unit_last_axis,
 )
-from fastattn.kv_quant import HALF_DTYPES, kv_scale_array, narrow_kv
+from fastattn.kv_quant import kv_scale_array, narrow_kv
 from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
@@ -188,15 +188,14 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     qa, ka, va = (backend.asarray(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     # narrow K/V (bfloat16, float16, int8 + scales) stay as they are on the
     # CPU: the kernel widens them in registers
-    kv_code = None
-    io16 = None  # bfloat16 / float16 q and output (float32 compute)
+    storage = None
     if backend is _backend.cpu_backend():
-        kv_code = narrow_kv(qa, ka, va, k_scale, v_scale)
-        if kv_code is not None and qa.dtype.name in HALF_DTYPES:
-            io16 = qa.dtype.newbyteorder("=")
+        storage = narrow_kv(qa, ka, va, k_scale, v_scale)
     elif k_scale is not None or v_scale is not None:
         raise TypeError("k_scale and v_scale (int8 k and v) are read on the CPU only; "
                         "got CUDA arrays for q, k, v")
+    kv_code = None if storage is None else storage.code
+    io16 = None if storage is None else storage.io_dtype  # 16-bit q and output
     if kv_code is None:
         dtype = np.promote_types(
             np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),

@@ -2,6 +2,8 @@
 the dtype rule for K/V that the attention kernel reads without widening a
 copy (bfloat16, float16, int8 with scales, against float32 queries)."""
 
+from typing import NamedTuple, Optional
+
 import numpy as np
 
 from fastattn import _backend, _kernels
@@ -109,21 +111,31 @@ def dequantize_kv(values, scales, *, num_threads=None):
     return out
 
 
+class KVStorage(NamedTuple):
+    """How the kernel reads a call's q, k and v when they are not one float
+    dtype (:func:`narrow_kv`)."""
+
+    code: int  #: the K/V storage, a ``_kernels.KV_DTYPE_CODES`` value
+    io_dtype: Optional[np.dtype]  #: 16-bit dtype of q and the result; None: float32
+
+
 def narrow_kv(q, k, v, k_scale, v_scale, names=("k", "v")):
-    """The K/V storage code for the kernel when q is 16-bit (``KV_SAME``
-    when k and v share its dtype) or k and v are narrower than q; None for
-    the ordinary path, every input promoted to one compute dtype. Raises the
-    TypeError / ValueError of a bad mix; ``q``, ``k``, ``v`` are arrays,
-    ``names`` the caller's names for ``k`` and ``v``."""
+    """The :class:`KVStorage` of q, k and v when q is 16-bit or k and v are
+    narrower than q; None for the ordinary path, every input promoted to
+    one compute dtype. Raises the TypeError / ValueError of a bad mix;
+    ``q``, ``k``, ``v`` are arrays, ``names`` the caller's names for ``k``
+    and ``v``. Every attention entry point (padded, packed, paged) reads
+    its dtypes through this one rule."""
     kd, vd, qd = k.dtype, v.dtype, q.dtype
     kn, vn = names
     pair = f"{kn} and {vn}"
     q16 = qd.name in HALF_DTYPES
     narrow = kd.name in NARROW_KV_DTYPES or vd.name in NARROW_KV_DTYPES
     int8 = kd == _I8 or vd == _I8
+    io_dtype = qd.newbyteorder("=") if q16 else None
     if k_scale is None and v_scale is None and not int8:
         if q16 and kd == qd and vd == qd:
-            return _kernels.KV_SAME
+            return KVStorage(_kernels.KV_DTYPE_CODES[kd.name], io_dtype)
         if not narrow:
             return None
         # float16 beside another dtype, or with queries other than float32 or
@@ -145,7 +157,7 @@ def narrow_kv(q, k, v, k_scale, v_scale, names=("k", "v")):
     if not (qd == _F32 or q16):
         raise TypeError(f"{kd} {pair} are read with float32, bfloat16 or float16 queries; "
                         f"got q of dtype {qd}")
-    return _kernels.KV_DTYPE_CODES[kd.name]
+    return KVStorage(_kernels.KV_DTYPE_CODES[kd.name], io_dtype)
 
 
 def kv_scale_array(scale, name, shape, three_d):

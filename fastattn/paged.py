@@ -22,7 +22,7 @@ from fastattn._validation import (
     index_value,
     unit_last_axis,
 )
-from fastattn.attention import attention_scale
+from fastattn.attention import attention_scale, native_storage
 from fastattn.kv_cache import float_dtype, kv_storage_dtype
 from fastattn.kv_quant import narrow_kv
 from fastattn.rotary import ROPE_LAYOUTS, _check_base
@@ -57,7 +57,9 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
     than ``q``, as ``k`` and ``v`` of
     :func:`fastattn.scaled_dot_product_attention`: bfloat16 or float16
     (with float32 queries), or int8 with ``k_scale`` and ``v_scale``; the
-    kernel widens them in registers.
+    kernel widens them in registers. bfloat16 or float16 queries give a
+    result of their dtype, computed in float32 and rounded once, as
+    :func:`fastattn.scaled_dot_product_attention` does.
 
     Parameters
     ----------
@@ -96,10 +98,9 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
     qa, ka, va = (as_array(x, n) for x, n in ((q, "q"), (key_cache, "key_cache"),
                                               (value_cache, "value_cache")))
     # narrow caches (bfloat16, float16, int8 + scales) stay as they are
-    kv_code = narrow_kv(qa, ka, va, k_scale, v_scale, names=("key_cache", "value_cache"))
-    if kv_code == _kernels.KV_SAME:
-        # 16-bit q over a cache of its dtype: float32 queries and results here
-        kv_code = _kernels.KV_DTYPE_CODES[ka.dtype.name]
+    storage = narrow_kv(qa, ka, va, k_scale, v_scale, names=("key_cache", "value_cache"))
+    kv_code = None if storage is None else storage.code
+    io16 = None if storage is None else storage.io_dtype  # 16-bit q and output
     if kv_code is None:
         dtype = np.promote_types(
             np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "key_cache")),
@@ -109,8 +110,8 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
         va = float_array(va, "value_cache", dtype)
     else:
         dtype = np.dtype(np.float32)
-        # the queries (not the cache) are widened: a few rows per sequence
-        qa = float_array(qa.astype(dtype) if qa.dtype.name == "bfloat16" else qa, "q", dtype)
+        qa = native_storage(qa) if io16 is not None else float_array(qa, "q", dtype)
+        ka, va = native_storage(ka), native_storage(va)
     if qa.ndim != 4:
         raise ValueError(f"q must be 4-D (B, H, Lq, D), got shape {qa.shape}")
     if ka.ndim != 4 or va.ndim != 4:
@@ -159,8 +160,8 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
     qa, ka, va = unit_last_axis(qa), unit_last_axis(ka), unit_last_axis(va)
     inputs = tuple(x for x in (qa, ka, va, features.alibi_slopes, features.sinks, ksa, vsa)
                    if x is not None)
-    target = OutputTarget(out, (B, H, Lq, Dv), (B, H, Lq, Dv), dtype, inputs=inputs,
-                          unit_last_axis=True)
+    target = OutputTarget(out, (B, H, Lq, Dv), (B, H, Lq, Dv), dtype if io16 is None else io16,
+                          inputs=inputs, unit_last_axis=True)
     _kernels.paged_attention(qa, ka, va, target.kernel_view, tables, lens, float(scale),
                              is_causal, features.alibi_slopes, features.window,
                              features.softcap, features.sinks, resolve_num_threads(num_threads),

@@ -15,7 +15,8 @@ from fastattn._validation import (
     float_array,
     unit_last_axis,
 )
-from fastattn.attention import attention_scale
+from fastattn.attention import attention_scale, native_storage
+from fastattn.kv_quant import narrow_kv
 from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
@@ -53,7 +54,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
 
     Sequence ``b`` is query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``
     attending to key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; each runs
-    as ``scaled_dot_product_attention`` would on it alone. The work is split
+    as ``scaled_dot_product_attention`` would on it alone, with its dtypes:
+    bfloat16 or float16 q, k, v give a result of their dtype (float32
+    inside), and bfloat16 or float16 k, v are read as they are beside
+    float32 q. The work is split
     into (sequence, head, query chunk) items of the same fused kernel and
     balanced across threads by tokens, longest items first. Results are
     bitwise identical for every ``num_threads``.
@@ -90,10 +94,25 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     (8, 2, 16)
     """
     qa, ka, va = (as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    dtype = np.promote_types(
-        np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
-        compute_dtype(va.dtype, "v"))
-    qa, ka, va = (float_array(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+    # 16-bit q, k, v (a 16-bit result) and narrow k, v beside float32 q, as
+    # for scaled_dot_product_attention; int8 takes per-row scales, which
+    # packed batches do not
+    if ka.dtype == np.int8 or va.dtype == np.int8:
+        raise TypeError(f"varlen_attention reads float, bfloat16 and float16 k and v; int8 "
+                        f"caches (with their scales) are read by scaled_dot_product_attention "
+                        f"and paged_attention; got k {ka.dtype}, v {va.dtype}")
+    storage = narrow_kv(qa, ka, va, None, None)
+    kv_code = None if storage is None else storage.code
+    io16 = None if storage is None else storage.io_dtype
+    if kv_code is None:
+        dtype = np.promote_types(
+            np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
+            compute_dtype(va.dtype, "v"))
+        qa, ka, va = (float_array(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+    else:
+        dtype = np.dtype(np.float32)
+        qa = native_storage(qa) if io16 is not None else float_array(qa, "q", dtype)
+        ka, va = native_storage(ka), native_storage(va)
     if qa.ndim != 3 or ka.ndim != 3 or va.ndim != 3:
         raise ValueError("q, k and v must be 3-D (total, heads, dim); got shapes "
                          f"q {qa.shape}, k {ka.shape}, v {va.shape}")
@@ -116,12 +135,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     qa, ka, va = unit_last_axis(qa), unit_last_axis(ka), unit_last_axis(va)
     inputs = tuple(x for x in (qa, ka, va, features.alibi_slopes, features.sinks)
                    if x is not None)
-    target = OutputTarget(out, (total_q, H, Dv), (total_q, H, Dv), dtype, inputs=inputs,
-                          unit_last_axis=True)
+    target = OutputTarget(out, (total_q, H, Dv), (total_q, H, Dv),
+                          dtype if io16 is None else io16, inputs=inputs, unit_last_axis=True)
     left, right = (None, None) if features.window is None else features.window
     _kernels.varlen_attention(qa, ka, va, target.kernel_view, cu_q=cu_q, cu_k=cu_k,
                               scale=float(scale), is_causal=is_causal, alignment=align,
                               alibi_slopes=features.alibi_slopes, window_left=left,
                               window_right=right, softcap=features.softcap, sinks=features.sinks,
-                              num_threads=resolve_num_threads(num_threads))
+                              num_threads=resolve_num_threads(num_threads),
+                              kv_dtype=kv_code or 0)
     return target.finish()

@@ -341,8 +341,9 @@ def scaled_dot_product_attention_calls(draw):
 
 
 def attention_result_dtype(q, k, v):
-    """float16 q, k and v give a float16 result (computed in float32);
-    other mixes are promoted to their compute dtype."""
+    """float16 q, k and v (or key and value caches) give a float16 result
+    (computed in float32), in every attention entry point; other mixes are
+    promoted to their compute dtype."""
     if q.dtype.name == k.dtype.name == v.dtype.name == "float16":  # either byte order
         return np.dtype(np.float16)
     return np.result_type(*(fastattn._validation.compute_dtype(a.dtype, "x") for a in (q, k, v)))
@@ -389,8 +390,7 @@ def varlen_attention_calls(draw):
     if scale is not None:
         kw["scale"] = scale
     kw["num_threads"] = draw(thread_counts)
-    dtype = np.result_type(*(fastattn._validation.compute_dtype(a.dtype, "x") for a in (q, k, v)))
-    kw.update(draw(out_kwarg((int(cu_q[-1]), H, Dv), dtype)))
+    kw.update(draw(out_kwarg((int(cu_q[-1]), H, Dv), attention_result_dtype(q, k, v))))
     return Call((q, k, v, cu_q, cu_k), kw, draw(isas))
 
 
@@ -424,8 +424,7 @@ def paged_attention_calls(draw):
     if draw(st.integers(0, 3)) == 0:
         kw["alibi_slopes"] = rng.random(H)
     kw["num_threads"] = draw(thread_counts)
-    dtype = np.result_type(*(fastattn._validation.compute_dtype(a.dtype, "x") for a in (q, kc, vc)))
-    kw.update(draw(out_kwarg((B, H, Lq, Dv), dtype)))
+    kw.update(draw(out_kwarg((B, H, Lq, Dv), attention_result_dtype(q, kc, vc))))
     return Call((q, kc, vc, tables, np.array(lens)), kw, draw(isas))
 
 

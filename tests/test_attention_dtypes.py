@@ -216,20 +216,103 @@ def test_half_big_endian_storage(rng):
                                   fastattn.scaled_dot_product_attention(q32, k, v))
 
 
+def paged_copy(rng, k, v, block_size):
+    """(key_cache, value_cache, block_tables) holding the (B, Hkv, L, D) k
+    and v in shuffled blocks of block_size rows (L padded to whole blocks)."""
+    B, Hkv, L, D = k.shape
+    per = -(-L // block_size)
+    order = rng.permutation(B * per + 3)[:B * per]  # some blocks stay unused
+    kc = np.zeros((B * per + 3, block_size, Hkv, D), k.dtype)
+    vc = np.zeros((B * per + 3, block_size, Hkv, v.shape[3]), v.dtype)
+    for b in range(B):
+        for j in range(per):
+            rows = slice(j * block_size, min(L, (j + 1) * block_size))
+            n = rows.stop - rows.start
+            kc[order[b * per + j], :n] = k[b, :, rows].transpose(1, 0, 2)
+            vc[order[b * per + j], :n] = v[b, :, rows].transpose(1, 0, 2)
+    return kc, vc, order.reshape(B, per).astype(np.int64)
+
+
 @pytest.mark.parametrize("dtype", HALVES, ids=ids)
-def test_half_queries_over_a_paged_cache_of_their_dtype(rng, dtype):
-    """paged_attention computes 16-bit queries in float32 over a cache of the
-    same 16-bit dtype (never reading its bits as float32)."""
-    nb, bs, Hkv, D = 9, 4, 2, 16
-    kc = rng.standard_normal((nb, bs, Hkv, D)).astype(dtype)
-    vc = rng.standard_normal((nb, bs, Hkv, D)).astype(dtype)
-    tables = rng.permutation(nb)[:6].reshape(2, 3).astype(np.int64)
-    lens = np.array([11, 7])
-    q = rng.standard_normal((2, 4, 1, D)).astype(dtype)
-    got = fastattn.paged_attention(q, kc, vc, tables, lens)
-    want = fastattn.paged_attention(q.astype(np.float32), kc, vc, tables, lens)
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_half_paged_attention(isa, threads, rng, dtype, Lq):
+    """16-bit queries over a paged cache of their dtype give a result of
+    their dtype: within the oracle's bounds, and bit for bit what the
+    contiguous call on the same keys gives (the same kernel and tiles)."""
+    B, H, Hkv, L, D = 2, 4, 2, 61, 24
+    q, k, v = random_qkv(rng, (B, H, Hkv, Lq, L, D, D), dtype)
+    lens = np.array([L, 29])
+    kc, vc, tables = paged_copy(rng, k, v, 4)
+    for causal in (False, True):
+        got = fastattn.paged_attention(q, kc, vc, tables, lens, is_causal=causal,
+                                       num_threads=threads)
+        assert got.dtype == dtype
+        for b in range(B):
+            n = lens[b]
+            qb, kb, vb = q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]
+            check_against_oracle(got[b:b + 1], qb, kb, vb, dtype, is_causal=causal,
+                                 causal_alignment="bottom_right")
+        one = fastattn.paged_attention(q[:1], kc, vc, tables[:1], lens[:1], is_causal=causal,
+                                       num_threads=threads)
+        contiguous = fastattn.scaled_dot_product_attention(
+            q[:1], k[:1], v[:1], is_causal=causal, causal_alignment="bottom_right",
+            num_threads=threads)
+        np.testing.assert_array_equal(one.view(np.uint16), contiguous.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=ids)
+def test_float32_queries_over_a_half_paged_cache(rng, dtype):
+    """float32 queries over a 16-bit cache: a float32 result, the cache read
+    as its exact values."""
+    B, H, Hkv, L, D = 1, 4, 2, 37, 16
+    q, k, v = random_qkv(rng, (B, H, Hkv, 2, L, D, D), dtype)
+    kc, vc, tables = paged_copy(rng, k, v, 8)
+    q32 = q.astype(np.float32)
+    got = fastattn.paged_attention(q32, kc, vc, tables, [L])
     assert got.dtype == np.float32
+    want = fastattn.scaled_dot_product_attention(q32, k, v, causal_alignment="bottom_right")
     np.testing.assert_array_equal(got, want)
+
+
+def packed(x, lengths):
+    """(B, H, L, D) rows 0..lengths[b] of each sequence as (total, H, D)."""
+    return np.concatenate([x[b, :, :n].transpose(1, 0, 2) for b, n in enumerate(lengths)])
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=ids)
+def test_half_varlen_attention(isa, threads, rng, dtype):
+    """Packed 16-bit q, k, v give a result of their dtype, each sequence bit
+    for bit what scaled_dot_product_attention gives on it alone; float32 q
+    reads 16-bit k, v as they are."""
+    B, H, Hkv, L, D = 3, 4, 2, 70, 24
+    q, k, v = random_qkv(rng, (B, H, Hkv, L, L, D, D), dtype)
+    lq, lk = np.array([70, 0, 9]), np.array([70, 5, 33])
+    cu_q, cu_k = np.concatenate([[0], np.cumsum(lq)]), np.concatenate([[0], np.cumsum(lk)])
+    qp, kp, vp = packed(q, lq), packed(k, lk), packed(v, lk)
+    for q_in, q_full in ((qp, q), (qp.astype(np.float32), q.astype(np.float32))):
+        got = fastattn.varlen_attention(q_in, kp, vp, cu_q, cu_k, is_causal=True,
+                                        causal_alignment="bottom_right", num_threads=threads)
+        assert got.dtype == q_in.dtype
+        for b in range(B):
+            if lq[b] == 0:
+                continue
+            one = fastattn.scaled_dot_product_attention(
+                q_full[b:b + 1, :, :lq[b]], k[b:b + 1, :, :lk[b]], v[b:b + 1, :, :lk[b]],
+                is_causal=True, causal_alignment="bottom_right", num_threads=threads)
+            np.testing.assert_array_equal(got[cu_q[b]:cu_q[b + 1]],
+                                          one[0].transpose(1, 0, 2))
+            if q_in.dtype == dtype:
+                check_against_oracle(one, q_full[b:b + 1, :, :lq[b]], k[b:b + 1, :, :lk[b]],
+                                     v[b:b + 1, :, :lk[b]], dtype, is_causal=True,
+                                     causal_alignment="bottom_right")
+
+
+def test_varlen_refuses_int8(rng):
+    q = rng.standard_normal((5, 2, 8)).astype(np.float32)
+    k8 = np.zeros((5, 2, 8), np.int8)
+    cu = np.array([0, 5])
+    with pytest.raises(TypeError, match="int8"):
+        fastattn.varlen_attention(q, k8, k8, cu, cu)
 
 
 def test_half_nan_payloads_of_an_additive_mask(isa, rng):
