@@ -602,6 +602,24 @@ static void FA_KNAME(finish_row, DT)(const fa_attn_job *job, int64_t b, int64_t 
     }
 }
 
+/* The int8 scales of keys [kb, kb + nk) of head (b, hk): from sc, the
+ * head's scales for padded and packed keys (kv_scale_row: contiguous over
+ * the keys), or, in a paged cache, from the scale cache base with strides
+ * ss (block, head, row) through the block table. */
+static inline void FA_KNAME(tile_scales, DT)(const fa_attn_job *job, const T *sc, const T *base,
+                                             const int64_t *ss, int64_t b, int64_t hk,
+                                             int64_t kb, int64_t nk, T *out) {
+    if (job->block_table) {
+        for (int64_t j = 0; j < nk; ++j) {
+            const int64_t t = kb + j, bs = job->block_size;
+            const int64_t blk = job->block_table[b * job->bt_stride + t / bs];
+            out[j] = base[blk * ss[0] + hk * ss[1] + (t % bs) * ss[2]];
+        }
+        return;
+    }
+    for (int64_t j = 0; j < nk; ++j) out[j] = sc[kb + j];
+}
+
 /* ---- tiled path --------------------------------------------------------------- */
 
 static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int64_t h,
@@ -613,9 +631,15 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     const int64_t qe = b * job->qs[0] + h * job->qs[1] + (qr0 + q0) * job->qs[2];
     (void)kr0;
     const int64_t kst = job->ks[2], vst = job->vs[2];
-    const T *ksc = FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
-    const T *vsc = FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
-    (void)ksc, (void)vsc;
+#if KV_SCALED
+    /* the head's int8 scales (padded and packed keys) and each tile's, found
+     * through the block table in a paged cache */
+    const T *ksc = job->block_table ? NULL
+                                    : FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
+    const T *vsc = job->block_table ? NULL
+                                    : FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
+    T kscale[NK], vscale[NK];
+#endif
     const T scale = (T)job->scale;
     /* row i sees keys [i + off - left, i + off + right] (a side only when
      * bounded; causality is right = 0) */
@@ -678,6 +702,10 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     for (int64_t kb = kbeg, nk; kb < kend; kb += nk) {
         nk = FA_KNAME(tile_keys, DT)(job, kb, kend - kb < NK ? kend - kb : NK);
         T *st = sc->st;
+#if KV_SCALED
+        FA_KNAME(tile_scales, DT)(job, ksc, job->k_scale, job->kss, b, hk, kb, nk, kscale);
+        FA_KNAME(tile_scales, DT)(job, vsc, job->v_scale, job->vss, b, hk, kb, nk, vscale);
+#endif
         /* With causality, rows [0, live) see no key of this tile (row i sees
          * keys up to q0 + i + off < kb): their scores, softmax update and
          * P.V are skipped, which halves the wasted work on the diagonal of
@@ -722,7 +750,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
 #if KV_SCALED
         /* int8 keys: q . (values * scale_j) = (q . values) * scale_j */
         for (int64_t j = 0; j < nk; ++j) {
-            const V sj = V_SET1(ksc[kb + j]);
+            const V sj = V_SET1(kscale[j]);
             for (int64_t ic = ic0; ic < cols; ic += VL)
                 V_STOREU(st + j * MQ + ic, V_MUL(V_LOADU(st + j * MQ + ic), sj));
         }
@@ -816,14 +844,18 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         FA_KNAME(pv_tile_dp, DT)(sc, nk, r0, rows_mr);
 #else
 #if FA_KV != 0
+#if KV_SCALED
+        const T *vtile_scale = vscale; /* int8 values: widened and scaled */
+#else
+        const T *vtile_scale = NULL;
+#endif
         FA_KNAME(widen_tile, DT)(FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk, Dv,
-                                 vsc ? vsc + kb : NULL, sc->vw);
+                                 vtile_scale, sc->vw);
         FA_KNAME(pv_tile, f32)(st, sc->vw, Dv, nk, Dv, r0, rows_mr, sc->alpha, sc->acc, sc->ldacc,
                                NULL);
 #else
         FA_KNAME(pv_tile, DT)(st, FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
-                              Dv, r0, rows_mr, sc->alpha,
-                              sc->acc, sc->ldacc, vsc ? vsc + kb : NULL);
+                              Dv, r0, rows_mr, sc->alpha, sc->acc, sc->ldacc, NULL);
 #endif
 #endif
     }
@@ -918,24 +950,6 @@ static inline void FA_KNAME(tile_rows, DT)(const fa_attn_job *job, const char *b
         for (int64_t t = 0; t < n; ++t) rows[j + t] = r0 + t * st[2];
         j += n;
     }
-}
-
-/* The int8 scales of keys [kb, kb + nk) of head (b, hk): from sc, the
- * head's scales for padded and packed keys (kv_scale_row: contiguous over
- * the keys), or, in a paged cache, from the scale cache base with strides
- * ss (block, head, row) through the block table. */
-static inline void FA_KNAME(tile_scales, DT)(const fa_attn_job *job, const T *sc, const T *base,
-                                             const int64_t *ss, int64_t b, int64_t hk,
-                                             int64_t kb, int64_t nk, T *out) {
-    if (job->block_table) {
-        for (int64_t j = 0; j < nk; ++j) {
-            const int64_t t = kb + j, bs = job->block_size;
-            const int64_t blk = job->block_table[b * job->bt_stride + t / bs];
-            out[j] = base[blk * ss[0] + hk * ss[1] + (t % bs) * ss[2]];
-        }
-        return;
-    }
-    for (int64_t j = 0; j < nk; ++j) out[j] = sc[kb + j];
 }
 
 /* s[r * sst + j] = dot(q_r, k_j) for nr rows (q_r = qs + r * qst) and nk
@@ -1319,13 +1333,6 @@ void FA_KNAME(attention_block, DT)(const fa_attn_job *job, int64_t b, int64_t h,
     FA_KNAME(attn_scratch, DT) sc = FA_KNAME(attn_carve, DT)(scratch, job->D, job->Dv);
     if (q1 - q0 < FA_ATTN_ROW_PATH)
         FA_KNAME(attention_rows, DT)(job, b, h, q0, q1, k0, k1, part, part_ml, &sc);
-#if KV_SCALED
-    else if (job->block_table) /* the tiled kernel reads a head's int8 scales as one */
-        for (int64_t c = q0; c < q1; c += FA_ATTN_ROW_PATH - 1) /* row; paged: per key */
-            FA_KNAME(attention_rows, DT)(job, b, h, c,
-                                         q1 - c < FA_ATTN_ROW_PATH - 1 ? q1 : c + FA_ATTN_ROW_PATH - 1,
-                                         k0, k1, part, part_ml, &sc);
-#endif
     else
         FA_KNAME(attention_tiled, DT)(job, b, h, q0, q1, k0, k1, part, part_ml, &sc);
 }
