@@ -404,50 +404,58 @@ static void FA_KNAME(pack_v_pairs, DT)(const uint16_t *vt, int64_t vst, int64_t 
     }
 }
 
-/* Half a register tile (FA_MR / 2 query rows) x 2 vectors of value
- * columns: acc = alpha acc + P2 . V2. Half, because the whole tile's 24
- * accumulators with the two V2 vectors and the broadcast P2 word left GCC
- * one register short: it kept an accumulator on the stack, and every pair
- * of keys waited on a store and a reload of it (a sixth of the kernel's
- * time at D = 64). The V2 vectors come from L1 the second time. */
-#ifndef FA_MR_PV
-#define FA_MR_PV (FA_MR / 2)
-#endif
-static inline void FA_KNAME(pv_mr_dp, DT)(const uint32_t *pp, const uint32_t *v2, int64_t npairs,
-                                          int64_t ldv2, const T *alpha, T *acc, int64_t ldacc) {
-    __m512 o0[FA_MR_PV], o1[FA_MR_PV];
+/* acc = alpha acc + P2 . V2 for a register tile of MRP query rows x NV
+ * vectors of value columns (constants at each call, inlined). Two shapes:
+ * 4 rows x 4 vectors (64 columns), 16 accumulators: each V2 vector serves
+ * 4 rows and each broadcast P2 word 4 columns vectors, and 16 independent
+ * vdpbf16ps chains cover its latency; and 6 rows x 2 vectors for a
+ * 32-column tail. The whole 12-row tile's 24 accumulators with the V2
+ * vectors and the broadcast left GCC one register short: it kept an
+ * accumulator on the stack, and every pair of keys waited on a store and a
+ * reload of it (a sixth of the kernel's time at D = 64). */
+static inline __attribute__((always_inline)) void FA_KNAME(pv_mr_dp, DT)(
+    const uint32_t *pp, const uint32_t *v2, int64_t npairs, int64_t ldv2, const T *alpha,
+    T *acc, int64_t ldacc, const int MRP, const int NV) {
+    __m512 o[6][4];
 #pragma GCC unroll 16
-    for (int r = 0; r < FA_MR_PV; ++r) {
+    for (int r = 0; r < MRP; ++r) {
         const __m512 al = _mm512_set1_ps(alpha[r]);
-        o0[r] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * ldacc), al);
-        o1[r] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * ldacc + 16), al);
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; ++c)
+            o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * ldacc + 16 * c), al);
     }
     for (int64_t t = 0; t < npairs; ++t) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(v2 + t * ldv2);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(v2 + t * ldv2 + 16);
+        __m512bh bv[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; ++c) bv[c] = (__m512bh)_mm512_loadu_si512(v2 + t * ldv2 + 16 * c);
 #pragma GCC unroll 16
-        for (int r = 0; r < FA_MR_PV; ++r) {
+        for (int r = 0; r < MRP; ++r) {
             const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pp[t * MQ + r]);
-            o0[r] = _mm512_dpbf16_ps(o0[r], p, b0);
-            o1[r] = _mm512_dpbf16_ps(o1[r], p, b1);
+#pragma GCC unroll 4
+            for (int c = 0; c < NV; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], p, bv[c]);
         }
     }
 #pragma GCC unroll 16
-    for (int r = 0; r < FA_MR_PV; ++r) {
-        _mm512_storeu_ps(acc + r * ldacc, o0[r]);
-        _mm512_storeu_ps(acc + r * ldacc + 16, o1[r]);
-    }
+    for (int r = 0; r < MRP; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + r * ldacc + 16 * c, o[r][c]);
 }
 
-/* Rows [r0, rows_mr) as in pv_tile, over whole 32-column chunks of ldv2
- * (the accumulator's row stride rounds Dv up to the same chunk). */
+/* Rows [r0, rows_mr) as in pv_tile (a multiple of FA_MR, 12, from r0, so of
+ * 4 and 6), over 64-column chunks of ldv2 and a 32-column tail (the
+ * accumulator's row stride rounds Dv up to the same 32). */
 static void FA_KNAME(pv_tile_dp, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64_t nk,
                                      int64_t r0, int64_t rows_mr) {
     const int64_t npairs = (nk + 1) / 2;
-    for (int64_t c0 = 0; c0 < sc->ldv2; c0 += NC)
-        for (int64_t i0 = r0; i0 < rows_mr; i0 += FA_MR_PV)
+    int64_t c0 = 0;
+    for (; c0 + 64 <= sc->ldv2; c0 += 64)
+        for (int64_t i0 = r0; i0 < rows_mr; i0 += 6)
             FA_KNAME(pv_mr_dp, DT)(sc->pp + i0, sc->v2 + c0, npairs, sc->ldv2, sc->alpha + i0,
-                                   sc->acc + i0 * sc->ldacc + c0, sc->ldacc);
+                                   sc->acc + i0 * sc->ldacc + c0, sc->ldacc, 6, 4);
+    if (c0 < sc->ldv2)
+        for (int64_t i0 = r0; i0 < rows_mr; i0 += 6)
+            FA_KNAME(pv_mr_dp, DT)(sc->pp + i0, sc->v2 + c0, npairs, sc->ldv2, sc->alpha + i0,
+                                   sc->acc + i0 * sc->ldacc + c0, sc->ldacc, 6, 2);
 }
 #endif /* FA_DPBF16 */
 
