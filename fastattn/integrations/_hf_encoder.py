@@ -9,6 +9,8 @@ attention and the output dense layer on one
 skipped in every projection); the dropout-free residual and LayerNorm stay
 transformers' own torch modules. Each encoder whose layers all hold such
 blocks then runs its whole stack on the real tokens only (``_FusedEncoder``),
+in the model's dtype (float32, float64, bfloat16 or float16: the GEMMs are
+the model's own torch ones, the attention fastattn's kernel of that dtype),
 falling back to those blocks layer by layer when its fast path does not
 apply.
 """
@@ -220,7 +222,7 @@ class _FusedEncoder(nn.Module):
             if layer._forward_hooks or layer._forward_pre_hooks:
                 return False
             blk = layer.attention.self
-            if hidden_states.dtype not in (torch.float32, torch.float64) or any(
+            if hidden_states.dtype not in _NUMPY_DTYPES or any(
                     t.dtype != hidden_states.dtype for t in (blk.qkv_weight, layer.intermediate.dense.weight,
                                                              layer.output.dense.weight)):
                 return False
@@ -246,8 +248,7 @@ class _FusedEncoder(nn.Module):
             np.cumsum(lengths, out=cu[1:])
             rows = torch.from_numpy(np.flatnonzero(np.arange(L) < lengths[:, None]))
             x = flat.index_select(0, rows)
-        ws = _Workspace(x.shape[0], E, self.layer[0].intermediate.dense.out_features,
-                        np.float32 if x.dtype == torch.float32 else np.float64)
+        ws = _Workspace(x.shape[0], E, self.layer[0].intermediate.dense.out_features, x.dtype)
         with torch.no_grad():  # inference only, like the attention kernel
             for layer in self.layer:
                 x = _encoder_layer(layer, x, cu, ws)
@@ -256,6 +257,18 @@ class _FusedEncoder(nn.Module):
         else:
             out = hidden_states.new_zeros((B * L, E)).index_copy_(0, rows, x).reshape(B, L, E)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out, cache=None)
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+
+
+# the NumPy dtype of each torch dtype the real-token path runs in (bfloat16
+# from ml_dtypes, imported only for a bfloat16 model)
+_NUMPY_DTYPES = {torch.float32: lambda: np.float32, torch.float64: lambda: np.float64,
+                 torch.float16: lambda: np.float16, torch.bfloat16: _bfloat16}
 
 
 class _Workspace:
@@ -267,8 +280,10 @@ class _Workspace:
     buffers); allocated once per forward, they are faulted in once."""
 
     def __init__(self, N, E, intermediate, dtype):
+        np_dtype = _NUMPY_DTYPES[dtype]()
+
         def buffer(cols):
-            return torch.from_numpy(np.empty((N, cols), dtype=dtype))
+            return _torch_bridge.to_torch(np.empty((N, cols), dtype=np_dtype))
 
         self.qkv = buffer(3 * E)
         self.context = buffer(E)
@@ -304,9 +319,10 @@ def _encoder_layer(layer, x, cu, ws):
         torch.mm(x, fused.qkv_weight.t(), out=ws.qkv)
     else:
         torch.addmm(fused.qkv_bias, x, fused.qkv_weight.t(), out=ws.qkv)
-    qkv = ws.qkv.numpy().reshape(N, 3, H, D)
+    qkv = _torch_bridge.as_numpy(ws.qkv, ws.qkv.dtype).reshape(N, 3, H, D)
+    context = _torch_bridge.as_numpy(ws.context, ws.context.dtype).reshape(N, H, D)
     fastattn.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, scale=fused.scaling,
-                              out=ws.context.numpy().reshape(N, H, D))
+                              out=context)
     _linear_into(ws.dense, ws.context, fused.dense).add_(x)
     attended = block.LayerNorm(ws.dense)
     _linear_into(ws.intermediate, attended, layer.intermediate.dense)
