@@ -123,12 +123,13 @@ FA_DEFINE_MERGE(double, fa_exp)
 static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_t nqb,
                        int64_t it, void *scratch) {
     const int64_t Lq = job->Lq;
-    if (job->group_rows) { /* item: (b, kv head), every query head of the group */
-        const int64_t hk = it % job->Hkv, b = it / job->Hkv, h0 = hk * job->group;
+    if (job->row_heads > 1) { /* item: (b, row_heads heads from h0), lengths shared */
+        const int64_t per_b = job->H / job->row_heads;
+        const int64_t b = it / per_b, h0 = it % per_b * job->row_heads;
         const int64_t qv1 = fa_length_at(ql, b, h0, Lq), klen = fa_length_at(&job->key_len, b, h0, job->Lk);
         const int64_t kstart = start_at(&job->key_start, b, h0, klen);
         if (qv1 > 0) fa_attention_run_block(job, b, h0, 0, qv1, kstart, klen, NULL, NULL, scratch);
-        for (int64_t h = h0; h < h0 + job->group; ++h) zero_rows(job, b, h, qv1, Lq);
+        for (int64_t h = h0; h < h0 + job->row_heads; ++h) zero_rows(job, b, h, qv1, Lq);
         return;
     }
     const int64_t qb = it % nqb, bh = it / nqb, h = bh % job->H, b = bh / job->H;
@@ -151,9 +152,9 @@ static void split_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
     const int64_t Lq = job->Lq, es = compute_size(job);
     const int64_t s = it % nsplit;
     int64_t bh = it / nsplit, h = bh % job->H, b = bh / job->H;
-    if (job->group_rows) { /* item: (b, kv head, split); its slots are those of head h0 */
-        const int64_t bk = it / nsplit;
-        b = bk / job->Hkv, h = bk % job->Hkv * job->group, bh = b * job->H + h;
+    if (job->row_heads > 1) { /* item: (b, heads from h, split); its slots are head h's */
+        const int64_t u = it / nsplit, per_b = job->H / job->row_heads;
+        b = u / per_b, h = u % per_b * job->row_heads, bh = b * job->H + h;
         it = bh * nsplit + s;
     }
     const int64_t qv1 = fa_length_at(ql, b, h, Lq), klen = fa_length_at(&job->key_len, b, h, job->Lk);
@@ -282,11 +283,12 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     /* GQA decode reads each kv head once for its whole group of query heads
      * (attention_rows), when the group's rows fit one work item and share
      * their lengths (per-batch lengths, not per-head ones) */
-    job.group_rows = Lq < FA_ATTN_ROW_PATH && job.group > 1 && job.group * Lq <= FA_ATTN_MQ &&
-                     !a->weights.data &&
-                     (!a->key_len.data || a->key_len.stride_m == 0) &&
-                     (!a->key_start.data || a->key_start.stride_m == 0) &&
-                     (!a->query_len.data || a->query_len.stride_m == 0);
+    const int group_rows = Lq < FA_ATTN_ROW_PATH && job.group > 1 &&
+                           job.group * Lq <= FA_ATTN_MQ && !a->weights.data &&
+                           (!a->key_len.data || a->key_len.stride_m == 0) &&
+                           (!a->key_start.data || a->key_start.stride_m == 0) &&
+                           (!a->query_len.data || a->query_len.stride_m == 0);
+    job.row_heads = group_rows ? job.group : 1;
     job.kv_dtype = kvd;
     job.io16 = io16;
     if (kvd == FA_KV_I8) {
@@ -333,14 +335,14 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
         span1 = Lq - 1 + off_hi + job.right + 1;
     if (span1 < span0) span1 = span0;
     /* work items before any split: query blocks of each head, or kv heads */
-    const int64_t units = job.group_rows ? B * Hkv : heads * nqb;
+    const int64_t units = job.row_heads > 1 ? B * (H / job.row_heads) : heads * nqb;
     int64_t nsplit = 1;
     if (!job.weights && Lq < FA_ATTN_ROW_PATH && units < FA_SPLIT_MIN_ITEMS &&
         span1 - span0 >= 2 * FA_SPLIT_CHUNK) {
         nsplit = (span1 - span0) / FA_SPLIT_CHUNK;
         if (nsplit > FA_SPLIT_MAX) nsplit = FA_SPLIT_MAX;
     }
-    const int64_t items = units * nsplit;
+    int64_t items = units * nsplit;
     job.part_head_stride = nsplit * Lq * Dv;
     job.part_ml_head_stride = nsplit * Lq * 2;
 
@@ -348,6 +350,22 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
     int64_t work;
     if (!fa_mul_ok(heads * Lq, Lk > 0 ? Lk : 1, &work)) work = INT64_MAX;
     const int nthreads = fa_resolve_threads(num_threads, items, work);
+    if (job.block_table && Lq < FA_ATTN_ROW_PATH && job.row_heads == job.group) {
+        /* Paged decode: a token's kv heads lie side by side in its block
+         * row, so one head's keys touch a new page every row; items of
+         * several kv heads read a few token rows whole at a time
+         * (attention_rows). A row's result does not depend on its item's
+         * other heads, so the item size may follow the thread count: the
+         * most kv heads per item (a divisor of Hkv, at most FA_ATTN_MQ rows)
+         * that still leaves two items per thread. */
+        int64_t per = 1;
+        for (int64_t c = 2; c <= Hkv; ++c)
+            if (Hkv % c == 0 && c * job.group * Lq <= FA_ATTN_MQ &&
+                B * (Hkv / c) * nsplit >= (items < 2 * nthreads ? items : 2 * (int64_t)nthreads))
+                per = c;
+        job.row_heads = per * job.group;
+        items = B * (Hkv / per) * nsplit;
+    }
 
     const int64_t per_thread_elems = fa_attention_scratch_elems(D, Dv);
     if (per_thread_elems < 0) return FA_ERR_OVERFLOW;
@@ -493,7 +511,9 @@ int fa_paged_attention(int dtype, const fa_paged_args *a, int num_threads) {
     }
     /* GQA decode reads each kv head once for its group, as for contiguous
      * keys (the lengths are per sequence, shared by the group's heads) */
-    job.group_rows = Lq < FA_ATTN_ROW_PATH && job.group > 1 && job.group * Lq <= FA_ATTN_MQ;
+    job.row_heads = Lq < FA_ATTN_ROW_PATH && job.group > 1 && job.group * Lq <= FA_ATTN_MQ
+                        ? job.group
+                        : 1;
     const int64_t reach = Lk + Lq;
     job.has_left = (a->window & FA_WINDOW_LEFT) != 0;
     job.left = job.has_left ? (a->window_left < reach ? a->window_left : reach) : 0;

@@ -68,11 +68,14 @@ typedef struct {
      * floats, widened as they are packed and rounded (to nearest even) as
      * each output row is written. */
     int io16;
-    /* GQA decode: a row-path work item covers every query head of its kv
-     * head (attention_rows), so the kv head is read once; the split-KV
-     * partial results of consecutive heads are then part_head_stride
-     * (part_ml_head_stride) elements apart. */
-    int group_rows;
+    /* Query heads per row-path work item (attention_rows), consecutive and
+     * starting at a kv head's first: 0 or 1, one head; the group, for GQA
+     * decode, so that the kv head is read once; several whole groups for
+     * paged decode, so that the heads of each token, which lie side by side
+     * in the cache, are read together. The split-KV partial results of
+     * consecutive heads are part_head_stride (part_ml_head_stride)
+     * elements apart. */
+    int64_t row_heads;
     int64_t part_head_stride, part_ml_head_stride;
     /* Paged caches: k and v are (num_blocks, block_size, Hkv, D) with
      * ks[0] the block stride, ks[1] the head stride, ks[2] the row stride;
