@@ -10,27 +10,17 @@ from fastattn._features import alibi_slopes_array, sinks_array, softcap_value, w
 from fastattn._validation import (
     bool_flag,
     choice,
-    compute_dtype,
-    kernel_addressable,
     lengths_view,
     real_number,
     unit_last_axis,
 )
-from fastattn.kv_quant import kv_scale_array, narrow_kv
+from fastattn.kv_quant import attention_compute_dtype, kv_scale_array, narrow_kv, native_storage
 from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _F16 = np.dtype(np.float16)
-
-
-def native_storage(x):
-    """``x`` as C reads it: native byte order, element-aligned strides (a
-    copy only when it is not already)."""
-    if not x.dtype.isnative:
-        return x.astype(x.dtype.newbyteorder("="))
-    return x if kernel_addressable(x) else x.copy()
 
 
 def attention_geometry(q_shape, k_shape, v_shape):
@@ -196,12 +186,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                         "got CUDA arrays for q, k, v")
     kv_code = None if storage is None else storage.code
     io16 = None if storage is None else storage.io_dtype  # 16-bit q and output
-    if kv_code is None:
-        dtype = np.promote_types(
-            np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
-            compute_dtype(va.dtype, "v"))
-    else:
-        dtype = _F32
+    dtype = attention_compute_dtype(qa, ka, va, storage)
     three_d, (B, H, Lq, D), (Hkv, Lk, Dv) = attention_geometry(qa.shape, ka.shape, va.shape)
     ksa = vsa = None
     if k_scale is not None:

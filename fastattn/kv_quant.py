@@ -160,6 +160,38 @@ def narrow_kv(q, k, v, k_scale, v_scale, names=("k", "v")):
     return KVStorage(_kernels.KV_DTYPE_CODES[kd.name], io_dtype)
 
 
+def native_storage(x):
+    """``x`` as C reads it: native byte order, element-aligned strides (a
+    copy only when it is not already)."""
+    if not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="))
+    return x if kernel_addressable(x) else x.copy()
+
+
+def attention_compute_dtype(q, k, v, storage, names=("q", "k", "v")):
+    """The dtype the attention kernels compute in for arrays q, k, v and
+    their :func:`narrow_kv` result ``storage``: float32 beside narrow or
+    16-bit storage, else the promotion of the three inputs' compute dtypes
+    (``names`` for the messages)."""
+    if storage is not None:
+        return _F32
+    return np.promote_types(np.promote_types(compute_dtype(q.dtype, names[0]),
+                                             compute_dtype(k.dtype, names[1])),
+                            compute_dtype(v.dtype, names[2]))
+
+
+def kernel_operands(q, k, v, storage, names=("q", "k", "v")):
+    """``(q, k, v, dtype)`` as the CPU attention kernel reads them: without
+    narrow storage, each converted to the compute dtype; with it, k and v
+    (and a 16-bit q) as they are, in native byte order, and any other q in
+    float32."""
+    dtype = attention_compute_dtype(q, k, v, storage, names)
+    if storage is None:
+        return (*(float_array(x, n, dtype) for x, n in zip((q, k, v), names)), dtype)
+    q = native_storage(q) if storage.io_dtype is not None else float_array(q, names[0], dtype)
+    return q, native_storage(k), native_storage(v), dtype
+
+
 def kv_scale_array(scale, name, shape, three_d):
     """``scale`` as float32 of ``shape`` ((B, Hkv, Lk), given as (B, Lk) for
     3-D inputs), 3-D, with a unit last stride."""

@@ -17,14 +17,13 @@ from fastattn._validation import (
     bool_flag,
     check_result_size,
     choice,
-    compute_dtype,
     float_array,
     index_value,
     unit_last_axis,
 )
-from fastattn.attention import attention_scale, native_storage
+from fastattn.attention import attention_scale
 from fastattn.kv_cache import float_dtype, kv_storage_dtype
-from fastattn.kv_quant import narrow_kv
+from fastattn.kv_quant import kernel_operands, narrow_kv
 from fastattn.rotary import ROPE_LAYOUTS, _check_base
 
 
@@ -101,17 +100,7 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
     storage = narrow_kv(qa, ka, va, k_scale, v_scale, names=("key_cache", "value_cache"))
     kv_code = None if storage is None else storage.code
     io16 = None if storage is None else storage.io_dtype  # 16-bit q and output
-    if kv_code is None:
-        dtype = np.promote_types(
-            np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "key_cache")),
-            compute_dtype(va.dtype, "value_cache"))
-        qa = float_array(qa, "q", dtype)
-        ka = float_array(ka, "key_cache", dtype)
-        va = float_array(va, "value_cache", dtype)
-    else:
-        dtype = np.dtype(np.float32)
-        qa = native_storage(qa) if io16 is not None else float_array(qa, "q", dtype)
-        ka, va = native_storage(ka), native_storage(va)
+    qa, ka, va, dtype = kernel_operands(qa, ka, va, storage, ("q", "key_cache", "value_cache"))
     if qa.ndim != 4:
         raise ValueError(f"q must be 4-D (B, H, Lq, D), got shape {qa.shape}")
     if ka.ndim != 4 or va.ndim != 4:

@@ -11,12 +11,10 @@ from fastattn._validation import (
     as_array,
     bool_flag,
     choice,
-    compute_dtype,
-    float_array,
     unit_last_axis,
 )
-from fastattn.attention import attention_scale, native_storage
-from fastattn.kv_quant import narrow_kv
+from fastattn.attention import attention_scale
+from fastattn.kv_quant import kernel_operands, narrow_kv
 from fastattn.masks import CAUSAL_ALIGNMENTS
 
 
@@ -104,15 +102,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     storage = narrow_kv(qa, ka, va, None, None)
     kv_code = None if storage is None else storage.code
     io16 = None if storage is None else storage.io_dtype
-    if kv_code is None:
-        dtype = np.promote_types(
-            np.promote_types(compute_dtype(qa.dtype, "q"), compute_dtype(ka.dtype, "k")),
-            compute_dtype(va.dtype, "v"))
-        qa, ka, va = (float_array(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
-    else:
-        dtype = np.dtype(np.float32)
-        qa = native_storage(qa) if io16 is not None else float_array(qa, "q", dtype)
-        ka, va = native_storage(ka), native_storage(va)
+    qa, ka, va, dtype = kernel_operands(qa, ka, va, storage)
     if qa.ndim != 3 or ka.ndim != 3 or va.ndim != 3:
         raise ValueError("q, k and v must be 3-D (total, heads, dim); got shapes "
                          f"q {qa.shape}, k {ka.shape}, v {va.shape}")

@@ -110,11 +110,12 @@ def test_bad_tables_and_lengths(rng):
 
 # ---- PagedKVCache ---------------------------------------------------------------
 
-def _contiguous(cache, seq):
+def _contiguous(cache, seq, pools=("key_cache", "value_cache")):
+    """The rows of sequence seq in the cache's pools, in token order."""
     tables, lens = cache.tables([seq])
     t = np.arange(lens[0])
     rows = tables[0, t // cache.block_size]
-    return cache.key_cache[rows, t % cache.block_size], cache.value_cache[rows, t % cache.block_size]
+    return tuple(getattr(cache, name)[rows, t % cache.block_size] for name in pools)
 
 
 def test_cache_append_fork_free(rng):
@@ -323,7 +324,7 @@ def test_narrow_cache_append_fork(rng, kv_dtype):
     # the stored rows are the float32 cache's rows in the narrow storage
     fk, fv = _contiguous(full, fa)
     if kv_dtype == "int8":
-        sk = _contiguous_scales(cache, a)
+        sk = _contiguous(cache, a, ("key_scale", "value_scale"))
         np.testing.assert_array_equal(_contiguous(cache, a)[0], fastattn.quantize_kv(fk)[0])
         np.testing.assert_array_equal(sk[0], fastattn.quantize_kv(fk)[1])
         np.testing.assert_array_equal(sk[1], fastattn.quantize_kv(fv)[1])
@@ -340,13 +341,6 @@ def test_narrow_cache_append_fork(rng, kv_dtype):
         kc = ref.dequantize_kv(cache.key_cache, cache.key_scale)
         vc = ref.dequantize_kv(cache.value_cache, cache.value_scale)
     assert_close(got, ref.paged_attention(q, kc, vc, tables, lens).astype(np.float32), np.float32)
-
-
-def _contiguous_scales(cache, seq):
-    tables, lens = cache.tables([seq])
-    t = np.arange(lens[0])
-    rows = tables[0, t // cache.block_size]
-    return cache.key_scale[rows, t % cache.block_size], cache.value_scale[rows, t % cache.block_size]
 
 
 def test_narrow_bad_arguments(rng):
