@@ -466,11 +466,32 @@ static void FA_KNAME(pv_tile_dp, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64
  * (a broadcast of a half element costs a scalar conversion, and a vector of
  * halves without F16C a dozen integer operations). vsc: NULL, or the int8
  * rows' scales, applied here as the float kernels would apply them. */
+#if FA_ISA_LEVEL == 0
+/* Scalar level: one narrow row widened by a loop that the compiler turns
+ * into the target's baseline vector code (half_float.h); the element-wise
+ * scalar conversion made 16-bit decode 1.1 (bfloat16) to 2.7 (float16)
+ * times slower than float32 decode, which reads twice the bytes. */
+static inline void FA_KNAME(widen_row, DT)(const KT *restrict src, int64_t n, T *restrict dst) {
+#if FA_KV == 1
+    fa_bf16_row_to_f32(src, n, dst);
+#elif FA_KV == 2
+    fa_f16_row_to_f32(src, n, dst);
+#else
+    for (int64_t i = 0; i < n; ++i) dst[i] = (T)src[i];
+#endif
+}
+#endif
+
 static void FA_KNAME(widen_tile, DT)(const KT *src, int64_t sst, int64_t nk, int64_t cols,
                                      const T *vsc, T *dst) {
     for (int64_t j = 0; j < nk; ++j) {
         const KT *row = src + j * sst;
         T *out = dst + j * cols;
+#if FA_ISA_LEVEL == 0
+        FA_KNAME(widen_row, DT)(row, cols, out);
+        if (vsc)
+            for (int64_t c = 0; c < cols; ++c) out[c] *= vsc[j];
+#else
         const V sj = V_SET1(vsc ? vsc[j] : (T)1);
         int64_t c = 0;
         for (; c + VL <= cols; c += VL) {
@@ -481,6 +502,7 @@ static void FA_KNAME(widen_tile, DT)(const KT *src, int64_t sst, int64_t nk, int
             const V x = KV_LOADN(row + c, cols - c);
             V_STOREN(out + c, vsc ? V_MUL(x, sj) : x, cols - c);
         }
+#endif
     }
 }
 #endif
@@ -979,6 +1001,74 @@ static inline void FA_KNAME(tile_rows, DT)(const fa_attn_job *job, const char *b
  * same keys of the next K tile (pk, pk_rows of them) and of this V tile
  * (pv, nk rows; NULL: no requests) are requested, spread over the compute
  * so that the loads overlap it. nr is a constant at each call (inlined). */
+#if FA_ISA_LEVEL == 0
+/* The scalar level's version: each (row, key) sum runs in FA_LANES partial
+ * sums (d mod 4), held in a GNU C vector (simd_map.h) that compilers map
+ * onto the target's baseline vector unit (SSE2, NEON) with contiguous
+ * loads, narrow K widened in those registers, and added as (0 + 1) + (2 +
+ * 3) at the end. One running sum per key, as above, was vectorized across
+ * four keys instead, which took a transpose of four key rows per step and
+ * a scalar conversion per narrow element: float32 decode at 60% of the
+ * read bandwidth, bfloat16 1.1 and float16 2.7 times slower than it (Zen
+ * 5, 2 threads, H = 32, D = 128, 2048 keys). The order is fixed, so a
+ * row's scores still do not depend on its neighbours. */
+#if FA_T_F64
+#define TL fa_f64x4
+#else
+#define TL fa_f32x4
+#endif
+#if !FA_KV
+#define KV_LANES_LOAD FA_LANES_LOAD
+#elif FA_KV == 1
+#define KV_LANES_LOAD FA_LANES_LOAD_BF16
+#elif FA_KV == 2
+#define KV_LANES_LOAD FA_LANES_LOAD_F16
+#else
+#define KV_LANES_LOAD FA_LANES_LOAD_I8
+#endif
+static inline __attribute__((always_inline)) void FA_KNAME(row_scores_n, DT)(
+    const T *qs, int64_t qst, int nr, const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk,
+    T *s, int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
+    const FA_KNAME(kv_rows, DT) pv, int do_prefetch, int64_t Dv, int lists) {
+    const int64_t Dl = D / FA_LANES * FA_LANES;
+    for (int64_t j = 0; j < nk; j += 4) {
+        const int64_t nj = nk - j < 4 ? nk - j : 4;
+        if (do_prefetch && nj == 4)
+            for (int64_t r = j; r < j + 4; ++r) {
+                if (r < pk_rows) fa_prefetch(FA_KV_PREFETCH_ROW(pk, r), D * (int64_t)sizeof(KT));
+                fa_prefetch(FA_KV_PREFETCH_ROW(pv, r), Dv * (int64_t)sizeof(KT));
+            }
+        /* a short last group repeats its last key; those sums are dropped */
+        const KT *k[4];
+        for (int64_t t = 0; t < 4; ++t) k[t] = FA_KV_ROW(kr, j + (t < nj ? t : nj - 1));
+        TL a[FA_RB][4];
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = (TL){0};
+        for (int64_t d = 0; d < Dl; d += FA_LANES) {
+            TL b0, b1, b2, b3;
+            KV_LANES_LOAD(b0, k[0] + d);
+            KV_LANES_LOAD(b1, k[1] + d);
+            KV_LANES_LOAD(b2, k[2] + d);
+            KV_LANES_LOAD(b3, k[3] + d);
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r) {
+                TL x;
+                FA_LANES_LOAD(x, qs + r * qst + d);
+                a[r][0] += x * b0, a[r][1] += x * b1, a[r][2] += x * b2, a[r][3] += x * b3;
+            }
+        }
+        for (int64_t d = Dl; d < D; ++d)
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r)
+                for (int t = 0; t < 4; ++t) a[r][t][d - Dl] += qs[r * qst + d] * KV_S(k[t][d]);
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r)
+            for (int64_t t = 0; t < nj; ++t)
+                s[r * sst + j + t] = (a[r][t][0] + a[r][t][1]) + (a[r][t][2] + a[r][t][3]);
+    }
+    (void)lists;
+}
+#else
 static inline __attribute__((always_inline)) void FA_KNAME(row_scores_n, DT)(
     const T *qs, int64_t qst, int nr, const FA_KNAME(kv_rows, DT) kr, int64_t D, int64_t nk,
     T *s, int64_t sst, const FA_KNAME(kv_rows, DT) pk, int64_t pk_rows,
@@ -1047,6 +1137,8 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_scores_n, DT)(
     }
 }
 
+#endif /* FA_ISA_LEVEL */
+
 /* Scores of R rows, RB at a time, then the leftover rows two and one at a
  * time; only the first pass requests the next tiles (pk: the next K tile,
  * pk_rows keys of it; pv: this V tile). */
@@ -1081,6 +1173,68 @@ static void FA_KNAME(row_scores, DT)(const T *qs, int64_t qst, int64_t R,
         FA_KNAME(row_scores_c, DT)(qs, qst, R, kr, D, nk, s, sst, pk, pk_rows, pv, Dv, 0);
 }
 
+#if FA_ISA_LEVEL == 0
+/* The scalar level's version of row_pv_n below: four value vectors of
+ * FA_LANES columns per pass (narrow V widened in registers), then four
+ * columns, then one; every output element gets the same operations in the
+ * same order as in the generic version (o alpha, then p_j v_j added in j
+ * order). */
+static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
+    const T *p, int64_t pst, int nr, const FA_KNAME(kv_rows, DT) vr, int64_t nk, int64_t Dv,
+    const T *alpha, T *o, int64_t ost) {
+    int64_t c = 0;
+    for (; c + 4 * FA_LANES <= Dv; c += 4 * FA_LANES) {
+        TL o0[FA_RB], o1[FA_RB], o2[FA_RB], o3[FA_RB];
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) {
+            const T *orow = o + r * ost + c;
+            FA_LANES_LOAD(o0[r], orow), FA_LANES_LOAD(o1[r], orow + FA_LANES);
+            FA_LANES_LOAD(o2[r], orow + 2 * FA_LANES), FA_LANES_LOAD(o3[r], orow + 3 * FA_LANES);
+            o0[r] *= alpha[r], o1[r] *= alpha[r], o2[r] *= alpha[r], o3[r] *= alpha[r];
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+            const KT *v = FA_KV_ROW(vr, j) + c;
+            TL b0, b1, b2, b3;
+            KV_LANES_LOAD(b0, v);
+            KV_LANES_LOAD(b1, v + FA_LANES);
+            KV_LANES_LOAD(b2, v + 2 * FA_LANES);
+            KV_LANES_LOAD(b3, v + 3 * FA_LANES);
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r) {
+                const T pj = p[r * pst + j];
+                o0[r] += pj * b0, o1[r] += pj * b1, o2[r] += pj * b2, o3[r] += pj * b3;
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) {
+            T *orow = o + r * ost + c;
+            memcpy(orow, &o0[r], sizeof o0[r]), memcpy(orow + FA_LANES, &o1[r], sizeof o1[r]);
+            memcpy(orow + 2 * FA_LANES, &o2[r], sizeof o2[r]);
+            memcpy(orow + 3 * FA_LANES, &o3[r], sizeof o3[r]);
+        }
+    }
+    for (; c + FA_LANES <= Dv; c += FA_LANES) {
+        TL acc[FA_RB];
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) FA_LANES_LOAD(acc[r], o + r * ost + c), acc[r] *= alpha[r];
+        for (int64_t j = 0; j < nk; ++j) {
+            TL bj;
+            KV_LANES_LOAD(bj, FA_KV_ROW(vr, j) + c);
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; ++r) acc[r] += p[r * pst + j] * bj;
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) memcpy(o + r * ost + c, &acc[r], sizeof acc[r]);
+    }
+    for (; c < Dv; ++c)
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; ++r) {
+            T acc = o[r * ost + c] * alpha[r];
+            for (int64_t j = 0; j < nk; ++j) acc += p[r * pst + j] * KV_S(FA_KV_ROW(vr, j)[c]);
+            o[r * ost + c] = acc;
+        }
+}
+#else
 /* o_r (Dv) = alpha[r] * o_r + sum_j p_r[j] v_j for nr rows (p_r = p + r *
  * pst, o_r = o + r * ost) and nk value rows vr[j], four value vectors per
  * pass. A row's sum runs over j in order for every nr. */
@@ -1133,6 +1287,8 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
         for (int r = 0; r < nr; ++r) V_STOREN(o + r * ost + c, acc[r], n);
     }
 }
+
+#endif /* FA_ISA_LEVEL */
 
 /* P.V of R rows, RB at a time, then two and one at a time. */
 static inline __attribute__((always_inline)) void FA_KNAME(row_pv_c, DT)(
@@ -1468,3 +1624,5 @@ void FA_KNAME(attention_block, DT)(const fa_attn_job *job, int64_t b, int64_t h,
 #undef NC
 #undef MQ
 #undef NK
+#undef TL
+#undef KV_LANES_LOAD

@@ -1,7 +1,9 @@
 /*
  * half_rows.c: the row conversions of half_rows.h: the selected ISA level's
- * vector version for contiguous rows, the scalar one (half_float.h) for
- * strided rows and on non-x86 builds. Compiled with baseline flags.
+ * vector version for contiguous rows, the scalar ones (half_float.h) for
+ * strided rows and on non-x86 builds (contiguous rows widened by the loops
+ * that the compiler vectorizes for the baseline). Compiled with baseline
+ * flags.
  */
 #include "half_rows.h"
 
@@ -38,6 +40,11 @@ void fa_half_row_to_f32(int dtype, const uint16_t *src, int64_t s, int64_t n, fl
     fa_half_widen_fn *fn = s == 1 ? widen_of(dtype) : NULL;
     if (fn) {
         fn(src, n, dst);
+    } else if (s == 1) { /* the branch-free loops that compilers vectorize */
+        if (dtype == FA_DTYPE_BF16)
+            fa_bf16_row_to_f32(src, n, dst);
+        else
+            fa_f16_row_to_f32(src, n, dst);
     } else if (dtype == FA_DTYPE_BF16) {
         for (int64_t j = 0; j < n; ++j) dst[j] = fa_bf16_bits_to_f32(src[j * s]);
     } else {

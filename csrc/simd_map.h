@@ -84,6 +84,79 @@ static inline float vf32_load_bf16(const uint16_t *p) { return fa_bf16_bits_to_f
 static inline float vf32_load_f16(const uint16_t *p) { return fa_f16_bits_to_f32(*p); }
 static inline float vf32_load_i8(const int8_t *p) { return (float)*p; }
 
+/* Four-lane GNU C vectors for the scalar level's row kernels, which keep
+ * four partial sums per dot product (attention_impl.h): plain C that GCC
+ * and clang lower to the baseline vector unit (SSE2, NEON) or to scalar
+ * code. The narrow loads widen exactly as vf32_load_bf16/f16/i8 do (one
+ * lane each), with the selects as masks so that no branch remains. */
+#define FA_LANES 4
+typedef float fa_f32x4 __attribute__((vector_size(16)));
+typedef double fa_f64x4 __attribute__((vector_size(32)));
+typedef uint32_t fa_u32x4 __attribute__((vector_size(16)));
+typedef int32_t fa_i32x4 __attribute__((vector_size(16)));
+typedef uint16_t fa_u16x4 __attribute__((vector_size(8)));
+typedef uint8_t fa_u8x4 __attribute__((vector_size(4)));
+typedef uint16_t fa_u16x8 __attribute__((vector_size(16)));
+typedef uint64_t fa_u64x2 __attribute__((vector_size(16)));
+typedef uint8_t fa_u8x16 __attribute__((vector_size(16)));
+#define FA_LANES_LOAD(dst, p) memcpy(&(dst), (p), sizeof(dst))
+/* Each narrow element lands in the top of its 32-bit lane by one byte
+ * interleave with zeros (punpcklwd / punpcklbw on SSE2, zip on NEON): the
+ * bfloat16 value itself, the half's bits shifted by 16, the int8 value
+ * times 2^24. GCC before 12 lacks __builtin_shufflevector and takes the
+ * element-wise conversions instead (the same values, more operations). */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define FA_LANES_TOP16(h) \
+    ((fa_u32x4)__builtin_shufflevector((fa_u16x8){0}, (h), 0, 8, 1, 9, 2, 10, 3, 11))
+/* bytes to the top of 16-bit lanes, then those to the top of 32-bit lanes */
+#define FA_LANES_TOP8(b)                                                                    \
+    FA_LANES_TOP16((fa_u16x8)__builtin_shufflevector((fa_u8x16){0}, (b), 0, 16, 1, 17, 2, 18, 3, \
+                                                     19, 4, 20, 5, 21, 6, 22, 7, 23))
+#else
+#define FA_LANES_TOP16(h) \
+    (__builtin_convertvector((fa_u16x4){(h)[0], (h)[1], (h)[2], (h)[3]}, fa_u32x4) << 16)
+#define FA_LANES_TOP8(b) \
+    (__builtin_convertvector((fa_u8x4){(b)[0], (b)[1], (b)[2], (b)[3]}, fa_u32x4) << 24)
+#endif
+/* four narrow elements at p in the low bytes of a vector (one movq / movd) */
+#define FA_LANES_LOW64(p) ((fa_u16x8)(fa_u64x2){fa_load_u64(p), 0})
+#define FA_LANES_LOW32(p) ((fa_u8x16)(fa_u32x4){fa_load_u32(p), 0, 0, 0})
+static inline uint64_t fa_load_u64(const void *p) {
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline uint32_t fa_load_u32(const void *p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+#define FA_LANES_LOAD_BF16(dst, p)                                                  \
+    do {                                                                           \
+        const fa_u16x8 h_ = FA_LANES_LOW64(p);                                     \
+        (dst) = (fa_f32x4)FA_LANES_TOP16(h_);                                      \
+    } while (0)
+/* the half's exponent and mantissa shifted into a float's place (t) read
+ * as 2^-112 times its value, as in fa_f16_row_to_f32; exponent all ones
+ * (em > 0x7bff << 16) rebuilt from t. SSE2 has signed 32-bit compares
+ * only: em < 2^31. */
+#define FA_LANES_LOAD_F16(dst, p)                                                   \
+    do {                                                                           \
+        const fa_u16x8 h_ = FA_LANES_LOW64(p);                                     \
+        const fa_i32x4 x_ = (fa_i32x4)FA_LANES_TOP16(h_);                          \
+        const fa_i32x4 sign_ = x_ & (int32_t)0x80000000u, em_ = x_ ^ sign_;        \
+        const fa_i32x4 t_ = (fa_i32x4)((fa_u32x4)em_ >> 3);                        \
+        const fa_i32x4 u_ = (fa_i32x4)((fa_f32x4)t_ * 0x1p112f);                   \
+        const fa_i32x4 inf_nan_ = em_ > 0x7bffffff;                                \
+        const fa_i32x4 special_ = 0x7f800000 | t_ | ((em_ > 0x7c00ffff) & 0x400000); \
+        (dst) = (fa_f32x4)((special_ & inf_nan_) | (u_ & ~inf_nan_) | sign_);      \
+    } while (0)
+#define FA_LANES_LOAD_I8(dst, p)                                                    \
+    do {                                                                           \
+        const fa_u8x16 b_ = FA_LANES_LOW32(p);                                     \
+        (dst) = __builtin_convertvector((fa_i32x4)FA_LANES_TOP8(b_) >> 24, fa_f32x4); \
+    } while (0)
+
 /* ======================================================================= */
 #elif FA_ISA_LEVEL == 1
 

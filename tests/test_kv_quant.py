@@ -336,3 +336,33 @@ def test_quantize_misaligned_input(rng):
     got, ref = fastattn.quantize_kv(x), reference.quantize_kv(x)
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("Lq", [1, 5], ids=["rows", "tiled"])
+def test_every_narrow_value_is_read_exactly(isa, rng, kv_dtype, Lq):
+    """One key: every output row is 1 * v exactly, so V holding every bit
+    pattern of the storage (subnormals, infinities and NaNs of the 16-bit
+    formats; -128..127 of int8 with unit scales) checks the kernel's
+    in-register and per-tile widening against NumPy's conversion. Lq = 1
+    takes the row (decode) path, 5 queries the tiled one."""
+    if kv_dtype == "int8":
+        bits = np.arange(-128, 128, dtype=np.int16).astype(np.int8)
+        B, Dv = 4, 64
+    else:
+        bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+        B, Dv = 16, 4096
+    v = bits.reshape(B, 1, 1, Dv)
+    if kv_dtype != "int8":
+        v = v.view(BF16 if kv_dtype == "bfloat16" else np.float16)
+    q = rng.standard_normal((B, 2, Lq, 8), dtype=np.float32)
+    k = rng.standard_normal((B, 1, 1, 8), dtype=np.float32)
+    if kv_dtype == "int8":
+        k, ks = fastattn.quantize_kv(k)
+        kw = {"k_scale": ks, "v_scale": np.ones(v.shape[:-1], np.float32)}
+    else:
+        k, kw = k.astype(v.dtype), {}
+    out = fastattn.scaled_dot_product_attention(q, k, v, **kw)
+    with np.errstate(invalid="ignore"):
+        want = np.broadcast_to(v.astype(np.float32), out.shape)
+    np.testing.assert_array_equal(out, want)  # NaN matches NaN; -0 becomes +0
