@@ -1335,10 +1335,11 @@ static inline T FA_KNAME(row_max, DT)(const T *s, int64_t nk) {
 
 /* Keys per step of a multi-head (paged decode) item, at most (a step ends
  * with its block): the token rows of every kv head of 16 keys, 64 KiB for 8
- * heads of D = 128 floats, are read and the next 16 requested. Steps of 4
- * and 8 keys ran paged decode at 1.29-1.54x the contiguous time (Zen 5, 2
- * threads, H = 32 over 8 kv heads, block size 16), 16 at 1.25-1.34x; one
- * head at a time, 1.56-1.61x. */
+ * heads of D = 128 floats, are read, each head's next 16 requested four at
+ * a time as its scores go (row_scores). Steps of 4 and 8 keys ran paged
+ * decode at 1.75-1.79x and 1.53-1.54x the contiguous time (Zen 5, 2
+ * threads, H = 32 over 8 kv heads, 2048 keys, block size 16, caches hot),
+ * 16 at 1.44-1.51x; one head at a time, 1.56-1.61x. */
 #define FA_HEADS_STEP 16
 
 /* The keys of the step that starts at key kb, within the tile [.., kend)
@@ -1349,46 +1350,34 @@ static inline int64_t FA_KNAME(step_keys, DT)(const fa_attn_job *job, int64_t kb
     return n < left_in_block ? n : left_in_block;
 }
 
-/* Requests the token rows of keys [kb, kb + n) for kv heads [hk0, hk1]
- * from base (K or V, strides st, cols elements per head row): contiguous
- * bytes in each token row. */
-static inline void FA_KNAME(prefetch_token_rows, DT)(const fa_attn_job *job, const char *base,
-                                                     const int64_t *st, int64_t b, int64_t hk0,
-                                                     int64_t hk1, int64_t kb, int64_t n,
-                                                     int64_t cols) {
-    const int64_t bytes = ((hk1 - hk0) * st[1] + cols) * (int64_t)sizeof(KT);
-    for (int64_t t = 0; t < n; ++t)
-        fa_prefetch(FA_KNAME(kv_row, DT)(job, base, st, b, hk0, kb + t), bytes);
-}
-
 /* Scores of one tile [kb, kb + nk) of query ii for the item's query heads
  * [h, h + heads) over several kv heads of a paged cache, FA_HEADS_STEP
  * keys at a time for every head (attention_rows): row g nq + ii of st
  * (s0 + g sst). */
 static void FA_KNAME(rows_heads_scores, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                             int64_t heads, int64_t ii, int64_t nq, int64_t kb,
-                                            int64_t nk, T *s0, int64_t sst,
+                                            int64_t nk, int64_t kend, T *s0, int64_t sst,
                                             FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t D = job->D, group = job->group, hk0 = h / group, hk1 = (h + heads - 1) / group;
-    const FA_KNAME(kv_rows, DT) none = {NULL, NULL, 0};
     for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
         n = FA_KNAME(step_keys, DT)(job, kb + j0, kb + nk);
-        /* the next step's keys */
+        /* the next step's keys, in this tile or the next */
         const int64_t ahead = kb + j0 + n;
-        if (ahead < kb + nk) {
-            const int64_t na = FA_KNAME(step_keys, DT)(job, ahead, kb + nk);
-            FA_KNAME(prefetch_token_rows, DT)(job, job->k, job->ks, b, hk0, hk1, ahead, na, D);
-        }
+        const int64_t na = ahead < kend ? FA_KNAME(step_keys, DT)(job, ahead, kend) : 0;
         for (int64_t hk = hk0; hk <= hk1; ++hk) {
             const int64_t g0 = hk * group - h > 0 ? hk * group - h : 0;
             const int64_t g1 = (hk + 1) * group - h < heads ? (hk + 1) * group - h : heads;
-            /* with them, this step's value rows of the head are requested */
+            /* with each four keys, the same keys of the next step and this
+             * step's value rows of the head are requested */
             const FA_KNAME(kv_rows, DT) kt = {
                 NULL, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb + j0), job->ks[2]};
             const FA_KNAME(kv_rows, DT) vt = {
                 NULL, FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb + j0), job->vs[2]};
+            const FA_KNAME(kv_rows, DT) kx = {
+                NULL, na ? FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, ahead) : NULL,
+                job->ks[2]};
             FA_KNAME(row_scores, DT)(sc->qt + (g0 * nq + ii) * D, nq * D, g1 - g0, kt, D, n,
-                                     s0 + g0 * sst + j0, sst, none, 0, vt, job->Dv);
+                                     s0 + g0 * sst + j0, sst, kx, na, vt, job->Dv);
         }
     }
 }
@@ -1401,14 +1390,9 @@ static void FA_KNAME(rows_heads_pv, DT)(const fa_attn_job *job, int64_t b, int64
                                         int64_t nk, const T *s0, int64_t sst, const T *alpha,
                                         const T *ones, FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t Dv = job->Dv, group = job->group, hk0 = h / group, hk1 = (h + heads - 1) / group;
-    FA_KNAME(prefetch_token_rows, DT)(job, job->v, job->vs, b, hk0, hk1, kb,
-                                      FA_KNAME(step_keys, DT)(job, kb, kb + nk), Dv);
+    /* (the value rows were requested with the tile's scores) */
     for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
         n = FA_KNAME(step_keys, DT)(job, kb + j0, kb + nk);
-        const int64_t ahead = kb + j0 + n;
-        if (ahead < kb + nk)
-            FA_KNAME(prefetch_token_rows, DT)(job, job->v, job->vs, b, hk0, hk1, ahead,
-                                              FA_KNAME(step_keys, DT)(job, ahead, kb + nk), Dv);
         for (int64_t hk = hk0; hk <= hk1; ++hk) {
             const int64_t g0 = hk * group - h > 0 ? hk * group - h : 0;
             const int64_t g1 = (hk + 1) * group - h < heads ? (hk + 1) * group - h : heads;
@@ -1510,7 +1494,8 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                  * prefetcher can follow; the next such keys are requested
                  * ahead. Per row the scores are the same, and the P.V sums
                  * keep their key order. */
-                FA_KNAME(rows_heads_scores, DT)(job, b, h, heads, ii, nq, kb, nk, s0, sst, sc);
+                FA_KNAME(rows_heads_scores, DT)(job, b, h, heads, ii, nq, kb, nk, kend[ii], s0, sst,
+                                                sc);
             } else {
             FA_KNAME(tile_rows, DT)(job, job->k, job->ks, b, hk, kb, nk, krows);
             FA_KNAME(tile_rows, DT)(job, job->v, job->vs, b, hk, kb, nk, vrows);
