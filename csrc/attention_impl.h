@@ -151,37 +151,34 @@ static inline void FA_KNAME(scaled_q_row, DT)(const fa_attn_job *job, int64_t qe
 
 /* ---- scores: St (nk, MQ) = K_tile (nk, D) . Qt (D, MQ) ------------------- */
 
-/* One register tile: MR key rows x 2 vectors of query columns. mx: NULL,
- * or the running tile max of these query columns, folded in key order with
- * the same V_MAX sequence as the separate max pass would apply. */
-static inline void FA_KNAME(scores_mr, DT)(const T *qt, const KT *const *rows, int64_t D,
-                                           T *st, T *mx) {
-    V a0[FA_MR], a1[FA_MR];
+/* One register tile: MR key rows x nv (1 or 2, a constant at each call)
+ * vectors of query columns. mx: NULL, or the running tile max of these
+ * query columns, folded in key order with the same V_MAX sequence as the
+ * separate max pass would apply. */
+static inline __attribute__((always_inline)) void FA_KNAME(scores_mr, DT)(
+    const T *qt, const KT *const *rows, int64_t D, T *st, T *mx, int nv) {
+    V a[2][FA_MR];
 #pragma GCC unroll 16
-    for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = V_ZERO();
+    for (int r = 0; r < FA_MR; ++r) a[0][r] = a[1][r] = V_ZERO();
     for (int64_t d = 0; d < D; ++d) {
-        const V x0 = V_LOADU(qt + d * MQ), x1 = V_LOADU(qt + d * MQ + VL);
+        const V x0 = V_LOADU(qt + d * MQ), x1 = nv > 1 ? V_LOADU(qt + d * MQ + VL) : x0;
 #pragma GCC unroll 16
         for (int r = 0; r < FA_MR; ++r) {
             const V kb = V_SET1(KV_S(rows[r][d]));
-            a0[r] = V_FMADD(x0, kb, a0[r]);
-            a1[r] = V_FMADD(x1, kb, a1[r]);
+            a[0][r] = V_FMADD(x0, kb, a[0][r]);
+            if (nv > 1) a[1][r] = V_FMADD(x1, kb, a[1][r]);
         }
     }
+#pragma GCC unroll 2
+    for (int c = 0; c < nv; ++c) {
 #pragma GCC unroll 16
-    for (int r = 0; r < FA_MR; ++r) {
-        V_STOREU(st + r * MQ, a0[r]);
-        V_STOREU(st + r * MQ + VL, a1[r]);
-    }
-    if (mx) {
-        V m0 = V_LOADU(mx), m1 = V_LOADU(mx + VL);
+        for (int r = 0; r < FA_MR; ++r) V_STOREU(st + r * MQ + c * VL, a[c][r]);
+        if (mx) {
+            V m = V_LOADU(mx + c * VL);
 #pragma GCC unroll 16
-        for (int r = 0; r < FA_MR; ++r) {
-            m0 = V_MAX(m0, a0[r]);
-            m1 = V_MAX(m1, a1[r]);
+            for (int r = 0; r < FA_MR; ++r) m = V_MAX(m, a[c][r]);
+            V_STOREU(mx + c * VL, m);
         }
-        V_STOREU(mx, m0);
-        V_STOREU(mx + VL, m1);
     }
 }
 
@@ -197,12 +194,16 @@ static void FA_KNAME(scores_tile, DT)(const T *qt, const KT *kt, int64_t kst, in
     if (tmax)
         for (int64_t i = ic0; i < cols; ++i) tmax[i] = (T)-INFINITY;
     /* query chunk outer: its D x NC slice of Q^T stays in L1 while the
-     * key rows stream past */
+     * key rows stream past; a last chunk of one vector (cols is a multiple
+     * of VL) runs a one-vector tile */
     for (int64_t ic = ic0; ic < cols; ic += NC) {
         for (int64_t j = 0; j < nk; j += FA_MR) {
             const KT *rows[FA_MR];
             for (int r = 0; r < FA_MR; ++r) rows[r] = kt + (j + r < nk ? j + r : nk - 1) * kst;
-            FA_KNAME(scores_mr, DT)(qt + ic, rows, D, st + j * MQ + ic, tmax ? tmax + ic : NULL);
+            if (cols - ic >= NC)
+                FA_KNAME(scores_mr, DT)(qt + ic, rows, D, st + j * MQ + ic, tmax ? tmax + ic : NULL, 2);
+            else
+                FA_KNAME(scores_mr, DT)(qt + ic, rows, D, st + j * MQ + ic, tmax ? tmax + ic : NULL, 1);
         }
     }
 }
@@ -299,51 +300,48 @@ static inline uint32_t FA_KNAME(key_pair, DT)(const uint16_t *row, int64_t p, in
     return row[2 * p];  /* odd D: the high half is 0 */
 }
 
-/* MR key rows x 2 vectors of queries: St rows = scale * K rows . Q2. */
-static inline void FA_KNAME(scores_mr_dp, DT)(const uint32_t *q2, const uint16_t *const *rows,
-                                              int64_t D, T scale, T *st, T *mx) {
-    __m512 a0[FA_MR], a1[FA_MR];
+/* MR key rows x nv (1 or 2) vectors of queries: St rows = scale * K rows . Q2. */
+static inline __attribute__((always_inline)) void FA_KNAME(scores_mr_dp, DT)(
+    const uint32_t *q2, const uint16_t *const *rows, int64_t D, T scale, T *st, T *mx, int nv) {
+    __m512 a[2][FA_MR];
 #pragma GCC unroll 16
-    for (int r = 0; r < FA_MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int r = 0; r < FA_MR; ++r) a[0][r] = a[1][r] = _mm512_setzero_ps();
     /* whole pairs, then an odd D's last element (its pair's high half 0) */
     for (int64_t p = 0; p < (D + 1) / 2; ++p) {
         const __m512bh x0 = (__m512bh)_mm512_loadu_si512(q2 + p * MQ);
-        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(q2 + p * MQ + 16);
+        const __m512bh x1 = nv > 1 ? (__m512bh)_mm512_loadu_si512(q2 + p * MQ + 16) : x0;
         if (2 * p + 1 < D) {
 #pragma GCC unroll 16
             for (int r = 0; r < FA_MR; ++r) {
                 uint32_t kw;
                 memcpy(&kw, rows[r] + 2 * p, sizeof kw);
                 const __m512bh kb = (__m512bh)_mm512_set1_epi32((int)kw);
-                a0[r] = _mm512_dpbf16_ps(a0[r], x0, kb);
-                a1[r] = _mm512_dpbf16_ps(a1[r], x1, kb);
+                a[0][r] = _mm512_dpbf16_ps(a[0][r], x0, kb);
+                if (nv > 1) a[1][r] = _mm512_dpbf16_ps(a[1][r], x1, kb);
             }
         } else {
 #pragma GCC unroll 16
             for (int r = 0; r < FA_MR; ++r) {
                 const __m512bh kb = (__m512bh)_mm512_set1_epi32((int)FA_KNAME(key_pair, DT)(rows[r], p, D));
-                a0[r] = _mm512_dpbf16_ps(a0[r], x0, kb);
-                a1[r] = _mm512_dpbf16_ps(a1[r], x1, kb);
+                a[0][r] = _mm512_dpbf16_ps(a[0][r], x0, kb);
+                if (nv > 1) a[1][r] = _mm512_dpbf16_ps(a[1][r], x1, kb);
             }
         }
     }
     const __m512 vs = _mm512_set1_ps(scale);
-#pragma GCC unroll 16
-    for (int r = 0; r < FA_MR; ++r) {
-        a0[r] = _mm512_mul_ps(a0[r], vs);
-        a1[r] = _mm512_mul_ps(a1[r], vs);
-        _mm512_storeu_ps(st + r * MQ, a0[r]);
-        _mm512_storeu_ps(st + r * MQ + 16, a1[r]);
-    }
-    if (mx) { /* as in scores_mr */
-        __m512 m0 = _mm512_loadu_ps(mx), m1 = _mm512_loadu_ps(mx + 16);
+#pragma GCC unroll 2
+    for (int c = 0; c < nv; ++c) {
 #pragma GCC unroll 16
         for (int r = 0; r < FA_MR; ++r) {
-            m0 = _mm512_max_ps(m0, a0[r]);
-            m1 = _mm512_max_ps(m1, a1[r]);
+            a[c][r] = _mm512_mul_ps(a[c][r], vs);
+            _mm512_storeu_ps(st + r * MQ + c * 16, a[c][r]);
         }
-        _mm512_storeu_ps(mx, m0);
-        _mm512_storeu_ps(mx + 16, m1);
+        if (mx) { /* as in scores_mr */
+            __m512 m = _mm512_loadu_ps(mx + c * 16);
+#pragma GCC unroll 16
+            for (int r = 0; r < FA_MR; ++r) m = _mm512_max_ps(m, a[c][r]);
+            _mm512_storeu_ps(mx + c * 16, m);
+        }
     }
 }
 
@@ -358,8 +356,12 @@ static void FA_KNAME(scores_tile_dp, DT)(const uint32_t *q2, const uint16_t *kt,
         for (int64_t j = 0; j < nk; j += FA_MR) {
             const uint16_t *rows[FA_MR];
             for (int r = 0; r < FA_MR; ++r) rows[r] = kt + (j + r < nk ? j + r : nk - 1) * kst;
-            FA_KNAME(scores_mr_dp, DT)(q2 + ic, rows, D, scale, st + j * MQ + ic,
-                                       tmax ? tmax + ic : NULL);
+            if (cols - ic >= NC)
+                FA_KNAME(scores_mr_dp, DT)(q2 + ic, rows, D, scale, st + j * MQ + ic,
+                                           tmax ? tmax + ic : NULL, 2);
+            else
+                FA_KNAME(scores_mr_dp, DT)(q2 + ic, rows, D, scale, st + j * MQ + ic,
+                                           tmax ? tmax + ic : NULL, 1);
         }
     }
 }
@@ -656,7 +658,8 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
                                           int64_t q0, int64_t q1, int64_t k0, int64_t k1,
                                           T *part, T *part_ml, FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t D = job->D, Dv = job->Dv, rows = q1 - q0, hk = h / job->group;
-    const int64_t cols = FA_ALIGN_UP(rows, NC), rows_mr = FA_ALIGN_UP(rows, FA_MR);
+    /* query columns: whole vectors (the scores' last chunk may be one) */
+    const int64_t cols = FA_ALIGN_UP(rows, VL), rows_mr = FA_ALIGN_UP(rows, FA_MR);
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
     const int64_t qe = b * job->qs[0] + h * job->qs[1] + (qr0 + q0) * job->qs[2];
     (void)kr0;
@@ -707,7 +710,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     }
     memset(sc->acc, 0, (size_t)(rows_mr * sc->ldacc) * sizeof(T));
     /* P.V runs whole register tiles, so when the tile height does not
-     * divide the query chunk (rows_mr > cols, e.g. 30 rows: 36 vs 32 on
+     * divide the query columns (rows_mr > cols, e.g. 30 rows: 36 vs 32 on
      * AVX-512 float) it reads st and alpha columns that no pass writes.
      * Their rows are never output, but leftover scratch could hold NaN or
      * subnormals (slow FMA assists): they get P = 0 and alpha = 1. */
