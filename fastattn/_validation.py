@@ -28,6 +28,8 @@ _FLOAT_KINDS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def compute_dtype(dtype, name):
     """The float dtype an input of ``dtype`` is computed in (see module doc)."""
+    if dtype is _FLOAT_KINDS[0] or dtype is _FLOAT_KINDS[1]:  # the common case, cheaply
+        return dtype
     dtype = np.dtype(dtype)
     if dtype.kind not in "biuf":
         raise TypeError(f"{name} has unsupported dtype {dtype}; expected a real numeric dtype")

@@ -12,6 +12,7 @@ from fastattn._validation import as_array, compute_dtype, float_array, kernel_ad
 
 _F32 = np.dtype(np.float32)
 _I8 = np.dtype(np.int8)
+_F64 = np.dtype(np.float64)
 
 #: K/V storage dtypes the kernel reads directly, by dtype name.
 NARROW_KV_DTYPES = ("bfloat16", "float16", "int8")
@@ -127,6 +128,9 @@ def narrow_kv(q, k, v, k_scale, v_scale, names=("k", "v")):
     and ``v``. Every attention entry point (padded, packed, paged) reads
     its dtypes through this one rule."""
     kd, vd, qd = k.dtype, v.dtype, q.dtype
+    if (k_scale is None and v_scale is None and kd is qd and vd is qd
+            and (qd is _F32 or qd is _F64)):
+        return None  # one ordinary float dtype: decided without the name lookups below
     kn, vn = names
     pair = f"{kn} and {vn}"
     q16 = qd.name in HALF_DTYPES

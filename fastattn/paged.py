@@ -51,7 +51,7 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
     alignment), and ``is_causal`` hides the keys after it. Decode
     (``Lq = 1``) uses the same split-KV schedule as contiguous decode.
     Every block index a sequence reads is checked against ``num_blocks``
-    before C runs; table entries past a sequence's last block are not read
+    before any key is read; table entries past a sequence's last block are not read
     (any value, e.g. -1 padding, is fine there). The caches may be narrower
     than ``q``, as ``k`` and ``v`` of
     :func:`fastattn.scaled_dot_product_attention`: bfloat16 or float16
@@ -127,18 +127,6 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
                          f"got {tables.shape}")
     if lens.shape != (B,):
         raise ValueError(f"seq_lens must have shape ({B},), got {lens.shape}")
-    capacity = tables.shape[1] * block_size
-    if B and (lens.min() < Lq or lens.max() > capacity):
-        raise ValueError(
-            f"seq_lens must be between the query length {Lq} and the table's capacity "
-            f"{tables.shape[1]} blocks x {block_size} = {capacity}; got "
-            f"min {lens.min()}, max {lens.max()}")
-    used = np.arange(tables.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
-    bad = used & ((tables < 0) | (tables >= num_blocks))
-    if bad.any():
-        b, j = map(int, np.argwhere(bad)[0])
-        raise ValueError(f"block_tables[{b}, {j}] = {tables[b, j]} is not a block of the cache "
-                         f"(num_blocks = {num_blocks})")
     ksa = vsa = None
     if k_scale is not None:
         ksa, vsa = (_scale_cache(s, n, ka.shape[:3]) for s, n in ((k_scale, "k_scale"),
@@ -151,11 +139,35 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, is_cau
                    if x is not None)
     target = OutputTarget(out, (B, H, Lq, Dv), (B, H, Lq, Dv), dtype if io16 is None else io16,
                           inputs=inputs, unit_last_axis=True)
-    _kernels.paged_attention(qa, ka, va, target.kernel_view, tables, lens, float(scale),
-                             is_causal, features.alibi_slopes, features.window,
-                             features.softcap, features.sinks, resolve_num_threads(num_threads),
-                             kv_dtype=kv_code or 0, k_scale=ksa, v_scale=vsa)
+    # The kernel checks seq_lens and every block index a sequence reads
+    # before it reads a key; the NumPy checks that name the bad entry run
+    # only when it refuses, as they cost more than a short decode step.
+    try:
+        _kernels.paged_attention(qa, ka, va, target.kernel_view, tables, lens, float(scale),
+                                 is_causal, features.alibi_slopes, features.window,
+                                 features.softcap, features.sinks, resolve_num_threads(num_threads),
+                                 kv_dtype=kv_code or 0, k_scale=ksa, v_scale=vsa)
+    except ValueError:
+        _check_tables(tables, lens, Lq, block_size, num_blocks)
+        raise
     return target.finish()
+
+
+def _check_tables(tables, lens, Lq, block_size, num_blocks):
+    """Raises the ValueError that names the first seq_lens or block_tables
+    entry the kernel cannot read."""
+    capacity = tables.shape[1] * block_size
+    if lens.size and (lens.min() < Lq or lens.max() > capacity):
+        raise ValueError(
+            f"seq_lens must be between the query length {Lq} and the table's capacity "
+            f"{tables.shape[1]} blocks x {block_size} = {capacity}; got "
+            f"min {lens.min()}, max {lens.max()}")
+    used = np.arange(tables.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
+    bad = used & ((tables < 0) | (tables >= num_blocks))
+    if bad.any():
+        b, j = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"block_tables[{b}, {j}] = {tables[b, j]} is not a block of the cache "
+                         f"(num_blocks = {num_blocks})")
 
 
 def _scale_cache(scale, name, shape):
