@@ -469,10 +469,9 @@ static void FA_KNAME(pv_tile_dp, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64
  * halves without F16C a dozen integer operations). vsc: NULL, or the int8
  * rows' scales, applied here as the float kernels would apply them. */
 #if FA_ISA_LEVEL == 0
-/* Scalar level: one narrow row widened by a loop that the compiler turns
- * into the target's baseline vector code (half_float.h); the element-wise
- * scalar conversion made 16-bit decode 1.1 (bfloat16) to 2.7 (float16)
- * times slower than float32 decode, which reads twice the bytes. */
+/* Scalar level: one narrow row of a tile widened by a loop that the
+ * compiler turns into the target's baseline vector code (half_float.h),
+ * instead of a scalar conversion (a branch, for float16) per element. */
 static inline void FA_KNAME(widen_row, DT)(const KT *restrict src, int64_t n, T *restrict dst) {
 #if FA_KV == 1
     fa_bf16_row_to_f32(src, n, dst);
@@ -1009,7 +1008,7 @@ static inline void FA_KNAME(tile_rows, DT)(const fa_attn_job *job, const char *b
  * sums (d mod 4), held in a GNU C vector (simd_map.h) that compilers map
  * onto the target's baseline vector unit (SSE2, NEON) with contiguous
  * loads, narrow K widened in those registers, and added as (0 + 1) + (2 +
- * 3) at the end. One running sum per key, as above, was vectorized across
+ * 3) at the end. One running sum per key, as below, was vectorized across
  * four keys instead, which took a transpose of four key rows per step and
  * a scalar conversion per narrow element: float32 decode at 60% of the
  * read bandwidth, bfloat16 1.1 and float16 2.7 times slower than it (Zen
