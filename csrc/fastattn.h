@@ -367,7 +367,9 @@ typedef struct {
  * r0 = row_start[b] (0 when NULL) and r1 = row_stop[b] (M when NULL), both
  * within [0, M]; rows outside [r0, r1) are not touched. Then the epilogue.
  * a (B, M, K), w (K, N), c (B, M, N): one dtype, unit last-axis strides, any
- * row and batch strides (rows must not overlap: row stride >= columns).
+ * row and batch strides (rows must not overlap: row stride >= columns); w
+ * may instead have a unit first-axis stride (the transpose of a row-major
+ * (N, K) matrix, such as torch's nn.Linear weight), read in place.
  * bias: NULL or (N,) contiguous. M, N, K and the row strides must fit the
  * 32-bit BLAS (FA_ERR_OVERFLOW otherwise). The columns are split over up to
  * num_threads threads; an epilogue failure (a bad index) is reported after

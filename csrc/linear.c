@@ -72,7 +72,9 @@
 #define BLAS_INT_MAX INT_MAX
 
 /* One product over rows of the output: c (M, N) = alpha * a (M, K) @ w (K, N)
- * (+ bias (N)), row-major with row strides lda, ldw, ldc (elements). Its M
+ * (+ bias (N)), row-major with row strides lda, ldw, ldc (elements), or with
+ * w the transpose of a row-major (N, K) matrix (w_trans: ldw is that
+ * matrix's row stride), as torch's nn.Linear holds its weight. Its M
  * rows are nbatch batches of M / nbatch rows, cbs apart in c, which sit at
  * batch b0, row r0 of the epilogue's index. */
 typedef struct {
@@ -83,6 +85,7 @@ typedef struct {
     int64_t align;  /* columns per block: whole lines (and whole heads) */
     const char *a, *w;
     char *c;
+    int w_trans;
     int64_t lda, ldw, ldc, cbs;
     int64_t M, nbatch, b0, r0;
     int64_t block_cols; /* > 0: the deterministic blocks' width; 0: one block per thread */
@@ -94,11 +97,37 @@ typedef struct {
     atomic_int status; /* the epilogue's first failure, FA_OK otherwise */
 } linear_job;
 
+/* w's columns from n0 and rows from k0: a row-major w steps ldw per row,
+ * a transposed one ldw per column. */
+static const char *w_at(const linear_job *j, int64_t k0, int64_t n0) {
+    const int64_t rs = j->w_trans ? 1 : j->ldw, cs = j->w_trans ? j->ldw : 1;
+    return j->w + (k0 * rs + n0 * cs) * j->item;
+}
+
+/* y (n) = alpha * wᵀ x (k) + beta * y for the (k, n) block of w at wb, one
+ * BLAS GEMV. Column-major, a row-major (k, n) block is the (n, k) matrix
+ * with leading dimension ldw ('N'); a transposed one is the (k, n) matrix
+ * with leading dimension ldw, whose transpose is wanted ('T'). */
+static void gemv(const linear_job *j, const char *wb, int64_t k, int64_t n, const char *x,
+                 double beta, char *y) {
+    char t = j->w_trans ? 'T' : 'N';
+    int m_ = (int)(j->w_trans ? k : n), n_ = (int)(j->w_trans ? n : k), ldw_ = (int)j->ldw;
+    int one = 1;
+    double da = j->args->alpha, db = beta;
+    float fa = (float)da, fb = (float)db;
+    if (j->dtype == FA_DTYPE_F64)
+        j->blas->dgemv(&t, &m_, &n_, &da, (double *)wb, &ldw_, (double *)x, &one, &db, (double *)y,
+                       &one);
+    else
+        j->blas->sgemv(&t, &m_, &n_, &fa, (float *)wb, &ldw_, (float *)x, &one, &fb, (float *)y,
+                       &one);
+}
+
 /* Columns [n0, n1) of the job's product, with a BLAS on one thread. */
 static void product(const linear_job *j, int64_t n0, int64_t n1) {
     const int64_t item = j->item, M = j->M, K = j->args->K, N = n1 - n0;
     const char *bias = j->args->bias ? (const char *)j->args->bias + n0 * item : NULL;
-    const char *w = j->w + n0 * item;
+    const char *w = w_at(j, 0, n0);
     char *c = j->c + n0 * item;
     for (int64_t i = 0; i < M; ++i) {
         if (bias != NULL)
@@ -109,29 +138,23 @@ static void product(const linear_job *j, int64_t n0, int64_t n1) {
     if (K == 0) return;
     /* sizes were checked against BLAS_INT_MAX by fa_linear */
     int n_ = (int)N, k_ = (int)K, ldw_ = (int)j->ldw, lda_ = (int)j->lda, ldc_ = (int)j->ldc;
-    int m_ = (int)M, one = 1;
-    char tn = 'N';
+    int m_ = (int)M;
+    char tn = 'N', tw = j->w_trans ? 'T' : 'N';
     const int dbl = j->dtype == FA_DTYPE_F64;
     double da = j->args->alpha, db = bias != NULL ? 1.0 : 0.0;
     float fa = (float)da, fb = (float)db;
     if (M <= GEMV_MAX_ROWS) {
-        /* y (N) = Wᵀ x: W row-major (K, N) is column-major (N, K), lda = ldw */
-        for (int64_t i = 0; i < M; ++i) {
-            char *x = (char *)j->a + i * j->lda * item, *y = c + i * j->ldc * item;
-            if (dbl)
-                j->blas->dgemv(&tn, &n_, &k_, &da, (double *)w, &ldw_, (double *)x, &one, &db,
-                               (double *)y, &one);
-            else
-                j->blas->sgemv(&tn, &n_, &k_, &fa, (float *)w, &ldw_, (float *)x, &one, &fb,
-                               (float *)y, &one);
-        }
+        for (int64_t i = 0; i < M; ++i)
+            gemv(j, w, K, N, j->a + i * j->lda * item, db, c + i * j->ldc * item);
         return;
     }
+    /* column-major, Cᵀ (N, M) = Wᵀ (N, K) Aᵀ (K, M); Wᵀ is w as stored when w
+     * is row-major ('N'), else the transpose of the stored (K, N) matrix ('T') */
     if (dbl)
-        j->blas->dgemm(&tn, &tn, &n_, &m_, &k_, &da, (double *)w, &ldw_, (double *)j->a, &lda_,
+        j->blas->dgemm(&tw, &tn, &n_, &m_, &k_, &da, (double *)w, &ldw_, (double *)j->a, &lda_,
                        &db, (double *)c, &ldc_);
     else
-        j->blas->sgemm(&tn, &tn, &n_, &m_, &k_, &fa, (float *)w, &ldw_, (float *)j->a, &lda_,
+        j->blas->sgemm(&tw, &tn, &n_, &m_, &k_, &fa, (float *)w, &ldw_, (float *)j->a, &lda_,
                        &fb, (float *)c, &ldc_);
 }
 
@@ -209,25 +232,13 @@ static void kblock_part(void *ctx, int t, int nthreads) {
     linear_job *j = ctx;
     const int64_t item = j->item, M = j->M, N = j->args->N;
     const int64_t b0 = j->nkblocks * t / nthreads, b1 = j->nkblocks * (t + 1) / nthreads;
-    int n_ = (int)N, ldw_ = (int)j->ldw, one = 1;
-    char tn = 'N';
-    double da = j->args->alpha, db = 0.0;
-    float fa = (float)da, fb = 0.0f;
     for (int64_t kb = b0; kb < b1; ++kb) {
         int64_t k0, k1;
         kblock_range(j, kb, &k0, &k1);
-        int k_ = (int)(k1 - k0);
-        const char *w = j->w + k0 * j->ldw * item;
-        for (int64_t i = 0; i < M; ++i) {
-            char *x = (char *)j->a + (i * j->lda + k0) * item;
-            char *y = j->partial + (kb * M + i) * N * item;
-            if (j->dtype == FA_DTYPE_F64)
-                j->blas->dgemv(&tn, &n_, &k_, &da, (double *)w, &ldw_, (double *)x, &one, &db,
-                               (double *)y, &one);
-            else
-                j->blas->sgemv(&tn, &n_, &k_, &fa, (float *)w, &ldw_, (float *)x, &one, &fb,
-                               (float *)y, &one);
-        }
+        const char *w = w_at(j, k0, 0);
+        for (int64_t i = 0; i < M; ++i)
+            gemv(j, w, k1 - k0, N, j->a + (i * j->lda + k0) * item, 0.0,
+                 j->partial + (kb * M + i) * N * item);
     }
 }
 
@@ -357,15 +368,18 @@ int fa_linear(int dtype, const fa_linear_args *p, const fa_blas *blas, int num_t
     if (dbl ? blas->dgemm == NULL || blas->dgemv == NULL : blas->sgemm == NULL || blas->sgemv == NULL)
         return FA_ERR_INVALID;
     /* a (B, M, K), w (K, N), c (B, M, N): unit last-axis strides (an empty
-     * array may have any), every element offset representable */
-    if ((K > 1 && p->a_stride[2] != 1) || (N > 1 && K > 0 && p->w_stride[1] != 1) ||
-        (N > 1 && p->c_stride[2] != 1))
+     * array may have any), or w with a unit first-axis stride (the transpose
+     * of a row-major (N, K) matrix); every element offset representable */
+    const int w_rows = N <= 1 || K == 0 || p->w_stride[1] == 1;
+    const int w_trans = !w_rows && (K <= 1 || p->w_stride[0] == 1);
+    if ((K > 1 && p->a_stride[2] != 1) || (!w_rows && !w_trans) || (N > 1 && p->c_stride[2] != 1))
         return FA_ERR_INVALID;
     const int64_t adims[3] = {B, M, K}, wdims[2] = {K, N}, cdims[3] = {B, M, N};
     if (!fa_view_ok(adims, p->a_stride, 3, item) || !fa_view_ok(wdims, p->w_stride, 2, item) ||
         !fa_view_ok(cdims, p->c_stride, 3, item))
         return FA_ERR_OVERFLOW;
-    const int64_t lda = leading_dim(M, p->a_stride[1], K), ldw = leading_dim(K, p->w_stride[0], N),
+    const int64_t lda = leading_dim(M, p->a_stride[1], K),
+                  ldw = w_trans ? leading_dim(N, p->w_stride[1], K) : leading_dim(K, p->w_stride[0], N),
                   ldc = leading_dim(M, p->c_stride[1], N);
     if (lda < 0 || ldw < 0 || ldc < 0) return FA_ERR_INVALID;
     const int64_t blas_sizes[6] = {M, N, K, lda, ldw, ldc};
@@ -384,6 +398,7 @@ int fa_linear(int dtype, const fa_linear_args *p, const fa_blas *blas, int num_t
     job.align = 64 / item;
     if (ep->enabled) job.align = job.align / gcd64(job.align, ep->D) * ep->D; /* lcm */
     job.w = p->w;
+    job.w_trans = w_trans;
     job.lda = lda;
     job.ldw = ldw;
     job.ldc = ldc;

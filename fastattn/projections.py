@@ -112,7 +112,9 @@ def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_thr
 
     a (B, M, K), w (K, N), c (B, M, N): one dtype (float32 or float64), unit
     last-axis strides, any row and batch strides (column blocks of a wider
-    buffer are fine). bias: None or a contiguous (N,) array. row_start,
+    buffer are fine); w may instead have a unit first-axis stride, as the
+    transpose ``weight.T`` of a row-major (N, K) weight (torch's
+    ``nn.Linear`` layout) is, and is then read in place. bias: None or a contiguous (N,) array. row_start,
     row_stop: None or contiguous (B,) int64 arrays within [0, M]; rows
     outside [r0, r1) are left untouched. num_threads: OpenMP threads over
     column blocks (BLAS must be single-threaded then: see BlasThreads). rope:
@@ -152,10 +154,15 @@ def linear(a, w, c, bias=None, row_start=None, row_stop=None, alpha=1.0, num_thr
     if B == 0 or M == 0 or N == 0:
         return
     item = a.itemsize
-    for name, t in (("a", a), ("w", w), ("c", c)):
+    # a weight's transpose (unit first-axis stride) is checked as the
+    # row-major (N, K) matrix it is
+    w_rows = w.size == 0 or N <= 1 or w.strides[1] == item
+    w_checked = w if w_rows or K <= 1 or w.strides[0] != item else w.T
+    for name, t in (("a", a), ("w", w_checked), ("c", c)):
         rows, cols = t.shape[-2:]
         if t.size and cols > 1 and t.strides[-1] != item:
-            raise ValueError(f"linear: {name} needs a unit last-axis stride, got strides {t.strides}")
+            unit = "a unit stride on its last or first axis" if name == "w" else "a unit last-axis stride"
+            raise ValueError(f"linear: {name} needs {unit}, got strides {t.strides}")
         if rows > 1 and cols > 0 and t.strides[-2] < cols * item:
             raise ValueError(f"linear: the rows of {name} {t.shape} overlap (strides {t.strides})")
         if rows > 1 and t.strides[-2] // item > _BLAS_INT_MAX:

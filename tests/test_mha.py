@@ -482,6 +482,13 @@ def test_blas_matmul_k0_and_errors(rng):
     with pytest.raises(ValueError, match="unit last-axis stride"):
         _linear(np.zeros((1, 2, 6), np.float32)[..., ::2], np.zeros((3, 2), np.float32),
                      np.zeros((1, 2, 2), np.float32))
+    # a weight with no unit stride on either axis, and a transposed one
+    # whose (N, K) rows overlap
+    with pytest.raises(ValueError, match="w needs a unit stride on its last or first axis"):
+        _linear(x, np.zeros((6, 4), np.float32)[::2, ::2], np.zeros((1, 2, 2), np.float32))
+    overlapping = np.lib.stride_tricks.as_strided(np.zeros(8, np.float32), (3, 2), (4, 8))
+    with pytest.raises(ValueError, match=r"the rows of w \(2, 3\) overlap"):
+        _linear(x, overlapping, np.zeros((1, 2, 2), np.float32))
     with pytest.raises(ValueError, match=r"w has shape \(4, 2\), expected \(3, 2\)"):
         _linear(x, np.zeros((4, 2), np.float32), np.zeros((1, 2, 2), np.float32))
     with pytest.raises(ValueError, match="row_stop out of range"):
@@ -489,9 +496,18 @@ def test_blas_matmul_k0_and_errors(rng):
                      None, np.array([3], np.int64))
 
 
+def _weight(rng, K, N, dtype, layout):
+    """A (K, N) weight: row-major, or the transpose of a (N, K) matrix with
+    padded rows (torch's nn.Linear layout, read in place)."""
+    if layout == "rows":
+        return rng.standard_normal((K, N)).astype(dtype)
+    return rng.standard_normal((N, K + 3)).astype(dtype)[:, 1:1 + K].T
+
+
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_linear_edge_cases(dtype, rng, nthreads, with_bias):
+@pytest.mark.parametrize("w_layout", ["rows", "transposed"])
+def test_linear_edge_cases(dtype, rng, nthreads, with_bias, w_layout):
     # csrc/linear.c against NumPy in float64: rows 1..13 cross the GEMV/GEMM
     # switch (GEMV_MAX_ROWS = 12), N = 77 is not a multiple of a 64-byte line,
     # K = 300 makes rows >= 12 large enough to split over 2 threads; a and c
@@ -499,7 +515,7 @@ def test_linear_edge_cases(dtype, rng, nthreads, with_bias):
     # over all batches) and once with padded batches (one call per batch),
     # and per-batch row ranges leave every other row untouched
     B, K, N = 3, 300, 77
-    w = rng.standard_normal((K, N)).astype(dtype)
+    w = _weight(rng, K, N, dtype, w_layout)
     bias = rng.standard_normal(N).astype(dtype) if with_bias else None
     for M in list(range(1, 14)) + [40]:
         a = rng.standard_normal((B, M + 1, K + 7)).astype(dtype)[:, :M, 3:3 + K]
@@ -509,6 +525,10 @@ def test_linear_edge_cases(dtype, rng, nthreads, with_bias):
             c = wide[:, :M, 5:5 + N]
             _linear(a, w, c, bias, None, None, 1.0, nthreads)
             assert_close(c, want.astype(dtype))
+            if pad == 0:  # one block per thread (fewer BLAS calls)
+                c[...] = np.nan
+                _linear(a, w, c, bias, None, None, 1.0, nthreads, deterministic=False)
+                assert_close(c, want.astype(dtype))
             untouched = np.ones(wide.shape, bool)
             untouched[:, :M, 5:5 + N] = False
             assert np.isnan(wide[untouched]).all()
@@ -841,10 +861,11 @@ def test_layer_is_bitwise_identical_for_every_thread_count(cfg, dtype, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (5, 64, 1000), (37, 100, 301), (128, 256, 768),
                                    (300, 40, 2100)])
-def test_linear_is_bitwise_identical_for_every_thread_count(dtype, rng, M, K, N):
+@pytest.mark.parametrize("w_layout", ["rows", "transposed"])
+def test_linear_is_bitwise_identical_for_every_thread_count(dtype, rng, M, K, N, w_layout):
     from fastattn.projections import BLAS_THREADS
     a = rng.standard_normal((2, M, K)).astype(dtype)
-    w = rng.standard_normal((K, N)).astype(dtype)
+    w = _weight(rng, K, N, dtype, w_layout)
     bias = rng.standard_normal(N).astype(dtype)
     outs = []
     BLAS_THREADS.enter()
