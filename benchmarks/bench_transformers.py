@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 import fastattn  # noqa: E402
 from fastattn.bench.timing import TimingPolicy, measure  # noqa: E402
+from fastattn.bench.roofline import measure_roofline  # noqa: E402
 from fastattn.integrations import transformers as fa_tf  # noqa: E402
 
 
@@ -160,6 +161,16 @@ def bench_attention(rounds, policy):
                      "fastattn kernel (NumPy)": run_kernel}, rounds, policy)
     _table(f"attention only: B={B} H={H} L={L} D={D}, key lengths {lengths.min()}..{lengths.max()}",
            times, "sdpa")
+    # the ceiling: the kernel computes Q K^T and P V on the valid rows only
+    # (2 D multiply-adds per query-key pair each), sdpa on the padded batch;
+    # at the same-run sgemm rate the kernel's ratio could reach at most
+    # padded/valid work times sgemm/sdpa rates
+    valid_flops = 4.0 * D * H * float((lengths.astype(np.float64) ** 2).sum())
+    sgemm = measure_roofline(np.float32, quick=True).matmul_gflops * 1e9
+    kernel = valid_flops / times["fastattn kernel (NumPy)"]
+    print(f"  kernel on the valid rows: {kernel / 1e9:.0f} GF/s = {100 * kernel / sgemm:.0f}% of the "
+          f"same-run sgemm ({sgemm / 1e9:.0f} GF/s); at the sgemm rate it would be "
+          f"{times['sdpa'] * sgemm / valid_flops:.2f}x sdpa")
 
     # the glue alone: the same two calls on one query and one key, where the
     # kernel's work is negligible (at the full shape the difference drowns in
