@@ -9,6 +9,9 @@ extension as extra objects (the cython-blis approach):
 * ``*_avx512.c``: ``-mavx2 -mfma -mf16c -mavx512f -mavx512dq -mavx512bw -mavx512vl``
   (GCC's ``-mavx512f`` does not imply FMA);
 * ``*_avx512bf16.c``: the avx512 flags plus ``-mavx512bf16 -mf16c``;
+* ``*_amx.c``: the avx512bf16 flags plus ``-mamx-tile -mamx-bf16``, where the
+  compiler has them (GCC 11, clang 12); without them the amx level is not
+  built and ``FA_HAVE_AMX_KERNELS`` stays undefined;
 * a file listed in ``FILE_CFLAGS`` adds its flags to its group's.
 
 The CPU is detected at import (CPUID + XGETBV) and the best compiled level is
@@ -63,6 +66,8 @@ ISA_CFLAGS = {
     "avx512bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
                    "-mavx512bf16", "-mf16c"],
 }
+ISA_CFLAGS["amx"] = ISA_CFLAGS["avx512bf16"] + ["-mamx-tile", "-mamx-bf16"]
+GROUPS = ("base", "avx2", "avx512", "avx512bf16", "amx")
 # Flags a single file adds to its group's (none at present: F16C, which the
 # half-precision conversions use, is part of the avx2 level, cpu_features.c).
 FILE_CFLAGS = {}
@@ -78,10 +83,12 @@ def _env_flag(name, default):
 def _source_groups():
     """Map each flag group to its C files."""
     all_c = sorted(glob.glob(os.path.join(CSRC, "*.c")))
-    groups = {"base": [], "avx2": [], "avx512": [], "avx512bf16": []}
+    groups = {name: [] for name in GROUPS}
     for path in all_c:
         stem = os.path.basename(path)[:-2]
-        if stem.endswith("_avx512bf16"):
+        if stem.endswith("_amx"):
+            groups["amx"].append(path)
+        elif stem.endswith("_avx512bf16"):
             groups["avx512bf16"].append(path)
         elif stem.endswith("_avx512"):
             groups["avx512"].append(path)
@@ -90,9 +97,8 @@ def _source_groups():
         else:
             groups["base"].append(path)
     if not IS_X86:
-        groups["avx2"] = []
-        groups["avx512"] = []
-        groups["avx512bf16"] = []
+        for name in GROUPS[1:]:
+            groups[name] = []
     return groups
 
 
@@ -129,6 +135,20 @@ class FastattnBuildExt(build_ext):
             shutil.rmtree(tmp, ignore_errors=True)
         return [flag]
 
+    def _compiler_accepts(self, flags):
+        """Whether the C compiler compiles a file with these flags."""
+        tmp = tempfile.mkdtemp(prefix="fastattn-flags-")
+        try:
+            src = os.path.join(tmp, "probe.c")
+            with open(src, "w") as f:
+                f.write("int fastattn_probe(void) { return 0; }\n")
+            self.compiler.compile([src], output_dir=tmp, extra_postargs=BASE_CFLAGS + flags)
+            return True
+        except Exception:
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def build_extension(self, ext):
         if ext.name == "fastattn._cuda":
             # objects before the libraries they use (matters under --as-needed)
@@ -141,6 +161,13 @@ class FastattnBuildExt(build_ext):
 
         groups = _source_groups()
         macros = [("FA_HAVE_X86_KERNELS", "1")] if IS_X86 else []
+        if groups["amx"]:
+            if self._compiler_accepts(ISA_CFLAGS["amx"]):
+                macros.append(("FA_HAVE_AMX_KERNELS", "1"))
+            else:
+                print("fastattn: the compiler has no -mamx-tile/-mamx-bf16; building without "
+                      "the amx level", file=sys.stderr)
+                groups["amx"] = []
         cfg_dir = os.path.join(self.build_temp, "fastattn_config")
         os.makedirs(cfg_dir, exist_ok=True)
         cc = " ".join(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") else "cc"
@@ -152,7 +179,7 @@ class FastattnBuildExt(build_ext):
             version = cc
         flag_text = "; ".join(
             f"{name}: {' '.join(BASE_CFLAGS + ISA_CFLAGS.get(name, []) + omp + san_flags)}"
-            for name in ("base", "avx2", "avx512", "avx512bf16")
+            for name in GROUPS
             if groups[name]
         )
         with open(os.path.join(cfg_dir, "fa_build_config.h"), "w") as f:

@@ -69,7 +69,7 @@ def peers(shape, threads, rng):
     out = {
         f"fastattn bf16 ({best})": at_level(best, lambda: sdpa(q, k, v, num_threads=threads)),
     }
-    if best == "avx512bf16":
+    if best in ("avx512bf16", "amx"):
         out["fastattn bf16 (avx512)"] = at_level(
             "avx512", lambda: sdpa(q, k, v, num_threads=threads))
     out["fastattn fp16"] = at_level(best, lambda: sdpa(q16, k16, v16, num_threads=threads))

@@ -5,8 +5,9 @@
 c (M, N) = a (M, K) . w (N, K)^T, the projection of a layer (M tokens, N = 3E
 or E, K = E = 768) and 2048^3, all on the same thread count:
 
-* fastattn bf16 at the best level (avx512bf16: vdpbf16ps where the CPU has
-  it), bf16 output, the weight packed beforehand as a layer packs it once;
+* fastattn bf16 at the best level (amx: AMX tiles, or avx512bf16: vdpbf16ps,
+  where the CPU has them), bf16 output, the weight packed beforehand as a
+  layer packs it once; on an AMX CPU also at avx512bf16, for the ratio;
 * fastattn bf16 at the avx512 level (bf16 widened to float32 in registers,
   FMA): the fallback on AVX-512 CPUs without AVX512_BF16;
 * fastattn fp16 (F16C widening, FMA);
@@ -66,7 +67,10 @@ def _peers(M, N, K, threads, rng):
         f"fastattn bf16 ({best})": at_level(
             best, lambda: bf16_gemm.matmul(a, packed, out=out, num_threads=threads)),
     }
-    if best == "avx512bf16":
+    if best == "amx":  # the tiles against vdpbf16ps on the same CPU
+        peers["fastattn bf16 (avx512bf16)"] = at_level(
+            "avx512bf16", lambda: bf16_gemm.matmul(a, packed, out=out, num_threads=threads))
+    if best in ("avx512bf16", "amx"):
         peers["fastattn bf16 (avx512)"] = at_level(
             "avx512", lambda: bf16_gemm.matmul(a, packed, out=out, num_threads=threads))
     peers["fastattn fp16"] = at_level(

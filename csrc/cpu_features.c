@@ -5,12 +5,18 @@
  * OS saves on a context switch. Both are needed: running AVX code where the
  * OS does not save the YMM/ZMM state corrupts registers at random.
  */
+/* syscall() (the AMX permission request) is not ISO C */
+#define _DEFAULT_SOURCE
 #include <stddef.h>
 
 #include "fastattn.h"
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 static uint64_t read_xcr0(void) {
     uint32_t eax, edx;
@@ -18,6 +24,25 @@ static uint64_t read_xcr0(void) {
      * flag is needed on this baseline-compiled file. */
     __asm__ volatile(".byte 0x0f, 0x01, 0xd0" : "=a"(eax), "=d"(edx) : "c"(0));
     return ((uint64_t)edx << 32) | eax;
+}
+
+/* AMX: CPUID leaf 7 EDX bits 24 (AMX-TILE) and 22 (AMX-BF16), the OS
+ * saving the tile state (XCR0 bits 17 XTILECFG and 18 XTILEDATA), and, on
+ * Linux, the process's permission to use the tile data: a process starts
+ * without it, and the first tile instruction would then fault
+ * (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, 18, which the
+ * kernel grants where it supports AMX and the signal stack has room; a
+ * forked child inherits it). Elsewhere the OS's permission cannot be asked
+ * for, so AMX is not used. */
+static int detect_amx(unsigned int leaf7_edx, uint64_t xcr0) {
+    const int has_tile = (leaf7_edx >> 24) & 1, has_bf16 = (leaf7_edx >> 22) & 1;
+    if (!has_tile || !has_bf16 || (xcr0 & 0x60000) != 0x60000) return 0;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    const long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+#else
+    return 0;
+#endif
 }
 
 static int detect_best_isa(void) {
@@ -51,8 +76,11 @@ static int detect_best_isa(void) {
          * It needs the ZMM state checked above and nothing more. */
         unsigned int a1 = 0, b1, c1, d1;
         if (a >= 1) __cpuid_count(7, 1, a1, b1, c1, d1);
-        if ((a1 >> 5) & 1) return FA_ISA_AVX512BF16;
-        return FA_ISA_AVX512;
+        if (!((a1 >> 5) & 1)) return FA_ISA_AVX512;
+        /* the tile permission is asked for only where this build has the
+         * AMX kernels (fa_cpu_best_isa caps the level the same way) */
+        if (fa_compiled_max_isa() >= FA_ISA_AMX && detect_amx(d, xcr0)) return FA_ISA_AMX;
+        return FA_ISA_AVX512BF16;
     }
     return FA_ISA_AVX2;
 }
@@ -93,7 +121,9 @@ int fa_cpu_best_isa(void) {
 }
 
 int fa_compiled_max_isa(void) {
-#if defined(FA_HAVE_X86_KERNELS)
+#if defined(FA_HAVE_AMX_KERNELS)
+    return FA_ISA_AMX;
+#elif defined(FA_HAVE_X86_KERNELS)
     return FA_ISA_AVX512BF16;
 #else
     return FA_ISA_SCALAR;

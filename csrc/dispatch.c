@@ -49,10 +49,16 @@ extern fa_attention_block_f32_fn fa_attention_block_bf16dp_avx512bf16;
 static const fa_kernel_table kernels_avx512bf16 = {
     .isa = FA_ISA_AVX512BF16, FA_KERNEL_LIST(FA_FIELD_AVX512)
     .attention_block_bf16dp = fa_attention_block_bf16dp_avx512bf16};
+/* The amx level: the avx512bf16 kernels (the 16-bit GEMM picks its AMX
+ * kernel set, gemm_bf16.c). */
+static const fa_kernel_table kernels_amx = {
+    .isa = FA_ISA_AMX, FA_KERNEL_LIST(FA_FIELD_AVX512)
+    .attention_block_bf16dp = fa_attention_block_bf16dp_avx512bf16};
 #endif
 
 static const fa_kernel_table *table_for(int isa) {
 #if defined(FA_HAVE_X86_KERNELS)
+    if (isa == FA_ISA_AMX) return &kernels_amx;
     if (isa == FA_ISA_AVX512BF16) return &kernels_avx512bf16;
     if (isa == FA_ISA_AVX512) return &kernels_avx512;
     if (isa == FA_ISA_AVX2) return &kernels_avx2;
@@ -76,7 +82,7 @@ const fa_kernel_table *fa_kernels(void) {
 int fa_get_isa(void) { return fa_kernels()->isa; }
 
 int fa_set_isa(int isa) {
-    if (isa < FA_ISA_SCALAR || isa > FA_ISA_AVX512BF16) return FA_ERR_INVALID;
+    if (isa < FA_ISA_SCALAR || isa > FA_ISA_AMX) return FA_ERR_INVALID;
     if (isa > fa_cpu_best_isa()) return FA_ERR_ISA;
     __atomic_store_n(&selected, table_for(isa), __ATOMIC_RELEASE);
     return FA_OK;
@@ -88,6 +94,7 @@ const char *fa_isa_name(int isa) {
         case FA_ISA_AVX2: return "avx2";
         case FA_ISA_AVX512: return "avx512";
         case FA_ISA_AVX512BF16: return "avx512bf16";
+        case FA_ISA_AMX: return "amx";
         default: return "unknown";
     }
 }

@@ -28,12 +28,16 @@ typedef enum {
 } fa_status;
 
 /* FA_ISA_AVX512BF16: AVX512 plus AVX512_BF16 (vdpbf16ps); kernels without a
- * bf16-specific version run their avx512 code there. */
+ * bf16-specific version run their avx512 code there. FA_ISA_AMX: that level
+ * plus AMX-TILE and AMX-BF16 with the OS's permission to use the tile data
+ * (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, requested on detection); the
+ * bfloat16 GEMM runs on tiles there, everything else as at avx512bf16. */
 typedef enum {
     FA_ISA_SCALAR = 0,
     FA_ISA_AVX2 = 1,
     FA_ISA_AVX512 = 2,
-    FA_ISA_AVX512BF16 = 3
+    FA_ISA_AVX512BF16 = 3,
+    FA_ISA_AMX = 4
 } fa_isa;
 
 typedef enum { FA_DTYPE_F32 = 0, FA_DTYPE_F64 = 1 } fa_dtype;

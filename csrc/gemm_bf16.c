@@ -107,6 +107,9 @@ static const fa_g16_kernels *pick_kernels(int dtype) {
     const int isa = fa_get_isa();
 #if defined(FA_HAVE_X86_KERNELS)
     if (dtype == FA_DTYPE_BF16) {
+#if defined(FA_HAVE_AMX_KERNELS)
+        if (isa >= FA_ISA_AMX) return &fa_g16_bf16_amx;
+#endif
         if (isa >= FA_ISA_AVX512BF16) return &fa_g16_bf16_avx512bf16;
         if (isa == FA_ISA_AVX512) return &fa_g16_bf16_avx512;
         if (isa == FA_ISA_AVX2 && fa_cpu_has_f16c()) return &fa_g16_bf16_avx2;
@@ -125,6 +128,7 @@ typedef struct {
     const fa_gemm16_args *args;
     const fa_g16_kernels *ks;
     int64_t K2;
+    int64_t K2a; /* K2 rounded up to the kernel set's pair_align: a packed tile's pairs */
     int64_t tiles, row_blocks;  /* row tiles of mr rows, split into blocks of whole tiles */
     int64_t panels, col_blocks; /* 32-column panels, split into blocks of whole panels */
     int64_t mc, nc;             /* the most rows / columns of a block */
@@ -143,14 +147,16 @@ static void gemm_tasks(void *ctx, int t, int nthreads) {
     const gemm_job *j = (const gemm_job *)ctx;
     const fa_gemm16_args *g = j->args;
     const fa_g16_kernels *ks = j->ks;
-    const int64_t mr = ks->mr, K2 = j->K2, ldsum = j->nc;
-    const int64_t tile_bytes = (ks->a_layout == FA_G16_A_PAIRS ? 4 : 8) * mr; /* per pair */
+    const int64_t mr = ks->mr, K2 = j->K2, K2a = j->K2a, ldsum = j->nc;
+    const int64_t tile_bytes = (ks->a_layout == FA_G16_A_F32 ? 8 : 4) * mr; /* per pair */
     const int64_t out_size = g->out_dtype == FA_DTYPE_F32 ? 4 : 2;
     char *apack = j->scratch + (int64_t)t * (j->a_bytes + 4 * j->sums_elems);
     float *sums = (float *)(apack + j->a_bytes);
     const uint16_t *w = (const uint16_t *)g->packed_w;
     int64_t lo, hi, packed_block = -1;
     fa_partition(j->row_blocks * j->col_blocks, nthreads, t, &lo, &hi);
+    if (lo >= hi) return;
+    if (ks->begin) ks->begin();
     for (int64_t task = lo; task < hi; ++task) {
         const int64_t rb = task / j->col_blocks, cb = task % j->col_blocks;
         /* block rb: tiles [rb T / nb, (rb + 1) T / nb), so blocks differ by
@@ -174,7 +180,7 @@ static void gemm_tasks(void *ctx, int t, int nthreads) {
             for (int64_t p = 0; p < panels; ++p) {
                 const uint16_t *wp = w + ((c0 / FA_G16_NR + p) * K2 + q0) * FA_G16_PAIR_ELEMS;
                 for (int64_t i = 0; i < tiles; ++i)
-                    ks->micro(np, apack + (i * K2 + q0) * tile_bytes, wp,
+                    ks->micro(np, apack + (i * K2a + q0) * tile_bytes, wp,
                               sums + i * mr * ldsum + p * FA_G16_NR, ldsum, q0 > 0);
             }
         }
@@ -182,6 +188,7 @@ static void gemm_tasks(void *ctx, int t, int nthreads) {
                      (char *)g->c + (r0 * g->c_row_stride + c0) * out_size, g->c_row_stride,
                      g->out_dtype);
     }
+    if (ks->end) ks->end();
 }
 
 static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -209,6 +216,7 @@ int fa_gemm16(const fa_gemm16_args *g, int num_threads) {
     job.ks = pick_kernels(g->dtype);
     const int64_t mr = job.ks->mr;
     job.K2 = g->K / 2 + (g->K & 1);
+    job.K2a = round_up(job.K2, job.ks->pair_align);
     /* Even blocks of whole tiles and panels: 512 rows are 43 tiles of 12,
      * split 14 + 14 + 15 rather than 16 + 16 + 11, so the tasks the threads
      * share are of similar size. */
@@ -219,10 +227,10 @@ int fa_gemm16(const fa_gemm16_args *g, int num_threads) {
     job.col_blocks = (job.panels + FA_G16_NC_MAX / FA_G16_NR - 1) / (FA_G16_NC_MAX / FA_G16_NR);
     job.nc = (job.panels + job.col_blocks - 1) / job.col_blocks * FA_G16_NR;
 
-    /* per thread: the packed row block (mc x K2 pairs, 4 or 8 bytes per
+    /* per thread: the packed row block (mc x K2a pairs, 4 or 8 bytes per
      * row and pair) and the float32 sums (mc x nc); both 64-byte multiples */
     int64_t a_bytes;
-    if (!fa_mul_ok(job.mc, job.K2, &a_bytes) || !fa_mul_ok(a_bytes, 8, &a_bytes))
+    if (!fa_mul_ok(job.mc, job.K2a, &a_bytes) || !fa_mul_ok(a_bytes, 8, &a_bytes))
         return FA_ERR_OVERFLOW;
     job.a_bytes = round_up(a_bytes, 64);
     job.sums_elems = round_up(job.mc * job.nc, 16);

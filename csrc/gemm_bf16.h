@@ -18,7 +18,10 @@
  *   dpbf16 kernels (FA_G16_A_PAIRS): uint32 at q MR + r, the bf16 pair
  *     (a[r, 2q] low half, a[r, 2q + 1] high half), ready to broadcast;
  *   fp32 kernels (FA_G16_A_F32): float at 2 (q MR + r) + e, a[r, 2q + e]
- *     converted exactly to float32.
+ *     converted exactly to float32;
+ *   AMX (FA_G16_A_ROWS16): the pairs rounded up to a multiple of 16 (zero
+ *     pairs), in blocks of 16: uint32 at (q / 16) 16 MR + 16 r + q % 16,
+ *     so that a block's rows are an AMX A tile (16 pairs, 64 bytes a row).
  */
 #ifndef FASTATTN_GEMM_BF16_H
 #define FASTATTN_GEMM_BF16_H
@@ -33,7 +36,7 @@
 /* uint16 per packed pair of k in a panel */
 #define FA_G16_PAIR_ELEMS (2 * FA_G16_NR)
 
-enum { FA_G16_A_PAIRS = 0, FA_G16_A_F32 = 1 };
+enum { FA_G16_A_PAIRS = 0, FA_G16_A_F32 = 1, FA_G16_A_ROWS16 = 2 };
 
 /* c (MR, FA_G16_NR), row stride ldc floats, = (accumulate ? c : 0) +
  * a_tile (MR rows, npairs pairs, packed) . w_panel (npairs pairs)^T. */
@@ -52,12 +55,21 @@ typedef void fa_g16_epilogue_fn(const float *acc, int64_t ldacc, int64_t rows, i
                                 float alpha, const float *bias, void *out, int64_t ldout,
                                 int out_dtype);
 
+/* Called by each thread before its first and after its last micro-kernel
+ * call of a GEMM (the AMX set loads and releases its tile configuration,
+ * which is per thread); NULL where nothing is needed. */
+typedef void fa_g16_thread_fn(void);
+
 typedef struct {
     int mr;         /* rows per micro-tile */
-    int a_layout;   /* FA_G16_A_PAIRS or FA_G16_A_F32 */
+    int a_layout;   /* FA_G16_A_PAIRS, FA_G16_A_F32 or FA_G16_A_ROWS16 */
+    /* a packed tile holds its pairs rounded up to a multiple of this (the
+     * AMX set: whole 16-pair tile columns, zero-padded); 1 elsewhere */
+    int pair_align;
     fa_g16_pack_a_fn *pack_a;
     fa_g16_micro_fn *micro;
     fa_g16_epilogue_fn *epilogue;
+    fa_g16_thread_fn *begin, *end;
 } fa_g16_kernels;
 
 /* Per level and input dtype: fa_g16_<bf16|f16>_<isa>. The avx512bf16 file
@@ -67,6 +79,9 @@ extern const fa_g16_kernels fa_g16_bf16_scalar, fa_g16_f16_scalar;
 extern const fa_g16_kernels fa_g16_bf16_avx2, fa_g16_f16_avx2;
 extern const fa_g16_kernels fa_g16_bf16_avx512, fa_g16_f16_avx512;
 extern const fa_g16_kernels fa_g16_bf16_avx512bf16;
+#endif
+#if defined(FA_HAVE_AMX_KERNELS)
+extern const fa_g16_kernels fa_g16_bf16_amx;
 #endif
 
 /* 1 when the CPU has F16C (cpu_features.c). */

@@ -1,7 +1,8 @@
 /*
  * gemm_bf16_impl.h: the 16-bit GEMM kernels (activation packing, register
  * micro-kernel, epilogue), written once and instantiated per ISA level by
- * gemm_bf16_{scalar,avx2,avx512,avx512bf16}.c, which define FA_G16_LEVEL:
+ * gemm_bf16_{scalar,avx2,avx512,avx512bf16}.c, which define FA_G16_LEVEL
+ * (gemm_bf16_amx.c takes level 3's helpers, FA_G16_HELPERS_ONLY):
  *   0 scalar      any CPU; conversions in plain C;
  *   1 avx2        AVX2 + FMA + F16C, 8-float vectors;
  *   2 avx512      AVX-512 F/BW/VL/DQ + FMA, 16-float vectors;
@@ -394,12 +395,17 @@ static void g16_epilogue(const float *acc, int64_t ldacc, int64_t rows, int64_t 
 
 /* ---- the exported kernel sets -------------------------------------------- */
 
-#if FA_G16_LEVEL == 3
+#if defined(FA_G16_HELPERS_ONLY)
+/* gemm_bf16_amx.c: only the helpers above, under its own kernel set */
+#elif FA_G16_LEVEL == 3
 const fa_g16_kernels G16_CAT(fa_g16_bf16, G16_SUFFIX) = {
-    G16_MR, FA_G16_A_PAIRS, g16_pack_a_pairs, g16_micro_dpbf16, g16_epilogue};
+    .mr = G16_MR, .a_layout = FA_G16_A_PAIRS, .pair_align = 1, .pack_a = g16_pack_a_pairs,
+    .micro = g16_micro_dpbf16, .epilogue = g16_epilogue};
 #else
 const fa_g16_kernels G16_CAT(fa_g16_bf16, G16_SUFFIX) = {
-    G16_MR, FA_G16_A_F32, g16_pack_a_f32_bf16, g16_micro_bf16, g16_epilogue};
+    .mr = G16_MR, .a_layout = FA_G16_A_F32, .pair_align = 1, .pack_a = g16_pack_a_f32_bf16,
+    .micro = g16_micro_bf16, .epilogue = g16_epilogue};
 const fa_g16_kernels G16_CAT(fa_g16_f16, G16_SUFFIX) = {
-    G16_MR, FA_G16_A_F32, g16_pack_a_f32_f16, g16_micro_f16, g16_epilogue};
+    .mr = G16_MR, .a_layout = FA_G16_A_F32, .pair_align = 1, .pack_a = g16_pack_a_f32_f16,
+    .micro = g16_micro_f16, .epilogue = g16_epilogue};
 #endif

@@ -10,7 +10,7 @@ import numpy as np
 
 from fastattn import _kernels
 
-ISA_NAMES = ("scalar", "avx2", "avx512", "avx512bf16")
+ISA_NAMES = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 
 _lock = threading.Lock()
 _num_threads = None  # None: follow OpenMP (OMP_NUM_THREADS, threadpoolctl, affinity)

@@ -85,7 +85,9 @@ def _check_bound(c, a, w, bias=None, alpha=1.0):
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_every_level_and_thread_count_against_the_oracle(M, N, K, dtype):
     """Within the bound at every ISA level; the same bits at every level and
-    for 1 and 2 threads (one summation order everywhere, see csrc/gemm_bf16.h)."""
+    for 1 and 2 threads (one summation order everywhere, see csrc/gemm_bf16.h),
+    but for amx (tiles add each pair in their own order and flush
+    denormals): its own bits for 1 and 2 threads, within the same bound."""
     rng = np.random.default_rng(M * 10007 + N * 101 + K)
     a, w = _rand(rng, (M, K), dtype), _rand(rng, (N, K), dtype)
     bias = rng.standard_normal(N).astype(np.float32)
@@ -100,7 +102,8 @@ def test_every_level_and_thread_count_against_the_oracle(M, N, K, dtype):
             results[isa, threads] = c
     first = results["scalar", 1]
     for key, c in results.items():
-        assert np.array_equal(c.view(np.uint32), first.view(np.uint32)), key
+        same = results["amx", 1] if key[0] == "amx" else first
+        assert np.array_equal(c.view(np.uint32), same.view(np.uint32)), key
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)

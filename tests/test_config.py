@@ -45,8 +45,13 @@ def test_best_isa_is_selected_by_default():
     avx2 = {"avx2", "fma"} <= flags
     expected = ("avx512bf16" if avx512bf16 else "avx512" if avx512 else "avx2" if avx2
                 else "scalar")
-    assert _python("import fastattn; print(fastattn.get_isa())", FASTATTN_ISA=None) == expected
-    assert fastattn.available_isas()[-1] == expected
+    # amx also needs this build's AMX kernels and the OS's grant of the tile
+    # data (which /proc/cpuinfo does not show): either level is right there
+    allowed = {expected}
+    if avx512bf16 and {"amx_tile", "amx_bf16"} <= flags and _compiled_amx():
+        allowed.add("amx")
+    assert _python("import fastattn; print(fastattn.get_isa())", FASTATTN_ISA=None) in allowed
+    assert fastattn.available_isas()[-1] in allowed
 
 
 def test_fastattn_isa_env_forces_a_lower_level():
@@ -78,7 +83,8 @@ def test_avx512bf16_level_follows_the_cpu():
             "print(fastattn.get_isa(), sum('FASTATTN_ISA' in str(x.message) for x in w))")
     isa, n_warnings = _python(code, FASTATTN_ISA="avx512bf16").split()
     if has:
-        assert fastattn.available_isas()[-2:] == ["avx512", "avx512bf16"]
+        levels = fastattn.available_isas()
+        assert levels[levels.index("avx512bf16") - 1] == "avx512"
         assert (isa, n_warnings) == ("avx512bf16", "0")
         before = fastattn.get_isa()
         try:
@@ -92,6 +98,40 @@ def test_avx512bf16_level_follows_the_cpu():
         assert isa == fastattn.available_isas()[-1] and n_warnings == "1"
         with pytest.raises(ValueError, match="not supported on this CPU"):
             fastattn.set_isa("avx512bf16")
+
+
+def _compiled_amx():
+    return "amx" in fastattn.show_config(print_output=False)["isa_compiled"]
+
+
+def test_amx_level_follows_the_cpu():
+    """amx is listed only where the CPU has AMX-TILE and AMX-BF16 (and the
+    avx512bf16 level below it) and this build has the AMX kernels; then it
+    runs the bfloat16 GEMM and is selectable. Elsewhere FASTATTN_ISA=amx is
+    ignored with a warning and set_isa refuses it."""
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to cross-check CPU features")
+    cpu = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"} <= flags
+    levels = fastattn.available_isas()
+    if "amx" in levels:
+        assert cpu and _compiled_amx() and levels[-2:] == ["avx512bf16", "amx"]
+        before = fastattn.get_isa()
+        try:
+            fastattn.set_isa("amx")
+            assert fastattn.get_isa() == "amx"
+        finally:
+            fastattn.set_isa(before)
+        return
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import fastattn\n"
+            "print(fastattn.get_isa(), sum('FASTATTN_ISA' in str(x.message) for x in w))")
+    isa, n_warnings = _python(code, FASTATTN_ISA="amx").split()
+    assert isa == levels[-1] and n_warnings == "1"
+    with pytest.raises(ValueError, match="not supported on this CPU"):
+        fastattn.set_isa("amx")
 
 
 def test_omp_num_threads_sets_the_default():

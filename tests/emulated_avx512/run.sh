@@ -19,11 +19,14 @@
 #   gemm16        the 16-bit GEMM (fa_gemm16) at levels 1, 2 and 3 (3: the
 #                 bf16 kernel on an emulated vdpbf16ps) against level 0, bit
 #                 for bit; gemm_bf16_impl.h's level-2/3 guard and include are
-#                 replaced by emu512.h the same way
+#                 replaced by emu512.h the same way; and level 4 (amx: the
+#                 bf16 kernel on AMX tiles, emulated by emuamx.h in place of
+#                 gemm_bf16_amx.c's -mamx guard) within the error bound, the
+#                 same bits for 1 and 2 threads
 #
-# Then four planted bugs must be caught: the float keep mask shifted by one
+# Then five planted bugs must be caught: the float keep mask shifted by one
 # lane (by differential), the bf16 GEMM's odd-K tail packed into the wrong
-# half of its pair (by gemm16), the bf16 attention kernel dropping an odd
+# half of its pair (by gemm16, at level 3 and, in the AMX packing, level 4), the bf16 attention kernel dropping an odd
 # D's last key element (by bf16_attention), and level 2's bfloat16 row
 # rounding without its 0x7fff increment (by differential's RoPE rows). Any
 # mismatch, sanitizer report, or a patch
@@ -130,6 +133,22 @@ open(path, "w").write(text.replace(EXPECTED, "/* -mavx512bf16 guard removed: emu
 PYEOF
 echo "== patched the scratch attention_avx512bf16.c: vdpbf16ps from emu512.h"
 
+# the AMX GEMM kernel's file asks for -mamx-tile -mamx-bf16; its tile
+# intrinsics come from emuamx.h instead
+python3 - "$WORK/csrc/gemm_bf16_amx.c" <<'PYEOF'
+import sys
+path = sys.argv[1]
+EXPECTED = """#if !(defined(__AMX_TILE__) || defined(__AMXTILE__)) || !(defined(__AMX_BF16__) || defined(__AMXBF16__))
+#error "gemm_bf16_amx.c needs -mamx-tile -mamx-bf16"
+#endif
+"""
+text = open(path).read()
+if text.count(EXPECTED) != 1:
+    sys.exit(f"== FAIL: expected the -mamx guard exactly once in {path}; update run.sh")
+open(path, "w").write(text.replace(EXPECTED, '#include "emuamx.h" /* emulated AMX tiles: run.sh */\n'))
+PYEOF
+echo "== patched the scratch gemm_bf16_amx.c: AMX tiles from emuamx.h"
+
 # ---- build ------------------------------------------------------------------
 # setup.py's BASE_CFLAGS with -O1 instead of -O3 (ASan + the emulation are
 # slow to compile and run at -O3), plus the sanitizers. The level-2 files get
@@ -140,7 +159,7 @@ echo "== patched the scratch attention_avx512bf16.c: vdpbf16ps from emu512.h"
 CFLAGS=(-std=c11 -O1 -fno-math-errno -ffp-contract=off -Wall -Wextra -Wno-unused-function
         -fopenmp -g -fno-omit-frame-pointer
         -fsanitize=address,undefined -fno-sanitize-recover=all
-        -DFA_HAVE_X86_KERNELS=1)
+        -DFA_HAVE_X86_KERNELS=1 -DFA_HAVE_AMX_KERNELS=1)
 # -mf16c: the 16-bit GEMM's level-1 file needs it (and levels 2/3 use its
 # scalar conversions natively); simd_map.h uses no F16C instruction
 X86=(-mavx2 -mfma -mf16c -Wno-psabi)
@@ -172,7 +191,7 @@ for src in "$S"/attention.c "$S"/softmax.c "$S"/rope.c "$S"/half_rows.c "$S"/dis
     "$S"/fork_safety.c "$S"/threads.c "$S"/checked_size.c "$S"/scratch.c "$S"/*_scalar.c; do
     o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" &
 done
-for src in "$S"/*_avx2.c "$S"/*_avx512.c "$S"/*_avx512bf16.c; do
+for src in "$S"/*_avx2.c "$S"/*_avx512.c "$S"/*_avx512bf16.c "$S"/*_amx.c; do
     o="$WORK/obj/$(basename "${src%.c}").o"; objs+=("$o"); compile "$src" "$o" "$S" "${X86[@]}" &
 done
 compile "$HERE/differential.c" "$WORK/obj/differential.o" "$S" &
@@ -300,6 +319,23 @@ wait_compiles "$WORK/pobj/gemm_bf16_avx512bf16.o"
     "$WORK/pobj/gemm_bf16_avx512bf16.o" -lm -o "$WORK/gemm16-planted"
 expect_caught "bf16 GEMM tail bug" '^MISMATCH .*level 3 vs scalar' "$WORK/gemm16-planted.log" \
     "$WORK/gemm16-planted" "$PLANTED_CASES" 1
+
+# the same bug in the AMX kernel's packing (an odd K's last element in the
+# high half of its pair, where the weight's pair holds 0)
+echo "== planted bug: the AMX kernel's odd-K tail in the wrong half of its pair (must be caught)"
+X="$WORK/planted/gemm_bf16_amx.c"
+cp "$WORK/csrc/gemm_bf16_amx.c" "$X"
+sed -i 's|w = src\[2 \* q\]; /\* an odd K.s last pair: high half 0 \*/|w = (uint32_t)src[2 * q] << 16;|' "$X"
+[ "$(grep -c 'w = (uint32_t)src\[2 \* q\] << 16;' "$X")" -eq 1 ] ||
+    die "the planted-bug sed did not apply to gemm_bf16_amx.c (amx_pack_a changed?); update it in $0"
+xobjs=()
+for o in "${objs[@]}"; do case "$o" in *gemm_bf16_amx.o) ;; *) xobjs+=("$o") ;; esac; done
+compile "$X" "$WORK/pobj/gemm_bf16_amx.o" "$WORK/planted" "${X86[@]}"
+wait_compiles "$WORK/pobj/gemm_bf16_amx.o"
+"$CC" "${CFLAGS[@]}" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o" "${xobjs[@]}" \
+    "$WORK/pobj/gemm_bf16_amx.o" -lm -o "$WORK/gemm16-planted-amx"
+expect_caught "AMX GEMM tail bug" '^MISMATCH .*level 4 (amx) vs scalar' "$WORK/gemm16-planted-amx.log" \
+    "$WORK/gemm16-planted-amx" "$PLANTED_CASES" 1
 # ---- planted bug in the bf16 attention kernel: must be caught -----------------
 # an odd D's last key element dropped from its pair (that term of q . k lost)
 echo "== planted bug: the bf16 attention kernel drops an odd D's last key element (must be caught)"
