@@ -33,9 +33,17 @@
 #include "simd_dtype.h"
 
 /* FA_DPBF16 1 (attention_avx512bf16.c, with FA_KV 1): the all-bf16
- * instance whose tiled path runs Q.K^T and P.V on vdpbf16ps pair tiles. */
+ * instance whose tiled path runs Q.K^T and P.V on vdpbf16ps pair tiles.
+ * FA_AMX 1 (attention_amx.c, with FA_DPBF16 1): the same instance with
+ * Q.K^T on AMX tiles where D is a multiple of 32 (scores_tile_amx). */
 #ifndef FA_DPBF16
 #define FA_DPBF16 0
+#endif
+#ifndef FA_AMX
+#define FA_AMX 0
+#endif
+#if FA_AMX && !FA_DPBF16
+#error "FA_AMX needs FA_DPBF16"
 #endif
 #if FA_DPBF16
 #if FA_KV != 1 || FA_ISA_LEVEL != 2
@@ -366,6 +374,65 @@ static void FA_KNAME(scores_tile_dp, DT)(const uint32_t *q2, const uint16_t *kt,
     }
 }
 
+
+#if FA_AMX
+/* Q.K^T on AMX tiles (amx_tiles.h), for D a multiple of 32 up to
+ * FA_AMX_MAX_D: St (keys x queries) = K rows . Q2, as scores_tile_dp
+ * computes it, tile by tile. K rows are the A operand as they are in
+ * memory (16 keys x 32 elements = 16 pairs a tile row), Q2's pair rows
+ * the B operand (16 pairs x 16 queries, row stride MQ words), and each C
+ * tile (16 keys x 16 queries of float sums) is stored into St, where a
+ * vector pass scales the rows and takes the column max. A last group of
+ * fewer than 16 keys is read from a copy that repeats its last key (the
+ * rows past nk land in St rows nothing reads, as in scores_tile_dp). The
+ * tiles add each pair's products in their own order, with denormals
+ * flushed: the scores differ from the vdpbf16ps ones in their last bits. */
+#define FA_AMX_MAX_D 256
+
+static void FA_KNAME(scores_tile_amx, DT)(const uint32_t *q2, const uint16_t *kt, int64_t kst,
+                                          int64_t D, int64_t nk, int64_t ic0, int64_t cols,
+                                          T scale, T *st, T *tmax) {
+    uint16_t last[16 * FA_AMX_MAX_D] __attribute__((aligned(64)));
+    const int64_t steps = D / 32, qst = MQ * (int64_t)sizeof(uint32_t);
+    for (int64_t j = 0; j < nk; j += 16) {
+        const uint16_t *rows = kt + j * kst;
+        int64_t rst = kst * (int64_t)sizeof(uint16_t);
+        if (nk - j < 16) {
+            for (int64_t r = 0; r < 16; ++r)
+                memcpy(last + r * D, kt + (j + r < nk ? j + r : nk - 1) * kst,
+                       (size_t)D * sizeof(uint16_t));
+            rows = last;
+            rst = D * (int64_t)sizeof(uint16_t);
+        }
+        for (int64_t ic = ic0; ic < cols; ic += 32) {
+            const int two = cols - ic >= 32; /* else one 16-column tile */
+            _tile_zero(0);
+            if (two) _tile_zero(1);
+            for (int64_t s = 0; s < steps; ++s) {
+                _tile_loadd(4, rows + 32 * s, rst);
+                _tile_loadd(6, q2 + 16 * s * MQ + ic, qst);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two) {
+                    _tile_loadd(7, q2 + 16 * s * MQ + ic + 16, qst);
+                    _tile_dpbf16ps(1, 4, 7);
+                }
+            }
+            _tile_stored(0, st + j * MQ + ic, MQ * (int64_t)sizeof(T));
+            if (two) _tile_stored(1, st + j * MQ + ic + 16, MQ * (int64_t)sizeof(T));
+        }
+    }
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int64_t ic = ic0; ic < cols; ic += 16) {
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < nk; ++j) {
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(st + j * MQ + ic), vs);
+            _mm512_storeu_ps(st + j * MQ + ic, x);
+            m = _mm512_max_ps(m, x);
+        }
+        if (tmax) _mm512_storeu_ps(tmax + ic, m);
+    }
+}
+#endif /* FA_AMX */
 
 /* 2^t for t <= 0, for the probabilities this kernel rounds to bf16 next:
  * the range reduction of vf32_exp2_nonpos with a degree-4 polynomial for
@@ -767,6 +834,12 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
                           !KV_SCALED;
         /* 2. scores */
 #if FA_DPBF16
+#if FA_AMX
+        if (D % 32 == 0 && D <= FA_AMX_MAX_D)
+            FA_KNAME(scores_tile_amx, DT)(q2, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
+                                          kst, D, nk, ic0, cols, scale, st, plain ? sc->tmp : NULL);
+        else
+#endif
         FA_KNAME(scores_tile_dp, DT)(q2, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb),
                                      kst, D, nk, ic0, cols, scale, st, plain ? sc->tmp : NULL);
 #else
@@ -1602,10 +1675,18 @@ void FA_KNAME(attention_block, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                    int64_t q1, int64_t k0, int64_t k1, T *part, T *part_ml,
                                    T *scratch) {
     FA_KNAME(attn_scratch, DT) sc = FA_KNAME(attn_carve, DT)(scratch, job->D, job->Dv);
-    if (q1 - q0 < FA_ATTN_ROW_PATH)
+    if (q1 - q0 < FA_ATTN_ROW_PATH) {
         FA_KNAME(attention_rows, DT)(job, b, h, q0, q1, k0, k1, part, part_ml, &sc);
-    else
-        FA_KNAME(attention_tiled, DT)(job, b, h, q0, q1, k0, k1, part, part_ml, &sc);
+        return;
+    }
+#if FA_AMX
+    /* the tiles' configuration is per thread: loaded for the item */
+    fa_amx_begin();
+#endif
+    FA_KNAME(attention_tiled, DT)(job, b, h, q0, q1, k0, k1, part, part_ml, &sc);
+#if FA_AMX
+    fa_amx_end();
+#endif
 }
 
 #undef NC

@@ -3,7 +3,8 @@
  * tiles (TDPBF16PS) for the products, the avx512bf16 epilogue for the rest.
  * Exports fa_g16_bf16_amx (gemm_bf16.h); the driver is gemm_bf16.c.
  *
- * Tiles, one configuration for the whole GEMM (each 16 rows x 64 bytes):
+ * Tiles, one configuration for the whole GEMM (amx_tiles.h: each 16 rows x
+ * 64 bytes):
  *   C 0..3  the float32 sums of the 32 x 32 register tile: rows 0-15 and
  *           16-31 (tiles 0, 1 and 2, 3) x columns 0-15 and 16-31;
  *   A 4, 5  rows 0-15 and 16-31 of the packed activations, 16 pairs of k
@@ -37,32 +38,12 @@
 #define FA_G16_LEVEL 3
 #define FA_G16_HELPERS_ONLY 1
 #include "gemm_bf16_impl.h"
+#include "amx_tiles.h"
 
 /* rows of the register tile: two A tiles */
 #define AMX_MR 32
 /* pairs of k per tile column block: a 64-byte tile row of bf16 pairs */
 #define AMX_KP 16
-
-/* The tile configuration (palette 1): byte 0 the palette, bytes 16-47 each
- * tile's bytes per row (uint16), bytes 48-63 its rows (uint8). */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_tile_config;
-
-static void amx_begin(void) {
-    amx_tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; ++t) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
-
-static void amx_end(void) { _tile_release(); }
 
 /* Packs rows [0, rows) of a (row stride lda, K elements) into tiles of
  * AMX_MR rows (zero rows past the end): tile t, pair block s (16 pairs),
@@ -152,4 +133,4 @@ static void amx_micro(int64_t npairs, const void *a_tile, const uint16_t *w, flo
 
 const fa_g16_kernels fa_g16_bf16_amx = {
     .mr = AMX_MR, .a_layout = FA_G16_A_ROWS16, .pair_align = AMX_KP, .pack_a = amx_pack_a,
-    .micro = amx_micro, .epilogue = g16_epilogue, .begin = amx_begin, .end = amx_end};
+    .micro = amx_micro, .epilogue = g16_epilogue, .begin = fa_amx_begin, .end = fa_amx_end};

@@ -1,7 +1,9 @@
 /*
  * bf16_attention.c: the emulated AVX-512 job's test of the all-bfloat16
  * attention kernel (attention_avx512bf16.c: Q.K^T and P.V on vdpbf16ps pair
- * tiles) on an emulated vdpbf16ps (emu512.h), against the scalar level.
+ * tiles) on an emulated vdpbf16ps (emu512.h), and of its amx version
+ * (attention_amx.c: Q.K^T on AMX tiles where D is a multiple of 32, on
+ * emuamx.h), against the scalar level.
  *
  * Random cases of fa_scaled_dot_product_attention with bfloat16 q, k, v and
  * output: odd and even D and Dv (the odd-D and odd-key-count pairs), query
@@ -11,7 +13,9 @@
  * and rounds the output once; level 3 also rounds each probability to
  * bfloat16 for P.V, which moves an output by at most 2^-9 max|v| (relative
  * error 2^-9 per probability; they sum to 1). So the two must agree within
- * one bfloat16 ulp of the output (the two roundings) plus 2^-8 max|v|. A
+ * one bfloat16 ulp of the output (the two roundings) plus 2^-8 max|v|; at
+ * level 4 the float scores' last bits (another summation order) move the
+ * probabilities far less than their bf16 rounding does. A
  * key or a pair element dropped costs about |v| / Lk, far above that for
  * the key counts drawn here. Output buffers are prefilled with 0x7f bytes
  * and exactly sized, so an unwritten lane or a stray access shows.
@@ -28,10 +32,10 @@
 #include "case_random.h"
 #include "fastattn.h"
 
-/* The test replaces csrc/cpu_features.c: every level up to avx512bf16 is
- * "available", its AVX-512 and vdpbf16ps instructions being emulated. */
-int fa_cpu_best_isa(void) { return FA_ISA_AVX512BF16; }
-int fa_compiled_max_isa(void) { return FA_ISA_AVX512BF16; }
+/* The test replaces csrc/cpu_features.c: every level up to amx is
+ * "available", its AVX-512, vdpbf16ps and tile instructions being emulated. */
+int fa_cpu_best_isa(void) { return FA_ISA_AMX; }
+int fa_compiled_max_isa(void) { return FA_ISA_AMX; }
 
 static double rf(void) { return (double)(rnd() >> 11) / 9007199254740992.0 * 2 - 1; }
 
@@ -52,7 +56,8 @@ static int reported = 0;
 
 static int run_case(int iter) {
     const int64_t B = ri(1, 2), Hkv = ri(1, 2), H = Hkv * ri(1, 3);
-    const int64_t D = ri(1, 70), Dv = ri(1, 70);
+    /* a third of the cases with a D the AMX scores take (multiples of 32) */
+    const int64_t D = rnd() % 3 == 0 ? 32 * ri(1, 4) : ri(1, 70), Dv = ri(1, 70);
     const int64_t Lq = rnd() % 4 == 0 ? ri(1, 5) : ri(4, 200);
     const int64_t Lk = rnd() % 3 == 0 ? ri(1, 20) : ri(1, 160);
     const int64_t qpad = ri(0, 2), kpad = ri(0, 1);
@@ -88,10 +93,10 @@ static int run_case(int iter) {
         for (int64_t i = 0; i < B * H; ++i) ql[i] = ri(0, Lq);
         a.query_len = (fa_lengths_view){ql, H, 1};
     }
-    uint16_t *out[2];
-    int st[2];
-    const int levels[2] = {FA_ISA_SCALAR, FA_ISA_AVX512BF16};
-    for (int l = 0; l < 2; ++l) {
+    uint16_t *out[3];
+    int st[3];
+    const int levels[3] = {FA_ISA_SCALAR, FA_ISA_AVX512BF16, FA_ISA_AMX};
+    for (int l = 0; l < 3; ++l) {
         out[l] = malloc(no * 2 + 2);
         memset(out[l], 0x7f, no * 2);
         a.out = (fa_view4){out[l], {H * Lq * Dv, Lq * Dv, Dv, 1}};
@@ -101,27 +106,31 @@ static int run_case(int iter) {
         }
         st[l] = fa_scaled_dot_product_attention(FA_DTYPE_BF16, &a, 1 + (int)(rnd() % 2));
     }
-    int64_t bad = 0, first = -1;
-    for (size_t i = 0; i < no; ++i) {
-        const double x = from_bf16(out[1][i]), y = from_bf16(out[0][i]);
-        const double tol = ldexp(fabs(y), -7) + ldexp(vmax, -8);
-        if (!(fabs(x - y) <= tol)) {
-            if (first < 0) first = (int64_t)i;
-            ++bad;
+    int wrong = 0;
+    for (int l = 1; l < 3; ++l) {
+        int64_t bad = 0, first = -1;
+        for (size_t i = 0; i < no; ++i) {
+            const double x = from_bf16(out[l][i]), y = from_bf16(out[0][i]);
+            const double tol = ldexp(fabs(y), -7) + ldexp(vmax, -8);
+            if (!(fabs(x - y) <= tol)) {
+                if (first < 0) first = (int64_t)i;
+                ++bad;
+            }
+        }
+        if (st[0] != st[l] || bad) {
+            if (reported++ < 30)
+                printf("MISMATCH case %d: level %d vs scalar, B=%" PRId64 " H=%" PRId64
+                       " Hkv=%" PRId64 " Lq=%" PRId64 " Lk=%" PRId64 " D=%" PRId64 " Dv=%" PRId64
+                       " causal=%d status %d/%d, %" PRId64 " elements off, first %" PRId64
+                       " (%g vs %g)\n",
+                       iter, levels[l], B, H, Hkv, Lq, Lk, D, Dv, causal, st[l], st[0], bad, first,
+                       first >= 0 ? from_bf16(out[l][first]) : 0.0,
+                       first >= 0 ? from_bf16(out[0][first]) : 0.0);
+            wrong = 1;
         }
     }
-    if (st[0] != st[1] || bad) {
-        if (reported++ < 30)
-            printf("MISMATCH case %d: level 3 vs scalar, B=%" PRId64 " H=%" PRId64 " Hkv=%" PRId64
-                   " Lq=%" PRId64 " Lk=%" PRId64 " D=%" PRId64 " Dv=%" PRId64
-                   " causal=%d status %d/%d, %" PRId64 " elements off, first %" PRId64
-                   " (%g vs %g)\n",
-                   iter, B, H, Hkv, Lq, Lk, D, Dv, causal, st[1], st[0], bad, first,
-                   first >= 0 ? from_bf16(out[1][first]) : 0.0,
-                   first >= 0 ? from_bf16(out[0][first]) : 0.0);
-    }
-    free(q), free(k), free(v), free(kl), free(ql), free(out[0]), free(out[1]);
-    return st[0] != st[1] || bad ? 1 : 0;
+    free(q), free(k), free(v), free(kl), free(ql), free(out[0]), free(out[1]), free(out[2]);
+    return wrong;
 }
 
 int main(int argc, char **argv) {

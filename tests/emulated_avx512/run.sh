@@ -14,8 +14,9 @@
 #                 fa_rope_apply rows (float, double, bfloat16, float16: the
 #                 last two through each level's row conversions) that must
 #                 match level 0 bit for bit
-#   bf16_attention the all-bf16 attention kernel (level 3, vdpbf16ps emulated)
-#                 against level 0 within the bound its P rounding allows
+#   bf16_attention the all-bf16 attention kernel (level 3, vdpbf16ps emulated;
+#                 level 4, Q.K^T on emulated AMX tiles) against level 0
+#                 within the bound its P rounding allows
 #   gemm16        the 16-bit GEMM (fa_gemm16) at levels 1, 2 and 3 (3: the
 #                 bf16 kernel on an emulated vdpbf16ps) against level 0, bit
 #                 for bit; gemm_bf16_impl.h's level-2/3 guard and include are
@@ -24,13 +25,14 @@
 #                 gemm_bf16_amx.c's -mamx guard) within the error bound, the
 #                 same bits for 1 and 2 threads
 #
-# Then five planted bugs must be caught: the float keep mask shifted by one
+# Then six planted bugs must be caught: the float keep mask shifted by one
 # lane (by differential), the bf16 GEMM's odd-K tail packed into the wrong
-# half of its pair (by gemm16, at level 3 and, in the AMX packing, level 4), the bf16 attention kernel dropping an odd
-# D's last key element (by bf16_attention), and level 2's bfloat16 row
-# rounding without its 0x7fff increment (by differential's RoPE rows). Any
-# mismatch, sanitizer report, or a patch
-# that no longer applies fails the job. See docs/reliability.md.
+# half of its pair (by gemm16, at level 3 and, in the AMX packing, level 4),
+# the AMX scores storing a query tile over another (by bf16_attention),
+# the bf16 attention kernel dropping an odd D's last key element (by
+# bf16_attention), and level 2's bfloat16 row rounding without its 0x7fff
+# increment (by differential's RoPE rows). Any mismatch, sanitizer report,
+# or a patch that no longer applies fails the job. See docs/reliability.md.
 #
 #   bash tests/emulated_avx512/run.sh      # from anywhere; needs gcc with libasan/libubsan
 #   EMU512_CASES=2000 EMU512_SEEDS="1 2 3" bash tests/emulated_avx512/run.sh   # a longer run
@@ -133,13 +135,14 @@ open(path, "w").write(text.replace(EXPECTED, "/* -mavx512bf16 guard removed: emu
 PYEOF
 echo "== patched the scratch attention_avx512bf16.c: vdpbf16ps from emu512.h"
 
-# the AMX GEMM kernel's file asks for -mamx-tile -mamx-bf16; its tile
+# the AMX kernels' files ask for -mamx-tile -mamx-bf16; their tile
 # intrinsics come from emuamx.h instead
-python3 - "$WORK/csrc/gemm_bf16_amx.c" <<'PYEOF'
+for f in gemm_bf16_amx attention_amx; do
+python3 - "$WORK/csrc/$f.c" "$f" <<'PYEOF'
 import sys
-path = sys.argv[1]
-EXPECTED = """#if !(defined(__AMX_TILE__) || defined(__AMXTILE__)) || !(defined(__AMX_BF16__) || defined(__AMXBF16__))
-#error "gemm_bf16_amx.c needs -mamx-tile -mamx-bf16"
+path, name = sys.argv[1], sys.argv[2]
+EXPECTED = f"""#if !(defined(__AMX_TILE__) || defined(__AMXTILE__)) || !(defined(__AMX_BF16__) || defined(__AMXBF16__))
+#error "{name}.c needs -mamx-tile -mamx-bf16"
 #endif
 """
 text = open(path).read()
@@ -147,7 +150,8 @@ if text.count(EXPECTED) != 1:
     sys.exit(f"== FAIL: expected the -mamx guard exactly once in {path}; update run.sh")
 open(path, "w").write(text.replace(EXPECTED, '#include "emuamx.h" /* emulated AMX tiles: run.sh */\n'))
 PYEOF
-echo "== patched the scratch gemm_bf16_amx.c: AMX tiles from emuamx.h"
+done
+echo "== patched the scratch gemm_bf16_amx.c and attention_amx.c: AMX tiles from emuamx.h"
 
 # ---- build ------------------------------------------------------------------
 # setup.py's BASE_CFLAGS with -O1 instead of -O3 (ASan + the emulation are
@@ -352,6 +356,23 @@ wait_compiles "$WORK/pobj/attention_avx512bf16.o"
     -lm -o "$WORK/bf16-attention-planted"
 expect_caught "bf16 attention bug" '^MISMATCH .*level 3 vs scalar' \
     "$WORK/bf16-attention-planted.log" "$WORK/bf16-attention-planted" "$PLANTED_CASES" 1
+
+# ---- planted bug in the AMX scores: must be caught ----------------------------
+# the second 16-query tile of a 32-query column block stored over the first
+echo "== planted bug: the AMX scores store their second query tile over the first (must be caught)"
+cp -R "$WORK/csrc" "$WORK/plantedamx"
+M="$WORK/plantedamx/attention_impl.h"
+sed -i 's|if (two) _tile_stored(1, st + j \* MQ + ic + 16, MQ \* (int64_t)sizeof(T));|if (two) _tile_stored(1, st + j * MQ + ic, MQ * (int64_t)sizeof(T));|' "$M"
+[ "$(grep -c 'if (two) _tile_stored(1, st + j \* MQ + ic, MQ' "$M")" -eq 1 ] ||
+    die "the planted-bug sed did not apply to attention_impl.h (scores_tile_amx changed?); update it in $0"
+mobjs=()
+for o in "${objs[@]}"; do case "$o" in */attention_amx.o) ;; *) mobjs+=("$o") ;; esac; done
+compile "$WORK/plantedamx/attention_amx.c" "$WORK/pobj/attention_amx.o" "$WORK/plantedamx" "${X86[@]}"
+wait_compiles "$WORK/pobj/attention_amx.o"
+"$CC" "${CFLAGS[@]}" "$WORK/obj/bf16_attention.o" "${mobjs[@]}" "$WORK/pobj/attention_amx.o" \
+    -lm -o "$WORK/bf16-attention-planted-amx"
+expect_caught "AMX scores bug" '^MISMATCH .*level 4 vs scalar' \
+    "$WORK/bf16-attention-planted-amx.log" "$WORK/bf16-attention-planted-amx" "$PLANTED_CASES" 1
 
 # ---- planted bug in the 16-bit row conversions: must be caught ----------------
 # level 2's bfloat16 rounding without its 0x7fff increment (rounds down
