@@ -58,7 +58,9 @@ def oracle(q, k, v, **kw):
 
 
 def dp_kernel(dtype):
-    return dtype == BF16 and fastattn.get_isa() == "avx512bf16"
+    """Whether bf16 runs the all-bf16 kernel (P rounded to bf16 for P.V):
+    at avx512bf16, and at amx, which adds tiles for Q.K^T."""
+    return dtype == BF16 and fastattn.get_isa() in ("avx512bf16", "amx")
 
 
 def check_against_oracle(got, q, k, v, dtype, **kw):
