@@ -1,8 +1,8 @@
 /* attention_amx.c: the all-bfloat16 fused attention work-item kernel at the
  * amx level: attention_avx512bf16.c's instance (FA_DPBF16) whose tiled path
- * computes Q.K^T on AMX tiles (FA_AMX, scores_tile_amx in attention_impl.h)
- * where D is a multiple of 32; P.V, the softmax and the decode rows stay on
- * vdpbf16ps and AVX-512. Exports fa_attention_block_bf16dp_amx; every other
+ * computes Q.K^T (where D is a multiple of 32) and P.V (where Dv <= 256) on
+ * AMX tiles (FA_AMX: scores_tile_amx, pv_tile_amx in attention_impl.h); the
+ * softmax and the decode rows stay on AVX-512 and vdpbf16ps. Exports fa_attention_block_bf16dp_amx; every other
  * kernel of the level is the avx512 one (dispatch.c). */
 #include <string.h>
 

@@ -35,7 +35,8 @@
 /* FA_DPBF16 1 (attention_avx512bf16.c, with FA_KV 1): the all-bf16
  * instance whose tiled path runs Q.K^T and P.V on vdpbf16ps pair tiles.
  * FA_AMX 1 (attention_amx.c, with FA_DPBF16 1): the same instance with
- * Q.K^T on AMX tiles where D is a multiple of 32 (scores_tile_amx). */
+ * Q.K^T on AMX tiles where D is a multiple of 32 (scores_tile_amx) and
+ * P.V on them where Dv <= 256 (pv_tile_amx). */
 #ifndef FA_DPBF16
 #define FA_DPBF16 0
 #endif
@@ -526,6 +527,89 @@ static void FA_KNAME(pv_tile_dp, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64
             FA_KNAME(pv_mr_dp, DT)(sc->pp + i0, sc->v2 + c0, npairs, sc->ldv2, sc->alpha + i0,
                                    sc->acc + i0 * sc->ldacc + c0, sc->ldacc, 6, 2);
 }
+#if FA_AMX
+/* P.V on AMX tiles where Dv <= FA_AMX_MAX_DV: acc rows [r0, rows_mr) =
+ * alpha acc + P . V, with P as the A operand (16 queries x 16 pairs of
+ * keys: P2's words transposed, 16 x 16 at a time in registers), V2 as B
+ * (16 pairs of keys x 16 value columns, as pack_v_pairs lays it out) and
+ * 16 x 16 blocks of acc as C, loaded and stored in place. The last step's
+ * pairs past ceil(nk / 2) are zero on both sides: P's in the transposed
+ * block, V2's in a padded copy (V2 has NK / 2 rows, not a multiple of 16).
+ * Rows of a 16-row block outside [r0, rows_mr) get zero P rows, so their
+ * sums come back unchanged. */
+#define FA_AMX_MAX_DV 256
+#if NK / 2 > 32
+#error "pv_tile_amx holds at most two 16-pair steps of P"
+#endif
+
+/* r[i] <- column i of the 16 x 16 dwords r[0..15] */
+static inline void FA_KNAME(transpose16_epi32, DT)(__m512i r[16]) {
+    __m512i t[16], u[16], v[16];
+    for (int k = 0; k < 16; k += 2) {
+        t[k] = _mm512_unpacklo_epi32(r[k], r[k + 1]);
+        t[k + 1] = _mm512_unpackhi_epi32(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 16; k += 4) {
+        u[k] = _mm512_unpacklo_epi64(t[k], t[k + 2]);
+        u[k + 1] = _mm512_unpackhi_epi64(t[k], t[k + 2]);
+        u[k + 2] = _mm512_unpacklo_epi64(t[k + 1], t[k + 3]);
+        u[k + 3] = _mm512_unpackhi_epi64(t[k + 1], t[k + 3]);
+    }
+    for (int k = 0; k < 16; k += 8)
+        for (int c = 0; c < 4; ++c) {
+            v[k + c] = _mm512_shuffle_i32x4(u[k + c], u[k + 4 + c], 0x88);
+            v[k + 4 + c] = _mm512_shuffle_i32x4(u[k + c], u[k + 4 + c], 0xdd);
+        }
+    for (int c = 0; c < 8; ++c) {
+        r[c] = _mm512_shuffle_i32x4(v[c], v[8 + c], 0x88);
+        r[8 + c] = _mm512_shuffle_i32x4(v[c], v[8 + c], 0xdd);
+    }
+}
+
+static void FA_KNAME(pv_tile_amx, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64_t nk,
+                                      int64_t r0, int64_t rows_mr) {
+    const int64_t npairs = (nk + 1) / 2, full = npairs / 16, steps = (npairs + 15) / 16;
+    const int64_t ldv2 = sc->ldv2, ldacc = sc->ldacc;
+    uint32_t vlast[16 * FA_AMX_MAX_DV] __attribute__((aligned(64)));
+    if (steps > full) {
+        const int64_t left = npairs - 16 * full;
+        memcpy(vlast, sc->v2 + 16 * full * ldv2, (size_t)(left * ldv2) * sizeof(uint32_t));
+        memset(vlast + left * ldv2, 0, (size_t)((16 - left) * ldv2) * sizeof(uint32_t));
+    }
+    for (int64_t r = r0; r < rows_mr; ++r) {
+        const __m512 al = _mm512_set1_ps(sc->alpha[r]);
+        for (int64_t c = 0; c < ldv2; c += 16)
+            _mm512_storeu_ps(sc->acc + r * ldacc + c,
+                             _mm512_mul_ps(_mm512_loadu_ps(sc->acc + r * ldacc + c), al));
+    }
+    uint32_t prow[2][16][16] __attribute__((aligned(64)));
+    for (int64_t i0 = r0 / 16 * 16; i0 < rows_mr; i0 += 16) {
+        for (int64_t s = 0; s < steps; ++s) {
+            __m512i blk[16];
+            for (int t = 0; t < 16; ++t) {
+                const int64_t pair = 16 * s + t;
+                blk[t] = pair < npairs ? _mm512_loadu_si512(sc->pp + pair * MQ + i0)
+                                       : _mm512_setzero_si512();
+            }
+            FA_KNAME(transpose16_epi32, DT)(blk);
+            for (int i = 0; i < 16; ++i)
+                _mm512_storeu_si512(prow[s][i], i0 + i >= r0 && i0 + i < rows_mr
+                                                    ? blk[i] : _mm512_setzero_si512());
+        }
+        for (int64_t c0 = 0; c0 < ldv2; c0 += 16) {
+            T *c = sc->acc + i0 * ldacc + c0;
+            _tile_loadd(0, c, ldacc * (int64_t)sizeof(T));
+            for (int64_t s = 0; s < steps; ++s) {
+                _tile_loadd(4, prow[s], 64);
+                _tile_loadd(6, s < full ? sc->v2 + 16 * s * ldv2 + c0 : vlast + c0,
+                            ldv2 * (int64_t)sizeof(uint32_t));
+                _tile_dpbf16ps(0, 4, 6);
+            }
+            _tile_stored(0, c, ldacc * (int64_t)sizeof(T));
+        }
+    }
+}
+#endif /* FA_AMX */
 #endif /* FA_DPBF16 */
 
 #if FA_KV != 0 && !FA_DPBF16
@@ -946,6 +1030,11 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
 #if FA_DPBF16
         FA_KNAME(pack_v_pairs, DT)(FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb), vst, nk,
                                    Dv, sc->ldv2, sc->v2);
+#if FA_AMX
+        if (sc->ldv2 <= FA_AMX_MAX_DV)
+            FA_KNAME(pv_tile_amx, DT)(sc, nk, r0, rows_mr);
+        else
+#endif
         FA_KNAME(pv_tile_dp, DT)(sc, nk, r0, rows_mr);
 #else
 #if FA_KV != 0

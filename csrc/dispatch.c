@@ -49,8 +49,8 @@ extern fa_attention_block_f32_fn fa_attention_block_bf16dp_avx512bf16;
 static const fa_kernel_table kernels_avx512bf16 = {
     .isa = FA_ISA_AVX512BF16, FA_KERNEL_LIST(FA_FIELD_AVX512)
     .attention_block_bf16dp = fa_attention_block_bf16dp_avx512bf16};
-/* The amx level: the avx512bf16 kernels with Q.K^T of the all-bf16 one on
- * AMX tiles (the 16-bit GEMM picks its AMX kernel set, gemm_bf16.c). */
+/* The amx level: the avx512bf16 kernels with Q.K^T and P.V of the all-bf16
+ * one on AMX tiles (the 16-bit GEMM picks its AMX kernel set, gemm_bf16.c). */
 #if defined(FA_HAVE_AMX_KERNELS)
 extern fa_attention_block_f32_fn fa_attention_block_bf16dp_amx;
 #define FA_BF16DP_AMX fa_attention_block_bf16dp_amx

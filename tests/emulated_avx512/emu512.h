@@ -625,6 +625,58 @@ static inline __m512 emu_mm512_dpbf16_ps(__m512 acc_, __m512bh a_, __m512bh b_) 
     return acc.v;
 }
 
+/* ---- the AMX attention's transposes (csrc/attention_impl.h, pv_tile_amx) -- */
+static inline void emu_mm512_storeu_si512(void *p, __m512i v) { memcpy(p, &v, 64); }
+static inline __m512i emu_mm512_setzero_si512(void) {
+    emu_si r;
+    memset(&r, 0, sizeof r);
+    return r.v;
+}
+/* VPUNPCKLDQ / VPUNPCKHDQ: per 128-bit lane L, a and b's low (high) two
+ * dwords interleaved: a[4L+o], b[4L+o], a[4L+o+1], b[4L+o+1], o = 0 (2) */
+static inline __m512i emu_unpack_epi32(__m512i a_, __m512i b_, int o) {
+    emu_si a, b, r;
+    a.v = a_, b.v = b_;
+    for (int l = 0; l < 4; ++l)
+        for (int e = 0; e < 2; ++e) {
+            r.u[4 * l + 2 * e] = a.u[4 * l + o + e];
+            r.u[4 * l + 2 * e + 1] = b.u[4 * l + o + e];
+        }
+    return r.v;
+}
+static inline __m512i emu_mm512_unpacklo_epi32(__m512i a, __m512i b) { return emu_unpack_epi32(a, b, 0); }
+static inline __m512i emu_mm512_unpackhi_epi32(__m512i a, __m512i b) { return emu_unpack_epi32(a, b, 2); }
+/* VPUNPCKLQDQ / VPUNPCKHQDQ: per 128-bit lane L, a.q[2L+o], b.q[2L+o] */
+static inline __m512i emu_unpack_epi64(__m512i a_, __m512i b_, int o) {
+    emu_si a, b, r;
+    a.v = a_, b.v = b_;
+    for (int l = 0; l < 4; ++l) {
+        r.uq[2 * l] = a.uq[2 * l + o];
+        r.uq[2 * l + 1] = b.uq[2 * l + o];
+    }
+    return r.v;
+}
+static inline __m512i emu_mm512_unpacklo_epi64(__m512i a, __m512i b) { return emu_unpack_epi64(a, b, 0); }
+static inline __m512i emu_mm512_unpackhi_epi64(__m512i a, __m512i b) { return emu_unpack_epi64(a, b, 1); }
+/* VSHUFI32X4: as VSHUFF32X4, on dwords */
+static inline __m512i emu_mm512_shuffle_i32x4(__m512i a_, __m512i b_, int imm) {
+    emu_si a, b, r;
+    a.v = a_, b.v = b_;
+    for (int l = 0; l < 4; ++l) {
+        const int src = (imm >> (2 * l)) & 3;
+        memcpy(&r.u[4 * l], l < 2 ? &a.u[4 * src] : &b.u[4 * src], 16);
+    }
+    return r.v;
+}
+
+#undef _mm512_shuffle_i32x4 /* a macro in GCC's avx512fintrin.h */
+#define _mm512_storeu_si512 emu_mm512_storeu_si512
+#define _mm512_setzero_si512 emu_mm512_setzero_si512
+#define _mm512_unpacklo_epi32 emu_mm512_unpacklo_epi32
+#define _mm512_unpackhi_epi32 emu_mm512_unpackhi_epi32
+#define _mm512_unpacklo_epi64 emu_mm512_unpacklo_epi64
+#define _mm512_unpackhi_epi64 emu_mm512_unpackhi_epi64
+#define _mm512_shuffle_i32x4 emu_mm512_shuffle_i32x4
 #define _mm512_loadu_si512 emu_mm512_loadu_si512
 #define _mm512_and_si512 emu_mm512_and_si512
 #define _mm512_or_si512 emu_mm512_or_si512

@@ -1,6 +1,6 @@
 /*
- * emulation_vs_native.c: emu512.h's vdpbf16ps, VCVTPS2PH and VCVTPH2PS
- * against the real instructions. Built and run by run.sh only where the CPU
+ * emulation_vs_native.c: emu512.h's vdpbf16ps, VCVTPS2PH and VCVTPH2PS,
+ * and the dword unpacks and VSHUFI32X4, against the real instructions. Built and run by run.sh only where the CPU
  * has AVX512_BF16 (elsewhere there is nothing to compare with), with the
  * AVX-512 flags, so that the emulated function (emu_mm512_*) and the
  * intrinsic (_mm512_*, native here: the #defines are undone below) are
@@ -22,6 +22,42 @@
 #undef _mm512_loadu_si512
 #undef _mm512_loadu_ps
 #undef _mm512_storeu_ps
+#undef _mm512_storeu_si512
+#undef _mm512_unpacklo_epi32
+#undef _mm512_unpackhi_epi32
+#undef _mm512_unpacklo_epi64
+#undef _mm512_unpackhi_epi64
+#undef _mm512_shuffle_i32x4
+
+/* the permutes of the AMX attention's transposes: every immediate the code
+ * uses and a few more, on random dwords; 1 on a mismatch */
+static int check_permutes(uint32_t (*rnd32)(void)) {
+    int bad = 0;
+    for (int it = 0; it < 1000; ++it) {
+        uint32_t x[16], y[16], n[16], e[16];
+        for (int i = 0; i < 16; ++i) x[i] = rnd32(), y[i] = rnd32();
+        const __m512i a = _mm512_loadu_si512(x), b = _mm512_loadu_si512(y);
+        const __m512i nat[4] = {_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b),
+                                _mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)};
+        const __m512i emu[4] = {emu_mm512_unpacklo_epi32(a, b), emu_mm512_unpackhi_epi32(a, b),
+                                emu_mm512_unpacklo_epi64(a, b), emu_mm512_unpackhi_epi64(a, b)};
+        for (int k = 0; k < 4; ++k) {
+            _mm512_storeu_si512(n, nat[k]);
+            emu_mm512_storeu_si512(e, emu[k]);
+            bad |= memcmp(n, e, 64) != 0;
+        }
+#define EMU_CHECK_SHUF(imm)                                            \
+        _mm512_storeu_si512(n, _mm512_shuffle_i32x4(a, b, imm));       \
+        emu_mm512_storeu_si512(e, emu_mm512_shuffle_i32x4(a, b, imm)); \
+        bad |= memcmp(n, e, 64) != 0;
+        EMU_CHECK_SHUF(0x88)
+        EMU_CHECK_SHUF(0xdd)
+        EMU_CHECK_SHUF(0x1b)
+        EMU_CHECK_SHUF(0x4e)
+#undef EMU_CHECK_SHUF
+    }
+    return bad;
+}
 
 static uint64_t rs = 1;
 static uint32_t r32(void) {
@@ -98,7 +134,9 @@ int main(int argc, char **argv) {
         memcpy(eback, &ebk, 64);
         for (int i = 0; i < 16; ++i) bad_from_half += !same(back[i], eback[i]);
     }
+    const int bad_perm = check_permutes(r32);
     printf("emulation vs native: %ld vdpbf16ps lanes, %ld mismatching; VCVTPS2PH %ld, VCVTPH2PS %ld "
-           "mismatching of %ld lanes each\n", lanes, bad_dp, bad_to_half, bad_from_half, lanes);
-    return bad_dp || bad_to_half || bad_from_half;
+           "mismatching of %ld lanes each; dword unpacks and VSHUFI32X4 %s\n", lanes, bad_dp,
+           bad_to_half, bad_from_half, lanes, bad_perm ? "MISMATCHING" : "identical");
+    return bad_dp || bad_to_half || bad_from_half || bad_perm;
 }

@@ -25,10 +25,11 @@
 #                 gemm_bf16_amx.c's -mamx guard) within the error bound, the
 #                 same bits for 1 and 2 threads
 #
-# Then six planted bugs must be caught: the float keep mask shifted by one
+# Then seven planted bugs must be caught: the float keep mask shifted by one
 # lane (by differential), the bf16 GEMM's odd-K tail packed into the wrong
 # half of its pair (by gemm16, at level 3 and, in the AMX packing, level 4),
-# the AMX scores storing a query tile over another (by bf16_attention),
+# the AMX scores storing a query tile over another and the AMX P.V taking
+# P untransposed (by bf16_attention),
 # the bf16 attention kernel dropping an odd D's last key element (by
 # bf16_attention), and level 2's bfloat16 row rounding without its 0x7fff
 # increment (by differential's RoPE rows). Any mismatch, sanitizer report,
@@ -373,6 +374,21 @@ wait_compiles "$WORK/pobj/attention_amx.o"
     -lm -o "$WORK/bf16-attention-planted-amx"
 expect_caught "AMX scores bug" '^MISMATCH .*level 4 vs scalar' \
     "$WORK/bf16-attention-planted-amx.log" "$WORK/bf16-attention-planted-amx" "$PLANTED_CASES" 1
+
+# ---- planted bug in the AMX P.V: must be caught --------------------------------
+# P's 16 x 16 blocks used untransposed (query and key pair swapped)
+echo "== planted bug: the AMX P.V takes P's blocks untransposed (must be caught)"
+cp -R "$WORK/csrc" "$WORK/plantedamx2"
+M="$WORK/plantedamx2/attention_impl.h"
+sed -i 's|^            FA_KNAME(transpose16_epi32, DT)(blk);$|            (void)0;|' "$M"
+[ "$(grep -c '^            (void)0;$' "$M")" -eq 1 ] ||
+    die "the planted-bug sed did not apply to attention_impl.h (pv_tile_amx changed?); update it in $0"
+compile "$WORK/plantedamx2/attention_amx.c" "$WORK/pobj/attention_amx2.o" "$WORK/plantedamx2" "${X86[@]}"
+wait_compiles "$WORK/pobj/attention_amx2.o"
+"$CC" "${CFLAGS[@]}" "$WORK/obj/bf16_attention.o" "${mobjs[@]}" "$WORK/pobj/attention_amx2.o" \
+    -lm -o "$WORK/bf16-attention-planted-amx2"
+expect_caught "AMX P.V bug" '^MISMATCH .*level 4 vs scalar' \
+    "$WORK/bf16-attention-planted-amx2.log" "$WORK/bf16-attention-planted-amx2" "$PLANTED_CASES" 1
 
 # ---- planted bug in the 16-bit row conversions: must be caught ----------------
 # level 2's bfloat16 rounding without its 0x7fff increment (rounds down
