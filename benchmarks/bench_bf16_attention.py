@@ -4,9 +4,10 @@
 
 At each (B, H, S, D), non-causal self-attention, all on the same thread count:
 
-* fastattn bf16 at the best level (avx512bf16: vdpbf16ps tiles where the CPU
-  has AVX512_BF16), and at the avx512 level (tiles widened to float32, the
-  fallback on AVX-512 CPUs without it);
+* fastattn bf16 at the best level (amx: AMX tiles, or avx512bf16: vdpbf16ps
+  tiles, where the CPU has them), on an AMX CPU also at avx512bf16, and at
+  the avx512 level (tiles widened to float32, the fallback on AVX-512 CPUs
+  without AVX512_BF16);
 * fastattn fp16 (F16C widening) and fastattn fp32;
 * torch.nn.functional.scaled_dot_product_attention in bf16 and fp32;
 * torch's bf16 matmul at 2048^3, the same-run bf16 GEMM rate every GF/s is
@@ -69,6 +70,9 @@ def peers(shape, threads, rng):
     out = {
         f"fastattn bf16 ({best})": at_level(best, lambda: sdpa(q, k, v, num_threads=threads)),
     }
+    if best == "amx":  # the tiles against vdpbf16ps on the same CPU
+        out["fastattn bf16 (avx512bf16)"] = at_level(
+            "avx512bf16", lambda: sdpa(q, k, v, num_threads=threads))
     if best in ("avx512bf16", "amx"):
         out["fastattn bf16 (avx512)"] = at_level(
             "avx512", lambda: sdpa(q, k, v, num_threads=threads))
