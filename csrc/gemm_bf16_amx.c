@@ -97,29 +97,20 @@ static void amx_micro(int64_t npairs, const void *a_tile, const uint16_t *w, flo
     }
     const int64_t full = npairs / AMX_KP, left = npairs % AMX_KP;
     const int64_t wst = FA_G16_PAIR_ELEMS * (int64_t)sizeof(uint16_t);
-    for (int64_t s = 0; s < full; ++s) {
-        const uint32_t *as = a + s * AMX_KP * AMX_MR;
-        const uint16_t *ws = w + s * AMX_KP * FA_G16_PAIR_ELEMS;
-        _tile_loadd(4, as, AMX_KP * 4);
-        _tile_loadd(5, as + 16 * AMX_KP, AMX_KP * 4);
-        _tile_loadd(6, ws, wst);
-        _tile_loadd(7, ws + 32, wst);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-    }
+    uint16_t tail[AMX_KP * FA_G16_PAIR_ELEMS] __attribute__((aligned(64)));
     if (left) {
-        uint16_t tail[AMX_KP * FA_G16_PAIR_ELEMS] __attribute__((aligned(64)));
         memcpy(tail, w + full * AMX_KP * FA_G16_PAIR_ELEMS,
                (size_t)(left * FA_G16_PAIR_ELEMS) * sizeof(uint16_t));
         memset(tail + left * FA_G16_PAIR_ELEMS, 0,
                (size_t)((AMX_KP - left) * FA_G16_PAIR_ELEMS) * sizeof(uint16_t));
-        const uint32_t *as = a + full * AMX_KP * AMX_MR;
+    }
+    for (int64_t s = 0; s < full + (left > 0); ++s) {
+        const uint32_t *as = a + s * AMX_KP * AMX_MR;
+        const uint16_t *ws = s < full ? w + s * AMX_KP * FA_G16_PAIR_ELEMS : tail;
         _tile_loadd(4, as, AMX_KP * 4);
         _tile_loadd(5, as + 16 * AMX_KP, AMX_KP * 4);
-        _tile_loadd(6, tail, wst);
-        _tile_loadd(7, tail + 32, wst);
+        _tile_loadd(6, ws, wst);
+        _tile_loadd(7, ws + 32, wst);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);

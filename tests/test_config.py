@@ -66,6 +66,17 @@ def test_set_isa_rejects_unsupported_levels():
             fastattn.set_isa("avx512")
 
 
+def _import_with_isa(name):
+    """(the level selected, the FASTATTN_ISA warnings raised) on importing
+    fastattn in a fresh interpreter with FASTATTN_ISA=name."""
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import fastattn\n"
+            "print(fastattn.get_isa(), sum('FASTATTN_ISA' in str(x.message) for x in w))")
+    return tuple(_python(code, FASTATTN_ISA=name).split())
+
+
 def test_avx512bf16_level_follows_the_cpu():
     """The avx512bf16 level is listed exactly where the CPU has AVX512_BF16
     (with the avx512 level below it); FASTATTN_ISA=avx512bf16 selects it
@@ -76,12 +87,7 @@ def test_avx512bf16_level_follows_the_cpu():
         pytest.skip("no /proc/cpuinfo to cross-check CPU features")
     has = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
     assert ("avx512bf16" in fastattn.available_isas()) == has
-    code = ("import warnings\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import fastattn\n"
-            "print(fastattn.get_isa(), sum('FASTATTN_ISA' in str(x.message) for x in w))")
-    isa, n_warnings = _python(code, FASTATTN_ISA="avx512bf16").split()
+    isa, n_warnings = _import_with_isa("avx512bf16")
     if has:
         levels = fastattn.available_isas()
         assert levels[levels.index("avx512bf16") - 1] == "avx512"
@@ -123,12 +129,7 @@ def test_amx_level_follows_the_cpu():
         finally:
             fastattn.set_isa(before)
         return
-    code = ("import warnings\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import fastattn\n"
-            "print(fastattn.get_isa(), sum('FASTATTN_ISA' in str(x.message) for x in w))")
-    isa, n_warnings = _python(code, FASTATTN_ISA="amx").split()
+    isa, n_warnings = _import_with_isa("amx")
     assert isa == levels[-1] and n_warnings == "1"
     with pytest.raises(ValueError, match="not supported on this CPU"):
         fastattn.set_isa("amx")

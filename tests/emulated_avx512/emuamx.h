@@ -26,10 +26,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-/* the compiler's own AMX declarations first (immintrin.h declares them
- * whatever the flags), so that the macros below replace their uses, not
- * their definitions */
-#include <immintrin.h>
+/* the compiler's own AMX declarations first (immintrin.h, through
+ * emu512.h, declares them whatever the flags), so that the macros below
+ * replace their uses, not their definitions; emu512.h also gives the bf16
+ * widening with DAZ (emu_bf16) and the flush to zero (emu_daz) that
+ * vdpbf16ps shares with TDPBF16PS */
+#include "emu512.h"
 
 typedef struct {
     int configured;
@@ -82,22 +84,11 @@ static inline void emuamx_stored(int t, void *base, int64_t stride) {
         memcpy((uint8_t *)base + r * stride, emuamx.data[t][r], emuamx.colsb[t]);
 }
 
+/* element i of a tile row of bf16, widened, denormals read as zero */
 static inline float emuamx_bf16(const uint8_t *row, int i) {
     uint16_t h;
     memcpy(&h, row + 2 * i, 2);
-    uint32_t u = (uint32_t)h << 16;
-    if ((u & 0x7f800000u) == 0) u &= 0x80000000u; /* DAZ */
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float emuamx_ftz(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
-    memcpy(&x, &u, 4);
-    return x;
+    return emu_bf16(h);
 }
 
 static inline void emuamx_dpbf16ps(int c, int a, int b) {
@@ -115,10 +106,10 @@ static inline void emuamx_dpbf16ps(int c, int a, int b) {
                 /* volatile: one rounding per addition, never contracted */
                 volatile float p0 = emuamx_bf16(emuamx.data[a][m], 2 * k) *
                                     emuamx_bf16(emuamx.data[b][k], 2 * n);
-                acc = emuamx_ftz(acc + p0);
+                acc = emu_daz(acc + p0);
                 volatile float p1 = emuamx_bf16(emuamx.data[a][m], 2 * k + 1) *
                                     emuamx_bf16(emuamx.data[b][k], 2 * n + 1);
-                acc = emuamx_ftz(acc + p1);
+                acc = emu_daz(acc + p1);
             }
             memcpy(emuamx.data[c][m] + 4 * n, &acc, 4);
         }

@@ -289,6 +289,20 @@ expect_caught() {
     echo "== planted $what caught (exit status $rc)"
 }
 
+# rebuild_planted OUT SRC INCDIR TESTOBJ [OBJ...]: $WORK/OUT, the test
+# TESTOBJ (with OBJ...) linked against every kernel object but the one SRC
+# replaces, SRC (a planted copy, its headers from INCDIR) compiled in its place
+rebuild_planted() {
+    local out="$1" src="$2" inc="$3" base keep=() o
+    shift 3
+    base="$(basename "${src%.c}")"
+    for o in "${objs[@]}"; do case "$o" in */"$base".o) ;; *) keep+=("$o") ;; esac; done
+    mkdir -p "$WORK/pobj"
+    compile "$src" "$WORK/pobj/$out.o" "$inc" "${X86[@]}"
+    wait_compiles "$WORK/pobj/$out.o"
+    "$CC" "${CFLAGS[@]}" "$@" "${keep[@]}" "$WORK/pobj/$out.o" -lm -o "$WORK/$out"
+}
+
 # ---- planted bug: must be caught ---------------------------------------------
 # the float keep mask shifted by one lane (lane i takes mask byte i + 1)
 echo "== planted bug: vf32_keep mask off by one lane (must be caught)"
@@ -316,12 +330,8 @@ G="$WORK/planted/gemm_bf16_impl.h"
 sed -i 's/if (K \& 1) dst\[(K2 - 1) \* G16_MR\] = src\[K - 1\];/if (K \& 1) dst[(K2 - 1) * G16_MR] = (uint32_t)src[K - 1] << 16;/' "$G"
 [ "$(grep -c '(uint32_t)src\[K - 1\] << 16;' "$G")" -eq 1 ] ||
     die "the planted-bug sed did not apply to gemm_bf16_impl.h (g16_pack_a_pairs changed?); update it in $0"
-gobjs=()
-for o in "${objs[@]}"; do case "$o" in *gemm_bf16_avx512bf16.o) ;; *) gobjs+=("$o") ;; esac; done
-compile "$WORK/planted/gemm_bf16_avx512bf16.c" "$WORK/pobj/gemm_bf16_avx512bf16.o" "$WORK/planted" "${X86[@]}"
-wait_compiles "$WORK/pobj/gemm_bf16_avx512bf16.o"
-"$CC" "${CFLAGS[@]}" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o" "${gobjs[@]}" \
-    "$WORK/pobj/gemm_bf16_avx512bf16.o" -lm -o "$WORK/gemm16-planted"
+rebuild_planted gemm16-planted "$WORK/planted/gemm_bf16_avx512bf16.c" "$WORK/planted" \
+    "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o"
 expect_caught "bf16 GEMM tail bug" '^MISMATCH .*level 3 vs scalar' "$WORK/gemm16-planted.log" \
     "$WORK/gemm16-planted" "$PLANTED_CASES" 1
 
@@ -333,12 +343,7 @@ cp "$WORK/csrc/gemm_bf16_amx.c" "$X"
 sed -i 's|w = src\[2 \* q\]; /\* an odd K.s last pair: high half 0 \*/|w = (uint32_t)src[2 * q] << 16;|' "$X"
 [ "$(grep -c 'w = (uint32_t)src\[2 \* q\] << 16;' "$X")" -eq 1 ] ||
     die "the planted-bug sed did not apply to gemm_bf16_amx.c (amx_pack_a changed?); update it in $0"
-xobjs=()
-for o in "${objs[@]}"; do case "$o" in *gemm_bf16_amx.o) ;; *) xobjs+=("$o") ;; esac; done
-compile "$X" "$WORK/pobj/gemm_bf16_amx.o" "$WORK/planted" "${X86[@]}"
-wait_compiles "$WORK/pobj/gemm_bf16_amx.o"
-"$CC" "${CFLAGS[@]}" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o" "${xobjs[@]}" \
-    "$WORK/pobj/gemm_bf16_amx.o" -lm -o "$WORK/gemm16-planted-amx"
+rebuild_planted gemm16-planted-amx "$X" "$WORK/planted" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o"
 expect_caught "AMX GEMM tail bug" '^MISMATCH .*level 4 (amx) vs scalar' "$WORK/gemm16-planted-amx.log" \
     "$WORK/gemm16-planted-amx" "$PLANTED_CASES" 1
 # ---- planted bug in the bf16 attention kernel: must be caught -----------------
@@ -349,12 +354,8 @@ cp "$WORK/csrc/attention_avx512bf16.c" "$WORK/planted/attention_avx512bf16.c"
 sed -i 's/^    return row\[2 \* p\];  \/\* odd D: the high half is 0 \*\/$/    return 0u;/' "$A"
 [ "$(grep -c '^    return 0u;$' "$A")" -eq 1 ] ||
     die "the planted-bug sed did not apply to attention_impl.h (key_pair changed?); update it in $0"
-aobjs=()
-for o in "${objs[@]}"; do case "$o" in *attention_avx512bf16.o) ;; *) aobjs+=("$o") ;; esac; done
-compile "$WORK/planted/attention_avx512bf16.c" "$WORK/pobj/attention_avx512bf16.o" "$WORK/planted" "${X86[@]}"
-wait_compiles "$WORK/pobj/attention_avx512bf16.o"
-"$CC" "${CFLAGS[@]}" "$WORK/obj/bf16_attention.o" "${aobjs[@]}" "$WORK/pobj/attention_avx512bf16.o" \
-    -lm -o "$WORK/bf16-attention-planted"
+rebuild_planted bf16-attention-planted "$WORK/planted/attention_avx512bf16.c" "$WORK/planted" \
+    "$WORK/obj/bf16_attention.o"
 expect_caught "bf16 attention bug" '^MISMATCH .*level 3 vs scalar' \
     "$WORK/bf16-attention-planted.log" "$WORK/bf16-attention-planted" "$PLANTED_CASES" 1
 
@@ -366,12 +367,8 @@ M="$WORK/plantedamx/attention_impl.h"
 sed -i 's|if (two) _tile_stored(1, st + j \* MQ + ic + 16, MQ \* (int64_t)sizeof(T));|if (two) _tile_stored(1, st + j * MQ + ic, MQ * (int64_t)sizeof(T));|' "$M"
 [ "$(grep -c 'if (two) _tile_stored(1, st + j \* MQ + ic, MQ' "$M")" -eq 1 ] ||
     die "the planted-bug sed did not apply to attention_impl.h (scores_tile_amx changed?); update it in $0"
-mobjs=()
-for o in "${objs[@]}"; do case "$o" in */attention_amx.o) ;; *) mobjs+=("$o") ;; esac; done
-compile "$WORK/plantedamx/attention_amx.c" "$WORK/pobj/attention_amx.o" "$WORK/plantedamx" "${X86[@]}"
-wait_compiles "$WORK/pobj/attention_amx.o"
-"$CC" "${CFLAGS[@]}" "$WORK/obj/bf16_attention.o" "${mobjs[@]}" "$WORK/pobj/attention_amx.o" \
-    -lm -o "$WORK/bf16-attention-planted-amx"
+rebuild_planted bf16-attention-planted-amx "$WORK/plantedamx/attention_amx.c" "$WORK/plantedamx" \
+    "$WORK/obj/bf16_attention.o"
 expect_caught "AMX scores bug" '^MISMATCH .*level 4 vs scalar' \
     "$WORK/bf16-attention-planted-amx.log" "$WORK/bf16-attention-planted-amx" "$PLANTED_CASES" 1
 
@@ -383,10 +380,8 @@ M="$WORK/plantedamx2/attention_impl.h"
 sed -i 's|^            FA_KNAME(transpose16_epi32, DT)(blk);$|            (void)0;|' "$M"
 [ "$(grep -c '^            (void)0;$' "$M")" -eq 1 ] ||
     die "the planted-bug sed did not apply to attention_impl.h (pv_tile_amx changed?); update it in $0"
-compile "$WORK/plantedamx2/attention_amx.c" "$WORK/pobj/attention_amx2.o" "$WORK/plantedamx2" "${X86[@]}"
-wait_compiles "$WORK/pobj/attention_amx2.o"
-"$CC" "${CFLAGS[@]}" "$WORK/obj/bf16_attention.o" "${mobjs[@]}" "$WORK/pobj/attention_amx2.o" \
-    -lm -o "$WORK/bf16-attention-planted-amx2"
+rebuild_planted bf16-attention-planted-amx2 "$WORK/plantedamx2/attention_amx.c" "$WORK/plantedamx2" \
+    "$WORK/obj/bf16_attention.o"
 expect_caught "AMX P.V bug" '^MISMATCH .*level 4 vs scalar' \
     "$WORK/bf16-attention-planted-amx2.log" "$WORK/bf16-attention-planted-amx2" "$PLANTED_CASES" 1
 
@@ -401,12 +396,7 @@ R="$WORK/planted16/bf16_round_avx512.h"
 sed -i '0,/_mm512_set1_epi32(0x7fff)/s//_mm512_set1_epi32(0)/' "$R"
 [ "$(grep -c '_mm512_set1_epi32(0))' "$R")" -eq 1 ] ||
     die "the planted-bug sed did not apply to bf16_round_avx512.h (fa_bf16_round16 changed?); update it in $0"
-hobjs=()
-for o in "${objs[@]}"; do case "$o" in */half_rows_avx512.o) ;; *) hobjs+=("$o") ;; esac; done
-compile "$H" "$WORK/pobj/half_rows_avx512.o" "$WORK/planted16" "${X86[@]}"
-wait_compiles "$WORK/pobj/half_rows_avx512.o"
-"$CC" "${CFLAGS[@]}" "$WORK/obj/differential.o" "${hobjs[@]}" "$WORK/pobj/half_rows_avx512.o" -lm \
-    -o "$WORK/differential-planted16"
+rebuild_planted differential-planted16 "$H" "$WORK/planted16" "$WORK/obj/differential.o"
 expect_caught "bfloat16 rounding bug" '^MISMATCH rope avx512(emulated) vs scalar: dtype=2' \
     "$WORK/planted16.log" "$WORK/differential-planted16" "$PLANTED_CASES" 1
 echo "== emulated AVX-512 job passed in $((SECONDS - start)) s"
