@@ -26,6 +26,17 @@ static inline void fa_prefetch(const void *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 0);
 }
 
+/* The same for a stream read once, a tile or so ahead, by a kernel that
+ * keeps its own working set in L1 (decode's K and V rows): the lines are
+ * asked for into the outer caches only (PREFETCHT2), so they neither evict
+ * the working set nor, when L1 turns them over before their use, go back
+ * to memory, as non-temporal lines do. Decode over float32 caches of 64
+ * MiB took 20-30% less time than with non-temporal requests, same output
+ * (Zen 5, 1 and 2 threads); T1 and T0 gained less. */
+static inline void fa_prefetch_stream(const void *p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 1);
+}
+
 /* A prefetch issued a line at a time, paced by a kernel's progress (the
  * masked softmax requests a line of a later row per line of the row it
  * exponentiates). Requesting a whole row at once asks for more misses than
