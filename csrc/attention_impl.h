@@ -1580,7 +1580,7 @@ static void FA_KNAME(rows_heads_pv, DT)(const fa_attn_job *job, int64_t b, int64
  * V streams alone; the run is also bounded by the score area (MQ tiles of
  * one row). Each tile's arithmetic is the same as one tile at a time, so
  * the output is too. Against alternating K and V tiles, decode over
- * float32 caches of 64-256 MiB took 3-8% less time (Zen 5, 2 threads);
+ * float32 caches of 64-256 MiB took 3-8% less time (Zen 4, 2 threads);
  * runs of 4, 16 and 96 tiles ran within 2% of each other. */
 #define FA_ROW_RUN_TILES 16
 

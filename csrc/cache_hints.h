@@ -32,7 +32,7 @@ static inline void fa_prefetch(const void *p, int64_t bytes) {
  * the working set nor, when L1 turns them over before their use, go back
  * to memory, as non-temporal lines do. Decode over float32 caches of 64
  * MiB took 20-30% less time than with non-temporal requests, same output
- * (Zen 5, 1 and 2 threads); T1 and T0 gained less. */
+ * (Zen 4, 1 and 2 threads); T1 and T0 gained less. */
 static inline void fa_prefetch_stream(const void *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 1);
 }
