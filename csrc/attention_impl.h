@@ -86,6 +86,13 @@ static const uint8_t fa_ramp_keep[128] = {
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #define FA_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
+/* Query rows requested ahead of their packing in the tiled path: eight
+ * rows (16 lines of D = 64 floats) keep a few misses in flight within
+ * L1's miss buffers. With these requests and those of the key tiles and
+ * output rows, a padded batch in transformers' layout (B = 32, H = 12,
+ * L = 128, D = 32, lengths 3-128) ran 5-6% faster (Zen 4, 2 threads);
+ * contiguous prefill did not change. */
+#define FA_ROWS_AHEAD 8
 #endif
 
 #define NC (2 * VL)           /* query chunk (tiled scores), value-column chunk */
@@ -833,9 +840,22 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     const T slope = job->alibi ? ((const T *)job->alibi)[h] : (T)0;
     T *w = job->weights ? (T *)job->weights + b * job->ws[0] + h * job->ws[1] : NULL;
 
+    /* In a (B, L, H, D) layout (transformers' projections, viewed as
+     * (B, H, L, D)) consecutive rows of q, K, V and the output lie a token
+     * row apart: each row is a line or two of its own, which the hardware
+     * prefetcher does not fetch ahead. The query rows are requested paced
+     * with their packing (FA_ROWS_AHEAD ahead), each key tile's K and V
+     * rows with the tile before (into the outer caches, as for decode), and
+     * the output rows for writing with the last tile. */
+    const int64_t qes = (FA_DPBF16 || job->io16) ? 2 : (int64_t)sizeof(T);
+    const char *qrows = (const char *)job->q + qe * qes;
+    const int64_t qrow_bytes = job->qs[2] * qes;
+    for (int64_t i = 0; i < rows && i < FA_ROWS_AHEAD; ++i)
+        fa_prefetch(qrows + i * qrow_bytes, D * qes);
 #if FA_DPBF16
     /* 1. pack Q2: bf16 pairs along D, unscaled (exact); padding columns 0 */
     uint32_t *q2 = (uint32_t *)sc->qt;
+    for (int64_t i = FA_ROWS_AHEAD; i < rows; ++i) fa_prefetch(qrows + i * qrow_bytes, D * qes);
     {
         const uint16_t *q16 = (const uint16_t *)job->q + qe;
         for (int64_t p = 0; p < (D + 1) / 2; ++p) {
@@ -849,8 +869,10 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     /* 1. pack Q^T, scaled; padding columns are zero. Row by row, each
      * query row read contiguously, with the dtype decided once per block
      * (a per-element conversion call cost an eighth of short-head calls) */
-    for (int64_t i = 0; i < rows; ++i)
+    for (int64_t i = 0; i < rows; ++i) {
+        if (i + FA_ROWS_AHEAD < rows) fa_prefetch(qrows + (i + FA_ROWS_AHEAD) * qrow_bytes, D * qes);
         FA_KNAME(scaled_q_row, DT)(job, qe + i * job->qs[2], D, scale, sc->qt + i, MQ);
+    }
     for (int64_t d = 0; d < D; ++d)
         for (int64_t i = rows; i < cols; ++i) sc->qt[d * MQ + i] = (T)0;
 #endif
@@ -885,6 +907,22 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     for (int64_t kb = kbeg, nk; kb < kend; kb += nk) {
         nk = FA_KNAME(tile_keys, DT)(job, kb, kend - kb < NK ? kend - kb : NK);
         T *st = sc->st;
+        if (kb + nk < kend) {
+            /* the next tile's K and V rows (a paged tile ends with its block) */
+            const int64_t kn = kb + nk;
+            const int64_t nn = FA_KNAME(tile_keys, DT)(job, kn, kend - kn < NK ? kend - kn : NK);
+            const KT *kr = FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kn);
+            const KT *vr = FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kn);
+            for (int64_t j = 0; j < nn; ++j) {
+                fa_prefetch_stream(kr + j * kst, D * (int64_t)sizeof(KT));
+                fa_prefetch_stream(vr + j * vst, Dv * (int64_t)sizeof(KT));
+            }
+        } else if (!part) {
+            /* the output rows, to be written after this last tile */
+            const int64_t oes = job->io16 ? 2 : (int64_t)sizeof(T);
+            char *orow = job->out + (b * job->os[0] + h * job->os[1] + (qr0 + q0) * job->os[2]) * oes;
+            for (int64_t i = 0; i < rows; ++i) fa_prefetch_write(orow + i * job->os[2] * oes, Dv * oes);
+        }
 #if KV_SCALED
         FA_KNAME(tile_scales, DT)(job, ksc, job->k_scale, job->kss, b, hk, kb, nk, kscale);
         FA_KNAME(tile_scales, DT)(job, vsc, job->v_scale, job->vss, b, hk, kb, nk, vscale);

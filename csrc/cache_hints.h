@@ -37,6 +37,13 @@ static inline void fa_prefetch_stream(const void *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 1);
 }
 
+/* Asks for [p, p + bytes) with the intent to write it (PREFETCHW where
+ * the CPU has it): rows a kernel is about to overwrite in part of their
+ * lines, so that the store finds them owned. */
+static inline void fa_prefetch_write(void *p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((char *)p + o, 1, 3);
+}
+
 /* A prefetch issued a line at a time, paced by a kernel's progress (the
  * masked softmax requests a line of a later row per line of the row it
  * exponentiates). Requesting a whole row at once asks for more misses than
