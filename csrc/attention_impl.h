@@ -1834,8 +1834,8 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                         n = bsz - (kb + j0) % bsz;
                         n = n < nk - j0 ? n : nk - j0;
                         const FA_KNAME(kv_rows, DT) vt = {NULL, vrows[j0], job->vs[2]};
-                        const FA_KNAME(kv_rows, DT) pj = {NULL, pn_rows ? pn.base + j0 * pn.stride : NULL,
-                                                          pn.stride};
+                        const FA_KNAME(kv_rows, DT) pj = {
+                            NULL, j0 < pn_rows ? pn.base + j0 * pn.stride : NULL, pn.stride};
                         FA_KNAME(row_pv, DT)(s0 + j0, sst, heads, vt, n, Dv, j0 ? ones : alpha,
                                              sc->acc + ii * sc->ldacc, nq * sc->ldacc, pj,
                                              pn_rows - j0, pn_bytes);
