@@ -1617,9 +1617,10 @@ static void FA_KNAME(rows_heads_pv, DT)(const fa_attn_job *job, int64_t b, int64
  * first, so that K streams alone, then its softmax and P.V tile by tile as
  * V streams alone; the run is also bounded by the score area (MQ tiles of
  * one row). Each tile's arithmetic is the same as one tile at a time, so
- * the output is too. Against alternating K and V tiles, decode over
- * float32 caches of 64-256 MiB took 3-8% less time (Zen 4, 2 threads);
- * runs of 4, 16 and 96 tiles ran within 2% of each other. */
+ * the output is too. Against alternating K and V tiles (both with the
+ * outer-cache requests), decode over float32 caches of 64-256 MiB took
+ * 5-15% less time, the most with GQA groups (Zen 4, 2 threads); runs of 4,
+ * 16 and 96 tiles ran within 2% of each other. */
 #define FA_ROW_RUN_TILES 16
 
 /* One tile's scores s[0..nk) of row (b, hr, i), keys [kb, kb + nk), become
