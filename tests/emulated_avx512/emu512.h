@@ -632,32 +632,26 @@ static inline __m512i emu_mm512_setzero_si512(void) {
     memset(&r, 0, sizeof r);
     return r.v;
 }
-/* VPUNPCKLDQ / VPUNPCKHDQ: per 128-bit lane L, a and b's low (high) two
- * dwords interleaved: a[4L+o], b[4L+o], a[4L+o+1], b[4L+o+1], o = 0 (2) */
-static inline __m512i emu_unpack_epi32(__m512i a_, __m512i b_, int o) {
-    emu_si a, b, r;
-    a.v = a_, b.v = b_;
+/* VPUNPCKL/HDQ and VPUNPCKL/HQDQ: per 128-bit lane, the low (high) 8
+ * bytes of a and of b interleaved in elements of e bytes (4: dwords,
+ * a[4L+o], b[4L+o], a[4L+o+1], b[4L+o+1]; 8: qwords, a[2L+o], b[2L+o]) */
+static inline __m512i emu_unpack(__m512i a_, __m512i b_, int e, int high) {
+    unsigned char a[64], b[64], r[64];
+    __m512i out;
+    memcpy(a, &a_, 64), memcpy(b, &b_, 64);
     for (int l = 0; l < 4; ++l)
-        for (int e = 0; e < 2; ++e) {
-            r.u[4 * l + 2 * e] = a.u[4 * l + o + e];
-            r.u[4 * l + 2 * e + 1] = b.u[4 * l + o + e];
+        for (int k = 0; k < 8 / e; ++k) {
+            const int src = 16 * l + 8 * high + e * k, dst = 16 * l + 2 * e * k;
+            memcpy(r + dst, a + src, (size_t)e);
+            memcpy(r + dst + e, b + src, (size_t)e);
         }
-    return r.v;
+    memcpy(&out, r, 64);
+    return out;
 }
-static inline __m512i emu_mm512_unpacklo_epi32(__m512i a, __m512i b) { return emu_unpack_epi32(a, b, 0); }
-static inline __m512i emu_mm512_unpackhi_epi32(__m512i a, __m512i b) { return emu_unpack_epi32(a, b, 2); }
-/* VPUNPCKLQDQ / VPUNPCKHQDQ: per 128-bit lane L, a.q[2L+o], b.q[2L+o] */
-static inline __m512i emu_unpack_epi64(__m512i a_, __m512i b_, int o) {
-    emu_si a, b, r;
-    a.v = a_, b.v = b_;
-    for (int l = 0; l < 4; ++l) {
-        r.uq[2 * l] = a.uq[2 * l + o];
-        r.uq[2 * l + 1] = b.uq[2 * l + o];
-    }
-    return r.v;
-}
-static inline __m512i emu_mm512_unpacklo_epi64(__m512i a, __m512i b) { return emu_unpack_epi64(a, b, 0); }
-static inline __m512i emu_mm512_unpackhi_epi64(__m512i a, __m512i b) { return emu_unpack_epi64(a, b, 1); }
+static inline __m512i emu_mm512_unpacklo_epi32(__m512i a, __m512i b) { return emu_unpack(a, b, 4, 0); }
+static inline __m512i emu_mm512_unpackhi_epi32(__m512i a, __m512i b) { return emu_unpack(a, b, 4, 1); }
+static inline __m512i emu_mm512_unpacklo_epi64(__m512i a, __m512i b) { return emu_unpack(a, b, 8, 0); }
+static inline __m512i emu_mm512_unpackhi_epi64(__m512i a, __m512i b) { return emu_unpack(a, b, 8, 1); }
 /* VSHUFI32X4: as VSHUFF32X4, on dwords */
 static inline __m512i emu_mm512_shuffle_i32x4(__m512i a_, __m512i b_, int imm) {
     emu_si a, b, r;

@@ -303,14 +303,21 @@ rebuild_planted() {
     "$CC" "${CFLAGS[@]}" "$@" "${keep[@]}" "$WORK/pobj/$out.o" -lm -o "$WORK/$out"
 }
 
+# plant FILE SED_SCRIPT CHECK_REGEX WHAT: applies a planted bug's sed to
+# FILE and dies when it did not take (CHECK_REGEX must then match one line)
+plant() {
+    local file="$1" script="$2" check="$3" what="$4"
+    sed -i "$script" "$file"
+    [ "$(grep -c "$check" "$file")" -eq 1 ] ||
+        die "the planted-bug sed did not apply to $(basename "$file") ($what changed?); update it in $0"
+}
+
 # ---- planted bug: must be caught ---------------------------------------------
 # the float keep mask shifted by one lane (lane i takes mask byte i + 1)
 echo "== planted bug: vf32_keep mask off by one lane (must be caught)"
 cp -R "$WORK/csrc" "$WORK/planted"
 P="$WORK/planted/simd_map.h"
-sed -i 's/return _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), v);/return _mm512_mask_blend_ps((__mmask16)(k >> 1), _mm512_set1_ps(-INFINITY), v);/' "$P"
-[ "$(grep -c '_mm512_mask_blend_ps((__mmask16)(k >> 1)' "$P")" -eq 1 ] ||
-    die "the planted-bug sed did not apply to simd_map.h (vf32_keep changed?); update it in $0"
+plant "$P" 's/return _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), v);/return _mm512_mask_blend_ps((__mmask16)(k >> 1), _mm512_set1_ps(-INFINITY), v);/' '_mm512_mask_blend_ps((__mmask16)(k >> 1)' "vf32_keep"
 pobjs=()
 for o in "${objs[@]}"; do case "$o" in *_avx512.o) ;; *) pobjs+=("$o") ;; esac; done
 mkdir -p "$WORK/pobj"
@@ -327,9 +334,7 @@ expect_caught "keep-mask bug" '^MISMATCH .*avx512(emulated) vs scalar' "$WORK/pl
 # pair (the k = K - 1 product meets the weight's zero pad and is dropped)
 echo "== planted bug: the bf16 kernel's odd-K tail in the wrong half of its pair (must be caught)"
 G="$WORK/planted/gemm_bf16_impl.h"
-sed -i 's/if (K \& 1) dst\[(K2 - 1) \* G16_MR\] = src\[K - 1\];/if (K \& 1) dst[(K2 - 1) * G16_MR] = (uint32_t)src[K - 1] << 16;/' "$G"
-[ "$(grep -c '(uint32_t)src\[K - 1\] << 16;' "$G")" -eq 1 ] ||
-    die "the planted-bug sed did not apply to gemm_bf16_impl.h (g16_pack_a_pairs changed?); update it in $0"
+plant "$G" 's/if (K \& 1) dst\[(K2 - 1) \* G16_MR\] = src\[K - 1\];/if (K \& 1) dst[(K2 - 1) * G16_MR] = (uint32_t)src[K - 1] << 16;/' '(uint32_t)src\[K - 1\] << 16;' "g16_pack_a_pairs"
 rebuild_planted gemm16-planted "$WORK/planted/gemm_bf16_avx512bf16.c" "$WORK/planted" \
     "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o"
 expect_caught "bf16 GEMM tail bug" '^MISMATCH .*level 3 vs scalar' "$WORK/gemm16-planted.log" \
@@ -340,9 +345,7 @@ expect_caught "bf16 GEMM tail bug" '^MISMATCH .*level 3 vs scalar' "$WORK/gemm16
 echo "== planted bug: the AMX kernel's odd-K tail in the wrong half of its pair (must be caught)"
 X="$WORK/planted/gemm_bf16_amx.c"
 cp "$WORK/csrc/gemm_bf16_amx.c" "$X"
-sed -i 's|w = src\[2 \* q\]; /\* an odd K.s last pair: high half 0 \*/|w = (uint32_t)src[2 * q] << 16;|' "$X"
-[ "$(grep -c 'w = (uint32_t)src\[2 \* q\] << 16;' "$X")" -eq 1 ] ||
-    die "the planted-bug sed did not apply to gemm_bf16_amx.c (amx_pack_a changed?); update it in $0"
+plant "$X" 's|w = src\[2 \* q\]; /\* an odd K.s last pair: high half 0 \*/|w = (uint32_t)src[2 * q] << 16;|' 'w = (uint32_t)src\[2 \* q\] << 16;' "amx_pack_a"
 rebuild_planted gemm16-planted-amx "$X" "$WORK/planted" "$WORK/obj/gemm16.o" "$WORK/obj/gemm_bf16.o"
 expect_caught "AMX GEMM tail bug" '^MISMATCH .*level 4 (amx) vs scalar' "$WORK/gemm16-planted-amx.log" \
     "$WORK/gemm16-planted-amx" "$PLANTED_CASES" 1
@@ -351,9 +354,7 @@ expect_caught "AMX GEMM tail bug" '^MISMATCH .*level 4 (amx) vs scalar' "$WORK/g
 echo "== planted bug: the bf16 attention kernel drops an odd D's last key element (must be caught)"
 A="$WORK/planted/attention_impl.h"
 cp "$WORK/csrc/attention_avx512bf16.c" "$WORK/planted/attention_avx512bf16.c"
-sed -i 's/^    return row\[2 \* p\];  \/\* odd D: the high half is 0 \*\/$/    return 0u;/' "$A"
-[ "$(grep -c '^    return 0u;$' "$A")" -eq 1 ] ||
-    die "the planted-bug sed did not apply to attention_impl.h (key_pair changed?); update it in $0"
+plant "$A" 's/^    return row\[2 \* p\];  \/\* odd D: the high half is 0 \*\/$/    return 0u;/' '^    return 0u;$' "key_pair"
 rebuild_planted bf16-attention-planted "$WORK/planted/attention_avx512bf16.c" "$WORK/planted" \
     "$WORK/obj/bf16_attention.o"
 expect_caught "bf16 attention bug" '^MISMATCH .*level 3 vs scalar' \
@@ -364,9 +365,7 @@ expect_caught "bf16 attention bug" '^MISMATCH .*level 3 vs scalar' \
 echo "== planted bug: the AMX scores store their second query tile over the first (must be caught)"
 cp -R "$WORK/csrc" "$WORK/plantedamx"
 M="$WORK/plantedamx/attention_impl.h"
-sed -i 's|if (two) _tile_stored(1, st + j \* MQ + ic + 16, MQ \* (int64_t)sizeof(T));|if (two) _tile_stored(1, st + j * MQ + ic, MQ * (int64_t)sizeof(T));|' "$M"
-[ "$(grep -c 'if (two) _tile_stored(1, st + j \* MQ + ic, MQ' "$M")" -eq 1 ] ||
-    die "the planted-bug sed did not apply to attention_impl.h (scores_tile_amx changed?); update it in $0"
+plant "$M" 's|if (two) _tile_stored(1, st + j \* MQ + ic + 16, MQ \* (int64_t)sizeof(T));|if (two) _tile_stored(1, st + j * MQ + ic, MQ * (int64_t)sizeof(T));|' 'if (two) _tile_stored(1, st + j \* MQ + ic, MQ' "scores_tile_amx"
 rebuild_planted bf16-attention-planted-amx "$WORK/plantedamx/attention_amx.c" "$WORK/plantedamx" \
     "$WORK/obj/bf16_attention.o"
 expect_caught "AMX scores bug" '^MISMATCH .*level 4 vs scalar' \
@@ -377,9 +376,7 @@ expect_caught "AMX scores bug" '^MISMATCH .*level 4 vs scalar' \
 echo "== planted bug: the AMX P.V takes P's blocks untransposed (must be caught)"
 cp -R "$WORK/csrc" "$WORK/plantedamx2"
 M="$WORK/plantedamx2/attention_impl.h"
-sed -i 's|^            FA_KNAME(transpose16_epi32, DT)(blk);$|            (void)0;|' "$M"
-[ "$(grep -c '^            (void)0;$' "$M")" -eq 1 ] ||
-    die "the planted-bug sed did not apply to attention_impl.h (pv_tile_amx changed?); update it in $0"
+plant "$M" 's|^            FA_KNAME(transpose16_epi32, DT)(blk);$|            (void)0;|' '^            (void)0;$' "pv_tile_amx"
 rebuild_planted bf16-attention-planted-amx2 "$WORK/plantedamx2/attention_amx.c" "$WORK/plantedamx2" \
     "$WORK/obj/bf16_attention.o"
 expect_caught "AMX P.V bug" '^MISMATCH .*level 4 vs scalar' \
@@ -393,9 +390,7 @@ cp -R "$WORK/csrc" "$WORK/planted16"
 H="$WORK/planted16/half_rows_avx512.c"
 R="$WORK/planted16/bf16_round_avx512.h"
 # the first rounding of the header, fa_bf16_round16 (the one the row conversions use)
-sed -i '0,/_mm512_set1_epi32(0x7fff)/s//_mm512_set1_epi32(0)/' "$R"
-[ "$(grep -c '_mm512_set1_epi32(0))' "$R")" -eq 1 ] ||
-    die "the planted-bug sed did not apply to bf16_round_avx512.h (fa_bf16_round16 changed?); update it in $0"
+plant "$R" '0,/_mm512_set1_epi32(0x7fff)/s//_mm512_set1_epi32(0)/' '_mm512_set1_epi32(0))' "fa_bf16_round16"
 rebuild_planted differential-planted16 "$H" "$WORK/planted16" "$WORK/obj/differential.o"
 expect_caught "bfloat16 rounding bug" '^MISMATCH rope avx512(emulated) vs scalar: dtype=2' \
     "$WORK/planted16.log" "$WORK/differential-planted16" "$PLANTED_CASES" 1
