@@ -313,6 +313,14 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     return run_job(&job, &a->query_len, num_threads);
 }
 
+static int64_t abs64(int64_t x) { return x < 0 ? -x : x; }
+
+/* Whether K and V hold each key's kv heads closer together than its
+ * successive keys, as a (B, Lk, Hkv, D) cache does. */
+static int heads_interleave(const fa_attn_job *job) {
+    return abs64(job->ks[1]) < abs64(job->ks[2]) && abs64(job->vs[1]) < abs64(job->vs[2]);
+}
+
 /* Schedules a prepared job (padded or paged keys) over the threads: query
  * blocks, or split-KV for decode shapes, then the fixed-order merge. */
 static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_threads) {
@@ -358,11 +366,15 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
     int64_t work;
     if (!fa_mul_ok(heads * Lq, Lk > 0 ? Lk : 1, &work)) work = INT64_MAX;
     const int nthreads = fa_resolve_threads(num_threads, items, work);
-    if (job.block_table && Lq < FA_ATTN_ROW_PATH && job.row_heads == job.group) {
-        /* Paged decode: a token's kv heads lie side by side in its block
-         * row, so one head's keys touch a new page every row; items of
-         * several kv heads read a few token rows whole at a time
-         * (attention_rows). A row's result does not depend on its item's
+    if ((job.block_table || heads_interleave(&job)) && Lq < FA_ATTN_ROW_PATH &&
+        job.row_heads == job.group) {
+        /* Paged decode, or a cache laid out (B, Lk, Hkv, D): a token's kv
+         * heads lie side by side in its row, so one head's keys touch a new
+         * page every row; items of several kv heads read a few token rows
+         * whole at a time (attention_rows). Such a (B, Lk, Hkv, D) cache
+         * decodes 1.3-2.3x faster this way than a head at a time, and
+         * paged (block size 16) 0.86x the time of (B, Hkv, Lk, D) when read
+         * from memory (Zen 4, 2 threads). A row's result does not depend on its item's
          * other heads, so the item size may follow the thread count: the
          * most kv heads per item (a divisor of Hkv, at most FA_ATTN_MQ rows)
          * that still leaves two items per thread. */

@@ -384,3 +384,30 @@ def test_every_narrow_value_is_read_exactly(isa, rng, kv_dtype, Lq):
     with np.errstate(invalid="ignore"):
         want = np.broadcast_to(v.astype(np.float32), out.shape)
     np.testing.assert_array_equal(out, want)  # NaN matches NaN; -0 becomes +0
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32"] + KV_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 8, 4, 1, 1333, 40, 24), (1, 12, 3, 2, 700, 17, 33),
+                                   (3, 6, 6, 1, 900, 64, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_interleaved_heads_cache_decodes_alike(isa, threads, rng, kv_dtype, shape):
+    """A cache laid out (B, Lk, Hkv, D), as flash-attn's kvcache keeps it,
+    decodes several kv heads per work item a few token rows at a time: the
+    same arithmetic per row as the (B, Hkv, Lk, D) layout, so the same bits,
+    with and without per-batch key lengths and a window."""
+    B, H, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = _qkv(rng, *shape)
+    ks, vs, kw = (k, v, {}) if kv_dtype == "float32" else _store(k, v, kv_dtype)
+
+    def interleaved(a):  # same values, heads side by side in each token row
+        return np.ascontiguousarray(a.swapaxes(1, 2)).swapaxes(1, 2)
+
+    lengths = rng.integers(1, Lk + 1, B)
+    for extra in ({}, dict(key_lengths=lengths, is_causal=True, causal_alignment="bottom_right",
+                           window=(Lk // 3, None))):
+        want = fastattn.scaled_dot_product_attention(q, ks, vs, num_threads=threads, **extra, **kw)
+        got = fastattn.scaled_dot_product_attention(q, interleaved(ks), interleaved(vs),
+                                                    num_threads=threads, **extra, **kw)
+        np.testing.assert_array_equal(got, want)
+        assert_close(got, reference.scaled_dot_product_attention(q, ks, vs, **extra, **kw),
+                     np.float32)
