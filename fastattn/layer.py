@@ -705,7 +705,8 @@ class MultiHeadAttention:
         ----------
         query : array_like, shape ``(B, Lq, embed_dim)``
         key, value : array_like, shapes ``(B, Lk, kdim)`` and ``(B, Lk, vdim)``, optional
-            Both None: self-attention (``Lk = Lq``).
+            Both None, or both ``query`` itself (torch's ``mha(x, x, x)``):
+            self-attention (``Lk = Lq``), with one fused QKV projection.
         key_lengths : array_like of int, shape ``(B,)`` or ``(B, H)``, optional
             Keys ``j >= key_lengths`` are masked (torch's
             ``key_padding_mask``, as lengths); their K and V are never
@@ -762,6 +763,9 @@ class MultiHeadAttention:
             return self._with_gemm_threads(self._call_cached, x, cache, ql, return_weights, nt)
         B, Lq, _ = x.shape
         H = self.num_heads
+        if (key is query and value is query and self.kdim == self.embed_dim
+                and self.vdim == self.embed_dim):
+            key = value = None  # torch's mha(x, x, x): one fused QKV projection
         if key is None:
             check_self_attention(self)
             kx = vx = None

@@ -96,6 +96,20 @@ def test_self_attention_against_oracle(isa, layer_threads, dtype, rng, cfg, mask
     assert not np.isnan(got).any()
 
 
+@pytest.mark.parametrize("cfg", SELF_CONFIGS, ids=str)
+@pytest.mark.parametrize("masks", ["none", "everything"])
+def test_query_passed_as_key_and_value_is_self_attention(dtype, rng, cfg, masks):
+    """m(x, x, x), torch's spelling of self-attention, takes the fused QKV
+    projection: the same bits as m(x), and the oracle's cross-attention."""
+    m = _layer(cfg, dtype)
+    B, L = 2, 11
+    x = rng.standard_normal((B, L, m.embed_dim)).astype(dtype)
+    kw = _mask_kwargs(rng, B, m.num_heads, L, L, masks)
+    got = m(x, x, x, **kw)
+    np.testing.assert_array_equal(got, m(x, **kw))
+    assert_close(got, _oracle(m, x, x, x, **kw))
+
+
 @pytest.mark.parametrize("cfg,same_kv", [(c, s) for c in CONFIGS for s in (True, False)
                                          if not (s and c[3] != c[4])], ids=str)
 @pytest.mark.parametrize("masks", ["none", "causal", "lengths", "everything"])
