@@ -212,6 +212,27 @@ def _blocks_of(rng, k, v, block_size):
     return kc, vc, order[None].astype(np.int32)
 
 
+@pytest.mark.parametrize("block_size", [1, 16, 50])
+@pytest.mark.parametrize("Lq", [1, 5])
+def test_head_major_pool_as_a_view(threads, rng, block_size, Lq):
+    """A pool laid out (num_blocks, Hkv, block_size, D), as vLLM keeps it,
+    passed as its (num_blocks, block_size, Hkv, D) view: the same results
+    as the token-major pool, decode and prefill."""
+    H, Hkv, L, D, Dv = 8, 4, 700, 24, 20
+    k = rng.standard_normal((1, Hkv, L, D)).astype(np.float32)
+    v = rng.standard_normal((1, Hkv, L, Dv)).astype(np.float32)
+    q = rng.standard_normal((1, H, Lq, D)).astype(np.float32)
+    kc, vc, table = _blocks_of(rng, k, v, block_size)
+    head_major = [np.ascontiguousarray(c.transpose(0, 2, 1, 3)) for c in (kc, vc)]
+    kw = dict(is_causal=True, num_threads=threads)
+    want = fastattn.paged_attention(q, kc, vc, table, [L], **kw)
+    got = fastattn.paged_attention(q, *(c.transpose(0, 2, 1, 3) for c in head_major), table, [L],
+                                   **kw)
+    np.testing.assert_array_equal(got, want)
+    assert_close(got, ref.scaled_dot_product_attention(
+        q, k, v, is_causal=True, causal_alignment="bottom_right"), np.float32)
+
+
 @pytest.mark.parametrize("block_size", [1, 3, 7, 16, 50, 128])
 @pytest.mark.parametrize("shape", [(4, 2, 1200, 33, 17), (3, 3, 97, 16, 16), (8, 2, 2100, 64, 40)],
                          ids=lambda s: "H{}_Hkv{}_L{}_D{}_Dv{}".format(*s))
