@@ -165,6 +165,73 @@ static inline void FA_KNAME(scaled_q_row, DT)(const fa_attn_job *job, int64_t qe
     for (int64_t d = 0; d < D; ++d) dst[d * dst_stride] = src[d] * scale;
 }
 
+#if FA_ISA_LEVEL == 2
+/* r[i] <- column i of the 16 x 16 dwords r[0..15] */
+static inline void FA_KNAME(transpose16_epi32, DT)(__m512i r[16]) {
+    __m512i t[16], u[16], v[16];
+    for (int k = 0; k < 16; k += 2) {
+        t[k] = _mm512_unpacklo_epi32(r[k], r[k + 1]);
+        t[k + 1] = _mm512_unpackhi_epi32(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 16; k += 4) {
+        u[k] = _mm512_unpacklo_epi64(t[k], t[k + 2]);
+        u[k + 1] = _mm512_unpackhi_epi64(t[k], t[k + 2]);
+        u[k + 2] = _mm512_unpacklo_epi64(t[k + 1], t[k + 3]);
+        u[k + 3] = _mm512_unpackhi_epi64(t[k + 1], t[k + 3]);
+    }
+    for (int k = 0; k < 16; k += 8)
+        for (int c = 0; c < 4; ++c) {
+            v[k + c] = _mm512_shuffle_i32x4(u[k + c], u[k + 4 + c], 0x88);
+            v[k + 4 + c] = _mm512_shuffle_i32x4(u[k + c], u[k + 4 + c], 0xdd);
+        }
+    for (int c = 0; c < 8; ++c) {
+        r[c] = _mm512_shuffle_i32x4(v[c], v[8 + c], 0x88);
+        r[8 + c] = _mm512_shuffle_i32x4(v[c], v[8 + c], 0xdd);
+    }
+}
+#endif
+
+/* Qt rows [0, rows) of the tiled path: the query block transposed and
+ * scaled, qt[d * MQ + i] = scale * q[i][d] for the rows at element qe,
+ * qe + qs[2], ... (a unit stride along D), each requested FA_ROWS_AHEAD
+ * rows ahead. AVX-512 float transposes 16 rows x 16 columns at a time in
+ * registers and stores whole vectors, where a row at a time stores one
+ * element per column: transformers' padded batch (B = 32, H = 12, L = 128,
+ * D = 32, (B, L, H, D) layout) ran 2-9% faster, contiguous prefill the
+ * same (Zen 4, 2 threads). The products are the same either way. */
+static inline void FA_KNAME(pack_scaled_q, DT)(const fa_attn_job *job, int64_t qe, int64_t rows,
+                                               int64_t D, T scale, T *qt, const char *qrows,
+                                               int64_t qrow_bytes, int64_t qes) {
+    int64_t i = 0;
+#if FA_ISA_LEVEL == 2 && !FA_T_F64
+    if (!job->io16) {
+        const __m512 vs = _mm512_set1_ps(scale);
+        const int64_t D16 = D / 16 * 16;
+        for (; i + 16 <= rows && D16 > 0; i += 16) {
+            for (int64_t r = i + FA_ROWS_AHEAD; r < i + 16 + FA_ROWS_AHEAD && r < rows; ++r)
+                fa_prefetch(qrows + r * qrow_bytes, D * qes);
+            const T *src = (const T *)job->q + qe + i * job->qs[2];
+            for (int64_t d0 = 0; d0 < D16; d0 += 16) {
+                __m512i blk[16];
+                for (int r = 0; r < 16; ++r)
+                    blk[r] = _mm512_castps_si512(_mm512_loadu_ps(src + r * job->qs[2] + d0));
+                FA_KNAME(transpose16_epi32, DT)(blk);
+                for (int c = 0; c < 16; ++c)
+                    _mm512_storeu_ps(qt + (d0 + c) * MQ + i,
+                                     _mm512_mul_ps(_mm512_castsi512_ps(blk[c]), vs));
+            }
+            for (int r = 0; r < 16; ++r)
+                for (int64_t d = D16; d < D; ++d)
+                    qt[d * MQ + i + r] = src[r * job->qs[2] + d] * scale;
+        }
+    }
+#endif
+    for (; i < rows; ++i) {
+        if (i + FA_ROWS_AHEAD < rows) fa_prefetch(qrows + (i + FA_ROWS_AHEAD) * qrow_bytes, D * qes);
+        FA_KNAME(scaled_q_row, DT)(job, qe + i * job->qs[2], D, scale, qt + i, MQ);
+    }
+}
+
 /* ---- scores: St (nk, MQ) = K_tile (nk, D) . Qt (D, MQ) ------------------- */
 
 /* One register tile: MR key rows x nv (1 or 2, a constant at each call)
@@ -549,30 +616,6 @@ static void FA_KNAME(pv_tile_dp, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64
 #error "pv_tile_amx holds at most two 16-pair steps of P"
 #endif
 
-/* r[i] <- column i of the 16 x 16 dwords r[0..15] */
-static inline void FA_KNAME(transpose16_epi32, DT)(__m512i r[16]) {
-    __m512i t[16], u[16], v[16];
-    for (int k = 0; k < 16; k += 2) {
-        t[k] = _mm512_unpacklo_epi32(r[k], r[k + 1]);
-        t[k + 1] = _mm512_unpackhi_epi32(r[k], r[k + 1]);
-    }
-    for (int k = 0; k < 16; k += 4) {
-        u[k] = _mm512_unpacklo_epi64(t[k], t[k + 2]);
-        u[k + 1] = _mm512_unpackhi_epi64(t[k], t[k + 2]);
-        u[k + 2] = _mm512_unpacklo_epi64(t[k + 1], t[k + 3]);
-        u[k + 3] = _mm512_unpackhi_epi64(t[k + 1], t[k + 3]);
-    }
-    for (int k = 0; k < 16; k += 8)
-        for (int c = 0; c < 4; ++c) {
-            v[k + c] = _mm512_shuffle_i32x4(u[k + c], u[k + 4 + c], 0x88);
-            v[k + 4 + c] = _mm512_shuffle_i32x4(u[k + c], u[k + 4 + c], 0xdd);
-        }
-    for (int c = 0; c < 8; ++c) {
-        r[c] = _mm512_shuffle_i32x4(v[c], v[8 + c], 0x88);
-        r[8 + c] = _mm512_shuffle_i32x4(v[c], v[8 + c], 0xdd);
-    }
-}
-
 static void FA_KNAME(pv_tile_amx, DT)(const FA_KNAME(attn_scratch, DT) *sc, int64_t nk,
                                       int64_t r0, int64_t rows_mr) {
     const int64_t npairs = (nk + 1) / 2, full = npairs / 16, steps = (npairs + 15) / 16;
@@ -869,10 +912,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
     /* 1. pack Q^T, scaled; padding columns are zero. Row by row, each
      * query row read contiguously, with the dtype decided once per block
      * (a per-element conversion call cost an eighth of short-head calls) */
-    for (int64_t i = 0; i < rows; ++i) {
-        if (i + FA_ROWS_AHEAD < rows) fa_prefetch(qrows + (i + FA_ROWS_AHEAD) * qrow_bytes, D * qes);
-        FA_KNAME(scaled_q_row, DT)(job, qe + i * job->qs[2], D, scale, sc->qt + i, MQ);
-    }
+    FA_KNAME(pack_scaled_q, DT)(job, qe, rows, D, scale, sc->qt, qrows, qrow_bytes, qes);
     for (int64_t d = 0; d < D; ++d)
         for (int64_t i = rows; i < cols; ++i) sc->qt[d * MQ + i] = (T)0;
 #endif

@@ -17,6 +17,7 @@ SHAPES = [
     (2, 3, 3, 5, 7, 8, 8),
     (1, 2, 1, 97, 49, 5, 7),
     (2, 4, 2, 130, 200, 64, 64),
+    (1, 3, 3, 37, 60, 40, 24),  # 16-row query blocks packed in registers, D past them
     (1, 2, 2, 3, 333, 33, 17),
     (1, 1, 1, 2, 1100, 16, 24),
     (1, 4, 1, 1, 2051, 128, 128),
@@ -65,8 +66,8 @@ def test_against_oracle(isa, threads, dtype, rng, shape, masks):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_strided_inputs(isa, threads, dtype, rng, layout):
-    shape = (2, 4, 2, 11, 50, 16, 8)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 11, 50, 16, 8), (2, 4, 2, 35, 50, 24, 8)], ids=str)
+def test_strided_inputs(isa, threads, dtype, rng, layout, shape):
     q, k, v = random_qkv(rng, shape, dtype)
     qs, ks, vs = (strided_copy(x, layout) for x in (q, k, v))
     kw = dict(key_lengths=[50, 20], is_causal=True)
