@@ -373,11 +373,11 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
          * page every row; items of several kv heads read a few token rows
          * whole at a time (attention_rows). Such a (B, Lk, Hkv, D) cache
          * decodes 1.3-2.3x faster this way than a head at a time, and
-         * paged (block size 16) 0.86x the time of (B, Hkv, Lk, D) when read
-         * from memory (Zen 4, 2 threads). A row's result does not depend on its item's
-         * other heads, so the item size may follow the thread count: the
-         * most kv heads per item (a divisor of Hkv, at most FA_ATTN_MQ rows)
-         * that still leaves two items per thread. */
+         * paged (block size 16) in 0.81-0.92x the time of (B, Hkv, Lk, D)
+         * when read from memory (Zen 4, 2 threads). A row's result does
+         * not depend on its item's other heads, so the item size may follow
+         * the thread count: the most kv heads per item (a divisor of Hkv,
+         * at most FA_ATTN_MQ rows) that still leaves two items per thread. */
         int64_t per = 1;
         for (int64_t c = 2; c <= Hkv; ++c)
             if (Hkv % c == 0 && c * job.group * Lq <= FA_ATTN_MQ &&

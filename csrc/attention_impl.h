@@ -227,7 +227,8 @@ static inline void FA_KNAME(pack_scaled_q, DT)(const fa_attn_job *job, int64_t q
     }
 #endif
     for (; i < rows; ++i) {
-        if (i + FA_ROWS_AHEAD < rows) fa_prefetch(qrows + (i + FA_ROWS_AHEAD) * qrow_bytes, D * qes);
+        if (i + FA_ROWS_AHEAD < rows)
+            fa_prefetch(qrows + (i + FA_ROWS_AHEAD) * qrow_bytes, D * qes);
         FA_KNAME(scaled_q_row, DT)(job, qe + i * job->qs[2], D, scale, qt + i, MQ);
     }
 }
@@ -909,9 +910,10 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
         }
     }
 #else
-    /* 1. pack Q^T, scaled; padding columns are zero. Row by row, each
-     * query row read contiguously, with the dtype decided once per block
-     * (a per-element conversion call cost an eighth of short-head calls) */
+    /* 1. pack Q^T, scaled (pack_scaled_q); padding columns are zero. Each
+     * query row is read contiguously, with the dtype decided once per
+     * block (a per-element conversion call cost an eighth of short-head
+     * calls) */
     FA_KNAME(pack_scaled_q, DT)(job, qe, rows, D, scale, sc->qt, qrows, qrow_bytes, qes);
     for (int64_t d = 0; d < D; ++d)
         for (int64_t i = rows; i < cols; ++i) sc->qt[d * MQ + i] = (T)0;
@@ -1582,9 +1584,10 @@ static inline T FA_KNAME(row_max, DT)(const T *s, int64_t nk) {
 }
 
 /* Keys per step of a multi-head item (paged decode, or a (B, Lk, Hkv, D)
- * cache), at most (in a paged cache a step ends with its block): the token rows of every kv head of 16 keys, 64 KiB for 8
- * heads of D = 128 floats, are read, each head's next 16 requested four at
- * a time as its scores go (row_scores). Steps of 4 and 8 keys ran paged
+ * cache), at most (in a paged cache a step ends with its block): the token
+ * rows of every kv head of 16 keys, 64 KiB for 8 heads of D = 128 floats,
+ * are read, each head's next 16 requested four at a time as its scores go
+ * (row_scores). Steps of 4 and 8 keys ran paged
  * decode at 1.75-1.79x and 1.53-1.54x the contiguous time (Zen 5, 2
  * threads, H = 32 over 8 kv heads, 2048 keys, block size 16, caches hot),
  * 16 at 1.44-1.51x; one head at a time, 1.56-1.61x. Each head's value
@@ -1601,9 +1604,8 @@ static inline int64_t FA_KNAME(step_keys, DT)(const fa_attn_job *job, int64_t kb
 
 /* Scores of one tile [kb, kb + nk) of query ii for the item's query heads
  * [h, h + heads) over several kv heads whose rows interleave (a paged or
- * (B, Lk, Hkv, D) cache), FA_HEADS_STEP
- * keys at a time for every head (attention_rows): row g nq + ii of st
- * (s0 + g sst). */
+ * (B, Lk, Hkv, D) cache), FA_HEADS_STEP keys at a time for every head
+ * (attention_rows): row g nq + ii of st (s0 + g sst). */
 static void FA_KNAME(rows_heads_scores, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                             int64_t heads, int64_t ii, int64_t nq, int64_t kb,
                                             int64_t nk, int64_t kend, T *s0, int64_t sst,
