@@ -11,6 +11,7 @@
  * only on the shapes; the merge adds the splits in a fixed order. So the
  * output is bitwise identical for every num_threads.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "fa_math.h"
@@ -313,12 +314,10 @@ int fa_scaled_dot_product_attention(int dtype, const fa_attention_args *a, int n
     return run_job(&job, &a->query_len, num_threads);
 }
 
-static int64_t abs64(int64_t x) { return x < 0 ? -x : x; }
-
 /* Whether K and V hold each key's kv heads closer together than its
  * successive keys, as a (B, Lk, Hkv, D) cache does. */
 static int heads_interleave(const fa_attn_job *job) {
-    return abs64(job->ks[1]) < abs64(job->ks[2]) && abs64(job->vs[1]) < abs64(job->vs[2]);
+    return llabs(job->ks[1]) < llabs(job->ks[2]) && llabs(job->vs[1]) < llabs(job->vs[2]);
 }
 
 /* Schedules a prepared job (padded or paged keys) over the threads: query

@@ -1602,6 +1602,13 @@ static inline int64_t FA_KNAME(step_keys, DT)(const fa_attn_job *job, int64_t kb
     return FA_KNAME(tile_keys, DT)(job, kb, n);
 }
 
+/* The keys of the step after the one that ends at key ahead: in this tile
+ * or the next, none past kend (the row's last visible key). */
+static inline int64_t FA_KNAME(keys_after, DT)(const fa_attn_job *job, int64_t ahead,
+                                               int64_t kend) {
+    return ahead < kend ? FA_KNAME(step_keys, DT)(job, ahead, kend) : 0;
+}
+
 /* Scores of one tile [kb, kb + nk) of query ii for the item's query heads
  * [h, h + heads) over several kv heads whose rows interleave (a paged or
  * (B, Lk, Hkv, D) cache), FA_HEADS_STEP keys at a time for every head
@@ -1613,9 +1620,7 @@ static void FA_KNAME(rows_heads_scores, DT)(const fa_attn_job *job, int64_t b, i
     const int64_t D = job->D, group = job->group, hk0 = h / group, hk1 = (h + heads - 1) / group;
     for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
         n = FA_KNAME(step_keys, DT)(job, kb + j0, kb + nk);
-        /* the next step's keys, in this tile or the next */
-        const int64_t ahead = kb + j0 + n;
-        const int64_t na = ahead < kend ? FA_KNAME(step_keys, DT)(job, ahead, kend) : 0;
+        const int64_t ahead = kb + j0 + n, na = FA_KNAME(keys_after, DT)(job, ahead, kend);
         for (int64_t hk = hk0; hk <= hk1; ++hk) {
             const int64_t g0 = hk * group - h > 0 ? hk * group - h : 0;
             const int64_t g1 = (hk + 1) * group - h < heads ? (hk + 1) * group - h : heads;
@@ -1643,9 +1648,7 @@ static void FA_KNAME(rows_heads_pv, DT)(const fa_attn_job *job, int64_t b, int64
     const int64_t Dv = job->Dv, group = job->group, hk0 = h / group, hk1 = (h + heads - 1) / group;
     for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
         n = FA_KNAME(step_keys, DT)(job, kb + j0, kb + nk);
-        /* the next step's keys, in this tile or the next */
-        const int64_t ahead = kb + j0 + n;
-        const int64_t na = ahead < kend ? FA_KNAME(step_keys, DT)(job, ahead, kend) : 0;
+        const int64_t ahead = kb + j0 + n, na = FA_KNAME(keys_after, DT)(job, ahead, kend);
         for (int64_t hk = hk0; hk <= hk1; ++hk) {
             const int64_t g0 = hk * group - h > 0 ? hk * group - h : 0;
             const int64_t g1 = (hk + 1) * group - h < heads ? (hk + 1) * group - h : heads;
@@ -1748,12 +1751,6 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
     const int64_t hk_last = (h + heads - 1) / group;
     const int64_t qr0 = fa_attn_q_row0(job, b), kr0 = fa_attn_k_row0(job, b);
     (void)kr0;
-    /* padded and packed keys: the head's int8 scales (paged: tile_scales) */
-    const T *ksc = job->block_table ? NULL
-                                    : FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hk, kr0);
-    const T *vsc = job->block_table ? NULL
-                                    : FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hk, kr0);
-    (void)ksc, (void)vsc;
     const T scale = (T)job->scale;
     const int64_t off = fa_attn_offset(job, b);
     /* per query i = q0 + ii: its visible keys [kbeg, kend) and next tile
@@ -1854,10 +1851,12 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                     const int64_t r = g * nq + ii, hr = h + g;
 #if KV_SCALED
                     if (g == 0 || (h + g) % group == 0) { /* the scales of kv head hr / group */
+                        /* padded and packed keys: the head's scale rows;
+                         * paged: found per key by tile_scales */
                         const int64_t hs = hr / group;
-                        const T *hks = hs == hk ? ksc : job->block_table ? NULL
+                        const T *hks = job->block_table ? NULL
                                      : FA_KNAME(kv_scale_row, DT)(job->k_scale, job->kss, b, hs, kr0);
-                        const T *hvs = hs == hk ? vsc : job->block_table ? NULL
+                        const T *hvs = job->block_table ? NULL
                                      : FA_KNAME(kv_scale_row, DT)(job->v_scale, job->vss, b, hs, kr0);
                         FA_KNAME(tile_scales, DT)(job, hks, job->k_scale, job->kss, b, hs, kb, nk,
                                                   kscale);
