@@ -59,6 +59,25 @@ static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, 
     }
 }
 
+/* In a (B, L, H, Dv) output viewed as (B, H, L, Dv), with query lengths
+ * shared by a sequence's heads and no weights output, a padded query
+ * position's rows of all heads are one contiguous run: the head-0 item of
+ * each query block zeroes them in one go for every head. Zeroing each
+ * head's row apart (a 128-byte memset each) made transformers' padded batch
+ * (B = 32, H = 12, L = 128, D = 32, lengths 3-128) 5-6% slower (Zen 4, 2
+ * threads). */
+static int token_rows_zeroed(const fa_attn_job *job, const fa_lengths_view *ql) {
+    return job->H > 1 && job->os[1] == job->Dv && job->os[3] == 1 && !job->weights &&
+           (ql == NULL || ql->data == NULL || ql->stride_m == 0);
+}
+
+static void zero_token_rows(const fa_attn_job *job, int64_t b, int64_t r0, int64_t r1) {
+    const int64_t row0 = fa_attn_q_row0(job, b), os = io_size(job);
+    for (int64_t i = r0; i < r1; ++i)
+        memset(job->out + (b * job->os[0] + (row0 + i) * job->os[2]) * os, 0,
+               (size_t)(job->H * job->Dv * os));
+}
+
 int fa_attn_dtypes(int dtype, int kv_dtype, int *compute, int *io16, int *kvd) {
     if (dtype != FA_DTYPE_F32 && dtype != FA_DTYPE_F64 && dtype != FA_DTYPE_BF16 &&
         dtype != FA_DTYPE_F16)
@@ -146,6 +165,10 @@ static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
     const int64_t kstart = start_at(&job->key_start, b, h, klen);
     const int64_t qv1 = q1 < qlen ? q1 : qlen;
     if (q0 < qv1) fa_attention_run_block(job, b, h, q0, qv1, kstart, klen, NULL, NULL, scratch);
+    if (token_rows_zeroed(job, ql)) {
+        if (h == 0) zero_token_rows(job, b, q0 > qv1 ? q0 : qv1, q1);
+        return;
+    }
     zero_rows(job, b, h, q0 > qv1 ? q0 : qv1, q1);
 }
 

@@ -207,20 +207,24 @@ static inline void FA_KNAME(pack_scaled_q, DT)(const fa_attn_job *job, int64_t q
     if (!job->io16) {
         const __m512 vs = _mm512_set1_ps(scale);
         const int64_t D16 = D / 16 * 16;
-        for (; i + 16 <= rows && D16 > 0; i += 16) {
+        /* a last block of fewer than 16 rows transposes zero rows after
+         * them, into the padding columns (below cols, which are 0 anyway) */
+        for (; i < rows && D16 > 0; i += 16) {
+            const int nr = rows - i < 16 ? (int)(rows - i) : 16;
             for (int64_t r = i + FA_ROWS_AHEAD; r < i + 16 + FA_ROWS_AHEAD && r < rows; ++r)
                 fa_prefetch(qrows + r * qrow_bytes, D * qes);
             const T *src = (const T *)job->q + qe + i * job->qs[2];
             for (int64_t d0 = 0; d0 < D16; d0 += 16) {
                 __m512i blk[16];
                 for (int r = 0; r < 16; ++r)
-                    blk[r] = _mm512_castps_si512(_mm512_loadu_ps(src + r * job->qs[2] + d0));
+                    blk[r] = r < nr ? _mm512_castps_si512(_mm512_loadu_ps(src + r * job->qs[2] + d0))
+                                    : _mm512_setzero_si512();
                 FA_KNAME(transpose16_epi32, DT)(blk);
                 for (int c = 0; c < 16; ++c)
                     _mm512_storeu_ps(qt + (d0 + c) * MQ + i,
                                      _mm512_mul_ps(_mm512_castsi512_ps(blk[c]), vs));
             }
-            for (int r = 0; r < 16; ++r)
+            for (int r = 0; r < nr; ++r)
                 for (int64_t d = D16; d < D; ++d)
                     qt[d * MQ + i + r] = src[r * job->qs[2] + d] * scale;
         }

@@ -143,6 +143,39 @@ def test_out_in_merged_head_layout_is_written_in_place(rng):
     assert_close(buf, ref.scaled_dot_product_attention(q, k, v).transpose(0, 2, 1, 3))
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["lengths_b", "lengths_bh"])
+@pytest.mark.parametrize("io", ["f32", "f64", "bf16", "f16"])
+def test_padded_queries_zeroed_in_merged_head_layout(isa, threads, rng, io, per_head):
+    """Padded query rows of a (B, Lq, H, Dv) output are exactly 0 for every
+    head (zeroed a token row at a time when the lengths are per sequence),
+    the valid rows are the oracle's, and nothing outside the view is
+    written: the buffer holds one spare head slot per token, left as NaN."""
+    B, H, Hkv, Lq, Lk, D, Dv = 3, 5, 1, 130, 61, 9, 7  # two query blocks, odd sizes
+    if io == "bf16":
+        dt = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    else:
+        dt = np.dtype({"f32": np.float32, "f64": np.float64, "f16": np.float16}[io])
+    q, k, v = (x.astype(dt) for x in random_qkv(rng, (B, H, Hkv, Lq, Lk, D, Dv), np.float32))
+    ql = np.array([0, 97, 41]) if not per_head else np.array([[0] * H, [97, 96, 130, 1, 5], [41] * H])
+    kl = np.array([61, 13, 1])
+    buf = np.full((B, Lq, H + 1, Dv), np.nan, dtype=dt)
+    view = buf[:, :, :H].transpose(0, 2, 1, 3)
+    got = fastattn.scaled_dot_product_attention(q, k, v, key_lengths=kl, query_lengths=ql, out=view,
+                                                num_threads=threads)
+    assert got is view
+    assert np.isnan(buf[:, :, H].astype(np.float64)).all()
+    qlh = np.broadcast_to(ql.reshape(B, -1), (B, H))
+    padded = np.arange(Lq)[None, None, :] >= qlh[:, :, None]
+    assert (got.astype(np.float64)[padded] == 0).all()
+    want = ref.scaled_dot_product_attention(q.astype(np.float64), k.astype(np.float64),
+                                            v.astype(np.float64), key_lengths=kl, query_lengths=ql)
+    if io in ("f32", "f64"):
+        assert_close(got, want.astype(dt))
+    else:  # 16-bit output: one rounding of a float32 result (bf16 P.V: 2^-9 max|v| more)
+        err = np.abs(got.astype(np.float64) - want)
+        assert (err <= 2.0 ** -6 * np.abs(want) + 2.0 ** -8 * np.abs(v.astype(np.float64)).max()).all()
+
+
 def test_dtype_promotion(rng):
     q = rng.standard_normal((1, 1, 3, 4)).astype(np.float32)
     assert fastattn.scaled_dot_product_attention(q, q, q).dtype == np.float32
