@@ -76,8 +76,11 @@ def kernel_addressable(arr):
     """True when C can address ``arr`` with element strides: the data pointer
     is aligned for the dtype and every stride is a multiple of the item size
     (a structured-array field or a byte-offset view is neither)."""
+    flags = arr.flags
+    if flags.c_contiguous:  # the common case, without the per-stride loop
+        return flags.aligned
     item = arr.dtype.itemsize
-    return arr.flags.aligned and all(s % item == 0 for s in arr.strides)
+    return flags.aligned and all(s % item == 0 for s in arr.strides)
 
 
 def float_array(x, name, dtype=None):
@@ -170,12 +173,28 @@ def int_array(values, name):
         arr = arr.astype(np.int64)  # [] is float64 to NumPy
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"{name} must be non-negative, got min {arr.min()}")
-    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+    lo, hi = int_extremes(arr)
+    if lo < 0:
+        raise ValueError(f"{name} must be non-negative, got min {lo}")
+    if hi > _INT64_MAX:
         raise ValueError(f"{name} is too large for int64")
     arr = arr.astype(np.int64, copy=False)
     return arr if kernel_addressable(arr) else arr.copy()
+
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def int_extremes(arr):
+    """``(min, max)`` of an integer array as Python ints, ``(0, 0)`` when
+    empty. A per-call array of lengths has a few dozen entries, where two
+    NumPy reductions cost more than the list (a microsecond each)."""
+    if arr.size == 0:
+        return 0, 0
+    if arr.size <= 256:
+        values = arr.ravel().tolist()
+        return min(values), max(values)
+    return int(arr.min()), int(arr.max())
 
 
 def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
@@ -189,7 +208,11 @@ def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
     if arr.shape == tuple(lead_shape):
         view = arr.reshape(B, M)
     elif len(lead_shape) >= 1 and arr.shape == (lead_shape[0],):
-        view = np.broadcast_to(arr.reshape(B, 1), (B, M))
+        # the zero-stride view np.broadcast_to makes, built directly (a
+        # sixth of its cost)
+        src = np.ascontiguousarray(arr)
+        view = np.ndarray((B, M), np.int64, src, 0, (src.itemsize, 0))
+        view.flags.writeable = False
     else:
         if not lead_shape:
             expected = "()"
@@ -201,10 +224,9 @@ def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
             f"{name} must have shape {expected} for scores of leading shape "
             f"{tuple(lead_shape)}, got {arr.shape}"
         )
-    if arr.size and arr.max() > axis_len:
-        raise ValueError(
-            f"{name} must be <= the {axis_name} length {axis_len}, got max {arr.max()}"
-        )
+    hi = int_extremes(arr)[1]
+    if hi > axis_len:
+        raise ValueError(f"{name} must be <= the {axis_name} length {axis_len}, got max {hi}")
     return view
 
 

@@ -30,20 +30,24 @@ class BlasThreads:
     each block a single-threaded BLAS call, and RoPE and attention follow
     on the same threads.
 
-    The limit is threadpoolctl's (``ThreadpoolController.limit``, as
-    scikit-learn does around its OpenMP loops that call BLAS), on one
-    controller created on first use: looking the libraries up costs
-    milliseconds, a limit and its restore a few microseconds. Concurrent
-    calls share one limit, restored when the last of them returns. Without
-    threadpoolctl or OpenMP, or when another thread controls the BLAS
-    thread count, BLAS keeps its own threads and the GEMMs are single calls.
+    The libraries are threadpoolctl's (one ``ThreadpoolController``
+    created on first use: looking them up costs milliseconds), as
+    scikit-learn limits BLAS around its OpenMP loops; the limit itself is
+    set and restored through each library's controller (``get_num_threads``
+    / ``set_num_threads``, which keep threadpoolctl's rule that one thread
+    controls a pthreads OpenBLAS). ``ThreadpoolController.limit`` and its
+    restore, which also gather every library's info, cost 14 us a call,
+    a fifth of a small layer's decode step. Concurrent calls share one
+    limit, restored when the last of them returns. Without threadpoolctl or
+    OpenMP, or when another thread controls the BLAS thread count, BLAS
+    keeps its own threads and the GEMMs are single calls.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._controller = None  # None: not looked up yet; False: cannot limit
         self._depth = 0
-        self._limiter = None
+        self._restore = []  # (library controller, its thread count) to restore
         self._pinned = False
 
     def _lookup(self):
@@ -68,15 +72,18 @@ class BlasThreads:
             self._depth += 1
             if self._depth == 1 and self._controller:
                 try:
-                    libs = self._controller.lib_controllers
-                    # already at one thread (OPENBLAS_NUM_THREADS=1, say):
-                    # nothing to limit or to restore
-                    if not all(lib.get_num_threads() == 1 for lib in libs):
-                        # a no-op when another thread controls the BLAS thread count
-                        self._limiter = self._controller.limit(limits=1)
-                    self._pinned = all(lib.get_num_threads() == 1 for lib in libs)
+                    restore = []
+                    for lib in self._controller.lib_controllers:
+                        n = lib.get_num_threads()
+                        # already at one thread (OPENBLAS_NUM_THREADS=1, say):
+                        # nothing to limit or to restore
+                        if n != 1:
+                            lib.set_num_threads(1)  # a no-op when another thread controls it
+                            restore.append((lib, n))
+                    self._restore = restore
+                    self._pinned = all(lib.get_num_threads() == 1 for lib, _ in restore)
                 except Exception:
-                    self._limiter, self._pinned = None, False
+                    self._pinned = False
             return self._pinned
 
     def exit(self):
@@ -85,12 +92,11 @@ class BlasThreads:
             if self._depth:
                 return
             self._pinned = False
-            limiter, self._limiter = self._limiter, None
-            if limiter is None:
-                return
+            restore, self._restore = self._restore, []
             try:
-                limiter.restore_original_limits()
-                for lib in self._controller.lib_controllers:
+                for lib, n in restore:
+                    if n is not None:
+                        lib.set_num_threads(n)
                     # threadpoolctl >= 3.7 lets one thread control a pthreads
                     # OpenBLAS; do not keep that control
                     clear = getattr(lib, "clear_controlling_thread", None)
