@@ -197,6 +197,18 @@ def int_extremes(arr):
     return int(arr.min()), int(arr.max())
 
 
+def repeat_axis(arr, axis, *n):
+    """``arr`` with new axes of lengths ``n`` and stride 0 inserted at
+    ``axis``: the read-only view ``np.broadcast_to`` makes, built directly,
+    in a sixth of its time (per-call lengths and positions)."""
+    src = np.ascontiguousarray(arr)
+    shape = src.shape[:axis] + n + src.shape[axis:]
+    strides = src.strides[:axis] + (0,) * len(n) + src.strides[axis:]
+    view = np.ndarray(shape, src.dtype, src, 0, strides)
+    view.flags.writeable = False
+    return view
+
+
 def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
     """Lengths of shape ``(B,)`` or exactly ``lead_shape`` as a (B, M) int64
     view (zero stride on M for the per-batch form), checked against the axis.
@@ -208,11 +220,7 @@ def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
     if arr.shape == tuple(lead_shape):
         view = arr.reshape(B, M)
     elif len(lead_shape) >= 1 and arr.shape == (lead_shape[0],):
-        # the zero-stride view np.broadcast_to makes, built directly (a
-        # sixth of its cost)
-        src = np.ascontiguousarray(arr)
-        view = np.ndarray((B, M), np.int64, src, 0, (src.itemsize, 0))
-        view.flags.writeable = False
+        view = repeat_axis(arr, 1, M)
     else:
         if not lead_shape:
             expected = "()"
@@ -248,7 +256,7 @@ def reshaped_view(arr, shape):
     try:
         # NumPy >= 2.1 refuses to copy with ValueError; assigning .shape, the
         # older way, is deprecated from NumPy 2.5
-        return np.reshape(arr, shape, copy=False)
+        return arr.reshape(shape, copy=False)
     except ValueError:
         return None
     except TypeError:  # NumPy < 2.1: no copy= argument

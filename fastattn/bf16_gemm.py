@@ -167,10 +167,16 @@ def matmul(a, packed, *, out=None, out_dtype=None, bias=None, alpha=1.0, num_thr
     if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a real number, got {alpha!r}")
     alpha = float(alpha)
-    if M == 0 or N == 0:
-        return out
-    a_bits = a.view(np.uint16)
-    c_bits = out if out.dtype == np.float32 else out.view(np.uint16)
-    _kernels.gemm16(packed._code, a_bits, packed._packed, N, c_bits, bias, alpha,
-                    resolve_num_threads(num_threads))
+    return matmul_checked(a, packed, out, bias, alpha, resolve_num_threads(num_threads))
+
+
+def matmul_checked(a, packed, out, bias, alpha, num_threads):
+    """:func:`matmul` on arguments already checked (a layer's own buffers):
+    a (M, K) of the packed dtype with a unit column stride, out (M, N) of
+    float32 or that dtype, bias None or a contiguous float32 (N,), alpha a
+    float, num_threads resolved."""
+    if a.shape[0] and packed.shape[0]:
+        _kernels.gemm16(packed._code, a.view(np.uint16), packed._packed, packed.shape[0],
+                        out if out.dtype == np.float32 else out.view(np.uint16), bias, alpha,
+                        num_threads)
     return out

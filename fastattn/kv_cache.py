@@ -5,7 +5,7 @@ import sys
 import numpy as np
 
 from fastattn import _backend, _kernels
-from fastattn._validation import index_value, int_array
+from fastattn._validation import index_value, int_array, int_extremes
 
 
 def float_dtype(dtype, name="dtype"):
@@ -260,7 +260,7 @@ class KVCache:
             raise ValueError(f"new_tokens must have shape ({self.batch_size},), got {new_tokens.shape}")
         old = self._lengths.copy()
         new = old + new_tokens
-        if self.batch_size and (new > self.max_len).any():
+        if int_extremes(new)[1] > self.max_len:
             b = int(np.argmax(new > self.max_len))
             raise ValueError(
                 f"KV cache overflow: sequence {b} holds {old[b]} of max_len={self.max_len} tokens and "

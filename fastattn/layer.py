@@ -45,7 +45,8 @@ import numpy as np
 from fastattn import _backend, _kernels
 from fastattn._config import get_num_threads, resolve_num_threads
 from fastattn._validation import (as_array, bool_flag, float_array, int_array, is_half_dtype,
-                                  kernel_addressable, lengths_view, real_number, storage_dtype)
+                                  kernel_addressable, lengths_view, real_number, repeat_axis,
+                                  storage_dtype)
 from fastattn.kv_cache import KVCache, layer_dtype, positive
 from fastattn.masks import prepare_mask
 from fastattn.projections import BLAS_THREADS, as_input, head_view, linear, row_buffer
@@ -845,7 +846,7 @@ class MultiHeadAttention:
 
         attn = row_buffer(B, Lq, H * Dv, dt)
         weights = np.empty(full, dtype=dt) if return_weights else None
-        qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
+        qlv = None if ql is None else repeat_axis(ql, 1, H)
         attend = _attention16 if self._half else _kernels.scaled_dot_product_attention
         attend(
             head_view(qcols, H, D), head_view(kcols, Hkv, D), head_view(vcols, Hkv, Dv),
@@ -863,10 +864,10 @@ class MultiHeadAttention:
             return None
         if positions is None:
             cos, sin = self._rope_table(L)
-            index = np.broadcast_to(np.arange(L, dtype=np.int64), (B, heads, L))
+            index = repeat_axis(np.arange(L, dtype=np.int64), 0, B, heads)
         else:
             cos, sin = self._rope_table(int(positions.max()) + 1 if positions.size else 0)
-            index = np.broadcast_to(positions[:, None, :], (B, heads, L))
+            index = repeat_axis(positions, 1, heads)
         return (ROPE_LAYOUTS[self.rope], heads, self.head_dim, index, cos, sin)
 
     def _project_out(self, attn, ql, gt):
@@ -890,13 +891,13 @@ class MultiHeadAttention:
         into ``out`` or a new (B, L, N) row buffer, float32 sums rounded to
         the layer's dtype. The result is bitwise the same for every thread
         count (fastattn.bf16_gemm)."""
-        from fastattn.bf16_gemm import matmul
+        from fastattn.bf16_gemm import matmul_checked
 
         B, L, K = a.shape
         if out is None:
             out = row_buffer(1, B * L, N, self.dtype)[0].reshape(B, L, N)
-        matmul(a.reshape(B * L, K), self._packed_weight(w), bias=self._packed[b],
-               out=out.reshape(B * L, N), num_threads=num_threads)
+        matmul_checked(a.reshape(B * L, K), self._packed_weight(w), out.reshape(B * L, N),
+                       self._packed[b], 1.0, num_threads)
         return out
 
     def _rope16(self, cols, heads, L, positions, num_threads):
@@ -966,8 +967,8 @@ class MultiHeadAttention:
         if B == 0 or L == 1 or (ql is None and (old == old[0]).all()):
             # one call: a single new token sees every key its sequence holds
             # (key_lengths), and equal lengths align bottom-right for all
-            kl = np.broadcast_to(new[:, None], (B, H)) if L == 1 else None
-            qlv = None if ql is None else np.broadcast_to(ql[:, None], (B, H))
+            kl = repeat_axis(new, 1, H) if L == 1 else None
+            qlv = None if ql is None else repeat_axis(ql, 1, H)
             attend(q4, ck, cv, out4, weights=weights, scale=scale,
                                                   key_len=kl, query_len=qlv, is_causal=L > 1,
                                                   alignment=_BOTTOM_RIGHT, num_threads=nt,
