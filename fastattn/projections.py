@@ -72,15 +72,16 @@ class BlasThreads:
             self._depth += 1
             if self._depth == 1 and self._controller:
                 try:
-                    restore = []
+                    # filled as the limits are set, so that exit restores
+                    # them even when a later library fails
+                    restore = self._restore = []
                     for lib in self._controller.lib_controllers:
                         n = lib.get_num_threads()
                         # already at one thread (OPENBLAS_NUM_THREADS=1, say):
                         # nothing to limit or to restore
                         if n != 1:
-                            lib.set_num_threads(1)  # a no-op when another thread controls it
                             restore.append((lib, n))
-                    self._restore = restore
+                            lib.set_num_threads(1)  # a no-op when another thread controls it
                     self._pinned = all(lib.get_num_threads() == 1 for lib, _ in restore)
                 except Exception:
                     self._pinned = False
