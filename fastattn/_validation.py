@@ -168,6 +168,11 @@ def choice(value, name, options):
 
 def int_array(values, name):
     """Integer lengths as int64, rejecting floats, bools and negatives."""
+    return int_array_max(values, name)[0]
+
+
+def int_array_max(values, name):
+    """``(int_array(values, name), its max as a Python int)``."""
     arr = as_array(values, name)
     if arr.size == 0 and not isinstance(values, np.ndarray):
         arr = arr.astype(np.int64)  # [] is float64 to NumPy
@@ -179,7 +184,7 @@ def int_array(values, name):
     if hi > _INT64_MAX:
         raise ValueError(f"{name} is too large for int64")
     arr = arr.astype(np.int64, copy=False)
-    return arr if kernel_addressable(arr) else arr.copy()
+    return (arr if kernel_addressable(arr) else arr.copy()), hi
 
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -216,7 +221,7 @@ def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
     product of the rest."""
     if values is None:
         return None
-    arr = int_array(values, name)
+    arr, hi = int_array_max(values, name)
     if arr.shape == tuple(lead_shape):
         view = arr.reshape(B, M)
     elif len(lead_shape) >= 1 and arr.shape == (lead_shape[0],):
@@ -232,7 +237,6 @@ def lengths_view(values, name, lead_shape, B, M, axis_len, axis_name):
             f"{name} must have shape {expected} for scores of leading shape "
             f"{tuple(lead_shape)}, got {arr.shape}"
         )
-    hi = int_extremes(arr)[1]
     if hi > axis_len:
         raise ValueError(f"{name} must be <= the {axis_name} length {axis_len}, got max {hi}")
     return view
@@ -296,14 +300,15 @@ class OutputTarget:
             return
         check_out(out, shape, dtype, name)
         self.result = out
-        view = reshaped_view(out, kernel_shape)
+        view = out if out.shape == tuple(kernel_shape) else reshaped_view(out, kernel_shape)
         # Writing straight into out is safe unless it overlaps an input other
         # than as the identical view of an input the kernel may update in place.
-        overlaps = any(
-            np.may_share_memory(out, x)
-            and not (any(x is y for y in inplace_ok) and same_view(out, x))
-            for x in inputs
-        )
+        overlaps = False
+        for x in inputs:
+            if np.may_share_memory(out, x) and not (
+                    any(x is y for y in inplace_ok) and same_view(out, x)):
+                overlaps = True
+                break
         if (view is None or overlaps or (contiguous and not view.flags.c_contiguous)
                 or (unit_last_axis and view.shape[-1] > 1 and view.strides[-1] != view.itemsize)
                 or not kernel_addressable(view)):

@@ -32,7 +32,10 @@ def attention_geometry(q_shape, k_shape, v_shape):
             "q, k and v must all be 4-D (B, H, L, D) or all 3-D (B, L, D); got shapes "
             f"q {tuple(q_shape)}, k {tuple(k_shape)}, v {tuple(v_shape)}")
     three_d = ndim == 3
-    q4, k4, v4 = ((s[0], 1) + tuple(s[1:]) if three_d else tuple(s) for s in (q_shape, k_shape, v_shape))
+    if three_d:
+        q4, k4, v4 = ((s[0], 1) + tuple(s[1:]) for s in (q_shape, k_shape, v_shape))
+    else:
+        q4, k4, v4 = tuple(q_shape), tuple(k_shape), tuple(v_shape)
     B, H, Lq, D = q4
     Bk, Hkv, Lk, Dk = k4
     Bv, Hv, Lv, Dv = v4
@@ -175,7 +178,7 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
                 return result
 
     backend = _backend.backend_for((q, k, v), ("q", "k", "v"))
-    qa, ka, va = (backend.asarray(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    qa, ka, va = backend.asarray(q, "q"), backend.asarray(k, "k"), backend.asarray(v, "v")
     # narrow K/V (bfloat16, float16, int8 + scales) stay as they are on the
     # CPU: the kernel widens them in registers
     storage = None
@@ -210,7 +213,8 @@ def scaled_dot_product_attention(q, k, v, *, attn_mask=None, key_lengths=None,
     slopes = None if alibi_slopes is None else alibi_slopes_array(
         backend.host(alibi_slopes, "alibi_slopes"), H, dtype)
     if kv_code is None:
-        qa, ka, va = (backend.operand(x, n, dtype) for x, n in ((qa, "q"), (ka, "k"), (va, "v")))
+        qa, ka, va = (backend.operand(qa, "q", dtype), backend.operand(ka, "k", dtype),
+                      backend.operand(va, "v", dtype))
     else:
         qa, ka, va = (unit_last_axis(native_storage(x)) for x in (qa, ka, va))
         if io16 is None:

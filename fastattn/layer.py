@@ -45,11 +45,11 @@ import numpy as np
 from fastattn import _backend, _kernels
 from fastattn._config import get_num_threads, resolve_num_threads
 from fastattn._validation import (as_array, bool_flag, float_array, int_array, is_half_dtype,
-                                  kernel_addressable, lengths_view, real_number, repeat_axis,
-                                  storage_dtype)
+                                  int_extremes, kernel_addressable, lengths_view, real_number,
+                                  repeat_axis, storage_dtype)
 from fastattn.kv_cache import KVCache, layer_dtype, positive
 from fastattn.masks import prepare_mask
-from fastattn.projections import BLAS_THREADS, as_input, head_view, linear, row_buffer
+from fastattn.projections import BLAS_THREADS, as_input, head_view, linear_checked, row_buffer
 from fastattn.rotary import ROPE_LAYOUTS, rope_tables
 
 _TOP_LEFT = _kernels.CAUSAL_ALIGNMENTS["top_left"]
@@ -309,6 +309,7 @@ class MultiHeadAttention:
         self.kdim = kdim
         self.vdim = vdim
         self.dtype = dtype
+        self._half = is_half_dtype(dtype)  # bfloat16 or float16: 16-bit GEMMs, narrow buffers
         self.rope = rope
         self.rope_base = rope_base
         self._rope_cache = None
@@ -386,11 +387,6 @@ class MultiHeadAttention:
     _b_k = property(lambda self: self._part("b_k"))
     _b_v = property(lambda self: self._part("b_v"))
     _b_o = property(lambda self: self._part("b_o"))
-
-    @property
-    def _half(self):
-        """True for a bfloat16 or float16 layer."""
-        return is_half_dtype(self.dtype)
 
     def _pack16(self):
         """16-bit layers: pack the projection weights for the 16-bit GEMM
@@ -806,7 +802,7 @@ class MultiHeadAttention:
         H, Hkv, D, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
         nq, nk, nv = self._widths()
         full = (B, H, Lq, Lk)
-        mm = functools.partial(linear, deterministic=self.deterministic)
+        mm = functools.partial(linear_checked, deterministic=self.deterministic)
         # rows that need projecting: queries up to their length, keys and
         # values up to the longest key length of any head
         q_need = ql
@@ -866,7 +862,7 @@ class MultiHeadAttention:
             cos, sin = self._rope_table(L)
             index = repeat_axis(np.arange(L, dtype=np.int64), 0, B, heads)
         else:
-            cos, sin = self._rope_table(int(positions.max()) + 1 if positions.size else 0)
+            cos, sin = self._rope_table(int_extremes(positions)[1] + 1 if positions.size else 0)
             index = repeat_axis(positions, 1, heads)
         return (ROPE_LAYOUTS[self.rope], heads, self.head_dim, index, cos, sin)
 
@@ -881,7 +877,7 @@ class MultiHeadAttention:
             return out
         alloc = np.empty if ql is None else np.zeros
         out = alloc((B, Lq, self.embed_dim), dtype=self.dtype)
-        linear(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt, None, self.deterministic)
+        linear_checked(attn, self._w_o, out, self._b_o, None, ql, 1.0, gt, None, self.deterministic)
         return out
 
     # ---- 16-bit projections ---------------------------------------------------
@@ -949,7 +945,7 @@ class MultiHeadAttention:
         else:
             buf = row_buffer(B, L, nq + nk + nv, dt)
             rope = None if pos is None else self._rope_spec(B, H + Hkv, L, pos)
-            linear(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope, self.deterministic)
+            linear_checked(x, self._w_in, buf, self._b_in, None, ql, 1.0, gt, rope, self.deterministic)
         q4 = head_view(buf[:, :, :nq], H, D)
         k4 = head_view(buf[:, :, nq:nq + nk], Hkv, D)
         v4 = head_view(buf[:, :, nq + nk:], Hkv, Dv)
@@ -957,7 +953,7 @@ class MultiHeadAttention:
         cache._write(k4, v4, old, new_tokens, nt)
         cache._lengths[:] = new
 
-        Lk = int(new.max()) if B else 0
+        Lk = int_extremes(new)[1]
         attn = row_buffer(B, L, H * Dv, dt)
         out4 = head_view(attn, H, Dv)
         weights = np.zeros((B, H, L, Lk), dtype=dt) if return_weights else None
