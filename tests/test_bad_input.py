@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import fastattn
+from fastattn import _validation
+from fastattn import reference as ref
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "reliability.md")
 MIN_ROWS = 40
@@ -535,3 +537,32 @@ def test_class_barrage(name, arg, position, value, time_limit):
         pytest.fail(f"{name}({arg}={value!r}) was accepted")
     assert _same_state(snapshot(), before), f"{name}({arg}={value!r}) changed the object"
     fn(*args, **kwargs)  # still works
+
+
+@pytest.mark.parametrize("B, H", [(2, 3), (20, 16)], ids=["few", "over-256"])
+def test_length_bounds_from_small_and_large_arrays(B, H):
+    """Lengths are bounds-checked from a list (small arrays) or by NumPy
+    reductions (large ones): both name the argument and the offending value,
+    and the per-sequence form reaches the kernel as a read-only zero-stride
+    view that gives the oracle's result."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((B, H, 3, 4)).astype(np.float32)
+    kl = rng.integers(1, 6, size=(B, H))
+    sdpa = fastattn.scaled_dot_product_attention
+    bad = kl.copy()
+    bad[-1, -1] = -1
+    with pytest.raises(ValueError, match=r"key_lengths must be non-negative, got min -1"):
+        sdpa(q, q[:, :, :1].repeat(5, 2), q[:, :, :1].repeat(5, 2), key_lengths=bad)
+    bad[-1, -1] = 7
+    with pytest.raises(ValueError, match=r"key_lengths must be <= the key length 5, got max 7"):
+        sdpa(q, q[:, :, :1].repeat(5, 2), q[:, :, :1].repeat(5, 2), key_lengths=bad)
+    with pytest.raises(ValueError, match=r"too large for int64"):
+        sdpa(q, q, q, key_lengths=np.full(B, 2**63, dtype=np.uint64))
+    k = rng.standard_normal((B, H, 5, 4)).astype(np.float32)
+    per_seq = kl[:, 0]
+    got = sdpa(q, k, k, key_lengths=per_seq, query_lengths=np.minimum(per_seq, 3))
+    want = ref.scaled_dot_product_attention(q, k, k, key_lengths=per_seq,
+                                            query_lengths=np.minimum(per_seq, 3))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    view = _validation.lengths_view(per_seq, "key_lengths", (B, H), B, H, 5, "key")
+    assert view.strides[1] == 0 and not view.flags.writeable and (view == per_seq[:, None]).all()
