@@ -320,6 +320,11 @@ class MultiHeadAttention:
         self._packed = None  # 16-bit layers: the packed GEMM weights (_pack16)
         self._allocate_host()
 
+    def __setstate__(self, state):
+        # the 16-bit flag follows the dtype (a layer pickled without it too)
+        self.__dict__.update(state)
+        self._half = is_half_dtype(self.dtype)
+
     def _allocate_host(self):
         """Zeroed host storage for the weights.
 

@@ -171,6 +171,13 @@ def test_save_load_and_pickle(half, rng, tmp_path):
     np.testing.assert_array_equal(loaded(x).view(np.uint16), want)
     clone = pickle.loads(pickle.dumps(layer))
     np.testing.assert_array_equal(clone(x).view(np.uint16), want)
+    # a layer pickled before the 16-bit flag was part of its state still
+    # runs its 16-bit GEMMs once unpickled
+    state = dict(layer.__dict__)
+    del state["_half"]
+    older = fastattn.MultiHeadAttention.__new__(fastattn.MultiHeadAttention)
+    older.__setstate__(state)
+    np.testing.assert_array_equal(older(x).view(np.uint16), want)
 
 
 def test_from_weights_keeps_a_shared_16_bit_dtype(half, rng):
