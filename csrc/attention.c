@@ -47,12 +47,15 @@ static int64_t start_at(const fa_lengths_view *lv, int64_t b, int64_t h, int64_t
 static int64_t compute_size(const fa_attn_job *job) { return job->dtype == FA_DTYPE_F32 ? 4 : 8; }
 static int64_t io_size(const fa_attn_job *job) { return job->io16 ? 2 : compute_size(job); }
 
-/* Zero out rows [r0, r1) of head (b, h), and their weights. */
-static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, int64_t r1) {
+/* Zero out rows [r0, r1) of heads [h, h + heads) of sequence b, and their
+ * weights: several heads only where their output rows form one run (head
+ * stride Dv) and there are no weights (token_rows_zeroed). */
+static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t heads, int64_t r0,
+                      int64_t r1) {
     const int64_t row0 = fa_attn_q_row0(job, b), es = compute_size(job), os = io_size(job);
     for (int64_t i = r0; i < r1; ++i) {
         memset(job->out + (b * job->os[0] + h * job->os[1] + (row0 + i) * job->os[2]) * os, 0,
-               (size_t)(job->Dv * os));
+               (size_t)(heads * job->Dv * os));
         if (job->weights)
             memset(job->weights + (b * job->ws[0] + h * job->ws[1] + i * job->ws[2]) * es, 0,
                    (size_t)(job->Lk * es));
@@ -69,13 +72,6 @@ static void zero_rows(const fa_attn_job *job, int64_t b, int64_t h, int64_t r0, 
 static int token_rows_zeroed(const fa_attn_job *job, const fa_lengths_view *ql) {
     return job->H > 1 && job->os[1] == job->Dv && job->os[3] == 1 && !job->weights &&
            (ql == NULL || ql->data == NULL || ql->stride_m == 0);
-}
-
-static void zero_token_rows(const fa_attn_job *job, int64_t b, int64_t r0, int64_t r1) {
-    const int64_t row0 = fa_attn_q_row0(job, b), os = io_size(job);
-    for (int64_t i = r0; i < r1; ++i)
-        memset(job->out + (b * job->os[0] + (row0 + i) * job->os[2]) * os, 0,
-               (size_t)(job->H * job->Dv * os));
 }
 
 int fa_attn_dtypes(int dtype, int kv_dtype, int *compute, int *io16, int *kvd) {
@@ -155,7 +151,7 @@ static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
         const int64_t qv1 = fa_length_at(ql, b, h0, Lq), klen = fa_length_at(&job->key_len, b, h0, job->Lk);
         const int64_t kstart = start_at(&job->key_start, b, h0, klen);
         if (qv1 > 0) fa_attention_run_block(job, b, h0, 0, qv1, kstart, klen, NULL, NULL, scratch);
-        for (int64_t h = h0; h < h0 + job->row_heads; ++h) zero_rows(job, b, h, qv1, Lq);
+        for (int64_t h = h0; h < h0 + job->row_heads; ++h) zero_rows(job, b, h, 1, qv1, Lq);
         return;
     }
     const int64_t qb = it % nqb, bh = it / nqb, h = bh % job->H, b = bh / job->H;
@@ -166,10 +162,10 @@ static void block_item(const fa_attn_job *job, const fa_lengths_view *ql, int64_
     const int64_t qv1 = q1 < qlen ? q1 : qlen;
     if (q0 < qv1) fa_attention_run_block(job, b, h, q0, qv1, kstart, klen, NULL, NULL, scratch);
     if (token_rows_zeroed(job, ql)) {
-        if (h == 0) zero_token_rows(job, b, q0 > qv1 ? q0 : qv1, q1);
+        if (h == 0) zero_rows(job, b, 0, job->H, q0 > qv1 ? q0 : qv1, q1);
         return;
     }
-    zero_rows(job, b, h, q0 > qv1 ? q0 : qv1, q1);
+    zero_rows(job, b, h, 1, q0 > qv1 ? q0 : qv1, q1);
 }
 
 /* Item it of the split-KV schedule: key chunk it % nsplit of head
@@ -235,7 +231,7 @@ static void merge_head(const fa_attn_job *job, const fa_lengths_view *ql, int64_
                              Lq * 2, Dv, job->sinks ? &sink : NULL, (double *)orow);
         }
     }
-    zero_rows(job, b, h, qv1, Lq);
+    zero_rows(job, b, h, 1, qv1, Lq);
 }
 
 static int check_view(const fa_view4 *v, int64_t d0, int64_t d1, int64_t d2, int64_t d3,

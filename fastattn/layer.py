@@ -44,8 +44,8 @@ import numpy as np
 
 from fastattn import _backend, _kernels
 from fastattn._config import get_num_threads, resolve_num_threads
-from fastattn._validation import (as_array, bool_flag, float_array, int_array, is_half_dtype,
-                                  int_extremes, kernel_addressable, lengths_view, real_number,
+from fastattn._validation import (as_array, bool_flag, float_array, int_array_max, int_extremes,
+                                  is_half_dtype, kernel_addressable, lengths_view, real_number,
                                   repeat_axis, storage_dtype)
 from fastattn.kv_cache import KVCache, layer_dtype, positive
 from fastattn.masks import prepare_mask
@@ -63,11 +63,11 @@ def _query_lengths(values, B, L):
     """``query_lengths`` of a layer call: None or a contiguous int64 (B,)."""
     if values is None:
         return None
-    arr = int_array(values, "query_lengths")
+    arr, hi = int_array_max(values, "query_lengths")
     if arr.shape != (B,):
         raise ValueError(f"query_lengths must have shape ({B},) for a batch of {B}, got {arr.shape}")
-    if arr.size and arr.max() > L:
-        raise ValueError(f"query_lengths must be <= the query length {L}, got max {arr.max()}")
+    if hi > L:
+        raise ValueError(f"query_lengths must be <= the query length {L}, got max {hi}")
     return np.ascontiguousarray(arr)
 
 
