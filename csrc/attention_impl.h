@@ -1207,20 +1207,51 @@ static inline void FA_KNAME(hsum4, DT)(V a, V b, V c, V d, T *out) {
 /* K or V rows for the row kernels: a run of rows (row j at base + j *
  * stride) that they read, and for the prefetcher, which may look past the
  * run, the list of each row's address (list[j]; NULL: the run goes on;
- * `lists`, a constant in each compiled copy, says which). A key tile that
- * spans blocks of a paged cache goes through them one run (block) at a
- * time: reading every row's address from the list instead cost about a
- * fifth of fp32 decode's time, in which the K and V loads wait on memory
- * (Zen 4/5, 1 thread). */
+ * `lists`, a constant in each compiled copy, says which). The scores of a
+ * key tile that spans blocks of a paged cache go through them one run
+ * (block) at a time; P.V takes the tile's runs at once (more: NULL for
+ * one run; else after the first `first` rows from base, the rows go on at
+ * more[0], more[1], ..., `per` rows each, one stride apart). Reading every
+ * row's address from a list instead cost about a fifth of fp32 decode's
+ * time, in which the K and V loads wait on memory (Zen 4/5, 1 thread). */
 typedef struct {
     const KT *const *list;
     const KT *base;
     int64_t stride;
+    const KT *const *more;
+    int64_t first, per;
 } FA_KNAME(kv_rows, DT);
 #ifndef FA_KV_ROW
 #define FA_KV_ROW(t, j) ((t).base + (j) * (t).stride)
 #define FA_KV_PREFETCH_ROW(t, j) (lists ? (t).list[j] : FA_KV_ROW(t, j))
 #endif
+
+/* A cursor over n rows of a kv_rows, run after run: each call of
+ * kv_next gives the next row, with a branch per row that the predictor
+ * follows instead of a division. P.V then goes through a tile in one call
+ * wherever its blocks lie, each row's output in registers throughout;
+ * cutting it at each block (or, in contiguous decode, where a split's
+ * tiles crossed a multiple of the tile size) cost 2-20% of decode's time,
+ * the most with bfloat16 caches (Zen 4, 2 threads). */
+typedef struct {
+    const KT *row;
+    const KT *const *more;
+    int64_t left, per, stride;
+} FA_KNAME(kv_walk, DT);
+
+static inline FA_KNAME(kv_walk, DT) FA_KNAME(kv_begin, DT)(const FA_KNAME(kv_rows, DT) t,
+                                                            int64_t n) {
+    const FA_KNAME(kv_walk, DT) w = {t.base, t.more, t.more ? t.first : n, t.per, t.stride};
+    return w;
+}
+
+static inline const KT *FA_KNAME(kv_next, DT)(FA_KNAME(kv_walk, DT) *w) {
+    if (w->left == 0) w->row = *w->more++, w->left = w->per;
+    const KT *r = w->row;
+    w->row += w->stride;
+    --w->left;
+    return r;
+}
 
 /* The rows of keys [kb, kb + nk) of head (b, hk) in K or V (base, st as
  * for kv_row): one pointer per key, so that a tile may span the blocks of
@@ -1442,9 +1473,11 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
             FA_LANES_LOAD(o2[r], orow + 2 * FA_LANES), FA_LANES_LOAD(o3[r], orow + 3 * FA_LANES);
             o0[r] *= alpha[r], o1[r] *= alpha[r], o2[r] *= alpha[r], o3[r] *= alpha[r];
         }
+        FA_KNAME(kv_walk, DT) wv = FA_KNAME(kv_begin, DT)(vr, nk);
+        FA_KNAME(kv_walk, DT) wp = FA_KNAME(kv_begin, DT)(pn, c == 0 ? pn_rows : 0);
         for (int64_t j = 0; j < nk; ++j) {
-            if (c == 0 && j < pn_rows) fa_prefetch_stream(FA_KV_ROW(pn, j), pn_bytes);
-            const KT *v = FA_KV_ROW(vr, j) + c;
+            if (c == 0 && j < pn_rows) fa_prefetch_stream(FA_KNAME(kv_next, DT)(&wp), pn_bytes);
+            const KT *v = FA_KNAME(kv_next, DT)(&wv) + c;
             TL b0, b1, b2, b3;
             KV_LANES_LOAD(b0, v);
             KV_LANES_LOAD(b1, v + FA_LANES);
@@ -1468,9 +1501,10 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
         TL acc[FA_RB];
 #pragma GCC unroll 8
         for (int r = 0; r < nr; ++r) FA_LANES_LOAD(acc[r], o + r * ost + c), acc[r] *= alpha[r];
+        FA_KNAME(kv_walk, DT) wv = FA_KNAME(kv_begin, DT)(vr, nk);
         for (int64_t j = 0; j < nk; ++j) {
             TL bj;
-            KV_LANES_LOAD(bj, FA_KV_ROW(vr, j) + c);
+            KV_LANES_LOAD(bj, FA_KNAME(kv_next, DT)(&wv) + c);
 #pragma GCC unroll 8
             for (int r = 0; r < nr; ++r) acc[r] += p[r * pst + j] * bj;
         }
@@ -1481,7 +1515,9 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
 #pragma GCC unroll 8
         for (int r = 0; r < nr; ++r) {
             T acc = o[r * ost + c] * alpha[r];
-            for (int64_t j = 0; j < nk; ++j) acc += p[r * pst + j] * KV_S(FA_KV_ROW(vr, j)[c]);
+            FA_KNAME(kv_walk, DT) wv = FA_KNAME(kv_begin, DT)(vr, nk);
+            for (int64_t j = 0; j < nk; ++j)
+                acc += p[r * pst + j] * KV_S(FA_KNAME(kv_next, DT)(&wv)[c]);
             o[r * ost + c] = acc;
         }
 }
@@ -1503,9 +1539,11 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
             o0[r] = V_MUL(V_LOADU(orow), al), o1[r] = V_MUL(V_LOADU(orow + VL), al);
             o2[r] = V_MUL(V_LOADU(orow + 2 * VL), al), o3[r] = V_MUL(V_LOADU(orow + 3 * VL), al);
         }
+        FA_KNAME(kv_walk, DT) wv = FA_KNAME(kv_begin, DT)(vr, nk);
+        FA_KNAME(kv_walk, DT) wp = FA_KNAME(kv_begin, DT)(pn, c == 0 ? pn_rows : 0);
         for (int64_t j = 0; j < nk; ++j) {
-            if (c == 0 && j < pn_rows) fa_prefetch_stream(FA_KV_ROW(pn, j), pn_bytes);
-            const KT *v = FA_KV_ROW(vr, j) + c;
+            if (c == 0 && j < pn_rows) fa_prefetch_stream(FA_KNAME(kv_next, DT)(&wp), pn_bytes);
+            const KT *v = FA_KNAME(kv_next, DT)(&wv) + c;
             const V b0 = KV_LOADU(v), b1 = KV_LOADU(v + VL);
             const V b2 = KV_LOADU(v + 2 * VL), b3 = KV_LOADU(v + 3 * VL);
 #pragma GCC unroll 8
@@ -1531,8 +1569,9 @@ static inline __attribute__((always_inline)) void FA_KNAME(row_pv_n, DT)(
         V acc[FA_RB];
 #pragma GCC unroll 8
         for (int r = 0; r < nr; ++r) acc[r] = V_MUL(V_LOADN(o + r * ost + c, n), V_SET1(alpha[r]));
+        FA_KNAME(kv_walk, DT) wv = FA_KNAME(kv_begin, DT)(vr, nk);
         for (int64_t j = 0; j < nk; ++j) {
-            const V bj = KV_LOADN(FA_KV_ROW(vr, j) + c, n);
+            const V bj = KV_LOADN(FA_KNAME(kv_next, DT)(&wv) + c, n);
 #pragma GCC unroll 8
             for (int r = 0; r < nr; ++r) acc[r] = V_FMADD(V_SET1(p[r * pst + j]), bj, acc[r]);
         }
@@ -1587,16 +1626,15 @@ static inline T FA_KNAME(row_max, DT)(const T *s, int64_t nk) {
     return chk != chk ? chk : mb;
 }
 
-/* Keys per step of a multi-head item (paged decode, or a (B, Lk, Hkv, D)
- * cache), at most (in a paged cache a step ends with its block): the token
- * rows of every kv head of 16 keys, 64 KiB for 8 heads of D = 128 floats,
- * are read, each head's next 16 requested four at a time as its scores go
- * (row_scores). Steps of 4 and 8 keys ran paged
- * decode at 1.75-1.79x and 1.53-1.54x the contiguous time (Zen 5, 2
- * threads, H = 32 over 8 kv heads, 2048 keys, block size 16, caches hot),
- * 16 at 1.44-1.51x; one head at a time, 1.56-1.61x. Each head's value
- * rows are requested a step ahead by P.V rather than with the step's
- * scores: 7-8% less time, hot or read from memory (Zen 4, 2 threads). */
+/* Keys per scores step of a multi-head item (paged decode, or a (B, Lk,
+ * Hkv, D) cache), at most (in a paged cache a step ends with its block):
+ * the token rows of every kv head of 16 keys, 64 KiB for 8 heads of D =
+ * 128 floats, are read, each head's next 16 requested four at a time as
+ * its scores go (row_scores). Steps of 4 and 8 keys ran paged decode at
+ * 1.75-1.79x and 1.53-1.54x the contiguous time (Zen 5, 2 threads, H = 32
+ * over 8 kv heads, 2048 keys, block size 16, caches hot), 16 at
+ * 1.44-1.51x; one head at a time, 1.56-1.61x. The values are read a head
+ * at a time over the whole tile (rows_heads_pv). */
 #define FA_HEADS_STEP 16
 
 /* The keys of the step that starts at key kb, within the tile [.., kend)
@@ -1631,42 +1669,66 @@ static void FA_KNAME(rows_heads_scores, DT)(const fa_attn_job *job, int64_t b, i
             /* with each four keys, the same keys of the next step are
              * requested (the values come with P.V, a step ahead) */
             const FA_KNAME(kv_rows, DT) kt = {
-                NULL, FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb + j0), job->ks[2]};
+                .base = FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb + j0),
+                .stride = job->ks[2]};
             const FA_KNAME(kv_rows, DT) kx = {
-                NULL, na ? FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, ahead) : NULL,
-                job->ks[2]};
+                .base = na ? FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, ahead) : NULL,
+                .stride = job->ks[2]};
             FA_KNAME(row_scores, DT)(sc->qt + (g0 * nq + ii) * D, nq * D, g1 - g0, kt, D, n,
                                      s0 + g0 * sst + j0, sst, kx, na, kx, 0, job->Dv);
         }
     }
 }
 
-/* P.V of that tile, FA_HEADS_STEP keys at a time for every kv head: alpha
- * rescales at the first step, then 1 (exact); each row's sums keep their
- * key order. */
+/* The rows of keys [kb, kb + nk) of head (b, hk) in K or V as runs for
+ * the P.V kernel: one run, or in a paged cache one per block, whose first
+ * rows go to runs[] (NK entries at most). */
+static inline FA_KNAME(kv_rows, DT) FA_KNAME(tile_runs, DT)(const fa_attn_job *job,
+                                                           const char *base, const int64_t *st,
+                                                           int64_t b, int64_t hk, int64_t kb,
+                                                           int64_t nk, const KT **runs) {
+    FA_KNAME(kv_rows, DT) t = {.base = FA_KNAME(kv_row, DT)(job, base, st, b, hk, kb),
+                               .stride = st[2]};
+    const int64_t first = FA_KNAME(tile_keys, DT)(job, kb, nk);
+    if (first < nk) {
+        int64_t u = 0;
+        for (int64_t j = kb + first; j < kb + nk; j += job->block_size)
+            runs[u++] = FA_KNAME(kv_row, DT)(job, base, st, b, hk, j);
+        t.more = runs, t.first = first, t.per = job->block_size;
+    }
+    return t;
+}
+
+/* P.V of that tile, a kv head at a time over all the tile's keys (block
+ * after block in a paged cache), so that each row's output stays in
+ * registers through the tile, as in a contiguous one; alpha rescales once
+ * and each row's sums keep their key order. With each key, a value row of
+ * what comes next is requested: the next kv head's in this tile, after the
+ * last head the first head's in the next tile (up to kend). Against a
+ * call per FA_HEADS_STEP keys, each loading and storing the rows' output,
+ * paged decode (the shape above, caches hot) took 5% less time (Zen 4, 2
+ * threads). */
 static void FA_KNAME(rows_heads_pv, DT)(const fa_attn_job *job, int64_t b, int64_t h,
                                         int64_t heads, int64_t ii, int64_t nq, int64_t kb,
                                         int64_t nk, int64_t kend, const T *s0, int64_t sst,
-                                        const T *alpha, const T *ones,
-                                        FA_KNAME(attn_scratch, DT) *sc) {
+                                        const T *alpha, FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t Dv = job->Dv, group = job->group, hk0 = h / group, hk1 = (h + heads - 1) / group;
-    for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
-        n = FA_KNAME(step_keys, DT)(job, kb + j0, kb + nk);
-        const int64_t ahead = kb + j0 + n, na = FA_KNAME(keys_after, DT)(job, ahead, kend);
-        for (int64_t hk = hk0; hk <= hk1; ++hk) {
-            const int64_t g0 = hk * group - h > 0 ? hk * group - h : 0;
-            const int64_t g1 = (hk + 1) * group - h < heads ? (hk + 1) * group - h : heads;
-            const FA_KNAME(kv_rows, DT) vt = {
-                NULL, FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kb + j0), job->vs[2]};
-            /* with each key of the first RB rows, a value row of the
-             * head's next step is requested */
-            const FA_KNAME(kv_rows, DT) vx = {
-                NULL, na ? FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, ahead) : NULL,
-                job->vs[2]};
-            FA_KNAME(row_pv, DT)(s0 + g0 * sst + j0, sst, g1 - g0, vt, n, Dv,
-                                 j0 ? ones : alpha + g0, sc->acc + (g0 * nq + ii) * sc->ldacc,
-                                 nq * sc->ldacc, vx, na, Dv * (int64_t)sizeof(KT));
-        }
+    const int64_t kn = kb + nk, nn = kend - kn < NK ? kend - kn : NK;
+    const KT *runs[NK], *next_runs[NK];
+    for (int64_t hk = hk0; hk <= hk1; ++hk) {
+        const int64_t g0 = hk * group - h > 0 ? hk * group - h : 0;
+        const int64_t g1 = (hk + 1) * group - h < heads ? (hk + 1) * group - h : heads;
+        const FA_KNAME(kv_rows, DT) vt =
+            FA_KNAME(tile_runs, DT)(job, job->v, job->vs, b, hk, kb, nk, runs);
+        FA_KNAME(kv_rows, DT) vx = {.stride = job->vs[2]};
+        int64_t nx = 0;
+        if (hk < hk1)
+            vx = FA_KNAME(tile_runs, DT)(job, job->v, job->vs, b, hk + 1, kb, nk, next_runs), nx = nk;
+        else if (nn > 0)
+            vx = FA_KNAME(tile_runs, DT)(job, job->v, job->vs, b, hk0, kn, nn, next_runs), nx = nn;
+        FA_KNAME(row_pv, DT)(s0 + g0 * sst, sst, g1 - g0, vt, nk, Dv, alpha + g0,
+                             sc->acc + (g0 * nq + ii) * sc->ldacc, nq * sc->ldacc, vx,
+                             nx < nk ? nx : nk, Dv * (int64_t)sizeof(KT));
     }
 }
 
@@ -1788,8 +1850,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
 
     /* the rows of a tile's keys in K and V, and of the next tile's in K */
     const KT *krows[NK], *vrows[NK], *knext[NK];
-    T kscale[NK], vscale[NK], alpha[FA_ATTN_MQ], ones[FA_ATTN_MQ];
-    for (int64_t r = 0; r < heads; ++r) ones[r] = (T)1;
+    T kscale[NK], vscale[NK], alpha[FA_ATTN_MQ];
     (void)kscale, (void)vscale;
     const int paged = job->block_table != NULL;
     const int64_t bsz = paged ? job->block_size : NK;
@@ -1834,12 +1895,14 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                 for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
                     n = bsz - (k_at + j0) % bsz;
                     n = n < nk - j0 ? n : nk - j0;
-                    const FA_KNAME(kv_rows, DT) kt = {NULL, krows[j0], job->ks[2]};
+                    const FA_KNAME(kv_rows, DT) kt = {.base = krows[j0], .stride = job->ks[2]};
                     /* (pk and pv are both lists or both runs) */
-                    const FA_KNAME(kv_rows, DT) vt = {paged ? vrows + j0 : NULL,
-                                                      j0 < nv ? vrows[j0] : NULL, job->vs[2]};
-                    const FA_KNAME(kv_rows, DT) kx = {paged ? knext + j0 : NULL,
-                                                      nk_next ? knext[0] : NULL, job->ks[2]};
+                    const FA_KNAME(kv_rows, DT) vt = {.list = paged ? vrows + j0 : NULL,
+                                                      .base = j0 < nv ? vrows[j0] : NULL,
+                                                      .stride = job->vs[2]};
+                    const FA_KNAME(kv_rows, DT) kx = {.list = paged ? knext + j0 : NULL,
+                                                      .base = nk_next ? knext[0] : NULL,
+                                                      .stride = job->ks[2]};
                     FA_KNAME(row_scores, DT)(sc->qt + ii * D, nq * D, heads, kt, D, n, s0 + j0, sst,
                                              kx, nk_next - j0, vt, nv - j0, Dv);
                 }
@@ -1871,11 +1934,11 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                     FA_KNAME(row_softmax_step, DT)(job, b, hr, i, kb, nk, s0 + g * sst, sc->tmp[r],
                                                    &sc->m[r], &sc->l[r], &alpha[g], kscale, vscale);
                 }
-                /* P.V run by run: alpha rescales once, then 1 (exact), and
-                 * each row's sum keeps its key order */
+                /* P.V tile by tile: alpha rescales once, and each row's
+                 * sum keeps its key order */
                 if (multi) {
                     FA_KNAME(rows_heads_pv, DT)(job, b, h, heads, ii, nq, kb, nk, kend[ii], s0, sst,
-                                                alpha, ones, sc);
+                                                alpha, sc);
                 } else {
                     /* with each key, a row of what comes next is requested
                      * (contiguous K/V): the next tile's values, or after
@@ -1883,22 +1946,16 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                     const int64_t kn = kb + nk, nn = kend[ii] - kn < NK ? kend[ii] - kn : NK;
                     const int next_v = t + 1 < nt;
                     const int64_t pn_rows = paged || nn <= 0 ? 0 : nn;
-                    FA_KNAME(kv_rows, DT) pn = {NULL, NULL, next_v ? job->vs[2] : job->ks[2]};
+                    FA_KNAME(kv_rows, DT) pn = {.stride = next_v ? job->vs[2] : job->ks[2]};
                     if (pn_rows)
                         pn.base = next_v ? FA_KNAME(kv_row, DT)(job, job->v, job->vs, b, hk, kn)
                                          : FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kn);
                     const int64_t pn_bytes = (next_v ? Dv : D) * (int64_t)sizeof(KT);
-                    FA_KNAME(tile_rows, DT)(job, job->v, job->vs, b, hk, kb, nk, vrows);
-                    for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
-                        n = bsz - (kb + j0) % bsz;
-                        n = n < nk - j0 ? n : nk - j0;
-                        const FA_KNAME(kv_rows, DT) vt = {NULL, vrows[j0], job->vs[2]};
-                        const FA_KNAME(kv_rows, DT) pj = {
-                            NULL, j0 < pn_rows ? pn.base + j0 * pn.stride : NULL, pn.stride};
-                        FA_KNAME(row_pv, DT)(s0 + j0, sst, heads, vt, n, Dv, j0 ? ones : alpha,
-                                             sc->acc + ii * sc->ldacc, nq * sc->ldacc, pj,
-                                             pn_rows - j0, pn_bytes);
-                    }
+                    const FA_KNAME(kv_rows, DT) vt =
+                        FA_KNAME(tile_runs, DT)(job, job->v, job->vs, b, hk, kb, nk, vrows);
+                    FA_KNAME(row_pv, DT)(s0, sst, heads, vt, nk, Dv, alpha,
+                                         sc->acc + ii * sc->ldacc, nq * sc->ldacc, pn,
+                                         pn_rows < nk ? pn_rows : nk, pn_bytes);
                 }
                 kb += nk;
             }
