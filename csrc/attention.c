@@ -391,7 +391,7 @@ static int run_job(const fa_attn_job *jp, const fa_lengths_view *ql, int num_thr
          * page every row; items of several kv heads read a few token rows
          * whole at a time (attention_rows). Such a (B, Lk, Hkv, D) cache
          * decodes 1.3-2.3x faster this way than a head at a time, and
-         * paged (block size 16) in 0.81-0.92x the time of (B, Hkv, Lk, D)
+         * paged (block size 16) in 0.93-1.01x the time of (B, Hkv, Lk, D)
          * when read from memory (Zen 4, 2 threads). A row's result does
          * not depend on its item's other heads, so the item size may follow
          * the thread count: the most kv heads per item (a divisor of Hkv,
