@@ -1853,7 +1853,6 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
     T kscale[NK], vscale[NK], alpha[FA_ATTN_MQ];
     (void)kscale, (void)vscale;
     const int paged = job->block_table != NULL;
-    const int64_t bsz = paged ? job->block_size : NK;
     /* Several kv heads (interleaved rows) go a few keys at a time for every
      * head (rows_heads_scores), one tile per run; otherwise a run is as
      * many tiles as the score area holds, up to FA_ROW_RUN_TILES. */
@@ -1893,8 +1892,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                 if (nv) FA_KNAME(tile_rows, DT)(job, job->v, job->vs, b, hk, kb0, nv, vrows);
                 if (nk_next) FA_KNAME(tile_rows, DT)(job, job->k, job->ks, b, hk, kn, nk_next, knext);
                 for (int64_t j0 = 0, n; j0 < nk; j0 += n) {
-                    n = bsz - (k_at + j0) % bsz;
-                    n = n < nk - j0 ? n : nk - j0;
+                    n = FA_KNAME(tile_keys, DT)(job, k_at + j0, nk - j0);
                     const FA_KNAME(kv_rows, DT) kt = {.base = krows[j0], .stride = job->ks[2]};
                     /* (pk and pv are both lists or both runs) */
                     const FA_KNAME(kv_rows, DT) vt = {.list = paged ? vrows + j0 : NULL,
