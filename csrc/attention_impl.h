@@ -1667,7 +1667,7 @@ static void FA_KNAME(rows_heads_scores, DT)(const fa_attn_job *job, int64_t b, i
             const int64_t g0 = hk * group - h > 0 ? hk * group - h : 0;
             const int64_t g1 = (hk + 1) * group - h < heads ? (hk + 1) * group - h : heads;
             /* with each four keys, the same keys of the next step are
-             * requested (the values come with P.V, a step ahead) */
+             * requested (P.V requests the values) */
             const FA_KNAME(kv_rows, DT) kt = {
                 .base = FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kb + j0),
                 .stride = job->ks[2]};
@@ -1848,8 +1848,9 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
         sc->tmp[r] = slope != (T)0 ? (T)FA_KNAME(alibi_ref, DT)(job, b, hr, i + off, slope) : (T)0;
     }
 
-    /* the rows of a tile's keys in K and V, and of the next tile's in K */
-    const KT *krows[NK], *vrows[NK], *knext[NK];
+    /* the rows of a tile's keys in K and V, and of the next tile's in K;
+     * the first rows of a value tile's runs (blocks) */
+    const KT *krows[NK], *vrows[NK], *knext[NK], *vruns[NK];
     T kscale[NK], vscale[NK], alpha[FA_ATTN_MQ];
     (void)kscale, (void)vscale;
     const int paged = job->block_table != NULL;
@@ -1950,7 +1951,7 @@ static void FA_KNAME(attention_rows, DT)(const fa_attn_job *job, int64_t b, int6
                                          : FA_KNAME(kv_row, DT)(job, job->k, job->ks, b, hk, kn);
                     const int64_t pn_bytes = (next_v ? Dv : D) * (int64_t)sizeof(KT);
                     const FA_KNAME(kv_rows, DT) vt =
-                        FA_KNAME(tile_runs, DT)(job, job->v, job->vs, b, hk, kb, nk, vrows);
+                        FA_KNAME(tile_runs, DT)(job, job->v, job->vs, b, hk, kb, nk, vruns);
                     FA_KNAME(row_pv, DT)(s0, sst, heads, vt, nk, Dv, alpha,
                                          sc->acc + ii * sc->ldacc, nq * sc->ldacc, pn,
                                          pn_rows < nk ? pn_rows : nk, pn_bytes);
