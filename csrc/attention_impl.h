@@ -847,10 +847,16 @@ static inline void FA_KNAME(tile_scales, DT)(const fa_attn_job *job, const T *sc
                                              const int64_t *ss, int64_t b, int64_t hk,
                                              int64_t kb, int64_t nk, T *out) {
     if (job->block_table) {
-        for (int64_t j = 0; j < nk; ++j) {
-            const int64_t t = kb + j, bs = job->block_size;
+        /* block by block: a table lookup (and a division) per block, not
+         * per key, which cost int8 paged decode 7-9% of its time (Zen 4,
+         * 2 threads) */
+        const int64_t bs = job->block_size;
+        for (int64_t j = 0; j < nk;) {
+            const int64_t t = kb + j, r = t % bs, n = bs - r < nk - j ? bs - r : nk - j;
             const int64_t blk = job->block_table[b * job->bt_stride + t / bs];
-            out[j] = base[blk * ss[0] + hk * ss[1] + (t % bs) * ss[2]];
+            const T *src = base + blk * ss[0] + hk * ss[1] + r * ss[2];
+            for (int64_t u = 0; u < n; ++u) out[j + u] = src[u * ss[2]];
+            j += n;
         }
         return;
     }
