@@ -851,12 +851,12 @@ static inline void FA_KNAME(tile_scales, DT)(const fa_attn_job *job, const T *sc
          * per key, which cost int8 paged decode 7-9% of its time (Zen 4,
          * 2 threads) */
         const int64_t bs = job->block_size;
-        for (int64_t j = 0; j < nk;) {
-            const int64_t t = kb + j, r = t % bs, n = bs - r < nk - j ? bs - r : nk - j;
+        for (int64_t j = 0, n; j < nk; j += n) {
+            const int64_t t = kb + j;
+            n = FA_KNAME(tile_keys, DT)(job, t, nk - j);
             const int64_t blk = job->block_table[b * job->bt_stride + t / bs];
-            const T *src = base + blk * ss[0] + hk * ss[1] + r * ss[2];
+            const T *src = base + blk * ss[0] + hk * ss[1] + (t % bs) * ss[2];
             for (int64_t u = 0; u < n; ++u) out[j + u] = src[u * ss[2]];
-            j += n;
         }
         return;
     }
@@ -1265,15 +1265,10 @@ static inline const KT *FA_KNAME(kv_next, DT)(FA_KNAME(kv_walk, DT) *w) {
 static inline void FA_KNAME(tile_rows, DT)(const fa_attn_job *job, const char *base,
                                            const int64_t *st, int64_t b, int64_t hk, int64_t kb,
                                            int64_t nk, const KT **rows) {
-    for (int64_t j = 0; j < nk;) {
+    for (int64_t j = 0, n; j < nk; j += n) {
         const KT *r0 = FA_KNAME(kv_row, DT)(job, base, st, b, hk, kb + j);
-        int64_t n = nk - j;
-        if (job->block_table) {
-            const int64_t left_in_block = job->block_size - (kb + j) % job->block_size;
-            n = n < left_in_block ? n : left_in_block;
-        }
+        n = FA_KNAME(tile_keys, DT)(job, kb + j, nk - j);
         for (int64_t t = 0; t < n; ++t) rows[j + t] = r0 + t * st[2];
-        j += n;
     }
 }
 
@@ -1720,12 +1715,13 @@ static void FA_KNAME(rows_heads_pv, DT)(const fa_attn_job *job, int64_t b, int64
                                         const T *alpha, FA_KNAME(attn_scratch, DT) *sc) {
     const int64_t Dv = job->Dv, group = job->group, hk0 = h / group, hk1 = (h + heads - 1) / group;
     const int64_t kn = kb + nk, nn = kend - kn < NK ? kend - kn : NK;
-    const KT *runs[NK], *next_runs[NK];
+    /* a head's runs serve first as the previous head's prefetch target,
+     * then as its own rows: two run arrays, swapped per head */
+    const KT *runs_a[NK], *runs_b[NK], **runs = runs_a, **next_runs = runs_b;
+    FA_KNAME(kv_rows, DT) vt = FA_KNAME(tile_runs, DT)(job, job->v, job->vs, b, hk0, kb, nk, runs);
     for (int64_t hk = hk0; hk <= hk1; ++hk) {
         const int64_t g0 = hk * group - h > 0 ? hk * group - h : 0;
         const int64_t g1 = (hk + 1) * group - h < heads ? (hk + 1) * group - h : heads;
-        const FA_KNAME(kv_rows, DT) vt =
-            FA_KNAME(tile_runs, DT)(job, job->v, job->vs, b, hk, kb, nk, runs);
         FA_KNAME(kv_rows, DT) vx = {.stride = job->vs[2]};
         int64_t nx = 0;
         if (hk < hk1)
@@ -1735,6 +1731,9 @@ static void FA_KNAME(rows_heads_pv, DT)(const fa_attn_job *job, int64_t b, int64
         FA_KNAME(row_pv, DT)(s0 + g0 * sst, sst, g1 - g0, vt, nk, Dv, alpha + g0,
                              sc->acc + (g0 * nq + ii) * sc->ldacc, nq * sc->ldacc, vx,
                              nx < nk ? nx : nk, Dv * (int64_t)sizeof(KT));
+        vt = vx;
+        const KT **swap = runs;
+        runs = next_runs, next_runs = swap;
     }
 }
 
