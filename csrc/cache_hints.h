@@ -47,9 +47,11 @@ static inline void fa_prefetch_stream(const void *p, int64_t bytes) {
         __builtin_prefetch(l, 0, 1);
 }
 
-/* Asks for [p, p + bytes) with the intent to write it (PREFETCHW where
- * the CPU has it): rows a kernel is about to overwrite in part of their
- * lines, so that the store finds them owned. */
+/* Asks for [p, p + bytes) with the intent to write it: rows a kernel is
+ * about to overwrite in part of their lines. The ISA files are not built
+ * with -mprfchw (Haswell has AVX2 but not PREFETCHW), so this is a
+ * PREFETCHT0, which brings a line no other core holds in exclusive state,
+ * and the store then needs no second request. */
 static inline void fa_prefetch_write(void *p, int64_t bytes) {
     for (const char *l = fa_line_of(p), *e = (const char *)p + bytes; l < e; l += 64)
         __builtin_prefetch(l, 1, 3);
