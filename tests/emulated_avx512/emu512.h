@@ -39,8 +39,11 @@
  *     each an fp32 FMA rounded to nearest even, with denormal inputs
  *     (the bf16 operands and the accumulator) read as zero and denormal
  *     results flushed to zero, whatever MXCSR says;
- *   - VCVTPS2PH (nearest-even only) and VCVTPH2PS: exact IEEE conversions.
- * run.sh checks the two conversions and vdpbf16ps against the real
+ *   - VCVTPS2PH (nearest-even only) and VCVTPH2PS: exact IEEE conversions;
+ *   - VCVTNE2PS2BF16: nearest even, a denormal input read as zero, a NaN
+ *     quieted;
+ *   - VPERMW / VPERMT2W: the index's low 5 bits (and bit 5 for the source).
+ * run.sh checks the conversions, vdpbf16ps and the permutes against the real
  * instructions where the CPU has AVX512_BF16 (emulation_vs_native.c).
  * Arithmetic is IEEE per lane in the same precision (fmaf/fma for the
  * fused operations, no contraction with -ffp-contract=off). The emulation is
@@ -625,6 +628,54 @@ static inline __m512 emu_mm512_dpbf16_ps(__m512 acc_, __m512bh a_, __m512bh b_) 
     return acc.v;
 }
 
+/* VCVTNE2PS2BF16: words 0-15 from b, 16-31 from a, each by the SDM's
+ * convert_fp32_to_bfloat16: a NaN quieted (its top half with bit 6 set),
+ * a denormal read as a zero of its sign, anything else rounded to nearest
+ * even on its top 16 bits, whatever MXCSR says. */
+static inline uint16_t emu_fp32_to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x7fffffu)) return (uint16_t)((u >> 16) | 0x40u);
+    if ((u & 0x7f800000u) == 0) return (uint16_t)((u & 0x80000000u) >> 16);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline __m512bh emu_mm512_cvtne2ps_pbh(__m512 a_, __m512 b_) {
+    emu_ps a, b;
+    uint16_t w[32];
+    __m512bh r;
+    a.v = a_, b.v = b_;
+    for (int i = 0; i < 16; ++i) w[i] = emu_fp32_to_bf16(b.f[i]), w[16 + i] = emu_fp32_to_bf16(a.f[i]);
+    memcpy(&r, w, 64);
+    return r;
+}
+/* VPERMW: word i of a at index idx[i] mod 32; VPERMT2W: index bit 5
+ * picks b over a (the form with the table in the middle operand) */
+static inline __m512i emu_mm512_permutexvar_epi16(__m512i idx_, __m512i a_) {
+    uint16_t idx[32], a[32], r[32];
+    __m512i out;
+    memcpy(idx, &idx_, 64), memcpy(a, &a_, 64);
+    for (int i = 0; i < 32; ++i) r[i] = a[idx[i] & 31];
+    memcpy(&out, r, 64);
+    return out;
+}
+static inline __m512i emu_mm512_permutex2var_epi16(__m512i a_, __m512i idx_, __m512i b_) {
+    uint16_t idx[32], a[32], b[32], r[32];
+    __m512i out;
+    memcpy(idx, &idx_, 64), memcpy(a, &a_, 64), memcpy(b, &b_, 64);
+    for (int i = 0; i < 32; ++i) r[i] = (idx[i] & 32) ? b[idx[i] & 31] : a[idx[i] & 31];
+    memcpy(&out, r, 64);
+    return out;
+}
+static inline __m512i emu_mm512_load_si512(const void *p) {
+    if ((uintptr_t)p % 64 != 0) {
+        fprintf(stderr, "emu512: _mm512_load_si512 of an address not 64-byte aligned\n");
+        abort();
+    }
+    __m512i r;
+    memcpy(&r, p, 64);
+    return r;
+}
+
 /* ---- the AMX attention's transposes (csrc/attention_impl.h, pv_tile_amx) -- */
 static inline void emu_mm512_storeu_si512(void *p, __m512i v) { memcpy(p, &v, 64); }
 static inline __m512i emu_mm512_setzero_si512(void) {
@@ -681,5 +732,9 @@ static inline __m512i emu_mm512_shuffle_i32x4(__m512i a_, __m512i b_, int imm) {
 #define _mm512_cvtph_ps emu_mm512_cvtph_ps
 #define _mm512_cvtps_ph emu_mm512_cvtps_ph
 #define _mm512_dpbf16_ps emu_mm512_dpbf16_ps
+#define _mm512_cvtne2ps_pbh emu_mm512_cvtne2ps_pbh
+#define _mm512_permutexvar_epi16 emu_mm512_permutexvar_epi16
+#define _mm512_permutex2var_epi16 emu_mm512_permutex2var_epi16
+#define _mm512_load_si512 emu_mm512_load_si512
 
 #endif /* EMU512_H */

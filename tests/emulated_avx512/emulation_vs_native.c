@@ -1,6 +1,7 @@
 /*
- * emulation_vs_native.c: emu512.h's vdpbf16ps, VCVTPS2PH and VCVTPH2PS,
- * and the dword unpacks and VSHUFI32X4, against the real instructions. Built and run by run.sh only where the CPU
+ * emulation_vs_native.c: emu512.h's vdpbf16ps, VCVTPS2PH, VCVTPH2PS and
+ * VCVTNE2PS2BF16, the dword unpacks, VSHUFI32X4, VPERMW and VPERMT2W,
+ * against the real instructions. Built and run by run.sh only where the CPU
  * has AVX512_BF16 (elsewhere there is nothing to compare with), with the
  * AVX-512 flags, so that the emulated function (emu_mm512_*) and the
  * intrinsic (_mm512_*, native here: the #defines are undone below) are
@@ -28,6 +29,9 @@
 #undef _mm512_unpacklo_epi64
 #undef _mm512_unpackhi_epi64
 #undef _mm512_shuffle_i32x4
+#undef _mm512_cvtne2ps_pbh
+#undef _mm512_permutexvar_epi16
+#undef _mm512_permutex2var_epi16
 
 /* the permutes of the AMX attention's transposes: every immediate the code
  * uses and a few more, on random dwords; 1 on a mismatch */
@@ -55,6 +59,24 @@ static int check_permutes(uint32_t (*rnd32)(void)) {
         EMU_CHECK_SHUF(0x1b)
         EMU_CHECK_SHUF(0x4e)
 #undef EMU_CHECK_SHUF
+    }
+    return bad;
+}
+
+/* VPERMW and VPERMT2W on random words with random indices (all 16 bits
+ * random, so that the ignored high bits are exercised); 1 on a mismatch */
+static int check_word_permutes(uint32_t (*rnd32)(void)) {
+    int bad = 0;
+    for (int it = 0; it < 1000; ++it) {
+        uint16_t x[32], y[32], idx[32], n[32], e[32];
+        for (int i = 0; i < 32; ++i) x[i] = (uint16_t)rnd32(), y[i] = (uint16_t)rnd32(), idx[i] = (uint16_t)rnd32();
+        const __m512i a = _mm512_loadu_si512(x), b = _mm512_loadu_si512(y), ix = _mm512_loadu_si512(idx);
+        _mm512_storeu_si512(n, _mm512_permutexvar_epi16(ix, a));
+        emu_mm512_storeu_si512(e, emu_mm512_permutexvar_epi16(ix, a));
+        bad |= memcmp(n, e, 64) != 0;
+        _mm512_storeu_si512(n, _mm512_permutex2var_epi16(a, ix, b));
+        emu_mm512_storeu_si512(e, emu_mm512_permutex2var_epi16(a, ix, b));
+        bad |= memcmp(n, e, 64) != 0;
     }
     return bad;
 }
@@ -134,9 +156,42 @@ int main(int argc, char **argv) {
         memcpy(eback, &ebk, 64);
         for (int i = 0; i < 16; ++i) bad_from_half += !same(back[i], eback[i]);
     }
-    const int bad_perm = check_permutes(r32);
+    /* VCVTNE2PS2BF16 on floats of every kind: zero, denormal, the
+     * smallest normals, the rounding carry into the exponent, overflow to
+     * infinity, infinities and NaNs */
+    long bad_bf16 = 0, lanes_bf16 = 0;
+    for (long it = 0; it < iterations; ++it) {
+        float f[32];
+        for (int i = 0; i < 32; ++i) {
+            const uint32_t kind = r32() % 6;
+            uint32_t u = kind == 0 ? (r32() & 0x807fffffu)
+                       : kind == 1 ? (r32() & 0x80ffffffu)
+                       : kind == 2 ? (((r32() & 1) << 31) | 0x7f000000u | (r32() & 0xffffffu))
+                       : kind == 3 ? (((r32() & 1) << 31) | ((r32() % 255) << 23) | (r32() & 0x7f0000u) |
+                                      (0x7fffu + r32() % 3)) /* just below, at and above a tie */
+                       : kind == 4 ? r32()
+                       : (((r32() & 1) << 31) | ((1 + r32() % 254) << 23) | (r32() & 0x7fffff));
+            memcpy(&f[i], &u, 4);
+        }
+        const __m512 lo = _mm512_loadu_ps(f), hi = _mm512_loadu_ps(f + 16);
+        uint16_t n[32], e[32];
+        const __m512bh nb = _mm512_cvtne2ps_pbh(hi, lo), eb = emu_mm512_cvtne2ps_pbh(hi, lo);
+        memcpy(n, &nb, 64);
+        memcpy(e, &eb, 64);
+        for (int i = 0; i < 32; ++i, ++lanes_bf16) {
+            const int nan = (n[i] & 0x7f80) == 0x7f80 && (n[i] & 0x7f);
+            const int enan = (e[i] & 0x7f80) == 0x7f80 && (e[i] & 0x7f);
+            if (nan != enan || (!nan && n[i] != e[i])) {
+                if (bad_bf16 < 5)
+                    printf("MISMATCH VCVTNE2PS2BF16 lane: %a: native %04x, emulated %04x\n", f[i], n[i], e[i]);
+                ++bad_bf16;
+            }
+        }
+    }
+    const int bad_perm = check_permutes(r32) || check_word_permutes(r32);
     printf("emulation vs native: %ld vdpbf16ps lanes, %ld mismatching; VCVTPS2PH %ld, VCVTPH2PS %ld "
-           "mismatching of %ld lanes each; dword unpacks and VSHUFI32X4 %s\n", lanes, bad_dp,
-           bad_to_half, bad_from_half, lanes, bad_perm ? "MISMATCHING" : "identical");
-    return bad_dp || bad_to_half || bad_from_half || bad_perm;
+           "mismatching of %ld lanes each; VCVTNE2PS2BF16 %ld of %ld lanes; dword unpacks, "
+           "VSHUFI32X4, VPERMW and VPERMT2W %s\n", lanes, bad_dp, bad_to_half, bad_from_half, lanes,
+           bad_bf16, lanes_bf16, bad_perm ? "MISMATCHING" : "identical");
+    return bad_dp || bad_to_half || bad_from_half || bad_bf16 || bad_perm;
 }

@@ -25,14 +25,14 @@
 #                 gemm_bf16_amx.c's -mamx guard) within the error bound, the
 #                 same bits for 1 and 2 threads
 #
-# Then seven planted bugs must be caught: the float keep mask shifted by one
+# Then eight planted bugs must be caught: the float keep mask shifted by one
 # lane (by differential), the bf16 GEMM's odd-K tail packed into the wrong
 # half of its pair (by gemm16, at level 3 and, in the AMX packing, level 4),
 # the AMX scores storing a query tile over another and the AMX P.V taking
 # P untransposed (by bf16_attention),
-# the bf16 attention kernel dropping an odd D's last key element (by
-# bf16_attention), and level 2's bfloat16 row rounding without its 0x7fff
-# increment (by differential's RoPE rows). Any mismatch, sanitizer report,
+# the bf16 attention kernel dropping an odd D's last key element or pairing
+# probabilities with the wrong keys (by bf16_attention), and level 2's
+# bfloat16 row rounding without its 0x7fff increment (by differential's RoPE rows). Any mismatch, sanitizer report,
 # or a patch that no longer applies fails the job. See docs/reliability.md.
 #
 #   bash tests/emulated_avx512/run.sh      # from anywhere; needs gcc with libasan/libubsan
@@ -359,6 +359,17 @@ rebuild_planted bf16-attention-planted "$WORK/planted/attention_avx512bf16.c" "$
     "$WORK/obj/bf16_attention.o"
 expect_caught "bf16 attention bug" '^MISMATCH .*level 3 vs scalar' \
     "$WORK/bf16-attention-planted.log" "$WORK/bf16-attention-planted" "$PLANTED_CASES" 1
+
+# the probabilities of keys 2t and 2t + 1 swapped in the pairs of the first
+# eight query columns (each meets the other key's values in P.V)
+echo "== planted bug: the bf16 attention kernel pairs P with the wrong keys (must be caught)"
+cp -R "$WORK/csrc" "$WORK/plantedpairs"
+Q="$WORK/plantedpairs/attention_impl.h"
+plant "$Q" 's/^    0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,$/    16, 0, 17, 1, 18, 2, 19, 3, 20, 4, 21, 5, 22, 6, 23, 7,/' '^    16, 0, 17, 1, 18, 2,' "fa_pair_cat"
+rebuild_planted bf16-attention-planted-pairs "$WORK/plantedpairs/attention_avx512bf16.c" "$WORK/plantedpairs" \
+    "$WORK/obj/bf16_attention.o"
+expect_caught "bf16 probability pairs bug" '^MISMATCH .*level 3 vs scalar' \
+    "$WORK/bf16-attention-planted-pairs.log" "$WORK/bf16-attention-planted-pairs" "$PLANTED_CASES" 1
 
 # ---- planted bug in the AMX scores: must be caught ----------------------------
 # the second 16-query tile of a 32-query column block stored over the first
