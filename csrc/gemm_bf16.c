@@ -179,9 +179,14 @@ static void gemm_tasks(void *ctx, int t, int nthreads) {
             const int64_t np = K2 - q0 < FA_G16_KC_PAIRS ? K2 - q0 : FA_G16_KC_PAIRS;
             for (int64_t p = 0; p < panels; ++p) {
                 const uint16_t *wp = w + ((c0 / FA_G16_NR + p) * K2 + q0) * FA_G16_PAIR_ELEMS;
-                for (int64_t i = 0; i < tiles; ++i)
-                    ks->micro(np, apack + (i * K2a + q0) * tile_bytes, wp,
-                              sums + i * mr * ldsum + p * FA_G16_NR, ldsum, q0 > 0);
+                for (int64_t i = 0; i < tiles; ++i) {
+                    const void *at = apack + (i * K2a + q0) * tile_bytes;
+                    float *ct = sums + i * mr * ldsum + p * FA_G16_NR;
+                    if (ks->micro_tail && rows - i * mr < mr)
+                        ks->micro_tail(np, at, wp, ct, ldsum, q0 > 0, (int)(rows - i * mr));
+                    else
+                        ks->micro(np, at, wp, ct, ldsum, q0 > 0);
+                }
             }
         }
         ks->epilogue(sums, ldsum, rows, cols, g->alpha, g->bias ? g->bias + c0 : NULL,

@@ -43,6 +43,11 @@ enum { FA_G16_A_PAIRS = 0, FA_G16_A_F32 = 1, FA_G16_A_ROWS16 = 2 };
 typedef void fa_g16_micro_fn(int64_t npairs, const void *a_tile, const uint16_t *w_panel,
                              float *c, int64_t ldc, int accumulate);
 
+/* The same for a last tile of which only the first rows (< MR) are
+ * output: the sums of rows past them are left undefined in c. */
+typedef void fa_g16_micro_tail_fn(int64_t npairs, const void *a_tile, const uint16_t *w_panel,
+                                  float *c, int64_t ldc, int accumulate, int rows);
+
 /* Packs rows [0, rows) of a (rows <= the tile count * MR; the rest of the
  * last tile is zero), pairs [0, K2) of each, into the kernel's A layout.
  * a: row r at a + r * lda elements (uint16 bits of the dtype). */
@@ -68,6 +73,7 @@ typedef struct {
     int pair_align;
     fa_g16_pack_a_fn *pack_a;
     fa_g16_micro_fn *micro;
+    fa_g16_micro_tail_fn *micro_tail; /* NULL: the last tile runs micro */
     fa_g16_epilogue_fn *epilogue;
     fa_g16_thread_fn *begin, *end;
 } fa_g16_kernels;

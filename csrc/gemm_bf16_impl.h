@@ -47,7 +47,7 @@
  * 16 ymm; 6 rows spilled an accumulator to the stack (88 GF/s on a Zen 5
  * core against 120 for 5 rows, 106 for 4). Scalar: 4 rows x 32 columns in
  * memory the compiler keeps close. Rows per tile also set the padding
- * waste: 12 wastes 3% at M = 128. */
+ * waste (12 rows: 3% at M = 128), which level 3's tail kernel avoids. */
 #if FA_G16_LEVEL >= 2
 #define G16_MR 12
 #elif FA_G16_LEVEL == 1
@@ -296,28 +296,49 @@ G16_MICRO_AVX512(g16_micro_bf16, G16_ODD_BF16, G16_EVEN_BF16)
 G16_MICRO_AVX512(g16_micro_f16, G16_ODD_F16, G16_EVEN_F16)
 #else
 /* Level 3, bf16: one vdpbf16ps per 16 columns and row does both k of a
- * pair (odd first, then even: the order above). a_tile: uint32 pairs. */
-static void g16_micro_dpbf16(int64_t npairs, const void *a_tile, const uint16_t *w, float *c,
-                             int64_t ldc, int accumulate) {
+ * pair (odd first, then even: the order above). a_tile: uint32 pairs, a
+ * tile of G16_MR rows; the first nr (a constant at each call) are
+ * computed. */
+static inline __attribute__((always_inline)) void g16_micro_dpbf16_rows(
+    int64_t npairs, const void *a_tile, const uint16_t *w, float *c, int64_t ldc, int accumulate,
+    const int nr) {
     const uint32_t *a = (const uint32_t *)a_tile;
     __m512 acc0[G16_MR], acc1[G16_MR];
-    for (int r = 0; r < G16_MR; ++r) {
+    for (int r = 0; r < nr; ++r) {
         acc0[r] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
         acc1[r] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
     }
     for (int64_t q = 0; q < npairs; ++q, w += FA_G16_PAIR_ELEMS, a += G16_MR) {
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 32);
-        _Pragma("GCC unroll 12") for (int r = 0; r < G16_MR; ++r) {
+        _Pragma("GCC unroll 12") for (int r = 0; r < nr; ++r) {
             const __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[r]);
             acc0[r] = _mm512_dpbf16_ps(acc0[r], x, w0);
             acc1[r] = _mm512_dpbf16_ps(acc1[r], x, w1);
         }
     }
-    for (int r = 0; r < G16_MR; ++r) {
+    for (int r = 0; r < nr; ++r) {
         _mm512_storeu_ps(c + r * ldc, acc0[r]);
         _mm512_storeu_ps(c + r * ldc + 16, acc1[r]);
     }
+}
+
+static void g16_micro_dpbf16(int64_t npairs, const void *a_tile, const uint16_t *w, float *c,
+                             int64_t ldc, int accumulate) {
+    g16_micro_dpbf16_rows(npairs, a_tile, w, c, ldc, accumulate, G16_MR);
+}
+
+/* A last tile of rows < G16_MR rows: 4 or 8 rows computed, not 12 (the
+ * padding rows of a 128-row call were 3% of its products). Each row's sums
+ * run as in the full tile, so the bits do not change. */
+static void g16_micro_dpbf16_tail(int64_t npairs, const void *a_tile, const uint16_t *w,
+                                  float *c, int64_t ldc, int accumulate, int rows) {
+    if (rows <= 4)
+        g16_micro_dpbf16_rows(npairs, a_tile, w, c, ldc, accumulate, 4);
+    else if (rows <= 8)
+        g16_micro_dpbf16_rows(npairs, a_tile, w, c, ldc, accumulate, 8);
+    else
+        g16_micro_dpbf16_rows(npairs, a_tile, w, c, ldc, accumulate, G16_MR);
 }
 
 /* Activation packing for it: each k pair of a row as one uint32, the
@@ -400,7 +421,7 @@ static void g16_epilogue(const float *acc, int64_t ldacc, int64_t rows, int64_t 
 #elif FA_G16_LEVEL == 3
 const fa_g16_kernels G16_CAT(fa_g16_bf16, G16_SUFFIX) = {
     .mr = G16_MR, .a_layout = FA_G16_A_PAIRS, .pair_align = 1, .pack_a = g16_pack_a_pairs,
-    .micro = g16_micro_dpbf16, .epilogue = g16_epilogue};
+    .micro = g16_micro_dpbf16, .micro_tail = g16_micro_dpbf16_tail, .epilogue = g16_epilogue};
 #else
 const fa_g16_kernels G16_CAT(fa_g16_bf16, G16_SUFFIX) = {
     .mr = G16_MR, .a_layout = FA_G16_A_F32, .pair_align = 1, .pack_a = g16_pack_a_f32_bf16,
