@@ -42,7 +42,8 @@
  *   - VCVTPS2PH (nearest-even only) and VCVTPH2PS: exact IEEE conversions;
  *   - VCVTNE2PS2BF16: nearest even, a denormal input read as zero, a NaN
  *     quieted;
- *   - VPERMW / VPERMT2W: the index's low 5 bits (and bit 5 for the source).
+ *   - VPERMW / VPERMT2W: the index's low 5 bits (and bit 5 for the source);
+ *   - VPMOVDW: truncation of each dword to its low word.
  * run.sh checks the conversions, vdpbf16ps and the permutes against the real
  * instructions where the CPU has AVX512_BF16 (emulation_vs_native.c).
  * Arithmetic is IEEE per lane in the same precision (fmaf/fma for the
@@ -666,6 +667,16 @@ static inline __m512i emu_mm512_permutex2var_epi16(__m512i a_, __m512i idx_, __m
     memcpy(&out, r, 64);
     return out;
 }
+/* VPMOVDW: each dword truncated to its low word */
+static inline __m256i emu_mm512_cvtepi32_epi16(__m512i a_) {
+    emu_si a;
+    uint16_t r[16];
+    __m256i out;
+    a.v = a_;
+    for (int i = 0; i < 16; ++i) r[i] = (uint16_t)a.u[i];
+    memcpy(&out, r, 32);
+    return out;
+}
 static inline __m512i emu_mm512_load_si512(const void *p) {
     if ((uintptr_t)p % 64 != 0) {
         fprintf(stderr, "emu512: _mm512_load_si512 of an address not 64-byte aligned\n");
@@ -736,5 +747,6 @@ static inline __m512i emu_mm512_shuffle_i32x4(__m512i a_, __m512i b_, int imm) {
 #define _mm512_permutexvar_epi16 emu_mm512_permutexvar_epi16
 #define _mm512_permutex2var_epi16 emu_mm512_permutex2var_epi16
 #define _mm512_load_si512 emu_mm512_load_si512
+#define _mm512_cvtepi32_epi16 emu_mm512_cvtepi32_epi16
 
 #endif /* EMU512_H */

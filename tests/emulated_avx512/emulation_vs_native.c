@@ -1,7 +1,7 @@
 /*
  * emulation_vs_native.c: emu512.h's vdpbf16ps, VCVTPS2PH, VCVTPH2PS and
- * VCVTNE2PS2BF16, the dword unpacks, VSHUFI32X4, VPERMW and VPERMT2W,
- * against the real instructions. Built and run by run.sh only where the CPU
+ * VCVTNE2PS2BF16, the dword unpacks, VSHUFI32X4, VPERMW, VPERMT2W and
+ * VPMOVDW, against the real instructions. Built and run by run.sh only where the CPU
  * has AVX512_BF16 (elsewhere there is nothing to compare with), with the
  * AVX-512 flags, so that the emulated function (emu_mm512_*) and the
  * intrinsic (_mm512_*, native here: the #defines are undone below) are
@@ -32,6 +32,7 @@
 #undef _mm512_cvtne2ps_pbh
 #undef _mm512_permutexvar_epi16
 #undef _mm512_permutex2var_epi16
+#undef _mm512_cvtepi32_epi16
 
 /* the permutes of the AMX attention's transposes: every immediate the code
  * uses and a few more, on random dwords; 1 on a mismatch */
@@ -64,7 +65,8 @@ static int check_permutes(uint32_t (*rnd32)(void)) {
 }
 
 /* VPERMW and VPERMT2W on random words with random indices (all 16 bits
- * random, so that the ignored high bits are exercised); 1 on a mismatch */
+ * random, so that the ignored high bits are exercised), and VPMOVDW on
+ * random dwords; 1 on a mismatch */
 static int check_word_permutes(uint32_t (*rnd32)(void)) {
     int bad = 0;
     for (int it = 0; it < 1000; ++it) {
@@ -77,6 +79,8 @@ static int check_word_permutes(uint32_t (*rnd32)(void)) {
         _mm512_storeu_si512(n, _mm512_permutex2var_epi16(a, ix, b));
         emu_mm512_storeu_si512(e, emu_mm512_permutex2var_epi16(a, ix, b));
         bad |= memcmp(n, e, 64) != 0;
+        const __m256i nt = _mm512_cvtepi32_epi16(a), et = emu_mm512_cvtepi32_epi16(a);
+        bad |= memcmp(&nt, &et, 32) != 0;
     }
     return bad;
 }
@@ -191,7 +195,7 @@ int main(int argc, char **argv) {
     const int bad_perm = check_permutes(r32) || check_word_permutes(r32);
     printf("emulation vs native: %ld vdpbf16ps lanes, %ld mismatching; VCVTPS2PH %ld, VCVTPH2PS %ld "
            "mismatching of %ld lanes each; VCVTNE2PS2BF16 %ld of %ld lanes; dword unpacks, "
-           "VSHUFI32X4, VPERMW and VPERMT2W %s\n", lanes, bad_dp, bad_to_half, bad_from_half, lanes,
+           "VSHUFI32X4, VPERMW, VPERMT2W and VPMOVDW %s\n", lanes, bad_dp, bad_to_half, bad_from_half, lanes,
            bad_bf16, lanes_bf16, bad_perm ? "MISMATCHING" : "identical");
     return bad_dp || bad_to_half || bad_from_half || bad_bf16 || bad_perm;
 }
