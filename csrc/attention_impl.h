@@ -58,6 +58,7 @@
 #define FA_ATTN_IMPL_ONCE
 #if FA_ISA_LEVEL == 2
 #include "bf16_round_avx512.h"
+#include "transpose_avx512.h"
 #endif
 /* MR: rows of the register tile; with 2 vector accumulators per row, plus
  * two operand vectors and one broadcast, it fills but does not exceed the
@@ -168,31 +169,6 @@ static inline void FA_KNAME(scaled_q_row, DT)(const fa_attn_job *job, int64_t qe
     for (int64_t d = 0; d < D; ++d) dst[d * dst_stride] = src[d] * scale;
 }
 
-#if FA_ISA_LEVEL == 2
-/* r[i] <- column i of the 16 x 16 dwords r[0..15] */
-static inline void FA_KNAME(transpose16_epi32, DT)(__m512i r[16]) {
-    __m512i t[16], u[16], v[16];
-    for (int k = 0; k < 16; k += 2) {
-        t[k] = _mm512_unpacklo_epi32(r[k], r[k + 1]);
-        t[k + 1] = _mm512_unpackhi_epi32(r[k], r[k + 1]);
-    }
-    for (int k = 0; k < 16; k += 4) {
-        u[k] = _mm512_unpacklo_epi64(t[k], t[k + 2]);
-        u[k + 1] = _mm512_unpackhi_epi64(t[k], t[k + 2]);
-        u[k + 2] = _mm512_unpacklo_epi64(t[k + 1], t[k + 3]);
-        u[k + 3] = _mm512_unpackhi_epi64(t[k + 1], t[k + 3]);
-    }
-    for (int k = 0; k < 16; k += 8)
-        for (int c = 0; c < 4; ++c) {
-            v[k + c] = _mm512_shuffle_i32x4(u[k + c], u[k + 4 + c], 0x88);
-            v[k + 4 + c] = _mm512_shuffle_i32x4(u[k + c], u[k + 4 + c], 0xdd);
-        }
-    for (int c = 0; c < 8; ++c) {
-        r[c] = _mm512_shuffle_i32x4(v[c], v[8 + c], 0x88);
-        r[8 + c] = _mm512_shuffle_i32x4(v[c], v[8 + c], 0xdd);
-    }
-}
-#endif
 
 /* Qt rows [0, rows) of the tiled path: the query block transposed and
  * scaled, qt[d * MQ + i] = scale * q[i][d] for the rows at element qe,
@@ -222,7 +198,7 @@ static inline void FA_KNAME(pack_scaled_q, DT)(const fa_attn_job *job, int64_t q
                 for (int r = 0; r < 16; ++r)
                     blk[r] = r < nr ? _mm512_castps_si512(_mm512_loadu_ps(src + r * job->qs[2] + d0))
                                     : _mm512_setzero_si512();
-                FA_KNAME(transpose16_epi32, DT)(blk);
+                fa_transpose16_epi32(blk);
                 for (int c = 0; c < 16; ++c)
                     _mm512_storeu_ps(qt + (d0 + c) * MQ + i,
                                      _mm512_mul_ps(_mm512_castsi512_ps(blk[c]), vs));
@@ -682,7 +658,7 @@ static void FA_KNAME(pv_tile_amx, DT)(const FA_KNAME(attn_scratch, DT) *sc, int6
                 blk[t] = pair < npairs ? _mm512_loadu_si512(sc->pp + pair * MQ + i0)
                                        : _mm512_setzero_si512();
             }
-            FA_KNAME(transpose16_epi32, DT)(blk);
+            fa_transpose16_epi32(blk);
             for (int i = 0; i < 16; ++i)
                 _mm512_storeu_si512(prow[s][i], i0 + i >= r0 && i0 + i < rows_mr
                                                     ? blk[i] : _mm512_setzero_si512());
@@ -977,7 +953,7 @@ static void FA_KNAME(attention_tiled, DT)(const fa_attn_job *job, int64_t b, int
                 for (int r = 0; r < 16; ++r)
                     blk[r] = r < nr ? _mm512_loadu_si512(q16 + (i + r) * job->qs[2] + 2 * p0)
                                     : _mm512_setzero_si512();
-                FA_KNAME(transpose16_epi32, DT)(blk);
+                fa_transpose16_epi32(blk);
                 for (int c = 0; c < 16; ++c) _mm512_storeu_si512(q2 + (p0 + c) * MQ + i, blk[c]);
             }
         }

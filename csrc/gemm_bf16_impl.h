@@ -31,6 +31,7 @@
 #error "FA_G16_LEVEL 2 needs -mavx512f -mavx512dq -mavx512bw -mavx512vl -mfma -mf16c, 3 also -mavx512bf16"
 #endif
 #include <immintrin.h>
+#include "transpose_avx512.h"
 
 #elif FA_G16_LEVEL == 1
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
@@ -342,22 +343,38 @@ static void g16_micro_dpbf16_tail(int64_t npairs, const void *a_tile, const uint
 }
 
 /* Activation packing for it: each k pair of a row as one uint32, the
- * operand vdpbf16ps broadcasts. Padding rows and the odd k = K are zero. */
+ * operand vdpbf16ps broadcasts. Padding rows and the odd k = K are zero.
+ * Whole blocks of 16 pairs go through a 16 x 16 register transpose (the
+ * tile's rows, zero rows below them), 12 pairs stored per vector; pair by
+ * pair, the packing took 2% of a bf16 layer's time at S = 128 (Zen 4). */
 static void g16_pack_a_pairs(const uint16_t *a, int64_t lda, int64_t rows, int64_t K,
                              void *packed) {
     const int64_t K2 = (K + 1) / 2, tiles = (rows + G16_MR - 1) / G16_MR;
+    const int64_t Q16 = K / 32 * 16; /* pairs in whole 16-pair blocks */
+    const __mmask16 tile_rows = (__mmask16)((1u << G16_MR) - 1u);
     uint32_t *p = (uint32_t *)packed;
     for (int64_t t = 0; t < tiles; ++t) {
         uint32_t *tile = p + t * K2 * G16_MR;
+        const int64_t nr = rows - t * G16_MR < G16_MR ? rows - t * G16_MR : G16_MR;
+        for (int64_t q0 = 0; q0 < Q16; q0 += 16) {
+            __m512i blk[16];
+            for (int64_t r = 0; r < 16; ++r)
+                blk[r] = r < nr ? _mm512_loadu_si512(a + (t * G16_MR + r) * lda + 2 * q0)
+                                : _mm512_setzero_si512();
+            fa_transpose16_epi32(blk);
+            for (int64_t c = 0; c < 16; ++c)
+                _mm512_mask_storeu_ps((float *)(tile + (q0 + c) * G16_MR), tile_rows,
+                                      _mm512_castsi512_ps(blk[c]));
+        }
         for (int64_t r = 0; r < G16_MR; ++r) {
             uint32_t *dst = tile + r;
             const int64_t row = t * G16_MR + r;
             if (row >= rows) {
-                for (int64_t q = 0; q < K2; ++q) dst[q * G16_MR] = 0;
+                for (int64_t q = Q16; q < K2; ++q) dst[q * G16_MR] = 0;
                 continue;
             }
             const uint16_t *src = a + row * lda;
-            for (int64_t q = 0; q < K / 2; ++q)
+            for (int64_t q = Q16; q < K / 2; ++q)
                 dst[q * G16_MR] = (uint32_t)src[2 * q] | ((uint32_t)src[2 * q + 1] << 16);
             if (K & 1) dst[(K2 - 1) * G16_MR] = src[K - 1];
         }

@@ -387,7 +387,7 @@ expect_caught "AMX scores bug" '^MISMATCH .*level 4 vs scalar' \
 echo "== planted bug: the AMX P.V takes P's blocks untransposed (must be caught)"
 cp -R "$WORK/csrc" "$WORK/plantedamx2"
 M="$WORK/plantedamx2/attention_impl.h"
-plant "$M" 's|^            FA_KNAME(transpose16_epi32, DT)(blk);$|            (void)0;|' '^            (void)0;$' "pv_tile_amx"
+plant "$M" 's|^            fa_transpose16_epi32(blk);$|            (void)0;|' '^            (void)0;$' "pv_tile_amx"
 rebuild_planted bf16-attention-planted-amx2 "$WORK/plantedamx2/attention_amx.c" "$WORK/plantedamx2" \
     "$WORK/obj/bf16_attention.o"
 expect_caught "AMX P.V bug" '^MISMATCH .*level 4 vs scalar' \
